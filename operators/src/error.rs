@@ -1,0 +1,58 @@
+//! Errors of the operators crate. Every variant names what was wrong (file, key, field,
+//! expected and found) so a user can fix the input without reading the code.
+
+use std::path::PathBuf;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path}: not a valid .npy file: {reason}")]
+    Npy { path: PathBuf, reason: String },
+    #[error("{path}: expected {expected}, found {found}")]
+    Array {
+        path: PathBuf,
+        expected: String,
+        found: String,
+    },
+    #[error("{path}: {reason}")]
+    Config { path: PathBuf, reason: String },
+    #[error("{0}")]
+    InvalidConfig(String),
+    #[error("{path}: corrupt or truncated safetensors file: {reason}")]
+    Safetensors { path: PathBuf, reason: String },
+    #[error("{path}: missing tensor `{key}`")]
+    MissingTensor { path: PathBuf, key: String },
+    #[error("{path}: tensor `{key}` has shape {found:?}, expected {expected:?}")]
+    TensorShape {
+        path: PathBuf,
+        key: String,
+        expected: Vec<usize>,
+        found: Vec<usize>,
+    },
+    #[error("{path}: tensor `{key}` has dtype {found}, expected bf16, f16 or f32")]
+    TensorDtype {
+        path: PathBuf,
+        key: String,
+        found: String,
+    },
+    #[error("observation: {0}")]
+    Observation(String),
+    #[error("{0}")]
+    Input(String),
+}
+
+pub type Result<T> = std::result::Result<T, Error>;
+
+impl Error {
+    pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+        Error::Io {
+            path: path.into(),
+            source,
+        }
+    }
+}

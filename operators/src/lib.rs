@@ -1,0 +1,20 @@
+//! turbo-pi operators: the model's configuration, checkpoint loading, the f32 CPU reference
+//! backend and the stage operators (vision, prefix, denoise) of pi0 and pi0.5.
+
+pub mod checkpoint;
+pub mod config;
+pub mod cpu;
+pub mod error;
+pub mod gemma;
+pub mod image;
+pub mod npy;
+pub mod observation;
+pub mod policy;
+pub mod random;
+pub mod siglip;
+pub mod weights;
+
+pub use config::Config;
+pub use error::{Error, Result};
+pub use observation::Observation;
+pub use policy::{Denoiser, ImageEmbeddings, Policy, PrefixEncoder, StageTimes, VisionEncoder};
