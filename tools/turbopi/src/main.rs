@@ -1,0 +1,278 @@
+//! `turbopi`: run pi0 / pi0.5 on an observation, make random-weight checkpoints, inspect
+//! checkpoints.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand, ValueEnum};
+use indicatif::{ProgressBar, ProgressStyle};
+use operators::checkpoint::{tensor_specs, Checkpoint, Part, WriteDtype};
+use operators::config::PRESETS;
+use operators::observation::{noise_from_seed, write_sample};
+use operators::random::write_random_checkpoint;
+use operators::{npy, Config, Observation, Policy};
+
+#[derive(Parser)]
+#[command(
+    name = "turbopi",
+    version,
+    about = "Real-time pi0 / pi0.5 policies from Rust"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the policy on one observation directory and write the actions as .npy.
+    Infer {
+        /// Checkpoint directory (model.safetensors + config.json).
+        #[arg(long)]
+        checkpoint: PathBuf,
+        /// Observation directory (images.npy, image_masks.npy, tokens.npy, token_mask.npy, ...).
+        #[arg(long)]
+        observation: PathBuf,
+        /// Euler steps of the flow-matching sampler.
+        #[arg(long, default_value_t = 10)]
+        steps: usize,
+        /// Seed of the noise when the observation has no noise.npy.
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// Output file, f32 [action_horizon, action_dim].
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Make or inspect checkpoints.
+    #[command(subcommand)]
+    Checkpoint(CheckpointCommand),
+}
+
+#[derive(Subcommand)]
+enum CheckpointCommand {
+    /// Write a random-weight checkpoint in openpi's layout plus a sample observation
+    /// (DIR/observation).
+    Random {
+        /// One of: pi0, pi05, pi0-small, pi05-small.
+        #[arg(long)]
+        preset: String,
+        #[arg(long, value_enum, default_value_t = DtypeArg::F32)]
+        dtype: DtypeArg,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Print the config, parameter counts per part and dtype mix, and validate every tensor.
+    Inspect { dir: PathBuf },
+    /// Print a preset's config.json (to place next to a converted openpi model.safetensors).
+    Config {
+        #[arg(long)]
+        preset: String,
+    },
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum DtypeArg {
+    F32,
+    Bf16,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Infer {
+            checkpoint,
+            observation,
+            steps,
+            seed,
+            out,
+        } => infer(&checkpoint, &observation, steps, seed, &out),
+        Command::Checkpoint(CheckpointCommand::Random {
+            preset,
+            dtype,
+            seed,
+            out,
+        }) => random(&preset, dtype, seed, &out),
+        Command::Checkpoint(CheckpointCommand::Inspect { dir }) => inspect(&dir),
+        Command::Checkpoint(CheckpointCommand::Config { preset }) => Config::preset(&preset)
+            .map(|c| println!("{}", c.to_json_pretty()))
+            .map_err(Into::into),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn bytes_bar(total: u64, what: &str) -> ProgressBar {
+    let bar = ProgressBar::new(total);
+    bar.set_style(
+        ProgressStyle::with_template("{msg} [{bar:40}] {bytes}/{total_bytes} ({eta})")
+            .unwrap_or_else(|_| ProgressStyle::default_bar())
+            .progress_chars("=> "),
+    );
+    bar.set_message(what.to_string());
+    bar
+}
+
+fn open_checkpoint(dir: &Path) -> Result<Checkpoint> {
+    let ckpt = Checkpoint::open(dir)
+        .with_context(|| format!("cannot open checkpoint {}", dir.display()))?;
+    for field in &ckpt.unknown_config_fields {
+        eprintln!(
+            "warning: {}: unknown field `{field}` ignored",
+            ckpt.dir.join("config.json").display()
+        );
+    }
+    Ok(ckpt)
+}
+
+fn ms(d: std::time::Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}
+
+fn infer(checkpoint: &Path, observation: &Path, steps: usize, seed: u64, out: &Path) -> Result<()> {
+    if steps == 0 {
+        bail!("--steps must be at least 1");
+    }
+    let t_load = Instant::now();
+    let ckpt = open_checkpoint(checkpoint)?;
+    let cfg = ckpt.config.clone();
+    let bar = bytes_bar(ckpt.policy_bytes(), "loading weights");
+    let policy = Policy::load(&ckpt, |done, _| bar.set_position(done))
+        .with_context(|| format!("cannot load weights from {}", ckpt.weights_path.display()))?;
+    bar.finish_and_clear();
+    let load = t_load.elapsed();
+    let obs = Observation::load(observation, &cfg)
+        .with_context(|| format!("bad observation {}", observation.display()))?;
+    let noise = match &obs.noise {
+        Some(n) => n.clone(),
+        None => noise_from_seed(&cfg, seed),
+    };
+    let t0 = Instant::now();
+    let (actions, times) = policy.infer(&obs, &noise, steps)?;
+    let total = t0.elapsed();
+    if let Some(bad) = actions.iter().position(|v| !v.is_finite()) {
+        bail!("the policy produced a non-finite action at index {bad}");
+    }
+    npy::write_f32(out, &[cfg.action_horizon, cfg.action_dim], &actions)?;
+    println!("load      {:10.1} ms", ms(load));
+    println!("vision    {:10.1} ms", ms(times.vision));
+    println!("prefix    {:10.1} ms", ms(times.prefix));
+    println!("denoise   {:10.1} ms  ({steps} steps)", ms(times.denoise));
+    println!("total     {:10.1} ms", ms(total));
+    println!(
+        "wrote {} f32 [{}, {}]",
+        out.display(),
+        cfg.action_horizon,
+        cfg.action_dim
+    );
+    Ok(())
+}
+
+fn random(preset: &str, dtype: DtypeArg, seed: u64, out: &Path) -> Result<()> {
+    let cfg = Config::preset(preset)?;
+    let dtype = match dtype {
+        DtypeArg::F32 => WriteDtype::F32,
+        DtypeArg::Bf16 => WriteDtype::Bf16,
+    };
+    let total: u64 = tensor_specs(&cfg)
+        .iter()
+        .map(|s| s.shape.iter().product::<usize>() as u64)
+        .sum();
+    let bar = ProgressBar::new(total);
+    bar.set_style(
+        ProgressStyle::with_template(
+            "writing weights [{bar:40}] {human_pos}/{human_len} params ({eta})",
+        )
+        .unwrap_or_else(|_| ProgressStyle::default_bar())
+        .progress_chars("=> "),
+    );
+    write_random_checkpoint(out, &cfg, dtype, seed, |done, _| bar.set_position(done))
+        .with_context(|| format!("cannot write checkpoint to {}", out.display()))?;
+    bar.finish_and_clear();
+    let obs_dir = out.join("observation");
+    write_sample(&obs_dir, &cfg, seed)?;
+    println!(
+        "wrote {} ({} parameters, preset {preset}) and a sample observation in {}",
+        out.display(),
+        total,
+        obs_dir.display()
+    );
+    Ok(())
+}
+
+fn inspect(dir: &Path) -> Result<()> {
+    let ckpt = open_checkpoint(dir)?;
+    let cfg = &ckpt.config;
+    println!("checkpoint {}", dir.display());
+    println!(
+        "model      {}  (presets: {})",
+        if cfg.pi05 { "pi0.5" } else { "pi0" },
+        PRESETS.join(", ")
+    );
+    println!("config.json:\n{}", cfg.to_json_pretty());
+    let specs = tensor_specs(cfg);
+    let mut per_part: BTreeMap<Part, u64> = BTreeMap::new();
+    let mut used = std::collections::BTreeSet::new();
+    for s in &specs {
+        if let Some(info) = ckpt.info(&s.key) {
+            *per_part.entry(s.part).or_default() += info.shape.iter().product::<usize>() as u64;
+            used.insert(s.key.clone());
+        }
+    }
+    println!("\nparameters per part:");
+    let mut sum = 0;
+    for (part, n) in &per_part {
+        println!("  {:<20} {:>15}", part.name(), n);
+        sum += n;
+    }
+    println!("  {:<20} {:>15}", "total", sum);
+    let mut dtypes: BTreeMap<String, (usize, u64)> = BTreeMap::new();
+    let mut extra = Vec::new();
+    for (key, info) in ckpt.tensor_infos() {
+        let e = dtypes.entry(format!("{:?}", info.dtype)).or_default();
+        e.0 += 1;
+        e.1 += info.shape.iter().product::<usize>() as u64;
+        let alias = key == operators::checkpoint::EMBED_ALIAS;
+        if !used.contains(key) && !alias {
+            extra.push(key.to_string());
+        }
+    }
+    println!("\ndtype mix (all tensors in the file):");
+    for (d, (count, params)) in &dtypes {
+        println!("  {d:<6} {count:>6} tensors {params:>15} params");
+    }
+    let optional_missing: Vec<_> = specs
+        .iter()
+        .filter(|s| s.optional && ckpt.info(&s.key).is_none())
+        .map(|s| s.key.as_str())
+        .collect();
+    println!(
+        "\nvalid: all {} tensors the policy reads are present with the expected shapes",
+        specs.len() - optional_missing.len()
+    );
+    for k in optional_missing {
+        println!("  (optional, absent: {k})");
+    }
+    if !extra.is_empty() {
+        println!(
+            "{} tensors in the file are not read by the policy:",
+            extra.len()
+        );
+        for k in extra.iter().take(10) {
+            println!("  {k}");
+        }
+        if extra.len() > 10 {
+            println!("  ...");
+        }
+    }
+    Ok(())
+}

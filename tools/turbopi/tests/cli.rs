@@ -1,0 +1,387 @@
+//! The `turbopi` binary end to end: the happy path on a small random checkpoint, and every
+//! kind of bad input rejected with a non-zero exit and a message naming the problem.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::process::{Command, Output};
+
+use operators::checkpoint::{tensor_specs, write_safetensors, WriteDtype};
+use operators::{npy, Config};
+
+fn turbopi(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_turbopi"))
+        .args(args)
+        .output()
+        .expect("the turbopi binary runs")
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().expect("utf-8 temp path")
+}
+
+/// Runs `args`, asserts failure without a panic, and returns stderr.
+fn fails(args: &[&str]) -> String {
+    let out = turbopi(args);
+    let stderr = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(
+        !out.status.success(),
+        "expected failure for {args:?}; stderr: {stderr}"
+    );
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "exit code for {args:?}; stderr: {stderr}"
+    );
+    assert!(!stderr.contains("panicked"), "panic for {args:?}: {stderr}");
+    stderr
+}
+
+fn random_checkpoint(dir: &Path, preset: &str) {
+    let out = turbopi(&["checkpoint", "random", "--preset", preset, "--out", s(dir)]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn random_checkpoint_then_infer_succeeds() {
+    let tmp = tempfile::tempdir().unwrap();
+    let ck = tmp.path().join("ck");
+    random_checkpoint(&ck, "pi05-small");
+    let out_file = tmp.path().join("actions.npy");
+    let out = turbopi(&[
+        "infer",
+        "--checkpoint",
+        s(&ck),
+        "--observation",
+        s(&ck.join("observation")),
+        "--steps",
+        "3",
+        "--out",
+        s(&out_file),
+    ]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for stage in ["vision", "prefix", "denoise", "total"] {
+        assert!(stdout.contains(stage), "no {stage} time in: {stdout}");
+    }
+    let cfg = Config::pi05_small();
+    let a = npy::read_f32(&out_file).unwrap();
+    assert_eq!(a.shape, vec![cfg.action_horizon, cfg.action_dim]);
+    assert!(a.data.iter().all(|v| v.is_finite()));
+    let noise = npy::read_f32(&ck.join("observation/noise.npy")).unwrap();
+    assert_ne!(a.data, noise.data, "the policy must move the noise");
+}
+
+#[test]
+fn inspect_reports_parts_and_dtypes() {
+    let tmp = tempfile::tempdir().unwrap();
+    let ck = tmp.path().join("ck");
+    let out = turbopi(&[
+        "checkpoint",
+        "random",
+        "--preset",
+        "pi0-small",
+        "--dtype",
+        "bf16",
+        "--out",
+        s(&ck),
+    ]);
+    assert!(out.status.success());
+    let out = turbopi(&["checkpoint", "inspect", s(&ck)]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for needle in [
+        "vision (SigLIP)",
+        "prefix (Gemma)",
+        "action expert",
+        "BF16",
+        "valid: all",
+    ] {
+        assert!(
+            stdout.contains(needle),
+            "`{needle}` missing from:\n{stdout}"
+        );
+    }
+    let expected: usize = tensor_specs(&Config::pi0_small())
+        .iter()
+        .map(|t| t.shape.iter().product::<usize>())
+        .sum();
+    assert!(
+        stdout.contains(&expected.to_string()),
+        "total {expected} missing:\n{stdout}"
+    );
+}
+
+#[test]
+fn truncated_and_corrupt_safetensors_name_the_file() {
+    let tmp = tempfile::tempdir().unwrap();
+    let ck = tmp.path().join("ck");
+    random_checkpoint(&ck, "pi0-small");
+    let st = ck.join("model.safetensors");
+    let bytes = std::fs::read(&st).unwrap();
+    std::fs::write(&st, &bytes[..bytes.len() - 100]).unwrap();
+    let err = fails(&["checkpoint", "inspect", s(&ck)]);
+    assert!(
+        err.contains("model.safetensors") && err.contains("truncated"),
+        "{err}"
+    );
+
+    std::fs::write(&st, b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all").unwrap();
+    let err = fails(&["checkpoint", "inspect", s(&ck)]);
+    assert!(
+        err.contains("model.safetensors") && err.contains("corrupt"),
+        "{err}"
+    );
+
+    std::fs::write(&st, b"abc").unwrap();
+    let err = fails(&["checkpoint", "inspect", s(&ck)]);
+    assert!(err.contains("model.safetensors"), "{err}");
+
+    std::fs::remove_file(&st).unwrap();
+    let err = fails(&["checkpoint", "inspect", s(&ck)]);
+    assert!(err.contains("model.safetensors"), "{err}");
+}
+
+/// Writes a checkpoint for `cfg` whose tensor list is edited by `edit`.
+fn write_edited(
+    dir: &Path,
+    cfg: &Config,
+    edit: impl Fn(&mut Vec<(String, Vec<usize>, WriteDtype)>),
+) {
+    std::fs::create_dir_all(dir).unwrap();
+    std::fs::write(dir.join("config.json"), cfg.to_json_pretty()).unwrap();
+    let mut tensors: Vec<_> = tensor_specs(cfg)
+        .into_iter()
+        .map(|t| (t.key, t.shape, WriteDtype::F32))
+        .collect();
+    edit(&mut tensors);
+    let shapes: Vec<usize> = tensors.iter().map(|t| t.1.iter().product()).collect();
+    write_safetensors(
+        &dir.join("model.safetensors"),
+        &tensors,
+        &BTreeMap::new(),
+        |i, out| out.resize(shapes[i], 0.01),
+    )
+    .unwrap();
+}
+
+#[test]
+fn missing_or_misshaped_tensor_names_the_key_and_shapes() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = Config::pi05_small();
+    let key = "paligemma_with_expert.gemma_expert.model.layers.1.mlp.up_proj.weight";
+    let ck = tmp.path().join("missing");
+    write_edited(&ck, &cfg, |t| t.retain(|(k, _, _)| k != key));
+    let err = fails(&["checkpoint", "inspect", s(&ck)]);
+    assert!(err.contains("missing tensor") && err.contains(key), "{err}");
+
+    let ck = tmp.path().join("shape");
+    write_edited(&ck, &cfg, |t| {
+        for (k, shape, _) in t.iter_mut() {
+            if k == key {
+                *shape = vec![7, 5];
+            }
+        }
+    });
+    let err = fails(&["checkpoint", "inspect", s(&ck)]);
+    let expected = format!("[{}, {}]", cfg.expert_mlp_dim, cfg.expert_width);
+    assert!(
+        err.contains(key) && err.contains("[7, 5]") && err.contains(&expected),
+        "{err}"
+    );
+
+    // The alias of the tied embedding is accepted in place of lm_head.
+    let ck = tmp.path().join("alias");
+    write_edited(&ck, &cfg, |t| {
+        for (k, _, _) in t.iter_mut() {
+            if k == operators::checkpoint::EMBED {
+                *k = operators::checkpoint::EMBED_ALIAS.to_string();
+            }
+        }
+    });
+    let out = turbopi(&["checkpoint", "inspect", s(&ck)]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn missing_config_field_is_named_and_unknown_fields_warn() {
+    let tmp = tempfile::tempdir().unwrap();
+    let ck = tmp.path().join("ck");
+    random_checkpoint(&ck, "pi0-small");
+    let path = ck.join("config.json");
+    let mut v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    v.as_object_mut()
+        .unwrap()
+        .insert("paligemma_variant".into(), "gemma_2b".into());
+    std::fs::write(&path, v.to_string()).unwrap();
+    let out = turbopi(&["checkpoint", "inspect", s(&ck)]);
+    assert!(out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("warning") && stderr.contains("paligemma_variant"),
+        "{stderr}"
+    );
+
+    v.as_object_mut().unwrap().remove("rope_theta");
+    std::fs::write(&path, v.to_string()).unwrap();
+    let err = fails(&["checkpoint", "inspect", s(&ck)]);
+    assert!(
+        err.contains("config.json") && err.contains("missing field `rope_theta`"),
+        "{err}"
+    );
+}
+
+#[test]
+fn bad_observations_name_the_file_and_the_expectation() {
+    let tmp = tempfile::tempdir().unwrap();
+    let ck = tmp.path().join("ck");
+    random_checkpoint(&ck, "pi0-small");
+    let cfg = Config::pi0_small();
+    let out_file = tmp.path().join("a.npy");
+    let run = |obs: &Path| {
+        fails(&[
+            "infer",
+            "--checkpoint",
+            s(&ck),
+            "--observation",
+            s(obs),
+            "--out",
+            s(&out_file),
+        ])
+    };
+    let fresh = |name: &str| {
+        let dir = tmp.path().join(name);
+        operators::observation::write_sample(&dir, &cfg, 1).unwrap();
+        dir
+    };
+    let n = cfg.num_images;
+
+    let obs = fresh("dtype");
+    npy::write_f32(
+        &obs.join("images.npy"),
+        &[n, 32, 32, 3],
+        &vec![0.0; n * 32 * 32 * 3],
+    )
+    .unwrap();
+    let err = run(&obs);
+    assert!(
+        err.contains("images.npy") && err.contains("uint8") && err.contains("float32"),
+        "{err}"
+    );
+
+    let obs = fresh("shape");
+    npy::write_u8(
+        &obs.join("images.npy"),
+        &[n - 1, 32, 32, 3],
+        &vec![0; (n - 1) * 32 * 32 * 3],
+    )
+    .unwrap();
+    let err = run(&obs);
+    assert!(
+        err.contains("images.npy") && err.contains(&format!("[{n}, H, W, 3]")),
+        "{err}"
+    );
+
+    let obs = fresh("masks");
+    npy::write_bool(&obs.join("image_masks.npy"), &[n + 1], &vec![true; n + 1]).unwrap();
+    let err = run(&obs);
+    assert!(
+        err.contains("image_masks.npy") && err.contains(&format!("bool [{n}]")),
+        "{err}"
+    );
+
+    let obs = fresh("tokens");
+    npy::write_i32(
+        &obs.join("tokens.npy"),
+        &[3],
+        &[1, 2, cfg.vocab_size as i32],
+    )
+    .unwrap();
+    npy::write_bool(&obs.join("token_mask.npy"), &[3], &[true; 3]).unwrap();
+    let err = run(&obs);
+    assert!(
+        err.contains("tokens.npy") && err.contains("token ids"),
+        "{err}"
+    );
+
+    let obs = fresh("state");
+    npy::write_f32(
+        &obs.join("state.npy"),
+        &[cfg.action_dim + 1],
+        &vec![0.0; cfg.action_dim + 1],
+    )
+    .unwrap();
+    let err = run(&obs);
+    assert!(
+        err.contains("state.npy") && err.contains(&format!("float32 [{}]", cfg.action_dim)),
+        "{err}"
+    );
+
+    let obs = fresh("nostate");
+    std::fs::remove_file(obs.join("state.npy")).unwrap();
+    let err = run(&obs);
+    assert!(
+        err.contains("state.npy") && err.contains("pi0 needs"),
+        "{err}"
+    );
+
+    let obs = fresh("noise");
+    npy::write_f32(&obs.join("noise.npy"), &[2, 2], &[0.0; 4]).unwrap();
+    let err = run(&obs);
+    assert!(
+        err.contains("noise.npy") && err.contains("float32 ["),
+        "{err}"
+    );
+
+    let obs = fresh("garbage");
+    std::fs::write(obs.join("token_mask.npy"), b"not an npy file").unwrap();
+    let err = run(&obs);
+    assert!(err.contains("token_mask.npy"), "{err}");
+}
+
+#[test]
+fn unknown_preset_and_zero_steps_are_rejected() {
+    let tmp = tempfile::tempdir().unwrap();
+    let err = fails(&[
+        "checkpoint",
+        "random",
+        "--preset",
+        "pi7",
+        "--out",
+        s(tmp.path()),
+    ]);
+    assert!(
+        err.contains("unknown preset `pi7`") && err.contains("pi05-small"),
+        "{err}"
+    );
+    let ck = tmp.path().join("ck");
+    random_checkpoint(&ck, "pi05-small");
+    let err = fails(&[
+        "infer",
+        "--checkpoint",
+        s(&ck),
+        "--observation",
+        s(&ck.join("observation")),
+        "--steps",
+        "0",
+        "--out",
+        s(&tmp.path().join("a.npy")),
+    ]);
+    assert!(err.contains("--steps"), "{err}");
+}
