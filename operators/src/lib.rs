@@ -4,12 +4,14 @@
 pub mod checkpoint;
 pub mod config;
 pub mod cpu;
+pub mod decode;
 pub mod error;
 pub mod gemma;
 pub mod image;
 pub mod npy;
 pub mod observation;
 pub mod policy;
+pub mod postprocess;
 pub mod random;
 pub mod siglip;
 pub mod weights;
