@@ -1,6 +1,7 @@
 //! turbo-pi operators: the model's configuration, checkpoint loading, the f32 CPU reference
 //! backend and the stage operators (vision, prefix, denoise) of pi0 and pi0.5.
 
+pub mod backend;
 pub mod checkpoint;
 pub mod config;
 pub mod cpu;

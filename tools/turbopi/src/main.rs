@@ -13,7 +13,8 @@ use operators::checkpoint::{tensor_specs, Checkpoint, Part, WriteDtype};
 use operators::config::PRESETS;
 use operators::observation::{noise_from_seed, write_sample};
 use operators::random::write_random_checkpoint;
-use operators::{npy, Config, Observation, Policy};
+use operators::backend::{self, BackendKind, Precision};
+use operators::{npy, Config, Observation};
 
 #[derive(Parser)]
 #[command(
@@ -45,6 +46,12 @@ enum Command {
         /// Output file, f32 [action_horizon, action_dim].
         #[arg(long)]
         out: PathBuf,
+        /// cpu (f32 reference) or cuda (needs a build with --features cuda).
+        #[arg(long, default_value = "cpu")]
+        backend: String,
+        /// Arithmetic: f32, or bf16 (cuda only). Defaults to f32 on cpu and bf16 on cuda.
+        #[arg(long)]
+        dtype: Option<String>,
     },
     /// Make or inspect checkpoints.
     #[command(subcommand)]
@@ -90,7 +97,9 @@ fn main() -> ExitCode {
             steps,
             seed,
             out,
-        } => infer(&checkpoint, &observation, steps, seed, &out),
+            backend,
+            dtype,
+        } => infer(&checkpoint, &observation, steps, seed, &out, &backend, dtype.as_deref()),
         Command::Checkpoint(CheckpointCommand::Random {
             preset,
             dtype,
@@ -138,15 +147,40 @@ fn ms(d: std::time::Duration) -> f64 {
     d.as_secs_f64() * 1e3
 }
 
-fn infer(checkpoint: &Path, observation: &Path, steps: usize, seed: u64, out: &Path) -> Result<()> {
+/// Backend and precision from the CLI's strings (precision defaults per backend).
+fn backend_choice(backend: &str, dtype: Option<&str>) -> Result<(BackendKind, Precision)> {
+    let kind: BackendKind = backend.parse()?;
+    let precision = match (dtype, kind) {
+        (Some(d), _) => d.parse()?,
+        (None, BackendKind::Cpu) => Precision::F32,
+        (None, BackendKind::Cuda) => Precision::Bf16,
+    };
+    Ok((kind, precision))
+}
+
+fn infer(
+    checkpoint: &Path,
+    observation: &Path,
+    steps: usize,
+    seed: u64,
+    out: &Path,
+    backend: &str,
+    dtype: Option<&str>,
+) -> Result<()> {
     if steps == 0 {
         bail!("--steps must be at least 1");
     }
+    let (kind, precision) = backend_choice(backend, dtype)?;
     let t_load = Instant::now();
     let ckpt = open_checkpoint(checkpoint)?;
     let cfg = ckpt.config.clone();
     let bar = bytes_bar(ckpt.policy_bytes(), "loading weights");
-    let policy = Policy::load(&ckpt, |done, _| bar.set_position(done))
+    eprintln!(
+        "loading {} ({:.1} GB) ...",
+        ckpt.weights_path.display(),
+        ckpt.policy_bytes() as f64 / 1e9
+    );
+    let mut policy = backend::load(kind, precision, &ckpt, |done, _| bar.set_position(done))
         .with_context(|| format!("cannot load weights from {}", ckpt.weights_path.display()))?;
     bar.finish_and_clear();
     let load = t_load.elapsed();
@@ -156,6 +190,7 @@ fn infer(checkpoint: &Path, observation: &Path, steps: usize, seed: u64, out: &P
         Some(n) => n.clone(),
         None => noise_from_seed(&cfg, seed),
     };
+    eprintln!("running {} ...", policy.describe());
     let t0 = Instant::now();
     let (actions, times) = policy.infer(&obs, &noise, steps)?;
     let total = t0.elapsed();
