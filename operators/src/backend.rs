@@ -20,7 +20,9 @@ impl FromStr for BackendKind {
         match s {
             "cpu" => Ok(BackendKind::Cpu),
             "cuda" => Ok(BackendKind::Cuda),
-            other => Err(Error::Input(format!("unknown backend `{other}`; expected `cpu` or `cuda`"))),
+            other => Err(Error::Input(format!(
+                "unknown backend `{other}`; expected `cpu` or `cuda`"
+            ))),
         }
     }
 }
@@ -40,7 +42,9 @@ impl FromStr for Precision {
         match s {
             "f32" => Ok(Precision::F32),
             "bf16" => Ok(Precision::Bf16),
-            other => Err(Error::Input(format!("unknown dtype `{other}`; expected `f32` or `bf16`"))),
+            other => Err(Error::Input(format!(
+                "unknown dtype `{other}`; expected `f32` or `bf16`"
+            ))),
         }
     }
 }
@@ -49,13 +53,23 @@ impl FromStr for Precision {
 pub trait Runner: Send {
     /// Runs all stages on `obs` with noise [action_horizon, action_dim]; returns the actions
     /// and the time of each stage (GPU time for GPU backends).
-    fn infer(&mut self, obs: &Observation, noise: &[f32], steps: usize) -> Result<(Vec<f32>, StageTimes)>;
+    fn infer(
+        &mut self,
+        obs: &Observation,
+        noise: &[f32],
+        steps: usize,
+    ) -> Result<(Vec<f32>, StageTimes)>;
     /// A short description, e.g. "cpu f32" or "cuda bf16 on NVIDIA H100".
     fn describe(&self) -> String;
 }
 
 impl Runner for Policy {
-    fn infer(&mut self, obs: &Observation, noise: &[f32], steps: usize) -> Result<(Vec<f32>, StageTimes)> {
+    fn infer(
+        &mut self,
+        obs: &Observation,
+        noise: &[f32],
+        steps: usize,
+    ) -> Result<(Vec<f32>, StageTimes)> {
         Policy::infer(self, obs, noise, steps)
     }
     fn describe(&self) -> String {
@@ -73,7 +87,9 @@ pub fn load(
     match kind {
         BackendKind::Cpu => {
             if precision != Precision::F32 {
-                return Err(Error::Input("the cpu backend computes in f32 only; use --dtype f32".into()));
+                return Err(Error::Input(
+                    "the cpu backend computes in f32 only; use --dtype f32".into(),
+                ));
             }
             Ok(Box::new(Policy::load(ckpt, progress)?))
         }
@@ -82,8 +98,14 @@ pub fn load(
 }
 
 #[cfg(feature = "cuda")]
-fn load_cuda(precision: Precision, ckpt: &Checkpoint, progress: impl FnMut(u64, u64)) -> Result<Box<dyn Runner>> {
-    Ok(Box::new(crate::cuda::CudaPolicy::load(ckpt, precision, progress)?))
+fn load_cuda(
+    precision: Precision,
+    ckpt: &Checkpoint,
+    progress: impl FnMut(u64, u64),
+) -> Result<Box<dyn Runner>> {
+    Ok(Box::new(crate::cuda::CudaPolicy::load(
+        ckpt, precision, progress,
+    )?))
 }
 
 #[cfg(not(feature = "cuda"))]

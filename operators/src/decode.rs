@@ -27,8 +27,12 @@ pub fn decode_rgb(data: &[u8], encoding: Encoding) -> Result<(Vec<u8>, usize, us
             Ok((data.to_vec(), height, width))
         }
         Encoding::Encoded => {
-            let decoded = image::load_from_memory(data)
-                .map_err(|e| Error::Input(format!("cannot decode frame ({} bytes) as PNG or JPEG: {e}", data.len())))?;
+            let decoded = image::load_from_memory(data).map_err(|e| {
+                Error::Input(format!(
+                    "cannot decode frame ({} bytes) as PNG or JPEG: {e}",
+                    data.len()
+                ))
+            })?;
             let rgb = decoded.to_rgb8();
             let (w, h) = (rgb.width() as usize, rgb.height() as usize);
             Ok((rgb.into_raw(), h, w))
@@ -62,9 +66,23 @@ mod tests {
             .unwrap();
         let (px, hh, ww) = decode_rgb(&png, Encoding::Encoded).unwrap();
         assert_eq!((px.clone(), hh, ww), (raw.clone(), 3, 5));
-        let (px2, _, _) = decode_rgb(&raw, Encoding::Raw { height: 3, width: 5 }).unwrap();
+        let (px2, _, _) = decode_rgb(
+            &raw,
+            Encoding::Raw {
+                height: 3,
+                width: 5,
+            },
+        )
+        .unwrap();
         assert_eq!(px2, px);
-        let err = decode_rgb(&raw[1..], Encoding::Raw { height: 3, width: 5 }).unwrap_err();
+        let err = decode_rgb(
+            &raw[1..],
+            Encoding::Raw {
+                height: 3,
+                width: 5,
+            },
+        )
+        .unwrap_err();
         assert!(err.to_string().contains("needs 45 bytes, got 44"), "{err}");
         assert!(decode_rgb(b"garbage", Encoding::Encoded).is_err());
     }

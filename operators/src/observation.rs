@@ -63,34 +63,7 @@ impl Observation {
         let masks = npy::read_bool(&p)?;
         expect_shape(&p, &format!("bool [{n}]"), &masks.shape, masks.shape == [n])?;
 
-        let p = dir.join("tokens.npy");
-        let tokens = npy::read_i32(&p)?;
-        let l = cfg.max_token_len;
-        expect_shape(
-            &p,
-            &format!("int32 [L] with L <= max_token_len {l}"),
-            &tokens.shape,
-            tokens.shape.len() == 1 && tokens.shape[0] <= l,
-        )?;
-        if let Some(bad) = tokens
-            .data
-            .iter()
-            .find(|&&t| t < 0 || t as usize >= cfg.vocab_size)
-        {
-            return Err(Error::Array {
-                path: p,
-                expected: format!("token ids in [0, {})", cfg.vocab_size),
-                found: format!("id {bad}"),
-            });
-        }
-        let p = dir.join("token_mask.npy");
-        let token_mask = npy::read_bool(&p)?;
-        expect_shape(
-            &p,
-            &format!("bool [{}] (the length of tokens.npy)", tokens.shape[0]),
-            &token_mask.shape,
-            token_mask.shape == tokens.shape,
-        )?;
+        let (tokens, token_mask) = load_prompt(dir, cfg)?;
 
         let ad = cfg.action_dim;
         let p = dir.join("state.npy");
@@ -125,12 +98,47 @@ impl Observation {
         Ok(Observation {
             images,
             image_masks: masks.data,
-            tokens: tokens.data,
-            token_mask: token_mask.data,
+            tokens,
+            token_mask,
             state,
             noise,
         })
     }
+}
+
+/// Reads `tokens.npy` (int32 [L], L <= max_token_len, ids in the vocabulary) and
+/// `token_mask.npy` (bool [L]) from `dir`.
+pub fn load_prompt(dir: &Path, cfg: &Config) -> Result<(Vec<i32>, Vec<bool>)> {
+    let p = dir.join("tokens.npy");
+    let tokens = npy::read_i32(&p)?;
+    let l = cfg.max_token_len;
+    expect_shape(
+        &p,
+        &format!("int32 [L] with L <= max_token_len {l}"),
+        &tokens.shape,
+        tokens.shape.len() == 1 && tokens.shape[0] <= l,
+    )?;
+    if let Some(bad) = tokens
+        .data
+        .iter()
+        .find(|&&t| t < 0 || t as usize >= cfg.vocab_size)
+    {
+        return Err(Error::Array {
+            path: p,
+            expected: format!("token ids in [0, {})", cfg.vocab_size),
+            found: format!("id {bad}"),
+        });
+    }
+    let p = dir.join("token_mask.npy");
+    let token_mask = npy::read_bool(&p)?;
+    expect_shape(
+        &p,
+        &format!("bool [{}] (the length of tokens.npy)", tokens.shape[0]),
+        &token_mask.shape,
+        token_mask.shape == tokens.shape,
+    )?;
+
+    Ok((tokens.data, token_mask.data))
 }
 
 /// Standard-normal noise [action_horizon, action_dim] from `seed`.

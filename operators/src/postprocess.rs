@@ -48,12 +48,18 @@ pub fn load_action_stats(path: &Path) -> Result<NormStats> {
     let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
     let file: NormStatsFile = serde_json::from_str(&text).map_err(|e| Error::Config {
         path: path.to_path_buf(),
-        reason: format!("not an openpi norm_stats.json ({{\"norm_stats\": {{\"actions\": ...}}}}): {e}"),
+        reason: format!(
+            "not an openpi norm_stats.json ({{\"norm_stats\": {{\"actions\": ...}}}}): {e}"
+        ),
     })?;
-    let stats = file.norm_stats.get("actions").cloned().ok_or_else(|| Error::Config {
-        path: path.to_path_buf(),
-        reason: "no `norm_stats.actions` entry".into(),
-    })?;
+    let stats = file
+        .norm_stats
+        .get("actions")
+        .cloned()
+        .ok_or_else(|| Error::Config {
+            path: path.to_path_buf(),
+            reason: "no `norm_stats.actions` entry".into(),
+        })?;
     if stats.mean.len() != stats.std.len() {
         return Err(Error::Config {
             path: path.to_path_buf(),
@@ -79,7 +85,12 @@ pub struct PostProcess {
 impl PostProcess {
     /// `stats = None` passes actions through (only the slice applies). `robot_dims` must be
     /// in 1..=action_dim.
-    pub fn new(stats: Option<NormStats>, mode: Unnormalize, action_dim: usize, robot_dims: usize) -> Result<Self> {
+    pub fn new(
+        stats: Option<NormStats>,
+        mode: Unnormalize,
+        action_dim: usize,
+        robot_dims: usize,
+    ) -> Result<Self> {
         if robot_dims == 0 || robot_dims > action_dim {
             return Err(Error::Input(format!(
                 "robot action dims must be in 1..={action_dim}, got {robot_dims}"
@@ -144,7 +155,10 @@ impl PostProcess {
                 x * (std + 1e-6) + mean
             }
             // Dims beyond the quantiles pass through unchanged.
-            Unnormalize::Quantile => match (s.q01.as_ref().and_then(|q| q.get(d)), s.q99.as_ref().and_then(|q| q.get(d))) {
+            Unnormalize::Quantile => match (
+                s.q01.as_ref().and_then(|q| q.get(d)),
+                s.q99.as_ref().and_then(|q| q.get(d)),
+            ) {
                 (Some(&lo), Some(&hi)) => (x + 1.0) / 2.0 * (hi - lo + 1e-6) + lo,
                 _ => x,
             },
@@ -172,7 +186,10 @@ mod tests {
         let y = p.run(&[0.5, 2.0, 7.0]).unwrap();
         assert!((y[0] - (0.5 * (2.0 + 1e-6) + 1.0) as f32).abs() < 1e-6);
         assert!((y[1] - (2.0 * (0.5 + 1e-6) - 2.0) as f32).abs() < 1e-6);
-        assert!((y[2] - 7.0 * (1.0 + 1e-6) as f32).abs() < 1e-5, "padded std 1, mean 0");
+        assert!(
+            (y[2] - 7.0 * (1.0 + 1e-6) as f32).abs() < 1e-5,
+            "padded std 1, mean 0"
+        );
         let q = PostProcess::new(Some(stats()), Unnormalize::Quantile, 3, 2).unwrap();
         let y = q.run(&[-1.0, 1.0, 5.0, 0.0, 0.0, 5.0]).unwrap();
         assert_eq!(y.len(), 4, "sliced to 2 robot dims");
@@ -205,8 +222,15 @@ mod tests {
         .unwrap();
         let s = load_action_stats(&path).unwrap();
         assert_eq!(s.std, vec![3.0, 4.0]);
-        std::fs::write(&path, r#"{"norm_stats": {"state": {"mean": [0], "std": [1]}}}"#).unwrap();
+        std::fs::write(
+            &path,
+            r#"{"norm_stats": {"state": {"mean": [0], "std": [1]}}}"#,
+        )
+        .unwrap();
         let err = load_action_stats(&path).unwrap_err().to_string();
-        assert!(err.contains("norm_stats.json") && err.contains("actions"), "{err}");
+        assert!(
+            err.contains("norm_stats.json") && err.contains("actions"),
+            "{err}"
+        );
     }
 }

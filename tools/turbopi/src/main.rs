@@ -6,14 +6,16 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Instant;
 
+mod graph;
+
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
+use operators::backend::{self, BackendKind, Precision};
 use operators::checkpoint::{tensor_specs, Checkpoint, Part, WriteDtype};
 use operators::config::PRESETS;
 use operators::observation::{noise_from_seed, write_sample};
 use operators::random::write_random_checkpoint;
-use operators::backend::{self, BackendKind, Precision};
 use operators::{npy, Config, Observation};
 
 #[derive(Parser)]
@@ -56,6 +58,15 @@ enum Command {
     /// Make or inspect checkpoints.
     #[command(subcommand)]
     Checkpoint(CheckpointCommand),
+    /// Check dora dataflow graphs.
+    #[command(subcommand)]
+    Graph(GraphCommand),
+}
+
+#[derive(Subcommand)]
+enum GraphCommand {
+    /// Validate a dataflow: sources, stage input kinds, cycles, checkpoints, env values.
+    Check { file: PathBuf },
 }
 
 #[derive(Subcommand)]
@@ -99,7 +110,15 @@ fn main() -> ExitCode {
             out,
             backend,
             dtype,
-        } => infer(&checkpoint, &observation, steps, seed, &out, &backend, dtype.as_deref()),
+        } => infer(
+            &checkpoint,
+            &observation,
+            steps,
+            seed,
+            &out,
+            &backend,
+            dtype.as_deref(),
+        ),
         Command::Checkpoint(CheckpointCommand::Random {
             preset,
             dtype,
@@ -107,6 +126,7 @@ fn main() -> ExitCode {
             out,
         }) => random(&preset, dtype, seed, &out),
         Command::Checkpoint(CheckpointCommand::Inspect { dir }) => inspect(&dir),
+        Command::Graph(GraphCommand::Check { file }) => graph_check(&file),
         Command::Checkpoint(CheckpointCommand::Config { preset }) => Config::preset(&preset)
             .map(|c| println!("{}", c.to_json_pretty()))
             .map_err(Into::into),
@@ -210,6 +230,24 @@ fn infer(
         cfg.action_dim
     );
     Ok(())
+}
+
+fn graph_check(file: &Path) -> Result<()> {
+    let mut report = graph::check(file)?;
+    graph::check_consistency(file, &mut report)?;
+    if report.errors.is_empty() {
+        println!(
+            "{}: ok ({} nodes, {} edges)",
+            file.display(),
+            report.nodes,
+            report.edges
+        );
+        return Ok(());
+    }
+    for e in &report.errors {
+        eprintln!("{}: {e}", file.display());
+    }
+    bail!("{}: {} problem(s)", file.display(), report.errors.len())
 }
 
 fn random(preset: &str, dtype: DtypeArg, seed: u64, out: &Path) -> Result<()> {

@@ -1,0 +1,176 @@
+//! Denoise stage: the flow-matching sampler over the action expert, attending to the prefix
+//! K/V cache of the same frame. Noise for frame `seq` is drawn from seed `SEED + seq`, so a
+//! run can be reproduced with `turbopi infer --seed`.
+
+use std::collections::BTreeMap;
+
+use dora_node_api::dora_core::config::DataId;
+use dora_node_api::{DoraNode, Event, EventStream};
+use eyre::{bail, eyre, Result};
+use node_common::{
+    checkpoint_from_env, env_or, expect_tensor, kv_from_tensor, report_rejected,
+    require_cpu_backend, Dim, FrameMeta, SeqGaps,
+};
+use operators::observation::noise_from_seed;
+use operators::weights::Loader;
+use operators::{Config, Denoiser};
+
+pub struct Settings {
+    pub steps: usize,
+    pub seed: u64,
+}
+
+impl Settings {
+    /// Env: `STEPS` (10), `SEED` (0).
+    pub fn from_env() -> Result<Self> {
+        let s = Settings {
+            steps: env_or("STEPS", 10)?,
+            seed: env_or("SEED", 0)?,
+        };
+        if s.steps == 0 {
+            bail!("env STEPS must be at least 1");
+        }
+        Ok(s)
+    }
+}
+
+/// States waiting for their frame's cache; older ones are dropped as frames advance.
+const MAX_PENDING_STATES: usize = 64;
+
+pub fn run(node: DoraNode, events: EventStream) -> Result<()> {
+    require_cpu_backend("denoise")?;
+    let settings = Settings::from_env()?;
+    let ckpt = checkpoint_from_env()?;
+    let denoiser = Denoiser::load(&ckpt, &mut Loader::new(&ckpt, |_, _| {}))?;
+    run_with(&ckpt.config, &denoiser, &settings, node, events)
+}
+
+pub fn run_with(
+    cfg: &Config,
+    denoiser: &Denoiser,
+    settings: &Settings,
+    mut node: DoraNode,
+    mut events: EventStream,
+) -> Result<()> {
+    let out: DataId = "actions".to_string().into();
+    let (h, ad) = (cfg.action_horizon, cfg.action_dim);
+    let mut gaps = SeqGaps::default();
+    let mut states: BTreeMap<u64, Vec<f32>> = BTreeMap::new();
+    while let Some(event) = events.recv() {
+        let Event::Input { id, metadata, data } = event else {
+            continue;
+        };
+        let md = &metadata.parameters;
+        let result = (|| match id.as_str() {
+            "state" => {
+                let meta = FrameMeta::from_metadata("state", md)?;
+                let (_, s) = expect_tensor::<f32>("state", md, &data, "float32", &[Dim::Is(ad)])?;
+                states.insert(meta.seq, s.to_vec());
+                while states.len() > MAX_PENDING_STATES {
+                    states.pop_first();
+                }
+                Ok(())
+            }
+            "kv_cache" => {
+                let meta = FrameMeta::from_metadata("kv_cache", md)?;
+                gaps.observe(meta.seq);
+                let kw = cfg.num_kv_heads * cfg.head_dim;
+                let (shape, kv) = expect_tensor::<f32>(
+                    "kv_cache",
+                    md,
+                    &data,
+                    "float32",
+                    &[Dim::Is(cfg.vlm_depth), Dim::Is(2), Dim::Any, Dim::Is(kw)],
+                )?;
+                let cache = kv_from_tensor(&shape, kv)?;
+                let state = states.get(&meta.seq).cloned();
+                if !cfg.pi05 && state.is_none() {
+                    bail!(
+                        "frame {}: pi0 needs the robot state, but no `state` input arrived for it",
+                        meta.seq
+                    );
+                }
+                states.retain(|&s, _| s > meta.seq);
+                let noise = noise_from_seed(cfg, settings.seed.wrapping_add(meta.seq));
+                let actions = denoiser.run(&cache, state.as_deref(), &noise, settings.steps)?;
+                node.send_output(
+                    out.clone(),
+                    meta.tensor_params(&[h, ad], "float32"),
+                    actions,
+                )
+                .map_err(|e| eyre!("sending actions: {e}"))
+            }
+            _ => Ok(()),
+        })();
+        if let Err(e) = result {
+            report_rejected("denoise", &e);
+        }
+    }
+    eprintln!("denoise: {} frames, {} gaps", gaps.frames, gaps.gaps);
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use node_common::kv_to_tensor;
+    use node_common::testing::{event, golden, json, run_node, values, TensorInput};
+    use operators::checkpoint::Checkpoint;
+    use operators::gemma::KvCache;
+
+    #[test]
+    fn samples_with_per_frame_noise_and_rejects_a_wrong_shape() {
+        let ckpt = Checkpoint::open(&golden("pi05_small").join("checkpoint")).unwrap();
+        let cfg = ckpt.config.clone();
+        let den = Denoiser::load(&ckpt, &mut Loader::new(&ckpt, |_, _| {})).unwrap();
+        let kw = cfg.num_kv_heads * cfg.head_dim;
+        let len = 7;
+        let cache = KvCache {
+            len,
+            kv_width: kw,
+            k: (0..cfg.vlm_depth)
+                .map(|l| {
+                    (0..len * kw)
+                        .map(|i| ((i + l) % 13) as f32 / 13.0)
+                        .collect()
+                })
+                .collect(),
+            v: (0..cfg.vlm_depth)
+                .map(|l| {
+                    (0..len * kw)
+                        .map(|i| ((i * 3 + l) % 11) as f32 / 11.0)
+                        .collect()
+                })
+                .collect(),
+        };
+        let (shape, kv) = kv_to_tensor(&cache);
+        let shape: &'static [usize] = Box::leak(shape.into_boxed_slice());
+        let msg = |seq, shape: &'static [usize], v: &[f32]| TensorInput {
+            id: "kv_cache",
+            seq,
+            shape,
+            dtype: "float32",
+            arrow_type: "Float32",
+            values: json(v),
+            extra: vec![],
+        };
+        let events = vec![
+            event(0.0, msg(4, &[1, 2, 3, 4], &[0.0; 24])),
+            event(0.01, msg(5, shape, &kv)),
+        ];
+        let settings = Settings {
+            steps: 3,
+            seed: 100,
+        };
+        let out = run_node("denoise", events, |node, ev| {
+            run_with(&cfg, &den, &settings, node, ev)
+        })
+        .unwrap();
+        assert_eq!(out.len(), 1, "{out:?}");
+        let want = den
+            .run(&cache, None, &noise_from_seed(&cfg, 105), 3)
+            .unwrap();
+        let got: Vec<f32> = values(&out[0]).iter().map(|&v| v as f32).collect();
+        assert_eq!(got, want);
+    }
+}

@@ -1,0 +1,472 @@
+//! What every turbo-pi dora node shares: env variables with clear errors, the message
+//! metadata contract (`seq`, `t_capture_ns`, `shape`, `dtype`), tensor checks on inputs, and
+//! sequence-gap counting (dora drops messages silently when a queue is full; we never do).
+
+use std::fmt::Display;
+use std::path::PathBuf;
+use std::str::FromStr;
+
+pub use dora_node_api;
+use dora_node_api::{DoraArray, MetadataParameters, Parameter};
+use eyre::{bail, eyre, Result, WrapErr};
+use operators::checkpoint::Checkpoint;
+use operators::gemma::KvCache;
+
+/// `name` parsed from the environment, or `default` when unset or empty.
+pub fn env_or<T>(name: &str, default: T) -> Result<T>
+where
+    T: FromStr,
+    T::Err: Display,
+{
+    Ok(env_opt(name)?.unwrap_or(default))
+}
+
+/// `name` parsed from the environment; `None` when unset or empty.
+pub fn env_opt<T>(name: &str) -> Result<Option<T>>
+where
+    T: FromStr,
+    T::Err: Display,
+{
+    match std::env::var(name) {
+        Ok(v) if v.trim().is_empty() => Ok(None),
+        Ok(v) => v
+            .trim()
+            .parse()
+            .map(Some)
+            .map_err(|e| eyre!("env {name}={v:?} is invalid: {e}")),
+        Err(std::env::VarError::NotPresent) => Ok(None),
+        Err(e) => bail!("env {name}: {e}"),
+    }
+}
+
+/// A required path from the environment that must exist.
+pub fn env_path(name: &str) -> Result<PathBuf> {
+    let p: PathBuf = env_opt(name)?.ok_or_else(|| eyre!("env {name} is required"))?;
+    if !p.exists() {
+        bail!("env {name}={} does not exist", p.display());
+    }
+    Ok(p)
+}
+
+/// Opens the checkpoint named by env `CHECKPOINT`, warning about unknown config fields.
+pub fn checkpoint_from_env() -> Result<Checkpoint> {
+    let dir = env_path("CHECKPOINT")?;
+    let ckpt =
+        Checkpoint::open(&dir).wrap_err_with(|| format!("env CHECKPOINT={}", dir.display()))?;
+    for f in &ckpt.unknown_config_fields {
+        eprintln!(
+            "warning: {}/config.json: unknown field `{f}` ignored",
+            dir.display()
+        );
+    }
+    Ok(ckpt)
+}
+
+/// Frame identity carried by every message: the camera's frame number and capture time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FrameMeta {
+    pub seq: u64,
+    pub t_capture_ns: u64,
+}
+
+fn int_param(md: &MetadataParameters, key: &str) -> Option<i64> {
+    match md.get(key) {
+        Some(Parameter::Integer(v)) => Some(*v),
+        _ => None,
+    }
+}
+
+/// A `ListInt` metadata entry.
+pub fn list_param(md: &MetadataParameters, key: &str) -> Option<Vec<i64>> {
+    match md.get(key) {
+        Some(Parameter::ListInt(v)) => Some(v.clone()),
+        _ => None,
+    }
+}
+
+/// A `String` metadata entry.
+pub fn str_param<'a>(md: &'a MetadataParameters, key: &str) -> Option<&'a str> {
+    match md.get(key) {
+        Some(Parameter::String(v)) => Some(v.as_str()),
+        _ => None,
+    }
+}
+
+impl FrameMeta {
+    pub fn from_metadata(input: &str, md: &MetadataParameters) -> Result<Self> {
+        let get = |key: &str| {
+            int_param(md, key)
+                .and_then(|v| u64::try_from(v).ok())
+                .ok_or_else(|| {
+                    eyre!("input `{input}`: metadata `{key}` (a non-negative integer) is missing")
+                })
+        };
+        Ok(FrameMeta {
+            seq: get("seq")?,
+            t_capture_ns: get("t_capture_ns")?,
+        })
+    }
+
+    /// Metadata of a message about this frame (no tensor fields).
+    pub fn params(&self) -> MetadataParameters {
+        let mut p = MetadataParameters::new();
+        p.insert("seq".into(), Parameter::Integer(self.seq as i64));
+        p.insert(
+            "t_capture_ns".into(),
+            Parameter::Integer(self.t_capture_ns as i64),
+        );
+        p
+    }
+
+    /// Metadata of a tensor message about this frame.
+    pub fn tensor_params(&self, shape: &[usize], dtype: &str) -> MetadataParameters {
+        let mut p = self.params();
+        p.insert(
+            "shape".into(),
+            Parameter::ListInt(shape.iter().map(|&d| d as i64).collect()),
+        );
+        p.insert("dtype".into(), Parameter::String(dtype.into()));
+        p
+    }
+}
+
+/// An expected dimension of an input tensor.
+#[derive(Debug, Clone, Copy)]
+pub enum Dim {
+    Is(usize),
+    Any,
+}
+
+impl Display for Dim {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Dim::Is(n) => write!(f, "{n}"),
+            Dim::Any => write!(f, "_"),
+        }
+    }
+}
+
+fn fmt_dims(dims: &[Dim]) -> String {
+    format!(
+        "[{}]",
+        dims.iter()
+            .map(Dim::to_string)
+            .collect::<Vec<_>>()
+            .join(", ")
+    )
+}
+
+/// Checks an input tensor against the expected dtype and shape (metadata and payload) and
+/// borrows its values. Errors name the input, what was expected and what arrived.
+pub fn expect_tensor<'a, T>(
+    input: &str,
+    md: &MetadataParameters,
+    data: &'a DoraArray,
+    dtype: &str,
+    expected: &[Dim],
+) -> Result<(Vec<usize>, &'a [T])>
+where
+    &'a [T]: TryFrom<&'a DoraArray>,
+{
+    let want = || format!("{dtype} {}", fmt_dims(expected));
+    let found_dtype = str_param(md, "dtype").unwrap_or("(none)");
+    if found_dtype != dtype {
+        bail!(
+            "input `{input}`: expected {}, found dtype {found_dtype}",
+            want()
+        );
+    }
+    let shape: Vec<usize> = list_param(md, "shape")
+        .ok_or_else(|| {
+            eyre!(
+                "input `{input}`: metadata `shape` is missing (expected {})",
+                want()
+            )
+        })?
+        .into_iter()
+        .map(|d| {
+            usize::try_from(d)
+                .map_err(|_| eyre!("input `{input}`: negative dimension {d} in `shape`"))
+        })
+        .collect::<Result<_>>()?;
+    let ok = shape.len() == expected.len()
+        && shape.iter().zip(expected).all(|(s, e)| match e {
+            Dim::Is(n) => s == n,
+            Dim::Any => true,
+        });
+    if !ok {
+        bail!(
+            "input `{input}`: expected {}, found shape {shape:?}",
+            want()
+        );
+    }
+    let values: &[T] = data.try_into().map_err(|_| {
+        eyre!(
+            "input `{input}`: expected {} values, found an array of {}",
+            want(),
+            data.type_name()
+        )
+    })?;
+    let n: usize = shape.iter().product();
+    if values.len() != n {
+        bail!(
+            "input `{input}`: shape {shape:?} needs {n} values, the array holds {}",
+            values.len()
+        );
+    }
+    Ok((shape, values))
+}
+
+/// Counts frames and gaps in the `seq` numbers arriving on one input.
+#[derive(Debug, Default, Clone)]
+pub struct SeqGaps {
+    last: Option<u64>,
+    /// Messages received.
+    pub frames: u64,
+    /// Frames missing between received ones (dropped upstream).
+    pub gaps: u64,
+}
+
+impl SeqGaps {
+    /// Records `seq`; returns how many frames were skipped before it (0 when in order).
+    pub fn observe(&mut self, seq: u64) -> u64 {
+        self.frames += 1;
+        let skipped = match self.last {
+            Some(last) if seq > last + 1 => seq - last - 1,
+            _ => 0,
+        };
+        self.gaps += skipped;
+        self.last = Some(self.last.map_or(seq, |l| l.max(seq)));
+        skipped
+    }
+}
+
+/// Wall-clock nanoseconds since the Unix epoch (the `t_capture_ns` clock).
+pub fn now_ns() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0)
+}
+
+/// Logs a rejected message and keeps the node alive: bad input never kills a dataflow.
+pub fn report_rejected(node: &str, err: &eyre::Report) {
+    eprintln!("{node}: rejected message: {err:#}");
+}
+
+/// The K/V cache as one tensor [layers, 2, len, kv_width] (K then V per layer).
+pub fn kv_to_tensor(cache: &KvCache) -> (Vec<usize>, Vec<f32>) {
+    let layers = cache.k.len();
+    let mut data = Vec::with_capacity(layers * 2 * cache.len * cache.kv_width);
+    for (k, v) in cache.k.iter().zip(&cache.v) {
+        data.extend_from_slice(k);
+        data.extend_from_slice(v);
+    }
+    (vec![layers, 2, cache.len, cache.kv_width], data)
+}
+
+/// Inverse of [`kv_to_tensor`].
+pub fn kv_from_tensor(shape: &[usize], data: &[f32]) -> Result<KvCache> {
+    let [layers, two, len, kv_width] = shape else {
+        bail!("kv cache: expected shape [layers, 2, len, kv_width], found {shape:?}");
+    };
+    if *two != 2 || data.len() != layers * 2 * len * kv_width {
+        bail!(
+            "kv cache: shape {shape:?} does not match {} values",
+            data.len()
+        );
+    }
+    let per = len * kv_width;
+    let mut cache = KvCache {
+        len: *len,
+        kv_width: *kv_width,
+        k: Vec::with_capacity(*layers),
+        v: Vec::with_capacity(*layers),
+    };
+    for layer in data.chunks_exact(2 * per) {
+        cache.k.push(layer[..per].to_vec());
+        cache.v.push(layer[per..].to_vec());
+    }
+    Ok(cache)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use dora_node_api::IntoArrow;
+
+    #[test]
+    fn seq_gaps_count_missing_frames() {
+        let mut g = SeqGaps::default();
+        assert_eq!(g.observe(0), 0);
+        assert_eq!(g.observe(1), 0);
+        assert_eq!(g.observe(4), 2);
+        assert_eq!(g.observe(5), 0);
+        assert_eq!((g.frames, g.gaps), (4, 2));
+    }
+
+    #[test]
+    fn tensor_checks_name_input_and_shapes() {
+        let meta = FrameMeta {
+            seq: 3,
+            t_capture_ns: 9,
+        };
+        let md = meta.tensor_params(&[2, 3], "float32");
+        let arr = vec![0.0f32; 6].into_arrow();
+        let (shape, v) =
+            expect_tensor::<f32>("x", &md, &arr, "float32", &[Dim::Is(2), Dim::Any]).unwrap();
+        assert_eq!((shape, v.len()), (vec![2, 3], 6));
+        let err =
+            expect_tensor::<f32>("x", &md, &arr, "float32", &[Dim::Is(4), Dim::Is(3)]).unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("input `x`: expected float32 [4, 3], found shape [2, 3]"),
+            "{err}"
+        );
+        let err = expect_tensor::<u8>("x", &md, &arr, "uint8", &[Dim::Any, Dim::Any]).unwrap_err();
+        assert!(err.to_string().contains("found dtype float32"), "{err}");
+        let short = vec![0.0f32; 5].into_arrow();
+        let err =
+            expect_tensor::<f32>("x", &md, &short, "float32", &[Dim::Any, Dim::Any]).unwrap_err();
+        assert!(err.to_string().contains("needs 6 values"), "{err}");
+        assert_eq!(FrameMeta::from_metadata("x", &md).unwrap(), meta);
+        let err = FrameMeta::from_metadata("x", &MetadataParameters::new()).unwrap_err();
+        assert!(err.to_string().contains("`seq`"), "{err}");
+    }
+
+    #[test]
+    fn kv_round_trip() {
+        let cache = KvCache {
+            len: 2,
+            kv_width: 3,
+            k: vec![vec![1.0; 6], vec![2.0; 6]],
+            v: vec![vec![3.0; 6], vec![4.0; 6]],
+        };
+        let (shape, data) = kv_to_tensor(&cache);
+        assert_eq!(shape, vec![2, 2, 2, 3]);
+        let back = kv_from_tensor(&shape, &data).unwrap();
+        assert_eq!((back.k, back.v), (cache.k, cache.v));
+        assert!(kv_from_tensor(&[2, 3, 2, 3], &data).is_err());
+    }
+}
+
+/// The split stage nodes run on the CPU backend; `BACKEND` (default `cpu`) is checked so a
+/// graph asking for another backend fails at start with a clear message.
+pub fn require_cpu_backend(node: &str) -> Result<()> {
+    let backend: String = env_or("BACKEND", "cpu".to_string())?;
+    match backend.as_str() {
+        "cpu" => Ok(()),
+        "cuda" => bail!(
+            "{node}: env BACKEND=cuda: the split stage nodes run on the cpu backend; use the fused `policy` node for cuda"
+        ),
+        other => bail!("{node}: env BACKEND={other:?} is not a backend (expected cpu or cuda)"),
+    }
+}
+
+/// Image masks from a message's `image_masks` metadata (one 0/1 per camera).
+pub fn image_masks(input: &str, md: &MetadataParameters, n: usize) -> Result<Vec<bool>> {
+    let m = list_param(md, "image_masks")
+        .ok_or_else(|| eyre!("input `{input}`: metadata `image_masks` is missing"))?;
+    if m.len() != n {
+        bail!(
+            "input `{input}`: `image_masks` has {} entries, expected {n}",
+            m.len()
+        );
+    }
+    Ok(m.into_iter().map(|v| v != 0).collect())
+}
+
+/// `image_masks` metadata for a message.
+pub fn masks_param(masks: &[bool]) -> Parameter {
+    Parameter::ListInt(masks.iter().map(|&m| m as i64).collect())
+}
+
+/// Helpers for the nodes' integration tests through dora's testing API (inputs in, outputs
+/// captured, no daemon).
+pub mod testing {
+    use dora_node_api::integration_testing::integration_testing_format::{
+        IncomingEvent, InputData, TimedIncomingEvent,
+    };
+    use dora_node_api::integration_testing::{
+        self, IntegrationTestInput, TestingInput, TestingOptions, TestingOutput,
+    };
+    use dora_node_api::serde_json::{self, Map, Value};
+    use dora_node_api::{DoraNode, EventStream, MetadataParameters, Parameter};
+
+    use super::FrameMeta;
+
+    /// A tensor message for an input.
+    pub struct TensorInput<'a> {
+        pub id: &'a str,
+        pub seq: u64,
+        pub shape: &'a [usize],
+        /// The `dtype` metadata, e.g. "float32".
+        pub dtype: &'a str,
+        /// The Arrow type of the payload, e.g. "Float32", "UInt8".
+        pub arrow_type: &'a str,
+        pub values: Value,
+        pub extra: Vec<(&'a str, Parameter)>,
+    }
+
+    /// The input event at `t` seconds.
+    pub fn event(t: f64, input: TensorInput) -> TimedIncomingEvent {
+        let mut md: MetadataParameters = FrameMeta {
+            seq: input.seq,
+            t_capture_ns: 1,
+        }
+        .tensor_params(input.shape, input.dtype);
+        for (k, v) in input.extra {
+            md.insert(k.to_string(), v);
+        }
+        TimedIncomingEvent {
+            time_offset_secs: t,
+            event: IncomingEvent::Input {
+                id: input.id.to_string().into(),
+                metadata: Some(md),
+                data: Some(Box::new(InputData::JsonObject {
+                    data: input.values,
+                    data_type: Some(Value::String(input.arrow_type.to_string())),
+                })),
+            },
+        }
+    }
+
+    /// Runs `body` as node `name` on `events`; returns the outputs it sent (`id`, `data`).
+    pub fn run_node(
+        name: &str,
+        events: Vec<TimedIncomingEvent>,
+        body: impl FnOnce(DoraNode, EventStream) -> eyre::Result<()>,
+    ) -> eyre::Result<Vec<Map<String, Value>>> {
+        let (tx, mut rx) = integration_testing::output_channel();
+        let input = TestingInput::Input(IntegrationTestInput::new(name.parse()?, events));
+        let (node, stream) = DoraNode::init_testing(
+            input,
+            TestingOutput::ToChannel(tx),
+            TestingOptions {
+                skip_output_time_offsets: true,
+            },
+        )?;
+        body(node, stream)?;
+        Ok(integration_testing::drain_outputs(&mut rx))
+    }
+
+    /// An output's `data` as f64 values.
+    pub fn values(out: &Map<String, Value>) -> Vec<f64> {
+        out.get("data")
+            .and_then(|d| d.as_array())
+            .map(|a| a.iter().filter_map(|v| v.as_f64()).collect())
+            .unwrap_or_default()
+    }
+
+    /// `values` as JSON.
+    pub fn json<T: serde::Serialize>(values: &[T]) -> Value {
+        serde_json::to_value(values).unwrap_or(Value::Null)
+    }
+
+    /// A committed golden case directory (tests/golden/CASE).
+    pub fn golden(case: &str) -> std::path::PathBuf {
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../../tests/golden")
+            .join(case)
+    }
+}

@@ -1,0 +1,194 @@
+//! The fused policy: vision, prefix and denoise in one process (one load of the weights, no
+//! messages between stages), on the backend named by `BACKEND`.
+
+use std::collections::BTreeMap;
+
+use dora_node_api::dora_core::config::DataId;
+use dora_node_api::{DoraNode, Event, EventStream};
+use eyre::{bail, eyre, Result, WrapErr};
+use node_common::{
+    checkpoint_from_env, env_opt, env_or, env_path, expect_tensor, image_masks, report_rejected,
+    Dim, FrameMeta, SeqGaps,
+};
+use operators::backend::{self, BackendKind, Precision, Runner};
+use operators::observation::{load_prompt, noise_from_seed};
+use operators::{image, Config, Observation};
+
+pub struct Settings {
+    pub steps: usize,
+    pub seed: u64,
+    pub tokens: Vec<i32>,
+    pub token_mask: Vec<bool>,
+}
+
+const MAX_PENDING_STATES: usize = 64;
+
+/// Env: `CHECKPOINT`, `PROMPT` (dir with tokens.npy, token_mask.npy), `BACKEND` (cpu),
+/// `DTYPE` (f32 on cpu, bf16 on cuda), `STEPS` (10), `SEED` (0).
+pub fn run(node: DoraNode, events: EventStream) -> Result<()> {
+    let kind: BackendKind = env_or("BACKEND", "cpu".to_string())?
+        .parse()
+        .wrap_err("env BACKEND")?;
+    let precision: Precision = match env_opt::<String>("DTYPE")? {
+        Some(d) => d.parse().wrap_err("env DTYPE")?,
+        None if kind == BackendKind::Cuda => Precision::Bf16,
+        None => Precision::F32,
+    };
+    let steps: usize = env_or("STEPS", 10)?;
+    if steps == 0 {
+        bail!("env STEPS must be at least 1");
+    }
+    let seed: u64 = env_or("SEED", 0)?;
+    let ckpt = checkpoint_from_env()?;
+    let dir = env_path("PROMPT")?;
+    let (tokens, token_mask) = load_prompt(&dir, &ckpt.config)
+        .wrap_err_with(|| format!("env PROMPT={}", dir.display()))?;
+    let mut runner = backend::load(kind, precision, &ckpt, |_, _| {})?;
+    eprintln!("policy: {}", runner.describe());
+    let settings = Settings {
+        steps,
+        seed,
+        tokens,
+        token_mask,
+    };
+    run_with(&ckpt.config, runner.as_mut(), &settings, node, events)
+}
+
+pub fn run_with(
+    cfg: &Config,
+    runner: &mut dyn Runner,
+    settings: &Settings,
+    mut node: DoraNode,
+    mut events: EventStream,
+) -> Result<()> {
+    let out: DataId = "actions".to_string().into();
+    let (n, s) = (cfg.num_images, cfg.image_size);
+    let mut gaps = SeqGaps::default();
+    let mut states: BTreeMap<u64, Vec<f32>> = BTreeMap::new();
+    while let Some(event) = events.recv() {
+        let Event::Input { id, metadata, data } = event else {
+            continue;
+        };
+        let md = &metadata.parameters;
+        let result = (|| match id.as_str() {
+            "state" => {
+                let meta = FrameMeta::from_metadata("state", md)?;
+                let (_, st) = expect_tensor::<f32>(
+                    "state",
+                    md,
+                    &data,
+                    "float32",
+                    &[Dim::Is(cfg.action_dim)],
+                )?;
+                states.insert(meta.seq, st.to_vec());
+                while states.len() > MAX_PENDING_STATES {
+                    states.pop_first();
+                }
+                Ok(())
+            }
+            "images" => {
+                let meta = FrameMeta::from_metadata("images", md)?;
+                gaps.observe(meta.seq);
+                let (_, px) = expect_tensor::<u8>(
+                    "images",
+                    md,
+                    &data,
+                    "uint8",
+                    &[Dim::Is(n), Dim::Is(s), Dim::Is(s), Dim::Is(3)],
+                )?;
+                let state = states.get(&meta.seq).cloned();
+                if !cfg.pi05 && state.is_none() {
+                    bail!(
+                        "frame {}: pi0 needs the robot state, but no `state` input arrived for it",
+                        meta.seq
+                    );
+                }
+                states.retain(|&q, _| q > meta.seq);
+                let obs = Observation {
+                    images: px
+                        .chunks_exact(s * s * 3)
+                        .flat_map(|c| image::to_model_input(c, s, s, s))
+                        .collect(),
+                    image_masks: image_masks("images", md, n)?,
+                    tokens: settings.tokens.clone(),
+                    token_mask: settings.token_mask.clone(),
+                    state,
+                    noise: None,
+                };
+                let noise = noise_from_seed(cfg, settings.seed.wrapping_add(meta.seq));
+                let (actions, _) = runner.infer(&obs, &noise, settings.steps)?;
+                node.send_output(
+                    out.clone(),
+                    meta.tensor_params(&[cfg.action_horizon, cfg.action_dim], "float32"),
+                    actions,
+                )
+                .map_err(|e| eyre!("sending actions: {e}"))
+            }
+            _ => Ok(()),
+        })();
+        if let Err(e) = result {
+            report_rejected("policy", &e);
+        }
+    }
+    eprintln!("policy: {} frames, {} gaps", gaps.frames, gaps.gaps);
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use dora_node_api::Parameter;
+    use node_common::testing::{event, golden, json, run_node, values, TensorInput};
+    use operators::checkpoint::Checkpoint;
+    use operators::Policy;
+
+    #[test]
+    fn fused_policy_matches_the_operator_and_rejects_a_wrong_shape() {
+        let ckpt = Checkpoint::open(&golden("pi05_small").join("checkpoint")).unwrap();
+        let cfg = ckpt.config.clone();
+        let mut policy = Policy::load(&ckpt, |_, _| {}).unwrap();
+        let (tokens, token_mask) =
+            load_prompt(&golden("pi05_small").join("observation"), &cfg).unwrap();
+        let (n, s) = (cfg.num_images, cfg.image_size);
+        let px: Vec<u8> = (0..n * s * s * 3).map(|i| (i * 13 % 256) as u8).collect();
+        let shape: &'static [usize] = Box::leak(vec![n, s, s, 3].into_boxed_slice());
+        let msg = |seq, shape: &'static [usize], v: &[u8]| TensorInput {
+            id: "images",
+            seq,
+            shape,
+            dtype: "uint8",
+            arrow_type: "UInt8",
+            values: json(v),
+            extra: vec![("image_masks", Parameter::ListInt(vec![1, 1, 0]))],
+        };
+        let events = vec![
+            event(0.0, msg(0, &[1, 2, 3], &[0; 6])),
+            event(0.01, msg(9, shape, &px)),
+        ];
+        let settings = Settings {
+            steps: 2,
+            seed: 3,
+            tokens: tokens.clone(),
+            token_mask: token_mask.clone(),
+        };
+        let out = run_node("policy", events, |node, ev| {
+            run_with(&cfg, &mut policy, &settings, node, ev)
+        })
+        .unwrap();
+        assert_eq!(out.len(), 1, "{out:?}");
+        let obs = Observation {
+            images: px
+                .chunks_exact(s * s * 3)
+                .flat_map(|c| image::to_model_input(c, s, s, s))
+                .collect(),
+            image_masks: vec![true, true, false],
+            tokens,
+            token_mask,
+            state: None,
+            noise: None,
+        };
+        let (want, _) = policy.infer(&obs, &noise_from_seed(&cfg, 12), 2).unwrap();
+        let got: Vec<f32> = values(&out[0]).iter().map(|&v| v as f32).collect();
+        assert_eq!(got, want);
+    }
+}

@@ -1,0 +1,6 @@
+//! The `policy` dora node; inputs, outputs and env are in README.md.
+
+fn main() -> eyre::Result<()> {
+    let (node, events) = dora_node_api::DoraNode::init_from_env()?;
+    policy::run(node, events)
+}

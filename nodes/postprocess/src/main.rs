@@ -1,0 +1,6 @@
+//! The `postprocess` dora node; inputs, outputs and env are in README.md.
+
+fn main() -> eyre::Result<()> {
+    let (node, events) = dora_node_api::DoraNode::init_from_env()?;
+    postprocess::run(node, events)
+}

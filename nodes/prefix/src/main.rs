@@ -1,0 +1,6 @@
+//! The `prefix` dora node; inputs, outputs and env are in README.md.
+
+fn main() -> eyre::Result<()> {
+    let (node, events) = dora_node_api::DoraNode::init_from_env()?;
+    prefix::run(node, events)
+}

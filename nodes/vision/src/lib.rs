@@ -1,0 +1,115 @@
+//! Vision stage: SigLIP + projector over the real cameras of a frame.
+
+use dora_node_api::dora_core::config::DataId;
+use dora_node_api::{DoraNode, Event, EventStream};
+use eyre::{eyre, Result};
+use node_common::{
+    checkpoint_from_env, expect_tensor, image_masks, masks_param, report_rejected,
+    require_cpu_backend, Dim, FrameMeta, SeqGaps,
+};
+use operators::weights::Loader;
+use operators::{image, Config, VisionEncoder};
+
+pub fn run(node: DoraNode, events: EventStream) -> Result<()> {
+    require_cpu_backend("vision")?;
+    let ckpt = checkpoint_from_env()?;
+    let encoder = VisionEncoder::load(&ckpt, &mut Loader::new(&ckpt, |_, _| {}))?;
+    run_with(&ckpt.config, &encoder, node, events)
+}
+
+pub fn run_with(
+    cfg: &Config,
+    encoder: &VisionEncoder,
+    mut node: DoraNode,
+    mut events: EventStream,
+) -> Result<()> {
+    let out: DataId = "image_embeddings".to_string().into();
+    let (n, s) = (cfg.num_images, cfg.image_size);
+    let mut gaps = SeqGaps::default();
+    while let Some(event) = events.recv() {
+        let Event::Input { id, metadata, data } = event else {
+            continue;
+        };
+        if id.as_str() != "images" {
+            continue;
+        }
+        let md = &metadata.parameters;
+        let result = (|| {
+            let meta = FrameMeta::from_metadata("images", md)?;
+            gaps.observe(meta.seq);
+            let (_, px) = expect_tensor::<u8>(
+                "images",
+                md,
+                &data,
+                "uint8",
+                &[Dim::Is(n), Dim::Is(s), Dim::Is(s), Dim::Is(3)],
+            )?;
+            let masks = image_masks("images", md, n)?;
+            let pixels: Vec<f32> = px
+                .chunks_exact(s * s * 3)
+                .flat_map(|c| image::to_model_input(c, s, s, s))
+                .collect();
+            let emb = encoder.run(&pixels, &masks)?;
+            let mut p = meta.tensor_params(
+                &[emb.real_images * cfg.tokens_per_image(), cfg.vlm_width],
+                "float32",
+            );
+            p.insert("image_masks".into(), masks_param(&masks));
+            node.send_output(out.clone(), p, emb.tokens)
+                .map_err(|e| eyre!("sending image_embeddings: {e}"))
+        })();
+        if let Err(e) = result {
+            report_rejected("vision", &e);
+        }
+    }
+    eprintln!("vision: {} frames, {} gaps", gaps.frames, gaps.gaps);
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use dora_node_api::Parameter;
+    use node_common::testing::{event, golden, json, run_node, values, TensorInput};
+    use operators::checkpoint::Checkpoint;
+
+    #[test]
+    fn encodes_real_cameras_and_rejects_a_wrong_shape() {
+        let ckpt = Checkpoint::open(&golden("pi05_small").join("checkpoint")).unwrap();
+        let cfg = ckpt.config.clone();
+        let enc = VisionEncoder::load(&ckpt, &mut Loader::new(&ckpt, |_, _| {})).unwrap();
+        let (n, s) = (cfg.num_images, cfg.image_size);
+        let px: Vec<u8> = (0..n * s * s * 3).map(|i| (i * 31 % 251) as u8).collect();
+        let masks = Parameter::ListInt(vec![1, 0, 1]);
+        let msg = |seq, shape: &'static [usize], px: &[u8]| TensorInput {
+            id: "images",
+            seq,
+            shape,
+            dtype: "uint8",
+            arrow_type: "UInt8",
+            values: json(px),
+            extra: vec![("image_masks", masks.clone())],
+        };
+        let shape: &'static [usize] = Box::leak(vec![n, s, s, 3].into_boxed_slice());
+        let bad: &'static [usize] = Box::leak(vec![n - 1, s, s, 3].into_boxed_slice());
+        let events = vec![
+            event(0.0, msg(0, shape, &px)),
+            event(0.01, msg(1, bad, &px[..(n - 1) * s * s * 3])),
+            event(0.02, msg(2, shape, &px)),
+        ];
+        let out = run_node("vision", events, |node, ev| run_with(&cfg, &enc, node, ev)).unwrap();
+        assert_eq!(
+            out.len(),
+            2,
+            "the wrong-shape frame is rejected, the node keeps going"
+        );
+        let pixels: Vec<f32> = px
+            .chunks_exact(s * s * 3)
+            .flat_map(|c| image::to_model_input(c, s, s, s))
+            .collect();
+        let want = enc.run(&pixels, &[true, false, true]).unwrap();
+        assert_eq!(want.real_images, 2);
+        let got: Vec<f32> = values(&out[1]).iter().map(|&v| v as f32).collect();
+        assert_eq!(got, want.tokens);
+    }
+}

@@ -1,0 +1,391 @@
+//! `turbopi graph check`: reads a dataflow with dora's own descriptor types, builds a petgraph
+//! graph of its nodes and edges, and reports every problem with the node and input it
+//! concerns: unknown sources, inputs of the wrong kind for a turbo-pi stage, cycles, missing
+//! checkpoints and prompts, and bad env values.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result};
+use dora_message::config::InputMapping;
+use dora_message::descriptor::{Descriptor, EnvValue, Node};
+use operators::checkpoint::Checkpoint;
+use operators::Config;
+use petgraph::algo::tarjan_scc;
+use petgraph::graph::{DiGraph, NodeIndex};
+
+/// The turbo-pi node kinds, recognised by the file name of a node's `path`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    Camera,
+    Decode,
+    Vision,
+    Prefix,
+    Denoise,
+    Postprocess,
+    Policy,
+    ActionSink,
+}
+
+impl Kind {
+    fn from_path(path: &str) -> Option<Kind> {
+        let name = Path::new(path).file_name()?.to_str()?;
+        let name = name.strip_suffix(".exe").unwrap_or(name);
+        Some(match name {
+            "camera" => Kind::Camera,
+            "decode" => Kind::Decode,
+            "vision" => Kind::Vision,
+            "prefix" => Kind::Prefix,
+            "denoise" => Kind::Denoise,
+            "postprocess" => Kind::Postprocess,
+            "policy" => Kind::Policy,
+            "action-sink" => Kind::ActionSink,
+            _ => return None,
+        })
+    }
+
+    /// (input id, accepted message kinds, required).
+    fn inputs(self) -> &'static [(&'static str, &'static [Msg], bool)] {
+        use Msg::*;
+        match self {
+            Kind::Camera => &[],
+            Kind::Decode => &[("frames", &[Frames], true)],
+            Kind::Vision => &[("images", &[Images], true)],
+            Kind::Prefix => &[("image_embeddings", &[ImageEmbeddings], true)],
+            Kind::Denoise => &[("kv_cache", &[KvCache], true), ("state", &[State], false)],
+            Kind::Policy => &[("images", &[Images], true), ("state", &[State], false)],
+            Kind::Postprocess => &[("actions", &[ModelActions], true)],
+            Kind::ActionSink => &[("actions", &[ModelActions, RobotActions], true)],
+        }
+    }
+
+    fn output(self, id: &str) -> Option<Msg> {
+        Some(match (self, id) {
+            (Kind::Camera, "frames") => Msg::Frames,
+            (Kind::Camera, "state") => Msg::State,
+            (Kind::Decode, "images") => Msg::Images,
+            (Kind::Vision, "image_embeddings") => Msg::ImageEmbeddings,
+            (Kind::Prefix, "kv_cache") => Msg::KvCache,
+            (Kind::Denoise | Kind::Policy, "actions") => Msg::ModelActions,
+            (Kind::Postprocess, "actions") => Msg::RobotActions,
+            _ => return None,
+        })
+    }
+}
+
+/// What flows along an edge.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Msg {
+    Frames,
+    State,
+    Images,
+    ImageEmbeddings,
+    KvCache,
+    ModelActions,
+    RobotActions,
+}
+
+impl Msg {
+    fn describe(self) -> &'static str {
+        match self {
+            Msg::Frames => "camera frames (encoded or raw u8)",
+            Msg::State => "robot state (f32 [action_dim])",
+            Msg::Images => "images (u8 [num_images, size, size, 3])",
+            Msg::ImageEmbeddings => "image embeddings (f32 [tokens, vlm_width])",
+            Msg::KvCache => "the prefix K/V cache (f32 [layers, 2, len, kv_width])",
+            Msg::ModelActions => "model actions (f32 [horizon, action_dim])",
+            Msg::RobotActions => "robot actions (f32 [horizon, robot_dims])",
+        }
+    }
+}
+
+/// The result of a check: problems found, and the graph's size.
+pub struct Report {
+    pub nodes: usize,
+    pub edges: usize,
+    pub errors: Vec<String>,
+}
+
+fn env_str(v: &EnvValue) -> String {
+    match v {
+        EnvValue::Bool(b) => b.to_string(),
+        EnvValue::Integer(i) => i.to_string(),
+        EnvValue::Float(f) => f.to_string(),
+        EnvValue::String(s) => s.clone(),
+    }
+}
+
+/// Checks the dataflow in `file`.
+pub fn check(file: &Path) -> Result<Report> {
+    let text =
+        std::fs::read_to_string(file).with_context(|| format!("cannot read {}", file.display()))?;
+    let desc: Descriptor = serde_yaml::from_str(&text)
+        .with_context(|| format!("{}: not a valid dora dataflow", file.display()))?;
+    let base = file.parent().unwrap_or(Path::new(".")).to_path_buf();
+    Ok(check_descriptor(&desc, &base))
+}
+
+fn check_descriptor(desc: &Descriptor, base: &Path) -> Report {
+    let mut errors = Vec::new();
+    let mut graph: DiGraph<String, String> = DiGraph::new();
+    let mut index: BTreeMap<String, (NodeIndex, &Node)> = BTreeMap::new();
+    for node in &desc.nodes {
+        let id = node.id.to_string();
+        if index.contains_key(&id) {
+            errors.push(format!("node `{id}`: defined twice"));
+            continue;
+        }
+        index.insert(id.clone(), (graph.add_node(id), node));
+    }
+    let kind_of = |n: &Node| n.path.as_deref().and_then(Kind::from_path);
+
+    for node in &desc.nodes {
+        let id = node.id.to_string();
+        let Some(&(to, _)) = index.get(&id) else {
+            continue;
+        };
+        let kind = kind_of(node);
+        for (input_id, input) in &node.inputs {
+            let input_id = input_id.to_string();
+            let InputMapping::User(m) = &input.mapping else {
+                continue;
+            };
+            let (src, out) = (m.source.to_string(), m.output.to_string());
+            let Some(&(from, src_node)) = index.get(&src) else {
+                errors.push(format!("node `{id}` input `{input_id}`: unknown source node `{src}` (in `{src}/{out}`)"));
+                continue;
+            };
+            if !src_node.outputs.iter().any(|o| o.to_string() == out) {
+                errors.push(format!(
+                    "node `{id}` input `{input_id}`: node `{src}` has no output `{out}` (its outputs: {})",
+                    src_node.outputs.iter().map(|o| o.to_string()).collect::<Vec<_>>().join(", ")
+                ));
+            }
+            graph.add_edge(from, to, input_id.clone());
+            let Some(kind) = kind else { continue };
+            let Some((_, accepted, _)) =
+                kind.inputs().iter().find(|(name, _, _)| *name == input_id)
+            else {
+                errors.push(format!(
+                    "node `{id}`: unknown input `{input_id}` for a {kind:?} node (it takes: {})",
+                    kind.inputs()
+                        .iter()
+                        .map(|(n, _, _)| *n)
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ));
+                continue;
+            };
+            if let Some(sent) = kind_of(src_node).and_then(|k| k.output(&out)) {
+                if !accepted.contains(&sent) {
+                    errors.push(format!(
+                        "node `{id}` input `{input_id}`: expects {}, but `{src}/{out}` sends {}",
+                        accepted
+                            .iter()
+                            .map(|m| m.describe())
+                            .collect::<Vec<_>>()
+                            .join(" or "),
+                        sent.describe()
+                    ));
+                }
+            }
+        }
+        if let Some(kind) = kind {
+            for (name, _, required) in kind.inputs() {
+                if *required && !node.inputs.keys().any(|k| k.to_string() == *name) {
+                    errors.push(format!("node `{id}`: missing input `{name}`"));
+                }
+            }
+            check_env(&id, kind, node, base, &mut errors);
+        }
+    }
+
+    for scc in tarjan_scc(&graph) {
+        let self_loop = scc.len() == 1 && graph.find_edge(scc[0], scc[0]).is_some();
+        if scc.len() > 1 || self_loop {
+            let mut names: Vec<&str> = scc.iter().map(|i| graph[*i].as_str()).collect();
+            names.sort();
+            errors.push(format!(
+                "cycle between nodes {}",
+                names
+                    .iter()
+                    .map(|n| format!("`{n}`"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ));
+        }
+    }
+    Report {
+        nodes: graph.node_count(),
+        edges: graph.edge_count(),
+        errors,
+    }
+}
+
+fn check_env(id: &str, kind: Kind, node: &Node, base: &Path, errors: &mut Vec<String>) {
+    let env: BTreeMap<String, String> = node
+        .env
+        .iter()
+        .flatten()
+        .map(|(k, v)| (k.clone(), env_str(v)))
+        .collect();
+    let mut err = |msg: String| errors.push(format!("node `{id}`: {msg}"));
+    let path = |v: &str| -> PathBuf { base.join(v) };
+    let positive = |name: &str, err: &mut dyn FnMut(String)| {
+        if let Some(v) = env.get(name) {
+            if !v.parse::<u64>().is_ok_and(|n| n > 0) {
+                err(format!("env {name}={v:?} must be a positive integer"));
+            }
+        }
+    };
+    let uint = |name: &str, err: &mut dyn FnMut(String)| {
+        if let Some(v) = env.get(name) {
+            if v.parse::<u64>().is_err() {
+                err(format!("env {name}={v:?} must be a non-negative integer"));
+            }
+        }
+    };
+
+    let mut config: Option<Config> = None;
+    if matches!(
+        kind,
+        Kind::Vision | Kind::Prefix | Kind::Denoise | Kind::Policy
+    ) {
+        match env.get("CHECKPOINT") {
+            None => err("env CHECKPOINT is required".into()),
+            Some(v) => match Checkpoint::open(&path(v)) {
+                Ok(c) => config = Some(c.config),
+                Err(e) => err(format!("env CHECKPOINT={v:?}: {e}")),
+            },
+        }
+        if let Some(b) = env.get("BACKEND") {
+            if b != "cpu" && b != "cuda" {
+                err(format!("env BACKEND={b:?} must be `cpu` or `cuda`"));
+            }
+        }
+    }
+    if matches!(kind, Kind::Prefix | Kind::Policy) {
+        match env.get("PROMPT") {
+            None => {
+                err("env PROMPT (a folder with tokens.npy and token_mask.npy) is required".into())
+            }
+            Some(v) => {
+                for f in ["tokens.npy", "token_mask.npy"] {
+                    if !path(v).join(f).is_file() {
+                        err(format!("env PROMPT={v:?}: {f} not found"));
+                    }
+                }
+                if let Some(cfg) = &config {
+                    if let Err(e) = operators::observation::load_prompt(&path(v), cfg) {
+                        err(format!("env PROMPT={v:?}: {e}"));
+                    }
+                }
+            }
+        }
+    }
+    match kind {
+        Kind::Camera => {
+            if let Some(v) = env.get("RATE_HZ") {
+                if !v.parse::<f64>().is_ok_and(|r| r.is_finite() && r > 0.0) {
+                    err(format!("env RATE_HZ={v:?} must be a positive number"));
+                }
+            }
+            uint("MAX_FRAMES", &mut err);
+            positive("CAMERAS", &mut err);
+            positive("SYNTHETIC_CAMERAS", &mut err);
+            positive("SYNTHETIC_SIZE", &mut err);
+            for name in ["FRAMES", "STATE"] {
+                if let Some(v) = env.get(name) {
+                    if !path(v).exists() {
+                        err(format!("env {name}={v:?} does not exist"));
+                    }
+                }
+            }
+        }
+        Kind::Decode => {
+            positive("NUM_IMAGES", &mut err);
+            positive("IMAGE_SIZE", &mut err);
+        }
+        Kind::Denoise | Kind::Policy => {
+            positive("STEPS", &mut err);
+            uint("SEED", &mut err);
+            if let Some(d) = env.get("DTYPE") {
+                if d != "f32" && d != "bf16" {
+                    err(format!("env DTYPE={d:?} must be `f32` or `bf16`"));
+                }
+            }
+        }
+        Kind::Postprocess => {
+            positive("ACTION_DIM", &mut err);
+            positive("ACTION_DIMS", &mut err);
+            let parse =
+                |k: &str, d: u64| env.get(k).and_then(|v| v.parse::<u64>().ok()).unwrap_or(d);
+            let (ad, robot) = (parse("ACTION_DIM", 32), parse("ACTION_DIMS", 0));
+            if robot > ad {
+                err(format!("env ACTION_DIMS={robot} exceeds ACTION_DIM={ad}"));
+            }
+            if let Some(n) = env.get("NORM") {
+                if n != "zscore" && n != "quantile" {
+                    err(format!(
+                        "env NORM={n:?} must be `zscore` (pi0) or `quantile` (pi0.5)"
+                    ));
+                }
+            }
+            match (env.get("NORM_STATS"), env.get("NORM")) {
+                (Some(p), _) if !path(p).is_file() => {
+                    err(format!("env NORM_STATS={p:?} does not exist"))
+                }
+                (Some(_), None) => err("env NORM_STATS needs NORM (`zscore` or `quantile`)".into()),
+                _ => {}
+            }
+        }
+        _ => {}
+    }
+}
+
+/// Checks that every decode node's IMAGE_SIZE / NUM_IMAGES and every postprocess node's
+/// ACTION_DIM agree with the checkpoint of the model nodes downstream / upstream of them.
+pub fn check_consistency(file: &Path, report: &mut Report) -> Result<()> {
+    let text = std::fs::read_to_string(file)?;
+    let desc: Descriptor = serde_yaml::from_str(&text)?;
+    let base = file.parent().unwrap_or(Path::new("."));
+    let env_of = |n: &Node, k: &str| n.env.as_ref().and_then(|e| e.get(k)).map(env_str);
+    let configs: Vec<Config> = desc
+        .nodes
+        .iter()
+        .filter(|n| {
+            matches!(
+                n.path.as_deref().and_then(Kind::from_path),
+                Some(Kind::Vision | Kind::Policy | Kind::Denoise)
+            )
+        })
+        .filter_map(|n| env_of(n, "CHECKPOINT"))
+        .filter_map(|c| Checkpoint::open(&base.join(c)).ok().map(|c| c.config))
+        .collect();
+    let Some(cfg) = configs.first() else {
+        return Ok(());
+    };
+    for node in &desc.nodes {
+        let id = node.id.to_string();
+        let kind = node.path.as_deref().and_then(Kind::from_path);
+        let expect = |k: &str, want: usize, default: usize, report: &mut Report| {
+            let got = env_of(node, k)
+                .and_then(|v| v.parse::<usize>().ok())
+                .unwrap_or(default);
+            if got != want {
+                report.errors.push(format!(
+                    "node `{id}`: env {k}={got} does not match the checkpoint's {want}"
+                ));
+            }
+        };
+        match kind {
+            Some(Kind::Decode) => {
+                expect("NUM_IMAGES", cfg.num_images, 3, report);
+                expect("IMAGE_SIZE", cfg.image_size, 224, report);
+            }
+            Some(Kind::Postprocess) => expect("ACTION_DIM", cfg.action_dim, 32, report),
+            _ => {}
+        }
+    }
+    Ok(())
+}

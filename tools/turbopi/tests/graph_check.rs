@@ -1,0 +1,160 @@
+//! `turbopi graph check` on the shipped graphs and on bad fixtures: each bad graph fails with
+//! a message naming the node and the input (or env variable) at fault.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use operators::checkpoint::{tensor_specs, Checkpoint};
+use operators::Config;
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+fn check(file: &Path, env: &[(&str, &Path)]) -> (bool, String) {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_turbopi"));
+    cmd.args(["graph", "check"]).arg(file);
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let out = cmd.output().expect("turbopi runs");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!text.contains("panicked"), "{text}");
+    (out.status.success(), text)
+}
+
+fn fixture(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/graphs")
+        .join(name)
+}
+
+#[test]
+fn good_fixture_passes() {
+    let (ok, text) = check(&fixture("good.yml"), &[]);
+    assert!(ok, "{text}");
+    assert!(text.contains("ok (6 nodes, 5 edges)"), "{text}");
+}
+
+#[test]
+fn bad_fixtures_fail_naming_node_and_input() {
+    let cases: &[(&str, &[&str])] = &[
+        (
+            "unknown_source.yml",
+            &[
+                "node `vision` input `images`",
+                "unknown source node `decoder`",
+            ],
+        ),
+        (
+            "unknown_output.yml",
+            &[
+                "node `vision` input `images`",
+                "node `decode` has no output `imgs`",
+            ],
+        ),
+        (
+            "wrong_kind.yml",
+            &[
+                "node `denoise` input `kv_cache`",
+                "expects the prefix K/V cache",
+                "`decode/images` sends images",
+            ],
+        ),
+        (
+            "missing_input.yml",
+            &["node `vision`: missing input `images`"],
+        ),
+        ("cycle.yml", &["cycle between nodes `planner`, `replanner`"]),
+        (
+            "missing_checkpoint.yml",
+            &["node `vision`: env CHECKPOINT=", "no_such_model"],
+        ),
+        (
+            "bad_env.yml",
+            &[
+                "node `denoise`: env STEPS=\"0\" must be a positive integer",
+                "node `denoise`: env BACKEND=\"tpu\"",
+            ],
+        ),
+        (
+            "size_mismatch.yml",
+            &["node `decode`: env IMAGE_SIZE=224 does not match the checkpoint's 32"],
+        ),
+    ];
+    for (file, needles) in cases {
+        let (ok, text) = check(&fixture(file), &[]);
+        assert!(!ok, "{file} must fail:\n{text}");
+        for n in *needles {
+            assert!(text.contains(n), "{file}: `{n}` missing from:\n{text}");
+        }
+    }
+}
+
+/// A checkpoint directory whose `model.safetensors` has the full header of `cfg` and a sparse
+/// data section: enough for the graph check (which reads config and header), no 7 GB write.
+fn header_only_checkpoint(dir: &Path, cfg: &Config) {
+    std::fs::create_dir_all(dir).unwrap();
+    std::fs::write(dir.join("config.json"), cfg.to_json_pretty()).unwrap();
+    let mut header = BTreeMap::new();
+    let mut offset = 0usize;
+    for t in tensor_specs(cfg) {
+        let n = t.shape.iter().product::<usize>() * 2;
+        header.insert(t.key, serde_json::json!({"dtype": "BF16", "shape": t.shape, "data_offsets": [offset, offset + n]}));
+        offset += n;
+    }
+    let mut h = serde_json::to_vec(&header).unwrap();
+    while h.len() % 8 != 0 {
+        h.push(b' ');
+    }
+    let f = std::fs::File::create(dir.join("model.safetensors")).unwrap();
+    use std::io::Write;
+    let mut w = std::io::BufWriter::new(&f);
+    w.write_all(&(h.len() as u64).to_le_bytes()).unwrap();
+    w.write_all(&h).unwrap();
+    drop(w);
+    f.set_len((8 + h.len() + offset) as u64).unwrap();
+    Checkpoint::open(dir).unwrap();
+    operators::observation::write_sample(&dir.join("observation"), cfg, 0).unwrap();
+}
+
+#[test]
+fn shipped_graphs_pass() {
+    let tmp = tempfile::tempdir().unwrap();
+    let small = tmp.path().join("small");
+    let out = Command::new(env!("CARGO_BIN_EXE_turbopi"))
+        .args(["checkpoint", "random", "--preset", "pi05-small", "--out"])
+        .arg(&small)
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let prompt = small.join("observation");
+    for g in ["demo.yml", "fused.yml"] {
+        let (ok, text) = check(
+            &root().join("graphs").join(g),
+            &[("TURBOPI_CHECKPOINT", &small), ("TURBOPI_PROMPT", &prompt)],
+        );
+        assert!(ok, "{g}: {text}");
+    }
+    let full = tmp.path().join("pi05");
+    header_only_checkpoint(&full, &Config::pi05());
+    let prompt = full.join("observation");
+    let (ok, text) = check(
+        &root().join("graphs/thor_pipelined.yml"),
+        &[("TURBOPI_CHECKPOINT", &full), ("TURBOPI_PROMPT", &prompt)],
+    );
+    assert!(ok, "thor_pipelined.yml: {text}");
+    // Without a checkpoint the same graph names what is missing.
+    let missing = tmp.path().join("nothing-here");
+    let (ok, text) = check(
+        &root().join("graphs/thor_pipelined.yml"),
+        &[("TURBOPI_CHECKPOINT", &missing)],
+    );
+    assert!(!ok);
+    assert!(text.contains("node `vision`: env CHECKPOINT="), "{text}");
+}
