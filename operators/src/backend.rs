@@ -61,6 +61,13 @@ pub trait Runner: Send {
     ) -> Result<(Vec<f32>, StageTimes)>;
     /// A short description, e.g. "cpu f32" or "cuda bf16 on NVIDIA H100".
     fn describe(&self) -> String;
+    /// A table of the device time per kind of operation of one denoise step of `steps`,
+    /// where the backend can measure it (run after at least one frame, whose prefix the
+    /// denoiser reads); None otherwise.
+    fn profile_denoise(&mut self, steps: usize) -> Result<Option<String>> {
+        let _ = steps;
+        Ok(None)
+    }
 }
 
 impl Runner for Policy {

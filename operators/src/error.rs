@@ -44,6 +44,9 @@ pub enum Error {
     Observation(String),
     #[error("{0}")]
     Input(String),
+    /// A failure of the CUDA driver, NVRTC or cuBLASLt (only with feature `cuda`).
+    #[error("CUDA: {0}")]
+    Cuda(String),
 }
 
 pub type Result<T> = std::result::Result<T, Error>;

@@ -2,9 +2,12 @@
 //! backend and the stage operators (vision, prefix, denoise) of pi0 and pi0.5.
 
 pub mod backend;
+pub mod bench;
 pub mod checkpoint;
 pub mod config;
 pub mod cpu;
+#[cfg(feature = "cuda")]
+pub mod cuda;
 pub mod decode;
 pub mod error;
 pub mod gemma;

@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Instant;
 
+mod bench;
 mod graph;
 
 use anyhow::{bail, Context, Result};
@@ -58,6 +59,33 @@ enum Command {
     /// Make or inspect checkpoints.
     #[command(subcommand)]
     Checkpoint(CheckpointCommand),
+    /// Latency of the policy on a named workload (random weights unless --checkpoint).
+    Bench {
+        /// Load this checkpoint instead of random weights.
+        #[arg(long, conflicts_with = "preset")]
+        checkpoint: Option<PathBuf>,
+        /// Random weights of this preset (pi0, pi05, pi0-small, pi05-small); default: the
+        /// setting's full-size model.
+        #[arg(long)]
+        preset: Option<String>,
+        /// libero (pi0.5, 2 + 1 masked cameras, 20 of 200 tokens, horizon 10) or pi0 (3
+        /// cameras, 48 tokens, horizon 50).
+        #[arg(long, default_value = "libero")]
+        setting: String,
+        #[arg(long, default_value = "cuda")]
+        backend: String,
+        /// f32 or bf16 (default bf16 on cuda, f32 on cpu).
+        #[arg(long)]
+        dtype: Option<String>,
+        #[arg(long, default_value_t = 10)]
+        steps: usize,
+        #[arg(long, default_value_t = 100)]
+        iters: usize,
+        #[arg(long, default_value_t = 10)]
+        warmup: usize,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+    },
     /// Check dora dataflow graphs.
     #[command(subcommand)]
     Graph(GraphCommand),
@@ -127,6 +155,28 @@ fn main() -> ExitCode {
         }) => random(&preset, dtype, seed, &out),
         Command::Checkpoint(CheckpointCommand::Inspect { dir }) => inspect(&dir),
         Command::Graph(GraphCommand::Check { file }) => graph_check(&file),
+        Command::Bench {
+            checkpoint,
+            preset,
+            setting,
+            backend,
+            dtype,
+            steps,
+            iters,
+            warmup,
+            seed,
+        } => bench::run(&bench::BenchArgs {
+            setting,
+            backend,
+            dtype,
+            checkpoint,
+            preset,
+            steps,
+            iters,
+            warmup,
+            seed,
+        })
+        .map(|_| ()),
         Command::Checkpoint(CheckpointCommand::Config { preset }) => Config::preset(&preset)
             .map(|c| println!("{}", c.to_json_pretty()))
             .map_err(Into::into),

@@ -144,11 +144,13 @@ fn shipped_graphs_pass() {
     let full = tmp.path().join("pi05");
     header_only_checkpoint(&full, &Config::pi05());
     let prompt = full.join("observation");
-    let (ok, text) = check(
-        &root().join("graphs/thor_pipelined.yml"),
-        &[("TURBOPI_CHECKPOINT", &full), ("TURBOPI_PROMPT", &prompt)],
-    );
-    assert!(ok, "thor_pipelined.yml: {text}");
+    for g in ["thor_pipelined.yml", "fused_gpu.yml"] {
+        let (ok, text) = check(
+            &root().join("graphs").join(g),
+            &[("TURBOPI_CHECKPOINT", &full), ("TURBOPI_PROMPT", &prompt)],
+        );
+        assert!(ok, "{g}: {text}");
+    }
     // Without a checkpoint the same graph names what is missing.
     let missing = tmp.path().join("nothing-here");
     let (ok, text) = check(

@@ -1,0 +1,233 @@
+//! One benchmark harness for every backend and placement: a fixed workload (observation,
+//! noise, step count), warm-up frames, then timed frames. Reports end-to-end host latency
+//! percentiles and the mean time of each stage as the runner measures it (GPU time from CUDA
+//! events on the GPU backend), so numbers from different configurations compare.
+
+use std::str::FromStr;
+use std::time::Instant;
+
+use rand::{Rng, SeedableRng};
+
+use crate::backend::Runner;
+use crate::config::Config;
+use crate::observation::{noise_from_seed, Observation};
+use crate::{Error, Result};
+
+/// The named workloads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Setting {
+    /// pi0.5 as in LIBERO: 2 real cameras + 1 masked, 20 real of 200 prompt tokens, horizon 10.
+    Libero,
+    /// pi0: 3 real cameras, 48 prompt tokens, horizon 50.
+    Pi0,
+}
+
+/// Names of the settings, for help texts.
+pub const SETTINGS: &[&str] = &["libero", "pi0"];
+
+impl FromStr for Setting {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "libero" => Ok(Setting::Libero),
+            "pi0" => Ok(Setting::Pi0),
+            other => Err(Error::Input(format!(
+                "unknown bench setting `{other}`; expected one of: {}",
+                SETTINGS.join(", ")
+            ))),
+        }
+    }
+}
+
+impl Setting {
+    pub fn name(self) -> &'static str {
+        match self {
+            Setting::Libero => "libero",
+            Setting::Pi0 => "pi0",
+        }
+    }
+
+    /// The model of the setting (full size).
+    pub fn config(self) -> Config {
+        match self {
+            Setting::Libero => Config {
+                action_horizon: 10,
+                ..Config::pi05()
+            },
+            Setting::Pi0 => Config::pi0(),
+        }
+    }
+
+    /// (real cameras, real prompt tokens) of the setting for a model with `cfg`'s sizes.
+    fn shape(self, cfg: &Config) -> (usize, usize) {
+        match self {
+            Setting::Libero => (cfg.num_images.min(2), cfg.max_token_len.min(20)),
+            Setting::Pi0 => (cfg.num_images, cfg.max_token_len),
+        }
+    }
+
+    /// A synthetic observation of the setting for `cfg`: random pixels, the setting's camera
+    /// masks, a right-padded prompt of random ids, a random state.
+    pub fn observation(self, cfg: &Config, seed: u64) -> Observation {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+        let (real_images, real_tokens) = self.shape(cfg);
+        let n = cfg.num_images * cfg.image_size * cfg.image_size * 3;
+        let images = (0..n)
+            .map(|_| f32::from(rng.random::<u8>()) / 255.0 * 2.0 - 1.0)
+            .collect();
+        let image_masks = (0..cfg.num_images).map(|i| i < real_images).collect();
+        let l = cfg.max_token_len;
+        let vocab = cfg.vocab_size.min(i32::MAX as usize) as i32;
+        let tokens = (0..l)
+            .map(|i| {
+                if i < real_tokens {
+                    rng.random_range(0..vocab)
+                } else {
+                    0
+                }
+            })
+            .collect();
+        let token_mask = (0..l).map(|i| i < real_tokens).collect();
+        let state = Some(
+            (0..cfg.action_dim)
+                .map(|_| rng.random_range(-1.0..1.0))
+                .collect(),
+        );
+        Observation {
+            images,
+            image_masks,
+            tokens,
+            token_mask,
+            state,
+            noise: Some(noise_from_seed(cfg, seed)),
+        }
+    }
+}
+
+/// Latency of `iters` timed frames (after `warmup` untimed ones), in milliseconds.
+#[derive(Debug, Clone, Default)]
+pub struct BenchReport {
+    pub iters: usize,
+    pub p50_ms: f64,
+    pub p90_ms: f64,
+    pub p99_ms: f64,
+    pub mean_ms: f64,
+    pub min_ms: f64,
+    pub max_ms: f64,
+    /// Mean stage times as the runner reports them (GPU time on GPU backends).
+    pub vision_ms: f64,
+    pub prefix_ms: f64,
+    pub denoise_ms: f64,
+}
+
+/// The value at quantile `q` of sorted `v` (nearest rank).
+pub fn percentile(sorted: &[f64], q: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let rank = (q * sorted.len() as f64).ceil() as usize;
+    sorted[rank.clamp(1, sorted.len()) - 1]
+}
+
+/// Runs `warmup` untimed and `iters` timed frames of `runner` on `obs` and `noise`.
+pub fn bench_runner(
+    runner: &mut dyn Runner,
+    obs: &Observation,
+    noise: &[f32],
+    steps: usize,
+    iters: usize,
+    warmup: usize,
+) -> Result<BenchReport> {
+    if iters == 0 {
+        return Err(Error::Input("bench: iters must be at least 1".into()));
+    }
+    for _ in 0..warmup {
+        runner.infer(obs, noise, steps)?;
+    }
+    let mut total = Vec::with_capacity(iters);
+    let (mut vision, mut prefix, mut denoise) = (0.0, 0.0, 0.0);
+    for _ in 0..iters {
+        let t0 = Instant::now();
+        let (_, times) = runner.infer(obs, noise, steps)?;
+        total.push(t0.elapsed().as_secs_f64() * 1e3);
+        vision += times.vision.as_secs_f64() * 1e3;
+        prefix += times.prefix.as_secs_f64() * 1e3;
+        denoise += times.denoise.as_secs_f64() * 1e3;
+    }
+    let n = iters as f64;
+    let mean = total.iter().sum::<f64>() / n;
+    total.sort_by(f64::total_cmp);
+    Ok(BenchReport {
+        iters,
+        p50_ms: percentile(&total, 0.50),
+        p90_ms: percentile(&total, 0.90),
+        p99_ms: percentile(&total, 0.99),
+        mean_ms: mean,
+        min_ms: total[0],
+        max_ms: total[total.len() - 1],
+        vision_ms: vision / n,
+        prefix_ms: prefix / n,
+        denoise_ms: denoise / n,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::policy::StageTimes;
+    use std::time::Duration;
+
+    struct Fake(u64);
+    impl Runner for Fake {
+        fn infer(
+            &mut self,
+            _: &Observation,
+            noise: &[f32],
+            _: usize,
+        ) -> Result<(Vec<f32>, StageTimes)> {
+            self.0 += 1;
+            let t = StageTimes {
+                vision: Duration::from_millis(1),
+                prefix: Duration::from_millis(2),
+                denoise: Duration::from_millis(3),
+            };
+            Ok((noise.to_vec(), t))
+        }
+        fn describe(&self) -> String {
+            "fake".into()
+        }
+    }
+
+    #[test]
+    fn settings_build_the_documented_workloads() {
+        let cfg = Setting::Libero.config();
+        assert!(cfg.pi05);
+        assert_eq!(cfg.action_horizon, 10);
+        let obs = Setting::Libero.observation(&cfg, 1);
+        assert_eq!(obs.image_masks, vec![true, true, false]);
+        assert_eq!(obs.tokens.len(), 200);
+        assert_eq!(obs.token_mask.iter().filter(|&&m| m).count(), 20);
+        assert!(obs.images.iter().all(|v| (-1.0..=1.0).contains(v)));
+        let cfg = Setting::Pi0.config();
+        let obs = Setting::Pi0.observation(&cfg, 1);
+        assert_eq!(obs.image_masks, vec![true; 3]);
+        assert_eq!(obs.token_mask.iter().filter(|&&m| m).count(), 48);
+        assert_eq!(obs.noise.as_ref().map(Vec::len), Some(50 * 32));
+        assert!("nope".parse::<Setting>().is_err());
+    }
+
+    #[test]
+    fn bench_counts_frames_and_averages_stages() {
+        let cfg = Config::pi0_small();
+        let obs = Setting::Pi0.observation(&cfg, 2);
+        let noise = obs.noise.clone().unwrap();
+        let mut r = Fake(0);
+        let rep = bench_runner(&mut r, &obs, &noise, 3, 5, 2).unwrap();
+        assert_eq!(r.0, 7);
+        assert_eq!(rep.iters, 5);
+        assert!((rep.denoise_ms - 3.0).abs() < 1e-9);
+        assert!(rep.p50_ms <= rep.p99_ms && rep.min_ms <= rep.p50_ms);
+        assert_eq!(percentile(&[1.0, 2.0, 3.0, 4.0], 0.5), 2.0);
+        assert_eq!(percentile(&[1.0, 2.0, 3.0, 4.0], 0.99), 4.0);
+    }
+}

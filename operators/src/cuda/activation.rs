@@ -1,0 +1,140 @@
+//! Bias add fused with an optional activation (silu or tanh-GELU) and the cast to the
+//! activation type: the epilogue of every Linear with a bias, and the f32 -> act cast.
+//! CPU twins: the bias add of [`crate::cpu::Linear::forward`], [`crate::cpu::silu`],
+//! [`crate::cpu::gelu_tanh`].
+
+use super::compile::Kernels;
+use super::device::{blocks_for, int, launch, Args, DType, Lane, View};
+use crate::{Error, Result};
+
+pub(crate) const SOURCE: &str = r#"
+// out[r, c] = act(x[r * ldx + c] + bias[c]) for r < rows, c < width; act 0: identity,
+// 1: silu, 2: gelu_tanh. bias, out_f32 and out_act may each be null; in place is allowed.
+extern "C" __global__ void bias_act(const float* x, int ldx, const float* bias, int act,
+                                    float* out_f32, act_t* out_act, int ldo, int rows, int width) {
+  long long n = (long long)rows * width;
+  for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n;
+       i += (long long)gridDim.x * blockDim.x) {
+    long long r = i / width;
+    long long c = i - r * width;
+    float v = x[r * ldx + c];
+    if (bias != 0) v = v + bias[c];
+    if (act == 1) v = tp_silu(v);
+    else if (act == 2) v = tp_gelu_tanh(v);
+    if (out_f32 != 0) out_f32[r * ldo + c] = v;
+    if (out_act != 0) tp_store(out_act, r * ldo + c, v);
+  }
+}
+"#;
+
+/// The activation applied after the bias.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Act {
+    None = 0,
+    Silu = 1,
+    GeluTanh = 2,
+}
+
+/// Where [`bias_act`] writes: an f32 and/or an act-typed matrix, both with row stride `ld`.
+#[derive(Debug, Clone, Copy)]
+pub struct Out {
+    pub f32: Option<View>,
+    pub act: Option<View>,
+    pub ld: usize,
+}
+
+/// out = act(x + bias) over [rows, width]; x has row stride `ldx`.
+#[allow(clippy::too_many_arguments)]
+pub fn bias_act(
+    k: &Kernels,
+    lane: &Lane,
+    x: View,
+    ldx: usize,
+    bias: Option<View>,
+    act: Act,
+    out: Out,
+    rows: usize,
+    width: usize,
+) -> Result<()> {
+    if rows == 0 || width == 0 {
+        return Ok(());
+    }
+    if ldx < width || out.ld < width || (out.f32.is_none() && out.act.is_none()) {
+        return Err(Error::Cuda("internal: bias_act strides or outputs".into()));
+    }
+    x.need(DType::F32, (rows - 1) * ldx + width, "bias_act input")?;
+    if let Some(b) = bias {
+        b.need(DType::F32, width, "bias_act bias")?;
+    }
+    let span = (rows - 1) * out.ld + width;
+    if let Some(o) = out.f32 {
+        o.need(DType::F32, span, "bias_act f32 output")?;
+    }
+    if let Some(o) = out.act {
+        o.need(k.act, span, "bias_act output")?;
+    }
+    let args = Args::new()
+        .ptr(x)
+        .i32(int(ldx, "ldx")?)
+        .opt(bias)
+        .i32(act as i32)
+        .opt(out.f32)
+        .opt(out.act)
+        .i32(int(out.ld, "ldo")?)
+        .i32(int(rows, "rows")?)
+        .i32(int(width, "width")?);
+    launch(
+        &k.bias_act,
+        lane,
+        "bias_act",
+        blocks_for(rows * width, 256),
+        256,
+        args,
+    )
+}
+
+/// Casts f32 `x` [n] to the activation type.
+pub fn cast(k: &Kernels, lane: &Lane, x: View, out: View, n: usize) -> Result<()> {
+    bias_act(
+        k,
+        lane,
+        x,
+        n,
+        None,
+        Act::None,
+        Out {
+            f32: None,
+            act: Some(out),
+            ld: n,
+        },
+        1,
+        n,
+    )
+}
+
+/// x[rows, width] (f32, row stride ld) += bias, in place.
+pub fn add_bias(
+    k: &Kernels,
+    lane: &Lane,
+    x: View,
+    ld: usize,
+    bias: View,
+    rows: usize,
+    width: usize,
+) -> Result<()> {
+    bias_act(
+        k,
+        lane,
+        x,
+        ld,
+        Some(bias),
+        Act::None,
+        Out {
+            f32: Some(x),
+            act: None,
+            ld,
+        },
+        rows,
+        width,
+    )
+}

@@ -1,0 +1,1423 @@
+//! The pi0 / pi0.5 policy on the GPU: the CPU's three stages (vision, prefix K/V, denoise),
+//! each on its own stream, ordered by events whose timestamps are the stage times.
+//!
+//! Memory is laid out once from the config: the weights in one allocation, every activation
+//! (sized for the longest prefix) and the K/V cache in another. A frame allocates nothing and
+//! synchronises once: the observation is uploaded from pinned buffers, the kernels run, the
+//! actions come back. The denoise loop (all steps) is a CUDA graph, captured the first time a
+//! step count is used and replayed after; it does not depend on the prefix length, which it
+//! reads from device memory (attention runs over the padded cache and masks the unused rows).
+
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::fmt::Write as _;
+use std::time::Duration;
+
+use cudarc::driver::{sys, CudaEvent, CudaGraph};
+
+use super::activation::{add_bias, bias_act, cast, Act, Out};
+use super::attention::{self, attention, score_stride, unpermute_heads, Mask, Scratch};
+use super::compile::Kernels;
+use super::device::{
+    guard, timing_event, CudaResult, DType, Device, DeviceBuffer, Lane, PinnedBuffer, View,
+};
+use super::embed::embed_tokens;
+use super::euler::euler_step;
+use super::gemm::{Gemm, Mat, Op};
+use super::layer_norm::layer_norm;
+use super::mlp::gelu_gate;
+use super::patch::{im2col, patch_embed_finish};
+use super::residual::add_residual;
+use super::rms_norm::{rms_norm, NormParam};
+use super::rope::{rope_qkv, Heads};
+use super::weights::{Arena, DeviceWeights, GemmaW, HeadsW, Lin, NormW};
+use crate::backend::{Precision, Runner};
+use crate::checkpoint::Checkpoint;
+use crate::config::Config;
+use crate::observation::Observation;
+use crate::policy::{time_embedding, StageTimes};
+use crate::{cpu, Error, Result};
+
+/// The dimensions the buffers and launches are sized from.
+#[derive(Debug, Clone)]
+struct Dims {
+    n_img: usize,
+    size: usize,
+    patch: usize,
+    /// Tokens per image.
+    t: usize,
+    vw: usize,
+    vnh: usize,
+    vhd: usize,
+    vmlp: usize,
+    /// Columns of an im2col row (3 p p).
+    pk: usize,
+    vdepth: usize,
+    w: usize,
+    heads: Heads,
+    mlp: usize,
+    ew: usize,
+    emlp: usize,
+    ad: usize,
+    /// Action horizon.
+    h: usize,
+    /// Suffix tokens (state + actions for pi0).
+    s: usize,
+    first_action: usize,
+    max_tok: usize,
+    /// Longest prefix.
+    pmax: usize,
+    /// Rows of each layer's K/V cache: the longest prefix, then the suffix.
+    cap: usize,
+    depth: usize,
+    vocab: usize,
+    /// Adaptive norms of the expert (pi0.5): two per layer and the final one.
+    n_norms: usize,
+}
+
+impl Dims {
+    fn new(c: &Config) -> Dims {
+        let heads = Heads {
+            nh: c.num_heads,
+            kv: c.num_kv_heads,
+            hd: c.head_dim,
+        };
+        let s = c.suffix_len();
+        let pmax = c.max_prefix_len();
+        Dims {
+            n_img: c.num_images,
+            size: c.image_size,
+            patch: c.patch_size,
+            t: c.tokens_per_image(),
+            vw: c.vision_width,
+            vnh: c.vision_heads,
+            vhd: c.vision_head_dim(),
+            vmlp: c.vision_mlp_dim,
+            pk: 3 * c.patch_size * c.patch_size,
+            vdepth: c.vision_depth,
+            w: c.vlm_width,
+            heads,
+            mlp: c.vlm_mlp_dim,
+            ew: c.expert_width,
+            emlp: c.expert_mlp_dim,
+            ad: c.action_dim,
+            h: c.action_horizon,
+            s,
+            first_action: s - c.action_horizon,
+            max_tok: c.max_token_len,
+            pmax,
+            cap: pmax + s,
+            depth: c.vlm_depth,
+            vocab: c.vocab_size,
+            n_norms: if c.pi05 { 2 * c.vlm_depth + 1 } else { 0 },
+        }
+    }
+}
+
+struct VisionBuf {
+    pixels: View,
+    patches: View,
+    x: View,
+    h: View,
+    /// f32 GEMM outputs awaiting their bias (q|k|v and fc1).
+    pre: View,
+    qkv: View,
+    scores: View,
+    probs: View,
+    att: View,
+    m: View,
+}
+
+struct PrefixBuf {
+    ids: View,
+    /// i32 [P, 0]: the real prefix length and a zero (the prefix's first position).
+    info: View,
+    x: View,
+    h: View,
+    qkv: View,
+    q: View,
+    scores: View,
+    probs: View,
+    att_g: View,
+    att: View,
+    gu: View,
+    m: View,
+    /// [depth][K, V][cap][kv * hd], shared with the denoiser.
+    kv: View,
+    inv_freq: View,
+}
+
+struct DenoiseBuf {
+    noise: View,
+    state: View,
+    xt: View,
+    xt_act: View,
+    state_act: View,
+    state_tok: View,
+    a: View,
+    a_act: View,
+    xe: View,
+    he: View,
+    qkv: View,
+    q: View,
+    scores: View,
+    probs: View,
+    att_g: View,
+    att: View,
+    tmp: View,
+    gu: View,
+    m: View,
+    vraw: View,
+}
+
+struct Buffers {
+    vision: VisionBuf,
+    prefix: PrefixBuf,
+    denoise: DenoiseBuf,
+}
+
+fn layout(d: &Dims, act: DType, ar: &mut Arena) -> Buffers {
+    let f = DType::F32;
+    let vr = d.n_img * d.t;
+    let hs = d.heads;
+    let qw = hs.nh * hs.hd;
+    let vision = VisionBuf {
+        pixels: ar.take(f, d.n_img * d.size * d.size * 3),
+        patches: ar.take(act, vr * d.pk),
+        x: ar.take(f, vr * d.vw),
+        h: ar.take(act, vr * d.vw),
+        pre: ar.take(f, vr * (3 * d.vw).max(d.vmlp)),
+        qkv: ar.take(act, vr * 3 * d.vw),
+        scores: ar.take(f, d.vnh * d.t * score_stride(d.t)),
+        probs: ar.take(act, d.vnh * d.t * score_stride(d.t)),
+        att: ar.take(act, vr * d.vw),
+        m: ar.take(act, vr * d.vmlp),
+    };
+    let prefix = PrefixBuf {
+        ids: ar.take(DType::I32, d.max_tok.max(1)),
+        info: ar.take(DType::I32, 4),
+        x: ar.take(f, d.pmax * d.w),
+        h: ar.take(act, d.pmax * d.w),
+        qkv: ar.take(act, d.pmax * hs.qkv_width()),
+        q: ar.take(act, d.pmax * qw),
+        scores: ar.take(f, hs.nh * d.pmax * score_stride(d.pmax)),
+        probs: ar.take(act, hs.nh * d.pmax * score_stride(d.pmax)),
+        att_g: ar.take(act, d.pmax * qw),
+        att: ar.take(act, d.pmax * qw),
+        gu: ar.take(act, d.pmax * 2 * d.mlp),
+        m: ar.take(act, d.pmax * d.mlp),
+        kv: ar.take(act, d.depth * 2 * d.cap * hs.kv_width()),
+        inv_freq: ar.take(f, hs.hd / 2),
+    };
+    let denoise = DenoiseBuf {
+        noise: ar.take(f, d.h * d.ad),
+        state: ar.take(f, d.ad),
+        xt: ar.take(f, d.h * d.ad),
+        xt_act: ar.take(act, d.h * d.ad),
+        state_act: ar.take(act, d.ad),
+        state_tok: ar.take(f, d.ew),
+        a: ar.take(f, d.h * d.ew),
+        a_act: ar.take(act, d.h * d.ew),
+        xe: ar.take(f, d.s * d.ew),
+        he: ar.take(act, d.s * d.ew),
+        qkv: ar.take(act, d.s * hs.qkv_width()),
+        q: ar.take(act, d.s * qw),
+        scores: ar.take(f, hs.nh * d.s * score_stride(d.cap)),
+        probs: ar.take(act, hs.nh * d.s * score_stride(d.cap)),
+        att_g: ar.take(act, d.s * qw),
+        att: ar.take(act, d.s * qw),
+        tmp: ar.take(f, d.s * d.ew),
+        gu: ar.take(act, d.s * 2 * d.emlp),
+        m: ar.take(act, d.s * d.emlp),
+        vraw: ar.take(f, d.h * d.ad),
+    };
+    Buffers {
+        vision,
+        prefix,
+        denoise,
+    }
+}
+
+/// Per step count: what depends only on the time (pi0: W_t · temb + b of the action-time
+/// MLP; pi0.5: the (scale, shift, gate) of every adaptive norm), precomputed once with the
+/// same kernels the loop would use.
+struct TimeTable {
+    steps: usize,
+    /// pi0: f32 [steps, ew].
+    tb: Option<View>,
+    /// pi0.5: f32 [n_norms][steps][3 ew].
+    mods: Option<View>,
+    _bufs: Vec<DeviceBuffer>,
+}
+
+impl TimeTable {
+    fn modulation(&self, norm: usize, step: usize, ew: usize) -> Result<View> {
+        self.mods
+            .ok_or_else(|| Error::Cuda("internal: adaptive norm without modulations".into()))?
+            .at((norm * self.steps + step) * 3 * ew, 3 * ew)
+    }
+}
+
+/// CUDA graphs hold raw driver handles, so they are not `Send` by themselves.
+struct SendGraph(CudaGraph);
+
+// SAFETY: a graph is only launched by the thread that currently owns the policy (`infer`
+// takes &mut self); the driver allows graph execs to be launched from any thread.
+unsafe impl Send for SendGraph {}
+
+struct StepGraph {
+    graph: SendGraph,
+    _table: TimeTable,
+}
+
+struct Lanes {
+    vision: Lane,
+    prefix: Lane,
+    denoise: Lane,
+}
+
+struct Pinned {
+    pixels: PinnedBuffer,
+    ids: PinnedBuffer,
+    info: PinnedBuffer,
+    noise: PinnedBuffer,
+    state: PinnedBuffer,
+    actions: PinnedBuffer,
+}
+
+/// The policy on one GPU. Fields drop in order: graphs before the buffers they use, buffers
+/// before the library handles, everything before the context.
+pub struct CudaPolicy {
+    graphs: HashMap<usize, StepGraph>,
+    buf: Buffers,
+    _act_buf: DeviceBuffer,
+    weights: DeviceWeights,
+    pinned: Pinned,
+    gemm: Gemm,
+    kernels: Kernels,
+    events: [CudaEvent; 6],
+    lanes: Lanes,
+    cfg: Config,
+    dims: Dims,
+    precision: Precision,
+    /// While profiling: an event recorded on the denoise stream after each operation of an
+    /// eager denoise run, named by the operation's kind.
+    prof: RefCell<Option<Vec<(&'static str, CudaEvent)>>>,
+    dev: Device,
+}
+
+/// Whether gated residuals use the fused GEMM (`TURBOPI_FUSED_GATE=0` forces the two-launch
+/// path, for comparison).
+fn fused_gate_enabled() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| std::env::var("TURBOPI_FUSED_GATE").map_or(true, |v| v.trim() != "0"))
+}
+
+fn lin(l: &Lin) -> Mat {
+    Mat::new(l.w, l.n_out, l.n_in)
+}
+
+fn device_ordinal() -> Result<usize> {
+    match std::env::var("TURBOPI_CUDA_DEVICE") {
+        Ok(v) => v.trim().parse().map_err(|_| {
+            Error::Input(format!(
+                "TURBOPI_CUDA_DEVICE must be a device index (0, 1, ...), found `{v}`"
+            ))
+        }),
+        Err(_) => Ok(0),
+    }
+}
+
+impl CudaPolicy {
+    /// Loads `ckpt` onto the GPU (device `TURBOPI_CUDA_DEVICE`, default 0): compiles the
+    /// kernels, lays out and uploads the weights, allocates every buffer a frame needs.
+    /// `progress(bytes_read, bytes_total)` is called as tensors are read.
+    pub fn load(
+        ckpt: &Checkpoint,
+        precision: Precision,
+        progress: impl FnMut(u64, u64),
+    ) -> Result<CudaPolicy> {
+        guard("loading the policy on the GPU", move || {
+            let p = Self::build(&ckpt.config, precision)?;
+            p.weights.fill_from(ckpt, &p.lanes.prefix, progress)?;
+            Ok(p)
+        })
+    }
+
+    /// A policy of `cfg` with random weights generated on the device (for benchmarks: no
+    /// checkpoint to write or read). The values differ from `random::write_random_checkpoint`'s
+    /// (another generator) but have the same scales.
+    pub fn random(cfg: &Config, precision: Precision, seed: u64) -> Result<CudaPolicy> {
+        guard("building a random-weight policy on the GPU", || {
+            cfg.validate()?;
+            let p = Self::build(cfg, precision)?;
+            p.weights.fill_random(&p.kernels, &p.lanes.prefix, seed)?;
+            Ok(p)
+        })
+    }
+
+    fn build(cfg: &Config, precision: Precision) -> Result<CudaPolicy> {
+        let act = match precision {
+            Precision::F32 => DType::F32,
+            Precision::Bf16 => DType::Bf16,
+        };
+        let dev = Device::open(device_ordinal()?)?;
+        let kernels = Kernels::load(&dev, act)?;
+        let gemm = Gemm::new(&dev)?;
+        let lanes = Lanes {
+            vision: Lane::new(&dev)?,
+            prefix: Lane::new(&dev)?,
+            denoise: Lane::new(&dev)?,
+        };
+        let dims = Dims::new(cfg);
+        let weights = DeviceWeights::allocate(&dev, cfg, act)?;
+        let mut sizing = Arena::sizing();
+        layout(&dims, act, &mut sizing);
+        let act_buf = DeviceBuffer::alloc(&dev, DType::U8, sizing.used())?;
+        let buf = layout(&dims, act, &mut Arena::at(act_buf.view().ptr));
+        // Cache rows past the prefix are read (with probability 0) by the padded attention:
+        // they must hold finite values, so everything starts at zero.
+        lanes.prefix.zero(act_buf.view())?;
+        let inv_freq = cpu::rope_inv_freq(dims.heads.hd, cfg.rope_theta);
+        lanes.prefix.upload(&inv_freq, buf.prefix.inv_freq)?;
+        lanes.prefix.synchronize()?;
+        let f = std::mem::size_of::<f32>();
+        let pinned = Pinned {
+            pixels: PinnedBuffer::alloc(&dev, dims.n_img * dims.size * dims.size * 3 * f)?,
+            ids: PinnedBuffer::alloc(&dev, dims.max_tok.max(1) * f)?,
+            info: PinnedBuffer::alloc(&dev, 4 * f)?,
+            noise: PinnedBuffer::alloc(&dev, dims.h * dims.ad * f)?,
+            state: PinnedBuffer::alloc(&dev, dims.ad * f)?,
+            actions: PinnedBuffer::alloc(&dev, dims.h * dims.ad * f)?,
+        };
+        let events = [
+            timing_event(&dev)?,
+            timing_event(&dev)?,
+            timing_event(&dev)?,
+            timing_event(&dev)?,
+            timing_event(&dev)?,
+            timing_event(&dev)?,
+        ];
+        Ok(CudaPolicy {
+            graphs: HashMap::new(),
+            buf,
+            _act_buf: act_buf,
+            weights,
+            pinned,
+            gemm,
+            kernels,
+            events,
+            lanes,
+            cfg: cfg.clone(),
+            dims,
+            precision,
+            prof: RefCell::new(None),
+            dev,
+        })
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.cfg
+    }
+
+    /// Device memory held by the weights, in bytes.
+    pub fn weight_bytes(&self) -> usize {
+        self.weights.bytes()
+    }
+
+    /// Builds (once per step count) the denoise graph, so that the first timed frame does not
+    /// pay for the capture.
+    pub fn warm_up(&mut self, steps: usize) -> Result<()> {
+        if steps == 0 {
+            return Err(Error::Input("denoise: steps must be at least 1".into()));
+        }
+        guard("warming up the denoise graph", || {
+            self.dev.bind()?;
+            self.ensure_graph(steps)?;
+            self.lanes.denoise.synchronize()
+        })
+    }
+
+    /// The real cameras and the real prompt token ids of `obs`, checked as the CPU checks them.
+    fn check_inputs(
+        &self,
+        obs: &Observation,
+        noise: &[f32],
+        steps: usize,
+    ) -> Result<(Vec<usize>, Vec<i32>)> {
+        let c = &self.cfg;
+        let per_image = c.image_size * c.image_size * 3;
+        if obs.image_masks.len() != c.num_images || obs.images.len() != c.num_images * per_image {
+            return Err(Error::Input(format!(
+                "vision: expected {} images of {}x{}x3 and {} masks, got {} values and {} masks",
+                c.num_images,
+                c.image_size,
+                c.image_size,
+                c.num_images,
+                obs.images.len(),
+                obs.image_masks.len()
+            )));
+        }
+        if obs.tokens.len() != obs.token_mask.len() || obs.tokens.len() > c.max_token_len {
+            return Err(Error::Input(format!(
+                "prefix: {} tokens with {} mask entries; expected equal lengths of at most max_token_len {}",
+                obs.tokens.len(),
+                obs.token_mask.len(),
+                c.max_token_len
+            )));
+        }
+        let mut ids = Vec::with_capacity(obs.tokens.len());
+        for (&t, _) in obs.tokens.iter().zip(&obs.token_mask).filter(|(_, &m)| m) {
+            if usize::try_from(t)
+                .ok()
+                .filter(|&id| id < c.vocab_size)
+                .is_none()
+            {
+                return Err(Error::Input(format!(
+                    "token id {t} is outside the vocabulary [0, {})",
+                    c.vocab_size
+                )));
+            }
+            ids.push(t);
+        }
+        let (h, ad) = (c.action_horizon, c.action_dim);
+        if noise.len() != h * ad {
+            return Err(Error::Input(format!(
+                "denoise: noise has {} values, expected [{h}, {ad}]",
+                noise.len()
+            )));
+        }
+        if steps == 0 {
+            return Err(Error::Input("denoise: steps must be at least 1".into()));
+        }
+        if !c.pi05 {
+            let s = obs
+                .state
+                .as_deref()
+                .ok_or_else(|| Error::Input("pi0 needs a state (state.npy)".into()))?;
+            if s.len() != ad {
+                return Err(Error::Input(format!(
+                    "state has {} values, expected {ad}",
+                    s.len()
+                )));
+            }
+        }
+        let real = (0..c.num_images).filter(|&i| obs.image_masks[i]).collect();
+        Ok((real, ids))
+    }
+
+    fn frame(
+        &mut self,
+        obs: &Observation,
+        noise: &[f32],
+        steps: usize,
+    ) -> Result<(Vec<f32>, StageTimes)> {
+        let (real, ids) = self.check_inputs(obs, noise, steps)?;
+        self.dev.bind()?;
+        let d = self.dims.clone();
+        let per_image = d.size * d.size * 3;
+        let img_rows = real.len() * d.t;
+        let p = img_rows + ids.len();
+        // Stage the inputs in pinned memory.
+        {
+            let px = self
+                .pinned
+                .pixels
+                .slice_mut::<f32>(real.len() * per_image)?;
+            for (dst, &i) in px.chunks_exact_mut(per_image).zip(&real) {
+                dst.copy_from_slice(&obs.images[i * per_image..(i + 1) * per_image]);
+            }
+        }
+        self.pinned
+            .ids
+            .slice_mut::<i32>(ids.len())?
+            .copy_from_slice(&ids);
+        let info = [
+            i32::try_from(p).map_err(|_| Error::Input("prefix too long".into()))?,
+            0,
+            0,
+            0,
+        ];
+        self.pinned.info.slice_mut::<i32>(4)?.copy_from_slice(&info);
+        self.pinned
+            .noise
+            .slice_mut::<f32>(noise.len())?
+            .copy_from_slice(noise);
+        if let Some(s) = obs.state.as_deref().filter(|_| !self.cfg.pi05) {
+            self.pinned.state.slice_mut::<f32>(d.ad)?.copy_from_slice(s);
+        }
+
+        let ev = &self.events;
+        let (lv, lp, ld) = (&self.lanes.vision, &self.lanes.prefix, &self.lanes.denoise);
+        ev[0].record(&lv.stream).cuda("recording an event")?;
+        if !real.is_empty() {
+            lv.upload(
+                self.pinned.pixels.slice::<f32>(real.len() * per_image)?,
+                self.buf.vision.pixels,
+            )?;
+            self.vision(real.len())?;
+        }
+        ev[1].record(&lv.stream).cuda("recording an event")?;
+
+        lp.stream
+            .wait(&ev[1])
+            .cuda("ordering prefix after vision")?;
+        ev[2].record(&lp.stream).cuda("recording an event")?;
+        lp.upload(
+            self.pinned.ids.slice::<i32>(ids.len())?,
+            self.buf.prefix.ids,
+        )?;
+        lp.upload(self.pinned.info.slice::<i32>(4)?, self.buf.prefix.info)?;
+        self.prefix(img_rows, ids.len())?;
+        ev[3].record(&lp.stream).cuda("recording an event")?;
+
+        ld.stream
+            .wait(&ev[3])
+            .cuda("ordering denoise after prefix")?;
+        ev[4].record(&ld.stream).cuda("recording an event")?;
+        ld.upload(
+            self.pinned.noise.slice::<f32>(noise.len())?,
+            self.buf.denoise.noise,
+        )?;
+        if !self.cfg.pi05 {
+            ld.upload(
+                self.pinned.state.slice::<f32>(d.ad)?,
+                self.buf.denoise.state,
+            )?;
+        }
+        self.ensure_graph(steps)?;
+        let graph = self
+            .graphs
+            .get(&steps)
+            .ok_or_else(|| Error::Cuda("internal: denoise graph missing".into()))?;
+        graph.graph.0.launch().cuda("launching the denoise graph")?;
+        let ld = &self.lanes.denoise;
+        let n = d.h * d.ad;
+        ld.download(
+            self.buf.denoise.xt.at(0, n)?,
+            self.pinned.actions.slice_mut::<f32>(n)?,
+        )?;
+        let ev = &self.events;
+        ev[5].record(&ld.stream).cuda("recording an event")?;
+        ev[5].synchronize().cuda("running the frame")?;
+        let ms = |a: &CudaEvent, b: &CudaEvent| -> Result<Duration> {
+            let t = a.elapsed_ms(b).cuda("reading stage times")?;
+            Ok(Duration::from_secs_f64(f64::from(t.max(0.0)) / 1e3))
+        };
+        let times = StageTimes {
+            vision: ms(&ev[0], &ev[1])?,
+            prefix: ms(&ev[2], &ev[3])?,
+            denoise: ms(&ev[4], &ev[5])?,
+        };
+        let actions = self.pinned.actions.slice::<f32>(n)?.to_vec();
+        Ok((actions, times))
+    }
+
+    /// SigLIP and the projector for `n` real images; writes prefix rows 0..n*t.
+    fn vision(&self, n: usize) -> Result<()> {
+        let (d, k, g, l) = (&self.dims, &self.kernels, &self.gemm, &self.lanes.vision);
+        let (w, b) = (&self.weights.w.vision, &self.buf.vision);
+        let eps = self.cfg.layer_norm_eps;
+        let rows = n * d.t;
+        let qkvw = 3 * d.vw;
+        im2col(k, l, b.pixels, b.patches, n, d.size, d.patch)?;
+        g.linear(
+            l,
+            Mat::new(b.patches, rows, d.pk),
+            lin(&w.patch),
+            Mat::new(b.x, rows, d.vw),
+            0.0,
+        )?;
+        patch_embed_finish(k, l, b.x, w.patch.bias()?, w.pos, rows, d.t, d.vw)?;
+        let scale = attention::scale(d.vhd);
+        let scratch = Scratch {
+            scores: b.scores,
+            probs: b.probs,
+        };
+        let mut pending = None;
+        for lw in &w.layers {
+            layer_norm(k, l, b.x, pending, lw.ln1_w, lw.ln1_b, b.h, rows, d.vw, eps)?;
+            g.linear(
+                l,
+                Mat::new(b.h, rows, d.vw),
+                lin(&lw.qkv),
+                Mat::new(b.pre, rows, qkvw),
+                0.0,
+            )?;
+            let out = Out {
+                f32: None,
+                act: Some(b.qkv),
+                ld: qkvw,
+            };
+            bias_act(k, l, b.pre, qkvw, lw.qkv.b, Act::None, out, rows, qkvw)?;
+            for i in 0..n {
+                let base = b.qkv.tail(i * d.t * qkvw)?;
+                let q = Mat {
+                    view: base,
+                    rows: d.t,
+                    cols: d.vhd,
+                    ld: qkvw,
+                    stride: d.vhd,
+                };
+                let kk = Mat {
+                    view: base.tail(d.vw)?,
+                    ..q
+                };
+                let v = Mat {
+                    view: base.tail(2 * d.vw)?,
+                    ..q
+                };
+                let o = Mat {
+                    view: b.att.tail(i * d.t * d.vw)?,
+                    rows: d.t,
+                    cols: d.vhd,
+                    ld: d.vw,
+                    stride: d.vhd,
+                };
+                attention(
+                    k,
+                    g,
+                    l,
+                    q,
+                    kk,
+                    v,
+                    o,
+                    d.vnh,
+                    scale,
+                    &Mask::full(d.t),
+                    scratch,
+                )?;
+            }
+            g.linear(
+                l,
+                Mat::new(b.att, rows, d.vw),
+                lin(&lw.out),
+                Mat::new(b.x, rows, d.vw),
+                1.0,
+            )?;
+            layer_norm(
+                k, l, b.x, lw.out.b, lw.ln2_w, lw.ln2_b, b.h, rows, d.vw, eps,
+            )?;
+            g.linear(
+                l,
+                Mat::new(b.h, rows, d.vw),
+                lin(&lw.fc1),
+                Mat::new(b.pre, rows, d.vmlp),
+                0.0,
+            )?;
+            let out = Out {
+                f32: None,
+                act: Some(b.m),
+                ld: d.vmlp,
+            };
+            bias_act(
+                k,
+                l,
+                b.pre,
+                d.vmlp,
+                lw.fc1.b,
+                Act::GeluTanh,
+                out,
+                rows,
+                d.vmlp,
+            )?;
+            g.linear(
+                l,
+                Mat::new(b.m, rows, d.vmlp),
+                lin(&lw.fc2),
+                Mat::new(b.x, rows, d.vw),
+                1.0,
+            )?;
+            pending = lw.fc2.b;
+        }
+        debug_assert_eq!(w.layers.len(), d.vdepth);
+        layer_norm(k, l, b.x, pending, w.post_w, w.post_b, b.h, rows, d.vw, eps)?;
+        let xp = self.buf.prefix.x;
+        g.linear(
+            l,
+            Mat::new(b.h, rows, d.vw),
+            lin(&w.proj),
+            Mat::new(xp, rows, d.w),
+            0.0,
+        )?;
+        add_bias(k, l, xp, d.w, w.proj.bias()?, rows, d.w)
+    }
+
+    /// Layer `layer`'s K and V caches, [cap, kv * hd] each.
+    fn cache(&self, layer: usize) -> Result<(View, View)> {
+        let d = &self.dims;
+        let n = d.cap * d.heads.kv_width();
+        let kv = self.buf.prefix.kv;
+        Ok((kv.at((2 * layer) * n, n)?, kv.at((2 * layer + 1) * n, n)?))
+    }
+
+    /// Attention of `rows` queries (grouped layout in `q`) over the first `keys` rows of the
+    /// caches; the result lands in `att` [rows, nh * hd].
+    #[allow(clippy::too_many_arguments)]
+    fn gemma_attention(
+        &self,
+        l: &Lane,
+        rows: usize,
+        keys: usize,
+        q: View,
+        (kc, vc): (View, View),
+        mask: Mask,
+        scratch: Scratch,
+        att_g: View,
+        att: View,
+    ) -> Result<()> {
+        let hs = self.dims.heads;
+        let (kv, group, hd) = (hs.kv, hs.group(), hs.hd);
+        let gr = rows * group;
+        let qm = Mat::new(q, gr, hd);
+        let km = Mat {
+            view: kc,
+            rows: keys,
+            cols: hd,
+            ld: hs.kv_width(),
+            stride: hd,
+        };
+        let vm = Mat { view: vc, ..km };
+        // With one KV head the grouped layout is already [rows, nh * hd].
+        let out = if kv == 1 { att } else { att_g };
+        let om = Mat::new(out, gr, hd);
+        attention(
+            &self.kernels,
+            &self.gemm,
+            l,
+            qm,
+            km,
+            vm,
+            om,
+            kv,
+            attention::scale(hd),
+            &mask,
+            scratch,
+        )?;
+        if kv > 1 {
+            unpermute_heads(&self.kernels, l, att_g, att, rows, kv, group, hd)?;
+        }
+        Ok(())
+    }
+
+    /// Token embedding and the Gemma 2B prefix over the `p` real tokens (images first):
+    /// fills every layer's K (after RoPE) and V, rows 0..p.
+    fn prefix(&self, img_rows: usize, n_tok: usize) -> Result<()> {
+        let (d, k, g, l) = (&self.dims, &self.kernels, &self.gemm, &self.lanes.prefix);
+        let b = &self.buf.prefix;
+        let wt = &self.weights.w;
+        let eps = self.cfg.rms_norm_eps;
+        let p = img_rows + n_tok;
+        let hs = d.heads;
+        let scale = (d.w as f64).sqrt() as f32;
+        embed_tokens(
+            k,
+            l,
+            b.ids,
+            wt.embed,
+            b.x.rows(img_rows, n_tok, d.w)?,
+            n_tok,
+            d.vocab,
+            d.w,
+            scale,
+        )?;
+        if p == 0 {
+            return Ok(());
+        }
+        let qw = hs.nh * hs.hd;
+        let scratch = Scratch {
+            scores: b.scores,
+            probs: b.probs,
+        };
+        let mask = Mask {
+            prefix_len: None,
+            prefix_cap: p,
+            n_state: 0,
+            group: hs.group(),
+        };
+        let plain = |n: &NormW| match n {
+            NormW::Plain(v) => Ok(NormParam::OnePlus(*v)),
+            NormW::Adaptive(_) => Err(Error::Cuda("internal: adaptive norm in the prefix".into())),
+        };
+        let layers = &wt.prefix.layers;
+        for (li, lw) in layers.iter().enumerate() {
+            rms_norm(k, l, b.x, plain(&lw.norm1)?, b.h, p, d.w, eps)?;
+            g.linear(
+                l,
+                Mat::new(b.h, p, d.w),
+                lin(&lw.qkv),
+                Mat::new(b.qkv, p, hs.qkv_width()),
+                0.0,
+            )?;
+            let (kc, vc) = self.cache(li)?;
+            rope_qkv(
+                k,
+                l,
+                b.qkv,
+                b.q,
+                kc,
+                vc,
+                b.inv_freq,
+                b.info.at(1, 1)?,
+                p,
+                hs,
+                0,
+            )?;
+            // The last layer's attention output and MLP feed nothing the policy reads.
+            if li + 1 < layers.len() {
+                self.gemma_attention(l, p, p, b.q, (kc, vc), mask, scratch, b.att_g, b.att)?;
+                g.linear(
+                    l,
+                    Mat::new(b.att, p, qw),
+                    lin(&lw.o),
+                    Mat::new(b.x, p, d.w),
+                    1.0,
+                )?;
+                rms_norm(k, l, b.x, plain(&lw.norm2)?, b.h, p, d.w, eps)?;
+                g.linear(
+                    l,
+                    Mat::new(b.h, p, d.w),
+                    lin(&lw.gu),
+                    Mat::new(b.gu, p, 2 * d.mlp),
+                    0.0,
+                )?;
+                gelu_gate(k, l, b.gu, b.m, p, d.mlp)?;
+                g.linear(
+                    l,
+                    Mat::new(b.m, p, d.mlp),
+                    lin(&lw.down),
+                    Mat::new(b.x, p, d.w),
+                    1.0,
+                )?;
+            }
+        }
+        Ok(())
+    }
+
+    fn ensure_graph(&mut self, steps: usize) -> Result<()> {
+        if !self.graphs.contains_key(&steps) {
+            let g = self.build_graph(steps)?;
+            self.graphs.insert(steps, g);
+        }
+        Ok(())
+    }
+
+    /// Time table, an eager warm-up run (creates every GEMM plan, loads every kernel), then
+    /// the capture of the whole loop on the denoise stream.
+    fn build_graph(&self, steps: usize) -> Result<StepGraph> {
+        let table = self.time_table(steps)?;
+        let l = &self.lanes.denoise;
+        self.denoise(steps, &table)?;
+        l.synchronize()?;
+        l.stream
+            .begin_capture(sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
+            .cuda("starting the capture of the denoise loop")?;
+        let body = self.denoise(steps, &table);
+        // The capture must end even when recording failed, or the stream stays unusable.
+        let graph = l.stream.end_capture(sys::CUgraphInstantiate_flags(0));
+        body?;
+        let graph = graph
+            .cuda("capturing the denoise loop")?
+            .ok_or_else(|| Error::Cuda("capturing the denoise loop produced no graph".into()))?;
+        graph.upload().cuda("uploading the denoise graph")?;
+        Ok(StepGraph {
+            graph: SendGraph(graph),
+            _table: table,
+        })
+    }
+
+    fn time_table(&self, steps: usize) -> Result<TimeTable> {
+        let (d, k, g, l) = (&self.dims, &self.kernels, &self.gemm, &self.lanes.denoise);
+        let ew = d.ew;
+        let act = k.act;
+        // The same t sequence as the sampler: t = 1, t += dt in f32.
+        let dt = (-1.0f64 / steps as f64) as f32;
+        let mut temb = Vec::with_capacity(steps * ew);
+        let mut t = 1.0f32;
+        for _ in 0..steps {
+            temb.extend(time_embedding(t, ew));
+            t += dt;
+        }
+        let n = steps * ew;
+        let temb_f = DeviceBuffer::alloc(&self.dev, DType::F32, n)?;
+        let temb_a = DeviceBuffer::alloc(&self.dev, act, n)?;
+        l.upload(&temb, temb_f.view())?;
+        cast(k, l, temb_f.view(), temb_a.view(), n)?;
+        let mut bufs = Vec::new();
+        let (mut tb, mut mods) = (None, None);
+        match &self.weights.w.heads {
+            HeadsW::Pi0 { time_in, .. } => {
+                let out = DeviceBuffer::alloc(&self.dev, DType::F32, n)?;
+                let w_t = Mat {
+                    view: time_in.w.tail(ew)?,
+                    rows: ew,
+                    cols: ew,
+                    ld: 2 * ew,
+                    stride: 0,
+                };
+                g.matmul(
+                    l,
+                    Mat::new(temb_a.view(), steps, ew),
+                    w_t,
+                    Op::Wt,
+                    Mat::new(out.view(), steps, ew),
+                    1.0,
+                    0.0,
+                    1,
+                )?;
+                add_bias(k, l, out.view(), ew, time_in.bias()?, steps, ew)?;
+                tb = Some(out.view());
+                bufs.push(out);
+            }
+            HeadsW::Pi05 { time_in, time_out } => {
+                let c_f = DeviceBuffer::alloc(&self.dev, DType::F32, n)?;
+                let c_a = DeviceBuffer::alloc(&self.dev, act, n)?;
+                let (cf, ca) = (c_f.view(), c_a.view());
+                let silu_to_act = Out {
+                    f32: None,
+                    act: Some(ca),
+                    ld: ew,
+                };
+                g.linear(
+                    l,
+                    Mat::new(temb_a.view(), steps, ew),
+                    lin(time_in),
+                    Mat::new(cf, steps, ew),
+                    0.0,
+                )?;
+                bias_act(k, l, cf, ew, time_in.b, Act::Silu, silu_to_act, steps, ew)?;
+                g.linear(
+                    l,
+                    Mat::new(ca, steps, ew),
+                    lin(time_out),
+                    Mat::new(cf, steps, ew),
+                    0.0,
+                )?;
+                bias_act(k, l, cf, ew, time_out.b, Act::Silu, silu_to_act, steps, ew)?;
+                let norms = adaptive_norms(&self.weights.w.expert)?;
+                if norms.len() != d.n_norms {
+                    return Err(Error::Cuda("internal: adaptive norm count".into()));
+                }
+                let m = DeviceBuffer::alloc(&self.dev, DType::F32, d.n_norms * n * 3)?;
+                for (i, dense) in norms.iter().enumerate() {
+                    let dst = m.view().at(i * n * 3, n * 3)?;
+                    g.linear(
+                        l,
+                        Mat::new(ca, steps, ew),
+                        lin(dense),
+                        Mat::new(dst, steps, 3 * ew),
+                        0.0,
+                    )?;
+                    add_bias(k, l, dst, 3 * ew, dense.bias()?, steps, 3 * ew)?;
+                }
+                mods = Some(m.view());
+                bufs.extend([c_f, c_a, m]);
+            }
+        }
+        // `temb` (pageable host memory) must outlive its upload.
+        l.synchronize()?;
+        bufs.extend([temb_f, temb_a]);
+        Ok(TimeTable {
+            steps,
+            tb,
+            mods,
+            _bufs: bufs,
+        })
+    }
+
+    /// Norm `idx` of the expert at step `step` into `he`; returns the gate of the residual it
+    /// feeds (pi0.5) or None.
+    fn expert_norm(
+        &self,
+        norm: &NormW,
+        idx: usize,
+        step: usize,
+        table: &TimeTable,
+    ) -> Result<Option<View>> {
+        let d = &self.dims;
+        let b = &self.buf.denoise;
+        let l = &self.lanes.denoise;
+        let eps = self.cfg.rms_norm_eps;
+        match norm {
+            NormW::Plain(w) => {
+                rms_norm(
+                    &self.kernels,
+                    l,
+                    b.xe,
+                    NormParam::OnePlus(*w),
+                    b.he,
+                    d.s,
+                    d.ew,
+                    eps,
+                )?;
+                Ok(None)
+            }
+            NormW::Adaptive(_) => {
+                let m = table.modulation(idx, step, d.ew)?;
+                rms_norm(
+                    &self.kernels,
+                    l,
+                    b.xe,
+                    NormParam::Modulation(m),
+                    b.he,
+                    d.s,
+                    d.ew,
+                    eps,
+                )?;
+                Ok(Some(m.at(2 * d.ew, d.ew)?))
+            }
+        }
+    }
+
+    /// xe += x·Wᵀ, gated per column when `gate` is given: one cuBLASLt call with the gate as
+    /// a per-row alpha vector where cuBLASLt supports it (and `TURBOPI_FUSED_GATE` is not 0),
+    /// else the product into `tmp` and a gated add.
+    fn expert_residual(&self, x: Mat, w: &Lin, gate: Option<View>) -> Result<()> {
+        let (d, g, l) = (&self.dims, &self.gemm, &self.lanes.denoise);
+        let b = &self.buf.denoise;
+        let xe = Mat::new(b.xe, d.s, d.ew);
+        match gate {
+            None => g.linear(l, x, lin(w), xe, 1.0),
+            Some(gate) => {
+                if fused_gate_enabled() && g.linear_gated(l, x, lin(w), xe, gate)? {
+                    return Ok(());
+                }
+                g.linear(l, x, lin(w), Mat::new(b.tmp, d.s, d.ew), 0.0)?;
+                add_residual(&self.kernels, l, b.xe, b.tmp, Some(gate), d.s, d.ew)
+            }
+        }
+    }
+
+    /// The suffix tokens of step `step` into `xe`.
+    fn suffix_tokens(&self, step: usize, table: &TimeTable) -> Result<()> {
+        let (d, k, g, l) = (&self.dims, &self.kernels, &self.gemm, &self.lanes.denoise);
+        let b = &self.buf.denoise;
+        let wt = &self.weights.w;
+        let (h, ew) = (d.h, d.ew);
+        let x_act = Mat::new(b.xt_act, h, d.ad);
+        match &wt.heads {
+            HeadsW::Pi0 {
+                time_in, time_out, ..
+            } => {
+                g.linear(l, x_act, lin(&wt.action_in), Mat::new(b.a, h, ew), 0.0)?;
+                let to_act = Out {
+                    f32: None,
+                    act: Some(b.a_act),
+                    ld: ew,
+                };
+                bias_act(k, l, b.a, ew, wt.action_in.b, Act::None, to_act, h, ew)?;
+                // The action half of action_time_mlp_in; the time half is in the table.
+                let w_a = Mat::new(time_in.w, ew, ew).ld(2 * ew);
+                g.matmul(
+                    l,
+                    Mat::new(b.a_act, h, ew),
+                    w_a,
+                    Op::Wt,
+                    Mat::new(b.a, h, ew),
+                    1.0,
+                    0.0,
+                    1,
+                )?;
+                let tb = table
+                    .tb
+                    .ok_or_else(|| Error::Cuda("internal: pi0 time table missing".into()))?
+                    .at(step * ew, ew)?;
+                bias_act(k, l, b.a, ew, Some(tb), Act::Silu, to_act, h, ew)?;
+                let rows = b.xe.rows(1, h, ew)?;
+                g.linear(
+                    l,
+                    Mat::new(b.a_act, h, ew),
+                    lin(time_out),
+                    Mat::new(rows, h, ew),
+                    0.0,
+                )?;
+                add_bias(k, l, rows, ew, time_out.bias()?, h, ew)?;
+                l.copy(b.state_tok, b.xe.at(0, ew)?)
+            }
+            HeadsW::Pi05 { .. } => {
+                g.linear(l, x_act, lin(&wt.action_in), Mat::new(b.xe, h, ew), 0.0)?;
+                add_bias(k, l, b.xe, ew, wt.action_in.bias()?, h, ew)
+            }
+        }
+    }
+
+    /// The whole sampler on the denoise stream: x = noise; `steps` times x += dt·v(x, t).
+    /// Launches only (no host sync, no allocation): this is what the graph captures.
+    fn denoise(&self, steps: usize, table: &TimeTable) -> Result<()> {
+        let (d, k, g, l) = (&self.dims, &self.kernels, &self.gemm, &self.lanes.denoise);
+        let b = &self.buf.denoise;
+        let wt = &self.weights.w;
+        let hs = d.heads;
+        let (h, ad, ew, s) = (d.h, d.ad, d.ew, d.s);
+        let qw = hs.nh * hs.hd;
+        l.copy(b.noise, b.xt)?;
+        cast(k, l, b.xt, b.xt_act, h * ad)?;
+        self.mark("setup (noise, state token)")?;
+        if let HeadsW::Pi0 { state, .. } = &wt.heads {
+            cast(k, l, b.state, b.state_act, ad)?;
+            g.linear(
+                l,
+                Mat::new(b.state_act, 1, ad),
+                lin(state),
+                Mat::new(b.state_tok, 1, ew),
+                0.0,
+            )?;
+            add_bias(k, l, b.state_tok, ew, state.bias()?, 1, ew)?;
+        }
+        let dt = (-1.0f64 / steps as f64) as f32;
+        let mask = Mask {
+            prefix_len: Some(self.buf.prefix.info.at(0, 1)?),
+            prefix_cap: d.pmax,
+            n_state: d.first_action,
+            group: hs.group(),
+        };
+        let scratch = Scratch {
+            scores: b.scores,
+            probs: b.probs,
+        };
+        let expert: &GemmaW = &wt.expert;
+        let final_norm = expert
+            .final_norm
+            .as_ref()
+            .ok_or_else(|| Error::Cuda("internal: expert without its final norm".into()))?;
+        for step in 0..steps {
+            self.suffix_tokens(step, table)?;
+            self.mark("suffix tokens (action_in / time MLP)")?;
+            for (li, lw) in expert.layers.iter().enumerate() {
+                let gate = self.expert_norm(&lw.norm1, 2 * li, step, table)?;
+                self.mark("rms_norm")?;
+                g.linear(
+                    l,
+                    Mat::new(b.he, s, ew),
+                    lin(&lw.qkv),
+                    Mat::new(b.qkv, s, hs.qkv_width()),
+                    0.0,
+                )?;
+                self.mark("gemm qkv")?;
+                let cache = self.cache(li)?;
+                let pos0 = self.buf.prefix.info.at(0, 1)?;
+                rope_qkv(
+                    k,
+                    l,
+                    b.qkv,
+                    b.q,
+                    cache.0,
+                    cache.1,
+                    self.buf.prefix.inv_freq,
+                    pos0,
+                    s,
+                    hs,
+                    d.pmax,
+                )?;
+                self.mark("rope_qkv")?;
+                self.gemma_attention(l, s, d.cap, b.q, cache, mask, scratch, b.att_g, b.att)?;
+                self.mark("attention (QK gemm, softmax, PV gemm)")?;
+                self.expert_residual(Mat::new(b.att, s, qw), &lw.o, gate)?;
+                self.mark("gemm o + residual")?;
+                let gate = self.expert_norm(&lw.norm2, 2 * li + 1, step, table)?;
+                self.mark("rms_norm")?;
+                g.linear(
+                    l,
+                    Mat::new(b.he, s, ew),
+                    lin(&lw.gu),
+                    Mat::new(b.gu, s, 2 * d.emlp),
+                    0.0,
+                )?;
+                self.mark("gemm gate|up")?;
+                gelu_gate(k, l, b.gu, b.m, s, d.emlp)?;
+                self.mark("gelu_gate")?;
+                self.expert_residual(Mat::new(b.m, s, d.emlp), &lw.down, gate)?;
+                self.mark("gemm down + residual")?;
+            }
+            self.expert_norm(final_norm, 2 * d.depth, step, table)?;
+            self.mark("rms_norm")?;
+            let actions = b.he.rows(d.first_action, h, ew)?;
+            g.linear(
+                l,
+                Mat::new(actions, h, ew),
+                lin(&wt.action_out),
+                Mat::new(b.vraw, h, ad),
+                0.0,
+            )?;
+            self.mark("gemm action_out")?;
+            euler_step(
+                k,
+                l,
+                b.xt,
+                b.xt_act,
+                b.vraw,
+                wt.action_out.bias()?,
+                dt,
+                h,
+                ad,
+            )?;
+            self.mark("euler_step")?;
+        }
+        Ok(())
+    }
+
+    /// While profiling, records an event on the denoise stream closing an operation of kind
+    /// `what` (nothing otherwise, in particular never while the graph is captured).
+    fn mark(&self, what: &'static str) -> Result<()> {
+        let mut prof = self.prof.borrow_mut();
+        if let Some(marks) = prof.as_mut() {
+            let ev = timing_event(&self.dev)?;
+            ev.record(&self.lanes.denoise.stream)
+                .cuda("recording a profiling event")?;
+            marks.push((what, ev));
+        }
+        Ok(())
+    }
+
+    /// Device time per kind of operation of one denoise step, from one eager run of the
+    /// whole loop with an event after each operation. The run is queued behind a replay of
+    /// the graph, so that the host is ahead of the device and the intervals are device time
+    /// (not launch gaps); the graph replay's own time is reported for comparison.
+    fn profile(&mut self, steps: usize) -> Result<String> {
+        self.dev.bind()?;
+        self.ensure_graph(steps)?;
+        let l = &self.lanes.denoise;
+        l.synchronize()?;
+        let graph = self
+            .graphs
+            .get(&steps)
+            .ok_or_else(|| Error::Cuda("internal: denoise graph missing".into()))?;
+        let (g0, g1) = (timing_event(&self.dev)?, timing_event(&self.dev)?);
+        // One replay to warm up, one timed; the eager run queues behind the second.
+        graph.graph.0.launch().cuda("launching the denoise graph")?;
+        g0.record(&l.stream).cuda("recording a profiling event")?;
+        graph.graph.0.launch().cuda("launching the denoise graph")?;
+        g1.record(&l.stream).cuda("recording a profiling event")?;
+        let start = timing_event(&self.dev)?;
+        start
+            .record(&l.stream)
+            .cuda("recording a profiling event")?;
+        *self.prof.borrow_mut() = Some(vec![("start", start)]);
+        let run = self.denoise(steps, &graph._table);
+        let marks = self.prof.borrow_mut().take().unwrap_or_default();
+        let synced = l.synchronize();
+        run?;
+        synced?;
+        let graph_ms = g0.elapsed_ms(&g1).cuda("reading profiling events")?;
+        // kind -> (ms, launches), in first-seen order.
+        let mut kinds: Vec<(&'static str, f64, usize)> = Vec::new();
+        for pair in marks.windows(2) {
+            let ms = f64::from(
+                pair[0]
+                    .1
+                    .elapsed_ms(&pair[1].1)
+                    .cuda("reading profiling events")?,
+            );
+            let what = pair[1].0;
+            match kinds.iter_mut().find(|k| k.0 == what) {
+                Some(k) => {
+                    k.1 += ms;
+                    k.2 += 1;
+                }
+                None => kinds.push((what, ms, 1)),
+            }
+        }
+        let total: f64 = kinds.iter().map(|k| k.1).sum();
+        let per = steps as f64;
+        let mut out = String::new();
+        let _ = writeln!(
+            out,
+            "denoise profile ({steps} steps, eager, events after each op; per step):"
+        );
+        kinds.sort_by(|a, b| b.1.total_cmp(&a.1));
+        for (what, ms, n) in &kinds {
+            let _ = writeln!(
+                out,
+                "  {:<40} {:>8.1} us  {:>5.1}%  ({:.0} per step)",
+                what,
+                ms * 1e3 / per,
+                100.0 * ms / total.max(1e-12),
+                *n as f64 / per
+            );
+        }
+        let _ = writeln!(
+            out,
+            "  {:<40} {:>8.1} us  (eager, incl. event overhead; whole loop {:.2} ms)",
+            "total",
+            total * 1e3 / per,
+            total
+        );
+        let _ = writeln!(
+            out,
+            "  {:<40} {:>8.1} us  (whole loop {:.2} ms)",
+            "graph replay",
+            f64::from(graph_ms) * 1e3 / per,
+            graph_ms
+        );
+        let _ = writeln!(
+            out,
+            "  gemm plans {}, of which autotuned {}; gated residual shapes on the two-launch fallback: {}",
+            self.gemm.plan_count(),
+            self.gemm.tuned_count(),
+            self.gemm.gated_fallbacks()
+        );
+        Ok(out)
+    }
+}
+
+impl Drop for CudaPolicy {
+    /// Waits for any work still queued (a frame that failed half-way) before the fields
+    /// free the memory it uses.
+    fn drop(&mut self) {
+        if self.dev.bind().is_ok() {
+            let _ = self.dev.synchronize();
+        }
+    }
+}
+
+/// The expert's adaptive norms in table order: per layer input then post-attention, then
+/// the final norm.
+fn adaptive_norms(expert: &GemmaW) -> Result<Vec<Lin>> {
+    let dense = |n: &NormW| match n {
+        NormW::Adaptive(l) => Ok(*l),
+        NormW::Plain(_) => Err(Error::Cuda("internal: plain norm in pi0.5's expert".into())),
+    };
+    let mut out = Vec::with_capacity(2 * expert.layers.len() + 1);
+    for l in &expert.layers {
+        out.push(dense(&l.norm1)?);
+        out.push(dense(&l.norm2)?);
+    }
+    let f = expert
+        .final_norm
+        .as_ref()
+        .ok_or_else(|| Error::Cuda("internal: expert without its final norm".into()))?;
+    out.push(dense(f)?);
+    Ok(out)
+}
+
+impl Runner for CudaPolicy {
+    /// One frame: uploads the observation, runs vision, prefix and the denoise graph, and
+    /// downloads the actions; no device allocation except the first time a step count is
+    /// used (its time table and graph).
+    fn infer(
+        &mut self,
+        obs: &Observation,
+        noise: &[f32],
+        steps: usize,
+    ) -> Result<(Vec<f32>, StageTimes)> {
+        guard("CUDA inference", || self.frame(obs, noise, steps))
+    }
+
+    fn profile_denoise(&mut self, steps: usize) -> Result<Option<String>> {
+        if steps == 0 {
+            return Err(Error::Input("denoise: steps must be at least 1".into()));
+        }
+        guard("profiling the denoise loop", || self.profile(steps)).map(Some)
+    }
+
+    fn describe(&self) -> String {
+        let p = match self.precision {
+            Precision::F32 => "f32",
+            Precision::Bf16 => "bf16",
+        };
+        format!(
+            "cuda {p} on {} (sm_{}{})",
+            self.dev.name, self.dev.cc.0, self.dev.cc.1
+        )
+    }
+}

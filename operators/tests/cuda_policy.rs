@@ -1,0 +1,313 @@
+//! The CUDA policy end to end: f32 (strict mode) against the golden vectors of the Python
+//! reference, bf16 against the CPU backend, the denoise graph reused across prefix lengths
+//! and step counts, and the full-size pi0 / pi0.5 with random weights against the CPU.
+//! Runs only with `--features cuda`, and fails (does not skip) without a GPU.
+//!
+//! Golden data: `$TURBOPI_GOLDEN`, else tests/golden next to this crate at build time.
+#![cfg(feature = "cuda")]
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use operators::backend::{Precision, Runner};
+use operators::bench::Setting;
+use operators::checkpoint::{Checkpoint, WriteDtype};
+use operators::cuda::CudaPolicy;
+use operators::{npy, observation, random, Config, Error, Observation, Policy};
+
+const GOLDEN_TOLERANCE: f32 = 1e-4;
+/// bf16 against the CPU, relative to the largest |action|.
+const BF16_TOLERANCE: f32 = 2e-2;
+/// Full-size f32 against the CPU, relative to the largest |action| (summation order differs
+/// over 2k-16k wide dot products through 45 layers).
+const F32_FULL_TOLERANCE: f32 = 1e-3;
+
+fn golden_root() -> PathBuf {
+    std::env::var_os("TURBOPI_GOLDEN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/golden"))
+}
+
+fn golden_cases() -> Vec<PathBuf> {
+    let root = golden_root();
+    let mut cases: Vec<PathBuf> = std::fs::read_dir(&root)
+        .unwrap_or_else(|e| {
+            panic!(
+                "golden data at {}: {e} (set TURBOPI_GOLDEN)",
+                root.display()
+            )
+        })
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.join("checkpoint").is_dir())
+        .collect();
+    cases.sort();
+    assert!(
+        cases.len() >= 3,
+        "expected the golden cases under {}, found {cases:?}",
+        root.display()
+    );
+    cases
+}
+
+fn load(case: &std::path::Path) -> (Checkpoint, Observation, Vec<f32>) {
+    let ckpt = Checkpoint::open(&case.join("checkpoint")).unwrap();
+    let obs = Observation::load(&case.join("observation"), &ckpt.config).unwrap();
+    let noise = obs
+        .noise
+        .clone()
+        .expect("golden observations carry noise.npy");
+    (ckpt, obs, noise)
+}
+
+fn cuda(ckpt: &Checkpoint, precision: Precision) -> CudaPolicy {
+    CudaPolicy::load(ckpt, precision, |_, _| {})
+        .unwrap_or_else(|e| panic!("these tests need a CUDA GPU: {e}"))
+}
+
+/// (max |a - b|, its index, max |b|).
+fn diff(a: &[f32], b: &[f32]) -> (f32, usize, f32) {
+    assert_eq!(a.len(), b.len());
+    let mut worst = (0.0f32, 0usize);
+    for (i, (x, y)) in a.iter().zip(b).enumerate() {
+        let d = (x - y).abs();
+        if d.is_nan() || d > worst.0 {
+            worst = (d, i);
+            if d.is_nan() {
+                break;
+            }
+        }
+    }
+    let scale = b.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+    (worst.0, worst.1, scale)
+}
+
+#[test]
+fn f32_matches_golden_vectors() {
+    for case in golden_cases() {
+        let (ckpt, obs, noise) = load(&case);
+        let mut policy = cuda(&ckpt, Precision::F32);
+        for steps in [10, 3, 1] {
+            let want = npy::read_f32(&case.join(format!("actions_steps{steps}.npy"))).unwrap();
+            let (got, times) = policy.infer(&obs, &noise, steps).unwrap();
+            let (err, at, scale) = diff(&got, &want.data);
+            println!(
+                "{} steps {steps}: max abs err {err:.3e} (max |action| {scale:.3}); vision {:?} prefix {:?} denoise {:?}",
+                case.display(),
+                times.vision,
+                times.prefix,
+                times.denoise
+            );
+            assert!(
+                err <= GOLDEN_TOLERANCE,
+                "{} steps {steps}: max abs error {err:e} at {at} (got {}, want {})",
+                case.display(),
+                got[at],
+                want.data[at]
+            );
+        }
+    }
+}
+
+#[test]
+fn bf16_matches_cpu_on_golden_models() {
+    for case in golden_cases() {
+        let (ckpt, obs, noise) = load(&case);
+        let cpu = Policy::load(&ckpt, |_, _| {}).unwrap();
+        let mut policy = cuda(&ckpt, Precision::Bf16);
+        for steps in [10, 1] {
+            let (want, _) = cpu.infer(&obs, &noise, steps).unwrap();
+            let (got, _) = policy.infer(&obs, &noise, steps).unwrap();
+            let (err, at, scale) = diff(&got, &want);
+            println!(
+                "{} bf16 steps {steps}: max abs err {err:.3e} (max |action| {scale:.3})",
+                case.display()
+            );
+            assert!(
+                err <= BF16_TOLERANCE * scale,
+                "{} bf16 steps {steps}: error {err:e} at {at} > {BF16_TOLERANCE} x {scale}",
+                case.display()
+            );
+        }
+    }
+}
+
+/// Another observation of the same model: one more camera masked (or unmasked) and a
+/// different number of real tokens, so the prefix length changes.
+fn variant(obs: &Observation) -> Observation {
+    let mut o = obs.clone();
+    let n = o.image_masks.len();
+    o.image_masks[n - 1] = !o.image_masks[n - 1];
+    if o.image_masks.iter().all(|m| !m) {
+        o.image_masks[0] = true;
+    }
+    let real = o.token_mask.iter().filter(|&&m| m).count();
+    let keep = real.saturating_sub(2).max(1);
+    for (i, m) in o.token_mask.iter_mut().enumerate() {
+        *m = i < keep;
+    }
+    for v in o.images.iter_mut().step_by(7) {
+        *v = -*v;
+    }
+    o
+}
+
+#[test]
+fn denoise_graph_is_reused_across_prefix_lengths_and_step_counts() {
+    for case in golden_cases() {
+        let (ckpt, obs, noise) = load(&case);
+        let cpu = Policy::load(&ckpt, |_, _| {}).unwrap();
+        let mut policy = cuda(&ckpt, Precision::F32);
+        let other = variant(&obs);
+        for (o, steps) in [
+            (&obs, 10),
+            (&other, 10),
+            (&obs, 3),
+            (&other, 3),
+            (&obs, 10),
+            (&other, 1),
+        ] {
+            let (want, _) = cpu.infer(o, &noise, steps).unwrap();
+            let (got, _) = policy.infer(o, &noise, steps).unwrap();
+            let (err, at, _) = diff(&got, &want);
+            assert!(
+                err <= GOLDEN_TOLERANCE,
+                "{} steps {steps} (masks {:?}): error {err:e} at {at}",
+                case.display(),
+                o.image_masks
+            );
+        }
+    }
+}
+
+#[test]
+fn bad_inputs_are_errors() {
+    let case = golden_cases()
+        .into_iter()
+        .find(|c| c.ends_with("pi0_small"))
+        .expect("pi0_small case");
+    let (ckpt, obs, noise) = load(&case);
+    let mut policy = cuda(&ckpt, Precision::F32);
+    let mut no_state = obs.clone();
+    no_state.state = None;
+    assert!(matches!(
+        policy.infer(&no_state, &noise, 10),
+        Err(Error::Input(_))
+    ));
+    assert!(matches!(
+        policy.infer(&obs, &noise[1..], 10),
+        Err(Error::Input(_))
+    ));
+    assert!(matches!(
+        policy.infer(&obs, &noise, 0),
+        Err(Error::Input(_))
+    ));
+    let mut bad_token = obs.clone();
+    bad_token.tokens[0] = ckpt.config.vocab_size as i32;
+    bad_token.token_mask[0] = true;
+    assert!(matches!(
+        policy.infer(&bad_token, &noise, 10),
+        Err(Error::Input(_))
+    ));
+    // Still usable afterwards.
+    let want = npy::read_f32(&case.join("actions_steps10.npy")).unwrap();
+    let (got, _) = policy.infer(&obs, &noise, 10).unwrap();
+    assert!(diff(&got, &want.data).0 <= GOLDEN_TOLERANCE);
+    let d = policy.describe();
+    assert!(d.starts_with("cuda f32 on "), "{d}");
+}
+
+#[test]
+fn bench_settings_run_on_random_device_weights() {
+    // The benchmark's path: weights generated on the device, the denoise graph built by
+    // warm_up, then replayed. Replays of the same frame must agree with the first frame.
+    for setting in [Setting::Libero, Setting::Pi0] {
+        let cfg = setting.config();
+        let t = Instant::now();
+        let mut policy = CudaPolicy::random(&cfg, Precision::Bf16, 3)
+            .unwrap_or_else(|e| panic!("these tests need a CUDA GPU: {e}"));
+        policy.warm_up(10).unwrap();
+        let setup = t.elapsed();
+        let obs = setting.observation(&cfg, 3);
+        let noise = obs.noise.clone().unwrap();
+        let (first, _) = policy.infer(&obs, &noise, 10).unwrap();
+        assert!(
+            first.iter().all(|v| v.is_finite()),
+            "{}: non-finite actions",
+            setting.name()
+        );
+        for _ in 0..3 {
+            let (again, times) = policy.infer(&obs, &noise, 10).unwrap();
+            let (err, _, scale) = diff(&again, &first);
+            println!(
+                "{} on {}: setup {setup:.1?}, {times:?}, replay difference {err:.2e} (max |action| {scale:.3})",
+                setting.name(),
+                policy.describe()
+            );
+            assert!(
+                err <= 1e-5 * scale.max(1.0),
+                "{}: replays disagree by {err}",
+                setting.name()
+            );
+        }
+    }
+}
+
+/// Full-size model with random bf16 weights: CPU f32 against CUDA f32 and bf16.
+fn full_size(cfg: Config, seed: u64) {
+    // Fail before spending minutes on the checkpoint when there is no GPU.
+    operators::cuda::Device::open(0).unwrap_or_else(|e| panic!("these tests need a CUDA GPU: {e}"));
+    let dir = tempfile::tempdir().unwrap();
+    let t = Instant::now();
+    random::write_random_checkpoint(
+        &dir.path().join("ckpt"),
+        &cfg,
+        WriteDtype::Bf16,
+        seed,
+        |_, _| {},
+    )
+    .unwrap();
+    observation::write_sample(&dir.path().join("obs"), &cfg, seed).unwrap();
+    let ckpt = Checkpoint::open(&dir.path().join("ckpt")).unwrap();
+    let obs = Observation::load(&dir.path().join("obs"), &cfg).unwrap();
+    let noise = obs.noise.clone().unwrap();
+    println!("checkpoint written in {:.1?}", t.elapsed());
+    let steps = 10;
+    let t = Instant::now();
+    let want = {
+        let cpu = Policy::load(&ckpt, |_, _| {}).unwrap();
+        cpu.infer(&obs, &noise, steps).unwrap().0
+    };
+    println!("cpu f32: {:.1?}", t.elapsed());
+    for (precision, tolerance) in [
+        (Precision::F32, F32_FULL_TOLERANCE),
+        (Precision::Bf16, BF16_TOLERANCE),
+    ] {
+        let t = Instant::now();
+        let mut policy = cuda(&ckpt, precision);
+        let loaded = t.elapsed();
+        let (got, times) = policy.infer(&obs, &noise, steps).unwrap();
+        let (_, again) = policy.infer(&obs, &noise, steps).unwrap();
+        let (err, at, scale) = diff(&got, &want);
+        println!(
+            "{}: load {loaded:.1?}; max abs err {err:.3e} (max |action| {scale:.3}, rel {:.2e}); first frame {times:?}; second {again:?}",
+            policy.describe(),
+            err / scale
+        );
+        assert!(
+            err <= tolerance * scale,
+            "{precision:?}: error {err:e} at {at} (got {}, want {}) > {tolerance} x {scale}",
+            got[at],
+            want[at]
+        );
+    }
+}
+
+#[test]
+fn full_size_pi0_random_weights_match_cpu() {
+    full_size(Config::pi0(), 7);
+}
+
+#[test]
+fn full_size_pi05_random_weights_match_cpu() {
+    full_size(Config::pi05(), 8);
+}

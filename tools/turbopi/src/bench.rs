@@ -1,0 +1,257 @@
+//! `turbopi bench`: end-to-end latency of the policy on a named workload
+//! (operators::bench::Setting), with random weights built in memory unless a checkpoint is
+//! given. One harness for every backend, so the numbers compare.
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use operators::backend::{self, BackendKind, Precision, Runner};
+use operators::bench::{bench_runner, BenchReport, Setting};
+use operators::checkpoint::Checkpoint;
+use operators::Config;
+
+/// What `turbopi bench` takes.
+#[derive(Debug, Clone)]
+pub struct BenchArgs {
+    /// `libero` (pi0.5, 2 + 1 masked cameras, 20/200 tokens, horizon 10) or `pi0`.
+    pub setting: String,
+    /// `cpu` or `cuda`.
+    pub backend: String,
+    /// `f32` or `bf16`; defaults to bf16 on cuda and f32 on cpu.
+    pub dtype: Option<String>,
+    /// A checkpoint to load instead of random weights (its config replaces the setting's).
+    pub checkpoint: Option<PathBuf>,
+    /// A named preset for the random weights (the setting's model when absent); the
+    /// `libero` setting keeps its horizon of 10.
+    pub preset: Option<String>,
+    pub steps: usize,
+    pub iters: usize,
+    pub warmup: usize,
+    pub seed: u64,
+}
+
+impl Default for BenchArgs {
+    fn default() -> Self {
+        BenchArgs {
+            setting: "libero".into(),
+            backend: "cuda".into(),
+            dtype: None,
+            checkpoint: None,
+            preset: None,
+            steps: 10,
+            iters: 100,
+            warmup: 10,
+            seed: 0,
+        }
+    }
+}
+
+/// Loads the policy, runs the benchmark and prints a report; returns the numbers.
+pub fn run(args: &BenchArgs) -> Result<BenchReport> {
+    let setting: Setting = args.setting.parse()?;
+    let kind: BackendKind = args.backend.parse()?;
+    let precision: Precision = match &args.dtype {
+        Some(d) => d.parse()?,
+        None if kind == BackendKind::Cuda => Precision::Bf16,
+        None => Precision::F32,
+    };
+    let t0 = Instant::now();
+    let (mut runner, cfg) = match &args.checkpoint {
+        Some(dir) => {
+            let ckpt =
+                Checkpoint::open(dir).with_context(|| format!("opening {}", dir.display()))?;
+            let runner = backend::load(kind, precision, &ckpt, |_, _| {})?;
+            (runner, ckpt.config.clone())
+        }
+        None => {
+            let cfg = match &args.preset {
+                Some(p) => {
+                    let base = Config::preset(p)?;
+                    match setting {
+                        Setting::Libero => Config {
+                            action_horizon: base.action_horizon.min(10),
+                            ..base
+                        },
+                        Setting::Pi0 => base,
+                    }
+                }
+                None => setting.config(),
+            };
+            (random_runner(kind, precision, &cfg, args.seed)?, cfg)
+        }
+    };
+    let setup = t0.elapsed();
+    let obs = setting.observation(&cfg, args.seed);
+    let noise = obs
+        .noise
+        .clone()
+        .context("bench observations carry noise")?;
+    let report = bench_runner(
+        runner.as_mut(),
+        &obs,
+        &noise,
+        args.steps,
+        args.iters,
+        args.warmup,
+    )?;
+    print!(
+        "{}",
+        format_report(setting, &cfg, args, &runner.describe(), setup, &report)
+    );
+    if profiling() {
+        match runner.profile_denoise(args.steps)? {
+            Some(table) => print!("{table}"),
+            None => println!("  (TURBOPI_PROFILE: this backend has no denoise profile)"),
+        }
+    }
+    Ok(report)
+}
+
+/// `TURBOPI_PROFILE=1`: after the timed frames, print the device time per kind of operation
+/// of one denoise step (once, from an extra eager run).
+fn profiling() -> bool {
+    std::env::var("TURBOPI_PROFILE").is_ok_and(|v| {
+        let v = v.trim();
+        !v.is_empty() && v != "0"
+    })
+}
+
+/// A policy of `cfg` with random weights: built on the device for cuda; through a random
+/// checkpoint in a temporary directory for cpu (the CPU backend loads only checkpoints).
+fn random_runner(
+    kind: BackendKind,
+    precision: Precision,
+    cfg: &Config,
+    seed: u64,
+) -> Result<Box<dyn Runner>> {
+    match kind {
+        BackendKind::Cuda => cuda_random(cfg, precision, seed),
+        BackendKind::Cpu => {
+            let dir = std::env::temp_dir().join(format!("turbopi-bench-{}", std::process::id()));
+            let result = cpu_random(&dir, cfg, precision, seed);
+            let _ = std::fs::remove_dir_all(&dir);
+            result
+        }
+    }
+}
+
+fn cpu_random(
+    dir: &std::path::Path,
+    cfg: &Config,
+    precision: Precision,
+    seed: u64,
+) -> Result<Box<dyn Runner>> {
+    operators::random::write_random_checkpoint(
+        dir,
+        cfg,
+        operators::checkpoint::WriteDtype::Bf16,
+        seed,
+        |_, _| {},
+    )?;
+    let ckpt = Checkpoint::open(dir)?;
+    Ok(backend::load(
+        BackendKind::Cpu,
+        precision,
+        &ckpt,
+        |_, _| {},
+    )?)
+}
+
+#[cfg(feature = "cuda")]
+fn cuda_random(cfg: &Config, precision: Precision, seed: u64) -> Result<Box<dyn Runner>> {
+    Ok(Box::new(operators::cuda::CudaPolicy::random(
+        cfg, precision, seed,
+    )?))
+}
+
+#[cfg(not(feature = "cuda"))]
+fn cuda_random(_: &Config, _: Precision, _: u64) -> Result<Box<dyn Runner>> {
+    anyhow::bail!(
+        "CUDA support is not built in: rebuild with `cargo build --release --features cuda`"
+    )
+}
+
+fn describe_setting(setting: Setting, cfg: &Config) -> String {
+    let obs = setting.observation(cfg, 0);
+    let real_images = obs.image_masks.iter().filter(|&&m| m).count();
+    let real_tokens = obs.token_mask.iter().filter(|&&m| m).count();
+    format!(
+        "{} ({}, {real_images} of {} cameras, {real_tokens} of {} prompt tokens, horizon {})",
+        setting.name(),
+        if cfg.pi05 { "pi0.5" } else { "pi0" },
+        cfg.num_images,
+        cfg.max_token_len,
+        cfg.action_horizon
+    )
+}
+
+/// The report as printed: workload, setup time, end-to-end percentiles, stage means.
+pub fn format_report(
+    setting: Setting,
+    cfg: &Config,
+    args: &BenchArgs,
+    runner: &str,
+    setup: Duration,
+    r: &BenchReport,
+) -> String {
+    let weights = match (&args.checkpoint, &args.preset) {
+        (Some(p), _) => format!("checkpoint {}", p.display()),
+        (None, Some(p)) => format!("random weights of preset {p} (seed {})", args.seed),
+        (None, None) => format!("random weights (seed {})", args.seed),
+    };
+    format!(
+        "bench {}\n  {runner}, {weights}, {} steps; setup {:.1} s; {} frames after {} warm-up\n  \
+         end to end (host): p50 {:.2} ms  p90 {:.2} ms  p99 {:.2} ms  mean {:.2} ms  min {:.2} ms  max {:.2} ms\n  \
+         stages (mean):     vision {:.2} ms  prefix {:.2} ms  denoise {:.2} ms\n",
+        describe_setting(setting, cfg),
+        args.steps,
+        setup.as_secs_f64(),
+        r.iters,
+        args.warmup,
+        r.p50_ms,
+        r.p90_ms,
+        r.p99_ms,
+        r.mean_ms,
+        r.min_ms,
+        r.max_ms,
+        r.vision_ms,
+        r.prefix_ms,
+        r.denoise_ms,
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cpu_bench_runs_on_a_small_checkpoint() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = Config::pi05_small();
+        operators::random::write_random_checkpoint(
+            dir.path(),
+            &cfg,
+            operators::checkpoint::WriteDtype::F32,
+            1,
+            |_, _| {},
+        )
+        .unwrap();
+        let args = BenchArgs {
+            backend: "cpu".into(),
+            checkpoint: Some(dir.path().to_path_buf()),
+            steps: 2,
+            iters: 3,
+            warmup: 1,
+            ..BenchArgs::default()
+        };
+        let r = run(&args).unwrap();
+        assert_eq!(r.iters, 3);
+        assert!(r.p50_ms > 0.0 && r.denoise_ms > 0.0);
+        let bad = BenchArgs {
+            setting: "nope".into(),
+            ..args
+        };
+        assert!(run(&bad).is_err());
+    }
+}
