@@ -177,31 +177,11 @@ impl Denoiser {
         noise: &[f32],
         steps: usize,
     ) -> Result<Vec<f32>> {
-        let c = &self.cfg;
-        let (h, ad) = (c.action_horizon, c.action_dim);
-        if noise.len() != h * ad {
-            return Err(Error::Input(format!(
-                "denoise: noise has {} values, expected [{h}, {ad}]",
-                noise.len()
-            )));
-        }
-        if steps == 0 {
-            return Err(Error::Input("denoise: steps must be at least 1".into()));
-        }
+        check_sampler_inputs(&self.cfg, state, noise, steps)?;
         // The state token does not depend on x or t: project it once.
-        let state_token = match &self.heads {
-            Heads::Pi0 { state_proj, .. } => {
-                let s =
-                    state.ok_or_else(|| Error::Input("pi0 needs a state (state.npy)".into()))?;
-                if s.len() != ad {
-                    return Err(Error::Input(format!(
-                        "state has {} values, expected {ad}",
-                        s.len()
-                    )));
-                }
-                Some(state_proj.forward(s, 1))
-            }
-            Heads::Pi05 { .. } => None,
+        let state_token = match (&self.heads, state) {
+            (Heads::Pi0 { state_proj, .. }, Some(s)) => Some(state_proj.forward(s, 1)),
+            _ => None,
         };
         let dt = (-1.0f64 / steps as f64) as f32;
         let mut t = 1.0f32;
@@ -260,6 +240,36 @@ impl Denoiser {
             .suffix_forward(tokens, &positions, cache, &visible, cond.as_deref());
         self.action_out.forward(&out[first_action * ew..], h)
     }
+}
+
+/// Checks what every backend's sampler needs: noise [action_horizon, action_dim], at least
+/// one step, and for pi0 a state of action_dim values.
+pub fn check_sampler_inputs(
+    cfg: &Config,
+    state: Option<&[f32]>,
+    noise: &[f32],
+    steps: usize,
+) -> Result<()> {
+    let (h, ad) = (cfg.action_horizon, cfg.action_dim);
+    if noise.len() != h * ad {
+        return Err(Error::Input(format!(
+            "denoise: noise has {} values, expected [{h}, {ad}]",
+            noise.len()
+        )));
+    }
+    if steps == 0 {
+        return Err(Error::Input("denoise: steps must be at least 1".into()));
+    }
+    if !cfg.pi05 {
+        let s = state.ok_or_else(|| Error::Input("pi0 needs a state (state.npy)".into()))?;
+        if s.len() != ad {
+            return Err(Error::Input(format!(
+                "state has {} values, expected {ad}",
+                s.len()
+            )));
+        }
+    }
+    Ok(())
 }
 
 /// openpi's sine-cosine time embedding (periods 4e-3 .. 4), computed in f64, cast to f32.

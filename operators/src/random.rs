@@ -11,29 +11,38 @@ use crate::checkpoint::{tensor_specs, write_safetensors, WriteDtype};
 use crate::config::Config;
 use crate::{Error, Result};
 
-/// Fills `out` for tensor `spec_index` of shape `shape`: Linear weights uniform with
-/// variance 1/fan_in (activations stay O(1) through depth), biases and norm weights small,
-/// embeddings of variance 1/width.
-fn fill(seed: u64, index: usize, key: &str, shape: &[usize], out: &mut Vec<f32>) {
-    let n: usize = shape.iter().product();
+/// (centre, half-width) of the uniform distribution tensor `key` is drawn from: Linear
+/// weights with variance 1/fan_in (activations stay O(1) through depth), biases and norm
+/// weights small, position embeddings wider; LayerNorm weights multiply (not 1 + w), so they
+/// are centred on 1. The CUDA backend's on-device random weights use the same ranges.
+pub fn init_range(key: &str, shape: &[usize]) -> (f32, f32) {
     let bound =
         if key.ends_with(".bias") || key.ends_with("norm.weight") || key.contains("layer_norm") {
             0.1
         } else if key.contains("position_embedding") {
             0.5
         } else {
-            let fan_in: usize = shape[1..].iter().product::<usize>().max(1);
-            let fan_in = if shape.len() == 1 { shape[0] } else { fan_in };
+            let fan_in = if shape.len() == 1 {
+                shape[0]
+            } else {
+                shape[1..].iter().product::<usize>().max(1)
+            };
             (3.0 / fan_in as f32).sqrt()
         };
-    // LayerNorm weights multiply (not 1 + w): centre them on 1.
-    let offset = if key.contains("layer_norm") && key.ends_with(".weight")
+    let centre = if key.contains("layer_norm") && key.ends_with(".weight")
         || key.contains("post_layernorm.weight")
     {
         1.0
     } else {
         0.0
     };
+    (centre, bound)
+}
+
+/// Fills `out` with the values of tensor `index` (`key`, `shape`), deterministic in `seed`.
+fn fill(seed: u64, index: usize, key: &str, shape: &[usize], out: &mut Vec<f32>) {
+    let n: usize = shape.iter().product();
+    let (offset, bound) = init_range(key, shape);
     const CHUNK: usize = 1 << 16;
     out.resize(n, 0.0);
     out.par_chunks_mut(CHUNK)

@@ -480,28 +480,7 @@ impl CudaPolicy {
             }
             ids.push(t);
         }
-        let (h, ad) = (c.action_horizon, c.action_dim);
-        if noise.len() != h * ad {
-            return Err(Error::Input(format!(
-                "denoise: noise has {} values, expected [{h}, {ad}]",
-                noise.len()
-            )));
-        }
-        if steps == 0 {
-            return Err(Error::Input("denoise: steps must be at least 1".into()));
-        }
-        if !c.pi05 {
-            let s = obs
-                .state
-                .as_deref()
-                .ok_or_else(|| Error::Input("pi0 needs a state (state.npy)".into()))?;
-            if s.len() != ad {
-                return Err(Error::Input(format!(
-                    "state has {} values, expected {ad}",
-                    s.len()
-                )));
-            }
-        }
+        crate::policy::check_sampler_inputs(c, obs.state.as_deref(), noise, steps)?;
         let real = (0..c.num_images).filter(|&i| obs.image_masks[i]).collect();
         Ok((real, ids))
     }

@@ -466,7 +466,7 @@ impl DeviceWeights {
                 let n: usize = shape.iter().product();
                 let dst = piece.view.at(off, n)?;
                 off += n;
-                let (mut centre, bound) = random_scale(key, shape);
+                let (mut centre, bound) = crate::random::init_range(key, shape);
                 if piece.store == Store::OnePlus {
                     centre += 1.0;
                 }
@@ -493,31 +493,6 @@ fn upload_sync<T: Copy>(lane: &Lane, src: &[T], dst: View) -> Result<()> {
     unsafe { cudarc::driver::result::memcpy_htod_async(dst.ptr, src, lane.stream.cu_stream()) }
         .map_err(|e| Error::Cuda(format!("uploading weights: {e}")))?;
     lane.synchronize()
-}
-
-/// (centre, half-width) of the uniform distribution `random.rs` draws `key` from.
-fn random_scale(key: &str, shape: &[usize]) -> (f32, f32) {
-    let bound =
-        if key.ends_with(".bias") || key.ends_with("norm.weight") || key.contains("layer_norm") {
-            0.1
-        } else if key.contains("position_embedding") {
-            0.5
-        } else {
-            let fan_in = if shape.len() == 1 {
-                shape[0]
-            } else {
-                shape[1..].iter().product::<usize>().max(1)
-            };
-            (3.0 / fan_in as f32).sqrt()
-        };
-    let centre = if key.contains("layer_norm") && key.ends_with(".weight")
-        || key.contains("post_layernorm.weight")
-    {
-        1.0
-    } else {
-        0.0
-    };
-    (centre, bound)
 }
 
 /// Fills `dst` (act or f32) with uniform values in [lo, hi).
@@ -590,10 +565,16 @@ mod tests {
 
     #[test]
     fn random_scale_follows_the_checkpoint_writer() {
-        assert_eq!(random_scale("a.layer_norm1.weight", &[8]), (1.0, 0.1));
-        assert_eq!(random_scale("x.input_layernorm.weight", &[8]), (0.0, 0.1));
-        assert_eq!(random_scale("q_proj.bias", &[8]), (0.0, 0.1));
-        let (c, b) = random_scale("q_proj.weight", &[8, 12]);
+        assert_eq!(
+            crate::random::init_range("a.layer_norm1.weight", &[8]),
+            (1.0, 0.1)
+        );
+        assert_eq!(
+            crate::random::init_range("x.input_layernorm.weight", &[8]),
+            (0.0, 0.1)
+        );
+        assert_eq!(crate::random::init_range("q_proj.bias", &[8]), (0.0, 0.1));
+        let (c, b) = crate::random::init_range("q_proj.weight", &[8, 12]);
         assert_eq!(c, 0.0);
         assert!((b - 0.5).abs() < 1e-6);
     }
