@@ -289,6 +289,10 @@ struct Pinned {
 /// before the library handles, everything before the context.
 pub struct CudaPolicy {
     graphs: HashMap<usize, StepGraph>,
+    /// Vision by number of real cameras and prefix by (image rows, prompt tokens), captured
+    /// after their first eager run: replaying saves the host's per-launch cost.
+    vision_graphs: HashMap<usize, SendGraph>,
+    prefix_graphs: HashMap<(usize, usize), SendGraph>,
     buf: Buffers,
     _act_buf: DeviceBuffer,
     weights: DeviceWeights,
@@ -311,6 +315,24 @@ pub struct CudaPolicy {
 fn fused_gate_enabled() -> bool {
     static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     *ON.get_or_init(|| std::env::var("TURBOPI_FUSED_GATE").map_or(true, |v| v.trim() != "0"))
+}
+
+/// Records what `body` launches on `lane` into a graph (after its work so far has finished),
+/// without running it.
+fn capture(lane: &Lane, body: impl FnOnce() -> Result<()>, what: &str) -> Result<SendGraph> {
+    lane.synchronize()?;
+    lane.stream
+        .begin_capture(sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
+        .cuda(&format!("starting the capture of {what}"))?;
+    let recorded = body();
+    // The capture must end even when recording failed, or the stream stays unusable.
+    let graph = lane.stream.end_capture(sys::CUgraphInstantiate_flags(0));
+    recorded?;
+    let graph = graph
+        .cuda(&format!("capturing {what}"))?
+        .ok_or_else(|| Error::Cuda(format!("capturing {what} produced no graph")))?;
+    graph.upload().cuda(&format!("uploading the {what} graph"))?;
+    Ok(SendGraph(graph))
 }
 
 fn lin(l: &Lin) -> Mat {
@@ -400,6 +422,8 @@ impl CudaPolicy {
         ];
         Ok(CudaPolicy {
             graphs: HashMap::new(),
+            vision_graphs: HashMap::new(),
+            prefix_graphs: HashMap::new(),
             buf,
             _act_buf: act_buf,
             weights,
@@ -534,7 +558,14 @@ impl CudaPolicy {
                 self.pinned.pixels.slice::<f32>(real.len() * per_image)?,
                 self.buf.vision.pixels,
             )?;
-            self.vision(real.len())?;
+            let n = real.len();
+            if let Some(g) = self.vision_graphs.get(&n) {
+                g.0.launch().cuda("launching the vision graph")?;
+            } else {
+                self.vision(n)?;
+                let g = capture(lv, || self.vision(n), "vision")?;
+                self.vision_graphs.insert(n, g);
+            }
         }
         ev[1].record(&lv.stream).cuda("recording an event")?;
 
@@ -547,7 +578,15 @@ impl CudaPolicy {
             self.buf.prefix.ids,
         )?;
         lp.upload(self.pinned.info.slice::<i32>(4)?, self.buf.prefix.info)?;
-        self.prefix(img_rows, ids.len())?;
+        let key = (img_rows, ids.len());
+        if let Some(g) = self.prefix_graphs.get(&key) {
+            g.0.launch().cuda("launching the prefix graph")?;
+        } else {
+            self.prefix(img_rows, ids.len())?;
+            let g = capture(lp, || self.prefix(key.0, key.1), "prefix")?;
+            self.prefix_graphs.insert(key, g);
+        }
+        let (ev, lp) = (&self.events, &self.lanes.prefix);
         ev[3].record(&lp.stream).cuda("recording an event")?;
 
         ld.stream
