@@ -317,6 +317,17 @@ fn fused_gate_enabled() -> bool {
     *ON.get_or_init(|| std::env::var("TURBOPI_FUSED_GATE").map_or(true, |v| v.trim() != "0"))
 }
 
+/// `TURBOPI_STAGE_GRAPHS=0` runs vision and prefix eagerly every frame (for A/B runs).
+fn stage_graphs_enabled() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| {
+        !matches!(
+            std::env::var("TURBOPI_STAGE_GRAPHS").as_deref(),
+            Ok("0" | "off" | "false")
+        )
+    })
+}
+
 /// Records what `body` launches on `lane` into a graph (after its work so far has finished),
 /// without running it.
 fn capture(lane: &Lane, body: impl FnOnce() -> Result<()>, what: &str) -> Result<SendGraph> {
@@ -331,7 +342,9 @@ fn capture(lane: &Lane, body: impl FnOnce() -> Result<()>, what: &str) -> Result
     let graph = graph
         .cuda(&format!("capturing {what}"))?
         .ok_or_else(|| Error::Cuda(format!("capturing {what} produced no graph")))?;
-    graph.upload().cuda(&format!("uploading the {what} graph"))?;
+    graph
+        .upload()
+        .cuda(&format!("uploading the {what} graph"))?;
     Ok(SendGraph(graph))
 }
 
@@ -561,6 +574,8 @@ impl CudaPolicy {
             let n = real.len();
             if let Some(g) = self.vision_graphs.get(&n) {
                 g.0.launch().cuda("launching the vision graph")?;
+            } else if !stage_graphs_enabled() {
+                self.vision(n)?;
             } else {
                 self.vision(n)?;
                 let g = capture(lv, || self.vision(n), "vision")?;
@@ -581,6 +596,8 @@ impl CudaPolicy {
         let key = (img_rows, ids.len());
         if let Some(g) = self.prefix_graphs.get(&key) {
             g.0.launch().cuda("launching the prefix graph")?;
+        } else if !stage_graphs_enabled() {
+            self.prefix(img_rows, ids.len())?;
         } else {
             self.prefix(img_rows, ids.len())?;
             let g = capture(lp, || self.prefix(key.0, key.1), "prefix")?;
