@@ -2,14 +2,12 @@
 //! K/V cache of the same frame. Noise for frame `seq` is drawn from seed `SEED + seq`, so a
 //! run can be reproduced with `turbopi infer --seed`.
 
-use std::collections::BTreeMap;
-
 use dora_node_api::dora_core::config::DataId;
 use dora_node_api::{DoraNode, Event, EventStream};
 use eyre::{bail, eyre, Result};
 use node_common::{
     checkpoint_from_env, env_or, expect_tensor, kv_from_tensor, report_rejected,
-    require_cpu_backend, Dim, FrameMeta, SeqGaps,
+    require_cpu_backend, Dim, FrameMeta, SeqGaps, StateBuffer,
 };
 use operators::observation::noise_from_seed;
 use operators::weights::Loader;
@@ -34,9 +32,6 @@ impl Settings {
     }
 }
 
-/// States waiting for their frame's cache; older ones are dropped as frames advance.
-const MAX_PENDING_STATES: usize = 64;
-
 pub fn run(node: DoraNode, events: EventStream) -> Result<()> {
     require_cpu_backend("denoise")?;
     let settings = Settings::from_env()?;
@@ -55,22 +50,14 @@ pub fn run_with(
     let out: DataId = "actions".to_string().into();
     let (h, ad) = (cfg.action_horizon, cfg.action_dim);
     let mut gaps = SeqGaps::default();
-    let mut states: BTreeMap<u64, Vec<f32>> = BTreeMap::new();
+    let mut states = StateBuffer::default();
     while let Some(event) = events.recv() {
         let Event::Input { id, metadata, data } = event else {
             continue;
         };
         let md = &metadata.parameters;
         let result = (|| match id.as_str() {
-            "state" => {
-                let meta = FrameMeta::from_metadata("state", md)?;
-                let (_, s) = expect_tensor::<f32>("state", md, &data, "float32", &[Dim::Is(ad)])?;
-                states.insert(meta.seq, s.to_vec());
-                while states.len() > MAX_PENDING_STATES {
-                    states.pop_first();
-                }
-                Ok(())
-            }
+            "state" => states.insert(md, &data, ad),
             "kv_cache" => {
                 let meta = FrameMeta::from_metadata("kv_cache", md)?;
                 gaps.observe(meta.seq);
@@ -83,14 +70,7 @@ pub fn run_with(
                     &[Dim::Is(cfg.vlm_depth), Dim::Is(2), Dim::Any, Dim::Is(kw)],
                 )?;
                 let cache = kv_from_tensor(&shape, kv)?;
-                let state = states.get(&meta.seq).cloned();
-                if !cfg.pi05 && state.is_none() {
-                    bail!(
-                        "frame {}: pi0 needs the robot state, but no `state` input arrived for it",
-                        meta.seq
-                    );
-                }
-                states.retain(|&s, _| s > meta.seq);
+                let state = states.take(meta.seq, !cfg.pi05)?;
                 let noise = noise_from_seed(cfg, settings.seed.wrapping_add(meta.seq));
                 let actions = denoiser.run(&cache, state.as_deref(), &noise, settings.steps)?;
                 node.send_output(

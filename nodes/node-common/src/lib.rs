@@ -241,6 +241,40 @@ impl SeqGaps {
     }
 }
 
+/// Robot states waiting for the frame (same `seq`) that needs them. A model input takes the
+/// state of its own frame; older ones are dropped as frames advance, and at most
+/// [`StateBuffer::CAPACITY`] wait at once.
+#[derive(Debug, Default)]
+pub struct StateBuffer {
+    states: std::collections::BTreeMap<u64, Vec<f32>>,
+}
+
+impl StateBuffer {
+    pub const CAPACITY: usize = 64;
+
+    /// Checks and stores a `state` message ([`dims`] f32) of frame `seq`.
+    pub fn insert(&mut self, md: &MetadataParameters, data: &DoraArray, dims: usize) -> Result<()> {
+        let meta = FrameMeta::from_metadata("state", md)?;
+        let (_, s) = expect_tensor::<f32>("state", md, data, "float32", &[Dim::Is(dims)])?;
+        self.states.insert(meta.seq, s.to_vec());
+        while self.states.len() > Self::CAPACITY {
+            self.states.pop_first();
+        }
+        Ok(())
+    }
+
+    /// The state of frame `seq` (if it arrived), dropping it and every older one. With
+    /// `required` (pi0), a missing state is an error naming the frame.
+    pub fn take(&mut self, seq: u64, required: bool) -> Result<Option<Vec<f32>>> {
+        let state = self.states.remove(&seq);
+        self.states.retain(|&s, _| s > seq);
+        if required && state.is_none() {
+            bail!("frame {seq}: pi0 needs the robot state, but no `state` input arrived for it");
+        }
+        Ok(state)
+    }
+}
+
 /// Wall-clock nanoseconds since the Unix epoch (the `t_capture_ns` clock).
 pub fn now_ns() -> u64 {
     std::time::SystemTime::now()
@@ -332,6 +366,29 @@ mod tests {
         assert_eq!(FrameMeta::from_metadata("x", &md).unwrap(), meta);
         let err = FrameMeta::from_metadata("x", &MetadataParameters::new()).unwrap_err();
         assert!(err.to_string().contains("`seq`"), "{err}");
+    }
+
+    #[test]
+    fn state_buffer_matches_frames_and_forgets_old_ones() {
+        let mut b = StateBuffer::default();
+        for seq in 0..3u64 {
+            let md = FrameMeta {
+                seq,
+                t_capture_ns: 0,
+            }
+            .tensor_params(&[2], "float32");
+            b.insert(&md, &vec![seq as f32; 2].into_arrow(), 2).unwrap();
+        }
+        assert_eq!(b.take(1, true).unwrap(), Some(vec![1.0, 1.0]));
+        let err = b.take(0, true).unwrap_err().to_string();
+        assert!(err.contains("frame 0: pi0 needs the robot state"), "{err}");
+        assert_eq!(b.take(2, false).unwrap(), Some(vec![2.0, 2.0]));
+        let md = FrameMeta {
+            seq: 5,
+            t_capture_ns: 0,
+        }
+        .tensor_params(&[3], "float32");
+        assert!(b.insert(&md, &vec![0.0f32; 3].into_arrow(), 2).is_err());
     }
 
     #[test]

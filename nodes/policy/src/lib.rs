@@ -1,14 +1,12 @@
 //! The fused policy: vision, prefix and denoise in one process (one load of the weights, no
 //! messages between stages), on the backend named by `BACKEND`.
 
-use std::collections::BTreeMap;
-
 use dora_node_api::dora_core::config::DataId;
 use dora_node_api::{DoraNode, Event, EventStream};
 use eyre::{bail, eyre, Result, WrapErr};
 use node_common::{
     checkpoint_from_env, env_opt, env_or, env_path, expect_tensor, image_masks, report_rejected,
-    Dim, FrameMeta, SeqGaps,
+    Dim, FrameMeta, SeqGaps, StateBuffer,
 };
 use operators::backend::{self, BackendKind, Precision, Runner};
 use operators::observation::{load_prompt, noise_from_seed};
@@ -20,8 +18,6 @@ pub struct Settings {
     pub tokens: Vec<i32>,
     pub token_mask: Vec<bool>,
 }
-
-const MAX_PENDING_STATES: usize = 64;
 
 /// Env: `CHECKPOINT`, `PROMPT` (dir with tokens.npy, token_mask.npy), `BACKEND` (cpu),
 /// `DTYPE` (f32 on cpu, bf16 on cuda), `STEPS` (10), `SEED` (0).
@@ -64,28 +60,14 @@ pub fn run_with(
     let out: DataId = "actions".to_string().into();
     let (n, s) = (cfg.num_images, cfg.image_size);
     let mut gaps = SeqGaps::default();
-    let mut states: BTreeMap<u64, Vec<f32>> = BTreeMap::new();
+    let mut states = StateBuffer::default();
     while let Some(event) = events.recv() {
         let Event::Input { id, metadata, data } = event else {
             continue;
         };
         let md = &metadata.parameters;
         let result = (|| match id.as_str() {
-            "state" => {
-                let meta = FrameMeta::from_metadata("state", md)?;
-                let (_, st) = expect_tensor::<f32>(
-                    "state",
-                    md,
-                    &data,
-                    "float32",
-                    &[Dim::Is(cfg.action_dim)],
-                )?;
-                states.insert(meta.seq, st.to_vec());
-                while states.len() > MAX_PENDING_STATES {
-                    states.pop_first();
-                }
-                Ok(())
-            }
+            "state" => states.insert(md, &data, cfg.action_dim),
             "images" => {
                 let meta = FrameMeta::from_metadata("images", md)?;
                 gaps.observe(meta.seq);
@@ -96,14 +78,7 @@ pub fn run_with(
                     "uint8",
                     &[Dim::Is(n), Dim::Is(s), Dim::Is(s), Dim::Is(3)],
                 )?;
-                let state = states.get(&meta.seq).cloned();
-                if !cfg.pi05 && state.is_none() {
-                    bail!(
-                        "frame {}: pi0 needs the robot state, but no `state` input arrived for it",
-                        meta.seq
-                    );
-                }
-                states.retain(|&q, _| q > meta.seq);
+                let state = states.take(meta.seq, !cfg.pi05)?;
                 let obs = Observation {
                     images: px
                         .chunks_exact(s * s * 3)
