@@ -11,9 +11,6 @@ use std::process::{Command, Output};
 
 use operators::npy;
 
-/// The two tests start dora daemons; run them one at a time.
-static DORA: std::sync::Mutex<()> = std::sync::Mutex::new(());
-
 fn root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
 }
@@ -181,9 +178,15 @@ fn infer(s: &Setup, seq: u64) -> Vec<Vec<f32>> {
         .collect()
 }
 
+/// One test, so the dora runs never overlap: `dora run` (its own daemon) first, then the
+/// coordinator started by `dora up`, torn down last.
 #[test]
+fn dataflows_with_the_dora_cli() {
+    demo_and_fused_equal_turbopi_infer_bit_for_bit();
+    demo_under_dora_up_and_start_attach();
+}
+
 fn demo_and_fused_equal_turbopi_infer_bit_for_bit() {
-    let _one = DORA.lock().unwrap_or_else(|e| e.into_inner());
     for b in [
         "camera",
         "decode",
@@ -230,9 +233,7 @@ fn demo_and_fused_equal_turbopi_infer_bit_for_bit() {
     }
 }
 
-#[test]
 fn demo_under_dora_up_and_start_attach() {
-    let _one = DORA.lock().unwrap_or_else(|e| e.into_inner());
     let s = setup();
     let output = s.dir.join("attach.jsonl");
     // The coordinator and daemon parse the dataflow too: give them the same variables.

@@ -433,6 +433,29 @@ pub fn image_masks(input: &str, md: &MetadataParameters, n: usize) -> Result<Vec
     Ok(m.into_iter().map(|v| v != 0).collect())
 }
 
+/// The model inputs of an `images` message (u8 [num_images, image_size, image_size, 3] with
+/// `image_masks`): pixels mapped to [-1, 1] as the observation path maps them, and the masks.
+pub fn model_images(
+    md: &MetadataParameters,
+    data: &DoraArray,
+    cfg: &operators::Config,
+) -> Result<(Vec<f32>, Vec<bool>)> {
+    let (n, s) = (cfg.num_images, cfg.image_size);
+    let (_, px) = expect_tensor::<u8>(
+        "images",
+        md,
+        data,
+        "uint8",
+        &[Dim::Is(n), Dim::Is(s), Dim::Is(s), Dim::Is(3)],
+    )?;
+    let masks = image_masks("images", md, n)?;
+    let pixels = px
+        .chunks_exact(s * s * 3)
+        .flat_map(|c| operators::image::to_model_input(c, s, s, s))
+        .collect();
+    Ok((pixels, masks))
+}
+
 /// `image_masks` metadata for a message.
 pub fn masks_param(masks: &[bool]) -> Parameter {
     Parameter::ListInt(masks.iter().map(|&m| m as i64).collect())

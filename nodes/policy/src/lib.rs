@@ -5,12 +5,12 @@ use dora_node_api::dora_core::config::DataId;
 use dora_node_api::{DoraNode, Event, EventStream};
 use eyre::{bail, eyre, Result, WrapErr};
 use node_common::{
-    checkpoint_from_env, env_opt, env_or, env_path, expect_tensor, image_masks, report_rejected,
-    Dim, FrameMeta, SeqGaps, StateBuffer,
+    checkpoint_from_env, env_opt, env_or, env_path, model_images, report_rejected, FrameMeta,
+    SeqGaps, StateBuffer,
 };
 use operators::backend::{self, BackendKind, Precision, Runner};
 use operators::observation::{load_prompt, noise_from_seed};
-use operators::{image, Config, Observation};
+use operators::{Config, Observation};
 
 pub struct Settings {
     pub steps: usize,
@@ -58,7 +58,6 @@ pub fn run_with(
     mut events: EventStream,
 ) -> Result<()> {
     let out: DataId = "actions".to_string().into();
-    let (n, s) = (cfg.num_images, cfg.image_size);
     let mut gaps = SeqGaps::default();
     let mut states = StateBuffer::default();
     while let Some(event) = events.recv() {
@@ -71,20 +70,11 @@ pub fn run_with(
             "images" => {
                 let meta = FrameMeta::from_metadata("images", md)?;
                 gaps.observe(meta.seq);
-                let (_, px) = expect_tensor::<u8>(
-                    "images",
-                    md,
-                    &data,
-                    "uint8",
-                    &[Dim::Is(n), Dim::Is(s), Dim::Is(s), Dim::Is(3)],
-                )?;
+                let (images, image_masks) = model_images(md, &data, cfg)?;
                 let state = states.take(meta.seq, !cfg.pi05)?;
                 let obs = Observation {
-                    images: px
-                        .chunks_exact(s * s * 3)
-                        .flat_map(|c| image::to_model_input(c, s, s, s))
-                        .collect(),
-                    image_masks: image_masks("images", md, n)?,
+                    images,
+                    image_masks,
                     tokens: settings.tokens.clone(),
                     token_mask: settings.token_mask.clone(),
                     state,
@@ -115,6 +105,7 @@ mod tests {
     use dora_node_api::Parameter;
     use node_common::testing::{event, golden, json, run_node, values, TensorInput};
     use operators::checkpoint::Checkpoint;
+    use operators::image;
     use operators::Policy;
 
     #[test]

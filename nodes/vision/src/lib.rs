@@ -4,11 +4,11 @@ use dora_node_api::dora_core::config::DataId;
 use dora_node_api::{DoraNode, Event, EventStream};
 use eyre::{eyre, Result};
 use node_common::{
-    checkpoint_from_env, expect_tensor, image_masks, masks_param, report_rejected,
-    require_cpu_backend, Dim, FrameMeta, SeqGaps,
+    checkpoint_from_env, masks_param, model_images, report_rejected, require_cpu_backend,
+    FrameMeta, SeqGaps,
 };
 use operators::weights::Loader;
-use operators::{image, Config, VisionEncoder};
+use operators::{Config, VisionEncoder};
 
 pub fn run(node: DoraNode, events: EventStream) -> Result<()> {
     require_cpu_backend("vision")?;
@@ -24,7 +24,6 @@ pub fn run_with(
     mut events: EventStream,
 ) -> Result<()> {
     let out: DataId = "image_embeddings".to_string().into();
-    let (n, s) = (cfg.num_images, cfg.image_size);
     let mut gaps = SeqGaps::default();
     while let Some(event) = events.recv() {
         let Event::Input { id, metadata, data } = event else {
@@ -37,18 +36,7 @@ pub fn run_with(
         let result = (|| {
             let meta = FrameMeta::from_metadata("images", md)?;
             gaps.observe(meta.seq);
-            let (_, px) = expect_tensor::<u8>(
-                "images",
-                md,
-                &data,
-                "uint8",
-                &[Dim::Is(n), Dim::Is(s), Dim::Is(s), Dim::Is(3)],
-            )?;
-            let masks = image_masks("images", md, n)?;
-            let pixels: Vec<f32> = px
-                .chunks_exact(s * s * 3)
-                .flat_map(|c| image::to_model_input(c, s, s, s))
-                .collect();
+            let (pixels, masks) = model_images(md, &data, cfg)?;
             let emb = encoder.run(&pixels, &masks)?;
             let mut p = meta.tensor_params(
                 &[emb.real_images * cfg.tokens_per_image(), cfg.vlm_width],
@@ -72,6 +60,7 @@ mod tests {
     use dora_node_api::Parameter;
     use node_common::testing::{event, golden, json, run_node, values, TensorInput};
     use operators::checkpoint::Checkpoint;
+    use operators::image;
 
     #[test]
     fn encodes_real_cameras_and_rejects_a_wrong_shape() {

@@ -574,12 +574,12 @@ impl CudaPolicy {
             let n = real.len();
             if let Some(g) = self.vision_graphs.get(&n) {
                 g.0.launch().cuda("launching the vision graph")?;
-            } else if !stage_graphs_enabled() {
-                self.vision(n)?;
             } else {
                 self.vision(n)?;
-                let g = capture(lv, || self.vision(n), "vision")?;
-                self.vision_graphs.insert(n, g);
+                if stage_graphs_enabled() {
+                    let g = capture(lv, || self.vision(n), "vision")?;
+                    self.vision_graphs.insert(n, g);
+                }
             }
         }
         ev[1].record(&lv.stream).cuda("recording an event")?;
@@ -596,12 +596,12 @@ impl CudaPolicy {
         let key = (img_rows, ids.len());
         if let Some(g) = self.prefix_graphs.get(&key) {
             g.0.launch().cuda("launching the prefix graph")?;
-        } else if !stage_graphs_enabled() {
-            self.prefix(img_rows, ids.len())?;
         } else {
             self.prefix(img_rows, ids.len())?;
-            let g = capture(lp, || self.prefix(key.0, key.1), "prefix")?;
-            self.prefix_graphs.insert(key, g);
+            if stage_graphs_enabled() {
+                let g = capture(lp, || self.prefix(key.0, key.1), "prefix")?;
+                self.prefix_graphs.insert(key, g);
+            }
         }
         let (ev, lp) = (&self.events, &self.lanes.prefix);
         ev[3].record(&lp.stream).cuda("recording an event")?;
