@@ -8,7 +8,10 @@
 
 use operators::cpu::{self, Linear, MatRef};
 use operators::cuda::activation::{bias_act, Act, Out};
-use operators::cuda::attention::{self, attention, softmax_masked, unpermute_heads, Mask, Scratch};
+use operators::cuda::attention::{
+    self, attention, fused_attention, fused_fits, softmax_masked, unpermute_heads, Mask, Problem,
+    Scratch, Strided, Workspace,
+};
 use operators::cuda::embed::embed_tokens;
 use operators::cuda::euler::euler_step;
 use operators::cuda::layer_norm::layer_norm;
@@ -748,6 +751,293 @@ fn attention_grouped_with_padded_cache_matches_cpu() {
             );
         }
     }
+}
+
+/// A workspace for `p`, poisoned.
+fn workspace(g: &Gpu, p: &Problem) -> (DeviceBuffer, DeviceBuffer, Workspace) {
+    let (np, ns) = p.workspace();
+    let part = nan(g, DType::F32, np.max(1));
+    let stats = nan(g, DType::F32, ns.max(1));
+    let w = Workspace {
+        part: part.view(),
+        stats: stats.view(),
+    };
+    (part, stats, w)
+}
+
+#[test]
+fn fused_attention_matches_cpu_on_the_expert_layout() {
+    // Grouped queries over a K/V cache of `cap` prefix rows (`plen` valid) and the suffix:
+    // several key chunks with a partial last one, a single chunk (no combine), GQA, pi0's
+    // block-causal mask and pi0.5's full one.
+    let g = gpu(DType::Bf16);
+    let act = DType::Bf16;
+    for (nh, kv, hd, s_rows, cap, plen, n_state) in [
+        (8, 1, 256, 51, 200, 150, 1),
+        (8, 1, 256, 10, 130, 97, 0),
+        (4, 2, 64, 11, 30, 21, 1),
+        (2, 2, 72, 5, 300, 0, 0),
+    ] {
+        let group = nh / kv;
+        let kvw = kv * hd;
+        let keys = cap + s_rows;
+        let q = rand_vec(s_rows * nh * hd, 190, -1.0, 1.0);
+        let (qb, q) = up(&g, act, &group_rows(&q, s_rows, kv, group, hd));
+        let q = ungroup(&q, s_rows, kv, group, hd);
+        let (kb, kc) = up(&g, act, &rand_vec(keys * kvw, 191, -2.0, 2.0));
+        let (vb, vc) = up(&g, act, &rand_vec(keys * kvw, 192, -1.0, 1.0));
+        let (lb, _) = up(&g, DType::I32, &[plen as f32]);
+        let og = nan(&g, act, s_rows * nh * hd);
+        let ob = nan(&g, act, s_rows * nh * hd);
+        let gr = s_rows * group;
+        let prob = Problem {
+            rows: gr,
+            keys,
+            hd,
+            n1: kv,
+            n2: 1,
+        };
+        let (_p, _s, work) = workspace(&g, &prob);
+        let fq = Strided {
+            view: qb.view(),
+            ld: hd,
+            s1: gr * hd,
+            s2: 0,
+        };
+        let fk = Strided {
+            view: kb.view(),
+            ld: kvw,
+            s1: hd,
+            s2: 0,
+        };
+        let fv = Strided {
+            view: vb.view(),
+            ..fk
+        };
+        let fo = Strided {
+            view: og.view(),
+            ..fq
+        };
+        assert!(
+            fused_fits(&g.kernels, &prob, &fq, (&fk, &fv), &fo),
+            "the fused attention must serve {prob:?}"
+        );
+        let mask = Mask {
+            prefix_len: Some(lb.view()),
+            prefix_cap: cap,
+            n_state,
+            group,
+        };
+        fused_attention(
+            &g.kernels,
+            &g.lane,
+            &prob,
+            fq,
+            (fk, fv),
+            fo,
+            attention::scale(hd),
+            &mask,
+            work,
+        )
+        .unwrap();
+        unpermute_heads(
+            &g.kernels,
+            &g.lane,
+            og.view(),
+            ob.view(),
+            s_rows,
+            kv,
+            group,
+            hd,
+        )
+        .unwrap();
+        let mut keys_cpu = kc[..plen * kvw].to_vec();
+        keys_cpu.extend_from_slice(&kc[cap * kvw..]);
+        let mut vals_cpu = vc[..plen * kvw].to_vec();
+        vals_cpu.extend_from_slice(&vc[cap * kvw..]);
+        let see = |i: usize, j: usize| j < plen || (j - plen) < n_state || i >= n_state;
+        let want = cpu::attention(
+            &q,
+            &keys_cpu,
+            &vals_cpu,
+            s_rows,
+            plen + s_rows,
+            nh,
+            kv,
+            hd,
+            &see,
+        );
+        check(
+            &format!("fused attention {nh}/{kv}x{hd}, {keys} keys"),
+            &g.download(ob.view()).unwrap(),
+            &want,
+            tol(act),
+        );
+    }
+}
+
+#[test]
+fn fused_attention_rows_that_see_nothing_are_zero() {
+    let g = gpu(DType::Bf16);
+    let act = DType::Bf16;
+    let (rows, keys, hd) = (20, 150, 64);
+    let (qb, _) = up(&g, act, &rand_vec(rows * hd, 193, -1.0, 1.0));
+    let (kb, _) = up(&g, act, &rand_vec(keys * hd, 194, -1.0, 1.0));
+    let (vb, _) = up(&g, act, &rand_vec(keys * hd, 195, -1.0, 1.0));
+    let (lb, _) = up(&g, DType::I32, &[0.0]);
+    let ob = nan(&g, act, rows * hd);
+    let prob = Problem {
+        rows,
+        keys,
+        hd,
+        n1: 1,
+        n2: 1,
+    };
+    let (_p, _s, work) = workspace(&g, &prob);
+    let op = |view: View| Strided {
+        view,
+        ld: hd,
+        s1: 0,
+        s2: 0,
+    };
+    let mask = Mask {
+        prefix_len: Some(lb.view()),
+        prefix_cap: keys,
+        n_state: 0,
+        group: 1,
+    };
+    fused_attention(
+        &g.kernels,
+        &g.lane,
+        &prob,
+        op(qb.view()),
+        (op(kb.view()), op(vb.view())),
+        op(ob.view()),
+        attention::scale(hd),
+        &mask,
+        work,
+    )
+    .unwrap();
+    assert_eq!(g.download(ob.view()).unwrap(), vec![0.0; rows * hd]);
+}
+
+#[test]
+fn fused_attention_matches_cpu_on_the_vision_layout() {
+    // SigLIP: every camera and head in one launch, q|k|v side by side in [T, 3 w] per camera,
+    // head_dim 72 (padded to 80 inside the kernel); one chunk and several.
+    let g = gpu(DType::Bf16);
+    let act = DType::Bf16;
+    for (n_img, t, nh, hd) in [(2, 100, 3, 72), (3, 40, 2, 72), (1, 256, 4, 72)] {
+        let w = nh * hd;
+        let (qkvb, qkv) = up(&g, act, &rand_vec(n_img * t * 3 * w, 196, -1.5, 1.5));
+        let ob = nan(&g, act, n_img * t * w);
+        let prob = Problem {
+            rows: t,
+            keys: t,
+            hd,
+            n1: n_img,
+            n2: nh,
+        };
+        let (_p, _s, work) = workspace(&g, &prob);
+        let at = |view: View, ld: usize| Strided {
+            view,
+            ld,
+            s1: t * ld,
+            s2: hd,
+        };
+        let fq = at(qkvb.view(), 3 * w);
+        let fk = at(qkvb.view().tail(w).unwrap(), 3 * w);
+        let fv = at(qkvb.view().tail(2 * w).unwrap(), 3 * w);
+        let fo = at(ob.view(), w);
+        assert!(fused_fits(&g.kernels, &prob, &fq, (&fk, &fv), &fo));
+        fused_attention(
+            &g.kernels,
+            &g.lane,
+            &prob,
+            fq,
+            (fk, fv),
+            fo,
+            attention::scale(hd),
+            &Mask::full(t),
+            work,
+        )
+        .unwrap();
+        let got = g.download(ob.view()).unwrap();
+        let mut want = Vec::with_capacity(n_img * t * w);
+        for i in 0..n_img {
+            let img = &qkv[i * t * 3 * w..(i + 1) * t * 3 * w];
+            let split = |off: usize| -> Vec<f32> {
+                (0..t)
+                    .flat_map(|r| img[r * 3 * w + off..r * 3 * w + off + w].to_vec())
+                    .collect()
+            };
+            want.extend(cpu::attention(
+                &split(0),
+                &split(w),
+                &split(2 * w),
+                t,
+                t,
+                nh,
+                nh,
+                hd,
+                &|_, _| true,
+            ));
+        }
+        check(
+            &format!("fused attention, {n_img} images x {nh} heads, {t} tokens"),
+            &got,
+            &want,
+            tol(act),
+        );
+    }
+}
+
+#[test]
+fn fused_attention_is_only_offered_where_it_applies() {
+    let g32 = gpu(DType::F32);
+    let g = gpu(DType::Bf16);
+    let buf = g.poisoned(DType::Bf16, 4096).unwrap();
+    let op = |view: View, ld: usize| Strided {
+        view,
+        ld,
+        s1: 0,
+        s2: 0,
+    };
+    let prob = |hd: usize, keys: usize| Problem {
+        rows: 4,
+        keys,
+        hd,
+        n1: 1,
+        n2: 1,
+    };
+    let v = buf.view();
+    let fits = |k: &operators::cuda::Kernels, p: Problem, kv: Strided| {
+        fused_fits(k, &p, &op(v, 64), (&kv, &kv), &op(v, 64))
+    };
+    assert!(fits(&g.kernels, prob(64, 10), op(v, 64)));
+    // f32 kernels have no fused attention.
+    assert!(!fits(&g32.kernels, prob(64, 10), op(v, 64)));
+    // head_dim not a multiple of 8, or too large; too many keys.
+    assert!(!fits(&g.kernels, prob(60, 10), op(v, 64)));
+    assert!(!fits(&g.kernels, prob(264, 10), op(v, 264)));
+    assert!(!fits(&g.kernels, prob(64, 64 * 64 + 1), op(v, 64)));
+    // K/V rows that are not 16-byte aligned.
+    assert!(!fits(&g.kernels, prob(64, 10), op(v, 68)));
+    assert!(!fits(&g.kernels, prob(64, 10), op(v.tail(4).unwrap(), 64)));
+    // A refused problem is an error, not a launch.
+    let (_p, _s, work) = workspace(&g, &prob(64, 10));
+    let err = fused_attention(
+        &g.kernels,
+        &g.lane,
+        &prob(60, 10),
+        op(v, 64),
+        (op(v, 64), op(v, 64)),
+        op(v, 64),
+        1.0,
+        &Mask::full(10),
+        work,
+    );
+    assert!(err.is_err());
 }
 
 #[test]

@@ -7,7 +7,7 @@ use std::ffi::{c_char, c_int, CStr, CString};
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use cudarc::driver::{CudaFunction, CudaModule};
+use cudarc::driver::{sys, CudaFunction, CudaModule};
 use cudarc::nvrtc::{result as nvrtc, sys as nvrtc_sys, Ptx};
 
 use super::device::{CudaResult, DType, Device};
@@ -99,6 +99,7 @@ pub fn program_source(act: DType) -> String {
         residual::SOURCE,
         rope::SOURCE,
         attention::SOURCE,
+        attention::FUSED_SOURCE,
         patch::SOURCE,
         embed::SOURCE,
         euler::SOURCE,
@@ -108,6 +109,12 @@ pub fn program_source(act: DType) -> String {
         s.push('\n');
     }
     s
+}
+
+/// The two kernels of [`attention::fused_attention`].
+pub(crate) struct FusedAttention {
+    pub(crate) chunk: CudaFunction,
+    pub(crate) combine: CudaFunction,
 }
 
 /// The compiled kernels of one precision (`act` = F32 or Bf16).
@@ -126,6 +133,8 @@ pub struct Kernels {
     pub(crate) embed_tokens: CudaFunction,
     pub(crate) euler_step: CudaFunction,
     pub(crate) fill_uniform: CudaFunction,
+    /// The tensor-core attention (bf16 on sm_80 and newer only).
+    pub(crate) fused_attention: Option<FusedAttention>,
     _module: Arc<CudaModule>,
 }
 
@@ -162,6 +171,21 @@ impl Kernels {
             embed_tokens: f("embed_tokens")?,
             euler_step: f("euler_step")?,
             fill_uniform: f("fill_uniform")?,
+            fused_attention: if act == DType::Bf16 && dev.cc.0 >= 8 {
+                let chunk = f("attention_chunk")?;
+                chunk
+                    .set_attribute(
+                        sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                        attention::FUSED_MAX_SMEM as i32,
+                    )
+                    .cuda("allowing the attention kernel its shared memory")?;
+                Some(FusedAttention {
+                    chunk,
+                    combine: f("attention_combine")?,
+                })
+            } else {
+                None
+            },
             _module: module,
         })
     }

@@ -435,7 +435,7 @@ impl Lane {
     }
 }
 
-const MAX_ARGS: usize = 16;
+const MAX_ARGS: usize = 32;
 
 /// Kernel arguments, each in an 8-byte slot: cuLaunchKernel reads `sizeof(param)` bytes from
 /// each slot, so a 4-byte `int`/`float` sits in the low bytes (little-endian).
@@ -500,13 +500,34 @@ pub(crate) fn launch(
     block: u32,
     args: Args,
 ) -> Result<()> {
-    if grid == 0 {
+    launch_grid(f, lane, name, (grid, 1, 1), block, 0, args)
+}
+
+/// A launch of `grid` (x, y, z) blocks of `block` threads with `smem` bytes of dynamic shared
+/// memory. A grid with a zero extent launches nothing.
+pub(crate) fn launch_grid(
+    f: &CudaFunction,
+    lane: &Lane,
+    name: &str,
+    grid: (usize, usize, usize),
+    block: u32,
+    smem: u32,
+    args: Args,
+) -> Result<()> {
+    if grid.0 == 0 || grid.1 == 0 || grid.2 == 0 {
         return Ok(());
     }
-    let grid = u32::try_from(grid)
-        .ok()
-        .filter(|&g| g < (1u32 << 31))
-        .ok_or_else(|| Error::Cuda(format!("internal: grid of {grid} blocks for `{name}`")))?;
+    let dim = |v: usize, max: u32| {
+        u32::try_from(v)
+            .ok()
+            .filter(|&g| g <= max)
+            .ok_or_else(|| Error::Cuda(format!("internal: grid of {grid:?} blocks for `{name}`")))
+    };
+    let grid = (
+        dim(grid.0, (1u32 << 31) - 1)?,
+        dim(grid.1, 65535)?,
+        dim(grid.2, 65535)?,
+    );
     if args.n > MAX_ARGS {
         return Err(Error::Cuda(format!(
             "internal: `{name}` takes {} arguments, at most {MAX_ARGS} are supported",
@@ -521,13 +542,14 @@ pub(crate) fn launch(
     // SAFETY: `f` belongs to the module loaded in this context; `ptrs[..n]` point at slots
     // that outlive the call (cuLaunchKernel copies the values before returning) and hold the
     // kernel's parameters in order, with the types its launcher documents; the launcher
-    // checked that every device range the kernel touches lies inside its view.
+    // checked that every device range the kernel touches lies inside its view, and `smem`
+    // is within the limit set on `f` when it was loaded.
     unsafe {
         result::launch_kernel(
             f.cu_function(),
-            (grid, 1, 1),
+            grid,
             (block, 1, 1),
-            0,
+            smem,
             lane.stream.cu_stream(),
             &mut ptrs[..args.n],
         )

@@ -16,7 +16,10 @@ use std::time::Duration;
 use cudarc::driver::{sys, CudaEvent, CudaGraph};
 
 use super::activation::{add_bias, bias_act, cast, Act, Out};
-use super::attention::{self, attention, score_stride, unpermute_heads, Mask, Scratch};
+use super::attention::{
+    self, attention, fused_attention, fused_fits, score_stride, unpermute_heads, Mask, Problem,
+    Scratch, Strided, Workspace,
+};
 use super::compile::Kernels;
 use super::device::{
     guard, timing_event, CudaResult, DType, Device, DeviceBuffer, Lane, PinnedBuffer, View,
@@ -126,6 +129,7 @@ struct VisionBuf {
     probs: View,
     att: View,
     m: View,
+    fa: Workspace,
 }
 
 struct PrefixBuf {
@@ -168,6 +172,7 @@ struct DenoiseBuf {
     gu: View,
     m: View,
     vraw: View,
+    fa: Workspace,
 }
 
 struct Buffers {
@@ -176,11 +181,47 @@ struct Buffers {
     denoise: DenoiseBuf,
 }
 
+/// The problems the fused attention serves: the vision tower (every camera and head) and
+/// the expert's queries over the whole cache.
+fn vision_problem(d: &Dims, n_img: usize) -> Problem {
+    Problem {
+        rows: d.t,
+        keys: d.t,
+        hd: d.vhd,
+        n1: n_img,
+        n2: d.vnh,
+    }
+}
+
+fn expert_problem(d: &Dims) -> Problem {
+    Problem {
+        rows: d.s * d.heads.group(),
+        keys: d.cap,
+        hd: d.heads.hd,
+        n1: d.heads.kv,
+        n2: 1,
+    }
+}
+
 fn layout(d: &Dims, act: DType, ar: &mut Arena) -> Buffers {
     let f = DType::F32;
     let vr = d.n_img * d.t;
     let hs = d.heads;
     let qw = hs.nh * hs.hd;
+    // Only the bf16 kernels have the fused attention.
+    let mut workspace = |p: Problem| {
+        let (part, stats) = if act == DType::Bf16 {
+            p.workspace()
+        } else {
+            (0, 0)
+        };
+        Workspace {
+            part: ar.take(f, part),
+            stats: ar.take(f, stats),
+        }
+    };
+    let vision_fa = workspace(vision_problem(d, d.n_img));
+    let denoise_fa = workspace(expert_problem(d));
     let vision = VisionBuf {
         pixels: ar.take(f, d.n_img * d.size * d.size * 3),
         patches: ar.take(act, vr * d.pk),
@@ -192,6 +233,7 @@ fn layout(d: &Dims, act: DType, ar: &mut Arena) -> Buffers {
         probs: ar.take(act, d.vnh * d.t * score_stride(d.t)),
         att: ar.take(act, vr * d.vw),
         m: ar.take(act, vr * d.vmlp),
+        fa: vision_fa,
     };
     let prefix = PrefixBuf {
         ids: ar.take(DType::I32, d.max_tok.max(1)),
@@ -230,6 +272,7 @@ fn layout(d: &Dims, act: DType, ar: &mut Arena) -> Buffers {
         gu: ar.take(act, d.s * 2 * d.emlp),
         m: ar.take(act, d.s * d.emlp),
         vraw: ar.take(f, d.h * d.ad),
+        fa: denoise_fa,
     };
     Buffers {
         vision,
@@ -685,7 +728,25 @@ impl CudaPolicy {
                 ld: qkvw,
             };
             bias_act(k, l, b.pre, qkvw, lw.qkv.b, Act::None, out, rows, qkvw)?;
-            for i in 0..n {
+            // Every camera and head at once on the tensor cores, else per camera as GEMMs.
+            let prob = vision_problem(d, n);
+            let at = |view: View, ld: usize| Strided {
+                view,
+                ld,
+                s1: d.t * ld,
+                s2: d.vhd,
+            };
+            let (fq, fk, fv) = (
+                at(b.qkv, qkvw),
+                at(b.qkv.tail(d.vw)?, qkvw),
+                at(b.qkv.tail(2 * d.vw)?, qkvw),
+            );
+            let fo = at(b.att, d.vw);
+            let fused = fused_fits(k, &prob, &fq, (&fk, &fv), &fo);
+            if fused {
+                fused_attention(k, l, &prob, fq, (fk, fv), fo, scale, &Mask::full(d.t), b.fa)?;
+            }
+            for i in (0..n).filter(|_| !fused) {
                 let base = b.qkv.tail(i * d.t * qkvw)?;
                 let q = Mat {
                     view: base,
@@ -798,12 +859,55 @@ impl CudaPolicy {
         (kc, vc): (View, View),
         mask: Mask,
         scratch: Scratch,
-        att_g: View,
-        att: View,
+        fa: Option<Workspace>,
+        (att_g, att): (View, View),
     ) -> Result<()> {
         let hs = self.dims.heads;
         let (kv, group, hd) = (hs.kv, hs.group(), hs.hd);
         let gr = rows * group;
+        // With one KV head the grouped layout is already [rows, nh * hd].
+        let out = if kv == 1 { att } else { att_g };
+        let fused = match fa {
+            Some(work) => {
+                let prob = Problem {
+                    rows: gr,
+                    keys,
+                    hd,
+                    n1: kv,
+                    n2: 1,
+                };
+                let fq = Strided {
+                    view: q,
+                    ld: hd,
+                    s1: gr * hd,
+                    s2: 0,
+                };
+                let fk = Strided {
+                    view: kc,
+                    ld: hs.kv_width(),
+                    s1: hd,
+                    s2: 0,
+                };
+                let fv = Strided { view: vc, ..fk };
+                let fo = Strided { view: out, ..fq };
+                let fits = fused_fits(&self.kernels, &prob, &fq, (&fk, &fv), &fo);
+                if fits {
+                    fused_attention(
+                        &self.kernels,
+                        l,
+                        &prob,
+                        fq,
+                        (fk, fv),
+                        fo,
+                        attention::scale(hd),
+                        &mask,
+                        work,
+                    )?;
+                }
+                fits
+            }
+            None => false,
+        };
         let qm = Mat::new(q, gr, hd);
         let km = Mat {
             view: kc,
@@ -813,22 +917,22 @@ impl CudaPolicy {
             stride: hd,
         };
         let vm = Mat { view: vc, ..km };
-        // With one KV head the grouped layout is already [rows, nh * hd].
-        let out = if kv == 1 { att } else { att_g };
-        let om = Mat::new(out, gr, hd);
-        attention(
-            &self.kernels,
-            &self.gemm,
-            l,
-            qm,
-            km,
-            vm,
-            om,
-            kv,
-            attention::scale(hd),
-            &mask,
-            scratch,
-        )?;
+        if !fused {
+            let om = Mat::new(out, gr, hd);
+            attention(
+                &self.kernels,
+                &self.gemm,
+                l,
+                qm,
+                km,
+                vm,
+                om,
+                kv,
+                attention::scale(hd),
+                &mask,
+                scratch,
+            )?;
+        }
         if kv > 1 {
             unpermute_heads(&self.kernels, l, att_g, att, rows, kv, group, hd)?;
         }
@@ -900,7 +1004,17 @@ impl CudaPolicy {
             )?;
             // The last layer's attention output and MLP feed nothing the policy reads.
             if li + 1 < layers.len() {
-                self.gemma_attention(l, p, p, b.q, (kc, vc), mask, scratch, b.att_g, b.att)?;
+                self.gemma_attention(
+                    l,
+                    p,
+                    p,
+                    b.q,
+                    (kc, vc),
+                    mask,
+                    scratch,
+                    None,
+                    (b.att_g, b.att),
+                )?;
                 g.linear(
                     l,
                     Mat::new(b.att, p, qw),
@@ -1245,8 +1359,18 @@ impl CudaPolicy {
                     d.pmax,
                 )?;
                 self.mark("rope_qkv")?;
-                self.gemma_attention(l, s, d.cap, b.q, cache, mask, scratch, b.att_g, b.att)?;
-                self.mark("attention (QK gemm, softmax, PV gemm)")?;
+                self.gemma_attention(
+                    l,
+                    s,
+                    d.cap,
+                    b.q,
+                    cache,
+                    mask,
+                    scratch,
+                    Some(b.fa),
+                    (b.att_g, b.att),
+                )?;
+                self.mark("attention")?;
                 self.expert_residual(Mat::new(b.att, s, qw), &lw.o, gate)?;
                 self.mark("gemm o + residual")?;
                 let gate = self.expert_norm(&lw.norm2, 2 * li + 1, step, table)?;
