@@ -4,8 +4,10 @@
 use std::str::FromStr;
 
 use crate::checkpoint::Checkpoint;
+use crate::gemma::KvCache;
 use crate::observation::Observation;
-use crate::policy::{Policy, StageTimes};
+use crate::policy::{Denoiser, ImageEmbeddings, Policy, PrefixEncoder, StageTimes, VisionEncoder};
+use crate::weights::Loader;
 use crate::{Error, Result};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -120,4 +122,184 @@ fn load_cuda(_: Precision, _: &Checkpoint, _: impl FnMut(u64, u64)) -> Result<Bo
     Err(Error::Input(
         "CUDA support is not built in: rebuild with `cargo build --release --features cuda`".into(),
     ))
+}
+
+/// One stage of the policy in a process of its own (the split graph's nodes): the vision
+/// tower, the prefix, or the sampler, on some backend. Inputs and outputs are host values, so
+/// any stage can feed any other whatever their backends.
+pub trait VisionStage: Send {
+    /// `pixels`: [num_images, image_size, image_size, 3] in [-1, 1]; `masks`: [num_images].
+    fn encode(&mut self, pixels: &[f32], masks: &[bool]) -> Result<ImageEmbeddings>;
+    fn describe(&self) -> String;
+}
+
+pub trait PrefixStage: Send {
+    /// The K/V cache of the real image tokens and the real prompt tokens.
+    fn encode(
+        &mut self,
+        images: &ImageEmbeddings,
+        tokens: &[i32],
+        token_mask: &[bool],
+    ) -> Result<KvCache>;
+    fn describe(&self) -> String;
+}
+
+pub trait DenoiseStage: Send {
+    /// Actions [action_horizon, action_dim] from `noise` in `steps` Euler steps.
+    fn sample(
+        &mut self,
+        cache: &KvCache,
+        state: Option<&[f32]>,
+        noise: &[f32],
+        steps: usize,
+    ) -> Result<Vec<f32>>;
+    fn describe(&self) -> String;
+}
+
+impl VisionStage for VisionEncoder {
+    fn encode(&mut self, pixels: &[f32], masks: &[bool]) -> Result<ImageEmbeddings> {
+        self.run(pixels, masks)
+    }
+    fn describe(&self) -> String {
+        "cpu f32".into()
+    }
+}
+
+impl PrefixStage for PrefixEncoder {
+    fn encode(
+        &mut self,
+        images: &ImageEmbeddings,
+        tokens: &[i32],
+        token_mask: &[bool],
+    ) -> Result<KvCache> {
+        self.run(images, tokens, token_mask)
+    }
+    fn describe(&self) -> String {
+        "cpu f32".into()
+    }
+}
+
+impl DenoiseStage for Denoiser {
+    fn sample(
+        &mut self,
+        cache: &KvCache,
+        state: Option<&[f32]>,
+        noise: &[f32],
+        steps: usize,
+    ) -> Result<Vec<f32>> {
+        self.run(cache, state, noise, steps)
+    }
+    fn describe(&self) -> String {
+        "cpu f32".into()
+    }
+}
+
+fn cpu_only(precision: Precision) -> Result<()> {
+    if precision != Precision::F32 {
+        return Err(Error::Input(
+            "the cpu backend computes in f32 only; use dtype f32".into(),
+        ));
+    }
+    Ok(())
+}
+
+/// The vision stage of `ckpt` on `kind` (the CUDA backend loads the whole policy and runs
+/// only this stage).
+pub fn load_vision(
+    kind: BackendKind,
+    precision: Precision,
+    ckpt: &Checkpoint,
+) -> Result<Box<dyn VisionStage>> {
+    match kind {
+        BackendKind::Cpu => {
+            cpu_only(precision)?;
+            Ok(Box::new(VisionEncoder::load(
+                ckpt,
+                &mut Loader::new(ckpt, |_, _| {}),
+            )?))
+        }
+        BackendKind::Cuda => Ok(Box::new(load_cuda_stage(precision, ckpt)?)),
+    }
+}
+
+/// The prefix stage of `ckpt` on `kind`.
+pub fn load_prefix(
+    kind: BackendKind,
+    precision: Precision,
+    ckpt: &Checkpoint,
+) -> Result<Box<dyn PrefixStage>> {
+    match kind {
+        BackendKind::Cpu => {
+            cpu_only(precision)?;
+            Ok(Box::new(PrefixEncoder::load(
+                ckpt,
+                &mut Loader::new(ckpt, |_, _| {}),
+            )?))
+        }
+        BackendKind::Cuda => Ok(Box::new(load_cuda_stage(precision, ckpt)?)),
+    }
+}
+
+/// The denoise stage of `ckpt` on `kind`.
+pub fn load_denoise(
+    kind: BackendKind,
+    precision: Precision,
+    ckpt: &Checkpoint,
+) -> Result<Box<dyn DenoiseStage>> {
+    match kind {
+        BackendKind::Cpu => {
+            cpu_only(precision)?;
+            Ok(Box::new(Denoiser::load(
+                ckpt,
+                &mut Loader::new(ckpt, |_, _| {}),
+            )?))
+        }
+        BackendKind::Cuda => Ok(Box::new(load_cuda_stage(precision, ckpt)?)),
+    }
+}
+
+#[cfg(feature = "cuda")]
+fn load_cuda_stage(precision: Precision, ckpt: &Checkpoint) -> Result<crate::cuda::CudaPolicy> {
+    crate::cuda::CudaPolicy::load(ckpt, precision, |_, _| {})
+}
+
+#[cfg(not(feature = "cuda"))]
+fn load_cuda_stage(_: Precision, _: &Checkpoint) -> Result<Unbuilt> {
+    Err(Error::Input(
+        "CUDA support is not built in: rebuild with `--features cuda`".into(),
+    ))
+}
+
+/// Stands in for the CUDA policy in builds without it (never constructed).
+#[cfg(not(feature = "cuda"))]
+enum Unbuilt {}
+
+#[cfg(not(feature = "cuda"))]
+impl VisionStage for Unbuilt {
+    fn encode(&mut self, _: &[f32], _: &[bool]) -> Result<ImageEmbeddings> {
+        match *self {}
+    }
+    fn describe(&self) -> String {
+        match *self {}
+    }
+}
+
+#[cfg(not(feature = "cuda"))]
+impl PrefixStage for Unbuilt {
+    fn encode(&mut self, _: &ImageEmbeddings, _: &[i32], _: &[bool]) -> Result<KvCache> {
+        match *self {}
+    }
+    fn describe(&self) -> String {
+        match *self {}
+    }
+}
+
+#[cfg(not(feature = "cuda"))]
+impl DenoiseStage for Unbuilt {
+    fn sample(&mut self, _: &KvCache, _: Option<&[f32]>, _: &[f32], _: usize) -> Result<Vec<f32>> {
+        match *self {}
+    }
+    fn describe(&self) -> String {
+        match *self {}
+    }
 }

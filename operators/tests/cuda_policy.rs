@@ -131,6 +131,81 @@ fn bf16_matches_cpu_on_golden_models() {
     }
 }
 
+#[test]
+fn split_stages_match_the_fused_policy() {
+    // What the split graph does: three policies (one per process there), each running one
+    // stage, host tensors in between (f32 embeddings, the K/V cache as f32 holding exactly
+    // the device's values). Also CPU stages feeding a CUDA stage.
+    use operators::backend::{DenoiseStage, PrefixStage, VisionStage};
+    for case in golden_cases() {
+        let (ckpt, obs, noise) = load(&case);
+        for precision in [Precision::F32, Precision::Bf16] {
+            let mut fused = cuda(&ckpt, precision);
+            let (mut v, mut p, mut d) = (
+                cuda(&ckpt, precision),
+                cuda(&ckpt, precision),
+                cuda(&ckpt, precision),
+            );
+            for steps in [10, 3] {
+                let (want, _) = fused.infer(&obs, &noise, steps).unwrap();
+                let emb = VisionStage::encode(&mut v, &obs.images, &obs.image_masks).unwrap();
+                let cache =
+                    PrefixStage::encode(&mut p, &emb, &obs.tokens, &obs.token_mask).unwrap();
+                let got = d
+                    .sample(&cache, obs.state.as_deref(), &noise, steps)
+                    .unwrap();
+                // Each policy autotunes its GEMMs on its own, so summation orders may differ:
+                // the stages agree with the fused policy within the precision's tolerance.
+                let (err, at, scale) = diff(&got, &want);
+                println!(
+                    "{} {precision:?} steps {steps}: split vs fused max abs err {err:.3e} (max |action| {scale:.3})",
+                    case.display()
+                );
+                let bar = match precision {
+                    Precision::F32 => GOLDEN_TOLERANCE,
+                    Precision::Bf16 => BF16_TOLERANCE * scale,
+                };
+                assert!(
+                    err <= bar,
+                    "{} {precision:?} steps {steps}: {err:e} at {at}",
+                    case.display()
+                );
+            }
+        }
+        // The CUDA stages accept the CPU stages' tensors (and vice versa): f32 mode agrees with
+        // the CPU within the golden tolerance.
+        let cpu = Policy::load(&ckpt, |_, _| {}).unwrap();
+        let (want, _) = cpu.infer(&obs, &noise, 10).unwrap();
+        let mut d = cuda(&ckpt, Precision::F32);
+        let mut v = operators::VisionEncoder::load(
+            &ckpt,
+            &mut operators::weights::Loader::new(&ckpt, |_, _| {}),
+        )
+        .unwrap();
+        let mut p = operators::PrefixEncoder::load(
+            &ckpt,
+            &mut operators::weights::Loader::new(&ckpt, |_, _| {}),
+        )
+        .unwrap();
+        let emb = VisionStage::encode(&mut v, &obs.images, &obs.image_masks).unwrap();
+        let cache = PrefixStage::encode(&mut p, &emb, &obs.tokens, &obs.token_mask).unwrap();
+        let got = d.sample(&cache, obs.state.as_deref(), &noise, 10).unwrap();
+        let (err, _, scale) = diff(&got, &want);
+        println!(
+            "{} cpu vision+prefix -> cuda denoise: max abs err {err:.3e} (max |action| {scale:.3})",
+            case.display()
+        );
+        assert!(err <= GOLDEN_TOLERANCE, "{}: {err:e}", case.display());
+        // A cache of the wrong shape is an error that names it.
+        let mut bad = cache.clone();
+        bad.k.pop();
+        let e = d
+            .sample(&bad, obs.state.as_deref(), &noise, 10)
+            .unwrap_err();
+        assert!(e.to_string().contains("K/V cache"), "{e}");
+    }
+}
+
 /// Another observation of the same model: one more camera masked (or unmasked) and a
 /// different number of real tokens, so the prefix length changes.
 fn variant(obs: &Observation) -> Observation {

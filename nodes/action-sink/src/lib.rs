@@ -1,5 +1,6 @@
-//! Action sink: one JSON object per frame, `{"seq", "actions", "latency_ms"}`, to `OUTPUT`,
-//! and a summary at stop (frames, gaps, capture-to-action latency p50/p99).
+//! Action sink: one JSON object per frame, `{"seq", "actions", "latency_ms", "t_ns"}`, to
+//! `OUTPUT`, and a summary at stop (frames, gaps, capture-to-action latency p50/p99, and the
+//! throughput between the first and the last frame).
 
 use std::fs::File;
 use std::io::{BufWriter, Write};
@@ -17,6 +18,8 @@ pub struct Summary {
     pub rejected: u64,
     pub latency_p50_ms: f64,
     pub latency_p99_ms: f64,
+    /// Frames per second between the first and the last frame received (NaN below 2 frames).
+    pub fps: f64,
 }
 
 fn percentile(sorted: &[f64], q: f64) -> f64 {
@@ -31,12 +34,13 @@ pub fn run(node: DoraNode, events: EventStream) -> Result<()> {
     let output: PathBuf = env_or("OUTPUT", PathBuf::from("actions.jsonl"))?;
     let summary = run_with(&output, node, events)?;
     println!(
-        "action-sink: {} frames, {} gaps, {} rejected, latency p50 {:.2} ms, p99 {:.2} ms -> {}",
+        "action-sink: {} frames, {} gaps, {} rejected, latency p50 {:.2} ms, p99 {:.2} ms, {:.1} frames/s -> {}",
         summary.frames,
         summary.gaps,
         summary.rejected,
         summary.latency_p50_ms,
         summary.latency_p99_ms,
+        summary.fps,
         output.display()
     );
     Ok(())
@@ -53,6 +57,7 @@ pub fn run_with(
     let mut gaps = SeqGaps::default();
     let mut latencies = Vec::new();
     let mut rejected = 0;
+    let mut span: Option<(u64, u64)> = None;
     while let Some(event) = events.recv() {
         let Event::Input { id, metadata, data } = event else {
             continue;
@@ -72,11 +77,14 @@ pub fn run_with(
                 );
             }
             gaps.observe(meta.seq);
-            let latency_ms = now_ns().saturating_sub(meta.t_capture_ns) as f64 / 1e6;
+            let t_ns = now_ns();
+            let latency_ms = t_ns.saturating_sub(meta.t_capture_ns) as f64 / 1e6;
             latencies.push(latency_ms);
+            span = Some(span.map_or((t_ns, t_ns), |(first, _)| (first, t_ns)));
             let rows: Vec<&[f32]> = a.chunks_exact(shape[1].max(1)).collect();
-            let line =
-                serde_json::json!({"seq": meta.seq, "actions": rows, "latency_ms": latency_ms});
+            let line = serde_json::json!({
+                "seq": meta.seq, "actions": rows, "latency_ms": latency_ms, "t_ns": t_ns,
+            });
             writeln!(w, "{line}")?;
             w.flush()?;
             Ok(())
@@ -93,12 +101,19 @@ pub fn run_with(
         rejected,
         latency_p50_ms: percentile(&latencies, 0.5),
         latency_p99_ms: percentile(&latencies, 0.99),
+        fps: match span {
+            Some((first, last)) if last > first && latencies.len() > 1 => {
+                (latencies.len() - 1) as f64 / ((last - first) as f64 / 1e9)
+            }
+            _ => f64::NAN,
+        },
     };
     let mut path = output.as_os_str().to_owned();
     path.push(".summary.json");
     let json = serde_json::json!({
         "frames": summary.frames, "gaps": summary.gaps, "rejected": summary.rejected,
         "latency_p50_ms": summary.latency_p50_ms, "latency_p99_ms": summary.latency_p99_ms,
+        "fps": if summary.fps.is_finite() { serde_json::json!(summary.fps) } else { serde_json::Value::Null },
     });
     std::fs::write(&path, format!("{json}\n")).wrap_err("writing the summary")?;
     Ok(summary)
@@ -147,6 +162,10 @@ mod tests {
             serde_json::json!([[1.0, 2.0], [3.0, 4.0]])
         );
         assert!(lines[1]["latency_ms"].as_f64().unwrap() > 0.0);
+        let t0 = lines[0]["t_ns"].as_u64().unwrap();
+        let t1 = lines[1]["t_ns"].as_u64().unwrap();
+        assert!(t1 >= t0, "receive times go forward");
+        assert!(summary.fps.is_finite() && summary.fps > 0.0, "{summary:?}");
         let s: serde_json::Value = serde_json::from_str(
             &std::fs::read_to_string(dir.path().join("a.jsonl.summary.json")).unwrap(),
         )

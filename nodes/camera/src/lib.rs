@@ -33,13 +33,19 @@ pub struct Settings {
     pub rate_hz: f64,
     /// None = forever (synthetic) or once through the recording (files).
     pub max_frames: Option<u64>,
+    /// Wait before the first frame (lets slow-loading model nodes come up first).
+    pub start_delay: Duration,
 }
 
 impl Settings {
     /// Env: `FRAMES` (folder or .npy; unset = synthetic), `CAMERAS` (files per frame in a
     /// folder, default 1), `SYNTHETIC_CAMERAS` (2), `SYNTHETIC_SIZE` (224), `STATE` (.npy
-    /// [frames, dims]), `RATE_HZ` (10), `MAX_FRAMES` (0 = forever).
+    /// [frames, dims]), `RATE_HZ` (10), `MAX_FRAMES` (0 = forever), `START_DELAY_S` (0).
     pub fn from_env() -> Result<Self> {
+        let delay: f64 = env_or("START_DELAY_S", 0.0)?;
+        if !(delay.is_finite() && (0.0..=3600.0).contains(&delay)) {
+            bail!("env START_DELAY_S={delay} must be between 0 and 3600 seconds");
+        }
         let rate_hz: f64 = env_or("RATE_HZ", 10.0)?;
         if !(rate_hz.is_finite() && rate_hz > 0.0) {
             bail!("env RATE_HZ={rate_hz} must be a positive number");
@@ -84,6 +90,7 @@ impl Settings {
             state,
             rate_hz,
             max_frames,
+            start_delay: Duration::from_secs_f64(delay),
         })
     }
 }
@@ -205,7 +212,7 @@ pub fn run_with(settings: Settings, mut node: DoraNode, mut events: EventStream)
         (Source::Frames(f), None) => Some(f.len() as u64),
         (Source::Synthetic { .. }, None) => None,
     };
-    let start = Instant::now();
+    let start = Instant::now() + settings.start_delay;
     let mut seq = 0u64;
     while limit.is_none_or(|n| seq < n) {
         // Sleep until this frame's slot, waking for a stop request.
@@ -278,6 +285,7 @@ mod tests {
             state: Some((2, vec![1.0, 2.0, 3.0, 4.0])),
             rate_hz: 1000.0,
             max_frames: Some(3),
+            start_delay: Duration::ZERO,
         };
         run_with(settings, node, events).unwrap();
         let out = integration_testing::drain_outputs(&mut rx);

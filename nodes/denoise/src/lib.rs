@@ -6,12 +6,12 @@ use dora_node_api::dora_core::config::DataId;
 use dora_node_api::{DoraNode, Event, EventStream};
 use eyre::{bail, eyre, Result};
 use node_common::{
-    checkpoint_from_env, env_or, expect_tensor, kv_from_tensor, report_rejected,
-    require_cpu_backend, Dim, FrameMeta, SeqGaps, StateBuffer,
+    backend_from_env, checkpoint_from_env, env_or, expect_tensor, kv_from_tensor, report_rejected,
+    Dim, FrameMeta, SeqGaps, StateBuffer,
 };
+use operators::backend::{self, DenoiseStage};
 use operators::observation::noise_from_seed;
-use operators::weights::Loader;
-use operators::{Config, Denoiser};
+use operators::Config;
 
 pub struct Settings {
     pub steps: usize,
@@ -32,17 +32,19 @@ impl Settings {
     }
 }
 
+/// Env: `CHECKPOINT`, `BACKEND` (cpu or cuda), `DTYPE`, `STEPS`, `SEED`.
 pub fn run(node: DoraNode, events: EventStream) -> Result<()> {
-    require_cpu_backend("denoise")?;
+    let (kind, precision) = backend_from_env()?;
     let settings = Settings::from_env()?;
     let ckpt = checkpoint_from_env()?;
-    let denoiser = Denoiser::load(&ckpt, &mut Loader::new(&ckpt, |_, _| {}))?;
-    run_with(&ckpt.config, &denoiser, &settings, node, events)
+    let mut denoiser = backend::load_denoise(kind, precision, &ckpt)?;
+    eprintln!("denoise: {}", denoiser.describe());
+    run_with(&ckpt.config, denoiser.as_mut(), &settings, node, events)
 }
 
 pub fn run_with(
     cfg: &Config,
-    denoiser: &Denoiser,
+    denoiser: &mut dyn DenoiseStage,
     settings: &Settings,
     mut node: DoraNode,
     mut events: EventStream,
@@ -72,7 +74,7 @@ pub fn run_with(
                 let cache = kv_from_tensor(&shape, kv)?;
                 let state = states.take(meta.seq, !cfg.pi05)?;
                 let noise = noise_from_seed(cfg, settings.seed.wrapping_add(meta.seq));
-                let actions = denoiser.run(&cache, state.as_deref(), &noise, settings.steps)?;
+                let actions = denoiser.sample(&cache, state.as_deref(), &noise, settings.steps)?;
                 node.send_output(
                     out.clone(),
                     meta.tensor_params(&[h, ad], "float32"),
@@ -97,12 +99,14 @@ mod tests {
     use node_common::testing::{event, golden, json, run_node, values, TensorInput};
     use operators::checkpoint::Checkpoint;
     use operators::gemma::KvCache;
+    use operators::weights::Loader;
+    use operators::Denoiser;
 
     #[test]
     fn samples_with_per_frame_noise_and_rejects_a_wrong_shape() {
         let ckpt = Checkpoint::open(&golden("pi05_small").join("checkpoint")).unwrap();
         let cfg = ckpt.config.clone();
-        let den = Denoiser::load(&ckpt, &mut Loader::new(&ckpt, |_, _| {})).unwrap();
+        let mut den = Denoiser::load(&ckpt, &mut Loader::new(&ckpt, |_, _| {})).unwrap();
         let kw = cfg.num_kv_heads * cfg.head_dim;
         let len = 7;
         let cache = KvCache {
@@ -143,7 +147,7 @@ mod tests {
             seed: 100,
         };
         let out = run_node("denoise", events, |node, ev| {
-            run_with(&cfg, &den, &settings, node, ev)
+            run_with(&cfg, &mut den, &settings, node, ev)
         })
         .unwrap();
         assert_eq!(out.len(), 1, "{out:?}");

@@ -9,6 +9,7 @@ use std::str::FromStr;
 pub use dora_node_api;
 use dora_node_api::{DoraArray, MetadataParameters, Parameter};
 use eyre::{bail, eyre, Result, WrapErr};
+use operators::backend::{BackendKind, Precision};
 use operators::checkpoint::Checkpoint;
 use operators::gemma::KvCache;
 
@@ -407,17 +408,18 @@ mod tests {
     }
 }
 
-/// The split stage nodes run on the CPU backend; `BACKEND` (default `cpu`) is checked so a
-/// graph asking for another backend fails at start with a clear message.
-pub fn require_cpu_backend(node: &str) -> Result<()> {
-    let backend: String = env_or("BACKEND", "cpu".to_string())?;
-    match backend.as_str() {
-        "cpu" => Ok(()),
-        "cuda" => bail!(
-            "{node}: env BACKEND=cuda: the split stage nodes run on the cpu backend; use the fused `policy` node for cuda"
-        ),
-        other => bail!("{node}: env BACKEND={other:?} is not a backend (expected cpu or cuda)"),
-    }
+/// The backend of a model node from env `BACKEND` (`cpu`, the default, or `cuda`) and
+/// `DTYPE` (`f32` on cpu, `bf16` by default on cuda).
+pub fn backend_from_env() -> Result<(BackendKind, Precision)> {
+    let kind: BackendKind = env_or("BACKEND", "cpu".to_string())?
+        .parse()
+        .wrap_err("env BACKEND")?;
+    let precision: Precision = match env_opt::<String>("DTYPE")? {
+        Some(d) => d.parse().wrap_err("env DTYPE")?,
+        None if kind == BackendKind::Cuda => Precision::Bf16,
+        None => Precision::F32,
+    };
+    Ok((kind, precision))
 }
 
 /// Image masks from a message's `image_masks` metadata (one 0/1 per camera).

@@ -5,10 +5,10 @@ use dora_node_api::dora_core::config::DataId;
 use dora_node_api::{DoraNode, Event, EventStream};
 use eyre::{bail, eyre, Result, WrapErr};
 use node_common::{
-    checkpoint_from_env, env_opt, env_or, env_path, model_images, report_rejected, FrameMeta,
-    SeqGaps, StateBuffer,
+    backend_from_env, checkpoint_from_env, env_or, env_path, model_images, report_rejected,
+    FrameMeta, SeqGaps, StateBuffer,
 };
-use operators::backend::{self, BackendKind, Precision, Runner};
+use operators::backend::{self, Runner};
 use operators::observation::{load_prompt, noise_from_seed};
 use operators::{Config, Observation};
 
@@ -22,14 +22,7 @@ pub struct Settings {
 /// Env: `CHECKPOINT`, `PROMPT` (dir with tokens.npy, token_mask.npy), `BACKEND` (cpu),
 /// `DTYPE` (f32 on cpu, bf16 on cuda), `STEPS` (10), `SEED` (0).
 pub fn run(node: DoraNode, events: EventStream) -> Result<()> {
-    let kind: BackendKind = env_or("BACKEND", "cpu".to_string())?
-        .parse()
-        .wrap_err("env BACKEND")?;
-    let precision: Precision = match env_opt::<String>("DTYPE")? {
-        Some(d) => d.parse().wrap_err("env DTYPE")?,
-        None if kind == BackendKind::Cuda => Precision::Bf16,
-        None => Precision::F32,
-    };
+    let (kind, precision) = backend_from_env()?;
     let steps: usize = env_or("STEPS", 10)?;
     if steps == 0 {
         bail!("env STEPS must be at least 1");

@@ -7,12 +7,12 @@ use dora_node_api::dora_core::config::DataId;
 use dora_node_api::{DoraNode, Event, EventStream};
 use eyre::{eyre, Result, WrapErr};
 use node_common::{
-    checkpoint_from_env, env_path, expect_tensor, image_masks, kv_to_tensor, report_rejected,
-    require_cpu_backend, Dim, FrameMeta, SeqGaps,
+    backend_from_env, checkpoint_from_env, env_path, expect_tensor, image_masks, kv_to_tensor,
+    report_rejected, Dim, FrameMeta, SeqGaps,
 };
+use operators::backend::{self, PrefixStage};
 use operators::observation::load_prompt;
-use operators::weights::Loader;
-use operators::{Config, ImageEmbeddings, PrefixEncoder};
+use operators::{Config, ImageEmbeddings};
 
 /// The prompt: token ids and their mask (right-padded).
 pub struct Prompt {
@@ -20,16 +20,18 @@ pub struct Prompt {
     pub mask: Vec<bool>,
 }
 
+/// Env: `CHECKPOINT`, `PROMPT`, `BACKEND` (cpu or cuda), `DTYPE`.
 pub fn run(node: DoraNode, events: EventStream) -> Result<()> {
-    require_cpu_backend("prefix")?;
+    let (kind, precision) = backend_from_env()?;
     let ckpt = checkpoint_from_env()?;
     let dir: PathBuf = env_path("PROMPT")?;
     let (tokens, mask) = load_prompt(&dir, &ckpt.config)
         .wrap_err_with(|| format!("env PROMPT={}", dir.display()))?;
-    let encoder = PrefixEncoder::load(&ckpt, &mut Loader::new(&ckpt, |_, _| {}))?;
+    let mut encoder = backend::load_prefix(kind, precision, &ckpt)?;
+    eprintln!("prefix: {}", encoder.describe());
     run_with(
         &ckpt.config,
-        &encoder,
+        encoder.as_mut(),
         &Prompt { tokens, mask },
         node,
         events,
@@ -38,7 +40,7 @@ pub fn run(node: DoraNode, events: EventStream) -> Result<()> {
 
 pub fn run_with(
     cfg: &Config,
-    encoder: &PrefixEncoder,
+    encoder: &mut dyn PrefixStage,
     prompt: &Prompt,
     mut node: DoraNode,
     mut events: EventStream,
@@ -70,7 +72,7 @@ pub fn run_with(
                 tokens: emb.to_vec(),
                 real_images: real,
             };
-            let cache = encoder.run(&images, &prompt.tokens, &prompt.mask)?;
+            let cache = encoder.encode(&images, &prompt.tokens, &prompt.mask)?;
             let (shape, values) = kv_to_tensor(&cache);
             node.send_output(out.clone(), meta.tensor_params(&shape, "float32"), values)
                 .map_err(|e| eyre!("sending kv_cache: {e}"))
@@ -89,12 +91,14 @@ mod tests {
     use dora_node_api::Parameter;
     use node_common::testing::{event, golden, json, run_node, values, TensorInput};
     use operators::checkpoint::Checkpoint;
+    use operators::weights::Loader;
+    use operators::PrefixEncoder;
 
     #[test]
     fn builds_the_kv_cache_and_rejects_a_wrong_shape() {
         let ckpt = Checkpoint::open(&golden("pi05_small").join("checkpoint")).unwrap();
         let cfg = ckpt.config.clone();
-        let enc = PrefixEncoder::load(&ckpt, &mut Loader::new(&ckpt, |_, _| {})).unwrap();
+        let mut enc = PrefixEncoder::load(&ckpt, &mut Loader::new(&ckpt, |_, _| {})).unwrap();
         let (tokens, mask) = load_prompt(&golden("pi05_small").join("observation"), &cfg).unwrap();
         let rows = 2 * cfg.tokens_per_image();
         let emb: Vec<f32> = (0..rows * cfg.vlm_width)
@@ -119,7 +123,7 @@ mod tests {
             mask: mask.clone(),
         };
         let out = run_node("prefix", events, |node, ev| {
-            run_with(&cfg, &enc, &prompt, node, ev)
+            run_with(&cfg, &mut enc, &prompt, node, ev)
         })
         .unwrap();
         assert_eq!(out.len(), 1, "{out:?}");

@@ -4,22 +4,24 @@ use dora_node_api::dora_core::config::DataId;
 use dora_node_api::{DoraNode, Event, EventStream};
 use eyre::{eyre, Result};
 use node_common::{
-    checkpoint_from_env, masks_param, model_images, report_rejected, require_cpu_backend,
-    FrameMeta, SeqGaps,
+    backend_from_env, checkpoint_from_env, masks_param, model_images, report_rejected, FrameMeta,
+    SeqGaps,
 };
-use operators::weights::Loader;
-use operators::{Config, VisionEncoder};
+use operators::backend::{self, VisionStage};
+use operators::Config;
 
+/// Env: `CHECKPOINT`, `BACKEND` (cpu or cuda), `DTYPE`.
 pub fn run(node: DoraNode, events: EventStream) -> Result<()> {
-    require_cpu_backend("vision")?;
+    let (kind, precision) = backend_from_env()?;
     let ckpt = checkpoint_from_env()?;
-    let encoder = VisionEncoder::load(&ckpt, &mut Loader::new(&ckpt, |_, _| {}))?;
-    run_with(&ckpt.config, &encoder, node, events)
+    let mut encoder = backend::load_vision(kind, precision, &ckpt)?;
+    eprintln!("vision: {}", encoder.describe());
+    run_with(&ckpt.config, encoder.as_mut(), node, events)
 }
 
 pub fn run_with(
     cfg: &Config,
-    encoder: &VisionEncoder,
+    encoder: &mut dyn VisionStage,
     mut node: DoraNode,
     mut events: EventStream,
 ) -> Result<()> {
@@ -37,7 +39,7 @@ pub fn run_with(
             let meta = FrameMeta::from_metadata("images", md)?;
             gaps.observe(meta.seq);
             let (pixels, masks) = model_images(md, &data, cfg)?;
-            let emb = encoder.run(&pixels, &masks)?;
+            let emb = encoder.encode(&pixels, &masks)?;
             let mut p = meta.tensor_params(
                 &[emb.real_images * cfg.tokens_per_image(), cfg.vlm_width],
                 "float32",
@@ -61,12 +63,14 @@ mod tests {
     use node_common::testing::{event, golden, json, run_node, values, TensorInput};
     use operators::checkpoint::Checkpoint;
     use operators::image;
+    use operators::weights::Loader;
+    use operators::VisionEncoder;
 
     #[test]
     fn encodes_real_cameras_and_rejects_a_wrong_shape() {
         let ckpt = Checkpoint::open(&golden("pi05_small").join("checkpoint")).unwrap();
         let cfg = ckpt.config.clone();
-        let enc = VisionEncoder::load(&ckpt, &mut Loader::new(&ckpt, |_, _| {})).unwrap();
+        let mut enc = VisionEncoder::load(&ckpt, &mut Loader::new(&ckpt, |_, _| {})).unwrap();
         let (n, s) = (cfg.num_images, cfg.image_size);
         let px: Vec<u8> = (0..n * s * s * 3).map(|i| (i * 31 % 251) as u8).collect();
         let masks = Parameter::ListInt(vec![1, 0, 1]);
@@ -86,7 +90,10 @@ mod tests {
             event(0.01, msg(1, bad, &px[..(n - 1) * s * s * 3])),
             event(0.02, msg(2, shape, &px)),
         ];
-        let out = run_node("vision", events, |node, ev| run_with(&cfg, &enc, node, ev)).unwrap();
+        let out = run_node("vision", events, |node, ev| {
+            run_with(&cfg, &mut enc, node, ev)
+        })
+        .unwrap();
         assert_eq!(
             out.len(),
             2,

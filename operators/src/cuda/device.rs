@@ -291,6 +291,7 @@ unsafe impl Send for PinnedBuffer {}
 pub(crate) trait Pod: Copy + Default {}
 impl Pod for f32 {}
 impl Pod for i32 {}
+impl Pod for u16 {}
 
 impl PinnedBuffer {
     pub fn alloc(dev: &Device, bytes: usize) -> Result<PinnedBuffer> {

@@ -22,7 +22,7 @@ use super::attention::{
 };
 use super::compile::Kernels;
 use super::device::{
-    guard, timing_event, CudaResult, DType, Device, DeviceBuffer, Lane, PinnedBuffer, View,
+    guard, timing_event, CudaResult, DType, Device, DeviceBuffer, Lane, PinnedBuffer, Pod, View,
 };
 use super::embed::embed_tokens;
 use super::euler::euler_step;
@@ -37,6 +37,7 @@ use super::weights::{Arena, DeviceWeights, GemmaW, HeadsW, Lin, NormW};
 use crate::backend::{Precision, Runner};
 use crate::checkpoint::Checkpoint;
 use crate::config::Config;
+use crate::gemma::KvCache;
 use crate::observation::Observation;
 use crate::policy::{time_embedding, StageTimes};
 use crate::{cpu, Error, Result};
@@ -371,6 +372,74 @@ fn stage_graphs_enabled() -> bool {
     })
 }
 
+/// The time between two recorded timing events.
+fn elapsed(a: &CudaEvent, b: &CudaEvent) -> Result<Duration> {
+    let t = a.elapsed_ms(b).cuda("reading stage times")?;
+    Ok(Duration::from_secs_f64(f64::from(t.max(0.0)) / 1e3))
+}
+
+/// Synchronous upload of pageable host memory (used by the split stages between frames).
+fn upload_now<T: Pod>(src: &[T], dst: View) -> Result<()> {
+    if std::mem::size_of_val(src) > dst.bytes() {
+        return Err(Error::Cuda("internal: upload larger than its view".into()));
+    }
+    // SAFETY: `dst` holds the bytes (checked); the copy is synchronous, so `src` outlives it.
+    unsafe { cudarc::driver::result::memcpy_htod_sync(dst.ptr, src) }
+        .cuda("uploading to the device")
+}
+
+/// Synchronous download into pageable host memory.
+fn download_now<T: Pod>(src: View, dst: &mut [T]) -> Result<()> {
+    if std::mem::size_of_val(dst) > src.bytes() {
+        return Err(Error::Cuda(
+            "internal: download larger than its view".into(),
+        ));
+    }
+    // SAFETY: `src` holds the bytes (checked); the copy is synchronous and every stream that
+    // wrote `src` was synchronised by the caller.
+    unsafe { cudarc::driver::result::memcpy_dtoh_sync(dst, src.ptr) }
+        .cuda("downloading from the device")
+}
+
+/// A device view of the activation type (f32 or bf16) as f32.
+fn read_act(v: View) -> Result<Vec<f32>> {
+    match v.dtype {
+        DType::F32 => {
+            let mut out = vec![0.0f32; v.len];
+            download_now(v, &mut out)?;
+            Ok(out)
+        }
+        DType::Bf16 => {
+            let mut bits = vec![0u16; v.len];
+            download_now(v, &mut bits)?;
+            Ok(bits
+                .into_iter()
+                .map(|b| half::bf16::from_bits(b).to_f32())
+                .collect())
+        }
+        other => Err(Error::Cuda(format!(
+            "internal: reading {other:?} as activations"
+        ))),
+    }
+}
+
+/// f32 values into a device view of the activation type.
+fn write_act(src: &[f32], dst: View) -> Result<()> {
+    match dst.dtype {
+        DType::F32 => upload_now(src, dst),
+        DType::Bf16 => {
+            let bits: Vec<u16> = src
+                .iter()
+                .map(|&x| half::bf16::from_f32(x).to_bits())
+                .collect();
+            upload_now(&bits, dst)
+        }
+        other => Err(Error::Cuda(format!(
+            "internal: writing {other:?} as activations"
+        ))),
+    }
+}
+
 /// Records what `body` launches on `lane` into a graph (after its work so far has finished),
 /// without running it.
 fn capture(lane: &Lane, body: impl FnOnce() -> Result<()>, what: &str) -> Result<SendGraph> {
@@ -565,32 +634,25 @@ impl CudaPolicy {
         Ok((real, ids))
     }
 
-    fn frame(
-        &mut self,
-        obs: &Observation,
-        noise: &[f32],
-        steps: usize,
-    ) -> Result<(Vec<f32>, StageTimes)> {
-        let (real, ids) = self.check_inputs(obs, noise, steps)?;
-        self.dev.bind()?;
-        let d = self.dims.clone();
-        let per_image = d.size * d.size * 3;
-        let img_rows = real.len() * d.t;
-        let p = img_rows + ids.len();
-        // Stage the inputs in pinned memory.
-        {
-            let px = self
-                .pinned
-                .pixels
-                .slice_mut::<f32>(real.len() * per_image)?;
-            for (dst, &i) in px.chunks_exact_mut(per_image).zip(&real) {
-                dst.copy_from_slice(&obs.images[i * per_image..(i + 1) * per_image]);
-            }
+    /// Copies the real cameras of `images` into the pinned pixel buffer.
+    fn stage_images(&mut self, images: &[f32], real: &[usize]) -> Result<()> {
+        let per_image = self.dims.size * self.dims.size * 3;
+        let px = self
+            .pinned
+            .pixels
+            .slice_mut::<f32>(real.len() * per_image)?;
+        for (dst, &i) in px.chunks_exact_mut(per_image).zip(real) {
+            dst.copy_from_slice(&images[i * per_image..(i + 1) * per_image]);
         }
+        Ok(())
+    }
+
+    /// Copies the prompt ids and the prefix length `p` into pinned memory.
+    fn stage_prompt(&mut self, ids: &[i32], p: usize) -> Result<()> {
         self.pinned
             .ids
             .slice_mut::<i32>(ids.len())?
-            .copy_from_slice(&ids);
+            .copy_from_slice(ids);
         let info = [
             i32::try_from(p).map_err(|_| Error::Input("prefix too long".into()))?,
             0,
@@ -598,65 +660,71 @@ impl CudaPolicy {
             0,
         ];
         self.pinned.info.slice_mut::<i32>(4)?.copy_from_slice(&info);
+        Ok(())
+    }
+
+    /// Copies the noise and (pi0) the state into pinned memory.
+    fn stage_sampler(&mut self, noise: &[f32], state: Option<&[f32]>) -> Result<()> {
         self.pinned
             .noise
             .slice_mut::<f32>(noise.len())?
             .copy_from_slice(noise);
-        if let Some(s) = obs.state.as_deref().filter(|_| !self.cfg.pi05) {
-            self.pinned.state.slice_mut::<f32>(d.ad)?.copy_from_slice(s);
+        if let Some(s) = state.filter(|_| !self.cfg.pi05) {
+            let ad = self.dims.ad;
+            self.pinned.state.slice_mut::<f32>(ad)?.copy_from_slice(s);
         }
+        Ok(())
+    }
 
-        let ev = &self.events;
-        let (lv, lp, ld) = (&self.lanes.vision, &self.lanes.prefix, &self.lanes.denoise);
-        ev[0].record(&lv.stream).cuda("recording an event")?;
-        if !real.is_empty() {
-            lv.upload(
-                self.pinned.pixels.slice::<f32>(real.len() * per_image)?,
-                self.buf.vision.pixels,
-            )?;
-            let n = real.len();
-            if let Some(g) = self.vision_graphs.get(&n) {
-                g.0.launch().cuda("launching the vision graph")?;
-            } else {
-                self.vision(n)?;
-                if stage_graphs_enabled() {
-                    let g = capture(lv, || self.vision(n), "vision")?;
-                    self.vision_graphs.insert(n, g);
-                }
+    /// Vision stream: upload of `n` staged cameras, then the vision graph (captured after
+    /// the first eager run of this camera count).
+    fn enqueue_vision(&mut self, n: usize) -> Result<()> {
+        if n == 0 {
+            return Ok(());
+        }
+        let per_image = self.dims.size * self.dims.size * 3;
+        let lv = &self.lanes.vision;
+        lv.upload(
+            self.pinned.pixels.slice::<f32>(n * per_image)?,
+            self.buf.vision.pixels,
+        )?;
+        if let Some(g) = self.vision_graphs.get(&n) {
+            g.0.launch().cuda("launching the vision graph")?;
+        } else {
+            self.vision(n)?;
+            if stage_graphs_enabled() {
+                let g = capture(&self.lanes.vision, || self.vision(n), "vision")?;
+                self.vision_graphs.insert(n, g);
             }
         }
-        ev[1].record(&lv.stream).cuda("recording an event")?;
+        Ok(())
+    }
 
-        lp.stream
-            .wait(&ev[1])
-            .cuda("ordering prefix after vision")?;
-        ev[2].record(&lp.stream).cuda("recording an event")?;
-        lp.upload(
-            self.pinned.ids.slice::<i32>(ids.len())?,
-            self.buf.prefix.ids,
-        )?;
+    /// Prefix stream: upload of the staged prompt, then the prefix graph for this shape.
+    fn enqueue_prefix(&mut self, img_rows: usize, n_ids: usize) -> Result<()> {
+        let lp = &self.lanes.prefix;
+        lp.upload(self.pinned.ids.slice::<i32>(n_ids)?, self.buf.prefix.ids)?;
         lp.upload(self.pinned.info.slice::<i32>(4)?, self.buf.prefix.info)?;
-        let key = (img_rows, ids.len());
+        let key = (img_rows, n_ids);
         if let Some(g) = self.prefix_graphs.get(&key) {
             g.0.launch().cuda("launching the prefix graph")?;
         } else {
-            self.prefix(img_rows, ids.len())?;
+            self.prefix(img_rows, n_ids)?;
             if stage_graphs_enabled() {
-                let g = capture(lp, || self.prefix(key.0, key.1), "prefix")?;
+                let g = capture(&self.lanes.prefix, || self.prefix(key.0, key.1), "prefix")?;
                 self.prefix_graphs.insert(key, g);
             }
         }
-        let (ev, lp) = (&self.events, &self.lanes.prefix);
-        ev[3].record(&lp.stream).cuda("recording an event")?;
+        Ok(())
+    }
 
-        ld.stream
-            .wait(&ev[3])
-            .cuda("ordering denoise after prefix")?;
-        ev[4].record(&ld.stream).cuda("recording an event")?;
-        ld.upload(
-            self.pinned.noise.slice::<f32>(noise.len())?,
-            self.buf.denoise.noise,
-        )?;
+    /// Denoise stream: upload of the staged noise (and state), the denoise graph, and the
+    /// download of the actions into pinned memory.
+    fn enqueue_denoise(&mut self, steps: usize) -> Result<()> {
+        let d = &self.dims;
+        let n = d.h * d.ad;
+        let ld = &self.lanes.denoise;
+        ld.upload(self.pinned.noise.slice::<f32>(n)?, self.buf.denoise.noise)?;
         if !self.cfg.pi05 {
             ld.upload(
                 self.pinned.state.slice::<f32>(d.ad)?,
@@ -669,26 +737,226 @@ impl CudaPolicy {
             .get(&steps)
             .ok_or_else(|| Error::Cuda("internal: denoise graph missing".into()))?;
         graph.graph.0.launch().cuda("launching the denoise graph")?;
-        let ld = &self.lanes.denoise;
-        let n = d.h * d.ad;
-        ld.download(
+        self.lanes.denoise.download(
             self.buf.denoise.xt.at(0, n)?,
             self.pinned.actions.slice_mut::<f32>(n)?,
-        )?;
-        let ev = &self.events;
+        )
+    }
+
+    fn frame(
+        &mut self,
+        obs: &Observation,
+        noise: &[f32],
+        steps: usize,
+    ) -> Result<(Vec<f32>, StageTimes)> {
+        let (real, ids) = self.check_inputs(obs, noise, steps)?;
+        self.dev.bind()?;
+        let img_rows = real.len() * self.dims.t;
+        self.stage_images(&obs.images, &real)?;
+        self.stage_prompt(&ids, img_rows + ids.len())?;
+        self.stage_sampler(noise, obs.state.as_deref())?;
+
+        self.events[0]
+            .record(&self.lanes.vision.stream)
+            .cuda("recording an event")?;
+        self.enqueue_vision(real.len())?;
+        let (ev, lv, lp) = (&self.events, &self.lanes.vision, &self.lanes.prefix);
+        ev[1].record(&lv.stream).cuda("recording an event")?;
+        lp.stream
+            .wait(&ev[1])
+            .cuda("ordering prefix after vision")?;
+        ev[2].record(&lp.stream).cuda("recording an event")?;
+        self.enqueue_prefix(img_rows, ids.len())?;
+        let (ev, lp, ld) = (&self.events, &self.lanes.prefix, &self.lanes.denoise);
+        ev[3].record(&lp.stream).cuda("recording an event")?;
+        ld.stream
+            .wait(&ev[3])
+            .cuda("ordering denoise after prefix")?;
+        ev[4].record(&ld.stream).cuda("recording an event")?;
+        self.enqueue_denoise(steps)?;
+        let (ev, ld) = (&self.events, &self.lanes.denoise);
         ev[5].record(&ld.stream).cuda("recording an event")?;
         ev[5].synchronize().cuda("running the frame")?;
-        let ms = |a: &CudaEvent, b: &CudaEvent| -> Result<Duration> {
-            let t = a.elapsed_ms(b).cuda("reading stage times")?;
-            Ok(Duration::from_secs_f64(f64::from(t.max(0.0)) / 1e3))
-        };
         let times = StageTimes {
-            vision: ms(&ev[0], &ev[1])?,
-            prefix: ms(&ev[2], &ev[3])?,
-            denoise: ms(&ev[4], &ev[5])?,
+            vision: elapsed(&ev[0], &ev[1])?,
+            prefix: elapsed(&ev[2], &ev[3])?,
+            denoise: elapsed(&ev[4], &ev[5])?,
         };
+        let n = self.dims.h * self.dims.ad;
         let actions = self.pinned.actions.slice::<f32>(n)?.to_vec();
         Ok((actions, times))
+    }
+
+    /// The vision stage alone (a split vision node): the image embeddings [n * t, vlm_width]
+    /// (f32) of the `n` cameras in `images` ([n, size, size, 3] in [-1, 1]), and the stage's
+    /// GPU time.
+    pub fn run_vision(&mut self, images: &[f32], n: usize) -> Result<(Vec<f32>, Duration)> {
+        guard("the CUDA vision stage", || {
+            let d = self.dims.clone();
+            let per_image = d.size * d.size * 3;
+            if n > d.n_img || images.len() != n * per_image {
+                return Err(Error::Input(format!(
+                    "vision: expected at most {} images of {}x{}x3, got {} values for {n}",
+                    d.n_img,
+                    d.size,
+                    d.size,
+                    images.len()
+                )));
+            }
+            self.dev.bind()?;
+            let real: Vec<usize> = (0..n).collect();
+            self.stage_images(images, &real)?;
+            let lv = &self.lanes.vision;
+            self.events[0]
+                .record(&lv.stream)
+                .cuda("recording an event")?;
+            self.enqueue_vision(n)?;
+            let (ev, lv) = (&self.events, &self.lanes.vision);
+            ev[1].record(&lv.stream).cuda("recording an event")?;
+            ev[1].synchronize().cuda("running the vision stage")?;
+            let mut out = vec![0.0f32; n * d.t * d.w];
+            download_now(self.buf.prefix.x.at(0, out.len())?, &mut out)?;
+            Ok((out, elapsed(&ev[0], &ev[1])?))
+        })
+    }
+
+    /// The prefix stage alone (a split prefix node): the K/V cache of the real prefix from the
+    /// image embeddings of `real_images` cameras and the real prompt ids, and the stage's GPU
+    /// time. The cache comes back in f32 (exactly the values the device holds).
+    pub fn run_prefix(
+        &mut self,
+        embeddings: &[f32],
+        real_images: usize,
+        ids: &[i32],
+    ) -> Result<(KvCache, Duration)> {
+        guard("the CUDA prefix stage", || {
+            let d = self.dims.clone();
+            let img_rows = real_images * d.t;
+            if real_images > d.n_img || embeddings.len() != img_rows * d.w {
+                return Err(Error::Input(format!(
+                    "prefix: expected [{img_rows}, {}] image embeddings for {real_images} cameras, got {} values",
+                    d.w,
+                    embeddings.len()
+                )));
+            }
+            if ids.len() > d.max_tok {
+                return Err(Error::Input(format!(
+                    "prefix: {} prompt tokens, at most max_token_len {}",
+                    ids.len(),
+                    d.max_tok
+                )));
+            }
+            if let Some(t) = ids
+                .iter()
+                .find(|&&t| usize::try_from(t).map_or(true, |id| id >= d.vocab))
+            {
+                return Err(Error::Input(format!(
+                    "token id {t} is outside the vocabulary [0, {})",
+                    d.vocab
+                )));
+            }
+            self.dev.bind()?;
+            let p = img_rows + ids.len();
+            self.stage_prompt(ids, p)?;
+            let lp = &self.lanes.prefix;
+            self.events[2]
+                .record(&lp.stream)
+                .cuda("recording an event")?;
+            // Pageable upload: synchronous with respect to `embeddings`.
+            upload_now(embeddings, self.buf.prefix.x.at(0, embeddings.len())?)?;
+            self.enqueue_prefix(img_rows, ids.len())?;
+            let (ev, lp) = (&self.events, &self.lanes.prefix);
+            ev[3].record(&lp.stream).cuda("recording an event")?;
+            ev[3].synchronize().cuda("running the prefix stage")?;
+            let cache = self.download_cache(p)?;
+            Ok((cache, elapsed(&ev[2], &ev[3])?))
+        })
+    }
+
+    /// The denoise stage alone (a split denoise node): actions [horizon, action_dim] from a
+    /// K/V cache, the state (pi0) and the noise, and the stage's GPU time.
+    pub fn run_denoise(
+        &mut self,
+        cache: &KvCache,
+        state: Option<&[f32]>,
+        noise: &[f32],
+        steps: usize,
+    ) -> Result<(Vec<f32>, Duration)> {
+        guard("the CUDA denoise stage", || {
+            let d = self.dims.clone();
+            let kvw = d.heads.kv_width();
+            if cache.kv_width != kvw
+                || cache.k.len() != d.depth
+                || cache.v.len() != d.depth
+                || cache.len > d.pmax
+                || cache
+                    .k
+                    .iter()
+                    .chain(&cache.v)
+                    .any(|l| l.len() != cache.len * kvw)
+            {
+                return Err(Error::Input(format!(
+                    "denoise: expected a K/V cache of {} layers, width {kvw}, at most {} rows; got {} / {} layers, width {}, {} rows",
+                    d.depth,
+                    d.pmax,
+                    cache.k.len(),
+                    cache.v.len(),
+                    cache.kv_width,
+                    cache.len
+                )));
+            }
+            crate::policy::check_sampler_inputs(&self.cfg, state, noise, steps)?;
+            self.dev.bind()?;
+            self.stage_sampler(noise, state)?;
+            self.upload_cache(cache)?;
+            let info = [
+                i32::try_from(cache.len).map_err(|_| Error::Input("prefix too long".into()))?,
+                0,
+                0,
+                0,
+            ];
+            upload_now(&info, self.buf.prefix.info.at(0, 4)?)?;
+            let ld = &self.lanes.denoise;
+            self.events[4]
+                .record(&ld.stream)
+                .cuda("recording an event")?;
+            self.enqueue_denoise(steps)?;
+            let (ev, ld) = (&self.events, &self.lanes.denoise);
+            ev[5].record(&ld.stream).cuda("recording an event")?;
+            ev[5].synchronize().cuda("running the denoise stage")?;
+            let n = d.h * d.ad;
+            let actions = self.pinned.actions.slice::<f32>(n)?.to_vec();
+            Ok((actions, elapsed(&ev[4], &ev[5])?))
+        })
+    }
+
+    /// Rows 0..p of every layer's K and V cache, as f32.
+    fn download_cache(&self, p: usize) -> Result<KvCache> {
+        let d = &self.dims;
+        let kvw = d.heads.kv_width();
+        let (mut k, mut v) = (Vec::with_capacity(d.depth), Vec::with_capacity(d.depth));
+        for layer in 0..d.depth {
+            let (kc, vc) = self.cache(layer)?;
+            k.push(read_act(kc.at(0, p * kvw)?)?);
+            v.push(read_act(vc.at(0, p * kvw)?)?);
+        }
+        Ok(KvCache {
+            len: p,
+            kv_width: kvw,
+            k,
+            v,
+        })
+    }
+
+    /// Writes `cache` into rows 0..len of every layer's K and V cache (rounded to the
+    /// activation type: exact for a cache that came from this type).
+    fn upload_cache(&self, cache: &KvCache) -> Result<()> {
+        for layer in 0..self.dims.depth {
+            let (kc, vc) = self.cache(layer)?;
+            write_act(&cache.k[layer], kc.at(0, cache.k[layer].len())?)?;
+            write_act(&cache.v[layer], vc.at(0, cache.v[layer].len())?)?;
+        }
+        Ok(())
     }
 
     /// SigLIP and the projector for `n` real images; writes prefix rows 0..n*t.
@@ -1578,5 +1846,80 @@ impl Runner for CudaPolicy {
             "cuda {p} on {} (sm_{}{})",
             self.dev.name, self.dev.cc.0, self.dev.cc.1
         )
+    }
+}
+
+impl crate::backend::VisionStage for CudaPolicy {
+    fn encode(&mut self, pixels: &[f32], masks: &[bool]) -> Result<crate::ImageEmbeddings> {
+        let c = &self.cfg;
+        let per_image = c.image_size * c.image_size * 3;
+        if masks.len() != c.num_images || pixels.len() != c.num_images * per_image {
+            return Err(Error::Input(format!(
+                "vision: expected {} images of {}x{}x3 and {} masks, got {} values and {} masks",
+                c.num_images,
+                c.image_size,
+                c.image_size,
+                c.num_images,
+                pixels.len(),
+                masks.len()
+            )));
+        }
+        let real: Vec<f32> = pixels
+            .chunks_exact(per_image)
+            .zip(masks)
+            .filter(|(_, &m)| m)
+            .flat_map(|(px, _)| px.iter().copied())
+            .collect();
+        let n = masks.iter().filter(|&&m| m).count();
+        let (tokens, _) = self.run_vision(&real, n)?;
+        Ok(crate::ImageEmbeddings {
+            tokens,
+            real_images: n,
+        })
+    }
+    fn describe(&self) -> String {
+        Runner::describe(self)
+    }
+}
+
+impl crate::backend::PrefixStage for CudaPolicy {
+    fn encode(
+        &mut self,
+        images: &crate::ImageEmbeddings,
+        tokens: &[i32],
+        token_mask: &[bool],
+    ) -> Result<KvCache> {
+        if tokens.len() != token_mask.len() {
+            return Err(Error::Input(format!(
+                "prefix: {} tokens with {} mask entries; expected equal lengths",
+                tokens.len(),
+                token_mask.len()
+            )));
+        }
+        let ids: Vec<i32> = tokens
+            .iter()
+            .zip(token_mask)
+            .filter(|(_, &m)| m)
+            .map(|(&t, _)| t)
+            .collect();
+        Ok(self.run_prefix(&images.tokens, images.real_images, &ids)?.0)
+    }
+    fn describe(&self) -> String {
+        Runner::describe(self)
+    }
+}
+
+impl crate::backend::DenoiseStage for CudaPolicy {
+    fn sample(
+        &mut self,
+        cache: &KvCache,
+        state: Option<&[f32]>,
+        noise: &[f32],
+        steps: usize,
+    ) -> Result<Vec<f32>> {
+        Ok(self.run_denoise(cache, state, noise, steps)?.0)
+    }
+    fn describe(&self) -> String {
+        Runner::describe(self)
     }
 }

@@ -291,6 +291,16 @@ fn check_env(id: &str, kind: Kind, node: &Node, base: &Path, errors: &mut Vec<St
                 }
             }
             uint("MAX_FRAMES", &mut err);
+            if let Some(v) = env.get("START_DELAY_S") {
+                if !v
+                    .parse::<f64>()
+                    .is_ok_and(|d| d.is_finite() && (0.0..=3600.0).contains(&d))
+                {
+                    err(format!(
+                        "env START_DELAY_S={v:?} must be between 0 and 3600 seconds"
+                    ));
+                }
+            }
             positive("CAMERAS", &mut err);
             positive("SYNTHETIC_CAMERAS", &mut err);
             positive("SYNTHETIC_SIZE", &mut err);
