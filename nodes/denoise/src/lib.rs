@@ -5,11 +5,12 @@
 use dora_node_api::dora_core::config::DataId;
 use dora_node_api::{DoraNode, Event, EventStream};
 use eyre::{bail, eyre, Result};
+use node_common::ipc::refuse_ipc;
 use node_common::{
     backend_from_env, checkpoint_from_env, env_or, expect_tensor, kv_from_tensor, report_rejected,
     Dim, FrameMeta, SeqGaps, StateBuffer,
 };
-use operators::backend::{self, DenoiseStage};
+use operators::backend::{self, BackendKind, DenoiseStage};
 use operators::observation::noise_from_seed;
 use operators::Config;
 
@@ -32,11 +33,15 @@ impl Settings {
     }
 }
 
-/// Env: `CHECKPOINT`, `BACKEND` (cpu or cuda), `DTYPE`, `STEPS`, `SEED`.
+/// Env: `CHECKPOINT`, `BACKEND` (cpu or cuda), `DTYPE`, `STEPS`, `SEED`. With BACKEND=cuda
+/// the node reads K/V caches sent by CUDA IPC handle or as host tensors.
 pub fn run(node: DoraNode, events: EventStream) -> Result<()> {
     let (kind, precision) = backend_from_env()?;
     let settings = Settings::from_env()?;
     let ckpt = checkpoint_from_env()?;
+    if kind == BackendKind::Cuda {
+        return run_cuda(&ckpt, precision, &settings, node, events);
+    }
     let mut denoiser = backend::load_denoise(kind, precision, &ckpt)?;
     eprintln!("denoise: {}", denoiser.describe());
     run_with(&ckpt.config, denoiser.as_mut(), &settings, node, events)
@@ -63,6 +68,7 @@ pub fn run_with(
             "kv_cache" => {
                 let meta = FrameMeta::from_metadata("kv_cache", md)?;
                 gaps.observe(meta.seq);
+                refuse_ipc("kv_cache", md)?;
                 let kw = cfg.num_kv_heads * cfg.head_dim;
                 let (shape, kv) = expect_tensor::<f32>(
                     "kv_cache",
@@ -89,6 +95,123 @@ pub fn run_with(
         }
     }
     eprintln!("denoise: {} frames, {} gaps", gaps.frames, gaps.gaps);
+    Ok(())
+}
+
+#[cfg(not(feature = "cuda"))]
+fn run_cuda(
+    _: &operators::checkpoint::Checkpoint,
+    _: operators::backend::Precision,
+    _: &Settings,
+    _: DoraNode,
+    _: EventStream,
+) -> Result<()> {
+    bail!("denoise: CUDA support is not built in: rebuild with `cargo build --release -p denoise --features cuda`")
+}
+
+/// The sampler on the GPU: the K/V cache by CUDA IPC handle (copied device to device after
+/// the producer's event, then handed back on `release`) or as a host tensor.
+#[cfg(feature = "cuda")]
+fn run_cuda(
+    ckpt: &operators::checkpoint::Checkpoint,
+    precision: operators::backend::Precision,
+    settings: &Settings,
+    mut node: DoraNode,
+    mut events: EventStream,
+) -> Result<()> {
+    use node_common::int_param;
+    use node_common::ipc::{release_params, IpcTensor};
+    use operators::cuda::ipc::{Importer, Remote};
+    use operators::cuda::{CudaPolicy, DType};
+
+    let cfg = &ckpt.config;
+    let mut policy = CudaPolicy::load(ckpt, precision, |_, _| {})?;
+    policy.warm_up(settings.steps)?;
+    eprintln!("denoise: {}", operators::backend::Runner::describe(&policy));
+    let shape = policy.cache_shape();
+    let dtype = if policy.act_dtype() == DType::Bf16 {
+        "bfloat16"
+    } else {
+        "<f4"
+    };
+    let out: DataId = "actions".to_string().into();
+    let release_out: DataId = "release".to_string().into();
+    let (h, ad) = (cfg.action_horizon, cfg.action_dim);
+    let mut importer = Importer::default();
+    let mut gaps = SeqGaps::default();
+    let mut states = StateBuffer::default();
+    let (mut by_handle, mut host) = (0u64, 0u64);
+    while let Some(event) = events.recv() {
+        let Event::Input { id, metadata, data } = event else {
+            continue;
+        };
+        let md = &metadata.parameters;
+        let result = (|| -> Result<()> {
+            match id.as_str() {
+                "state" => return states.insert(md, &data, ad),
+                "kv_cache" => {}
+                _ => return Ok(()),
+            }
+            let meta = FrameMeta::from_metadata("kv_cache", md)?;
+            gaps.observe(meta.seq);
+            let state = states.take(meta.seq, !cfg.pi05)?;
+            let noise = noise_from_seed(cfg, settings.seed.wrapping_add(meta.seq));
+            let actions = if IpcTensor::is_ipc(md) {
+                let expected: Vec<Dim> = shape.iter().map(|&d| Dim::Is(d)).collect();
+                let tensor = IpcTensor::from_input("kv_cache", md, &data, dtype, &expected)?;
+                let p = int_param(md, "prefix_len")
+                    .and_then(|v| usize::try_from(v).ok())
+                    .ok_or_else(|| eyre!("input `kv_cache`: metadata `prefix_len` is missing"))?;
+                let remote = Remote {
+                    mem_handle: tensor.mem_handle,
+                    event_handle: tensor.event_handle,
+                    offset: tensor.offset,
+                    bytes: tensor.size(),
+                };
+                let run = policy.denoise_from_ring(
+                    &mut importer,
+                    &remote,
+                    p,
+                    state.as_deref(),
+                    &noise,
+                    settings.steps,
+                );
+                node.send_output(release_out.clone(), release_params(meta, tensor.slot), ())
+                    .map_err(|e| eyre!("sending release: {e}"))?;
+                by_handle += 1;
+                run?.0
+            } else {
+                let kw = cfg.num_kv_heads * cfg.head_dim;
+                let (shape, kv) = expect_tensor::<f32>(
+                    "kv_cache",
+                    md,
+                    &data,
+                    "float32",
+                    &[Dim::Is(cfg.vlm_depth), Dim::Is(2), Dim::Any, Dim::Is(kw)],
+                )?;
+                let cache = kv_from_tensor(&shape, kv)?;
+                host += 1;
+                policy
+                    .run_denoise(&cache, state.as_deref(), &noise, settings.steps)?
+                    .0
+            };
+            node.send_output(
+                out.clone(),
+                meta.tensor_params(&[h, ad], "float32"),
+                actions,
+            )
+            .map_err(|e| eyre!("sending actions: {e}"))
+        })();
+        if let Err(e) = result {
+            report_rejected("denoise", &e);
+        }
+    }
+    eprintln!(
+        "denoise: {} frames, {} gaps; in: {by_handle} by cuda-ipc handle ({} slots opened), {host} host tensors",
+        gaps.frames,
+        gaps.gaps,
+        importer.opened()
+    );
     Ok(())
 }
 

@@ -7,6 +7,8 @@ use std::path::PathBuf;
 use std::str::FromStr;
 
 pub use dora_node_api;
+
+pub mod ipc;
 use dora_node_api::{DoraArray, MetadataParameters, Parameter};
 use eyre::{bail, eyre, Result, WrapErr};
 use operators::backend::{BackendKind, Precision};
@@ -70,7 +72,8 @@ pub struct FrameMeta {
     pub t_capture_ns: u64,
 }
 
-fn int_param(md: &MetadataParameters, key: &str) -> Option<i64> {
+/// An `Integer` metadata entry.
+pub fn int_param(md: &MetadataParameters, key: &str) -> Option<i64> {
     match md.get(key) {
         Some(Parameter::Integer(v)) => Some(*v),
         _ => None,

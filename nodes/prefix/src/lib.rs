@@ -5,12 +5,13 @@ use std::path::PathBuf;
 
 use dora_node_api::dora_core::config::DataId;
 use dora_node_api::{DoraNode, Event, EventStream};
-use eyre::{eyre, Result, WrapErr};
+use eyre::{bail, eyre, Result, WrapErr};
+use node_common::ipc::{refuse_ipc, transport_from_env, Transport};
 use node_common::{
     backend_from_env, checkpoint_from_env, env_path, expect_tensor, image_masks, kv_to_tensor,
     report_rejected, Dim, FrameMeta, SeqGaps,
 };
-use operators::backend::{self, PrefixStage};
+use operators::backend::{self, BackendKind, PrefixStage};
 use operators::observation::load_prompt;
 use operators::{Config, ImageEmbeddings};
 
@@ -20,13 +21,29 @@ pub struct Prompt {
     pub mask: Vec<bool>,
 }
 
-/// Env: `CHECKPOINT`, `PROMPT`, `BACKEND` (cpu or cuda), `DTYPE`.
+/// Env: `CHECKPOINT`, `PROMPT`, `BACKEND` (cpu or cuda), `DTYPE`, `TRANSPORT` (host or
+/// cuda-ipc for the K/V cache), `RING_SLOTS`. With BACKEND=cuda the node reads image
+/// embeddings sent either way.
 pub fn run(node: DoraNode, events: EventStream) -> Result<()> {
     let (kind, precision) = backend_from_env()?;
+    let transport = transport_from_env()?;
     let ckpt = checkpoint_from_env()?;
     let dir: PathBuf = env_path("PROMPT")?;
     let (tokens, mask) = load_prompt(&dir, &ckpt.config)
         .wrap_err_with(|| format!("env PROMPT={}", dir.display()))?;
+    if kind == BackendKind::Cuda {
+        return run_cuda(
+            &ckpt,
+            precision,
+            transport,
+            &Prompt { tokens, mask },
+            node,
+            events,
+        );
+    }
+    if transport == Transport::CudaIpc {
+        bail!("prefix: env TRANSPORT=cuda-ipc needs BACKEND=cuda");
+    }
     let mut encoder = backend::load_prefix(kind, precision, &ckpt)?;
     eprintln!("prefix: {}", encoder.describe());
     run_with(
@@ -59,6 +76,7 @@ pub fn run_with(
         let result = (|| {
             let meta = FrameMeta::from_metadata("image_embeddings", md)?;
             gaps.observe(meta.seq);
+            refuse_ipc("image_embeddings", md)?;
             let masks = image_masks("image_embeddings", md, cfg.num_images)?;
             let real = masks.iter().filter(|&&m| m).count();
             let (_, emb) = expect_tensor::<f32>(
@@ -82,6 +100,180 @@ pub fn run_with(
         }
     }
     eprintln!("prefix: {} frames, {} gaps", gaps.frames, gaps.gaps);
+    Ok(())
+}
+
+#[cfg(not(feature = "cuda"))]
+fn run_cuda(
+    _: &operators::checkpoint::Checkpoint,
+    _: operators::backend::Precision,
+    _: Transport,
+    _: &Prompt,
+    _: DoraNode,
+    _: EventStream,
+) -> Result<()> {
+    bail!("prefix: CUDA support is not built in: rebuild with `cargo build --release -p prefix --features cuda`")
+}
+
+/// The prefix stage on the GPU: image embeddings by handle (`transport: cuda-ipc`, handed
+/// back on `release` once copied) or as host tensors; the K/V cache out by handle from its
+/// own ring (`TRANSPORT: cuda-ipc`, handed back by the denoise node on this node's `release`
+/// input) or as a host tensor.
+#[cfg(feature = "cuda")]
+fn run_cuda(
+    ckpt: &operators::checkpoint::Checkpoint,
+    precision: operators::backend::Precision,
+    transport: Transport,
+    prompt: &Prompt,
+    mut node: DoraNode,
+    mut events: EventStream,
+) -> Result<()> {
+    use node_common::ipc::{release_from, release_params, ring_slots_from_env, IpcTensor};
+    use operators::cuda::ipc::{Importer, Remote, Ring};
+    use operators::cuda::{CudaPolicy, DType};
+
+    let cfg = &ckpt.config;
+    let mut policy = CudaPolicy::load(ckpt, precision, |_, _| {})?;
+    let shape = policy.cache_shape();
+    let dtype = if policy.act_dtype() == DType::Bf16 {
+        "bfloat16"
+    } else {
+        "<f4"
+    };
+    let elem = if policy.act_dtype() == DType::Bf16 {
+        2
+    } else {
+        4
+    };
+    let mut ring = match transport {
+        Transport::CudaIpc => Some(Ring::new(
+            policy.device(),
+            shape.iter().product::<usize>() * elem,
+            ring_slots_from_env()?,
+            std::time::Duration::from_secs(2),
+        )?),
+        Transport::Host => None,
+    };
+    eprintln!(
+        "prefix: {}, K/V cache out by {}",
+        operators::backend::Runner::describe(&policy),
+        if ring.is_some() {
+            "cuda-ipc"
+        } else {
+            "host tensor"
+        }
+    );
+    let ids: Vec<i32> = prompt
+        .tokens
+        .iter()
+        .zip(&prompt.mask)
+        .filter(|(_, &m)| m)
+        .map(|(&t, _)| t)
+        .collect();
+    let out: DataId = "kv_cache".to_string().into();
+    let release_out: DataId = "release".to_string().into();
+    let t = cfg.tokens_per_image();
+    let mut importer = Importer::default();
+    let mut gaps = SeqGaps::default();
+    let (mut by_handle_in, mut host_in, mut by_handle_out, mut host_bytes_out) =
+        (0u64, 0u64, 0u64, 0usize);
+    let (mut full, mut stale) = (0u64, 0u64);
+    while let Some(event) = events.recv() {
+        let Event::Input { id, metadata, data } = event else {
+            continue;
+        };
+        let md = &metadata.parameters;
+        let result = (|| -> Result<()> {
+            match id.as_str() {
+                "release" => {
+                    let (slot, seq) = release_from(md)?;
+                    if !ring.as_mut().is_some_and(|r| r.release(slot as usize, seq)) {
+                        stale += 1;
+                    }
+                    return Ok(());
+                }
+                "image_embeddings" => {}
+                _ => return Ok(()),
+            }
+            let meta = FrameMeta::from_metadata("image_embeddings", md)?;
+            gaps.observe(meta.seq);
+            let masks = image_masks("image_embeddings", md, cfg.num_images)?;
+            let real = masks.iter().filter(|&&m| m).count();
+            let expected = [Dim::Is(real * t), Dim::Is(cfg.vlm_width)];
+            let p = if IpcTensor::is_ipc(md) {
+                let tensor =
+                    IpcTensor::from_input("image_embeddings", md, &data, "<f4", &expected)?;
+                let remote = Remote {
+                    mem_handle: tensor.mem_handle,
+                    event_handle: tensor.event_handle,
+                    offset: tensor.offset,
+                    bytes: tensor.size(),
+                };
+                let read = policy.prefix_from_ring(&mut importer, &remote, real, &ids);
+                // The slot is copied (or unusable): hand it back either way.
+                node.send_output(release_out.clone(), release_params(meta, tensor.slot), ())
+                    .map_err(|e| eyre!("sending release: {e}"))?;
+                by_handle_in += 1;
+                read?.0
+            } else {
+                let (_, emb) =
+                    expect_tensor::<f32>("image_embeddings", md, &data, "float32", &expected)?;
+                host_in += 1;
+                policy.prefix_from_host(emb, real, &ids)?.0
+            };
+            match ring.as_mut() {
+                Some(ring) => {
+                    let Some(slot) = ring.acquire(meta.seq) else {
+                        full += 1;
+                        bail!(
+                            "frame {}: dropped, every ring slot is still held by the consumer",
+                            meta.seq
+                        );
+                    };
+                    if let Err(e) = policy.cache_to_ring(ring, slot) {
+                        ring.cancel(slot);
+                        return Err(e.into());
+                    }
+                    let s = ring.slot(slot)?;
+                    let tensor = IpcTensor {
+                        mem_handle: s.mem_handle,
+                        event_handle: s.event_handle,
+                        slot: slot as u64,
+                        shape: shape.to_vec(),
+                        dtype: dtype.into(),
+                        offset: 0,
+                    };
+                    let mut params = tensor.params(meta);
+                    params.insert(
+                        "prefix_len".into(),
+                        dora_node_api::Parameter::Integer(p as i64),
+                    );
+                    node.send_output(out.clone(), params, tensor.data())
+                        .map_err(|e| eyre!("sending kv_cache: {e}"))?;
+                    by_handle_out += 1;
+                }
+                None => {
+                    let cache = policy.download_cache(p)?;
+                    let (shape, values) = kv_to_tensor(&cache);
+                    host_bytes_out += values.len() * 4;
+                    node.send_output(out.clone(), meta.tensor_params(&shape, "float32"), values)
+                        .map_err(|e| eyre!("sending kv_cache: {e}"))?;
+                }
+            }
+            Ok(())
+        })();
+        if let Err(e) = result {
+            report_rejected("prefix", &e);
+        }
+    }
+    eprintln!(
+        "prefix: {} frames, {} gaps; in: {by_handle_in} by cuda-ipc handle, {host_in} host tensors ({} slots opened); out: {by_handle_out} by cuda-ipc handle, {:.1} MB through the host; {full} frames dropped with the ring full, {} slots reclaimed, {stale} stale releases",
+        gaps.frames,
+        gaps.gaps,
+        importer.opened(),
+        host_bytes_out as f64 / 1e6,
+        ring.as_ref().map_or(0, |r| r.reclaimed)
+    );
     Ok(())
 }
 

@@ -14,6 +14,7 @@ pub mod device;
 pub mod embed;
 pub mod euler;
 pub mod gemm;
+pub mod ipc;
 pub mod layer_norm;
 pub mod mlp;
 pub mod patch;

@@ -830,47 +830,55 @@ impl CudaPolicy {
         ids: &[i32],
     ) -> Result<(KvCache, Duration)> {
         guard("the CUDA prefix stage", || {
-            let d = self.dims.clone();
-            let img_rows = real_images * d.t;
-            if real_images > d.n_img || embeddings.len() != img_rows * d.w {
-                return Err(Error::Input(format!(
-                    "prefix: expected [{img_rows}, {}] image embeddings for {real_images} cameras, got {} values",
-                    d.w,
-                    embeddings.len()
-                )));
-            }
-            if ids.len() > d.max_tok {
-                return Err(Error::Input(format!(
-                    "prefix: {} prompt tokens, at most max_token_len {}",
-                    ids.len(),
-                    d.max_tok
-                )));
-            }
-            if let Some(t) = ids
-                .iter()
-                .find(|&&t| usize::try_from(t).map_or(true, |id| id >= d.vocab))
-            {
-                return Err(Error::Input(format!(
-                    "token id {t} is outside the vocabulary [0, {})",
-                    d.vocab
-                )));
-            }
-            self.dev.bind()?;
-            let p = img_rows + ids.len();
-            self.stage_prompt(ids, p)?;
-            let lp = &self.lanes.prefix;
-            self.events[2]
-                .record(&lp.stream)
-                .cuda("recording an event")?;
-            // Pageable upload: synchronous with respect to `embeddings`.
-            upload_now(embeddings, self.buf.prefix.x.at(0, embeddings.len())?)?;
-            self.enqueue_prefix(img_rows, ids.len())?;
-            let (ev, lp) = (&self.events, &self.lanes.prefix);
-            ev[3].record(&lp.stream).cuda("recording an event")?;
-            ev[3].synchronize().cuda("running the prefix stage")?;
-            let cache = self.download_cache(p)?;
-            Ok((cache, elapsed(&ev[2], &ev[3])?))
+            let (p, time) = self.prefix_from_host_inner(embeddings, real_images, ids)?;
+            Ok((self.download_cache(p)?, time))
         })
+    }
+
+    /// The prefix stage from host image embeddings, leaving the K/V cache on the device
+    /// (export it with [`CudaPolicy::cache_to_ring`] or [`CudaPolicy::download_cache`]).
+    /// Returns the prefix length and the GPU time.
+    pub fn prefix_from_host(
+        &mut self,
+        embeddings: &[f32],
+        real_images: usize,
+        ids: &[i32],
+    ) -> Result<(usize, Duration)> {
+        guard("the CUDA prefix stage", || {
+            self.prefix_from_host_inner(embeddings, real_images, ids)
+        })
+    }
+
+    fn prefix_from_host_inner(
+        &mut self,
+        embeddings: &[f32],
+        real_images: usize,
+        ids: &[i32],
+    ) -> Result<(usize, Duration)> {
+        let d = self.dims.clone();
+        let img_rows = real_images * d.t;
+        self.check_prompt(real_images, ids)?;
+        if embeddings.len() != img_rows * d.w {
+            return Err(Error::Input(format!(
+                "prefix: expected [{img_rows}, {}] image embeddings for {real_images} cameras, got {} values",
+                d.w,
+                embeddings.len()
+            )));
+        }
+        self.dev.bind()?;
+        let p = img_rows + ids.len();
+        self.stage_prompt(ids, p)?;
+        let lp = &self.lanes.prefix;
+        self.events[2]
+            .record(&lp.stream)
+            .cuda("recording an event")?;
+        // Pageable upload: synchronous with respect to `embeddings`.
+        upload_now(embeddings, self.buf.prefix.x.at(0, embeddings.len())?)?;
+        self.enqueue_prefix(img_rows, ids.len())?;
+        let (ev, lp) = (&self.events, &self.lanes.prefix);
+        ev[3].record(&lp.stream).cuda("recording an event")?;
+        ev[3].synchronize().cuda("running the prefix stage")?;
+        Ok((p, elapsed(&ev[2], &ev[3])?))
     }
 
     /// The denoise stage alone (a split denoise node): actions [horizon, action_dim] from a
@@ -930,8 +938,178 @@ impl CudaPolicy {
         })
     }
 
+    /// The vision stage into slot `slot` of `ring` (a split vision node with CUDA IPC): the
+    /// image embeddings [n * t, vlm_width] f32 of the `n` cameras in `images` are copied into
+    /// the slot and its event recorded, nothing crosses the host. Returns the GPU time and
+    /// the bytes written.
+    pub fn vision_to_ring(
+        &mut self,
+        images: &[f32],
+        n: usize,
+        ring: &super::ipc::Ring,
+        slot: usize,
+    ) -> Result<(Duration, usize)> {
+        guard("the CUDA vision stage (IPC)", || {
+            let d = self.dims.clone();
+            let per_image = d.size * d.size * 3;
+            if n > d.n_img || images.len() != n * per_image {
+                return Err(Error::Input(format!(
+                    "vision: expected at most {} images of {}x{}x3, got {} values for {n}",
+                    d.n_img,
+                    d.size,
+                    d.size,
+                    images.len()
+                )));
+            }
+            self.dev.bind()?;
+            let real: Vec<usize> = (0..n).collect();
+            self.stage_images(images, &real)?;
+            let lv = &self.lanes.vision;
+            self.events[0]
+                .record(&lv.stream)
+                .cuda("recording an event")?;
+            self.enqueue_vision(n)?;
+            let (ev, lv) = (&self.events, &self.lanes.vision);
+            ev[1].record(&lv.stream).cuda("recording an event")?;
+            let out = self.buf.prefix.x.at(0, n * d.t * d.w)?;
+            ring.write(slot, lv, out)?;
+            ev[1].synchronize().cuda("running the vision stage")?;
+            Ok((elapsed(&ev[0], &ev[1])?, out.bytes()))
+        })
+    }
+
+    /// The prefix stage reading its image embeddings from a producer's ring slot (stream
+    /// ordered after the producer's event); the K/V cache stays on the device (see
+    /// [`CudaPolicy::cache_to_ring`]). Returns the prefix length and the GPU time.
+    pub fn prefix_from_ring(
+        &mut self,
+        importer: &mut super::ipc::Importer,
+        remote: &super::ipc::Remote,
+        real_images: usize,
+        ids: &[i32],
+    ) -> Result<(usize, Duration)> {
+        guard("the CUDA prefix stage (IPC)", || {
+            let d = self.dims.clone();
+            let img_rows = real_images * d.t;
+            self.check_prompt(real_images, ids)?;
+            self.dev.bind()?;
+            let p = img_rows + ids.len();
+            self.stage_prompt(ids, p)?;
+            let lp = &self.lanes.prefix;
+            self.events[2]
+                .record(&lp.stream)
+                .cuda("recording an event")?;
+            let dst = self.buf.prefix.x.at(0, img_rows * d.w)?;
+            importer.read(&self.dev, lp, remote, dst)?;
+            self.enqueue_prefix(img_rows, ids.len())?;
+            let (ev, lp) = (&self.events, &self.lanes.prefix);
+            ev[3].record(&lp.stream).cuda("recording an event")?;
+            ev[3].synchronize().cuda("running the prefix stage")?;
+            Ok((p, elapsed(&ev[2], &ev[3])?))
+        })
+    }
+
+    /// The shape [layers, 2, cache rows, kv_width] of the device K/V cache (what
+    /// [`CudaPolicy::cache_to_ring`] exports), in the activation type.
+    pub fn cache_shape(&self) -> [usize; 4] {
+        let d = &self.dims;
+        [d.depth, 2, d.cap, d.heads.kv_width()]
+    }
+
+    /// The activation type of the device tensors this policy exchanges.
+    pub fn act_dtype(&self) -> DType {
+        self.kernels.act
+    }
+
+    /// Copies the whole device K/V cache into slot `slot` of `ring` and records its event.
+    /// Returns the bytes written.
+    pub fn cache_to_ring(&mut self, ring: &super::ipc::Ring, slot: usize) -> Result<usize> {
+        guard("exporting the K/V cache", || {
+            self.dev.bind()?;
+            let kv = self.buf.prefix.kv;
+            ring.write(slot, &self.lanes.prefix, kv)?;
+            Ok(kv.bytes())
+        })
+    }
+
+    /// The denoise stage reading the K/V cache (of `p` real prefix rows) from a producer's
+    /// ring slot, stream-ordered after the producer's event.
+    pub fn denoise_from_ring(
+        &mut self,
+        importer: &mut super::ipc::Importer,
+        remote: &super::ipc::Remote,
+        p: usize,
+        state: Option<&[f32]>,
+        noise: &[f32],
+        steps: usize,
+    ) -> Result<(Vec<f32>, Duration)> {
+        guard("the CUDA denoise stage (IPC)", || {
+            let d = self.dims.clone();
+            if p > d.pmax {
+                return Err(Error::Input(format!(
+                    "denoise: a prefix of {p} rows, at most {} fit the cache",
+                    d.pmax
+                )));
+            }
+            crate::policy::check_sampler_inputs(&self.cfg, state, noise, steps)?;
+            self.dev.bind()?;
+            self.stage_sampler(noise, state)?;
+            let info = [
+                i32::try_from(p).map_err(|_| Error::Input("prefix too long".into()))?,
+                0,
+                0,
+                0,
+            ];
+            upload_now(&info, self.buf.prefix.info.at(0, 4)?)?;
+            let ld = &self.lanes.denoise;
+            self.events[4]
+                .record(&ld.stream)
+                .cuda("recording an event")?;
+            importer.read(&self.dev, ld, remote, self.buf.prefix.kv)?;
+            self.enqueue_denoise(steps)?;
+            let (ev, ld) = (&self.events, &self.lanes.denoise);
+            ev[5].record(&ld.stream).cuda("recording an event")?;
+            ev[5].synchronize().cuda("running the denoise stage")?;
+            let n = d.h * d.ad;
+            let actions = self.pinned.actions.slice::<f32>(n)?.to_vec();
+            Ok((actions, elapsed(&ev[4], &ev[5])?))
+        })
+    }
+
+    /// The device this policy runs on.
+    pub fn device(&self) -> &Device {
+        &self.dev
+    }
+
+    fn check_prompt(&self, real_images: usize, ids: &[i32]) -> Result<()> {
+        let d = &self.dims;
+        if real_images > d.n_img {
+            return Err(Error::Input(format!(
+                "prefix: {real_images} cameras, the checkpoint has {}",
+                d.n_img
+            )));
+        }
+        if ids.len() > d.max_tok {
+            return Err(Error::Input(format!(
+                "prefix: {} prompt tokens, at most max_token_len {}",
+                ids.len(),
+                d.max_tok
+            )));
+        }
+        if let Some(t) = ids
+            .iter()
+            .find(|&&t| usize::try_from(t).map_or(true, |id| id >= d.vocab))
+        {
+            return Err(Error::Input(format!(
+                "token id {t} is outside the vocabulary [0, {})",
+                d.vocab
+            )));
+        }
+        Ok(())
+    }
+
     /// Rows 0..p of every layer's K and V cache, as f32.
-    fn download_cache(&self, p: usize) -> Result<KvCache> {
+    pub fn download_cache(&self, p: usize) -> Result<KvCache> {
         let d = &self.dims;
         let kvw = d.heads.kv_width();
         let (mut k, mut v) = (Vec::with_capacity(d.depth), Vec::with_capacity(d.depth));

@@ -50,8 +50,11 @@ impl Kind {
         match self {
             Kind::Camera => &[],
             Kind::Decode => &[("frames", &[Frames], true)],
-            Kind::Vision => &[("images", &[Images], true)],
-            Kind::Prefix => &[("image_embeddings", &[ImageEmbeddings], true)],
+            Kind::Vision => &[("images", &[Images], true), ("release", &[Release], false)],
+            Kind::Prefix => &[
+                ("image_embeddings", &[ImageEmbeddings], true),
+                ("release", &[Release], false),
+            ],
             Kind::Denoise => &[("kv_cache", &[KvCache], true), ("state", &[State], false)],
             Kind::Policy => &[("images", &[Images], true), ("state", &[State], false)],
             Kind::Postprocess => &[("actions", &[ModelActions], true)],
@@ -68,6 +71,7 @@ impl Kind {
             (Kind::Prefix, "kv_cache") => Msg::KvCache,
             (Kind::Denoise | Kind::Policy, "actions") => Msg::ModelActions,
             (Kind::Postprocess, "actions") => Msg::RobotActions,
+            (Kind::Prefix | Kind::Denoise, "release") => Msg::Release,
             _ => return None,
         })
     }
@@ -83,6 +87,8 @@ pub enum Msg {
     KvCache,
     ModelActions,
     RobotActions,
+    /// CUDA IPC ring slots handed back to their producer.
+    Release,
 }
 
 impl Msg {
@@ -95,6 +101,7 @@ impl Msg {
             Msg::KvCache => "the prefix K/V cache (f32 [layers, 2, len, kv_width])",
             Msg::ModelActions => "model actions (f32 [horizon, action_dim])",
             Msg::RobotActions => "robot actions (f32 [horizon, robot_dims])",
+            Msg::Release => "ring slot releases (CUDA IPC)",
         }
     }
 }
@@ -127,6 +134,7 @@ pub fn check(file: &Path) -> Result<Report> {
 
 fn check_descriptor(desc: &Descriptor, base: &Path) -> Report {
     let mut errors = Vec::new();
+    let mut release_edges = 0;
     let mut graph: DiGraph<String, String> = DiGraph::new();
     let mut index: BTreeMap<String, (NodeIndex, &Node)> = BTreeMap::new();
     for node in &desc.nodes {
@@ -161,7 +169,17 @@ fn check_descriptor(desc: &Descriptor, base: &Path) -> Report {
                     src_node.outputs.iter().map(|o| o.to_string()).collect::<Vec<_>>().join(", ")
                 ));
             }
-            graph.add_edge(from, to, input_id.clone());
+            // Slot releases flow against the data; they are not part of the dataflow's order.
+            if input_id == "release" {
+                release_edges += 1;
+            } else {
+                graph.add_edge(from, to, input_id.clone());
+            }
+            if transport_of(src_node).as_deref() == Some("cuda-ipc") && backend_of(node) != "cuda" {
+                errors.push(format!(
+                    "node `{id}` input `{input_id}`: `{src}` sends CUDA IPC handles (TRANSPORT: cuda-ipc), which only a BACKEND: cuda node can read"
+                ));
+            }
             let Some(kind) = kind else { continue };
             let Some((_, accepted, _)) =
                 kind.inputs().iter().find(|(name, _, _)| *name == input_id)
@@ -217,9 +235,21 @@ fn check_descriptor(desc: &Descriptor, base: &Path) -> Report {
     }
     Report {
         nodes: graph.node_count(),
-        edges: graph.edge_count(),
+        edges: graph.edge_count() + release_edges,
         errors,
     }
+}
+
+fn env_of(node: &Node, key: &str) -> Option<String> {
+    node.env.as_ref()?.get(key).map(env_str)
+}
+
+fn transport_of(node: &Node) -> Option<String> {
+    env_of(node, "TRANSPORT")
+}
+
+fn backend_of(node: &Node) -> String {
+    env_of(node, "BACKEND").unwrap_or_else(|| "cpu".into())
 }
 
 fn check_env(id: &str, kind: Kind, node: &Node, base: &Path, errors: &mut Vec<String>) {
@@ -262,6 +292,22 @@ fn check_env(id: &str, kind: Kind, node: &Node, base: &Path, errors: &mut Vec<St
             if b != "cpu" && b != "cuda" {
                 err(format!("env BACKEND={b:?} must be `cpu` or `cuda`"));
             }
+        }
+    }
+    if let Some(t) = env.get("TRANSPORT") {
+        if !matches!(kind, Kind::Vision | Kind::Prefix) {
+            err(format!(
+                "env TRANSPORT={t:?}: only the vision and prefix nodes send device tensors"
+            ));
+        } else if t != "host" && t != "cuda-ipc" {
+            err(format!("env TRANSPORT={t:?} must be `host` or `cuda-ipc`"));
+        } else if t == "cuda-ipc" && env.get("BACKEND").map(String::as_str) != Some("cuda") {
+            err("env TRANSPORT=cuda-ipc needs BACKEND=cuda".into());
+        }
+    }
+    if let Some(v) = env.get("RING_SLOTS") {
+        if !v.parse::<u64>().is_ok_and(|n| (1..=64).contains(&n)) {
+            err(format!("env RING_SLOTS={v:?} must be between 1 and 64"));
         }
     }
     if matches!(kind, Kind::Prefix | Kind::Policy) {

@@ -42,6 +42,13 @@ fn good_fixture_passes() {
 }
 
 #[test]
+fn ipc_fixture_with_release_loops_passes() {
+    let (ok, text) = check(&fixture("ipc.yml"), &[]);
+    assert!(ok, "{text}");
+    assert!(text.contains("ok (6 nodes, 7 edges)"), "{text}");
+}
+
+#[test]
 fn bad_fixtures_fail_naming_node_and_input() {
     let cases: &[(&str, &[&str])] = &[
         (
@@ -80,6 +87,14 @@ fn bad_fixtures_fail_naming_node_and_input() {
             &[
                 "node `denoise`: env STEPS=\"0\" must be a positive integer",
                 "node `denoise`: env BACKEND=\"tpu\"",
+            ],
+        ),
+        (
+            "bad_ipc.yml",
+            &[
+                "node `denoise` input `kv_cache`: `prefix` sends CUDA IPC handles",
+                "node `vision`: env RING_SLOTS=\"0\" must be between 1 and 64",
+                "node `decode`: env TRANSPORT=\"cuda-ipc\": only the vision and prefix nodes",
             ],
         ),
         (
@@ -144,7 +159,7 @@ fn shipped_graphs_pass() {
     let full = tmp.path().join("pi05");
     header_only_checkpoint(&full, &Config::pi05());
     let prompt = full.join("observation");
-    for g in ["thor_pipelined.yml", "fused_gpu.yml"] {
+    for g in ["thor_pipelined.yml", "split_gpu.yml", "fused_gpu.yml"] {
         let (ok, text) = check(
             &root().join("graphs").join(g),
             &[("TURBOPI_CHECKPOINT", &full), ("TURBOPI_PROMPT", &prompt)],
