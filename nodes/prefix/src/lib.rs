@@ -179,8 +179,12 @@ fn run_cuda(
         (0u64, 0u64, 0u64, 0usize);
     let (mut full, mut stale) = (0u64, 0u64);
     while let Some(event) = events.recv() {
-        let Event::Input { id, metadata, data } = event else {
-            continue;
+        let (id, metadata, data) = match event {
+            Event::Input { id, metadata, data } => (id, metadata, data),
+            // The stream ended upstream: stop, after handing back what consumers still read.
+            Event::InputClosed { id } if id.as_str() == "image_embeddings" => break,
+            Event::Stop(_) => break,
+            _ => continue,
         };
         let md = &metadata.parameters;
         let result = (|| -> Result<()> {
@@ -264,6 +268,26 @@ fn run_cuda(
         })();
         if let Err(e) = result {
             report_rejected("prefix", &e);
+        }
+    }
+    // Slots still held by the consumer may be mid-copy: wait for their release (at most 2 s,
+    // a consumer that is gone never answers) before the ring's memory is freed.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
+    while ring.as_ref().is_some_and(|r| r.busy() > 0) {
+        let Some(left) = deadline.checked_duration_since(std::time::Instant::now()) else {
+            break;
+        };
+        match events.recv_timeout(left) {
+            Some(Event::Input { id, metadata, .. }) if id.as_str() == "release" => {
+                if let Ok((slot, seq)) = release_from(&metadata.parameters) {
+                    if let Some(r) = ring.as_mut() {
+                        r.release(slot as usize, seq);
+                    }
+                }
+            }
+            Some(Event::InputClosed { id }) if id.as_str() == "release" => break,
+            None | Some(Event::Stop(_)) => break,
+            _ => {}
         }
     }
     eprintln!(

@@ -107,8 +107,12 @@ fn run_cuda_ipc(
     let mut gaps = SeqGaps::default();
     let (mut sent, mut bytes, mut full, mut stale) = (0u64, 0usize, 0u64, 0u64);
     while let Some(event) = events.recv() {
-        let Event::Input { id, metadata, data } = event else {
-            continue;
+        let (id, metadata, data) = match event {
+            Event::Input { id, metadata, data } => (id, metadata, data),
+            // The stream ended upstream: stop, after handing back what consumers still read.
+            Event::InputClosed { id } if id.as_str() == "images" => break,
+            Event::Stop(_) => break,
+            _ => continue,
         };
         let md = &metadata.parameters;
         let result = (|| -> Result<()> {
@@ -167,6 +171,24 @@ fn run_cuda_ipc(
         })();
         if let Err(e) = result {
             report_rejected("vision", &e);
+        }
+    }
+    // Slots still held by the consumer may be mid-copy: wait for their release (at most 2 s,
+    // a consumer that is gone never answers) before the ring's memory is freed.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
+    while ring.busy() > 0 {
+        let Some(left) = deadline.checked_duration_since(std::time::Instant::now()) else {
+            break;
+        };
+        match events.recv_timeout(left) {
+            Some(Event::Input { id, metadata, .. }) if id.as_str() == "release" => {
+                if let Ok((slot, seq)) = release_from(&metadata.parameters) {
+                    ring.release(slot as usize, seq);
+                }
+            }
+            Some(Event::InputClosed { id }) if id.as_str() == "release" => break,
+            None | Some(Event::Stop(_)) => break,
+            _ => {}
         }
     }
     eprintln!(

@@ -121,6 +121,11 @@ impl Ring {
         self.slots.is_empty()
     }
 
+    /// Slots a consumer still holds.
+    pub fn busy(&self) -> usize {
+        self.slots.iter().filter(|s| s.busy.is_some()).count()
+    }
+
     /// A free slot for frame `seq` (marked busy), taking back slots held too long; None when
     /// every slot is still in use.
     pub fn acquire(&mut self, seq: u64) -> Option<usize> {
