@@ -66,8 +66,12 @@ pub fn run_with(
     let t = cfg.tokens_per_image();
     let mut gaps = SeqGaps::default();
     while let Some(event) = events.recv() {
-        let Event::Input { id, metadata, data } = event else {
-            continue;
+        let (id, metadata, data) = match event {
+            Event::Input { id, metadata, data } => (id, metadata, data),
+            // Not waiting for every input to close: `release` may loop back from a consumer.
+            Event::InputClosed { id } if id.as_str() == "image_embeddings" => break,
+            Event::Stop(_) => break,
+            _ => continue,
         };
         if id.as_str() != "image_embeddings" {
             continue;
@@ -134,6 +138,8 @@ fn run_cuda(
 
     let cfg = &ckpt.config;
     let mut policy = CudaPolicy::load(ckpt, precision, |_, _| {})?;
+    let n_ids = prompt.mask.iter().filter(|&&m| m).count();
+    policy.warm_up_stages(Some(n_ids))?;
     let shape = policy.cache_shape();
     let dtype = if policy.act_dtype() == DType::Bf16 {
         "bfloat16"
@@ -227,7 +233,15 @@ fn run_cuda(
             };
             match ring.as_mut() {
                 Some(ring) => {
-                    let Some(slot) = ring.acquire(meta.seq) else {
+                    let before = ring.reclaimed;
+                    let slot = ring.acquire(meta.seq);
+                    if ring.reclaimed > before {
+                        eprintln!(
+                            "prefix: {} ring slot(s) not handed back within 2 s taken back (consumer gone or restarting?)",
+                            ring.reclaimed - before
+                        );
+                    }
+                    let Some(slot) = slot else {
                         full += 1;
                         bail!(
                             "frame {}: dropped, every ring slot is still held by the consumer",

@@ -37,8 +37,12 @@ pub fn run_with(
     let out: DataId = "image_embeddings".to_string().into();
     let mut gaps = SeqGaps::default();
     while let Some(event) = events.recv() {
-        let Event::Input { id, metadata, data } = event else {
-            continue;
+        let (id, metadata, data) = match event {
+            Event::Input { id, metadata, data } => (id, metadata, data),
+            // Not waiting for every input to close: `release` may loop back from a consumer.
+            Event::InputClosed { id } if id.as_str() == "images" => break,
+            Event::Stop(_) => break,
+            _ => continue,
         };
         if id.as_str() != "images" {
             continue;
@@ -91,6 +95,7 @@ fn run_cuda_ipc(
     let cfg = &ckpt.config;
     let slots = ring_slots_from_env()?;
     let mut policy = CudaPolicy::load(ckpt, precision, |_, _| {})?;
+    policy.warm_up_stages(None)?;
     eprintln!(
         "vision: {}, cuda-ipc with {slots} ring slots",
         operators::backend::Runner::describe(&policy)
@@ -135,7 +140,15 @@ fn run_cuda_ipc(
                         .flat_map(|(px, _)| px.iter().copied())
                         .collect();
                     let n = masks.iter().filter(|&&m| m).count();
-                    let Some(slot) = ring.acquire(meta.seq) else {
+                    let before = ring.reclaimed;
+                    let slot = ring.acquire(meta.seq);
+                    if ring.reclaimed > before {
+                        eprintln!(
+                            "vision: {} ring slot(s) not handed back within 2 s taken back (consumer gone or restarting?)",
+                            ring.reclaimed - before
+                        );
+                    }
+                    let Some(slot) = slot else {
                         full += 1;
                         bail!(
                             "frame {}: dropped, every ring slot is still held by the consumer",

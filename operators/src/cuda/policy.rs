@@ -587,6 +587,42 @@ impl CudaPolicy {
         })
     }
 
+    /// Runs and captures the vision graph for every camera count and, given the number of
+    /// real prompt tokens, the prefix graph for every camera count, on placeholder inputs:
+    /// a split stage node's first frames then cost what later ones do (the first eager run
+    /// plans and autotunes every GEMM).
+    pub fn warm_up_stages(&mut self, prompt_tokens: Option<usize>) -> Result<()> {
+        guard("warming up the stage graphs", || {
+            self.dev.bind()?;
+            let d = self.dims.clone();
+            let per_image = d.size * d.size * 3;
+            if let Some(n_ids) = prompt_tokens {
+                if n_ids > d.max_tok {
+                    return Err(Error::Input(format!(
+                        "prefix: {n_ids} prompt tokens, at most max_token_len {}",
+                        d.max_tok
+                    )));
+                }
+                let ids = vec![0i32; n_ids];
+                for n in 0..=d.n_img {
+                    self.stage_prompt(&ids, n * d.t + n_ids)?;
+                    self.enqueue_prefix(n * d.t, n_ids)?;
+                    // The pinned prompt is rewritten next round.
+                    self.lanes.prefix.synchronize()?;
+                }
+            } else {
+                for n in 1..=d.n_img {
+                    let px = vec![0.0f32; n * per_image];
+                    let real: Vec<usize> = (0..n).collect();
+                    self.stage_images(&px, &real)?;
+                    self.enqueue_vision(n)?;
+                    self.lanes.vision.synchronize()?;
+                }
+            }
+            Ok(())
+        })
+    }
+
     /// The real cameras and the real prompt token ids of `obs`, checked as the CPU checks them.
     fn check_inputs(
         &self,
