@@ -28,7 +28,7 @@ pub enum Kind {
 }
 
 impl Kind {
-    fn from_path(path: &str) -> Option<Kind> {
+    pub(crate) fn from_path(path: &str) -> Option<Kind> {
         let name = Path::new(path).file_name()?.to_str()?;
         let name = name.strip_suffix(".exe").unwrap_or(name);
         Some(match name {
@@ -62,7 +62,7 @@ impl Kind {
         }
     }
 
-    fn output(self, id: &str) -> Option<Msg> {
+    pub(crate) fn output(self, id: &str) -> Option<Msg> {
         Some(match (self, id) {
             (Kind::Camera, "frames") => Msg::Frames,
             (Kind::Camera, "state") => Msg::State,
@@ -175,6 +175,14 @@ fn check_descriptor(desc: &Descriptor, base: &Path) -> Report {
             } else {
                 graph.add_edge(from, to, input_id.clone());
             }
+            let machine = |n: &Node| n.deploy.as_ref().and_then(|d| d.machine.clone());
+            if transport_of(src_node).as_deref() == Some("cuda-ipc")
+                && machine(src_node) != machine(node)
+            {
+                errors.push(format!(
+                    "node `{id}` input `{input_id}`: `{src}` sends CUDA IPC handles (TRANSPORT: cuda-ipc) to another machine; CUDA IPC works within one machine (use TRANSPORT: host)"
+                ));
+            }
             if transport_of(src_node).as_deref() == Some("cuda-ipc") && backend_of(node) != "cuda" {
                 errors.push(format!(
                     "node `{id}` input `{input_id}`: `{src}` sends CUDA IPC handles (TRANSPORT: cuda-ipc), which only a BACKEND: cuda node can read"
@@ -240,7 +248,7 @@ fn check_descriptor(desc: &Descriptor, base: &Path) -> Report {
     }
 }
 
-fn env_of(node: &Node, key: &str) -> Option<String> {
+pub(crate) fn env_of(node: &Node, key: &str) -> Option<String> {
     node.env.as_ref()?.get(key).map(env_str)
 }
 

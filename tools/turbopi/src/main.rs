@@ -8,6 +8,7 @@ use std::time::Instant;
 
 mod bench;
 mod graph;
+mod plan;
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
@@ -95,6 +96,14 @@ enum Command {
 enum GraphCommand {
     /// Validate a dataflow: sources, stage input kinds, cycles, checkpoints, env values.
     Check { file: PathBuf },
+    /// Where each stage runs (node, machine, backend, GPU stream priority by the critical
+    /// path) and how each edge moves its tensors (in-process, CUDA IPC, host) with bytes per
+    /// frame and ring sizes; a table, then Graphviz DOT (or DOT to --dot FILE).
+    Plan {
+        file: PathBuf,
+        #[arg(long)]
+        dot: Option<PathBuf>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -155,6 +164,7 @@ fn main() -> ExitCode {
         }) => random(&preset, dtype, seed, &out),
         Command::Checkpoint(CheckpointCommand::Inspect { dir }) => inspect(&dir),
         Command::Graph(GraphCommand::Check { file }) => graph_check(&file),
+        Command::Graph(GraphCommand::Plan { file, dot }) => graph_plan(&file, dot.as_deref()),
         Command::Bench {
             checkpoint,
             preset,
@@ -280,6 +290,31 @@ fn infer(
         cfg.action_dim
     );
     Ok(())
+}
+
+fn graph_plan(file: &Path, dot: Option<&Path>) -> Result<()> {
+    let plan = plan::plan(file)?;
+    println!("{}: plan\n", file.display());
+    print!("{}", plan.table());
+    match dot {
+        Some(path) => {
+            std::fs::write(path, plan.dot())
+                .with_context(|| format!("writing {}", path.display()))?;
+            println!("\nDOT written to {}", path.display());
+        }
+        None => print!("\n{}", plan.dot()),
+    }
+    if plan.errors.is_empty() {
+        return Ok(());
+    }
+    for e in &plan.errors {
+        eprintln!("{}: {e}", file.display());
+    }
+    bail!(
+        "{}: {} problem(s) in the plan",
+        file.display(),
+        plan.errors.len()
+    )
 }
 
 fn graph_check(file: &Path) -> Result<()> {

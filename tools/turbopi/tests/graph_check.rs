@@ -48,6 +48,87 @@ fn ipc_fixture_with_release_loops_passes() {
     assert!(text.contains("ok (6 nodes, 7 edges)"), "{text}");
 }
 
+fn plan(file: &Path, dot: &Path) -> (bool, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_turbopi"))
+        .args(["graph", "plan"])
+        .arg(file)
+        .arg("--dot")
+        .arg(dot)
+        .output()
+        .expect("turbopi runs");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!text.contains("panicked"), "{text}");
+    (out.status.success(), text)
+}
+
+#[test]
+fn plan_places_stages_ranks_the_critical_path_and_sizes_rings() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dot = tmp.path().join("plan.dot");
+    let (ok, text) = plan(&fixture("ipc.yml"), &dot);
+    assert!(ok, "{text}");
+    let row = |needle: &str| {
+        text.lines()
+            .find(|l| l.starts_with(needle))
+            .unwrap_or_else(|| panic!("no row `{needle}` in:\n{text}"))
+            .split_whitespace()
+            .collect::<Vec<_>>()
+    };
+    // Critical path: denoise (next to the actions) first, then prefix, then vision.
+    assert_eq!(row("denoise ").last(), Some(&"0"), "{text}");
+    assert_eq!(row("prefix ").last(), Some(&"1"), "{text}");
+    assert_eq!(row("vision ").last(), Some(&"2"), "{text}");
+    assert_eq!(row("camera ").last(), Some(&"-"), "{text}");
+    // GPU-to-GPU edges by handle: nothing through the host; ring sizes from RING_SLOTS.
+    let kv = row("prefix/kv_cache");
+    assert!(kv.contains(&"cuda-ipc"), "{text}");
+    assert!(text.contains("3 ring slots for a queue of 10"), "{text}");
+    let emb = text
+        .lines()
+        .find(|l| l.starts_with("vision/image_embeddings"))
+        .unwrap();
+    assert!(
+        emb.contains(" 0  cuda-ipc"),
+        "no host bytes on an IPC edge: {emb}"
+    );
+    assert!(
+        text.contains("3 GPU processes (vision, prefix, denoise) share the GPU"),
+        "{text}"
+    );
+    let dot = std::fs::read_to_string(&dot).unwrap();
+    assert!(
+        dot.starts_with("digraph plan {") && dot.trim_end().ends_with('}'),
+        "{dot}"
+    );
+    assert_eq!(dot.matches(" -> ").count(), 5, "{dot}");
+    assert!(
+        dot.contains("\"vision:vision\" -> \"prefix:prefix\" [label=\"cuda-ipc"),
+        "{dot}"
+    );
+
+    // A fused node: its stages are chained in-process.
+    let (ok, text) = plan(&root().join("graphs/fused.yml"), &tmp.path().join("f.dot"));
+    assert!(ok, "{text}");
+    assert!(
+        text.contains("policy:vision") && text.contains("in-process"),
+        "{text}"
+    );
+
+    // CUDA IPC between machines is refused, naming the edge.
+    let (ok, text) = plan(&fixture("ipc_two_machines.yml"), &tmp.path().join("b.dot"));
+    assert!(!ok, "{text}");
+    assert!(
+        text.contains("edge `vision/image_embeddings` -> `prefix/image_embeddings`: TRANSPORT: cuda-ipc between machines `local` and `robot-b`"),
+        "{text}"
+    );
+    let (ok, text) = check(&fixture("ipc_two_machines.yml"), &[]);
+    assert!(!ok && text.contains("to another machine"), "{text}");
+}
+
 #[test]
 fn bad_fixtures_fail_naming_node_and_input() {
     let cases: &[(&str, &[&str])] = &[
