@@ -323,12 +323,8 @@ impl Plan {
         let mut s = String::new();
         let _ = writeln!(
             s,
-            "{:<14} {:<12} {:<10} {:<8} {}",
-            "node",
-            "stage",
-            "machine",
-            "backend",
-            "GPU stream priority (0 = highest, critical path)"
+            "{:<14} {:<12} {:<10} {:<8} GPU stream priority (0 = highest, critical path)",
+            "node", "stage", "machine", "backend"
         );
         for st in &self.stages {
             let _ = writeln!(
@@ -403,7 +399,7 @@ impl Plan {
             }
             let node = end.split('/').next().unwrap_or(end);
             let mut sts = self.stages.iter().filter(|s| s.node == node);
-            let st = if first { sts.next() } else { sts.last() };
+            let st = if first { sts.next() } else { sts.next_back() };
             st.map_or(node.to_string(), |s| format!("{}:{}", s.node, s.stage))
         };
         for e in &self.edges {
