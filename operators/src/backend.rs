@@ -70,6 +70,26 @@ pub trait Runner: Send {
         let _ = steps;
         Ok(None)
     }
+    /// Pipelined use, where the backend overlaps frames (CUDA: the next frame's vision and
+    /// prefix run while this one denoises): starts a frame and returns true; `collect` gives
+    /// the actions later, oldest first. Backends that do not overlap return false (use
+    /// `infer`).
+    fn submit(&mut self, obs: &Observation, noise: &[f32], steps: usize) -> Result<bool> {
+        let _ = (obs, noise, steps);
+        Ok(false)
+    }
+    /// Frames submitted and not collected.
+    fn in_flight(&self) -> usize {
+        0
+    }
+    /// Whether the oldest frame in flight has finished (does not wait).
+    fn ready(&self) -> bool {
+        true
+    }
+    /// Waits for the oldest frame in flight (None when nothing is in flight).
+    fn collect(&mut self) -> Result<Option<(Vec<f32>, StageTimes)>> {
+        Ok(None)
+    }
 }
 
 impl Runner for Policy {

@@ -171,6 +171,32 @@ pub fn bench_runner(
     })
 }
 
+/// Throughput with frames overlapped (two in flight, the next submitted as soon as one is
+/// collected), in frames per second; None for a backend that does not overlap frames.
+pub fn bench_pipelined(
+    runner: &mut dyn Runner,
+    obs: &Observation,
+    noise: &[f32],
+    steps: usize,
+    frames: usize,
+) -> Result<Option<f64>> {
+    if frames == 0 {
+        return Err(Error::Input("bench: frames must be at least 1".into()));
+    }
+    let t0 = Instant::now();
+    if !runner.submit(obs, noise, steps)? {
+        return Ok(None);
+    }
+    for _ in 1..frames {
+        if runner.in_flight() >= 2 {
+            runner.collect()?;
+        }
+        runner.submit(obs, noise, steps)?;
+    }
+    while runner.collect()?.is_some() {}
+    Ok(Some(frames as f64 / t0.elapsed().as_secs_f64()))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

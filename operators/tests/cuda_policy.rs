@@ -206,6 +206,53 @@ fn split_stages_match_the_fused_policy() {
     }
 }
 
+#[test]
+fn pipelined_frames_match_one_at_a_time() {
+    // Two frames in flight (the next frame's vision and prefix while this one denoises, two
+    // K/V cache slots): the same actions, bit for bit, as one frame at a time, across prefix
+    // lengths and noises.
+    for case in golden_cases() {
+        let (ckpt, obs, noise) = load(&case);
+        let other = variant(&obs);
+        let flipped: Vec<f32> = noise.iter().map(|v| -v).collect();
+        let frames = [
+            (&obs, &noise),
+            (&other, &flipped),
+            (&obs, &flipped),
+            (&other, &noise),
+            (&obs, &noise),
+        ];
+        for precision in [Precision::F32, Precision::Bf16] {
+            let mut p = cuda(&ckpt, precision);
+            let want: Vec<Vec<f32>> = frames
+                .iter()
+                .map(|(o, n)| p.infer(o, n, 10).unwrap().0)
+                .collect();
+            let mut got = Vec::new();
+            for (o, n) in frames {
+                if p.in_flight() == 2 {
+                    got.push(p.collect().unwrap().unwrap().0);
+                }
+                p.submit(o, n, 10).unwrap();
+            }
+            // A third frame in flight, or a one-at-a-time frame meanwhile, is refused.
+            let e = p.submit(&obs, &noise, 10).unwrap_err();
+            assert!(e.to_string().contains("two frames are in flight"), "{e}");
+            let e = p.infer(&obs, &noise, 10).unwrap_err();
+            assert!(e.to_string().contains("collect them first"), "{e}");
+            while let Some((a, _)) = p.collect().unwrap() {
+                got.push(a);
+            }
+            assert!(p.collect().unwrap().is_none());
+            assert_eq!(got.len(), want.len());
+            for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+                assert_eq!(g, w, "{} {precision:?}: frame {i}", case.display());
+            }
+            println!("{} {precision:?}: 5 pipelined frames equal", case.display());
+        }
+    }
+}
+
 /// Another observation of the same model: one more camera masked (or unmasked) and a
 /// different number of real tokens, so the prefix length changes.
 fn variant(obs: &Observation) -> Observation {

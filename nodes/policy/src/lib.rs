@@ -17,10 +17,13 @@ pub struct Settings {
     pub seed: u64,
     pub tokens: Vec<i32>,
     pub token_mask: Vec<bool>,
+    /// Overlap frames (the next frame's vision and prefix while this one denoises).
+    pub pipeline: bool,
 }
 
 /// Env: `CHECKPOINT`, `PROMPT` (dir with tokens.npy, token_mask.npy), `BACKEND` (cpu),
-/// `DTYPE` (f32 on cpu, bf16 on cuda), `STEPS` (10), `SEED` (0).
+/// `DTYPE` (f32 on cpu, bf16 on cuda), `STEPS` (10), `SEED` (0), `PIPELINE` (false; true:
+/// up to two frames in flight, BACKEND=cuda).
 pub fn run(node: DoraNode, events: EventStream) -> Result<()> {
     let (kind, precision) = backend_from_env()?;
     let steps: usize = env_or("STEPS", 10)?;
@@ -28,6 +31,10 @@ pub fn run(node: DoraNode, events: EventStream) -> Result<()> {
         bail!("env STEPS must be at least 1");
     }
     let seed: u64 = env_or("SEED", 0)?;
+    let pipeline: bool = env_or("PIPELINE", false)?;
+    if pipeline && kind != operators::backend::BackendKind::Cuda {
+        bail!("env PIPELINE=true needs BACKEND=cuda (the cpu backend runs one frame at a time)");
+    }
     let ckpt = checkpoint_from_env()?;
     let dir = env_path("PROMPT")?;
     let (tokens, token_mask) = load_prompt(&dir, &ckpt.config)
@@ -39,8 +46,123 @@ pub fn run(node: DoraNode, events: EventStream) -> Result<()> {
         seed,
         tokens,
         token_mask,
+        pipeline,
     };
+    if pipeline {
+        return run_pipelined(&ckpt.config, runner.as_mut(), &settings, node, events);
+    }
     run_with(&ckpt.config, runner.as_mut(), &settings, node, events)
+}
+
+/// The observation of an `images` message for this node's prompt.
+fn observation(
+    cfg: &Config,
+    settings: &Settings,
+    md: &dora_node_api::MetadataParameters,
+    data: &dora_node_api::DoraArray,
+    states: &mut StateBuffer,
+    seq: u64,
+) -> Result<Observation> {
+    let (images, image_masks) = model_images(md, data, cfg)?;
+    Ok(Observation {
+        images,
+        image_masks,
+        tokens: settings.tokens.clone(),
+        token_mask: settings.token_mask.clone(),
+        state: states.take(seq, !cfg.pi05)?,
+        noise: None,
+    })
+}
+
+/// Frames overlapped on the backend: a frame is submitted as soon as it arrives (while up to
+/// one other is still running), and its actions are sent as soon as it finishes.
+pub fn run_pipelined(
+    cfg: &Config,
+    runner: &mut dyn Runner,
+    settings: &Settings,
+    mut node: DoraNode,
+    mut events: EventStream,
+) -> Result<()> {
+    let out: DataId = "actions".to_string().into();
+    let mut gaps = SeqGaps::default();
+    let mut states = StateBuffer::default();
+    let mut pending: std::collections::VecDeque<FrameMeta> = Default::default();
+    let mut overlapped = 0u64;
+    let finish = |runner: &mut dyn Runner,
+                  node: &mut DoraNode,
+                  pending: &mut std::collections::VecDeque<FrameMeta>|
+     -> Result<()> {
+        let done = runner.collect();
+        let meta = pending
+            .pop_front()
+            .ok_or_else(|| eyre!("internal: a collected frame without its metadata"))?;
+        let Some((actions, _)) = done? else {
+            bail!("internal: frame {} was not in flight", meta.seq);
+        };
+        node.send_output(
+            out.clone(),
+            meta.tensor_params(&[cfg.action_horizon, cfg.action_dim], "float32"),
+            actions,
+        )
+        .map_err(|e| eyre!("sending actions: {e}"))
+    };
+    loop {
+        // With a frame running, poll briefly so that it is sent as soon as it is done.
+        let event = if pending.is_empty() {
+            events.recv()
+        } else {
+            events.recv_timeout(std::time::Duration::from_micros(500))
+        };
+        match event {
+            None | Some(Event::Stop(_)) => break,
+            Some(Event::InputClosed { id }) if id.as_str() == "images" => break,
+            Some(Event::Input { id, metadata, data }) => {
+                let md = &metadata.parameters;
+                let result = (|| -> Result<()> {
+                    match id.as_str() {
+                        "state" => states.insert(md, &data, cfg.action_dim),
+                        "images" => {
+                            let meta = FrameMeta::from_metadata("images", md)?;
+                            gaps.observe(meta.seq);
+                            let obs = observation(cfg, settings, md, &data, &mut states, meta.seq)?;
+                            let noise = noise_from_seed(cfg, settings.seed.wrapping_add(meta.seq));
+                            if runner.in_flight() >= 2 {
+                                finish(runner, &mut node, &mut pending)?;
+                            }
+                            if !pending.is_empty() {
+                                overlapped += 1;
+                            }
+                            if !runner.submit(&obs, &noise, settings.steps)? {
+                                bail!("env PIPELINE=true needs a backend that overlaps frames (BACKEND=cuda)");
+                            }
+                            pending.push_back(meta);
+                            Ok(())
+                        }
+                        _ => Ok(()),
+                    }
+                })();
+                if let Err(e) = result {
+                    report_rejected("policy", &e);
+                }
+            }
+            Some(_) => {}
+        }
+        while runner.in_flight() > 0 && runner.ready() {
+            if let Err(e) = finish(runner, &mut node, &mut pending) {
+                report_rejected("policy", &e);
+            }
+        }
+    }
+    while runner.in_flight() > 0 {
+        if let Err(e) = finish(runner, &mut node, &mut pending) {
+            report_rejected("policy", &e);
+        }
+    }
+    eprintln!(
+        "policy: {} frames, {} gaps, {overlapped} started while another was running",
+        gaps.frames, gaps.gaps
+    );
+    Ok(())
 }
 
 pub fn run_with(
@@ -101,6 +223,42 @@ mod tests {
     use operators::image;
     use operators::Policy;
 
+    /// A backend that keeps submitted frames "in flight" until collected.
+    struct Overlapping {
+        inner: Policy,
+        done: std::collections::VecDeque<(Vec<f32>, operators::StageTimes)>,
+    }
+
+    impl Runner for Overlapping {
+        fn infer(
+            &mut self,
+            obs: &Observation,
+            noise: &[f32],
+            steps: usize,
+        ) -> operators::Result<(Vec<f32>, operators::StageTimes)> {
+            self.inner.infer(obs, noise, steps)
+        }
+        fn describe(&self) -> String {
+            "overlapping test backend".into()
+        }
+        fn submit(
+            &mut self,
+            obs: &Observation,
+            noise: &[f32],
+            steps: usize,
+        ) -> operators::Result<bool> {
+            let r = self.inner.infer(obs, noise, steps)?;
+            self.done.push_back(r);
+            Ok(true)
+        }
+        fn in_flight(&self) -> usize {
+            self.done.len()
+        }
+        fn collect(&mut self) -> operators::Result<Option<(Vec<f32>, operators::StageTimes)>> {
+            Ok(self.done.pop_front())
+        }
+    }
+
     #[test]
     fn fused_policy_matches_the_operator_and_rejects_a_wrong_shape() {
         let ckpt = Checkpoint::open(&golden("pi05_small").join("checkpoint")).unwrap();
@@ -120,21 +278,36 @@ mod tests {
             values: json(v),
             extra: vec![("image_masks", Parameter::ListInt(vec![1, 1, 0]))],
         };
-        let events = vec![
-            event(0.0, msg(0, &[1, 2, 3], &[0; 6])),
-            event(0.01, msg(9, shape, &px)),
-        ];
+        let events = || {
+            vec![
+                event(0.0, msg(0, &[1, 2, 3], &[0; 6])),
+                event(0.01, msg(9, shape, &px)),
+            ]
+        };
         let settings = Settings {
             steps: 2,
             seed: 3,
             tokens: tokens.clone(),
             token_mask: token_mask.clone(),
+            pipeline: false,
         };
-        let out = run_node("policy", events, |node, ev| {
+        let out = run_node("policy", events(), |node, ev| {
             run_with(&cfg, &mut policy, &settings, node, ev)
         })
         .unwrap();
         assert_eq!(out.len(), 1, "{out:?}");
+        // The pipelined loop over a backend that keeps frames in flight: the same output.
+        let mut overlapping = Overlapping {
+            inner: Policy::load(&ckpt, |_, _| {}).unwrap(),
+            done: Default::default(),
+        };
+        let piped = run_node("policy", events(), |node, ev| {
+            run_pipelined(&cfg, &mut overlapping, &settings, node, ev)
+        })
+        .unwrap();
+        assert_eq!(piped.len(), 1, "{piped:?}");
+        assert_eq!(values(&piped[0]), values(&out[0]));
+        assert_eq!(overlapping.in_flight(), 0, "every frame collected");
         let obs = Observation {
             images: px
                 .chunks_exact(s * s * 3)

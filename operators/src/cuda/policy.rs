@@ -135,8 +135,9 @@ struct VisionBuf {
 
 struct PrefixBuf {
     ids: View,
-    /// i32 [P, 0]: the real prefix length and a zero (the prefix's first position).
-    info: View,
+    /// Per cache slot, i32 [P, 0]: the real prefix length and a zero (the prefix's first
+    /// position).
+    info: [View; 2],
     x: View,
     h: View,
     qkv: View,
@@ -147,8 +148,9 @@ struct PrefixBuf {
     att: View,
     gu: View,
     m: View,
-    /// [depth][K, V][cap][kv * hd], shared with the denoiser.
-    kv: View,
+    /// Two cache slots (frame t's denoise reads one while frame t+1's prefix fills the
+    /// other), each [depth][K, V][cap][kv * hd].
+    kv: [View; 2],
     inv_freq: View,
 }
 
@@ -238,7 +240,7 @@ fn layout(d: &Dims, act: DType, ar: &mut Arena) -> Buffers {
     };
     let prefix = PrefixBuf {
         ids: ar.take(DType::I32, d.max_tok.max(1)),
-        info: ar.take(DType::I32, 4),
+        info: [ar.take(DType::I32, 4), ar.take(DType::I32, 4)],
         x: ar.take(f, d.pmax * d.w),
         h: ar.take(act, d.pmax * d.w),
         qkv: ar.take(act, d.pmax * hs.qkv_width()),
@@ -249,7 +251,10 @@ fn layout(d: &Dims, act: DType, ar: &mut Arena) -> Buffers {
         att: ar.take(act, d.pmax * qw),
         gu: ar.take(act, d.pmax * 2 * d.mlp),
         m: ar.take(act, d.pmax * d.mlp),
-        kv: ar.take(act, d.depth * 2 * d.cap * hs.kv_width()),
+        kv: [
+            ar.take(act, d.depth * 2 * d.cap * hs.kv_width()),
+            ar.take(act, d.depth * 2 * d.cap * hs.kv_width()),
+        ],
         inv_freq: ar.take(f, hs.hd / 2),
     };
     let denoise = DenoiseBuf {
@@ -332,18 +337,25 @@ struct Pinned {
 /// The policy on one GPU. Fields drop in order: graphs before the buffers they use, buffers
 /// before the library handles, everything before the context.
 pub struct CudaPolicy {
-    graphs: HashMap<usize, StepGraph>,
+    /// The denoise loop by (steps, cache slot).
+    graphs: HashMap<(usize, usize), StepGraph>,
     /// Vision by number of real cameras and prefix by (image rows, prompt tokens), captured
     /// after their first eager run: replaying saves the host's per-launch cost.
     vision_graphs: HashMap<usize, SendGraph>,
-    prefix_graphs: HashMap<(usize, usize), SendGraph>,
+    prefix_graphs: HashMap<(usize, usize, usize), SendGraph>,
     buf: Buffers,
     _act_buf: DeviceBuffer,
     weights: DeviceWeights,
-    pinned: Pinned,
+    /// Per cache slot.
+    pinned: [Pinned; 2],
     gemm: Gemm,
     kernels: Kernels,
-    events: [CudaEvent; 6],
+    /// Per cache slot: vision, prefix and denoise start / end.
+    events: [[CudaEvent; 6]; 2],
+    /// The cache slot the stages being recorded or launched use.
+    slot: usize,
+    /// Pipelined frames submitted and not yet collected (their slots, oldest first).
+    in_flight: std::collections::VecDeque<usize>,
     lanes: Lanes,
     cfg: Config,
     dims: Dims,
@@ -529,22 +541,28 @@ impl CudaPolicy {
         lanes.prefix.upload(&inv_freq, buf.prefix.inv_freq)?;
         lanes.prefix.synchronize()?;
         let f = std::mem::size_of::<f32>();
-        let pinned = Pinned {
-            pixels: PinnedBuffer::alloc(&dev, dims.n_img * dims.size * dims.size * 3 * f)?,
-            ids: PinnedBuffer::alloc(&dev, dims.max_tok.max(1) * f)?,
-            info: PinnedBuffer::alloc(&dev, 4 * f)?,
-            noise: PinnedBuffer::alloc(&dev, dims.h * dims.ad * f)?,
-            state: PinnedBuffer::alloc(&dev, dims.ad * f)?,
-            actions: PinnedBuffer::alloc(&dev, dims.h * dims.ad * f)?,
+        let pinned = || -> Result<Pinned> {
+            Ok(Pinned {
+                pixels: PinnedBuffer::alloc(&dev, dims.n_img * dims.size * dims.size * 3 * f)?,
+                ids: PinnedBuffer::alloc(&dev, dims.max_tok.max(1) * f)?,
+                info: PinnedBuffer::alloc(&dev, 4 * f)?,
+                noise: PinnedBuffer::alloc(&dev, dims.h * dims.ad * f)?,
+                state: PinnedBuffer::alloc(&dev, dims.ad * f)?,
+                actions: PinnedBuffer::alloc(&dev, dims.h * dims.ad * f)?,
+            })
         };
-        let events = [
-            timing_event(&dev)?,
-            timing_event(&dev)?,
-            timing_event(&dev)?,
-            timing_event(&dev)?,
-            timing_event(&dev)?,
-            timing_event(&dev)?,
-        ];
+        let pinned = [pinned()?, pinned()?];
+        let events = || -> Result<[CudaEvent; 6]> {
+            Ok([
+                timing_event(&dev)?,
+                timing_event(&dev)?,
+                timing_event(&dev)?,
+                timing_event(&dev)?,
+                timing_event(&dev)?,
+                timing_event(&dev)?,
+            ])
+        };
+        let events = [events()?, events()?];
         Ok(CudaPolicy {
             graphs: HashMap::new(),
             vision_graphs: HashMap::new(),
@@ -556,6 +574,8 @@ impl CudaPolicy {
             gemm,
             kernels,
             events,
+            slot: 0,
+            in_flight: std::collections::VecDeque::new(),
             lanes,
             cfg: cfg.clone(),
             dims,
@@ -582,7 +602,13 @@ impl CudaPolicy {
         }
         guard("warming up the denoise graph", || {
             self.dev.bind()?;
-            self.ensure_graph(steps)?;
+            let keep = self.slot;
+            for slot in [0, 1] {
+                self.slot = slot;
+                let built = self.ensure_graph(steps);
+                self.slot = keep;
+                built?;
+            }
             self.lanes.denoise.synchronize()
         })
     }
@@ -673,8 +699,7 @@ impl CudaPolicy {
     /// Copies the real cameras of `images` into the pinned pixel buffer.
     fn stage_images(&mut self, images: &[f32], real: &[usize]) -> Result<()> {
         let per_image = self.dims.size * self.dims.size * 3;
-        let px = self
-            .pinned
+        let px = self.pinned[self.slot]
             .pixels
             .slice_mut::<f32>(real.len() * per_image)?;
         for (dst, &i) in px.chunks_exact_mut(per_image).zip(real) {
@@ -685,7 +710,7 @@ impl CudaPolicy {
 
     /// Copies the prompt ids and the prefix length `p` into pinned memory.
     fn stage_prompt(&mut self, ids: &[i32], p: usize) -> Result<()> {
-        self.pinned
+        self.pinned[self.slot]
             .ids
             .slice_mut::<i32>(ids.len())?
             .copy_from_slice(ids);
@@ -695,19 +720,25 @@ impl CudaPolicy {
             0,
             0,
         ];
-        self.pinned.info.slice_mut::<i32>(4)?.copy_from_slice(&info);
+        self.pinned[self.slot]
+            .info
+            .slice_mut::<i32>(4)?
+            .copy_from_slice(&info);
         Ok(())
     }
 
     /// Copies the noise and (pi0) the state into pinned memory.
     fn stage_sampler(&mut self, noise: &[f32], state: Option<&[f32]>) -> Result<()> {
-        self.pinned
+        self.pinned[self.slot]
             .noise
             .slice_mut::<f32>(noise.len())?
             .copy_from_slice(noise);
         if let Some(s) = state.filter(|_| !self.cfg.pi05) {
             let ad = self.dims.ad;
-            self.pinned.state.slice_mut::<f32>(ad)?.copy_from_slice(s);
+            self.pinned[self.slot]
+                .state
+                .slice_mut::<f32>(ad)?
+                .copy_from_slice(s);
         }
         Ok(())
     }
@@ -721,7 +752,7 @@ impl CudaPolicy {
         let per_image = self.dims.size * self.dims.size * 3;
         let lv = &self.lanes.vision;
         lv.upload(
-            self.pinned.pixels.slice::<f32>(n * per_image)?,
+            self.pinned[self.slot].pixels.slice::<f32>(n * per_image)?,
             self.buf.vision.pixels,
         )?;
         if let Some(g) = self.vision_graphs.get(&n) {
@@ -739,9 +770,15 @@ impl CudaPolicy {
     /// Prefix stream: upload of the staged prompt, then the prefix graph for this shape.
     fn enqueue_prefix(&mut self, img_rows: usize, n_ids: usize) -> Result<()> {
         let lp = &self.lanes.prefix;
-        lp.upload(self.pinned.ids.slice::<i32>(n_ids)?, self.buf.prefix.ids)?;
-        lp.upload(self.pinned.info.slice::<i32>(4)?, self.buf.prefix.info)?;
-        let key = (img_rows, n_ids);
+        lp.upload(
+            self.pinned[self.slot].ids.slice::<i32>(n_ids)?,
+            self.buf.prefix.ids,
+        )?;
+        lp.upload(
+            self.pinned[self.slot].info.slice::<i32>(4)?,
+            self.buf.prefix.info[self.slot],
+        )?;
+        let key = (img_rows, n_ids, self.slot);
         if let Some(g) = self.prefix_graphs.get(&key) {
             g.0.launch().cuda("launching the prefix graph")?;
         } else {
@@ -760,22 +797,25 @@ impl CudaPolicy {
         let d = &self.dims;
         let n = d.h * d.ad;
         let ld = &self.lanes.denoise;
-        ld.upload(self.pinned.noise.slice::<f32>(n)?, self.buf.denoise.noise)?;
+        ld.upload(
+            self.pinned[self.slot].noise.slice::<f32>(n)?,
+            self.buf.denoise.noise,
+        )?;
         if !self.cfg.pi05 {
             ld.upload(
-                self.pinned.state.slice::<f32>(d.ad)?,
+                self.pinned[self.slot].state.slice::<f32>(d.ad)?,
                 self.buf.denoise.state,
             )?;
         }
         self.ensure_graph(steps)?;
         let graph = self
             .graphs
-            .get(&steps)
+            .get(&(steps, self.slot))
             .ok_or_else(|| Error::Cuda("internal: denoise graph missing".into()))?;
         graph.graph.0.launch().cuda("launching the denoise graph")?;
         self.lanes.denoise.download(
             self.buf.denoise.xt.at(0, n)?,
-            self.pinned.actions.slice_mut::<f32>(n)?,
+            self.pinned[self.slot].actions.slice_mut::<f32>(n)?,
         )
     }
 
@@ -785,33 +825,97 @@ impl CudaPolicy {
         noise: &[f32],
         steps: usize,
     ) -> Result<(Vec<f32>, StageTimes)> {
+        if !self.in_flight.is_empty() {
+            return Err(Error::Input(
+                "frames submitted with `submit` are in flight: collect them first".into(),
+            ));
+        }
+        self.submit_inner(obs, noise, steps)?;
+        self.collect_inner()?
+            .ok_or_else(|| Error::Cuda("internal: the frame was not in flight".into()))
+    }
+
+    /// Starts a frame without waiting for it (pipelined use): its vision and prefix run on
+    /// their streams while the previous frame's denoise still runs, which reads its K/V cache
+    /// from the other of two cache slots. At most two frames are in flight; `collect` returns
+    /// them oldest first.
+    pub fn submit(&mut self, obs: &Observation, noise: &[f32], steps: usize) -> Result<()> {
+        guard("submitting a frame", || {
+            self.submit_inner(obs, noise, steps)
+        })
+    }
+
+    /// Frames submitted and not collected yet.
+    pub fn in_flight(&self) -> usize {
+        self.in_flight.len()
+    }
+
+    /// Whether the oldest frame in flight has finished (does not wait).
+    pub fn ready(&self) -> bool {
+        self.in_flight
+            .front()
+            .is_some_and(|&s| self.events[s][5].is_complete())
+    }
+
+    /// Waits for the oldest frame in flight: its actions and stage times (None when nothing
+    /// is in flight).
+    pub fn collect(&mut self) -> Result<Option<(Vec<f32>, StageTimes)>> {
+        guard("collecting a frame", || self.collect_inner())
+    }
+
+    fn submit_inner(&mut self, obs: &Observation, noise: &[f32], steps: usize) -> Result<()> {
+        if self.in_flight.len() >= 2 {
+            return Err(Error::Input(
+                "two frames are in flight: collect one before submitting another".into(),
+            ));
+        }
         let (real, ids) = self.check_inputs(obs, noise, steps)?;
         self.dev.bind()?;
+        let slot = match self.in_flight.back() {
+            Some(&busy) => busy ^ 1,
+            None => self.slot,
+        };
+        self.slot = slot;
         let img_rows = real.len() * self.dims.t;
         self.stage_images(&obs.images, &real)?;
         self.stage_prompt(&ids, img_rows + ids.len())?;
         self.stage_sampler(noise, obs.state.as_deref())?;
 
-        self.events[0]
-            .record(&self.lanes.vision.stream)
+        // Vision rewrites the prefix's input rows: only after the other slot's prefix (the
+        // previous frame) has read them.
+        let lv = &self.lanes.vision;
+        lv.stream
+            .wait(&self.events[slot ^ 1][3])
+            .cuda("ordering vision after the previous prefix")?;
+        self.events[slot][0]
+            .record(&lv.stream)
             .cuda("recording an event")?;
         self.enqueue_vision(real.len())?;
-        let (ev, lv, lp) = (&self.events, &self.lanes.vision, &self.lanes.prefix);
+        let (ev, lv, lp) = (&self.events[slot], &self.lanes.vision, &self.lanes.prefix);
         ev[1].record(&lv.stream).cuda("recording an event")?;
         lp.stream
             .wait(&ev[1])
             .cuda("ordering prefix after vision")?;
         ev[2].record(&lp.stream).cuda("recording an event")?;
         self.enqueue_prefix(img_rows, ids.len())?;
-        let (ev, lp, ld) = (&self.events, &self.lanes.prefix, &self.lanes.denoise);
+        let (ev, lp, ld) = (&self.events[slot], &self.lanes.prefix, &self.lanes.denoise);
         ev[3].record(&lp.stream).cuda("recording an event")?;
         ld.stream
             .wait(&ev[3])
             .cuda("ordering denoise after prefix")?;
         ev[4].record(&ld.stream).cuda("recording an event")?;
         self.enqueue_denoise(steps)?;
-        let (ev, ld) = (&self.events, &self.lanes.denoise);
+        let (ev, ld) = (&self.events[slot], &self.lanes.denoise);
         ev[5].record(&ld.stream).cuda("recording an event")?;
+        self.in_flight.push_back(slot);
+        Ok(())
+    }
+
+    fn collect_inner(&mut self) -> Result<Option<(Vec<f32>, StageTimes)>> {
+        let Some(slot) = self.in_flight.pop_front() else {
+            return Ok(None);
+        };
+        let ev = &self.events[slot];
         ev[5].synchronize().cuda("running the frame")?;
         let times = StageTimes {
             vision: elapsed(&ev[0], &ev[1])?,
@@ -819,8 +923,8 @@ impl CudaPolicy {
             denoise: elapsed(&ev[4], &ev[5])?,
         };
         let n = self.dims.h * self.dims.ad;
-        let actions = self.pinned.actions.slice::<f32>(n)?.to_vec();
-        Ok((actions, times))
+        let actions = self.pinned[slot].actions.slice::<f32>(n)?.to_vec();
+        Ok(Some((actions, times)))
     }
 
     /// The vision stage alone (a split vision node): the image embeddings [n * t, vlm_width]
@@ -843,11 +947,11 @@ impl CudaPolicy {
             let real: Vec<usize> = (0..n).collect();
             self.stage_images(images, &real)?;
             let lv = &self.lanes.vision;
-            self.events[0]
+            self.events[self.slot][0]
                 .record(&lv.stream)
                 .cuda("recording an event")?;
             self.enqueue_vision(n)?;
-            let (ev, lv) = (&self.events, &self.lanes.vision);
+            let (ev, lv) = (&self.events[self.slot], &self.lanes.vision);
             ev[1].record(&lv.stream).cuda("recording an event")?;
             ev[1].synchronize().cuda("running the vision stage")?;
             let mut out = vec![0.0f32; n * d.t * d.w];
@@ -905,13 +1009,13 @@ impl CudaPolicy {
         let p = img_rows + ids.len();
         self.stage_prompt(ids, p)?;
         let lp = &self.lanes.prefix;
-        self.events[2]
+        self.events[self.slot][2]
             .record(&lp.stream)
             .cuda("recording an event")?;
         // Pageable upload: synchronous with respect to `embeddings`.
         upload_now(embeddings, self.buf.prefix.x.at(0, embeddings.len())?)?;
         self.enqueue_prefix(img_rows, ids.len())?;
-        let (ev, lp) = (&self.events, &self.lanes.prefix);
+        let (ev, lp) = (&self.events[self.slot], &self.lanes.prefix);
         ev[3].record(&lp.stream).cuda("recording an event")?;
         ev[3].synchronize().cuda("running the prefix stage")?;
         Ok((p, elapsed(&ev[2], &ev[3])?))
@@ -959,17 +1063,17 @@ impl CudaPolicy {
                 0,
                 0,
             ];
-            upload_now(&info, self.buf.prefix.info.at(0, 4)?)?;
+            upload_now(&info, self.buf.prefix.info[self.slot].at(0, 4)?)?;
             let ld = &self.lanes.denoise;
-            self.events[4]
+            self.events[self.slot][4]
                 .record(&ld.stream)
                 .cuda("recording an event")?;
             self.enqueue_denoise(steps)?;
-            let (ev, ld) = (&self.events, &self.lanes.denoise);
+            let (ev, ld) = (&self.events[self.slot], &self.lanes.denoise);
             ev[5].record(&ld.stream).cuda("recording an event")?;
             ev[5].synchronize().cuda("running the denoise stage")?;
             let n = d.h * d.ad;
-            let actions = self.pinned.actions.slice::<f32>(n)?.to_vec();
+            let actions = self.pinned[self.slot].actions.slice::<f32>(n)?.to_vec();
             Ok((actions, elapsed(&ev[4], &ev[5])?))
         })
     }
@@ -1001,11 +1105,11 @@ impl CudaPolicy {
             let real: Vec<usize> = (0..n).collect();
             self.stage_images(images, &real)?;
             let lv = &self.lanes.vision;
-            self.events[0]
+            self.events[self.slot][0]
                 .record(&lv.stream)
                 .cuda("recording an event")?;
             self.enqueue_vision(n)?;
-            let (ev, lv) = (&self.events, &self.lanes.vision);
+            let (ev, lv) = (&self.events[self.slot], &self.lanes.vision);
             ev[1].record(&lv.stream).cuda("recording an event")?;
             let out = self.buf.prefix.x.at(0, n * d.t * d.w)?;
             ring.write(slot, lv, out)?;
@@ -1032,13 +1136,13 @@ impl CudaPolicy {
             let p = img_rows + ids.len();
             self.stage_prompt(ids, p)?;
             let lp = &self.lanes.prefix;
-            self.events[2]
+            self.events[self.slot][2]
                 .record(&lp.stream)
                 .cuda("recording an event")?;
             let dst = self.buf.prefix.x.at(0, img_rows * d.w)?;
             importer.read(&self.dev, lp, remote, dst)?;
             self.enqueue_prefix(img_rows, ids.len())?;
-            let (ev, lp) = (&self.events, &self.lanes.prefix);
+            let (ev, lp) = (&self.events[self.slot], &self.lanes.prefix);
             ev[3].record(&lp.stream).cuda("recording an event")?;
             ev[3].synchronize().cuda("running the prefix stage")?;
             Ok((p, elapsed(&ev[2], &ev[3])?))
@@ -1062,7 +1166,7 @@ impl CudaPolicy {
     pub fn cache_to_ring(&mut self, ring: &super::ipc::Ring, slot: usize) -> Result<usize> {
         guard("exporting the K/V cache", || {
             self.dev.bind()?;
-            let kv = self.buf.prefix.kv;
+            let kv = self.buf.prefix.kv[self.slot];
             ring.write(slot, &self.lanes.prefix, kv)?;
             Ok(kv.bytes())
         })
@@ -1096,18 +1200,18 @@ impl CudaPolicy {
                 0,
                 0,
             ];
-            upload_now(&info, self.buf.prefix.info.at(0, 4)?)?;
+            upload_now(&info, self.buf.prefix.info[self.slot].at(0, 4)?)?;
             let ld = &self.lanes.denoise;
-            self.events[4]
+            self.events[self.slot][4]
                 .record(&ld.stream)
                 .cuda("recording an event")?;
-            importer.read(&self.dev, ld, remote, self.buf.prefix.kv)?;
+            importer.read(&self.dev, ld, remote, self.buf.prefix.kv[self.slot])?;
             self.enqueue_denoise(steps)?;
-            let (ev, ld) = (&self.events, &self.lanes.denoise);
+            let (ev, ld) = (&self.events[self.slot], &self.lanes.denoise);
             ev[5].record(&ld.stream).cuda("recording an event")?;
             ev[5].synchronize().cuda("running the denoise stage")?;
             let n = d.h * d.ad;
-            let actions = self.pinned.actions.slice::<f32>(n)?.to_vec();
+            let actions = self.pinned[self.slot].actions.slice::<f32>(n)?.to_vec();
             Ok((actions, elapsed(&ev[4], &ev[5])?))
         })
     }
@@ -1325,7 +1429,7 @@ impl CudaPolicy {
     fn cache(&self, layer: usize) -> Result<(View, View)> {
         let d = &self.dims;
         let n = d.cap * d.heads.kv_width();
-        let kv = self.buf.prefix.kv;
+        let kv = self.buf.prefix.kv[self.slot];
         Ok((kv.at((2 * layer) * n, n)?, kv.at((2 * layer + 1) * n, n)?))
     }
 
@@ -1479,7 +1583,7 @@ impl CudaPolicy {
                 kc,
                 vc,
                 b.inv_freq,
-                b.info.at(1, 1)?,
+                b.info[self.slot].at(1, 1)?,
                 p,
                 hs,
                 0,
@@ -1526,9 +1630,9 @@ impl CudaPolicy {
     }
 
     fn ensure_graph(&mut self, steps: usize) -> Result<()> {
-        if !self.graphs.contains_key(&steps) {
+        if !self.graphs.contains_key(&(steps, self.slot)) {
             let g = self.build_graph(steps)?;
-            self.graphs.insert(steps, g);
+            self.graphs.insert((steps, self.slot), g);
         }
         Ok(())
     }
@@ -1797,7 +1901,7 @@ impl CudaPolicy {
         }
         let dt = (-1.0f64 / steps as f64) as f32;
         let mask = Mask {
-            prefix_len: Some(self.buf.prefix.info.at(0, 1)?),
+            prefix_len: Some(self.buf.prefix.info[self.slot].at(0, 1)?),
             prefix_cap: d.pmax,
             n_state: d.first_action,
             group: hs.group(),
@@ -1826,7 +1930,7 @@ impl CudaPolicy {
                 )?;
                 self.mark("gemm qkv")?;
                 let cache = self.cache(li)?;
-                let pos0 = self.buf.prefix.info.at(0, 1)?;
+                let pos0 = self.buf.prefix.info[self.slot].at(0, 1)?;
                 rope_qkv(
                     k,
                     l,
@@ -1921,7 +2025,7 @@ impl CudaPolicy {
         l.synchronize()?;
         let graph = self
             .graphs
-            .get(&steps)
+            .get(&(steps, self.slot))
             .ok_or_else(|| Error::Cuda("internal: denoise graph missing".into()))?;
         let (g0, g1) = (timing_event(&self.dev)?, timing_event(&self.dev)?);
         // One replay to warm up, one timed; the eager run queues behind the second.
@@ -2049,6 +2153,22 @@ impl Runner for CudaPolicy {
             return Err(Error::Input("denoise: steps must be at least 1".into()));
         }
         guard("profiling the denoise loop", || self.profile(steps)).map(Some)
+    }
+
+    fn submit(&mut self, obs: &Observation, noise: &[f32], steps: usize) -> Result<bool> {
+        CudaPolicy::submit(self, obs, noise, steps).map(|()| true)
+    }
+
+    fn in_flight(&self) -> usize {
+        CudaPolicy::in_flight(self)
+    }
+
+    fn ready(&self) -> bool {
+        CudaPolicy::ready(self)
+    }
+
+    fn collect(&mut self) -> Result<Option<(Vec<f32>, StageTimes)>> {
+        CudaPolicy::collect(self)
     }
 
     fn describe(&self) -> String {

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use operators::backend::{self, BackendKind, Precision, Runner};
-use operators::bench::{bench_runner, BenchReport, Setting};
+use operators::bench::{bench_pipelined, bench_runner, BenchReport, Setting};
 use operators::checkpoint::Checkpoint;
 use operators::Config;
 
@@ -99,6 +99,14 @@ pub fn run(args: &BenchArgs) -> Result<BenchReport> {
         "{}",
         format_report(setting, &cfg, args, &runner.describe(), setup, &report)
     );
+    // Overlapped frames (backends that support it): throughput against 1 / mean latency.
+    if let Some(fps) = bench_pipelined(runner.as_mut(), &obs, &noise, args.steps, args.iters)? {
+        println!(
+            "  pipelined (2 frames in flight, {} frames): {fps:.1} frames/s, against {:.1} frames/s one at a time",
+            args.iters,
+            1e3 / report.mean_ms
+        );
+    }
     if profiling() {
         match runner.profile_denoise(args.steps)? {
             Some(table) => print!("{table}"),

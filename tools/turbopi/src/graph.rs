@@ -373,6 +373,17 @@ fn check_env(id: &str, kind: Kind, node: &Node, base: &Path, errors: &mut Vec<St
         Kind::Denoise | Kind::Policy => {
             positive("STEPS", &mut err);
             uint("SEED", &mut err);
+            if let Some(p) = env.get("PIPELINE") {
+                if kind != Kind::Policy {
+                    err(format!(
+                        "env PIPELINE={p:?}: only the policy node overlaps frames"
+                    ));
+                } else if p != "true" && p != "false" {
+                    err(format!("env PIPELINE={p:?} must be `true` or `false`"));
+                } else if p == "true" && env.get("BACKEND").map(String::as_str) != Some("cuda") {
+                    err("env PIPELINE=true needs BACKEND=cuda".into());
+                }
+            }
             if let Some(d) = env.get("DTYPE") {
                 if d != "f32" && d != "bf16" {
                     err(format!("env DTYPE={d:?} must be `f32` or `bf16`"));

@@ -168,6 +168,7 @@ fn bad_fixtures_fail_naming_node_and_input() {
             &[
                 "node `denoise`: env STEPS=\"0\" must be a positive integer",
                 "node `denoise`: env BACKEND=\"tpu\"",
+                "node `denoise`: env PIPELINE=\"true\": only the policy node overlaps frames",
             ],
         ),
         (
@@ -249,10 +250,18 @@ fn shipped_graphs_pass() {
     }
     // Without a checkpoint the same graph names what is missing.
     let missing = tmp.path().join("nothing-here");
-    let (ok, text) = check(
-        &root().join("graphs/thor_pipelined.yml"),
-        &[("TURBOPI_CHECKPOINT", &missing)],
-    );
-    assert!(!ok);
-    assert!(text.contains("node `vision`: env CHECKPOINT="), "{text}");
+    for (g, node) in [
+        ("thor_pipelined.yml", "policy"),
+        ("split_gpu.yml", "vision"),
+    ] {
+        let (ok, text) = check(
+            &root().join("graphs").join(g),
+            &[("TURBOPI_CHECKPOINT", &missing)],
+        );
+        assert!(!ok);
+        assert!(
+            text.contains(&format!("node `{node}`: env CHECKPOINT=")),
+            "{g}: {text}"
+        );
+    }
 }
