@@ -78,6 +78,13 @@ pub trait Runner: Send {
         let _ = (obs, noise, steps);
         Ok(false)
     }
+    /// Builds ahead of the first frame whatever that frame would otherwise wait for (CUDA:
+    /// the stage graphs for every camera count with `prompt_tokens` real prompt tokens, and
+    /// the denoise graph of `steps`, for both pipelining slots). Nothing to do by default.
+    fn prepare(&mut self, steps: usize, prompt_tokens: usize) -> Result<()> {
+        let _ = (steps, prompt_tokens);
+        Ok(())
+    }
     /// Frames submitted and not collected.
     fn in_flight(&self) -> usize {
         0

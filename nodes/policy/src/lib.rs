@@ -40,6 +40,8 @@ pub fn run(node: DoraNode, events: EventStream) -> Result<()> {
     let (tokens, token_mask) = load_prompt(&dir, &ckpt.config)
         .wrap_err_with(|| format!("env PROMPT={}", dir.display()))?;
     let mut runner = backend::load(kind, precision, &ckpt, |_, _| {})?;
+    // The first frames should cost what later ones do (no drops while graphs are built).
+    runner.prepare(steps, token_mask.iter().filter(|&&m| m).count())?;
     eprintln!("policy: {}", runner.describe());
     let settings = Settings {
         steps,

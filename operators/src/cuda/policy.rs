@@ -2163,6 +2163,24 @@ impl Runner for CudaPolicy {
         CudaPolicy::in_flight(self)
     }
 
+    fn prepare(&mut self, steps: usize, prompt_tokens: usize) -> Result<()> {
+        if !self.in_flight.is_empty() {
+            return Err(Error::Input(
+                "frames are in flight: collect them before preparing".into(),
+            ));
+        }
+        self.warm_up(steps)?;
+        self.warm_up_stages(None)?;
+        let keep = self.slot;
+        for slot in [0, 1] {
+            self.slot = slot;
+            let done = self.warm_up_stages(Some(prompt_tokens));
+            self.slot = keep;
+            done?;
+        }
+        Ok(())
+    }
+
     fn ready(&self) -> bool {
         CudaPolicy::ready(self)
     }
