@@ -353,8 +353,27 @@ pub struct Lane {
 
 impl Lane {
     pub fn new(dev: &Device) -> Result<Lane> {
+        Lane::with_rank(dev, None)
+    }
+
+    /// A lane whose stream has priority rank `rank` (0 = the device's highest priority, each
+    /// rank one step lower, clamped to the lowest); None: the default priority.
+    pub fn with_rank(dev: &Device, rank: Option<usize>) -> Result<Lane> {
         dev.bind()?;
-        let stream = dev.ctx.new_stream().cuda("creating a CUDA stream")?;
+        let stream = match rank {
+            None => dev.ctx.new_stream().cuda("creating a CUDA stream")?,
+            Some(r) => {
+                // `least` is the numerically largest (lowest) priority, `greatest` the highest.
+                let (least, greatest) = result::stream::get_priority_range()
+                    .cuda("reading the stream priority range")?;
+                let p = greatest
+                    .saturating_add(i32::try_from(r).unwrap_or(i32::MAX))
+                    .min(least);
+                dev.ctx
+                    .new_stream_with_priority(p)
+                    .cuda("creating a CUDA stream with a priority")?
+            }
+        };
         let ws = DeviceBuffer::alloc(dev, DType::U8, WORKSPACE_BYTES)?;
         Ok(Lane {
             stream,

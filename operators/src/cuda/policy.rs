@@ -373,6 +373,17 @@ fn fused_gate_enabled() -> bool {
     *ON.get_or_init(|| std::env::var("TURBOPI_FUSED_GATE").map_or(true, |v| v.trim() != "0"))
 }
 
+/// Stream priorities by the critical path (on unless `TURBOPI_STREAM_PRIORITIES=0`).
+fn stream_priorities_enabled() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| {
+        !matches!(
+            std::env::var("TURBOPI_STREAM_PRIORITIES").as_deref(),
+            Ok("0" | "off" | "false")
+        )
+    })
+}
+
 /// `TURBOPI_STAGE_GRAPHS=0` runs vision and prefix eagerly every frame (for A/B runs).
 fn stage_graphs_enabled() -> bool {
     static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
@@ -523,10 +534,15 @@ impl CudaPolicy {
         let dev = Device::open(device_ordinal()?)?;
         let kernels = Kernels::load(&dev, act)?;
         let gemm = Gemm::new(&dev)?;
+        // Stream priorities by the critical path to the actions (what `turbopi graph plan`
+        // prints): the denoise first, then the prefix, then vision, so that with frames
+        // overlapped the next frame's stages fill the gaps of this frame's denoise.
+        // `TURBOPI_STREAM_PRIORITIES=0` leaves every stream at the default (for A/B runs).
+        let rank = |r: usize| stream_priorities_enabled().then_some(r);
         let lanes = Lanes {
-            vision: Lane::new(&dev)?,
-            prefix: Lane::new(&dev)?,
-            denoise: Lane::new(&dev)?,
+            vision: Lane::with_rank(&dev, rank(2))?,
+            prefix: Lane::with_rank(&dev, rank(1))?,
+            denoise: Lane::with_rank(&dev, rank(0))?,
         };
         let dims = Dims::new(cfg);
         let weights = DeviceWeights::allocate(&dev, cfg, act)?;
