@@ -313,6 +313,19 @@ mod tests {
     }
 
     #[test]
+    fn host_readers_refuse_ipc_tensors_with_the_fix_named() {
+        let meta = FrameMeta {
+            seq: 3,
+            t_capture_ns: 1,
+        };
+        let ipc = sample().params(meta);
+        let e = refuse_ipc("kv_cache", &ipc).unwrap_err().to_string();
+        assert!(e.contains("input `kv_cache`: a CUDA IPC tensor"), "{e}");
+        assert!(e.contains("BACKEND: cuda") && e.contains("TRANSPORT: host"), "{e}");
+        assert!(refuse_ipc("kv_cache", &meta.tensor_params(&[2, 2], "float32")).is_ok());
+    }
+
+    #[test]
     fn release_messages_name_slot_and_frame() {
         let md = release_params(
             FrameMeta {
