@@ -321,7 +321,10 @@ mod tests {
         let ipc = sample().params(meta);
         let e = refuse_ipc("kv_cache", &ipc).unwrap_err().to_string();
         assert!(e.contains("input `kv_cache`: a CUDA IPC tensor"), "{e}");
-        assert!(e.contains("BACKEND: cuda") && e.contains("TRANSPORT: host"), "{e}");
+        assert!(
+            e.contains("BACKEND: cuda") && e.contains("TRANSPORT: host"),
+            "{e}"
+        );
         assert!(refuse_ipc("kv_cache", &meta.tensor_params(&[2, 2], "float32")).is_ok());
     }
 
