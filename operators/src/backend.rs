@@ -122,11 +122,7 @@ pub fn load(
 ) -> Result<Box<dyn Runner>> {
     match kind {
         BackendKind::Cpu => {
-            if precision != Precision::F32 {
-                return Err(Error::Input(
-                    "the cpu backend computes in f32 only; use --dtype f32".into(),
-                ));
-            }
+            cpu_only(precision)?;
             Ok(Box::new(Policy::load(ckpt, progress)?))
         }
         BackendKind::Cuda => load_cuda(precision, ckpt, progress),
@@ -224,29 +220,43 @@ impl DenoiseStage for Denoiser {
 fn cpu_only(precision: Precision) -> Result<()> {
     if precision != Precision::F32 {
         return Err(Error::Input(
-            "the cpu backend computes in f32 only; use dtype f32".into(),
+            "the cpu backend computes in f32 only; use dtype f32 (--dtype f32, DTYPE: f32)".into(),
         ));
     }
     Ok(())
 }
 
-/// The vision stage of `ckpt` on `kind` (the CUDA backend loads the whole policy and runs
-/// only this stage).
+/// A stage of `ckpt` on `kind`: `cpu` builds the CPU operator from the checkpoint; the CUDA
+/// backend loads the whole policy and runs only the stage asked for.
+fn load_stage<S: ?Sized>(
+    kind: BackendKind,
+    precision: Precision,
+    ckpt: &Checkpoint,
+    cpu: impl FnOnce(&mut Loader) -> Result<Box<S>>,
+    cuda: impl FnOnce(CudaStage) -> Box<S>,
+) -> Result<Box<S>> {
+    match kind {
+        BackendKind::Cpu => {
+            cpu_only(precision)?;
+            cpu(&mut Loader::new(ckpt, |_, _| {}))
+        }
+        BackendKind::Cuda => Ok(cuda(load_cuda_stage(precision, ckpt)?)),
+    }
+}
+
+/// The vision stage of `ckpt` on `kind`.
 pub fn load_vision(
     kind: BackendKind,
     precision: Precision,
     ckpt: &Checkpoint,
 ) -> Result<Box<dyn VisionStage>> {
-    match kind {
-        BackendKind::Cpu => {
-            cpu_only(precision)?;
-            Ok(Box::new(VisionEncoder::load(
-                ckpt,
-                &mut Loader::new(ckpt, |_, _| {}),
-            )?))
-        }
-        BackendKind::Cuda => Ok(Box::new(load_cuda_stage(precision, ckpt)?)),
-    }
+    load_stage::<dyn VisionStage>(
+        kind,
+        precision,
+        ckpt,
+        |ld| Ok(Box::new(VisionEncoder::load(ckpt, ld)?) as Box<dyn VisionStage>),
+        |p| Box::new(p) as Box<dyn VisionStage>,
+    )
 }
 
 /// The prefix stage of `ckpt` on `kind`.
@@ -255,16 +265,13 @@ pub fn load_prefix(
     precision: Precision,
     ckpt: &Checkpoint,
 ) -> Result<Box<dyn PrefixStage>> {
-    match kind {
-        BackendKind::Cpu => {
-            cpu_only(precision)?;
-            Ok(Box::new(PrefixEncoder::load(
-                ckpt,
-                &mut Loader::new(ckpt, |_, _| {}),
-            )?))
-        }
-        BackendKind::Cuda => Ok(Box::new(load_cuda_stage(precision, ckpt)?)),
-    }
+    load_stage::<dyn PrefixStage>(
+        kind,
+        precision,
+        ckpt,
+        |ld| Ok(Box::new(PrefixEncoder::load(ckpt, ld)?) as Box<dyn PrefixStage>),
+        |p| Box::new(p) as Box<dyn PrefixStage>,
+    )
 }
 
 /// The denoise stage of `ckpt` on `kind`.
@@ -273,25 +280,27 @@ pub fn load_denoise(
     precision: Precision,
     ckpt: &Checkpoint,
 ) -> Result<Box<dyn DenoiseStage>> {
-    match kind {
-        BackendKind::Cpu => {
-            cpu_only(precision)?;
-            Ok(Box::new(Denoiser::load(
-                ckpt,
-                &mut Loader::new(ckpt, |_, _| {}),
-            )?))
-        }
-        BackendKind::Cuda => Ok(Box::new(load_cuda_stage(precision, ckpt)?)),
-    }
+    load_stage::<dyn DenoiseStage>(
+        kind,
+        precision,
+        ckpt,
+        |ld| Ok(Box::new(Denoiser::load(ckpt, ld)?) as Box<dyn DenoiseStage>),
+        |p| Box::new(p) as Box<dyn DenoiseStage>,
+    )
 }
 
 #[cfg(feature = "cuda")]
-fn load_cuda_stage(precision: Precision, ckpt: &Checkpoint) -> Result<crate::cuda::CudaPolicy> {
+type CudaStage = crate::cuda::CudaPolicy;
+#[cfg(not(feature = "cuda"))]
+type CudaStage = Unbuilt;
+
+#[cfg(feature = "cuda")]
+fn load_cuda_stage(precision: Precision, ckpt: &Checkpoint) -> Result<CudaStage> {
     crate::cuda::CudaPolicy::load(ckpt, precision, |_, _| {})
 }
 
 #[cfg(not(feature = "cuda"))]
-fn load_cuda_stage(_: Precision, _: &Checkpoint) -> Result<Unbuilt> {
+fn load_cuda_stage(_: Precision, _: &Checkpoint) -> Result<CudaStage> {
     Err(Error::Input(
         "CUDA support is not built in: rebuild with `--features cuda`".into(),
     ))

@@ -47,6 +47,23 @@ pub fn run(node: DoraNode, events: EventStream) -> Result<()> {
     run_with(&ckpt.config, denoiser.as_mut(), &settings, node, events)
 }
 
+/// A K/V cache sent as a host tensor [layers, 2, len, kv_width] (f32).
+fn host_cache(
+    cfg: &Config,
+    md: &dora_node_api::MetadataParameters,
+    data: &dora_node_api::DoraArray,
+) -> Result<operators::gemma::KvCache> {
+    let kw = cfg.num_kv_heads * cfg.head_dim;
+    let (shape, kv) = expect_tensor::<f32>(
+        "kv_cache",
+        md,
+        data,
+        "float32",
+        &[Dim::Is(cfg.vlm_depth), Dim::Is(2), Dim::Any, Dim::Is(kw)],
+    )?;
+    kv_from_tensor(&shape, kv)
+}
+
 pub fn run_with(
     cfg: &Config,
     denoiser: &mut dyn DenoiseStage,
@@ -69,15 +86,7 @@ pub fn run_with(
                 let meta = FrameMeta::from_metadata("kv_cache", md)?;
                 gaps.observe(meta.seq);
                 refuse_ipc("kv_cache", md)?;
-                let kw = cfg.num_kv_heads * cfg.head_dim;
-                let (shape, kv) = expect_tensor::<f32>(
-                    "kv_cache",
-                    md,
-                    &data,
-                    "float32",
-                    &[Dim::Is(cfg.vlm_depth), Dim::Is(2), Dim::Any, Dim::Is(kw)],
-                )?;
-                let cache = kv_from_tensor(&shape, kv)?;
+                let cache = host_cache(cfg, md, &data)?;
                 let state = states.take(meta.seq, !cfg.pi05)?;
                 let noise = noise_from_seed(cfg, settings.seed.wrapping_add(meta.seq));
                 let actions = denoiser.sample(&cache, state.as_deref(), &noise, settings.steps)?;
@@ -181,15 +190,7 @@ fn run_cuda(
                 by_handle += 1;
                 run?.0
             } else {
-                let kw = cfg.num_kv_heads * cfg.head_dim;
-                let (shape, kv) = expect_tensor::<f32>(
-                    "kv_cache",
-                    md,
-                    &data,
-                    "float32",
-                    &[Dim::Is(cfg.vlm_depth), Dim::Is(2), Dim::Any, Dim::Is(kw)],
-                )?;
-                let cache = kv_from_tensor(&shape, kv)?;
+                let cache = host_cache(cfg, md, &data)?;
                 host += 1;
                 policy
                     .run_denoise(&cache, state.as_deref(), &noise, settings.steps)?

@@ -9,7 +9,7 @@
 use dora_node_api::{DoraArray, IntoArrow, MetadataParameters, Parameter};
 use eyre::{bail, eyre, Result};
 
-use crate::{int_param, list_param, str_param, Dim, FrameMeta};
+use crate::{dims_match, int_param, list_param, shape_of, str_param, Dim, FrameMeta};
 
 pub const TRANSPORT: &str = "transport";
 pub const CUDA_IPC: &str = "cuda-ipc";
@@ -121,19 +121,12 @@ impl IpcTensor {
         if found != dtype {
             bail!("input `{input}`: expected a CUDA IPC tensor of dtype {dtype}, found {found}");
         }
-        let shape: Vec<usize> = list_param(md, "shape")
-            .ok_or_else(|| eyre!("input `{input}`: metadata `shape` is missing"))?
-            .into_iter()
-            .map(|d| {
-                usize::try_from(d).map_err(|_| eyre!("input `{input}`: negative dimension {d}"))
-            })
-            .collect::<Result<_>>()?;
-        let ok = shape.len() == expected.len()
-            && shape.iter().zip(expected).all(|(s, e)| match e {
-                Dim::Is(n) => s == n,
-                Dim::Any => true,
-            });
-        if !ok {
+        let shape = shape_of(
+            input,
+            list_param(md, "shape")
+                .ok_or_else(|| eyre!("input `{input}`: metadata `shape` is missing"))?,
+        )?;
+        if !dims_match(&shape, expected) {
             bail!(
                 "input `{input}`: expected shape [{}], found {shape:?}",
                 expected

@@ -160,6 +160,25 @@ fn fmt_dims(dims: &[Dim]) -> String {
     )
 }
 
+/// A `shape` metadata list as dimensions (none negative).
+pub(crate) fn shape_of(input: &str, dims: Vec<i64>) -> Result<Vec<usize>> {
+    dims.into_iter()
+        .map(|d| {
+            usize::try_from(d)
+                .map_err(|_| eyre!("input `{input}`: negative dimension {d} in `shape`"))
+        })
+        .collect()
+}
+
+/// Whether `shape` has the expected dimensions.
+pub(crate) fn dims_match(shape: &[usize], expected: &[Dim]) -> bool {
+    shape.len() == expected.len()
+        && shape.iter().zip(expected).all(|(s, e)| match e {
+            Dim::Is(n) => s == n,
+            Dim::Any => true,
+        })
+}
+
 /// Checks an input tensor against the expected dtype and shape (metadata and payload) and
 /// borrows its values. Errors name the input, what was expected and what arrived.
 pub fn expect_tensor<'a, T>(
@@ -180,25 +199,16 @@ where
             want()
         );
     }
-    let shape: Vec<usize> = list_param(md, "shape")
-        .ok_or_else(|| {
+    let shape = shape_of(
+        input,
+        list_param(md, "shape").ok_or_else(|| {
             eyre!(
                 "input `{input}`: metadata `shape` is missing (expected {})",
                 want()
             )
-        })?
-        .into_iter()
-        .map(|d| {
-            usize::try_from(d)
-                .map_err(|_| eyre!("input `{input}`: negative dimension {d} in `shape`"))
-        })
-        .collect::<Result<_>>()?;
-    let ok = shape.len() == expected.len()
-        && shape.iter().zip(expected).all(|(s, e)| match e {
-            Dim::Is(n) => s == n,
-            Dim::Any => true,
-        });
-    if !ok {
+        })?,
+    )?;
+    if !dims_match(&shape, expected) {
         bail!(
             "input `{input}`: expected {}, found shape {shape:?}",
             want()

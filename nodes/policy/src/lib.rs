@@ -1,7 +1,6 @@
 //! The fused policy: vision, prefix and denoise in one process (one load of the weights, no
 //! messages between stages), on the backend named by `BACKEND`.
 
-use dora_node_api::dora_core::config::DataId;
 use dora_node_api::{DoraNode, Event, EventStream};
 use eyre::{bail, eyre, Result, WrapErr};
 use node_common::{
@@ -56,6 +55,21 @@ pub fn run(node: DoraNode, events: EventStream) -> Result<()> {
     run_with(&ckpt.config, runner.as_mut(), &settings, node, events)
 }
 
+/// Sends one frame's actions [action_horizon, action_dim].
+fn send_actions(
+    node: &mut DoraNode,
+    cfg: &Config,
+    meta: FrameMeta,
+    actions: Vec<f32>,
+) -> Result<()> {
+    node.send_output(
+        "actions".to_string().into(),
+        meta.tensor_params(&[cfg.action_horizon, cfg.action_dim], "float32"),
+        actions,
+    )
+    .map_err(|e| eyre!("sending actions: {e}"))
+}
+
 /// The observation of an `images` message for this node's prompt.
 fn observation(
     cfg: &Config,
@@ -85,7 +99,6 @@ pub fn run_pipelined(
     mut node: DoraNode,
     mut events: EventStream,
 ) -> Result<()> {
-    let out: DataId = "actions".to_string().into();
     let mut gaps = SeqGaps::default();
     let mut states = StateBuffer::default();
     let mut pending: std::collections::VecDeque<FrameMeta> = Default::default();
@@ -101,12 +114,7 @@ pub fn run_pipelined(
         let Some((actions, _)) = done? else {
             bail!("internal: frame {} was not in flight", meta.seq);
         };
-        node.send_output(
-            out.clone(),
-            meta.tensor_params(&[cfg.action_horizon, cfg.action_dim], "float32"),
-            actions,
-        )
-        .map_err(|e| eyre!("sending actions: {e}"))
+        send_actions(node, cfg, meta, actions)
     };
     loop {
         // With a frame running, poll briefly so that it is sent as soon as it is done.
@@ -174,7 +182,6 @@ pub fn run_with(
     mut node: DoraNode,
     mut events: EventStream,
 ) -> Result<()> {
-    let out: DataId = "actions".to_string().into();
     let mut gaps = SeqGaps::default();
     let mut states = StateBuffer::default();
     while let Some(event) = events.recv() {
@@ -187,24 +194,10 @@ pub fn run_with(
             "images" => {
                 let meta = FrameMeta::from_metadata("images", md)?;
                 gaps.observe(meta.seq);
-                let (images, image_masks) = model_images(md, &data, cfg)?;
-                let state = states.take(meta.seq, !cfg.pi05)?;
-                let obs = Observation {
-                    images,
-                    image_masks,
-                    tokens: settings.tokens.clone(),
-                    token_mask: settings.token_mask.clone(),
-                    state,
-                    noise: None,
-                };
+                let obs = observation(cfg, settings, md, &data, &mut states, meta.seq)?;
                 let noise = noise_from_seed(cfg, settings.seed.wrapping_add(meta.seq));
                 let (actions, _) = runner.infer(&obs, &noise, settings.steps)?;
-                node.send_output(
-                    out.clone(),
-                    meta.tensor_params(&[cfg.action_horizon, cfg.action_dim], "float32"),
-                    actions,
-                )
-                .map_err(|e| eyre!("sending actions: {e}"))
+                send_actions(&mut node, cfg, meta, actions)
             }
             _ => Ok(()),
         })();

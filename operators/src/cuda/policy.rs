@@ -943,35 +943,43 @@ impl CudaPolicy {
         Ok(Some((actions, times)))
     }
 
+    /// The vision stage of `n` cameras alone (a split vision node), enqueued between the
+    /// slot's events 0 and 1 and not waited for: the device rows of its image embeddings.
+    fn vision_alone(&mut self, images: &[f32], n: usize) -> Result<View> {
+        let d = self.dims.clone();
+        let per_image = d.size * d.size * 3;
+        if n > d.n_img || images.len() != n * per_image {
+            return Err(Error::Input(format!(
+                "vision: expected at most {} images of {}x{}x3, got {} values for {n}",
+                d.n_img,
+                d.size,
+                d.size,
+                images.len()
+            )));
+        }
+        self.dev.bind()?;
+        let real: Vec<usize> = (0..n).collect();
+        self.stage_images(images, &real)?;
+        self.events[self.slot][0]
+            .record(&self.lanes.vision.stream)
+            .cuda("recording an event")?;
+        self.enqueue_vision(n)?;
+        self.events[self.slot][1]
+            .record(&self.lanes.vision.stream)
+            .cuda("recording an event")?;
+        self.buf.prefix.x.at(0, n * d.t * d.w)
+    }
+
     /// The vision stage alone (a split vision node): the image embeddings [n * t, vlm_width]
     /// (f32) of the `n` cameras in `images` ([n, size, size, 3] in [-1, 1]), and the stage's
     /// GPU time.
     pub fn run_vision(&mut self, images: &[f32], n: usize) -> Result<(Vec<f32>, Duration)> {
         guard("the CUDA vision stage", || {
-            let d = self.dims.clone();
-            let per_image = d.size * d.size * 3;
-            if n > d.n_img || images.len() != n * per_image {
-                return Err(Error::Input(format!(
-                    "vision: expected at most {} images of {}x{}x3, got {} values for {n}",
-                    d.n_img,
-                    d.size,
-                    d.size,
-                    images.len()
-                )));
-            }
-            self.dev.bind()?;
-            let real: Vec<usize> = (0..n).collect();
-            self.stage_images(images, &real)?;
-            let lv = &self.lanes.vision;
-            self.events[self.slot][0]
-                .record(&lv.stream)
-                .cuda("recording an event")?;
-            self.enqueue_vision(n)?;
-            let (ev, lv) = (&self.events[self.slot], &self.lanes.vision);
-            ev[1].record(&lv.stream).cuda("recording an event")?;
+            let rows = self.vision_alone(images, n)?;
+            let ev = &self.events[self.slot];
             ev[1].synchronize().cuda("running the vision stage")?;
-            let mut out = vec![0.0f32; n * d.t * d.w];
-            download_now(self.buf.prefix.x.at(0, out.len())?, &mut out)?;
+            let mut out = vec![0.0f32; rows.len];
+            download_now(rows, &mut out)?;
             Ok((out, elapsed(&ev[0], &ev[1])?))
         })
     }
@@ -1011,30 +1019,79 @@ impl CudaPolicy {
         real_images: usize,
         ids: &[i32],
     ) -> Result<(usize, Duration)> {
-        let d = self.dims.clone();
-        let img_rows = real_images * d.t;
-        self.check_prompt(real_images, ids)?;
-        if embeddings.len() != img_rows * d.w {
+        let img_rows = real_images * self.dims.t;
+        let w = self.dims.w;
+        if embeddings.len() != img_rows * w {
             return Err(Error::Input(format!(
-                "prefix: expected [{img_rows}, {}] image embeddings for {real_images} cameras, got {} values",
-                d.w,
+                "prefix: expected [{img_rows}, {w}] image embeddings for {real_images} cameras, got {} values",
                 embeddings.len()
             )));
         }
+        // Pageable upload: synchronous with respect to `embeddings`.
+        self.prefix_alone(real_images, ids, |_, rows| upload_now(embeddings, rows))
+    }
+
+    /// The prefix stage alone (a split prefix node): `fill` writes the image embeddings into
+    /// their rows of the prefix's input (ordered on the prefix lane), then the prefix runs and
+    /// is waited for; the K/V cache stays on the device. The prefix length and the GPU time.
+    fn prefix_alone(
+        &mut self,
+        real_images: usize,
+        ids: &[i32],
+        fill: impl FnOnce(&Self, View) -> Result<()>,
+    ) -> Result<(usize, Duration)> {
+        self.check_prompt(real_images, ids)?;
         self.dev.bind()?;
+        let img_rows = real_images * self.dims.t;
         let p = img_rows + ids.len();
         self.stage_prompt(ids, p)?;
-        let lp = &self.lanes.prefix;
         self.events[self.slot][2]
-            .record(&lp.stream)
+            .record(&self.lanes.prefix.stream)
             .cuda("recording an event")?;
-        // Pageable upload: synchronous with respect to `embeddings`.
-        upload_now(embeddings, self.buf.prefix.x.at(0, embeddings.len())?)?;
+        fill(self, self.buf.prefix.x.at(0, img_rows * self.dims.w)?)?;
         self.enqueue_prefix(img_rows, ids.len())?;
         let (ev, lp) = (&self.events[self.slot], &self.lanes.prefix);
         ev[3].record(&lp.stream).cuda("recording an event")?;
         ev[3].synchronize().cuda("running the prefix stage")?;
         Ok((p, elapsed(&ev[2], &ev[3])?))
+    }
+
+    /// The denoise stage alone (a split denoise node) over a K/V cache of `p` prefix rows
+    /// that `fill` writes (ordered on the denoise lane): the actions and the GPU time.
+    fn denoise_alone(
+        &mut self,
+        p: usize,
+        (state, noise, steps): (Option<&[f32]>, &[f32], usize),
+        fill: impl FnOnce(&Self) -> Result<()>,
+    ) -> Result<(Vec<f32>, Duration)> {
+        let d = self.dims.clone();
+        if p > d.pmax {
+            return Err(Error::Input(format!(
+                "denoise: a prefix of {p} rows, at most {} fit the cache",
+                d.pmax
+            )));
+        }
+        crate::policy::check_sampler_inputs(&self.cfg, state, noise, steps)?;
+        self.dev.bind()?;
+        self.stage_sampler(noise, state)?;
+        let info = [
+            i32::try_from(p).map_err(|_| Error::Input("prefix too long".into()))?,
+            0,
+            0,
+            0,
+        ];
+        upload_now(&info, self.buf.prefix.info[self.slot].at(0, 4)?)?;
+        self.events[self.slot][4]
+            .record(&self.lanes.denoise.stream)
+            .cuda("recording an event")?;
+        fill(self)?;
+        self.enqueue_denoise(steps)?;
+        let (ev, ld) = (&self.events[self.slot], &self.lanes.denoise);
+        ev[5].record(&ld.stream).cuda("recording an event")?;
+        ev[5].synchronize().cuda("running the denoise stage")?;
+        let n = d.h * d.ad;
+        let actions = self.pinned[self.slot].actions.slice::<f32>(n)?.to_vec();
+        Ok((actions, elapsed(&ev[4], &ev[5])?))
     }
 
     /// The denoise stage alone (a split denoise node): actions [horizon, action_dim] from a
@@ -1069,28 +1126,9 @@ impl CudaPolicy {
                     cache.len
                 )));
             }
-            crate::policy::check_sampler_inputs(&self.cfg, state, noise, steps)?;
-            self.dev.bind()?;
-            self.stage_sampler(noise, state)?;
-            self.upload_cache(cache)?;
-            let info = [
-                i32::try_from(cache.len).map_err(|_| Error::Input("prefix too long".into()))?,
-                0,
-                0,
-                0,
-            ];
-            upload_now(&info, self.buf.prefix.info[self.slot].at(0, 4)?)?;
-            let ld = &self.lanes.denoise;
-            self.events[self.slot][4]
-                .record(&ld.stream)
-                .cuda("recording an event")?;
-            self.enqueue_denoise(steps)?;
-            let (ev, ld) = (&self.events[self.slot], &self.lanes.denoise);
-            ev[5].record(&ld.stream).cuda("recording an event")?;
-            ev[5].synchronize().cuda("running the denoise stage")?;
-            let n = d.h * d.ad;
-            let actions = self.pinned[self.slot].actions.slice::<f32>(n)?.to_vec();
-            Ok((actions, elapsed(&ev[4], &ev[5])?))
+            self.denoise_alone(cache.len, (state, noise, steps), |me| {
+                me.upload_cache(cache)
+            })
         })
     }
 
@@ -1106,31 +1144,11 @@ impl CudaPolicy {
         slot: usize,
     ) -> Result<(Duration, usize)> {
         guard("the CUDA vision stage (IPC)", || {
-            let d = self.dims.clone();
-            let per_image = d.size * d.size * 3;
-            if n > d.n_img || images.len() != n * per_image {
-                return Err(Error::Input(format!(
-                    "vision: expected at most {} images of {}x{}x3, got {} values for {n}",
-                    d.n_img,
-                    d.size,
-                    d.size,
-                    images.len()
-                )));
-            }
-            self.dev.bind()?;
-            let real: Vec<usize> = (0..n).collect();
-            self.stage_images(images, &real)?;
-            let lv = &self.lanes.vision;
-            self.events[self.slot][0]
-                .record(&lv.stream)
-                .cuda("recording an event")?;
-            self.enqueue_vision(n)?;
-            let (ev, lv) = (&self.events[self.slot], &self.lanes.vision);
-            ev[1].record(&lv.stream).cuda("recording an event")?;
-            let out = self.buf.prefix.x.at(0, n * d.t * d.w)?;
-            ring.write(slot, lv, out)?;
+            let rows = self.vision_alone(images, n)?;
+            ring.write(slot, &self.lanes.vision, rows)?;
+            let ev = &self.events[self.slot];
             ev[1].synchronize().cuda("running the vision stage")?;
-            Ok((elapsed(&ev[0], &ev[1])?, out.bytes()))
+            Ok((elapsed(&ev[0], &ev[1])?, rows.bytes()))
         })
     }
 
@@ -1145,23 +1163,9 @@ impl CudaPolicy {
         ids: &[i32],
     ) -> Result<(usize, Duration)> {
         guard("the CUDA prefix stage (IPC)", || {
-            let d = self.dims.clone();
-            let img_rows = real_images * d.t;
-            self.check_prompt(real_images, ids)?;
-            self.dev.bind()?;
-            let p = img_rows + ids.len();
-            self.stage_prompt(ids, p)?;
-            let lp = &self.lanes.prefix;
-            self.events[self.slot][2]
-                .record(&lp.stream)
-                .cuda("recording an event")?;
-            let dst = self.buf.prefix.x.at(0, img_rows * d.w)?;
-            importer.read(&self.dev, lp, remote, dst)?;
-            self.enqueue_prefix(img_rows, ids.len())?;
-            let (ev, lp) = (&self.events[self.slot], &self.lanes.prefix);
-            ev[3].record(&lp.stream).cuda("recording an event")?;
-            ev[3].synchronize().cuda("running the prefix stage")?;
-            Ok((p, elapsed(&ev[2], &ev[3])?))
+            self.prefix_alone(real_images, ids, |me, rows| {
+                importer.read(&me.dev, &me.lanes.prefix, remote, rows)
+            })
         })
     }
 
@@ -1200,35 +1204,14 @@ impl CudaPolicy {
         steps: usize,
     ) -> Result<(Vec<f32>, Duration)> {
         guard("the CUDA denoise stage (IPC)", || {
-            let d = self.dims.clone();
-            if p > d.pmax {
-                return Err(Error::Input(format!(
-                    "denoise: a prefix of {p} rows, at most {} fit the cache",
-                    d.pmax
-                )));
-            }
-            crate::policy::check_sampler_inputs(&self.cfg, state, noise, steps)?;
-            self.dev.bind()?;
-            self.stage_sampler(noise, state)?;
-            let info = [
-                i32::try_from(p).map_err(|_| Error::Input("prefix too long".into()))?,
-                0,
-                0,
-                0,
-            ];
-            upload_now(&info, self.buf.prefix.info[self.slot].at(0, 4)?)?;
-            let ld = &self.lanes.denoise;
-            self.events[self.slot][4]
-                .record(&ld.stream)
-                .cuda("recording an event")?;
-            importer.read(&self.dev, ld, remote, self.buf.prefix.kv[self.slot])?;
-            self.enqueue_denoise(steps)?;
-            let (ev, ld) = (&self.events[self.slot], &self.lanes.denoise);
-            ev[5].record(&ld.stream).cuda("recording an event")?;
-            ev[5].synchronize().cuda("running the denoise stage")?;
-            let n = d.h * d.ad;
-            let actions = self.pinned[self.slot].actions.slice::<f32>(n)?.to_vec();
-            Ok((actions, elapsed(&ev[4], &ev[5])?))
+            self.denoise_alone(p, (state, noise, steps), |me| {
+                importer.read(
+                    &me.dev,
+                    &me.lanes.denoise,
+                    remote,
+                    me.buf.prefix.kv[me.slot],
+                )
+            })
         })
     }
 
