@@ -154,6 +154,10 @@ pub trait VisionStage: Send {
     /// `pixels`: [num_images, image_size, image_size, 3] in [-1, 1]; `masks`: [num_images].
     fn encode(&mut self, pixels: &[f32], masks: &[bool]) -> Result<ImageEmbeddings>;
     fn describe(&self) -> String;
+    /// The device time of the last call (CUDA events), for backends that measure it.
+    fn gpu_time(&self) -> Option<std::time::Duration> {
+        None
+    }
 }
 
 pub trait PrefixStage: Send {
@@ -165,6 +169,10 @@ pub trait PrefixStage: Send {
         token_mask: &[bool],
     ) -> Result<KvCache>;
     fn describe(&self) -> String;
+    /// The device time of the last call (CUDA events), for backends that measure it.
+    fn gpu_time(&self) -> Option<std::time::Duration> {
+        None
+    }
 }
 
 pub trait DenoiseStage: Send {
@@ -177,6 +185,10 @@ pub trait DenoiseStage: Send {
         steps: usize,
     ) -> Result<Vec<f32>>;
     fn describe(&self) -> String;
+    /// The device time of the last call (CUDA events), for backends that measure it.
+    fn gpu_time(&self) -> Option<std::time::Duration> {
+        None
+    }
 }
 
 impl VisionStage for VisionEncoder {

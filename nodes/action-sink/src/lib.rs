@@ -48,9 +48,10 @@ pub fn run(node: DoraNode, events: EventStream) -> Result<()> {
 
 pub fn run_with(
     output: &std::path::Path,
-    _node: DoraNode,
+    node: DoraNode,
     mut events: EventStream,
 ) -> Result<Summary> {
+    let tracer = node_common::tracer(&node, "cpu")?;
     let file = File::create(output)
         .wrap_err_with(|| format!("env OUTPUT: cannot create {}", output.display()))?;
     let mut w = BufWriter::new(file);
@@ -68,6 +69,7 @@ pub fn run_with(
         let md = &metadata.parameters;
         let result = (|| -> Result<()> {
             let meta = FrameMeta::from_metadata("actions", md)?;
+            let stage = tracer.start("sink", meta.seq, meta.trace);
             let (shape, a) =
                 expect_tensor::<f32>("actions", md, &data, "float32", &[Dim::Any, Dim::Any])?;
             if let Some(bad) = a.iter().position(|v| !v.is_finite()) {
@@ -87,6 +89,7 @@ pub fn run_with(
             });
             writeln!(w, "{line}")?;
             w.flush()?;
+            stage.end();
             Ok(())
         })();
         if let Err(e) = result {

@@ -212,6 +212,7 @@ pub fn run_with(settings: Settings, mut node: DoraNode, mut events: EventStream)
         (Source::Frames(f), None) => Some(f.len() as u64),
         (Source::Synthetic { .. }, None) => None,
     };
+    let tracer = node_common::tracer(&node, "cpu")?;
     let start = Instant::now() + settings.start_delay;
     let mut seq = 0u64;
     while limit.is_none_or(|n| seq < n) {
@@ -226,6 +227,8 @@ pub fn run_with(settings: Settings, mut node: DoraNode, mut events: EventStream)
                 _ => {}
             }
         }
+        // The root span of the frame's trace: capture to hand-off.
+        let span = tracer.start("camera", seq, None);
         let frame = match &settings.source {
             Source::Frames(f) => f[(seq % f.len() as u64) as usize].clone(),
             Source::Synthetic { cameras, size } => synthetic_frame(*cameras, *size, seq),
@@ -233,6 +236,7 @@ pub fn run_with(settings: Settings, mut node: DoraNode, mut events: EventStream)
         let meta = FrameMeta {
             seq,
             t_capture_ns: now_ns(),
+            trace: span.id(),
         };
         if let Some((dims, states)) = &settings.state {
             let rows = states.len() / dims;
@@ -251,6 +255,7 @@ pub fn run_with(settings: Settings, mut node: DoraNode, mut events: EventStream)
         };
         node.send_output(frames_out.clone(), params, data)
             .map_err(|e| eyre!("sending frame {seq}: {e}"))?;
+        span.end();
         seq += 1;
     }
     eprintln!("camera: sent {seq} frames");

@@ -107,6 +107,7 @@ pub fn run(node: DoraNode, events: EventStream) -> Result<()> {
 
 pub fn run_with(settings: Settings, mut node: DoraNode, mut events: EventStream) -> Result<()> {
     let out: DataId = "images".to_string().into();
+    let tracer = node_common::tracer(&node, "cpu")?;
     let mut gaps = SeqGaps::default();
     while let Some(event) = events.recv() {
         if let Event::Input { id, metadata, data } = event {
@@ -116,6 +117,8 @@ pub fn run_with(settings: Settings, mut node: DoraNode, mut events: EventStream)
             let md = &metadata.parameters;
             let result = FrameMeta::from_metadata("frames", md).and_then(|meta| {
                 gaps.observe(meta.seq);
+                let span = tracer.start("decode", meta.seq, meta.trace);
+                let meta = meta.traced(span.id());
                 let (images, masks) = decode_frames(&settings, md, &data)?;
                 let s = settings.image_size;
                 let mut p = meta.tensor_params(&[settings.num_images, s, s, 3], "uint8");
@@ -124,7 +127,9 @@ pub fn run_with(settings: Settings, mut node: DoraNode, mut events: EventStream)
                     Parameter::ListInt(masks.iter().map(|&m| m as i64).collect()),
                 );
                 node.send_output(out.clone(), p, images)
-                    .map_err(|e| eyre!("sending images: {e}"))
+                    .map_err(|e| eyre!("sending images: {e}"))?;
+                span.end();
+                Ok(())
             });
             if let Err(e) = result {
                 report_rejected("decode", &e);

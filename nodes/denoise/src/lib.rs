@@ -72,6 +72,7 @@ pub fn run_with(
     mut events: EventStream,
 ) -> Result<()> {
     let out: DataId = "actions".to_string().into();
+    let tracer = node_common::tracer(&node, &denoiser.describe())?;
     let (h, ad) = (cfg.action_horizon, cfg.action_dim);
     let mut gaps = SeqGaps::default();
     let mut states = StateBuffer::default();
@@ -85,17 +86,24 @@ pub fn run_with(
             "kv_cache" => {
                 let meta = FrameMeta::from_metadata("kv_cache", md)?;
                 gaps.observe(meta.seq);
+                let mut span = tracer.start("denoise", meta.seq, meta.trace);
+                let meta = meta.traced(span.id());
                 refuse_ipc("kv_cache", md)?;
                 let cache = host_cache(cfg, md, &data)?;
                 let state = states.take(meta.seq, !cfg.pi05)?;
                 let noise = noise_from_seed(cfg, settings.seed.wrapping_add(meta.seq));
                 let actions = denoiser.sample(&cache, state.as_deref(), &noise, settings.steps)?;
+                if let Some(gpu) = denoiser.gpu_time() {
+                    span.set_gpu(gpu);
+                }
                 node.send_output(
                     out.clone(),
                     meta.tensor_params(&[h, ad], "float32"),
                     actions,
                 )
-                .map_err(|e| eyre!("sending actions: {e}"))
+                .map_err(|e| eyre!("sending actions: {e}"))?;
+                span.end();
+                Ok(())
             }
             _ => Ok(()),
         })();
@@ -145,6 +153,7 @@ fn run_cuda(
     };
     let out: DataId = "actions".to_string().into();
     let release_out: DataId = "release".to_string().into();
+    let tracer = node_common::tracer(&node, &operators::backend::Runner::describe(&policy))?;
     let (h, ad) = (cfg.action_horizon, cfg.action_dim);
     let mut importer = Importer::default();
     let mut gaps = SeqGaps::default();
@@ -163,9 +172,11 @@ fn run_cuda(
             }
             let meta = FrameMeta::from_metadata("kv_cache", md)?;
             gaps.observe(meta.seq);
+            let mut span = tracer.start("denoise", meta.seq, meta.trace);
+            let meta = meta.traced(span.id());
             let state = states.take(meta.seq, !cfg.pi05)?;
             let noise = noise_from_seed(cfg, settings.seed.wrapping_add(meta.seq));
-            let actions = if IpcTensor::is_ipc(md) {
+            let (actions, gpu) = if IpcTensor::is_ipc(md) {
                 let expected: Vec<Dim> = shape.iter().map(|&d| Dim::Is(d)).collect();
                 let tensor = IpcTensor::from_input("kv_cache", md, &data, dtype, &expected)?;
                 let p = int_param(md, "prefix_len")
@@ -188,20 +199,21 @@ fn run_cuda(
                 node.send_output(release_out.clone(), release_params(meta, tensor.slot), ())
                     .map_err(|e| eyre!("sending release: {e}"))?;
                 by_handle += 1;
-                run?.0
+                run?
             } else {
                 let cache = host_cache(cfg, md, &data)?;
                 host += 1;
-                policy
-                    .run_denoise(&cache, state.as_deref(), &noise, settings.steps)?
-                    .0
+                policy.run_denoise(&cache, state.as_deref(), &noise, settings.steps)?
             };
+            span.set_gpu(gpu);
             node.send_output(
                 out.clone(),
                 meta.tensor_params(&[h, ad], "float32"),
                 actions,
             )
-            .map_err(|e| eyre!("sending actions: {e}"))
+            .map_err(|e| eyre!("sending actions: {e}"))?;
+            span.end();
+            Ok(())
         })();
         if let Err(e) = result {
             report_rejected("denoise", &e);

@@ -254,6 +254,7 @@ mod tests {
         let meta = FrameMeta {
             seq: 9,
             t_capture_ns: 5,
+            trace: None,
         };
         let md = t.params(meta);
         assert!(IpcTensor::is_ipc(&md));
@@ -282,6 +283,7 @@ mod tests {
         let meta = FrameMeta {
             seq: 1,
             t_capture_ns: 1,
+            trace: None,
         };
         let md = t.params(meta);
         let data = t.data();
@@ -310,6 +312,7 @@ mod tests {
         let meta = FrameMeta {
             seq: 3,
             t_capture_ns: 1,
+            trace: None,
         };
         let ipc = sample().params(meta);
         let e = refuse_ipc("kv_cache", &ipc).unwrap_err().to_string();
@@ -327,6 +330,7 @@ mod tests {
             FrameMeta {
                 seq: 41,
                 t_capture_ns: 3,
+                trace: None,
             },
             1,
         );

@@ -9,6 +9,7 @@ use std::str::FromStr;
 pub use dora_node_api;
 
 pub mod ipc;
+pub mod trace;
 use dora_node_api::{DoraArray, MetadataParameters, Parameter};
 use eyre::{bail, eyre, Result, WrapErr};
 use operators::backend::{BackendKind, Precision};
@@ -65,11 +66,21 @@ pub fn checkpoint_from_env() -> Result<Checkpoint> {
     Ok(ckpt)
 }
 
+/// The node's tracer (see [`trace`]): spans named after the stage, attributed to this node
+/// and `backend`; off unless the environment asks for traces.
+pub fn tracer(node: &dora_node_api::DoraNode, backend: &str) -> Result<trace::Tracer> {
+    let id = node.id().to_string();
+    trace::Tracer::from_env(&id, backend).wrap_err_with(|| format!("node `{id}`: tracing"))
+}
+
 /// Frame identity carried by every message: the camera's frame number and capture time.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct FrameMeta {
     pub seq: u64,
     pub t_capture_ns: u64,
+    /// The span of the stage that sent the message (dora's `open_telemetry_context`), which
+    /// parents the next stage's span; None when the sender does not trace.
+    pub trace: Option<trace::TraceParent>,
 }
 
 /// An `Integer` metadata entry.
@@ -108,6 +119,8 @@ impl FrameMeta {
         Ok(FrameMeta {
             seq: get("seq")?,
             t_capture_ns: get("t_capture_ns")?,
+            trace: str_param(md, dora_node_api::OPEN_TELEMETRY_CONTEXT)
+                .and_then(trace::TraceParent::from_metadata),
         })
     }
 
@@ -119,7 +132,22 @@ impl FrameMeta {
             "t_capture_ns".into(),
             Parameter::Integer(self.t_capture_ns as i64),
         );
+        if let Some(t) = &self.trace {
+            p.insert(
+                dora_node_api::OPEN_TELEMETRY_CONTEXT.into(),
+                Parameter::String(t.to_metadata()),
+            );
+        }
         p
+    }
+
+    /// The same frame, as sent by the stage whose span is `span` (unchanged when tracing is
+    /// off, so the context passes through untraced stages).
+    pub fn traced(self, span: Option<trace::TraceParent>) -> Self {
+        FrameMeta {
+            trace: span.or(self.trace),
+            ..self
+        }
     }
 
     /// Metadata of a tensor message about this frame.
@@ -358,6 +386,7 @@ mod tests {
         let meta = FrameMeta {
             seq: 3,
             t_capture_ns: 9,
+            trace: None,
         };
         let md = meta.tensor_params(&[2, 3], "float32");
         let arr = vec![0.0f32; 6].into_arrow();
@@ -389,6 +418,7 @@ mod tests {
             let md = FrameMeta {
                 seq,
                 t_capture_ns: 0,
+                trace: None,
             }
             .tensor_params(&[2], "float32");
             b.insert(&md, &vec![seq as f32; 2].into_arrow(), 2).unwrap();
@@ -400,6 +430,7 @@ mod tests {
         let md = FrameMeta {
             seq: 5,
             t_capture_ns: 0,
+            trace: None,
         }
         .tensor_params(&[3], "float32");
         assert!(b.insert(&md, &vec![0.0f32; 3].into_arrow(), 2).is_err());
@@ -508,6 +539,7 @@ pub mod testing {
         let mut md: MetadataParameters = FrameMeta {
             seq: input.seq,
             t_capture_ns: 1,
+            trace: None,
         }
         .tensor_params(input.shape, input.dtype);
         for (k, v) in input.extra {

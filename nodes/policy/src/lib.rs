@@ -3,13 +3,15 @@
 
 use dora_node_api::{DoraNode, Event, EventStream};
 use eyre::{bail, eyre, Result, WrapErr};
+use node_common::trace::Tracer;
 use node_common::{
     backend_from_env, checkpoint_from_env, env_or, env_path, model_images, report_rejected,
     FrameMeta, SeqGaps, StateBuffer,
 };
 use operators::backend::{self, Runner};
 use operators::observation::{load_prompt, noise_from_seed};
-use operators::{Config, Observation};
+use operators::{Config, Observation, StageTimes};
+use std::time::SystemTime;
 
 pub struct Settings {
     pub steps: usize,
@@ -18,6 +20,8 @@ pub struct Settings {
     pub token_mask: Vec<bool>,
     /// Overlap frames (the next frame's vision and prefix while this one denoises).
     pub pipeline: bool,
+    /// The backend's stage times are device times (CUDA events), traced as `gpu_ms`.
+    pub gpu_stage_times: bool,
 }
 
 /// Env: `CHECKPOINT`, `PROMPT` (dir with tokens.npy, token_mask.npy), `BACKEND` (cpu),
@@ -48,6 +52,7 @@ pub fn run(node: DoraNode, events: EventStream) -> Result<()> {
         tokens,
         token_mask,
         pipeline,
+        gpu_stage_times: kind == operators::backend::BackendKind::Cuda,
     };
     if pipeline {
         return run_pipelined(&ckpt.config, runner.as_mut(), &settings, node, events);
@@ -55,13 +60,32 @@ pub fn run(node: DoraNode, events: EventStream) -> Result<()> {
     run_with(&ckpt.config, runner.as_mut(), &settings, node, events)
 }
 
-/// Sends one frame's actions [action_horizon, action_dim].
+/// Sends one frame's actions [action_horizon, action_dim], after tracing its three stages
+/// (back to back from the backend's stage times, the last ending at `done`); the actions
+/// carry the denoise span.
 fn send_actions(
     node: &mut DoraNode,
+    tracer: &Tracer,
     cfg: &Config,
+    settings: &Settings,
     meta: FrameMeta,
-    actions: Vec<f32>,
+    (actions, times): (Vec<f32>, StageTimes),
+    done: SystemTime,
 ) -> Result<()> {
+    let mut parent = meta.trace;
+    let mut start = done - (times.vision + times.prefix + times.denoise);
+    for (stage, t) in [
+        ("vision", times.vision),
+        ("prefix", times.prefix),
+        ("denoise", times.denoise),
+    ] {
+        let gpu = settings.gpu_stage_times.then_some(t);
+        parent = tracer
+            .record(stage, meta.seq, parent, start, t, gpu)
+            .or(parent);
+        start += t;
+    }
+    let meta = meta.traced(parent);
     node.send_output(
         "actions".to_string().into(),
         meta.tensor_params(&[cfg.action_horizon, cfg.action_dim], "float32"),
@@ -101,6 +125,7 @@ pub fn run_pipelined(
 ) -> Result<()> {
     let mut gaps = SeqGaps::default();
     let mut states = StateBuffer::default();
+    let tracer = node_common::tracer(&node, &runner.describe())?;
     let mut pending: std::collections::VecDeque<FrameMeta> = Default::default();
     let mut overlapped = 0u64;
     let finish = |runner: &mut dyn Runner,
@@ -111,10 +136,10 @@ pub fn run_pipelined(
         let meta = pending
             .pop_front()
             .ok_or_else(|| eyre!("internal: a collected frame without its metadata"))?;
-        let Some((actions, _)) = done? else {
+        let Some(done) = done? else {
             bail!("internal: frame {} was not in flight", meta.seq);
         };
-        send_actions(node, cfg, meta, actions)
+        send_actions(node, &tracer, cfg, settings, meta, done, SystemTime::now())
     };
     loop {
         // With a frame running, poll briefly so that it is sent as soon as it is done.
@@ -182,6 +207,7 @@ pub fn run_with(
     mut node: DoraNode,
     mut events: EventStream,
 ) -> Result<()> {
+    let tracer = node_common::tracer(&node, &runner.describe())?;
     let mut gaps = SeqGaps::default();
     let mut states = StateBuffer::default();
     while let Some(event) = events.recv() {
@@ -196,8 +222,9 @@ pub fn run_with(
                 gaps.observe(meta.seq);
                 let obs = observation(cfg, settings, md, &data, &mut states, meta.seq)?;
                 let noise = noise_from_seed(cfg, settings.seed.wrapping_add(meta.seq));
-                let (actions, _) = runner.infer(&obs, &noise, settings.steps)?;
-                send_actions(&mut node, cfg, meta, actions)
+                let done = runner.infer(&obs, &noise, settings.steps)?;
+                let t = SystemTime::now();
+                send_actions(&mut node, &tracer, cfg, settings, meta, done, t)
             }
             _ => Ok(()),
         })();
@@ -285,6 +312,7 @@ mod tests {
             tokens: tokens.clone(),
             token_mask: token_mask.clone(),
             pipeline: false,
+            gpu_stage_times: false,
         };
         let out = run_node("policy", events(), |node, ev| {
             run_with(&cfg, &mut policy, &settings, node, ev)

@@ -48,6 +48,7 @@ pub fn run(node: DoraNode, events: EventStream) -> Result<()> {
 
 pub fn run_with(settings: &Settings, mut node: DoraNode, mut events: EventStream) -> Result<()> {
     let out: DataId = "actions".to_string().into();
+    let tracer = node_common::tracer(&node, "cpu")?;
     let mut gaps = SeqGaps::default();
     while let Some(event) = events.recv() {
         let Event::Input { id, metadata, data } = event else {
@@ -60,6 +61,8 @@ pub fn run_with(settings: &Settings, mut node: DoraNode, mut events: EventStream
         let result = (|| {
             let meta = FrameMeta::from_metadata("actions", md)?;
             gaps.observe(meta.seq);
+            let span = tracer.start("postprocess", meta.seq, meta.trace);
+            let meta = meta.traced(span.id());
             let (shape, a) = expect_tensor::<f32>(
                 "actions",
                 md,
@@ -73,7 +76,9 @@ pub fn run_with(settings: &Settings, mut node: DoraNode, mut events: EventStream
                 meta.tensor_params(&[shape[0], settings.post.robot_dims()], "float32"),
                 y,
             )
-            .map_err(|e| eyre!("sending actions: {e}"))
+            .map_err(|e| eyre!("sending actions: {e}"))?;
+            span.end();
+            Ok(())
         })();
         if let Err(e) = result {
             report_rejected("postprocess", &e);

@@ -63,6 +63,7 @@ pub fn run_with(
     mut events: EventStream,
 ) -> Result<()> {
     let out: DataId = "kv_cache".to_string().into();
+    let tracer = node_common::tracer(&node, &encoder.describe())?;
     let t = cfg.tokens_per_image();
     let mut gaps = SeqGaps::default();
     while let Some(event) = events.recv() {
@@ -80,6 +81,8 @@ pub fn run_with(
         let result = (|| {
             let meta = FrameMeta::from_metadata("image_embeddings", md)?;
             gaps.observe(meta.seq);
+            let mut span = tracer.start("prefix", meta.seq, meta.trace);
+            let meta = meta.traced(span.id());
             refuse_ipc("image_embeddings", md)?;
             let masks = image_masks("image_embeddings", md, cfg.num_images)?;
             let real = masks.iter().filter(|&&m| m).count();
@@ -95,9 +98,14 @@ pub fn run_with(
                 real_images: real,
             };
             let cache = encoder.encode(&images, &prompt.tokens, &prompt.mask)?;
+            if let Some(gpu) = encoder.gpu_time() {
+                span.set_gpu(gpu);
+            }
             let (shape, values) = kv_to_tensor(&cache);
             node.send_output(out.clone(), meta.tensor_params(&shape, "float32"), values)
-                .map_err(|e| eyre!("sending kv_cache: {e}"))
+                .map_err(|e| eyre!("sending kv_cache: {e}"))?;
+            span.end();
+            Ok(())
         })();
         if let Err(e) = result {
             report_rejected("prefix", &e);
@@ -178,6 +186,7 @@ fn run_cuda(
         .collect();
     let out: DataId = "kv_cache".to_string().into();
     let release_out: DataId = "release".to_string().into();
+    let tracer = node_common::tracer(&node, &operators::backend::Runner::describe(&policy))?;
     let t = cfg.tokens_per_image();
     let mut importer = Importer::default();
     let mut gaps = SeqGaps::default();
@@ -207,10 +216,12 @@ fn run_cuda(
             }
             let meta = FrameMeta::from_metadata("image_embeddings", md)?;
             gaps.observe(meta.seq);
+            let mut span = tracer.start("prefix", meta.seq, meta.trace);
+            let meta = meta.traced(span.id());
             let masks = image_masks("image_embeddings", md, cfg.num_images)?;
             let real = masks.iter().filter(|&&m| m).count();
             let expected = [Dim::Is(real * t), Dim::Is(cfg.vlm_width)];
-            let p = if IpcTensor::is_ipc(md) {
+            let (p, gpu) = if IpcTensor::is_ipc(md) {
                 let tensor =
                     IpcTensor::from_input("image_embeddings", md, &data, "<f4", &expected)?;
                 let remote = Remote {
@@ -224,13 +235,14 @@ fn run_cuda(
                 node.send_output(release_out.clone(), release_params(meta, tensor.slot), ())
                     .map_err(|e| eyre!("sending release: {e}"))?;
                 by_handle_in += 1;
-                read?.0
+                read?
             } else {
                 let (_, emb) =
                     expect_tensor::<f32>("image_embeddings", md, &data, "float32", &expected)?;
                 host_in += 1;
-                policy.prefix_from_host(emb, real, &ids)?.0
+                policy.prefix_from_host(emb, real, &ids)?
             };
+            span.set_gpu(gpu);
             match ring.as_mut() {
                 Some(ring) => {
                     let before = ring.reclaimed;
@@ -278,6 +290,7 @@ fn run_cuda(
                         .map_err(|e| eyre!("sending kv_cache: {e}"))?;
                 }
             }
+            span.end();
             Ok(())
         })();
         if let Err(e) = result {

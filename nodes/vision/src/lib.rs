@@ -35,6 +35,7 @@ pub fn run_with(
     mut events: EventStream,
 ) -> Result<()> {
     let out: DataId = "image_embeddings".to_string().into();
+    let tracer = node_common::tracer(&node, &encoder.describe())?;
     let mut gaps = SeqGaps::default();
     while let Some(event) = events.recv() {
         let (id, metadata, data) = match event {
@@ -51,15 +52,22 @@ pub fn run_with(
         let result = (|| {
             let meta = FrameMeta::from_metadata("images", md)?;
             gaps.observe(meta.seq);
+            let mut span = tracer.start("vision", meta.seq, meta.trace);
+            let meta = meta.traced(span.id());
             let (pixels, masks) = model_images(md, &data, cfg)?;
             let emb = encoder.encode(&pixels, &masks)?;
+            if let Some(gpu) = encoder.gpu_time() {
+                span.set_gpu(gpu);
+            }
             let mut p = meta.tensor_params(
                 &[emb.real_images * cfg.tokens_per_image(), cfg.vlm_width],
                 "float32",
             );
             p.insert("image_masks".into(), masks_param(&masks));
             node.send_output(out.clone(), p, emb.tokens)
-                .map_err(|e| eyre!("sending image_embeddings: {e}"))
+                .map_err(|e| eyre!("sending image_embeddings: {e}"))?;
+            span.end();
+            Ok(())
         })();
         if let Err(e) = result {
             report_rejected("vision", &e);
@@ -108,6 +116,7 @@ fn run_cuda_ipc(
         std::time::Duration::from_secs(2),
     )?;
     let out: DataId = "image_embeddings".to_string().into();
+    let tracer = node_common::tracer(&node, &operators::backend::Runner::describe(&policy))?;
     let per_image = cfg.image_size * cfg.image_size * 3;
     let mut gaps = SeqGaps::default();
     let (mut sent, mut bytes, mut full, mut stale) = (0u64, 0usize, 0u64, 0u64);
@@ -132,6 +141,8 @@ fn run_cuda_ipc(
                 "images" => {
                     let meta = FrameMeta::from_metadata("images", md)?;
                     gaps.observe(meta.seq);
+                    let mut span = tracer.start("vision", meta.seq, meta.trace);
+                    let meta = meta.traced(span.id());
                     let (pixels, masks) = model_images(md, &data, cfg)?;
                     let real: Vec<f32> = pixels
                         .chunks_exact(per_image)
@@ -156,7 +167,10 @@ fn run_cuda_ipc(
                         );
                     };
                     let written = match policy.vision_to_ring(&real, n, &ring, slot) {
-                        Ok((_, b)) => b,
+                        Ok((gpu, b)) => {
+                            span.set_gpu(gpu);
+                            b
+                        }
                         Err(e) => {
                             ring.cancel(slot);
                             return Err(e.into());
@@ -177,6 +191,7 @@ fn run_cuda_ipc(
                         .map_err(|e| eyre!("sending image_embeddings: {e}"))?;
                     sent += 1;
                     bytes += written;
+                    span.end();
                     Ok(())
                 }
                 _ => Ok(()),

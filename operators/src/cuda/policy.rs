@@ -356,6 +356,8 @@ pub struct CudaPolicy {
     slot: usize,
     /// Pipelined frames submitted and not yet collected (their slots, oldest first).
     in_flight: std::collections::VecDeque<usize>,
+    /// The device time of the last split stage run through the stage traits.
+    last_stage_gpu: Option<Duration>,
     lanes: Lanes,
     cfg: Config,
     dims: Dims,
@@ -592,6 +594,7 @@ impl CudaPolicy {
             events,
             slot: 0,
             in_flight: std::collections::VecDeque::new(),
+            last_stage_gpu: None,
             lanes,
             cfg: cfg.clone(),
             dims,
@@ -2222,7 +2225,8 @@ impl crate::backend::VisionStage for CudaPolicy {
             .flat_map(|(px, _)| px.iter().copied())
             .collect();
         let n = masks.iter().filter(|&&m| m).count();
-        let (tokens, _) = self.run_vision(&real, n)?;
+        let (tokens, gpu) = self.run_vision(&real, n)?;
+        self.last_stage_gpu = Some(gpu);
         Ok(crate::ImageEmbeddings {
             tokens,
             real_images: n,
@@ -2230,6 +2234,9 @@ impl crate::backend::VisionStage for CudaPolicy {
     }
     fn describe(&self) -> String {
         Runner::describe(self)
+    }
+    fn gpu_time(&self) -> Option<Duration> {
+        self.last_stage_gpu
     }
 }
 
@@ -2253,10 +2260,15 @@ impl crate::backend::PrefixStage for CudaPolicy {
             .filter(|(_, &m)| m)
             .map(|(&t, _)| t)
             .collect();
-        Ok(self.run_prefix(&images.tokens, images.real_images, &ids)?.0)
+        let (cache, gpu) = self.run_prefix(&images.tokens, images.real_images, &ids)?;
+        self.last_stage_gpu = Some(gpu);
+        Ok(cache)
     }
     fn describe(&self) -> String {
         Runner::describe(self)
+    }
+    fn gpu_time(&self) -> Option<Duration> {
+        self.last_stage_gpu
     }
 }
 
@@ -2268,9 +2280,14 @@ impl crate::backend::DenoiseStage for CudaPolicy {
         noise: &[f32],
         steps: usize,
     ) -> Result<Vec<f32>> {
-        Ok(self.run_denoise(cache, state, noise, steps)?.0)
+        let (actions, gpu) = self.run_denoise(cache, state, noise, steps)?;
+        self.last_stage_gpu = Some(gpu);
+        Ok(actions)
     }
     fn describe(&self) -> String {
         Runner::describe(self)
+    }
+    fn gpu_time(&self) -> Option<Duration> {
+        self.last_stage_gpu
     }
 }
