@@ -138,6 +138,20 @@ pub fn bench_runner(
     iters: usize,
     warmup: usize,
 ) -> Result<BenchReport> {
+    bench_runner_observed(runner, obs, noise, steps, iters, warmup, &mut |_, _| {})
+}
+
+/// [`bench_runner`], calling `on_frame(i, stage times)` right after timed frame `i` ends
+/// (outside the timed region), e.g. to trace it.
+pub fn bench_runner_observed(
+    runner: &mut dyn Runner,
+    obs: &Observation,
+    noise: &[f32],
+    steps: usize,
+    iters: usize,
+    warmup: usize,
+    on_frame: &mut dyn FnMut(usize, &crate::StageTimes),
+) -> Result<BenchReport> {
     if iters == 0 {
         return Err(Error::Input("bench: iters must be at least 1".into()));
     }
@@ -146,10 +160,11 @@ pub fn bench_runner(
     }
     let mut total = Vec::with_capacity(iters);
     let (mut vision, mut prefix, mut denoise) = (0.0, 0.0, 0.0);
-    for _ in 0..iters {
+    for i in 0..iters {
         let t0 = Instant::now();
         let (_, times) = runner.infer(obs, noise, steps)?;
         total.push(t0.elapsed().as_secs_f64() * 1e3);
+        on_frame(i, &times);
         vision += times.vision.as_secs_f64() * 1e3;
         prefix += times.prefix.as_secs_f64() * 1e3;
         denoise += times.denoise.as_secs_f64() * 1e3;

@@ -1,5 +1,8 @@
 //! Helpers shared by the workspace-level integration tests (see tests/tests/).
 
+pub mod dataflow;
+pub mod otlp;
+
 use std::path::PathBuf;
 
 /// tests/golden: cases written by tools/reference/make_golden.py.

@@ -6,138 +6,14 @@
 //! Needs the workspace built in release (`cargo build --release --workspace`) and the dora CLI
 //! (`pip install dora-rs-cli==1.1.0`); `.ci/run` does both.
 
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Command;
 
 use operators::npy;
+use tests::dataflow::{
+    bin, dora, graph_env, ok, read_actions, root, setup, summary, Setup, FRAMES, SIZE,
+};
 
-fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
-}
-
-fn bin(name: &str) -> PathBuf {
-    let p = root().join("target/release").join(name);
-    assert!(
-        p.exists(),
-        "{} is missing: run `cargo build --release --workspace` first",
-        p.display()
-    );
-    p
-}
-
-fn dora() -> Command {
-    let dora = std::env::var("DORA").unwrap_or_else(|_| "dora".into());
-    let ok = Command::new(&dora)
-        .arg("--version")
-        .output()
-        .is_ok_and(|o| o.status.success());
-    assert!(
-        ok,
-        "the dora CLI is required: pip install dora-rs-cli==1.1.0 (or set DORA)"
-    );
-    Command::new(dora)
-}
-
-fn ok(out: Output, what: &str) -> String {
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(out.status.success(), "{what} failed:\n{text}");
-    text
-}
-
-struct Setup {
-    _tmp: tempfile::TempDir,
-    dir: PathBuf,
-    checkpoint: PathBuf,
-    prompt: PathBuf,
-    frames: Vec<Vec<u8>>,
-}
-
-const CAMERAS: usize = 2;
-const SIZE: usize = 32;
-const FRAMES: usize = 4;
 const RUN_FRAMES: u64 = 6;
-
-fn setup() -> Setup {
-    let tmp = tempfile::tempdir().unwrap();
-    let dir = tmp.path().to_path_buf();
-    let checkpoint = dir.join("ck");
-    ok(
-        Command::new(bin("turbopi"))
-            .args([
-                "checkpoint",
-                "random",
-                "--preset",
-                "pi05-small",
-                "--seed",
-                "5",
-                "--out",
-            ])
-            .arg(&checkpoint)
-            .output()
-            .unwrap(),
-        "turbopi checkpoint random",
-    );
-    // Recorded frames: 4 frames of 2 cameras, replayed in a loop.
-    let per = CAMERAS * SIZE * SIZE * 3;
-    let frames: Vec<Vec<u8>> = (0..FRAMES)
-        .map(|f| (0..per).map(|i| ((i * 7 + f * 61) % 256) as u8).collect())
-        .collect();
-    npy::write_u8(
-        &dir.join("frames.npy"),
-        &[FRAMES, CAMERAS, SIZE, SIZE, 3],
-        &frames.concat(),
-    )
-    .unwrap();
-    let prompt = checkpoint.join("observation");
-    Setup {
-        _tmp: tmp,
-        dir,
-        checkpoint,
-        prompt,
-        frames,
-    }
-}
-
-fn graph_env(cmd: &mut Command, s: &Setup, output: &Path) {
-    cmd.env("TURBOPI_CHECKPOINT", &s.checkpoint)
-        .env("TURBOPI_PROMPT", &s.prompt)
-        .env("TURBOPI_FRAMES", s.dir.join("frames.npy"))
-        .env("TURBOPI_MAX_FRAMES", RUN_FRAMES.to_string())
-        .env("TURBOPI_OUTPUT", output);
-}
-
-/// (seq, actions rows) per line of an action-sink output.
-fn read_actions(path: &Path) -> Vec<(u64, Vec<Vec<f32>>)> {
-    let text = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-    text.lines()
-        .map(|l| {
-            let v: serde_json::Value = serde_json::from_str(l).unwrap();
-            let rows = v["actions"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .map(|r| {
-                    r.as_array()
-                        .unwrap()
-                        .iter()
-                        .map(|x| x.as_f64().unwrap() as f32)
-                        .collect()
-                })
-                .collect();
-            (v["seq"].as_u64().unwrap(), rows)
-        })
-        .collect()
-}
-
-fn summary(output: &Path) -> serde_json::Value {
-    let mut p = output.as_os_str().to_owned();
-    p.push(".summary.json");
-    serde_json::from_str(&std::fs::read_to_string(PathBuf::from(p)).unwrap()).unwrap()
-}
 
 /// `turbopi infer` on frame `seq` exactly as the graphs see it: the recorded cameras plus a
 /// black, masked third camera; the prompt; noise from seed `seq` (SEED 0 + seq).
@@ -205,7 +81,7 @@ fn demo_and_fused_equal_turbopi_infer_bit_for_bit() {
         let output = s.dir.join(format!("{graph}.jsonl"));
         let mut cmd = dora();
         cmd.arg("run").arg(root().join("graphs").join(graph));
-        graph_env(&mut cmd, &s, &output);
+        graph_env(&mut cmd, &s, &output, RUN_FRAMES);
         let log = ok(cmd.output().unwrap(), &format!("dora run {graph}"));
         assert!(log.contains("action-sink"), "{log}");
         let sum = summary(&output);
@@ -239,14 +115,14 @@ fn demo_under_dora_up_and_start_attach() {
     // The coordinator and daemon parse the dataflow too: give them the same variables.
     let mut up = dora();
     up.arg("up").current_dir(&s.dir);
-    graph_env(&mut up, &s, &output);
+    graph_env(&mut up, &s, &output, RUN_FRAMES);
     ok(up.output().unwrap(), "dora up");
     let mut start = dora();
     start
         .args(["start", "--attach", "--name", "turbopi-demo-test"])
         .arg(root().join("graphs/demo.yml"))
         .current_dir(&s.dir);
-    graph_env(&mut start, &s, &output);
+    graph_env(&mut start, &s, &output, RUN_FRAMES);
     let result = start.output().unwrap();
     let mut down = dora();
     let _ = down.arg("destroy").current_dir(&s.dir).output();

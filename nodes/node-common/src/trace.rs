@@ -18,8 +18,11 @@ use opentelemetry::trace::{
 };
 use opentelemetry::{Context, KeyValue, Value};
 use opentelemetry_sdk::error::{OTelSdkError, OTelSdkResult};
-use opentelemetry_sdk::trace::{SdkTracer, SdkTracerProvider, SpanData, SpanExporter};
+use opentelemetry_sdk::trace::{
+    BatchConfigBuilder, BatchSpanProcessor, SdkTracer, SdkTracerProvider, SpanData, SpanExporter,
+};
 use opentelemetry_sdk::Resource;
+use operators::StageTimes;
 use serde::{Deserialize, Serialize};
 
 /// Attribute keys of a stage span.
@@ -314,6 +317,23 @@ impl<E: SpanExporter> SpanExporter for OnRuntime<E> {
         let _guard = self.rt.enter();
         self.inner.force_flush()
     }
+    // The provider hands its resource (service.name) to its exporter through this call;
+    // not passed on, the OTLP exporter sends every span with an empty resource.
+    fn set_resource(&mut self, resource: &Resource) {
+        self.inner.set_resource(resource);
+    }
+}
+
+/// Spans leave the stage's thread through a queue and are written or sent by a thread of
+/// their own every 250 ms (and at shutdown), so a stage pays for building its span only.
+fn batched<E: SpanExporter + 'static>(exporter: E) -> BatchSpanProcessor {
+    BatchSpanProcessor::builder(exporter)
+        .with_batch_config(
+            BatchConfigBuilder::default()
+                .with_scheduled_delay(Duration::from_millis(250))
+                .build(),
+        )
+        .build()
 }
 
 struct Inner {
@@ -365,7 +385,9 @@ impl Tracer {
                     .build()
                     .map_err(|e| otlp_err(e.to_string()))?
             };
-            builder.with_batch_exporter(OnRuntime { rt, inner }).build()
+            builder
+                .with_span_processor(batched(OnRuntime { rt, inner }))
+                .build()
         } else if let Some(path) = &cfg.file {
             let file = OpenOptions::new()
                 .create(true)
@@ -376,9 +398,9 @@ impl Tracer {
                     source,
                 })?;
             builder
-                .with_simple_exporter(JsonLines {
+                .with_span_processor(batched(JsonLines {
                     file: Mutex::new(file),
-                })
+                }))
                 .build()
         } else {
             return Ok(Self::off());
@@ -452,6 +474,35 @@ impl Tracer {
         let id = TraceParent::of(span.span_context());
         span.end_with_timestamp(start + cpu);
         id
+    }
+
+    /// Records a whole inference's vision, prefix and denoise spans from the backend's stage
+    /// times, back to back with the last ending at `done` (the backend measures durations:
+    /// host wall times on the CPU, CUDA events on the GPU, which are then also `gpu_ms`).
+    /// Returns the denoise span, to parent the next stage (or `parent` when off).
+    pub fn record_stages(
+        &self,
+        seq: u64,
+        parent: Option<TraceParent>,
+        times: &StageTimes,
+        done: SystemTime,
+        gpu: bool,
+    ) -> Option<TraceParent> {
+        let mut parent = parent;
+        let mut start = done
+            .checked_sub(times.vision + times.prefix + times.denoise)
+            .unwrap_or(done);
+        for (stage, t) in [
+            ("vision", times.vision),
+            ("prefix", times.prefix),
+            ("denoise", times.denoise),
+        ] {
+            parent = self
+                .record(stage, seq, parent, start, t, gpu.then_some(t))
+                .or(parent);
+            start += t;
+        }
+        parent
     }
 
     /// Sends every finished span on (also done when the tracer is dropped).

@@ -3,11 +3,11 @@
 //! given. One harness for every backend, so the numbers compare.
 
 use std::path::PathBuf;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::{Context, Result};
 use operators::backend::{self, BackendKind, Precision, Runner};
-use operators::bench::{bench_pipelined, bench_runner, BenchReport, Setting};
+use operators::bench::{bench_pipelined, bench_runner_observed, BenchReport, Setting};
 use operators::checkpoint::Checkpoint;
 use operators::Config;
 
@@ -29,6 +29,8 @@ pub struct BenchArgs {
     pub iters: usize,
     pub warmup: usize,
     pub seed: u64,
+    /// Where each timed frame's stage spans go (off by default).
+    pub trace: node_common::trace::TraceConfig,
 }
 
 impl Default for BenchArgs {
@@ -43,6 +45,7 @@ impl Default for BenchArgs {
             iters: 100,
             warmup: 10,
             seed: 0,
+            trace: Default::default(),
         }
     }
 }
@@ -87,13 +90,19 @@ pub fn run(args: &BenchArgs) -> Result<BenchReport> {
         .noise
         .clone()
         .context("bench observations carry noise")?;
-    let report = bench_runner(
+    // One trace per timed frame (frame i is seq i), recorded after the frame's timing.
+    let tracer = crate::spans::tracer(&args.trace, &runner.describe())?;
+    let gpu = kind == BackendKind::Cuda;
+    let report = bench_runner_observed(
         runner.as_mut(),
         &obs,
         &noise,
         args.steps,
         args.iters,
         args.warmup,
+        &mut |i, times| {
+            tracer.record_stages(i as u64, None, times, SystemTime::now(), gpu);
+        },
     )?;
     print!(
         "{}",
