@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# The test command (README, .ci/run): installs what the tests need (the dora CLI), builds
-# the workspace (the dataflow tests run the node binaries), then runs every test.
+# The test command (README, .ci/run): installs what the tests need (the dora CLI, the Chrome
+# trace consumer, openpi-client), builds the workspace (the dataflow tests run the node
+# binaries), then runs every test.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 cargo --version
@@ -8,5 +9,19 @@ if ! command -v dora >/dev/null; then
   python3 -m pip install --quiet dora-rs-cli==1.1.0
 fi
 dora --version
+# The Chrome trace consumer (tools/trace_consumer: Chrome DevTools' trace engine, run by Node)
+# that tools/turbopi/tests/chrome_consumer.rs reads `turbopi trace report --chrome` back with.
+if ! command -v npm >/dev/null; then
+  apt-get update -qq && apt-get install -y -qq --no-install-recommends nodejs npm >/dev/null
+fi
+node --version
+npm ci --prefix tools/trace_consumer --no-audit --no-fund --loglevel=error >/dev/null
+# openpi's own client (tests/tests/serve.rs drives the openpi server with it), in a folder of
+# its own so that its pinned numpy<2 does not touch the system's packages. openpi-client 0.1.2
+# imports typing_extensions without declaring it.
+openpi_client=target/python/openpi-client
+if ! PYTHONPATH=$openpi_client python3 -c "import openpi_client.websocket_client_policy" 2>/dev/null; then
+  python3 -m pip install --quiet --target "$openpi_client" openpi-client==0.1.2 typing_extensions
+fi
 cargo build --release --workspace
 cargo test --release --workspace

@@ -14,6 +14,7 @@ pub mod gemma;
 pub mod image;
 pub mod npy;
 pub mod observation;
+pub mod openpi;
 pub mod policy;
 pub mod postprocess;
 pub mod random;

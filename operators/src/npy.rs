@@ -137,6 +137,23 @@ pub fn write_f32(path: &Path, shape: &[usize], data: &[f32]) -> Result<()> {
     })
 }
 
+/// Reads a `float64` array.
+pub fn read_f64(path: &Path) -> Result<Array<f64>> {
+    let raw = read_raw(path, &[DType::F64])?;
+    Ok(Array {
+        shape: raw.shape,
+        data: le_chunks::<8>(&raw.data).map(f64::from_le_bytes).collect(),
+    })
+}
+
+/// Writes a `float64` array (format 1.0).
+pub fn write_f64(path: &Path, shape: &[usize], data: &[f64]) -> Result<()> {
+    write_raw(path, DType::F64, shape, data.len(), |out| {
+        data.iter()
+            .for_each(|v| out.extend_from_slice(&v.to_le_bytes()))
+    })
+}
+
 /// Writes a `uint8` array (format 1.0).
 pub fn write_u8(path: &Path, shape: &[usize], data: &[u8]) -> Result<()> {
     write_raw(path, DType::U8, shape, data.len(), |out| {
@@ -659,6 +676,16 @@ mod tests {
             a.data.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
             f.iter().map(|v| v.to_bits()).collect::<Vec<_>>()
         );
+
+        let d = [0.1f64, -2.5e300, f64::MIN_POSITIVE, -0.0];
+        write_f64(&p, &[2, 2], &d).unwrap();
+        let a = read_f64(&p).unwrap();
+        assert_eq!(a.shape, [2, 2]);
+        assert_eq!(
+            a.data.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+            d.iter().map(|v| v.to_bits()).collect::<Vec<_>>()
+        );
+        assert!(read_f32(&p).is_err(), "float64 is not read as float32");
 
         let u: Vec<u8> = (0..=255).collect();
         write_u8(&p, &[4, 8, 8], &u).unwrap();

@@ -9,6 +9,7 @@ use std::str::FromStr;
 pub use dora_node_api;
 
 pub mod ipc;
+pub mod prompt;
 pub mod trace;
 use dora_node_api::{DoraArray, MetadataParameters, Parameter};
 use eyre::{bail, eyre, Result, WrapErr};

@@ -3,9 +3,10 @@
 
 use dora_node_api::{DoraNode, Event, EventStream};
 use eyre::{bail, eyre, Result, WrapErr};
+use node_common::prompt::{PromptBuffer, TOKENS};
 use node_common::trace::Tracer;
 use node_common::{
-    backend_from_env, checkpoint_from_env, env_or, env_path, model_images, report_rejected,
+    backend_from_env, checkpoint_from_env, env_opt, env_or, model_images, report_rejected,
     FrameMeta, SeqGaps, StateBuffer,
 };
 use operators::backend::{self, Runner};
@@ -16,15 +17,19 @@ use std::time::SystemTime;
 pub struct Settings {
     pub steps: usize,
     pub seed: u64,
+    /// The prompt of env PROMPT (empty when unset; then every frame brings its own).
     pub tokens: Vec<i32>,
     pub token_mask: Vec<bool>,
+    /// The `tokens` input is wired: every frame takes the prompt sent with it.
+    pub tokens_input: bool,
     /// Overlap frames (the next frame's vision and prefix while this one denoises).
     pub pipeline: bool,
     /// The backend's stage times are device times (CUDA events), traced as `gpu_ms`.
     pub gpu_stage_times: bool,
 }
 
-/// Env: `CHECKPOINT`, `PROMPT` (dir with tokens.npy, token_mask.npy), `BACKEND` (cpu),
+/// Env: `CHECKPOINT`, `PROMPT` (dir with tokens.npy, token_mask.npy; not needed when the
+/// `tokens` input is wired), `BACKEND` (cpu),
 /// `DTYPE` (f32 on cpu, bf16 on cuda), `STEPS` (10), `SEED` (0), `PIPELINE` (false; true:
 /// up to two frames in flight, BACKEND=cuda).
 pub fn run(node: DoraNode, events: EventStream) -> Result<()> {
@@ -39,18 +44,29 @@ pub fn run(node: DoraNode, events: EventStream) -> Result<()> {
         bail!("env PIPELINE=true needs BACKEND=cuda (the cpu backend runs one frame at a time)");
     }
     let ckpt = checkpoint_from_env()?;
-    let dir = env_path("PROMPT")?;
-    let (tokens, token_mask) = load_prompt(&dir, &ckpt.config)
-        .wrap_err_with(|| format!("env PROMPT={}", dir.display()))?;
+    let tokens_input = node
+        .node_config()
+        .inputs
+        .keys()
+        .any(|k| k.as_str() == TOKENS);
+    let (tokens, token_mask) = match env_opt::<std::path::PathBuf>("PROMPT")? {
+        Some(dir) => load_prompt(&dir, &ckpt.config)
+            .wrap_err_with(|| format!("env PROMPT={}", dir.display()))?,
+        None if tokens_input => (vec![], vec![]),
+        None => bail!("env PROMPT is required (or wire the `tokens` input)"),
+    };
     let mut runner = backend::load(kind, precision, &ckpt, |_, _| {})?;
-    // The first frames should cost what later ones do (no drops while graphs are built).
-    runner.prepare(steps, token_mask.iter().filter(|&&m| m).count())?;
+    // The first frames should cost what later ones do (no drops while graphs are built);
+    // prompts of other lengths build their graphs when they first arrive.
+    let prompt_len = token_mask.iter().filter(|&&m| m).count().max(1);
+    runner.prepare(steps, prompt_len)?;
     eprintln!("policy: {}", runner.describe());
     let settings = Settings {
         steps,
         seed,
         tokens,
         token_mask,
+        tokens_input,
         pipeline,
         gpu_stage_times: kind == operators::backend::BackendKind::Cuda,
     };
@@ -72,43 +88,38 @@ fn send_actions(
     (actions, times): (Vec<f32>, StageTimes),
     done: SystemTime,
 ) -> Result<()> {
-    let mut parent = meta.trace;
-    let mut start = done - (times.vision + times.prefix + times.denoise);
-    for (stage, t) in [
-        ("vision", times.vision),
-        ("prefix", times.prefix),
-        ("denoise", times.denoise),
-    ] {
-        let gpu = settings.gpu_stage_times.then_some(t);
-        parent = tracer
-            .record(stage, meta.seq, parent, start, t, gpu)
-            .or(parent);
-        start += t;
-    }
-    let meta = meta.traced(parent);
-    node.send_output(
-        "actions".to_string().into(),
-        meta.tensor_params(&[cfg.action_horizon, cfg.action_dim], "float32"),
-        actions,
-    )
-    .map_err(|e| eyre!("sending actions: {e}"))
+    let denoise =
+        tracer.record_stages(meta.seq, meta.trace, &times, done, settings.gpu_stage_times);
+    let meta = meta.traced(denoise);
+    let mut md = meta.tensor_params(&[cfg.action_horizon, cfg.action_dim], "float32");
+    // The policy's own time for the frame (the openpi server reports it as `policy_timing`).
+    let infer = times.vision + times.prefix + times.denoise;
+    md.insert(
+        "infer_ms".into(),
+        dora_node_api::Parameter::Float(infer.as_secs_f64() * 1e3),
+    );
+    node.send_output("actions".to_string().into(), md, actions)
+        .map_err(|e| eyre!("sending actions: {e}"))
 }
 
-/// The observation of an `images` message for this node's prompt.
+/// The observation of an `images` message: its frame's prompt (the `tokens` message, or env
+/// PROMPT when that input is not wired) and state.
 fn observation(
     cfg: &Config,
     settings: &Settings,
     md: &dora_node_api::MetadataParameters,
     data: &dora_node_api::DoraArray,
-    states: &mut StateBuffer,
+    (states, prompts): (&mut StateBuffer, &mut PromptBuffer),
     seq: u64,
 ) -> Result<Observation> {
     let (images, image_masks) = model_images(md, data, cfg)?;
+    let fixed = (settings.tokens.clone(), settings.token_mask.clone());
+    let (tokens, token_mask) = prompts.for_frame(seq, settings.tokens_input, &fixed)?;
     Ok(Observation {
         images,
         image_masks,
-        tokens: settings.tokens.clone(),
-        token_mask: settings.token_mask.clone(),
+        tokens,
+        token_mask,
         state: states.take(seq, !cfg.pi05)?,
         noise: None,
     })
@@ -125,6 +136,7 @@ pub fn run_pipelined(
 ) -> Result<()> {
     let mut gaps = SeqGaps::default();
     let mut states = StateBuffer::default();
+    let mut prompts = PromptBuffer::default();
     let tracer = node_common::tracer(&node, &runner.describe())?;
     let mut pending: std::collections::VecDeque<FrameMeta> = Default::default();
     let mut overlapped = 0u64;
@@ -156,10 +168,18 @@ pub fn run_pipelined(
                 let result = (|| -> Result<()> {
                     match id.as_str() {
                         "state" => states.insert(md, &data, cfg.action_dim),
+                        TOKENS => prompts.insert(md, &data, cfg),
                         "images" => {
                             let meta = FrameMeta::from_metadata("images", md)?;
                             gaps.observe(meta.seq);
-                            let obs = observation(cfg, settings, md, &data, &mut states, meta.seq)?;
+                            let obs = observation(
+                                cfg,
+                                settings,
+                                md,
+                                &data,
+                                (&mut states, &mut prompts),
+                                meta.seq,
+                            )?;
                             let noise = noise_from_seed(cfg, settings.seed.wrapping_add(meta.seq));
                             if runner.in_flight() >= 2 {
                                 finish(runner, &mut node, &mut pending)?;
@@ -210,6 +230,7 @@ pub fn run_with(
     let tracer = node_common::tracer(&node, &runner.describe())?;
     let mut gaps = SeqGaps::default();
     let mut states = StateBuffer::default();
+    let mut prompts = PromptBuffer::default();
     while let Some(event) = events.recv() {
         let Event::Input { id, metadata, data } = event else {
             continue;
@@ -217,10 +238,18 @@ pub fn run_with(
         let md = &metadata.parameters;
         let result = (|| match id.as_str() {
             "state" => states.insert(md, &data, cfg.action_dim),
+            TOKENS => prompts.insert(md, &data, cfg),
             "images" => {
                 let meta = FrameMeta::from_metadata("images", md)?;
                 gaps.observe(meta.seq);
-                let obs = observation(cfg, settings, md, &data, &mut states, meta.seq)?;
+                let obs = observation(
+                    cfg,
+                    settings,
+                    md,
+                    &data,
+                    (&mut states, &mut prompts),
+                    meta.seq,
+                )?;
                 let noise = noise_from_seed(cfg, settings.seed.wrapping_add(meta.seq));
                 let done = runner.infer(&obs, &noise, settings.steps)?;
                 let t = SystemTime::now();
@@ -311,6 +340,7 @@ mod tests {
             seed: 3,
             tokens: tokens.clone(),
             token_mask: token_mask.clone(),
+            tokens_input: false,
             pipeline: false,
             gpu_stage_times: false,
         };
@@ -343,6 +373,71 @@ mod tests {
             noise: None,
         };
         let (want, _) = policy.infer(&obs, &noise_from_seed(&cfg, 12), 2).unwrap();
+        let got: Vec<f32> = values(&out[0]).iter().map(|&v| v as f32).collect();
+        assert_eq!(got, want);
+    }
+
+    /// With the `tokens` input wired, each frame runs on the prompt sent with it, and a frame
+    /// whose prompt did not arrive is rejected.
+    #[test]
+    fn per_frame_prompts_from_the_tokens_input() {
+        let ckpt = Checkpoint::open(&golden("pi05_small").join("checkpoint")).unwrap();
+        let cfg = ckpt.config.clone();
+        let mut policy = Policy::load(&ckpt, |_, _| {}).unwrap();
+        let (n, s) = (cfg.num_images, cfg.image_size);
+        let px: Vec<u8> = (0..n * s * s * 3).map(|i| (i * 7 % 256) as u8).collect();
+        let shape: &'static [usize] = Box::leak(vec![n, s, s, 3].into_boxed_slice());
+        let images = |seq| TensorInput {
+            id: "images",
+            seq,
+            shape,
+            dtype: "uint8",
+            arrow_type: "UInt8",
+            values: json(&px),
+            extra: vec![("image_masks", Parameter::ListInt(vec![1, 1, 0]))],
+        };
+        let prompt: Vec<i32> = vec![2, 17, 99, 4, 0, 0];
+        let mask = vec![1i64, 1, 1, 1, 0, 0];
+        let tokens = |seq| TensorInput {
+            id: "tokens",
+            seq,
+            shape: &[6],
+            dtype: "int32",
+            arrow_type: "Int32",
+            values: json(&prompt),
+            extra: vec![("token_mask", Parameter::ListInt(mask.clone()))],
+        };
+        let events = vec![
+            event(0.0, tokens(4)),
+            event(0.01, images(4)),
+            event(0.02, images(5)),
+        ];
+        let settings = Settings {
+            steps: 2,
+            seed: 1,
+            tokens: vec![],
+            token_mask: vec![],
+            tokens_input: true,
+            pipeline: false,
+            gpu_stage_times: false,
+        };
+        let out = run_node("policy", events, |node, ev| {
+            run_with(&cfg, &mut policy, &settings, node, ev)
+        })
+        .unwrap();
+        assert_eq!(out.len(), 1, "frame 5 had no prompt: {out:?}");
+        let obs = Observation {
+            images: px
+                .chunks_exact(s * s * 3)
+                .flat_map(|c| image::to_model_input(c, s, s, s))
+                .collect(),
+            image_masks: vec![true, true, false],
+            tokens: prompt.clone(),
+            token_mask: mask.iter().map(|&m| m != 0).collect(),
+            state: None,
+            noise: None,
+        };
+        let (want, _) = policy.infer(&obs, &noise_from_seed(&cfg, 5), 2).unwrap();
         let got: Vec<f32> = values(&out[0]).iter().map(|&v| v as f32).collect();
         assert_eq!(got, want);
     }

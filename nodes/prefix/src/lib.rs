@@ -1,14 +1,13 @@
 //! Prefix stage: prompt embedding and the Gemma prefix over the real image and prompt
 //! tokens, producing the per-layer K/V cache [layers, 2, len, kv_width].
 
-use std::path::PathBuf;
-
 use dora_node_api::dora_core::config::DataId;
 use dora_node_api::{DoraNode, Event, EventStream};
 use eyre::{bail, eyre, Result, WrapErr};
 use node_common::ipc::{refuse_ipc, transport_from_env, Transport};
+use node_common::prompt::{PromptBuffer, TOKENS};
 use node_common::{
-    backend_from_env, checkpoint_from_env, env_path, expect_tensor, image_masks, kv_to_tensor,
+    backend_from_env, checkpoint_from_env, env_opt, expect_tensor, image_masks, kv_to_tensor,
     report_rejected, Dim, FrameMeta, SeqGaps,
 };
 use operators::backend::{self, BackendKind, PrefixStage};
@@ -19,40 +18,54 @@ use operators::{Config, ImageEmbeddings};
 pub struct Prompt {
     pub tokens: Vec<i32>,
     pub mask: Vec<bool>,
+    /// The `tokens` input is wired: every frame takes the prompt sent with it (`tokens` and
+    /// `mask` are then env PROMPT's, unused, or empty).
+    pub per_frame: bool,
 }
 
-/// Env: `CHECKPOINT`, `PROMPT`, `BACKEND` (cpu or cuda), `DTYPE`, `TRANSPORT` (host or
-/// cuda-ipc for the K/V cache), `RING_SLOTS`. With BACKEND=cuda the node reads image
-/// embeddings sent either way.
+impl Prompt {
+    /// The token ids and mask of frame `seq`.
+    fn for_frame(&self, prompts: &mut PromptBuffer, seq: u64) -> Result<(Vec<i32>, Vec<bool>)> {
+        prompts.for_frame(
+            seq,
+            self.per_frame,
+            &(self.tokens.clone(), self.mask.clone()),
+        )
+    }
+}
+
+/// Env: `CHECKPOINT`, `PROMPT` (not needed when the `tokens` input is wired), `BACKEND` (cpu
+/// or cuda), `DTYPE`, `TRANSPORT` (host or cuda-ipc for the K/V cache), `RING_SLOTS`. With
+/// BACKEND=cuda the node reads image embeddings sent either way.
 pub fn run(node: DoraNode, events: EventStream) -> Result<()> {
     let (kind, precision) = backend_from_env()?;
     let transport = transport_from_env()?;
     let ckpt = checkpoint_from_env()?;
-    let dir: PathBuf = env_path("PROMPT")?;
-    let (tokens, mask) = load_prompt(&dir, &ckpt.config)
-        .wrap_err_with(|| format!("env PROMPT={}", dir.display()))?;
+    let per_frame = node
+        .node_config()
+        .inputs
+        .keys()
+        .any(|k| k.as_str() == TOKENS);
+    let (tokens, mask) = match env_opt::<std::path::PathBuf>("PROMPT")? {
+        Some(dir) => load_prompt(&dir, &ckpt.config)
+            .wrap_err_with(|| format!("env PROMPT={}", dir.display()))?,
+        None if per_frame => (vec![], vec![]),
+        None => bail!("env PROMPT is required (or wire the `tokens` input)"),
+    };
+    let prompt = Prompt {
+        tokens,
+        mask,
+        per_frame,
+    };
     if kind == BackendKind::Cuda {
-        return run_cuda(
-            &ckpt,
-            precision,
-            transport,
-            &Prompt { tokens, mask },
-            node,
-            events,
-        );
+        return run_cuda(&ckpt, precision, transport, &prompt, node, events);
     }
     if transport == Transport::CudaIpc {
         bail!("prefix: env TRANSPORT=cuda-ipc needs BACKEND=cuda");
     }
     let mut encoder = backend::load_prefix(kind, precision, &ckpt)?;
     eprintln!("prefix: {}", encoder.describe());
-    run_with(
-        &ckpt.config,
-        encoder.as_mut(),
-        &Prompt { tokens, mask },
-        node,
-        events,
-    )
+    run_with(&ckpt.config, encoder.as_mut(), &prompt, node, events)
 }
 
 pub fn run_with(
@@ -66,6 +79,7 @@ pub fn run_with(
     let tracer = node_common::tracer(&node, &encoder.describe())?;
     let t = cfg.tokens_per_image();
     let mut gaps = SeqGaps::default();
+    let mut prompts = PromptBuffer::default();
     while let Some(event) = events.recv() {
         let (id, metadata, data) = match event {
             Event::Input { id, metadata, data } => (id, metadata, data),
@@ -74,10 +88,16 @@ pub fn run_with(
             Event::Stop(_) => break,
             _ => continue,
         };
+        let md = &metadata.parameters;
+        if id.as_str() == TOKENS {
+            if let Err(e) = prompts.insert(md, &data, cfg) {
+                report_rejected("prefix", &e);
+            }
+            continue;
+        }
         if id.as_str() != "image_embeddings" {
             continue;
         }
-        let md = &metadata.parameters;
         let result = (|| {
             let meta = FrameMeta::from_metadata("image_embeddings", md)?;
             gaps.observe(meta.seq);
@@ -97,7 +117,8 @@ pub fn run_with(
                 tokens: emb.to_vec(),
                 real_images: real,
             };
-            let cache = encoder.encode(&images, &prompt.tokens, &prompt.mask)?;
+            let (tokens, mask) = prompt.for_frame(&mut prompts, meta.seq)?;
+            let cache = encoder.encode(&images, &tokens, &mask)?;
             if let Some(gpu) = encoder.gpu_time() {
                 span.set_gpu(gpu);
             }
@@ -146,7 +167,8 @@ fn run_cuda(
 
     let cfg = &ckpt.config;
     let mut policy = CudaPolicy::load(ckpt, precision, |_, _| {})?;
-    let n_ids = prompt.mask.iter().filter(|&&m| m).count();
+    // Prompts of other lengths (sent on `tokens`) build their graphs when they first arrive.
+    let n_ids = prompt.mask.iter().filter(|&&m| m).count().max(1);
     policy.warm_up_stages(Some(n_ids))?;
     let shape = policy.cache_shape();
     let dtype = if policy.act_dtype() == DType::Bf16 {
@@ -177,13 +199,16 @@ fn run_cuda(
             "host tensor"
         }
     );
-    let ids: Vec<i32> = prompt
-        .tokens
-        .iter()
-        .zip(&prompt.mask)
-        .filter(|(_, &m)| m)
-        .map(|(&t, _)| t)
-        .collect();
+    let real_ids = |tokens: &[i32], mask: &[bool]| -> Vec<i32> {
+        tokens
+            .iter()
+            .zip(mask)
+            .filter(|(_, &m)| m)
+            .map(|(&t, _)| t)
+            .collect()
+    };
+    let fixed_ids = real_ids(&prompt.tokens, &prompt.mask);
+    let mut prompts = PromptBuffer::default();
     let out: DataId = "kv_cache".to_string().into();
     let release_out: DataId = "release".to_string().into();
     let tracer = node_common::tracer(&node, &operators::backend::Runner::describe(&policy))?;
@@ -211,6 +236,7 @@ fn run_cuda(
                     }
                     return Ok(());
                 }
+                TOKENS => return prompts.insert(md, &data, cfg),
                 "image_embeddings" => {}
                 _ => return Ok(()),
             }
@@ -218,6 +244,12 @@ fn run_cuda(
             gaps.observe(meta.seq);
             let mut span = tracer.start("prefix", meta.seq, meta.trace);
             let meta = meta.traced(span.id());
+            let ids = if prompt.per_frame {
+                let (tokens, mask) = prompt.for_frame(&mut prompts, meta.seq)?;
+                real_ids(&tokens, &mask)
+            } else {
+                fixed_ids.clone()
+            };
             let masks = image_masks("image_embeddings", md, cfg.num_images)?;
             let real = masks.iter().filter(|&&m| m).count();
             let expected = [Dim::Is(real * t), Dim::Is(cfg.vlm_width)];
@@ -364,6 +396,7 @@ mod tests {
         let prompt = Prompt {
             tokens: tokens.clone(),
             mask: mask.clone(),
+            per_frame: false,
         };
         let out = run_node("prefix", events, |node, ev| {
             run_with(&cfg, &mut enc, &prompt, node, ev)

@@ -25,6 +25,8 @@ pub enum Kind {
     Postprocess,
     Policy,
     ActionSink,
+    /// openpi's websocket protocol in front of the policy: frames out, actions back in.
+    OpenpiServer,
 }
 
 impl Kind {
@@ -40,6 +42,7 @@ impl Kind {
             "postprocess" => Kind::Postprocess,
             "policy" => Kind::Policy,
             "action-sink" => Kind::ActionSink,
+            "openpi-server" => Kind::OpenpiServer,
             _ => return None,
         })
     }
@@ -54,11 +57,17 @@ impl Kind {
             Kind::Prefix => &[
                 ("image_embeddings", &[ImageEmbeddings], true),
                 ("release", &[Release], false),
+                ("tokens", &[Tokens], false),
             ],
             Kind::Denoise => &[("kv_cache", &[KvCache], true), ("state", &[State], false)],
-            Kind::Policy => &[("images", &[Images], true), ("state", &[State], false)],
+            Kind::Policy => &[
+                ("images", &[Images], true),
+                ("state", &[State], false),
+                ("tokens", &[Tokens], false),
+            ],
             Kind::Postprocess => &[("actions", &[ModelActions], true)],
             Kind::ActionSink => &[("actions", &[ModelActions, RobotActions], true)],
+            Kind::OpenpiServer => &[("actions", &[ModelActions], true)],
         }
     }
 
@@ -72,6 +81,9 @@ impl Kind {
             (Kind::Denoise | Kind::Policy, "actions") => Msg::ModelActions,
             (Kind::Postprocess, "actions") => Msg::RobotActions,
             (Kind::Prefix | Kind::Denoise, "release") => Msg::Release,
+            (Kind::OpenpiServer, "images") => Msg::Images,
+            (Kind::OpenpiServer, "state") => Msg::State,
+            (Kind::OpenpiServer, "tokens") => Msg::Tokens,
             _ => return None,
         })
     }
@@ -89,6 +101,8 @@ pub enum Msg {
     RobotActions,
     /// CUDA IPC ring slots handed back to their producer.
     Release,
+    /// A frame's prompt (i32 token ids with a `token_mask`).
+    Tokens,
 }
 
 impl Msg {
@@ -102,6 +116,7 @@ impl Msg {
             Msg::ModelActions => "model actions (f32 [horizon, action_dim])",
             Msg::RobotActions => "robot actions (f32 [horizon, robot_dims])",
             Msg::Release => "ring slot releases (CUDA IPC)",
+            Msg::Tokens => "prompt tokens (i32 [L] with token_mask)",
         }
     }
 }
@@ -169,8 +184,9 @@ fn check_descriptor(desc: &Descriptor, base: &Path) -> Report {
                     src_node.outputs.iter().map(|o| o.to_string()).collect::<Vec<_>>().join(", ")
                 ));
             }
-            // Slot releases flow against the data; they are not part of the dataflow's order.
-            if input_id == "release" {
+            // Slot releases and the actions answering a server flow against the data; they
+            // are not part of the dataflow's order.
+            if is_feedback(kind, &input_id) {
                 release_edges += 1;
             } else {
                 graph.add_edge(from, to, input_id.clone());
@@ -248,6 +264,12 @@ fn check_descriptor(desc: &Descriptor, base: &Path) -> Report {
     }
 }
 
+/// Inputs that close a loop by design: CUDA IPC slot releases, and the actions that answer
+/// the openpi server's frames.
+pub(crate) fn is_feedback(kind: Option<Kind>, input_id: &str) -> bool {
+    input_id == "release" || (kind == Some(Kind::OpenpiServer) && input_id == "actions")
+}
+
 pub(crate) fn env_of(node: &Node, key: &str) -> Option<String> {
     node.env.as_ref()?.get(key).map(env_str)
 }
@@ -261,11 +283,13 @@ fn backend_of(node: &Node) -> String {
 }
 
 fn check_env(id: &str, kind: Kind, node: &Node, base: &Path, errors: &mut Vec<String>) {
+    // An empty value is unset, as the nodes read it (`${VAR:-}` in a graph).
     let env: BTreeMap<String, String> = node
         .env
         .iter()
         .flatten()
         .map(|(k, v)| (k.clone(), env_str(v)))
+        .filter(|(_, v)| !v.is_empty())
         .collect();
     let mut err = |msg: String| errors.push(format!("node `{id}`: {msg}"));
     let path = |v: &str| -> PathBuf { base.join(v) };
@@ -287,7 +311,7 @@ fn check_env(id: &str, kind: Kind, node: &Node, base: &Path, errors: &mut Vec<St
     let mut config: Option<Config> = None;
     if matches!(
         kind,
-        Kind::Vision | Kind::Prefix | Kind::Denoise | Kind::Policy
+        Kind::Vision | Kind::Prefix | Kind::Denoise | Kind::Policy | Kind::OpenpiServer
     ) {
         match env.get("CHECKPOINT") {
             None => err("env CHECKPOINT is required".into()),
@@ -296,7 +320,7 @@ fn check_env(id: &str, kind: Kind, node: &Node, base: &Path, errors: &mut Vec<St
                 Err(e) => err(format!("env CHECKPOINT={v:?}: {e}")),
             },
         }
-        if let Some(b) = env.get("BACKEND") {
+        if let (Some(b), false) = (env.get("BACKEND"), kind == Kind::OpenpiServer) {
             if b != "cpu" && b != "cuda" {
                 err(format!("env BACKEND={b:?} must be `cpu` or `cuda`"));
             }
@@ -318,8 +342,10 @@ fn check_env(id: &str, kind: Kind, node: &Node, base: &Path, errors: &mut Vec<St
             err(format!("env RING_SLOTS={v:?} must be between 1 and 64"));
         }
     }
+    let tokens_wired = node.inputs.keys().any(|k| k.to_string() == "tokens");
     if matches!(kind, Kind::Prefix | Kind::Policy) {
         match env.get("PROMPT") {
+            None if tokens_wired => {}
             None => {
                 err("env PROMPT (a folder with tokens.npy and token_mask.npy) is required".into())
             }
@@ -412,6 +438,65 @@ fn check_env(id: &str, kind: Kind, node: &Node, base: &Path, errors: &mut Vec<St
                 }
                 (Some(_), None) => err("env NORM_STATS needs NORM (`zscore` or `quantile`)".into()),
                 _ => {}
+            }
+        }
+        Kind::OpenpiServer => {
+            match env.get("ROBOT") {
+                None => err("env ROBOT is required: libero, droid or aloha".into()),
+                Some(r) => {
+                    if let Err(e) = r.parse::<operators::openpi::Robot>() {
+                        err(format!("env ROBOT: {e}"));
+                    }
+                }
+            }
+            if let Some(v) = env.get("PORT") {
+                if v.parse::<u16>().is_err() {
+                    err(format!("env PORT={v:?} must be a port number (0-65535)"));
+                }
+            }
+            positive("MAX_MESSAGE_MB", &mut err);
+            if let Some(v) = env.get("REQUEST_TIMEOUT_S") {
+                if !v.parse::<f64>().is_ok_and(|t| t.is_finite() && t > 0.0) {
+                    err(format!(
+                        "env REQUEST_TIMEOUT_S={v:?} must be a positive number"
+                    ));
+                }
+            }
+            for name in ["DISCRETE_STATE", "ADAPT_TO_PI"] {
+                if let Some(v) = env.get(name) {
+                    if v != "true" && v != "false" {
+                        err(format!("env {name}={v:?} must be `true` or `false`"));
+                    }
+                }
+            }
+            if let Some(v) = env.get("DELTA_ACTIONS") {
+                if let Err(e) = operators::openpi::parse_delta_mask(v) {
+                    err(format!("env DELTA_ACTIONS: {e}"));
+                }
+            }
+            if let Some(v) = env.get("METADATA") {
+                if !serde_json::from_str::<serde_json::Value>(v).is_ok_and(|m| m.is_object()) {
+                    err(format!("env METADATA={v:?} must be a JSON object"));
+                }
+            }
+            for name in ["TOKENIZER", "ASSETS"] {
+                if let Some(v) = env.get(name) {
+                    if !path(v).exists() {
+                        err(format!("env {name}={v:?} does not exist"));
+                    }
+                }
+            }
+            if let Some(v) = env.get("NORM_STATS") {
+                if v != "none" && !path(v).is_file() {
+                    err(format!("env NORM_STATS={v:?} does not exist"));
+                }
+            }
+            for wanted in ["images", "tokens"] {
+                if !node.outputs.iter().any(|o| o.to_string() == wanted) {
+                    err(format!(
+                        "output `{wanted}` must be declared (the frames and prompts it sends)"
+                    ));
+                }
             }
         }
         _ => {}

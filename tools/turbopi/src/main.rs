@@ -4,11 +4,14 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::time::Instant;
+use std::time::{Instant, SystemTime};
 
 mod bench;
 mod graph;
+mod openpi;
 mod plan;
+mod spans;
+mod trace;
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
@@ -39,8 +42,10 @@ enum Command {
         #[arg(long)]
         checkpoint: PathBuf,
         /// Observation directory (images.npy, image_masks.npy, tokens.npy, token_mask.npy, ...).
-        #[arg(long)]
-        observation: PathBuf,
+        #[arg(long, required_unless_present = "openpi", conflicts_with = "openpi")]
+        observation: Option<PathBuf>,
+        #[command(flatten)]
+        openpi: openpi::OpenpiArgs,
         /// Euler steps of the flow-matching sampler.
         #[arg(long, default_value_t = 10)]
         steps: usize,
@@ -56,6 +61,8 @@ enum Command {
         /// Arithmetic: f32, or bf16 (cuda only). Defaults to f32 on cpu and bf16 on cuda.
         #[arg(long)]
         dtype: Option<String>,
+        #[command(flatten)]
+        trace: spans::TraceArgs,
     },
     /// Make or inspect checkpoints.
     #[command(subcommand)]
@@ -86,10 +93,15 @@ enum Command {
         warmup: usize,
         #[arg(long, default_value_t = 0)]
         seed: u64,
+        #[command(flatten)]
+        trace: spans::TraceArgs,
     },
     /// Check dora dataflow graphs.
     #[command(subcommand)]
     Graph(GraphCommand),
+    /// Read per-stage trace files (TRACE_FILE of the nodes).
+    #[command(subcommand)]
+    Trace(trace::TraceCommand),
 }
 
 #[derive(Subcommand)]
@@ -142,19 +154,23 @@ fn main() -> ExitCode {
         Command::Infer {
             checkpoint,
             observation,
+            openpi,
             steps,
             seed,
             out,
             backend,
             dtype,
+            trace,
         } => infer(
             &checkpoint,
-            &observation,
+            observation.as_deref(),
             steps,
             seed,
             &out,
             &backend,
             dtype.as_deref(),
+            &trace,
+            &openpi,
         ),
         Command::Checkpoint(CheckpointCommand::Random {
             preset,
@@ -165,6 +181,7 @@ fn main() -> ExitCode {
         Command::Checkpoint(CheckpointCommand::Inspect { dir }) => inspect(&dir),
         Command::Graph(GraphCommand::Check { file }) => graph_check(&file),
         Command::Graph(GraphCommand::Plan { file, dot }) => graph_plan(&file, dot.as_deref()),
+        Command::Trace(cmd) => trace::run(cmd),
         Command::Bench {
             checkpoint,
             preset,
@@ -175,18 +192,24 @@ fn main() -> ExitCode {
             iters,
             warmup,
             seed,
-        } => bench::run(&bench::BenchArgs {
-            setting,
-            backend,
-            dtype,
-            checkpoint,
-            preset,
-            steps,
-            iters,
-            warmup,
-            seed,
-        })
-        .map(|_| ()),
+            trace,
+        } => trace
+            .config()
+            .and_then(|trace| {
+                bench::run(&bench::BenchArgs {
+                    setting,
+                    backend,
+                    dtype,
+                    checkpoint,
+                    preset,
+                    steps,
+                    iters,
+                    warmup,
+                    seed,
+                    trace,
+                })
+            })
+            .map(|_| ()),
         Command::Checkpoint(CheckpointCommand::Config { preset }) => Config::preset(&preset)
             .map(|c| println!("{}", c.to_json_pretty()))
             .map_err(Into::into),
@@ -238,18 +261,23 @@ fn backend_choice(backend: &str, dtype: Option<&str>) -> Result<(BackendKind, Pr
     Ok((kind, precision))
 }
 
+// One argument per flag of `turbopi infer`.
+#[allow(clippy::too_many_arguments)]
 fn infer(
     checkpoint: &Path,
-    observation: &Path,
+    observation: Option<&Path>,
     steps: usize,
     seed: u64,
     out: &Path,
     backend: &str,
     dtype: Option<&str>,
+    trace: &spans::TraceArgs,
+    openpi: &openpi::OpenpiArgs,
 ) -> Result<()> {
     if steps == 0 {
         bail!("--steps must be at least 1");
     }
+    let trace = trace.config()?;
     let (kind, precision) = backend_choice(backend, dtype)?;
     let t_load = Instant::now();
     let ckpt = open_checkpoint(checkpoint)?;
@@ -264,31 +292,48 @@ fn infer(
         .with_context(|| format!("cannot load weights from {}", ckpt.weights_path.display()))?;
     bar.finish_and_clear();
     let load = t_load.elapsed();
-    let obs = Observation::load(observation, &cfg)
-        .with_context(|| format!("bad observation {}", observation.display()))?;
+    let frame = openpi.load(checkpoint, &cfg)?;
+    let obs = match (&frame, observation) {
+        (Some(f), _) => f.observation.clone(),
+        (None, Some(dir)) => Observation::load(dir, &cfg)
+            .with_context(|| format!("bad observation {}", dir.display()))?,
+        (None, None) => bail!("--observation DIR or --openpi FILE is required"),
+    };
     let noise = match &obs.noise {
         Some(n) => n.clone(),
         None => noise_from_seed(&cfg, seed),
     };
     eprintln!("running {} ...", policy.describe());
+    let tracer = spans::tracer(&trace, &policy.describe())?;
     let t0 = Instant::now();
     let (actions, times) = policy.infer(&obs, &noise, steps)?;
     let total = t0.elapsed();
+    tracer.record_stages(
+        0,
+        None,
+        &times,
+        SystemTime::now(),
+        kind == BackendKind::Cuda,
+    );
     if let Some(bad) = actions.iter().position(|v| !v.is_finite()) {
         bail!("the policy produced a non-finite action at index {bad}");
     }
-    npy::write_f32(out, &[cfg.action_horizon, cfg.action_dim], &actions)?;
+    let written = match &frame {
+        Some(f) => {
+            let [h, d] = f.write_actions(out, &actions)?;
+            format!("f64 [{h}, {d}] (the robot's actions)")
+        }
+        None => {
+            npy::write_f32(out, &[cfg.action_horizon, cfg.action_dim], &actions)?;
+            format!("f32 [{}, {}]", cfg.action_horizon, cfg.action_dim)
+        }
+    };
     println!("load      {:10.1} ms", ms(load));
     println!("vision    {:10.1} ms", ms(times.vision));
     println!("prefix    {:10.1} ms", ms(times.prefix));
     println!("denoise   {:10.1} ms  ({steps} steps)", ms(times.denoise));
     println!("total     {:10.1} ms", ms(total));
-    println!(
-        "wrote {} f32 [{}, {}]",
-        out.display(),
-        cfg.action_horizon,
-        cfg.action_dim
-    );
+    println!("wrote {} {written}", out.display());
     Ok(())
 }
 

@@ -19,7 +19,7 @@ use operators::Config;
 use petgraph::graph::{DiGraph, NodeIndex};
 use petgraph::visit::EdgeRef;
 
-use crate::graph::{env_of, Kind, Msg};
+use crate::graph::{env_of, is_feedback, Kind, Msg};
 
 /// A stage of the policy and where it runs.
 #[derive(Debug, Clone)]
@@ -63,6 +63,7 @@ fn stages_of(kind: Kind) -> &'static [&'static str] {
         Kind::Policy => &["vision", "prefix", "denoise"],
         Kind::Postprocess => &["postprocess"],
         Kind::ActionSink => &["sink"],
+        Kind::OpenpiServer => &["openpi-server"],
     }
 }
 
@@ -80,6 +81,7 @@ fn msg_bytes(msg: Msg, cfg: &Config, bf16: bool) -> (usize, usize) {
         Msg::KvCache => cfg.vlm_depth * 2 * cfg.max_prefix_len() * kvw * 4,
         Msg::ModelActions | Msg::RobotActions => cfg.action_horizon * cfg.action_dim * 4,
         Msg::Release => 0,
+        Msg::Tokens => cfg.max_token_len * 4,
     };
     let device = match msg {
         Msg::KvCache => cfg.vlm_depth * 2 * cap * kvw * act,
@@ -205,8 +207,11 @@ fn plan_descriptor(desc: &Descriptor, base: &Path) -> Plan {
             if input_id == "release" {
                 continue;
             }
-            if let (Some(&a), Some(&b)) = (last.get(&src), first.get(&id)) {
-                g.add_edge(a, b, ());
+            // The actions answering the openpi server are listed but do not feed a stage.
+            if !is_feedback(kind_of(node), &input_id) {
+                if let (Some(&a), Some(&b)) = (last.get(&src), first.get(&id)) {
+                    g.add_edge(a, b, ());
+                }
             }
             let ipc = env_of(src_node, "TRANSPORT").as_deref() == Some("cuda-ipc");
             let same_machine = machine_of(src_node) == machine_of(node);
@@ -432,5 +437,6 @@ fn msg_name(m: Msg) -> &'static str {
         Msg::ModelActions => "actions",
         Msg::RobotActions => "actions",
         Msg::Release => "release",
+        Msg::Tokens => "tokens",
     }
 }

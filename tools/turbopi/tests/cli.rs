@@ -385,3 +385,68 @@ fn unknown_preset_and_zero_steps_are_rejected() {
     ]);
     assert!(err.contains("--steps"), "{err}");
 }
+
+/// `infer --openpi`: a LIBERO observation in openpi's wire format through the server's
+/// transforms; bad files and settings are named.
+#[test]
+fn infer_openpi_observation_and_its_errors() {
+    use operators::openpi::msgpack::Out;
+    use operators::openpi::tokenizer::tiny_tokenizer_json;
+    let dir = tempfile::tempdir().unwrap();
+    let ck = dir.path().join("ck");
+    random_checkpoint(&ck, "pi0-small");
+    let obs = dir.path().join("obs.msgpack");
+    let img = |seed: usize| Out::NdArray {
+        dtype: "|u1",
+        shape: vec![40, 48, 3],
+        data: (0..40 * 48 * 3).map(|i| ((i + seed) % 256) as u8).collect(),
+    };
+    let msg = Out::Map(vec![
+        ("observation/image".into(), img(1)),
+        ("observation/wrist_image".into(), img(2)),
+        (
+            "observation/state".into(),
+            Out::f64_array(vec![8], &[0.25; 8]),
+        ),
+        ("prompt".into(), Out::Str("open the drawer".into())),
+    ]);
+    std::fs::write(&obs, msg.encode()).unwrap();
+    let out = dir.path().join("a.npy");
+    let base = ["infer", "--checkpoint", s(&ck), "--openpi", s(&obs)];
+    let args = |extra: &[&'static str]| -> Vec<String> {
+        base.iter()
+            .chain(extra)
+            .map(|a| a.to_string())
+            .chain(["--out".to_string(), s(&out).to_string()])
+            .collect()
+    };
+    let run = |a: Vec<String>| {
+        let a: Vec<&str> = a.iter().map(String::as_str).collect();
+        fails(&a)
+    };
+    let e = run(args(&[]));
+    assert!(e.contains("--openpi needs --robot"), "{e}");
+    // Norm stats at CHECKPOINT/assets/droid/norm_stats.json by default.
+    let e = run(args(&["--robot", "droid"]));
+    assert!(e.contains("assets/droid/norm_stats.json"), "{e}");
+    let e = run(args(&["--robot", "libero", "--norm-stats", "none"]));
+    assert!(
+        e.contains("tokenizer"),
+        "no tokenizer for a text prompt: {e}"
+    );
+    std::fs::write(ck.join("tokenizer.json"), tiny_tokenizer_json()).unwrap();
+    let a = args(&["--robot", "libero", "--norm-stats", "none"]);
+    let a: Vec<&str> = a.iter().map(String::as_str).collect();
+    let ok = turbopi(&a);
+    assert!(
+        ok.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
+    let actions = npy::read_f64(&out).unwrap();
+    assert_eq!(actions.shape, vec![10, 7]);
+    assert!(actions.data.iter().all(|v| v.is_finite()));
+    std::fs::write(&obs, [0xc1u8, 0]).unwrap();
+    let e = run(args(&["--robot", "libero", "--norm-stats", "none"]));
+    assert!(e.contains("malformed msgpack at byte 0"), "{e}");
+}

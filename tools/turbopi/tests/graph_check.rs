@@ -183,6 +183,15 @@ fn bad_fixtures_fail_naming_node_and_input() {
             "size_mismatch.yml",
             &["node `decode`: env IMAGE_SIZE=224 does not match the checkpoint's 32"],
         ),
+        (
+            "bad_serve.yml",
+            &[
+                "node `openpi-server`: env ROBOT: unknown robot `franka`",
+                "node `openpi-server`: env PORT=\"99999\" must be a port number",
+                "node `openpi-server`: output `tokens` must be declared",
+                "node `policy`: env PROMPT (a folder with tokens.npy and token_mask.npy) is required",
+            ],
+        ),
     ];
     for (file, needles) in cases {
         let (ok, text) = check(&fixture(file), &[]);
@@ -237,6 +246,16 @@ fn shipped_graphs_pass() {
             &[("TURBOPI_CHECKPOINT", &small), ("TURBOPI_PROMPT", &prompt)],
         );
         assert!(ok, "{g}: {text}");
+    }
+    // The openpi server graphs: a loop by design (server -> policy -> server), per-frame
+    // prompts instead of PROMPT.
+    for g in ["serve.yml", "serve_split.yml"] {
+        let (ok, text) = check(
+            &root().join("graphs").join(g),
+            &[("TURBOPI_CHECKPOINT", &small)],
+        );
+        assert!(ok, "{g}: {text}");
+        assert!(!text.contains("cycle"), "{g}: {text}");
     }
     let full = tmp.path().join("pi05");
     header_only_checkpoint(&full, &Config::pi05());

@@ -1,0 +1,832 @@
+//! openpi's websocket policy server as a dora node. Clients of openpi's `serve_policy.py`
+//! (openpi-client's `WebsocketClientPolicy`: the LIBERO, DROID and ALOHA runtimes) connect
+//! unchanged: on connect they get the metadata message, then send one msgpack observation at
+//! a time and get one action dict back. Each observation goes through openpi's input
+//! transforms ([`operators::openpi`]) into the dataflow as a frame with a fresh `seq`
+//! (`images`, `state`, `tokens`); when the dataflow's `actions` for that `seq` come back they
+//! go through the output transforms to the client. Any number of clients share the dataflow.
+//!
+//! A request that fails (malformed msgpack, a bad observation, an oversized message, a frame
+//! the dataflow never answers) gets a text frame naming the problem and the connection is
+//! closed with code 1011, as openpi's server does; other connections are not affected.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{mpsc, Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use axum::extract::{ConnectInfo, Request, State};
+use axum::http::{header, HeaderValue, Method, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::Router;
+use dora_node_api::dora_core::config::DataId;
+use dora_node_api::{DoraNode, Event, EventStream, Parameter};
+use eyre::{bail, eyre, Result, WrapErr};
+use futures_util::{SinkExt, StreamExt};
+use hyper_util::rt::TokioIo;
+use node_common::prompt::tokens_params;
+use node_common::{env_opt, env_or, expect_tensor, masks_param, now_ns, Dim, FrameMeta};
+use operators::openpi::msgpack::{decode, Limits, Out};
+use operators::openpi::{norm_stats_path, parse_delta_mask, Robot, Settings, Transforms};
+use operators::Config;
+use tokio::io::AsyncReadExt;
+use tokio::sync::oneshot;
+use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::protocol::{CloseFrame, Role, WebSocketConfig};
+use tokio_tungstenite::tungstenite::{Error as WsError, Message};
+use tokio_tungstenite::WebSocketStream;
+
+/// Close code of a failed request (openpi's server: `CloseCode.INTERNAL_ERROR`).
+pub const CLOSE_INTERNAL_ERROR: u16 = 1011;
+
+/// Frames in the dataflow at once; further requests wait for one to finish. Below the
+/// nodes' per-frame buffers ([`node_common::StateBuffer::CAPACITY`]), so a frame's state and
+/// prompt are never evicted before its images are processed.
+pub const MAX_IN_FLIGHT: usize = 32;
+
+/// What the server needs besides the transforms.
+pub struct ServerSettings {
+    pub addr: SocketAddr,
+    /// The message sent on connect (openpi's `policy_metadata`).
+    pub metadata: Out,
+    /// Largest observation message accepted, in bytes.
+    pub max_message_bytes: usize,
+    /// How long a request waits for its actions.
+    pub request_timeout: Duration,
+    pub limits: Limits,
+}
+
+/// Env (see README.md): `CHECKPOINT`, `ROBOT`, `ASSETS`, `ASSET_ID`, `NORM_STATS`,
+/// `TOKENIZER`, `DISCRETE_STATE`, `DELTA_ACTIONS`, `ADAPT_TO_PI`, `DEFAULT_PROMPT`,
+/// `METADATA`, `HOST`, `PORT`, `MAX_MESSAGE_MB`, `REQUEST_TIMEOUT_S`.
+pub fn settings_from_env() -> Result<(Transforms, ServerSettings, Config)> {
+    let ckpt: PathBuf = node_common::env_path("CHECKPOINT")?;
+    let (cfg, _) = Config::from_json_file(&ckpt.join("config.json"))
+        .wrap_err_with(|| format!("env CHECKPOINT={}", ckpt.display()))?;
+    let robot: Robot = env_opt::<String>("ROBOT")?
+        .ok_or_else(|| eyre!("env ROBOT is required: libero, droid or aloha"))?
+        .parse()
+        .map_err(|e| eyre!("env ROBOT: {e}"))?;
+    let mut s = Settings::new(robot, &cfg);
+    s.norm_stats = match env_opt::<String>("NORM_STATS")?.as_deref() {
+        Some("none") => None,
+        Some(p) => Some(PathBuf::from(p)),
+        None => {
+            let assets: PathBuf = env_opt("ASSETS")?.unwrap_or_else(|| ckpt.join("assets"));
+            let id: String = env_or("ASSET_ID", robot.default_asset_id().to_string())?;
+            Some(norm_stats_path(&assets, &id))
+        }
+    };
+    if let Some(p) = &s.norm_stats {
+        if !p.is_file() {
+            bail!(
+                "norm stats {} not found: set ASSETS and ASSET_ID (assets/<asset_id>/norm_stats.json), NORM_STATS=<file>, or NORM_STATS=none to serve without normalisation",
+                p.display()
+            );
+        }
+    }
+    s.tokenizer = match env_opt::<PathBuf>("TOKENIZER")? {
+        Some(p) => Some(p),
+        None => Some(ckpt.join("tokenizer.json")).filter(|p| p.is_file()),
+    };
+    if s.tokenizer.is_none() {
+        eprintln!("openpi-server: no tokenizer (env TOKENIZER, or CHECKPOINT/tokenizer.json): only pre-tokenized prompts are accepted");
+    }
+    s.discrete_state = env_or("DISCRETE_STATE", s.discrete_state)?;
+    if let Some(m) = env_opt::<String>("DELTA_ACTIONS")? {
+        s.delta_mask = parse_delta_mask(&m).map_err(|e| eyre!("env DELTA_ACTIONS: {e}"))?;
+    }
+    s.adapt_to_pi = env_or("ADAPT_TO_PI", true)?;
+    s.default_prompt = env_opt("DEFAULT_PROMPT")?;
+    let metadata = match env_opt::<String>("METADATA")? {
+        Some(j) => {
+            let v: serde_json::Value =
+                serde_json::from_str(&j).map_err(|e| eyre!("env METADATA is not JSON: {e}"))?;
+            if !v.is_object() {
+                bail!("env METADATA must be a JSON object, e.g. {{\"reset_pose\": [0, 0]}}");
+            }
+            v
+        }
+        None => robot.default_metadata(),
+    };
+    let host: String = env_or("HOST", "0.0.0.0".to_string())?;
+    let port: u16 = env_or("PORT", 8000)?;
+    let addr: SocketAddr = format!("{host}:{port}")
+        .parse()
+        .map_err(|e| eyre!("env HOST={host:?} / PORT={port}: not an address: {e}"))?;
+    let mb: usize = env_or("MAX_MESSAGE_MB", 16)?;
+    if mb == 0 {
+        bail!("env MAX_MESSAGE_MB must be at least 1");
+    }
+    let timeout: f64 = env_or("REQUEST_TIMEOUT_S", 60.0)?;
+    if !(timeout.is_finite() && timeout > 0.0) {
+        bail!("env REQUEST_TIMEOUT_S must be a positive number of seconds");
+    }
+    let transforms = Transforms::new(s, &cfg).wrap_err("openpi transforms")?;
+    Ok((
+        transforms,
+        ServerSettings {
+            addr,
+            metadata: Out::from_json(&metadata),
+            max_message_bytes: mb << 20,
+            request_timeout: Duration::from_secs_f64(timeout),
+            limits: Limits::default(),
+        },
+        cfg,
+    ))
+}
+
+/// One observation on its way into the dataflow.
+#[derive(Debug, Clone)]
+pub struct Frame {
+    pub seq: u64,
+    pub input: operators::openpi::ModelInput,
+}
+
+/// The dataflow's answer to a frame.
+#[derive(Debug, Clone)]
+pub struct Reply {
+    /// [action_horizon, action_dim], normalised.
+    pub actions: Vec<f32>,
+    /// The policy's own time for the frame, when it reports one (`infer_ms` metadata).
+    pub policy_ms: Option<f64>,
+}
+
+/// The state the connections share: the transforms, the way into the dataflow and the
+/// requests waiting for their actions.
+pub struct Hub {
+    transforms: Transforms,
+    settings: ServerSettings,
+    metadata: Vec<u8>,
+    /// None once the dataflow stops (closing the channel ends the sending thread).
+    to_dataflow: Mutex<Option<mpsc::Sender<Frame>>>,
+    pending: Mutex<HashMap<u64, oneshot::Sender<Result<Reply, String>>>>,
+    next_seq: AtomicU64,
+    in_flight: tokio::sync::Semaphore,
+    warned_truncation: std::sync::atomic::AtomicBool,
+    served: AtomicU64,
+    failed: AtomicU64,
+}
+
+impl Hub {
+    pub fn new(
+        transforms: Transforms,
+        settings: ServerSettings,
+        to_dataflow: mpsc::Sender<Frame>,
+    ) -> Arc<Self> {
+        Arc::new(Hub {
+            metadata: settings.metadata.encode(),
+            transforms,
+            settings,
+            to_dataflow: Mutex::new(Some(to_dataflow)),
+            pending: Mutex::new(HashMap::new()),
+            next_seq: AtomicU64::new(0),
+            in_flight: tokio::sync::Semaphore::new(MAX_IN_FLIGHT),
+            warned_truncation: Default::default(),
+            served: AtomicU64::new(0),
+            failed: AtomicU64::new(0),
+        })
+    }
+
+    /// Hands the dataflow's answer for `seq` to the request waiting for it; false when none
+    /// waits (it timed out, or the frame was not ours).
+    pub fn complete(&self, seq: u64, reply: Result<Reply, String>) -> bool {
+        let waiter = self.pending.lock().ok().and_then(|mut p| p.remove(&seq));
+        match waiter {
+            Some(w) => w.send(reply).is_ok(),
+            None => false,
+        }
+    }
+
+    /// Stops taking requests: fails every waiting one and closes the way into the dataflow.
+    pub fn stop(&self, why: &str) {
+        if let Ok(mut tx) = self.to_dataflow.lock() {
+            tx.take();
+        }
+        self.fail_all(why);
+    }
+
+    /// Fails every waiting request.
+    fn fail_all(&self, why: &str) {
+        let waiters: Vec<_> = match self.pending.lock() {
+            Ok(mut p) => p.drain().collect(),
+            Err(_) => return,
+        };
+        for (_, w) in waiters {
+            let _ = w.send(Err(why.to_string()));
+        }
+    }
+
+    /// (served, failed) requests so far.
+    pub fn counts(&self) -> (u64, u64) {
+        (
+            self.served.load(Ordering::Relaxed),
+            self.failed.load(Ordering::Relaxed),
+        )
+    }
+
+    /// One request: observation bytes to response bytes, or the message of the error text
+    /// frame.
+    async fn serve(&self, bytes: &[u8], prev_total_ms: Option<f64>) -> Result<Vec<u8>, String> {
+        let start = Instant::now();
+        let (input, ctx) = {
+            let obs = decode(bytes, self.settings.limits).map_err(|e| e.to_string())?;
+            self.transforms
+                .inputs(&obs)
+                .map_err(|e| format!("bad observation: {e}"))?
+        };
+        if input.truncated_prompt && !self.warned_truncation.swap(true, Ordering::Relaxed) {
+            eprintln!(
+                "openpi-server: prompts longer than the model's max_token_len are truncated (as openpi does); this is reported once"
+            );
+        }
+        let _slot = self
+            .in_flight
+            .acquire()
+            .await
+            .map_err(|_| "the dataflow has stopped".to_string())?;
+        let (tx, rx) = oneshot::channel();
+        let sent = Instant::now();
+        let seq = {
+            // Frames enter the dataflow in the order of their seq (the nodes match a frame's
+            // state and prompt to its images by seq and drop older ones).
+            let to_dataflow = self
+                .to_dataflow
+                .lock()
+                .map_err(|_| "internal: dataflow channel poisoned".to_string())?;
+            let Some(to_dataflow) = to_dataflow.as_ref() else {
+                return Err("the dataflow has stopped".into());
+            };
+            let seq = self.next_seq.fetch_add(1, Ordering::Relaxed);
+            self.pending
+                .lock()
+                .map_err(|_| "internal: request table poisoned".to_string())?
+                .insert(seq, tx);
+            if to_dataflow.send(Frame { seq, input }).is_err() {
+                self.complete(seq, Err(String::new()));
+                return Err("the dataflow has stopped".into());
+            }
+            seq
+        };
+        let reply = match tokio::time::timeout(self.settings.request_timeout, rx).await {
+            Ok(Ok(Ok(r))) => r,
+            Ok(Ok(Err(e))) => return Err(e),
+            Ok(Err(_)) => return Err("the dataflow has stopped".into()),
+            Err(_) => {
+                self.complete(seq, Err(String::new()));
+                return Err(format!(
+                    "no actions for this observation (frame {seq}) within {:.0} s: the policy rejected or dropped it (see the dataflow's logs)",
+                    self.settings.request_timeout.as_secs_f64()
+                ));
+            }
+        };
+        let dataflow_ms = ms(sent.elapsed());
+        let actions = self
+            .transforms
+            .outputs(&reply.actions, &ctx)
+            .map_err(|e| format!("frame {seq}: {e}"))?;
+        let mut server = vec![("infer_ms".to_string(), Out::Float(ms(start.elapsed())))];
+        if let Some(p) = prev_total_ms {
+            server.push(("prev_total_ms".to_string(), Out::Float(p)));
+        }
+        server.push(("dataflow_ms".to_string(), Out::Float(dataflow_ms)));
+        let policy = vec![(
+            "infer_ms".to_string(),
+            Out::Float(reply.policy_ms.unwrap_or(dataflow_ms)),
+        )];
+        Ok(self
+            .transforms
+            .response(
+                &actions,
+                vec![
+                    ("policy_timing".to_string(), Out::Map(policy)),
+                    ("server_timing".to_string(), Out::Map(server)),
+                ],
+            )
+            .encode())
+    }
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}
+
+/// The HTTP side: `GET /healthz` answers `OK`, every other path upgrades to openpi's
+/// websocket protocol.
+pub fn app(hub: Arc<Hub>) -> Router {
+    Router::new()
+        .route("/healthz", get(|| async { "OK\n" }))
+        .fallback(upgrade)
+        .with_state(hub)
+}
+
+fn header_has(req: &Request, name: header::HeaderName, token: &str) -> bool {
+    req.headers().get_all(name).iter().any(|v| {
+        v.to_str()
+            .is_ok_and(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case(token)))
+    })
+}
+
+/// The websocket handshake (RFC 6455), done here rather than by a framework so that the
+/// connection keeps its raw stream (see [`fail`]).
+async fn upgrade(
+    State(hub): State<Arc<Hub>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    mut req: Request,
+) -> Response {
+    let key = req.headers().get(header::SEC_WEBSOCKET_KEY).cloned();
+    let valid = req.method() == Method::GET
+        && header_has(&req, header::CONNECTION, "upgrade")
+        && header_has(&req, header::UPGRADE, "websocket")
+        && req
+            .headers()
+            .get(header::SEC_WEBSOCKET_VERSION)
+            .is_some_and(|v| v == "13");
+    let Some(key) = key.filter(|_| valid) else {
+        return (
+            StatusCode::UPGRADE_REQUIRED,
+            [(header::UPGRADE, "websocket")],
+            "openpi policy server: connect with a websocket client (GET /healthz for health)\n",
+        )
+            .into_response();
+    };
+    let on_upgrade = hyper::upgrade::on(&mut req);
+    let max = hub.settings.max_message_bytes;
+    tokio::spawn(async move {
+        match on_upgrade.await {
+            Ok(upgraded) => {
+                let config = WebSocketConfig::default()
+                    .max_message_size(Some(max))
+                    .max_frame_size(Some(max));
+                let ws = WebSocketStream::from_raw_socket(
+                    TokioIo::new(upgraded),
+                    Role::Server,
+                    Some(config),
+                )
+                .await;
+                connection(ws, peer, hub).await;
+            }
+            Err(e) => eprintln!("openpi-server: {peer}: websocket upgrade failed: {e}"),
+        }
+    });
+    let mut resp = Response::new(axum::body::Body::empty());
+    *resp.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+    let h = resp.headers_mut();
+    h.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+    match HeaderValue::from_str(&derive_accept_key(key.as_bytes())) {
+        Ok(v) => {
+            h.insert(header::SEC_WEBSOCKET_ACCEPT, v);
+        }
+        Err(_) => return StatusCode::BAD_REQUEST.into_response(),
+    }
+    resp
+}
+
+type Socket = WebSocketStream<TokioIo<hyper::upgrade::Upgraded>>;
+
+/// One client: the metadata, then request after request until it leaves or one fails.
+async fn connection(mut ws: Socket, peer: SocketAddr, hub: Arc<Hub>) {
+    eprintln!("openpi-server: connection from {peer} opened");
+    if ws
+        .send(Message::Binary(hub.metadata.clone().into()))
+        .await
+        .is_err()
+    {
+        return;
+    }
+    let mut prev_total_ms = None;
+    loop {
+        let msg = match ws.next().await {
+            None | Some(Ok(Message::Close(_))) => break,
+            Some(Ok(m)) => m,
+            Some(Err(WsError::Capacity(e))) => {
+                let why = format!(
+                    "message too large: {e} (the limit is {} bytes, env MAX_MESSAGE_MB)",
+                    hub.settings.max_message_bytes
+                );
+                fail(ws, peer, &hub, why, true).await;
+                return;
+            }
+            // The connection broke (e.g. the client left without a closing handshake):
+            // nobody to answer.
+            Some(Err(e)) => {
+                eprintln!("openpi-server: connection from {peer} ended: {e}");
+                return;
+            }
+        };
+        let start = Instant::now();
+        let bytes = match msg {
+            Message::Binary(b) => b,
+            Message::Text(_) => {
+                let why = "expected a binary msgpack observation, got a text frame".to_string();
+                fail(ws, peer, &hub, why, false).await;
+                return;
+            }
+            // Pings are answered by the websocket layer.
+            _ => continue,
+        };
+        match hub.serve(&bytes, prev_total_ms).await {
+            Ok(resp) => {
+                if ws.send(Message::Binary(resp.into())).await.is_err() {
+                    break;
+                }
+                hub.served.fetch_add(1, Ordering::Relaxed);
+                prev_total_ms = Some(ms(start.elapsed()));
+            }
+            Err(why) => {
+                fail(ws, peer, &hub, why, false).await;
+                return;
+            }
+        }
+    }
+    eprintln!("openpi-server: connection from {peer} closed");
+}
+
+/// openpi's failure answer: the error as a text frame, then close code 1011. Then reads what
+/// the client still sends (its close reply; after an oversized message, the unread rest of
+/// it, straight off the socket) until it closes or for 2 s: closing with unread bytes would
+/// reset the connection, and the client could lose the error text and close code.
+async fn fail(mut ws: Socket, peer: SocketAddr, hub: &Hub, why: String, raw_drain: bool) {
+    hub.failed.fetch_add(1, Ordering::Relaxed);
+    eprintln!("openpi-server: {peer}: {why}; closing with {CLOSE_INTERNAL_ERROR}");
+    let _ = ws
+        .send(Message::Text(format!("turbo-pi: {why}").into()))
+        .await;
+    let _ = ws
+        .send(Message::Close(Some(CloseFrame {
+            code: CloseCode::from(CLOSE_INTERNAL_ERROR),
+            reason: "Internal server error. Error text included in previous frame.".into(),
+        })))
+        .await;
+    let _ = tokio::time::timeout(Duration::from_secs(2), async {
+        if raw_drain {
+            let mut buf = vec![0u8; 64 << 10];
+            while let Ok(n) = ws.get_mut().read(&mut buf).await {
+                if n == 0 {
+                    break;
+                }
+            }
+        } else {
+            while let Some(Ok(m)) = ws.next().await {
+                if m.is_close() {
+                    break;
+                }
+            }
+        }
+    })
+    .await;
+}
+
+/// Sends every frame of `rx` into the dataflow (state and tokens first, then the images that
+/// trigger the policy); a frame that cannot be sent fails its request.
+fn forward_frames(mut node: DoraNode, rx: mpsc::Receiver<Frame>, hub: Arc<Hub>, cfg: Config) {
+    let (images, state, tokens): (DataId, DataId, DataId) = (
+        "images".to_string().into(),
+        "state".to_string().into(),
+        node_common::prompt::TOKENS.to_string().into(),
+    );
+    let s = cfg.image_size;
+    for frame in rx {
+        let meta = FrameMeta {
+            seq: frame.seq,
+            t_capture_ns: now_ns(),
+            trace: None,
+        };
+        let inp = frame.input;
+        let result = (|| -> Result<()> {
+            node.send_output(
+                state.clone(),
+                meta.tensor_params(&[inp.state.len()], "float32"),
+                inp.state,
+            )
+            .map_err(|e| eyre!("sending state: {e}"))?;
+            node.send_output(
+                tokens.clone(),
+                tokens_params(&meta, &inp.token_mask),
+                inp.tokens,
+            )
+            .map_err(|e| eyre!("sending tokens: {e}"))?;
+            let mut md = meta.tensor_params(&[inp.image_masks.len(), s, s, 3], "uint8");
+            md.insert("image_masks".into(), masks_param(&inp.image_masks));
+            node.send_output(images.clone(), md, inp.images)
+                .map_err(|e| eyre!("sending images: {e}"))
+        })();
+        if let Err(e) = result {
+            hub.complete(frame.seq, Err(format!("{e:#}")));
+        }
+    }
+}
+
+/// The dataflow's `actions` message to the waiting request.
+fn on_actions(
+    hub: &Hub,
+    cfg: &Config,
+    md: &dora_node_api::MetadataParameters,
+    data: &dora_node_api::DoraArray,
+) -> Result<()> {
+    let meta = FrameMeta::from_metadata("actions", md)?;
+    let (_, a) = expect_tensor::<f32>(
+        "actions",
+        md,
+        data,
+        "float32",
+        &[Dim::Is(cfg.action_horizon), Dim::Is(cfg.action_dim)],
+    )?;
+    let policy_ms = match md.get("infer_ms") {
+        Some(Parameter::Float(v)) => Some(*v),
+        _ => None,
+    };
+    if !hub.complete(
+        meta.seq,
+        Ok(Reply {
+            actions: a.to_vec(),
+            policy_ms,
+        }),
+    ) {
+        eprintln!(
+            "openpi-server: actions of frame {} arrived with no request waiting (timed out)",
+            meta.seq
+        );
+    }
+    Ok(())
+}
+
+pub fn run(node: DoraNode, events: EventStream) -> Result<()> {
+    let (transforms, settings, cfg) = settings_from_env()?;
+    run_with(transforms, settings, cfg, node, events)
+}
+
+/// Serves until the dataflow stops.
+pub fn run_with(
+    transforms: Transforms,
+    settings: ServerSettings,
+    cfg: Config,
+    node: DoraNode,
+    mut events: EventStream,
+) -> Result<()> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .wrap_err("starting the server's runtime")?;
+    let addr = settings.addr;
+    let listener = rt
+        .block_on(tokio::net::TcpListener::bind(addr))
+        .wrap_err_with(|| format!("cannot listen on {addr}"))?;
+    let robot = transforms.settings().robot.name();
+    let (tx, rx) = mpsc::channel();
+    let hub = Hub::new(transforms, settings, tx);
+    let (stop_tx, stop_rx) = oneshot::channel::<()>();
+    let server = axum::serve(
+        listener,
+        app(hub.clone()).into_make_service_with_connect_info::<SocketAddr>(),
+    )
+    .with_graceful_shutdown(async {
+        let _ = stop_rx.await;
+    });
+    let server = rt.spawn(async move { server.await });
+    eprintln!(
+        "openpi-server: serving {robot} observations on ws://{addr} (GET /healthz), {} model",
+        if cfg.pi05 { "pi0.5" } else { "pi0" }
+    );
+    let forwarder = {
+        let (hub, cfg) = (hub.clone(), cfg.clone());
+        std::thread::spawn(move || forward_frames(node, rx, hub, cfg))
+    };
+    while let Some(event) = events.recv() {
+        match event {
+            Event::Input { id, metadata, data } if id.as_str() == "actions" => {
+                if let Err(e) = on_actions(&hub, &cfg, &metadata.parameters, &data) {
+                    node_common::report_rejected("openpi-server", &e);
+                }
+            }
+            Event::Stop(_) => break,
+            _ => {}
+        }
+    }
+    hub.stop("the dataflow is stopping");
+    let _ = stop_tx.send(());
+    let (served, failed) = hub.counts();
+    drop(hub);
+    // Open websocket connections end with the runtime.
+    rt.block_on(async {
+        let _ = tokio::time::timeout(Duration::from_secs(2), server).await;
+    });
+    rt.shutdown_timeout(Duration::from_secs(1));
+    if forwarder.join().is_err() {
+        eprintln!("openpi-server: the dataflow sender panicked");
+    }
+    eprintln!("openpi-server: {served} requests served, {failed} failed");
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use operators::openpi::msgpack::Value;
+    use operators::openpi::tokenizer::tiny_tokenizer_json;
+    use tokio::io::AsyncWriteExt;
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+
+    const STATS: &str = r#"{"norm_stats": {
+        "state": {"mean": [0, 0, 0, 0, 0, 0, 0, 0], "std": [1, 1, 1, 1, 1, 1, 1, 1],
+                  "q01": [-1, -1, -1, -1, -1, -1, -1, -1], "q99": [1, 1, 1, 1, 1, 1, 1, 1]},
+        "actions": {"mean": [0, 0, 0, 0, 0, 0, 0, 0], "std": [1, 1, 1, 1, 1, 1, 1, 1],
+                    "q01": [-2, -2, -2, -2, -2, -2, -2, -2], "q99": [2, 2, 2, 2, 2, 2, 2, 2]}}}"#;
+
+    fn image(h: usize, w: usize) -> Out {
+        Out::NdArray {
+            dtype: "|u1",
+            shape: vec![h, w, 3],
+            data: (0..h * w * 3).map(|i| (i % 251) as u8).collect(),
+        }
+    }
+
+    fn observation(prompt: Option<&str>) -> Vec<u8> {
+        let mut m = vec![
+            ("observation/image".to_string(), image(224, 224)),
+            ("observation/wrist_image".to_string(), image(224, 224)),
+            (
+                "observation/state".to_string(),
+                Out::f64_array(vec![8], &[0.1; 8]),
+            ),
+        ];
+        if let Some(p) = prompt {
+            m.push(("prompt".to_string(), Out::Str(p.into())));
+        }
+        Out::Map(m).encode()
+    }
+
+    /// A server on a free local port whose "dataflow" answers frame `seq` with model actions
+    /// all equal to `seq / 100`; returns the port, the transforms' twin and the temp dir.
+    async fn server() -> (u16, Transforms, tempfile::TempDir) {
+        let dir = tempfile::tempdir().unwrap();
+        let stats = dir.path().join("norm_stats.json");
+        std::fs::write(&stats, STATS).unwrap();
+        let tok = dir.path().join("tokenizer.json");
+        std::fs::write(&tok, tiny_tokenizer_json()).unwrap();
+        let cfg = Config::pi05_small();
+        let transforms = || {
+            let mut s = Settings::new(Robot::Libero, &cfg);
+            s.norm_stats = Some(stats.clone());
+            s.tokenizer = Some(tok.clone());
+            Transforms::new(s, &cfg).unwrap()
+        };
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let (tx, rx) = mpsc::channel::<Frame>();
+        let hub = Hub::new(
+            transforms(),
+            ServerSettings {
+                addr: listener.local_addr().unwrap(),
+                metadata: Out::Map(vec![("robot".into(), Out::Str("libero".into()))]),
+                max_message_bytes: 1 << 20,
+                request_timeout: Duration::from_secs(20),
+                limits: Limits::default(),
+            },
+            tx,
+        );
+        let h = hub.clone();
+        let n = cfg.action_horizon * cfg.action_dim;
+        std::thread::spawn(move || {
+            for f in rx {
+                assert_eq!(f.input.images.len(), 3 * 32 * 32 * 3);
+                let reply = Reply {
+                    actions: vec![f.seq as f32 / 100.0; n],
+                    policy_ms: Some(1.5),
+                };
+                h.complete(f.seq, Ok(reply));
+            }
+        });
+        tokio::spawn(async move {
+            axum::serve(
+                listener,
+                app(hub).into_make_service_with_connect_info::<SocketAddr>(),
+            )
+            .await
+        });
+        (port, transforms(), dir)
+    }
+
+    type Client = WebSocketStream<tokio::net::TcpStream>;
+
+    async fn connect(port: u16) -> Client {
+        let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .unwrap();
+        let req = format!("ws://127.0.0.1:{port}/")
+            .into_client_request()
+            .unwrap();
+        let (mut ws, _) = tokio_tungstenite::client_async(req, tcp).await.unwrap();
+        let Some(Ok(Message::Binary(meta))) = ws.next().await else {
+            panic!("no metadata message")
+        };
+        let meta = decode(&meta, Limits::default()).unwrap();
+        assert_eq!(meta.get("robot"), Some(&Value::Str("libero")));
+        ws
+    }
+
+    /// The error text, then close code 1011.
+    async fn expect_failure(ws: &mut Client, want: &str) {
+        match ws.next().await {
+            Some(Ok(Message::Text(t))) => assert!(t.contains(want), "{t}"),
+            other => panic!("expected an error text containing {want:?}, got {other:?}"),
+        }
+        match ws.next().await {
+            Some(Ok(Message::Close(Some(c)))) => assert_eq!(u16::from(c.code), 1011),
+            other => panic!("expected close 1011, got {other:?}"),
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn serves_actions_and_answers_bad_requests_with_1011() {
+        let (port, twin, _dir) = server().await;
+        let mut ws = connect(port).await;
+        for seq in 0..2u64 {
+            let obs = observation(Some("pick up the cup"));
+            ws.send(Message::Binary(obs.clone().into())).await.unwrap();
+            let Some(Ok(Message::Binary(resp))) = ws.next().await else {
+                panic!("no response")
+            };
+            let v = decode(&resp, Limits::default()).unwrap();
+            let a = operators::openpi::ndarray::NdArray::from_value(v.get("actions").unwrap(), "a")
+                .unwrap()
+                .unwrap();
+            assert_eq!((a.dtype_str, a.shape.clone()), ("<f8", vec![10, 7]));
+            // The same frame through the transforms directly.
+            let (_, ctx) = twin
+                .inputs(&decode(&obs, Limits::default()).unwrap())
+                .unwrap();
+            let want = twin.outputs(&vec![seq as f32 / 100.0; 80], &ctx).unwrap();
+            assert_eq!(a.to_f64("a").unwrap(), want);
+            let policy = v.get("policy_timing").and_then(|t| t.get("infer_ms"));
+            assert_eq!(policy, Some(&Value::Float(1.5)));
+            let server = v.get("server_timing").unwrap();
+            assert!(matches!(server.get("infer_ms"), Some(Value::Float(ms)) if *ms >= 0.0));
+            assert_eq!(server.get("prev_total_ms").is_some(), seq > 0);
+        }
+        // A concurrent client is served while this one fails.
+        let mut other = connect(port).await;
+        ws.send(Message::Binary(observation(None).into()))
+            .await
+            .unwrap();
+        expect_failure(&mut ws, "missing key `prompt`").await;
+        other
+            .send(Message::Binary(observation(Some("go")).into()))
+            .await
+            .unwrap();
+        assert!(matches!(other.next().await, Some(Ok(Message::Binary(_)))));
+
+        let mut ws = connect(port).await;
+        ws.send(Message::Binary(vec![0xc1, 0x00].into()))
+            .await
+            .unwrap();
+        expect_failure(&mut ws, "malformed msgpack at byte 0").await;
+
+        let mut ws = connect(port).await;
+        ws.send(Message::Text("hello".into())).await.unwrap();
+        expect_failure(&mut ws, "expected a binary msgpack observation").await;
+
+        let mut ws = connect(port).await;
+        ws.send(Message::Binary(vec![7u8; 3 << 20].into()))
+            .await
+            .unwrap();
+        expect_failure(&mut ws, "message too large").await;
+
+        // Still serving.
+        let mut ws = connect(port).await;
+        ws.send(Message::Binary(observation(Some("go")).into()))
+            .await
+            .unwrap();
+        assert!(matches!(ws.next().await, Some(Ok(Message::Binary(_)))));
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn healthz_and_plain_http() {
+        let (port, _, _dir) = server().await;
+        let get = |path: &'static str| async move {
+            let mut tcp = tokio::net::TcpStream::connect(("127.0.0.1", port))
+                .await
+                .unwrap();
+            tcp.write_all(
+                format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes(),
+            )
+            .await
+            .unwrap();
+            let mut out = String::new();
+            tcp.read_to_string(&mut out).await.unwrap();
+            out
+        };
+        let health = get("/healthz").await;
+        assert!(
+            health.starts_with("HTTP/1.1 200") && health.ends_with("OK\n"),
+            "{health}"
+        );
+        let plain = get("/").await;
+        assert!(plain.starts_with("HTTP/1.1 426"), "{plain}");
+    }
+}

@@ -1,0 +1,248 @@
+//! openpi's `PaligemmaTokenizer` over a Hugging Face `tokenizer.json` (PaliGemma's SentencePiece
+//! model in the `tokenizers` format): the prompt cleaned (`strip`, `_` and newlines to spaces),
+//! encoded with a leading `<bos>`; pi0 appends the encoding of "\n" (the start of the answer),
+//! pi0.5 with discrete state encodes `Task: {prompt}, State: {bins};\nAction: ` instead, the
+//! normalised state digitised into 256 bins over [-1, 1]. Tokens are right-padded with id 0
+//! (mask false) or truncated to `max_len`.
+
+use std::path::Path;
+
+use crate::{Error, Result};
+
+/// A prompt tokenizer loaded from a `tokenizer.json`.
+pub struct PromptTokenizer {
+    inner: tokenizers::Tokenizer,
+    bos: u32,
+}
+
+/// A tokenized prompt of exactly `max_len` entries.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Tokens {
+    pub ids: Vec<i32>,
+    pub mask: Vec<bool>,
+    /// The prompt had more than `max_len` tokens and was cut (openpi logs a warning).
+    pub truncated: bool,
+}
+
+impl PromptTokenizer {
+    /// Loads `tokenizer.json`; it must define PaliGemma's `<bos>` token.
+    pub fn from_file(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        Self::from_json(&text).map_err(|reason| Error::Config {
+            path: path.to_path_buf(),
+            reason,
+        })
+    }
+
+    /// A tokenizer from the text of a `tokenizer.json`.
+    pub fn from_json(text: &str) -> std::result::Result<Self, String> {
+        let inner: tokenizers::Tokenizer = text
+            .parse()
+            .map_err(|e| format!("not a Hugging Face tokenizer.json: {e}"))?;
+        let bos = inner
+            .token_to_id("<bos>")
+            .ok_or("the tokenizer has no `<bos>` token (PaliGemma's tokenizer has it as id 2)")?;
+        Ok(PromptTokenizer { inner, bos })
+    }
+
+    /// Token ids of `text` without special tokens (SentencePiece's `encode`).
+    pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
+        self.inner
+            .encode(text, false)
+            .map(|e| e.get_ids().to_vec())
+            .map_err(|e| Error::Input(format!("cannot tokenize the prompt: {e}")))
+    }
+
+    /// openpi's `PaligemmaTokenizer.tokenize(prompt, state)`: `state` (normalised, unpadded)
+    /// selects pi0.5's discrete-state format.
+    pub fn tokenize(&self, prompt: &str, state: Option<&[f64]>, max_len: usize) -> Result<Tokens> {
+        let cleaned = clean_prompt(prompt);
+        let mut ids = vec![self.bos];
+        match state {
+            Some(s) => ids.extend(self.encode(&discrete_state_prompt(&cleaned, s))?),
+            None => {
+                ids.extend(self.encode(&cleaned)?);
+                ids.extend(self.encode("\n")?);
+            }
+        }
+        let ids: Vec<i32> = ids
+            .into_iter()
+            .map(|id| {
+                i32::try_from(id)
+                    .map_err(|_| Error::Input(format!("token id {id} does not fit in int32")))
+            })
+            .collect::<Result<_>>()?;
+        Ok(pad_tokens(ids, None, max_len))
+    }
+}
+
+/// Right-pads (id 0, mask false) or truncates token ids to `max_len`; `mask` defaults to all
+/// true.
+pub fn pad_tokens(mut ids: Vec<i32>, mask: Option<Vec<bool>>, max_len: usize) -> Tokens {
+    let mut mask = mask.unwrap_or_else(|| vec![true; ids.len()]);
+    let truncated = ids.len() > max_len;
+    ids.resize(max_len, 0);
+    mask.resize(max_len, false);
+    Tokens {
+        ids,
+        mask,
+        truncated,
+    }
+}
+
+/// Python's `str.isspace` (Rust's whitespace plus the ASCII separators 0x1c-0x1f).
+fn py_space(c: char) -> bool {
+    c.is_whitespace() || ('\u{1c}'..='\u{1f}').contains(&c)
+}
+
+/// `prompt.strip().replace("_", " ").replace("\n", " ")`.
+pub fn clean_prompt(prompt: &str) -> String {
+    prompt.trim_matches(py_space).replace(['_', '\n'], " ")
+}
+
+/// `np.digitize(state, bins=np.linspace(-1, 1, 257)[:-1]) - 1`: bin i covers
+/// [-1 + i/128, -1 + (i+1)/128); below -1 gives -1, 1 and above give 255 (NaN gives 255).
+pub fn discretize_state(state: &[f64]) -> Vec<i64> {
+    state
+        .iter()
+        .map(|&x| {
+            if x.is_nan() {
+                return 255;
+            }
+            // The bin edges -1 + i/128 are exact in f64: count those <= x.
+            (0..256i64)
+                .take_while(|&i| -1.0 + i as f64 / 128.0 <= x)
+                .count() as i64
+                - 1
+        })
+        .collect()
+}
+
+/// pi0.5's prompt with the state as text.
+pub fn discrete_state_prompt(cleaned: &str, state: &[f64]) -> String {
+    let bins: Vec<String> = discretize_state(state)
+        .iter()
+        .map(|b| b.to_string())
+        .collect();
+    format!("Task: {cleaned}, State: {};\nAction: ", bins.join(" "))
+}
+
+/// A SentencePiece-style BPE `tokenizer.json` small enough for the small presets' 256-id
+/// vocabulary (random-weight checkpoints in tests and demos): PaliGemma's special tokens,
+/// `▁` for spaces, letters, digits, punctuation and a few merges.
+pub fn tiny_tokenizer_json() -> String {
+    let mut vocab: Vec<String> = ["<pad>", "<eos>", "<bos>", "<unk>", "\n", "▁"]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    vocab.extend(('a'..='z').map(String::from));
+    vocab.extend(('A'..='Z').map(String::from));
+    vocab.extend(('0'..='9').map(String::from));
+    vocab.extend([":", ",", ";", "-", "."].iter().map(|s| s.to_string()));
+    let merges = [
+        ("▁", "t"),
+        ("▁t", "h"),
+        ("▁th", "e"),
+        ("a", "s"),
+        ("k", ":"),
+    ];
+    for (a, b) in merges {
+        vocab.push(format!("{a}{b}"));
+    }
+    let vocab: serde_json::Map<String, serde_json::Value> = vocab
+        .into_iter()
+        .enumerate()
+        .map(|(i, t)| (t, serde_json::Value::from(i)))
+        .collect();
+    serde_json::json!({
+        "version": "1.0",
+        "truncation": null,
+        "padding": null,
+        "added_tokens": [],
+        "normalizer": {"type": "Replace", "pattern": {"String": " "}, "content": "▁"},
+        "pre_tokenizer": null,
+        "post_processor": null,
+        "decoder": null,
+        "model": {
+            "type": "BPE",
+            "dropout": null,
+            "unk_token": "<unk>",
+            "continuing_subword_prefix": null,
+            "end_of_word_suffix": null,
+            "fuse_unk": true,
+            "byte_fallback": false,
+            "ignore_merges": false,
+            "vocab": vocab,
+            "merges": merges.iter().map(|(a, b)| format!("{a} {b}")).collect::<Vec<_>>(),
+        }
+    })
+    .to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pi0_prompt_is_bos_text_newline() {
+        let t = PromptTokenizer::from_json(&tiny_tokenizer_json()).unwrap();
+        let toks = t.tokenize("  pick_the cup\n", None, 12).unwrap();
+        // "pick the cup" -> p i c k ▁the ▁ c u p, then "\n".
+        let id = |s: &str| t.inner.token_to_id(s).unwrap() as i32;
+        let want = vec![
+            2,
+            id("p"),
+            id("i"),
+            id("c"),
+            id("k"),
+            id("▁the"),
+            id("▁"),
+            id("c"),
+            id("u"),
+            id("p"),
+            id("\n"),
+            0,
+        ];
+        assert_eq!(toks.ids, want);
+        assert_eq!(toks.mask.iter().filter(|&&m| m).count(), 11);
+        assert!(!toks.truncated);
+        let short = t.tokenize("pick the cup", None, 4).unwrap();
+        assert_eq!(short.ids, want[..4]);
+        assert!(short.truncated && short.mask.iter().all(|&m| m));
+    }
+
+    #[test]
+    fn pi05_discrete_state_prompt() {
+        assert_eq!(
+            discretize_state(&[-1.5, -1.0, -0.995, 0.0, 0.999, 1.0, 7.0]),
+            vec![-1, 0, 0, 128, 255, 255, 255]
+        );
+        // Bin edges: -1 + 1/128 opens bin 1.
+        assert_eq!(
+            discretize_state(&[-1.0 + 1.0 / 128.0, -1.0 + 0.99 / 128.0]),
+            vec![1, 0]
+        );
+        assert_eq!(
+            discrete_state_prompt("open it", &[0.0, -2.0]),
+            "Task: open it, State: 128 -1;\nAction: "
+        );
+        let t = PromptTokenizer::from_json(&tiny_tokenizer_json()).unwrap();
+        let toks = t.tokenize("go", Some(&[0.5]), 64).unwrap();
+        let text = "Task: go, State: 192;\nAction: ";
+        let mut want = vec![2i32];
+        want.extend(t.encode(text).unwrap().iter().map(|&i| i as i32));
+        let n = want.len();
+        assert_eq!(&toks.ids[..n], &want[..]);
+        assert!(toks.ids[n..].iter().all(|&i| i == 0));
+        assert_eq!(toks.mask.iter().filter(|&&m| m).count(), n);
+    }
+
+    #[test]
+    fn rejects_a_tokenizer_without_bos() {
+        let json = tiny_tokenizer_json().replace("<bos>", "<start>");
+        let e = PromptTokenizer::from_json(&json).err().unwrap();
+        assert!(e.contains("<bos>"), "{e}");
+        assert!(PromptTokenizer::from_json("{}").is_err());
+        assert_eq!(clean_prompt("\u{1f} a_b\nc \t"), "a b c");
+    }
+}

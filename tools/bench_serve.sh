@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# Latency the openpi server adds over the policy: serves a small random model with
+# graphs/serve.yml (or the graph given) and drives it with openpi-client's
+# WebsocketClientPolicy (tools/openpi/bench.py): client round trip, the policy's own time
+# (`policy_timing.infer_ms`), their difference, and the time through the dataflow, p50/p90/p99.
+#
+#   tools/bench_serve.sh [GRAPH=graphs/serve.yml] [REQUESTS=300] [PRESET=pi05-small]
+#
+# Writes the checkpoint (with a small tokenizer and LIBERO norm stats) to
+# target/serve/checkpoint, installs openpi-client 0.1.2 into target/python/openpi-client when
+# missing, and needs the dora CLI and a release build (`cargo build --release --workspace`).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+graph=${1:-graphs/serve.yml}
+requests=${2:-300}
+preset=${3:-pi05-small}
+[ -f "$graph" ] || { echo "bench_serve: no graph file $graph" >&2; exit 2; }
+[[ "$requests" =~ ^[0-9]+$ ]] || { echo "bench_serve: \"$requests\" is not a number" >&2; exit 2; }
+ck=target/serve/checkpoint
+rm -rf "$ck"
+./target/release/turbopi checkpoint random --preset "$preset" --out "$ck" >/dev/null
+python3 tools/openpi/fixtures.py "$ck" >/dev/null
+openpi_client=target/python/openpi-client
+if ! PYTHONPATH=$openpi_client python3 -c "import openpi_client.websocket_client_policy" 2>/dev/null; then
+  python3 -m pip install --quiet --target "$openpi_client" openpi-client==0.1.2 typing_extensions
+fi
+port=$(python3 -c "import socket; s=socket.socket(); s.bind(('127.0.0.1', 0)); print(s.getsockname()[1])")
+work=$(mktemp -d)
+TURBOPI_CHECKPOINT=$PWD/$ck TURBOPI_ROBOT=libero TURBOPI_HOST=127.0.0.1 TURBOPI_PORT=$port \
+    dora run "$graph" >"$work/dora.log" 2>&1 &
+dora_pid=$!
+trap 'kill -INT $dora_pid 2>/dev/null; wait $dora_pid 2>/dev/null; rm -rf "$work"' EXIT
+for _ in $(seq 120); do
+  curl -sf "http://127.0.0.1:$port/healthz" >/dev/null && break
+  kill -0 $dora_pid 2>/dev/null || { echo "bench_serve: dora run exited:" >&2; tail -n 30 "$work/dora.log" >&2; exit 1; }
+  sleep 1
+done
+echo "bench_serve: $graph, $preset ($(nproc) CPU cores), port $port"
+PYTHONPATH=$openpi_client python3 tools/openpi/bench.py --port "$port" --requests "$requests"
