@@ -435,3 +435,83 @@ fn bad_inputs_are_named() {
     let err = fails(&["trace", "report", s(&good), "--chrome", s(&nowhere)]);
     assert!(err.contains("no-dir/out.json"), "{err}");
 }
+
+/// `turbopi bench` and `turbopi infer` with `--trace-file`: one trace per frame, vision ->
+/// prefix -> denoise chained, attributed to node `turbopi` and the backend; and the report
+/// reads what they wrote.
+#[test]
+fn bench_and_infer_write_chained_stage_spans() {
+    let dir = tempfile::tempdir().unwrap();
+    let ck = dir.path().join("ck");
+    succeeds(&[
+        "checkpoint",
+        "random",
+        "--preset",
+        "pi05-small",
+        "--out",
+        s(&ck),
+    ]);
+    let bench = dir.path().join("bench.jsonl");
+    let args = [
+        "bench",
+        "--backend",
+        "cpu",
+        "--preset",
+        "pi05-small",
+        "--steps",
+        "2",
+    ];
+    let args = [
+        &args[..],
+        &["--iters", "3", "--warmup", "1", "--trace-file", s(&bench)],
+    ]
+    .concat();
+    succeeds(&args);
+    let infer = dir.path().join("infer.jsonl");
+    let obs = ck.join("observation");
+    let out = dir.path().join("a.npy");
+    succeeds(&[
+        "infer",
+        "--checkpoint",
+        s(&ck),
+        "--observation",
+        s(&obs),
+        "--steps",
+        "2",
+        "--out",
+        s(&out),
+        "--trace-file",
+        s(&infer),
+    ]);
+    for (file, frames) in [(&bench, 3usize), (&infer, 1)] {
+        let recs: Vec<Value> = std::fs::read_to_string(file)
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        assert_eq!(recs.len(), 3 * frames, "{}", file.display());
+        let mut traces: Vec<&str> = recs
+            .iter()
+            .map(|r| r["trace_id"].as_str().unwrap())
+            .collect();
+        traces.sort();
+        traces.dedup();
+        assert_eq!(traces.len(), frames, "one trace per frame");
+        for t in traces {
+            let of = |name: &str| {
+                recs.iter()
+                    .find(|r| r["trace_id"] == t && r["name"] == name)
+                    .unwrap_or_else(|| panic!("no {name} span in trace {t}"))
+            };
+            let (v, p, d) = (of("vision"), of("prefix"), of("denoise"));
+            assert!(v.get("parent_span_id").is_none());
+            assert_eq!(p["parent_span_id"], v["span_id"]);
+            assert_eq!(d["parent_span_id"], p["span_id"]);
+            assert_eq!(d["node"], "turbopi");
+            assert_eq!(d["backend"], "cpu f32");
+            assert!(v["end_unix_ns"].as_u64() <= p["start_unix_ns"].as_u64());
+        }
+        let report = succeeds(&["trace", "report", s(file)]);
+        assert!(report.contains(&format!("{frames} frames")), "{report}");
+    }
+}
