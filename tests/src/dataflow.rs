@@ -23,6 +23,22 @@ pub fn bin(name: &str) -> PathBuf {
     p
 }
 
+/// Checks that the node binaries of `demo.yml` and `fused.yml` are built.
+pub fn require_graph_nodes() {
+    for b in [
+        "camera",
+        "decode",
+        "vision",
+        "prefix",
+        "denoise",
+        "postprocess",
+        "policy",
+        "action-sink",
+    ] {
+        bin(b);
+    }
+}
+
 /// The dora CLI (`DORA` overrides the one on the PATH); panics when there is none.
 pub fn dora() -> Command {
     let dora = std::env::var("DORA").unwrap_or_else(|_| "dora".into());

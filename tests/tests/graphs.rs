@@ -10,7 +10,8 @@ use std::process::Command;
 
 use operators::npy;
 use tests::dataflow::{
-    bin, dora, graph_env, ok, read_actions, root, setup, summary, Setup, FRAMES, SIZE,
+    bin, dora, graph_env, ok, read_actions, require_graph_nodes, root, setup, summary, Setup,
+    FRAMES, SIZE,
 };
 
 const RUN_FRAMES: u64 = 6;
@@ -63,18 +64,7 @@ fn dataflows_with_the_dora_cli() {
 }
 
 fn demo_and_fused_equal_turbopi_infer_bit_for_bit() {
-    for b in [
-        "camera",
-        "decode",
-        "vision",
-        "prefix",
-        "denoise",
-        "postprocess",
-        "policy",
-        "action-sink",
-    ] {
-        bin(b);
-    }
+    require_graph_nodes();
     let s = setup();
     let mut results = Vec::new();
     for graph in ["demo.yml", "fused.yml"] {

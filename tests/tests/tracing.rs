@@ -13,7 +13,9 @@ use std::time::Duration;
 use node_common::trace::{
     TraceConfig, Tracer, ATTR_BACKEND, ATTR_CPU_MS, ATTR_GPU_MS, ATTR_NODE, ATTR_SEQ, STAGES,
 };
-use tests::dataflow::{bin, dora, graph_env, ok, read_actions, root, setup, summary, Setup};
+use tests::dataflow::{
+    dora, graph_env, ok, read_actions, require_graph_nodes, root, setup, summary, Setup,
+};
 use tests::otlp::{listing, Receiver, Span};
 
 /// (trace id, span id) of a traceparent `00-<trace>-<span>-<flags>`.
@@ -317,18 +319,7 @@ fn graph_traces_one_chain_per_frame(s: &Setup, graph: &str) {
 /// One test, so the dora runs never overlap.
 #[test]
 fn dataflows_trace_one_parented_chain_per_frame() {
-    for b in [
-        "camera",
-        "decode",
-        "vision",
-        "prefix",
-        "denoise",
-        "postprocess",
-        "policy",
-        "action-sink",
-    ] {
-        bin(b);
-    }
+    require_graph_nodes();
     let s = setup();
     for graph in ["demo.yml", "fused.yml"] {
         graph_traces_one_chain_per_frame(&s, graph);

@@ -4,12 +4,32 @@
 //! nodes use the fixed prompt of env `PROMPT`.
 
 use dora_node_api::{DoraArray, MetadataParameters, Parameter};
-use eyre::{bail, eyre, Result};
+use eyre::{bail, eyre, Result, WrapErr};
 
 use crate::{expect_tensor, list_param, Dim, FrameMeta};
 
 /// The `tokens` input id.
 pub const TOKENS: &str = "tokens";
+
+/// The node's fixed prompt (env `PROMPT`: a folder with tokens.npy and token_mask.npy) and
+/// whether its `tokens` input is wired; `PROMPT` may be left out (empty prompt) only then.
+pub fn prompt_from_env(
+    node: &dora_node_api::DoraNode,
+    cfg: &operators::Config,
+) -> Result<(Vec<i32>, Vec<bool>, bool)> {
+    let per_frame = node
+        .node_config()
+        .inputs
+        .keys()
+        .any(|k| k.as_str() == TOKENS);
+    let (tokens, mask) = match crate::env_opt::<std::path::PathBuf>("PROMPT")? {
+        Some(dir) => operators::observation::load_prompt(&dir, cfg)
+            .wrap_err_with(|| format!("env PROMPT={}", dir.display()))?,
+        None if per_frame => (vec![], vec![]),
+        None => bail!("env PROMPT is required (or wire the `tokens` input)"),
+    };
+    Ok((tokens, mask, per_frame))
+}
 
 /// Metadata of a `tokens` message of frame `meta` (pair with the ids as Int32 values).
 pub fn tokens_params(meta: &FrameMeta, mask: &[bool]) -> MetadataParameters {

@@ -2,15 +2,15 @@
 //! messages between stages), on the backend named by `BACKEND`.
 
 use dora_node_api::{DoraNode, Event, EventStream};
-use eyre::{bail, eyre, Result, WrapErr};
-use node_common::prompt::{PromptBuffer, TOKENS};
+use eyre::{bail, eyre, Result};
+use node_common::prompt::{prompt_from_env, PromptBuffer, TOKENS};
 use node_common::trace::Tracer;
 use node_common::{
-    backend_from_env, checkpoint_from_env, env_opt, env_or, model_images, report_rejected,
-    FrameMeta, SeqGaps, StateBuffer,
+    backend_from_env, checkpoint_from_env, env_or, model_images, report_rejected, FrameMeta,
+    SeqGaps, StateBuffer,
 };
 use operators::backend::{self, Runner};
-use operators::observation::{load_prompt, noise_from_seed};
+use operators::observation::noise_from_seed;
 use operators::{Config, Observation, StageTimes};
 use std::time::SystemTime;
 
@@ -44,17 +44,7 @@ pub fn run(node: DoraNode, events: EventStream) -> Result<()> {
         bail!("env PIPELINE=true needs BACKEND=cuda (the cpu backend runs one frame at a time)");
     }
     let ckpt = checkpoint_from_env()?;
-    let tokens_input = node
-        .node_config()
-        .inputs
-        .keys()
-        .any(|k| k.as_str() == TOKENS);
-    let (tokens, token_mask) = match env_opt::<std::path::PathBuf>("PROMPT")? {
-        Some(dir) => load_prompt(&dir, &ckpt.config)
-            .wrap_err_with(|| format!("env PROMPT={}", dir.display()))?,
-        None if tokens_input => (vec![], vec![]),
-        None => bail!("env PROMPT is required (or wire the `tokens` input)"),
-    };
+    let (tokens, token_mask, tokens_input) = prompt_from_env(&node, &ckpt.config)?;
     let mut runner = backend::load(kind, precision, &ckpt, |_, _| {})?;
     // The first frames should cost what later ones do (no drops while graphs are built);
     // prompts of other lengths build their graphs when they first arrive.
@@ -102,27 +92,53 @@ fn send_actions(
         .map_err(|e| eyre!("sending actions: {e}"))
 }
 
-/// The observation of an `images` message: its frame's prompt (the `tokens` message, or env
-/// PROMPT when that input is not wired) and state.
-fn observation(
-    cfg: &Config,
-    settings: &Settings,
-    md: &dora_node_api::MetadataParameters,
-    data: &dora_node_api::DoraArray,
-    (states, prompts): (&mut StateBuffer, &mut PromptBuffer),
-    seq: u64,
-) -> Result<Observation> {
-    let (images, image_masks) = model_images(md, data, cfg)?;
-    let fixed = (settings.tokens.clone(), settings.token_mask.clone());
-    let (tokens, token_mask) = prompts.for_frame(seq, settings.tokens_input, &fixed)?;
-    Ok(Observation {
-        images,
-        image_masks,
-        tokens,
-        token_mask,
-        state: states.take(seq, !cfg.pi05)?,
-        noise: None,
-    })
+/// What the node has received: the robot states and prompts waiting for their frames, and the
+/// frames' sequence numbers.
+#[derive(Default)]
+struct Inputs {
+    gaps: SeqGaps,
+    states: StateBuffer,
+    prompts: PromptBuffer,
+}
+
+impl Inputs {
+    /// Takes in message `id`; an `images` message gives its frame: metadata, observation (with
+    /// the frame's state and prompt: its `tokens` message, or env PROMPT when that input is
+    /// not wired) and noise.
+    fn frame(
+        &mut self,
+        cfg: &Config,
+        settings: &Settings,
+        id: &str,
+        md: &dora_node_api::MetadataParameters,
+        data: &dora_node_api::DoraArray,
+    ) -> Result<Option<(FrameMeta, Observation, Vec<f32>)>> {
+        match id {
+            "state" => self.states.insert(md, data, cfg.action_dim)?,
+            TOKENS => self.prompts.insert(md, data, cfg)?,
+            "images" => {
+                let meta = FrameMeta::from_metadata("images", md)?;
+                self.gaps.observe(meta.seq);
+                let seq = meta.seq;
+                let (images, image_masks) = model_images(md, data, cfg)?;
+                let fixed = (settings.tokens.clone(), settings.token_mask.clone());
+                let (tokens, token_mask) =
+                    self.prompts.for_frame(seq, settings.tokens_input, &fixed)?;
+                let obs = Observation {
+                    images,
+                    image_masks,
+                    tokens,
+                    token_mask,
+                    state: self.states.take(seq, !cfg.pi05)?,
+                    noise: None,
+                };
+                let noise = noise_from_seed(cfg, settings.seed.wrapping_add(seq));
+                return Ok(Some((meta, obs, noise)));
+            }
+            _ => {}
+        }
+        Ok(None)
+    }
 }
 
 /// Frames overlapped on the backend: a frame is submitted as soon as it arrives (while up to
@@ -134,9 +150,7 @@ pub fn run_pipelined(
     mut node: DoraNode,
     mut events: EventStream,
 ) -> Result<()> {
-    let mut gaps = SeqGaps::default();
-    let mut states = StateBuffer::default();
-    let mut prompts = PromptBuffer::default();
+    let mut inputs = Inputs::default();
     let tracer = node_common::tracer(&node, &runner.describe())?;
     let mut pending: std::collections::VecDeque<FrameMeta> = Default::default();
     let mut overlapped = 0u64;
@@ -166,35 +180,24 @@ pub fn run_pipelined(
             Some(Event::Input { id, metadata, data }) => {
                 let md = &metadata.parameters;
                 let result = (|| -> Result<()> {
-                    match id.as_str() {
-                        "state" => states.insert(md, &data, cfg.action_dim),
-                        TOKENS => prompts.insert(md, &data, cfg),
-                        "images" => {
-                            let meta = FrameMeta::from_metadata("images", md)?;
-                            gaps.observe(meta.seq);
-                            let obs = observation(
-                                cfg,
-                                settings,
-                                md,
-                                &data,
-                                (&mut states, &mut prompts),
-                                meta.seq,
-                            )?;
-                            let noise = noise_from_seed(cfg, settings.seed.wrapping_add(meta.seq));
-                            if runner.in_flight() >= 2 {
-                                finish(runner, &mut node, &mut pending)?;
-                            }
-                            if !pending.is_empty() {
-                                overlapped += 1;
-                            }
-                            if !runner.submit(&obs, &noise, settings.steps)? {
-                                bail!("env PIPELINE=true needs a backend that overlaps frames (BACKEND=cuda)");
-                            }
-                            pending.push_back(meta);
-                            Ok(())
-                        }
-                        _ => Ok(()),
+                    let Some((meta, obs, noise)) =
+                        inputs.frame(cfg, settings, id.as_str(), md, &data)?
+                    else {
+                        return Ok(());
+                    };
+                    if runner.in_flight() >= 2 {
+                        finish(runner, &mut node, &mut pending)?;
                     }
+                    if !pending.is_empty() {
+                        overlapped += 1;
+                    }
+                    if !runner.submit(&obs, &noise, settings.steps)? {
+                        bail!(
+                            "env PIPELINE=true needs a backend that overlaps frames (BACKEND=cuda)"
+                        );
+                    }
+                    pending.push_back(meta);
+                    Ok(())
                 })();
                 if let Err(e) = result {
                     report_rejected("policy", &e);
@@ -215,7 +218,7 @@ pub fn run_pipelined(
     }
     eprintln!(
         "policy: {} frames, {} gaps, {overlapped} started while another was running",
-        gaps.frames, gaps.gaps
+        inputs.gaps.frames, inputs.gaps.gaps
     );
     Ok(())
 }
@@ -228,40 +231,29 @@ pub fn run_with(
     mut events: EventStream,
 ) -> Result<()> {
     let tracer = node_common::tracer(&node, &runner.describe())?;
-    let mut gaps = SeqGaps::default();
-    let mut states = StateBuffer::default();
-    let mut prompts = PromptBuffer::default();
+    let mut inputs = Inputs::default();
     while let Some(event) = events.recv() {
         let Event::Input { id, metadata, data } = event else {
             continue;
         };
         let md = &metadata.parameters;
-        let result = (|| match id.as_str() {
-            "state" => states.insert(md, &data, cfg.action_dim),
-            TOKENS => prompts.insert(md, &data, cfg),
-            "images" => {
-                let meta = FrameMeta::from_metadata("images", md)?;
-                gaps.observe(meta.seq);
-                let obs = observation(
-                    cfg,
-                    settings,
-                    md,
-                    &data,
-                    (&mut states, &mut prompts),
-                    meta.seq,
-                )?;
-                let noise = noise_from_seed(cfg, settings.seed.wrapping_add(meta.seq));
-                let done = runner.infer(&obs, &noise, settings.steps)?;
-                let t = SystemTime::now();
-                send_actions(&mut node, &tracer, cfg, settings, meta, done, t)
-            }
-            _ => Ok(()),
+        let result = (|| {
+            let Some((meta, obs, noise)) = inputs.frame(cfg, settings, id.as_str(), md, &data)?
+            else {
+                return Ok(());
+            };
+            let done = runner.infer(&obs, &noise, settings.steps)?;
+            let t = SystemTime::now();
+            send_actions(&mut node, &tracer, cfg, settings, meta, done, t)
         })();
         if let Err(e) = result {
             report_rejected("policy", &e);
         }
     }
-    eprintln!("policy: {} frames, {} gaps", gaps.frames, gaps.gaps);
+    eprintln!(
+        "policy: {} frames, {} gaps",
+        inputs.gaps.frames, inputs.gaps.gaps
+    );
     Ok(())
 }
 
@@ -272,6 +264,7 @@ mod tests {
     use node_common::testing::{event, golden, json, run_node, values, TensorInput};
     use operators::checkpoint::Checkpoint;
     use operators::image;
+    use operators::observation::load_prompt;
     use operators::Policy;
 
     /// A backend that keeps submitted frames "in flight" until collected.

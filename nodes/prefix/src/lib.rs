@@ -3,15 +3,14 @@
 
 use dora_node_api::dora_core::config::DataId;
 use dora_node_api::{DoraNode, Event, EventStream};
-use eyre::{bail, eyre, Result, WrapErr};
+use eyre::{bail, eyre, Result};
 use node_common::ipc::{refuse_ipc, transport_from_env, Transport};
-use node_common::prompt::{PromptBuffer, TOKENS};
+use node_common::prompt::{prompt_from_env, PromptBuffer, TOKENS};
 use node_common::{
-    backend_from_env, checkpoint_from_env, env_opt, expect_tensor, image_masks, kv_to_tensor,
+    backend_from_env, checkpoint_from_env, expect_tensor, image_masks, kv_to_tensor,
     report_rejected, Dim, FrameMeta, SeqGaps,
 };
 use operators::backend::{self, BackendKind, PrefixStage};
-use operators::observation::load_prompt;
 use operators::{Config, ImageEmbeddings};
 
 /// The prompt: token ids and their mask (right-padded).
@@ -41,17 +40,7 @@ pub fn run(node: DoraNode, events: EventStream) -> Result<()> {
     let (kind, precision) = backend_from_env()?;
     let transport = transport_from_env()?;
     let ckpt = checkpoint_from_env()?;
-    let per_frame = node
-        .node_config()
-        .inputs
-        .keys()
-        .any(|k| k.as_str() == TOKENS);
-    let (tokens, mask) = match env_opt::<std::path::PathBuf>("PROMPT")? {
-        Some(dir) => load_prompt(&dir, &ckpt.config)
-            .wrap_err_with(|| format!("env PROMPT={}", dir.display()))?,
-        None if per_frame => (vec![], vec![]),
-        None => bail!("env PROMPT is required (or wire the `tokens` input)"),
-    };
+    let (tokens, mask, per_frame) = prompt_from_env(&node, &ckpt.config)?;
     let prompt = Prompt {
         tokens,
         mask,
@@ -366,6 +355,7 @@ mod tests {
     use dora_node_api::Parameter;
     use node_common::testing::{event, golden, json, run_node, values, TensorInput};
     use operators::checkpoint::Checkpoint;
+    use operators::observation::load_prompt;
     use operators::weights::Loader;
     use operators::PrefixEncoder;
 
