@@ -106,6 +106,18 @@ impl Observation {
     }
 }
 
+/// Refuses a frame that shows the model nothing: every camera masked and no real prompt
+/// token. The prefix would then be empty; rather than define actions for it (openpi's
+/// attention over an all-masked prefix is not meaningful either), every backend refuses it.
+pub fn check_visible(real_images: usize, real_tokens: usize) -> Result<()> {
+    if real_images == 0 && real_tokens == 0 {
+        return Err(Error::Input(
+            "the observation shows the model nothing: every camera is masked (image_masks all false) and the prompt has no real token (token_mask all false); at least one image or prompt token is needed".into(),
+        ));
+    }
+    Ok(())
+}
+
 /// Reads `tokens.npy` (int32 [L], L <= max_token_len, ids in the vocabulary) and
 /// `token_mask.npy` (bool [L]) from `dir`.
 pub fn load_prompt(dir: &Path, cfg: &Config) -> Result<(Vec<i32>, Vec<bool>)> {

@@ -49,6 +49,13 @@ impl VisionEncoder {
             )));
         }
         let real: Vec<usize> = (0..c.num_images).filter(|&i| masks[i]).collect();
+        if real.is_empty() {
+            // Every camera masked: no image tokens (the prompt may still be visible).
+            return Ok(ImageEmbeddings {
+                tokens: vec![],
+                real_images: 0,
+            });
+        }
         let mut batch = Vec::with_capacity(real.len() * per_image);
         for &i in &real {
             batch.extend_from_slice(&pixels[i * per_image..(i + 1) * per_image]);
@@ -99,6 +106,8 @@ impl PrefixEncoder {
                 "prefix: image embeddings of the wrong size".into(),
             ));
         }
+        let real_tokens = token_mask.iter().filter(|&&m| m).count();
+        crate::observation::check_visible(images.real_images, real_tokens)?;
         let mut x = images.tokens.clone();
         // openpi multiplies the prompt embeddings by sqrt(width) as an f32 scalar.
         let scale = (w as f64).sqrt() as f32;
@@ -329,6 +338,9 @@ impl Policy {
         noise: &[f32],
         steps: usize,
     ) -> Result<(Vec<f32>, StageTimes)> {
+        let real_images = obs.image_masks.iter().filter(|&&m| m).count();
+        let real_tokens = obs.token_mask.iter().filter(|&&m| m).count();
+        crate::observation::check_visible(real_images, real_tokens)?;
         let t0 = Instant::now();
         let emb = self.vision.run(&obs.images, &obs.image_masks)?;
         let t1 = Instant::now();

@@ -330,6 +330,23 @@ fn bad_inputs_are_errors() {
         policy.infer(&bad_token, &noise, 10),
         Err(Error::Input(_))
     ));
+    // Nothing visible: refused, as on the CPU; the prefix stage alone refuses it too.
+    let mut blind = obs.clone();
+    blind.image_masks.iter_mut().for_each(|m| *m = false);
+    blind.token_mask.iter_mut().for_each(|m| *m = false);
+    let e = policy.infer(&blind, &noise, 10).unwrap_err().to_string();
+    assert!(e.contains("shows the model nothing"), "{e}");
+    let e = policy.run_prefix(&[], 0, &[]).err().map(|e| e.to_string());
+    assert!(
+        e.as_deref()
+            .is_some_and(|e| e.contains("shows the model nothing")),
+        "{e:?}"
+    );
+    // Only the cameras masked: served.
+    let mut no_cameras = obs.clone();
+    no_cameras.image_masks.iter_mut().for_each(|m| *m = false);
+    let (a, _) = policy.infer(&no_cameras, &noise, 10).unwrap();
+    assert!(a.iter().all(|v| v.is_finite()));
     // Still usable afterwards.
     let want = npy::read_f32(&case.join("actions_steps10.npy")).unwrap();
     let (got, _) = policy.infer(&obs, &noise, 10).unwrap();

@@ -48,3 +48,47 @@ fn cpu_matches_reference_golden_vectors() {
     }
     assert_eq!(checked, cases.len() * 3);
 }
+
+/// A frame that shows the model nothing (every camera masked, no real prompt token) is
+/// refused with a clear error by the fused policy and by the prefix stage alone; with only
+/// the cameras masked, or only the prompt, the policy still answers with finite actions.
+#[test]
+fn nothing_visible_is_refused_and_partly_visible_is_served() {
+    let case = golden_cases()
+        .into_iter()
+        .find(|c| c.ends_with("pi05_small"))
+        .expect("the pi05_small golden case");
+    let ckpt = Checkpoint::open(&case.join("checkpoint")).unwrap();
+    let policy = Policy::load(&ckpt, |_, _| {}).unwrap();
+    let obs = Observation::load(&case.join("observation"), &ckpt.config).unwrap();
+    let noise = obs.noise.clone().unwrap();
+
+    let mut blind = obs.clone();
+    blind.image_masks.iter_mut().for_each(|m| *m = false);
+    blind.token_mask.iter_mut().for_each(|m| *m = false);
+    let e = policy.infer(&blind, &noise, 2).unwrap_err().to_string();
+    assert!(e.contains("shows the model nothing"), "{e}");
+    // The split stages: vision over no camera gives no tokens, the prefix refuses.
+    let emb = policy
+        .vision
+        .run(&blind.images, &blind.image_masks)
+        .unwrap();
+    assert_eq!((emb.real_images, emb.tokens.len()), (0, 0));
+    let e = policy
+        .prefix
+        .run(&emb, &blind.tokens, &blind.token_mask)
+        .err()
+        .map(|e| e.to_string())
+        .unwrap_or_default();
+    assert!(e.contains("shows the model nothing"), "{e}");
+
+    let mut no_cameras = obs.clone();
+    no_cameras.image_masks.iter_mut().for_each(|m| *m = false);
+    let mut no_prompt = obs.clone();
+    no_prompt.token_mask.iter_mut().for_each(|m| *m = false);
+    for o in [&no_cameras, &no_prompt] {
+        let (a, _) = policy.infer(o, &noise, 2).unwrap();
+        assert_eq!(a.len(), noise.len());
+        assert!(a.iter().all(|v| v.is_finite()));
+    }
+}

@@ -711,7 +711,8 @@ impl CudaPolicy {
             ids.push(t);
         }
         crate::policy::check_sampler_inputs(c, obs.state.as_deref(), noise, steps)?;
-        let real = (0..c.num_images).filter(|&i| obs.image_masks[i]).collect();
+        let real: Vec<usize> = (0..c.num_images).filter(|&i| obs.image_masks[i]).collect();
+        crate::observation::check_visible(real.len(), ids.len())?;
         Ok((real, ids))
     }
 
@@ -1225,6 +1226,7 @@ impl CudaPolicy {
 
     fn check_prompt(&self, real_images: usize, ids: &[i32]) -> Result<()> {
         let d = &self.dims;
+        crate::observation::check_visible(real_images, ids.len())?;
         if real_images > d.n_img {
             return Err(Error::Input(format!(
                 "prefix: {real_images} cameras, the checkpoint has {}",
