@@ -13,7 +13,7 @@ use safetensors::tensor::{Dtype, Metadata, TensorInfo};
 use safetensors::SafeTensors;
 
 use crate::config::Config;
-use crate::{Error, Result};
+use crate::{fsio, Error, Result};
 
 pub const VISION: &str = "paligemma_with_expert.paligemma.model.vision_tower.vision_model";
 pub const PROJECTOR: &str = "paligemma_with_expert.paligemma.model.multi_modal_projector.linear";
@@ -283,11 +283,25 @@ impl Checkpoint {
         let config_path = dir.join("config.json");
         let (config, unknown_config_fields) = Config::from_json_file(&config_path)?;
         let weights_path = dir.join("model.safetensors");
-        let file = File::open(&weights_path).map_err(|e| Error::io(&weights_path, e))?;
+        // Any size: the file is mapped, not read. A device or FIFO is refused unopened.
+        let (file, _) = fsio::open_regular(&weights_path, u64::MAX, "model.safetensors")?;
         // SAFETY: the file is opened read-only and mapped privately; turbo-pi never writes to
         // it while mapped. A concurrent writer truncating the file could fault the process,
         // which is the documented contract of memory-mapped checkpoints (as in safetensors).
         let mmap = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| Error::io(&weights_path, e))?;
+        // The JSON header is parsed into memory: bound its length (safetensors allows 100 MB).
+        if let Some(&len) = mmap.first_chunk::<8>() {
+            let header_len = u64::from_le_bytes(len);
+            if header_len > fsio::limit::SAFETENSORS_HEADER {
+                return Err(Error::Safetensors {
+                    path: weights_path,
+                    reason: format!(
+                        "the header length field says {header_len} bytes, more than the {} allowed",
+                        fsio::limit::SAFETENSORS_HEADER
+                    ),
+                });
+            }
+        }
         let (header_len, metadata): (usize, Metadata) =
             SafeTensors::read_metadata(&mmap).map_err(|e| Error::Safetensors {
                 path: weights_path.clone(),
@@ -528,4 +542,106 @@ pub fn write_safetensors(
     }
     w.flush().map_err(io)?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::random::write_random_checkpoint;
+
+    /// A pi0-small checkpoint in a temporary directory, its config.json edited by `edit`.
+    fn checkpoint_with(edit: impl FnOnce(&mut serde_json::Value)) -> tempfile::TempDir {
+        let dir = tempfile::tempdir().unwrap();
+        write_random_checkpoint(
+            dir.path(),
+            &Config::pi0_small(),
+            WriteDtype::Bf16,
+            1,
+            |_, _| {},
+        )
+        .unwrap();
+        let path = dir.path().join("config.json");
+        let mut v: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+        edit(&mut v);
+        std::fs::write(&path, v.to_string()).unwrap();
+        dir
+    }
+
+    /// Sizes that wrap around 2^64 to the small model's own shapes used to pass the tensor
+    /// check (`checkpoint inspect` called them valid) and then overflowed in `infer`.
+    #[test]
+    fn dimensions_that_wrap_to_matching_shapes_are_refused_by_name() {
+        Checkpoint::open(checkpoint_with(|_| {}).path()).unwrap();
+        for (field, value, msg) in [
+            // (2^61 - 4)^2 wraps to 16 = (32 / 8)^2.
+            (
+                "image_size",
+                18446744073709551584u64,
+                "field `image_size` = 18446744073709551584 is above the limit 4096",
+            ),
+            // 4 x and 2 x (16 + 2^63) wrap to 4 x 16 and 2 x 16.
+            (
+                "head_dim",
+                9223372036854775824,
+                "field `head_dim` = 9223372036854775824 is above the limit 4096",
+            ),
+            (
+                "action_horizon",
+                100_000,
+                "field `action_horizon` = 100000 is above the limit 1024",
+            ),
+            (
+                "action_horizon",
+                1 << 61,
+                "field `action_horizon` = 2305843009213693952 is above the limit 1024",
+            ),
+        ] {
+            let dir = checkpoint_with(|v| v[field] = value.into());
+            let err = Checkpoint::open(dir.path()).err().unwrap().to_string();
+            assert!(err.contains("config.json: ") && err.contains(msg), "{err}");
+        }
+    }
+
+    #[test]
+    fn parameter_count_matches_the_tensor_list() {
+        let mut configs: Vec<Config> = crate::config::PRESETS
+            .iter()
+            .map(|p| Config::preset(p).unwrap())
+            .collect();
+        configs.push(Config {
+            vision_depth: 0,
+            action_dim: 3,
+            vocab_size: 7,
+            ..Config::pi05_small()
+        });
+        for c in configs {
+            let specs: u64 = tensor_specs(&c)
+                .iter()
+                .map(|t| t.shape.iter().product::<usize>() as u64)
+                .sum();
+            assert_eq!(c.parameter_count(), Some(specs), "{c:?}");
+        }
+    }
+
+    #[test]
+    fn refuses_a_weights_file_that_is_a_directory_or_has_a_huge_header() {
+        let dir = checkpoint_with(|_| {});
+        let weights = dir.path().join("model.safetensors");
+        let mut bytes = std::fs::read(&weights).unwrap();
+        bytes[..8].copy_from_slice(&(99_000_000u64).to_le_bytes());
+        std::fs::write(&weights, &bytes).unwrap();
+        let err = Checkpoint::open(dir.path()).err().unwrap().to_string();
+        assert!(
+            err.contains("model.safetensors: corrupt or truncated safetensors file: the header length field says 99000000 bytes, more than the 16777216 allowed"),
+            "{err}"
+        );
+        std::fs::remove_file(&weights).unwrap();
+        std::fs::create_dir(&weights).unwrap();
+        let err = Checkpoint::open(dir.path()).err().unwrap().to_string();
+        assert!(
+            err.contains("model.safetensors: is a directory; expected a model.safetensors file"),
+            "{err}"
+        );
+    }
 }

@@ -10,6 +10,7 @@ pub mod cpu;
 pub mod cuda;
 pub mod decode;
 pub mod error;
+pub mod fsio;
 pub mod gemma;
 pub mod image;
 pub mod npy;

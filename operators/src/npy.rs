@@ -3,9 +3,11 @@
 //! expected and found, and no input makes the reader panic.
 
 use std::fmt;
+use std::io::Read;
 use std::path::Path;
 
 use crate::error::{Error, Result};
+use crate::fsio;
 
 const MAGIC: &[u8; 6] = b"\x93NUMPY";
 
@@ -193,16 +195,35 @@ struct Raw {
     data: Vec<u8>,
 }
 
+/// The longest header read (bytes). Format 1.0 headers cannot exceed 65535 bytes, and numpy
+/// itself refuses headers over 10000 bytes unless told otherwise.
+const MAX_HEADER_BYTES: usize = 65536;
+
+/// The deepest nesting of tuples and lists in a header: a shape is a tuple inside the dict,
+/// a structured dtype a few lists deep. Bounded so that no header can exhaust the stack.
+const MAX_NESTING: usize = 16;
+
+/// Up to `n` bytes from the reader's position (fewer at the end of the file).
+fn read_up_to(file: &mut std::fs::File, n: usize) -> std::io::Result<Vec<u8>> {
+    let mut out = Vec::with_capacity(n);
+    file.take(n as u64).read_to_end(&mut out)?;
+    Ok(out)
+}
+
+/// Reads the preamble and header first and the data only when the file's length matches the
+/// header's shape, so a damaged file is refused without reading its bulk.
 fn read_raw(path: &Path, accepted: &[DType]) -> Result<Raw> {
     let npy_err = |reason: String| Error::Npy {
         path: path.into(),
         reason,
     };
-    let mut bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
-    if bytes.len() < 8 || &bytes[..6] != MAGIC {
+    let io_err = |e| Error::io(path, e);
+    let (mut file, file_len) = fsio::open_regular(path, fsio::limit::NPY, ".npy array")?;
+    let preamble = read_up_to(&mut file, 8).map_err(io_err)?;
+    if preamble.len() < 8 || &preamble[..6] != MAGIC {
         return Err(npy_err("missing the \\x93NUMPY magic string".into()));
     }
-    let (major, minor) = (bytes[6], bytes[7]);
+    let (major, minor) = (preamble[6], preamble[7]);
     let (len_bytes, utf8) = match (major, minor) {
         (1, 0) => (2, false),
         (2, 0) => (4, false),
@@ -214,27 +235,35 @@ fn read_raw(path: &Path, accepted: &[DType]) -> Result<Raw> {
         }
     };
     let header_start = 8 + len_bytes;
-    let header_len = match bytes.get(8..header_start) {
-        Some(&[a, b]) => usize::from(u16::from_le_bytes([a, b])),
-        Some(&[a, b, c, d]) => u32::from_le_bytes([a, b, c, d]) as usize,
+    let header_len = match read_up_to(&mut file, len_bytes).map_err(io_err)?[..] {
+        [a, b] => usize::from(u16::from_le_bytes([a, b])),
+        [a, b, c, d] => u32::from_le_bytes([a, b, c, d]) as usize,
         _ => {
             return Err(npy_err(
                 "truncated: the file ends inside the preamble".into(),
             ))
         }
     };
-    let data_start = header_start
-        .checked_add(header_len)
-        .filter(|&end| end <= bytes.len())
-        .ok_or_else(|| {
-            npy_err(format!(
-                "truncated: the header is {header_len} bytes but the file has only {} after the preamble",
-                bytes.len() - header_start
-            ))
-        })?;
-    let header_bytes = &bytes[header_start..data_start];
+    // The file's length is known: every size below is checked against it before reading.
+    let file_len = usize::try_from(file_len).unwrap_or(usize::MAX);
+    let after_preamble = file_len.saturating_sub(header_start);
+    if header_len > after_preamble {
+        return Err(npy_err(format!(
+            "truncated: the header is {header_len} bytes but the file has only {after_preamble} after the preamble"
+        )));
+    }
+    if header_len > MAX_HEADER_BYTES {
+        return Err(npy_err(format!(
+            "the header is {header_len} bytes, more than the {MAX_HEADER_BYTES} this reader accepts"
+        )));
+    }
+    let data_start = header_start + header_len;
+    let header_bytes = read_up_to(&mut file, header_len).map_err(io_err)?;
+    if header_bytes.len() != header_len {
+        return Err(npy_err("the file shrank while it was read".into()));
+    }
     let text = if utf8 {
-        String::from_utf8(header_bytes.to_vec())
+        String::from_utf8(header_bytes)
             .map_err(|_| npy_err("the format 3.0 header is not valid UTF-8".into()))?
     } else {
         // Formats 1.0 and 2.0 store the header in latin-1: every byte is one char.
@@ -277,7 +306,7 @@ fn read_raw(path: &Path, accepted: &[DType]) -> Result<Raw> {
         .iter()
         .try_fold(dtype.size(), |acc, &d| acc.checked_mul(d))
         .ok_or_else(|| npy_err(format!("shape {shape_text} is too large to address")))?;
-    let found = bytes.len() - data_start;
+    let found = file_len - data_start;
     if found < nbytes {
         return Err(npy_err(format!(
             "truncated: shape {shape_text} of {dtype} needs {nbytes} data bytes, found {found}"
@@ -290,7 +319,15 @@ fn read_raw(path: &Path, accepted: &[DType]) -> Result<Raw> {
             found - nbytes
         )));
     }
-    let data = bytes.split_off(data_start);
+    let mut data = vec![0u8; nbytes];
+    file.read_exact(&mut data).map_err(|e| {
+        npy_err(format!(
+            "the file changed while it was read (reading {nbytes} data bytes: {e})"
+        ))
+    })?;
+    if file.read(&mut [0u8; 1]).map_err(io_err)? != 0 {
+        return Err(npy_err("the file grew while it was read".into()));
+    }
     Ok(Raw {
         dtype,
         shape: header.shape,
@@ -359,12 +396,13 @@ fn parse_descr(descr: &str) -> std::result::Result<DType, String> {
     let (Some(order), Some(kind), Some(size)) = (order, kind, size) else {
         return Err(format!("unrecognised descr '{descr}'"));
     };
-    let name = match (kind, size) {
-        ('b', 1) => "bool".to_string(),
-        ('i', n) => format!("int{}", n * 8),
-        ('u', n) => format!("uint{}", n * 8),
-        ('f', n) => format!("float{}", n * 8),
-        ('c', n) => format!("complex{}", n * 8),
+    // A size from the file may be any number: the bit count is checked.
+    let name = match (kind, size.checked_mul(8)) {
+        ('b', _) if size == 1 => "bool".to_string(),
+        ('i', Some(bits)) => format!("int{bits}"),
+        ('u', Some(bits)) => format!("uint{bits}"),
+        ('f', Some(bits)) => format!("float{bits}"),
+        ('c', Some(bits)) => format!("complex{bits}"),
         _ => format!("'{descr}'"),
     };
     let dtype = match (kind, size) {
@@ -408,6 +446,7 @@ impl Header {
         let mut p = Parser {
             chars: text.chars().collect(),
             pos: 0,
+            depth: 0,
         };
         let entries = p.dict()?;
         p.skip_ws();
@@ -464,6 +503,8 @@ impl Header {
 struct Parser {
     chars: Vec<char>,
     pos: usize,
+    /// Tuples and lists open at `pos` (at most [`MAX_NESTING`]).
+    depth: usize,
 }
 
 impl Parser {
@@ -523,8 +564,22 @@ impl Parser {
         }
     }
 
-    /// A tuple or list; `(3,)` and `()` are tuples, trailing commas are allowed.
+    /// A tuple or list; `(3,)` and `()` are tuples, trailing commas are allowed. Recurses
+    /// through [`Parser::value`], at most [`MAX_NESTING`] deep.
     fn sequence(&mut self, close: char) -> std::result::Result<Vec<Value>, String> {
+        if self.depth >= MAX_NESTING {
+            return Err(format!(
+                "tuples and lists nested more than {MAX_NESTING} deep at offset {}",
+                self.pos.saturating_sub(1)
+            ));
+        }
+        self.depth += 1;
+        let items = self.sequence_items(close);
+        self.depth -= 1;
+        items
+    }
+
+    fn sequence_items(&mut self, close: char) -> std::result::Result<Vec<Value>, String> {
         let mut items = Vec::new();
         loop {
             self.skip_ws();
@@ -1007,6 +1062,82 @@ mod tests {
         let p = write_tmp(&dir, "huge.npy", &npy_bytes((1, 0), &header, &[0; 16]));
         let err = read_f32(&p).unwrap_err().to_string();
         assert!(err.contains("too large to address"), "{err}");
+    }
+
+    /// 20,000 nested `(` used to recurse once per level and overflow the stack (an abort,
+    /// not an error). Nesting is bounded at MAX_NESTING levels, and the error names the file.
+    #[test]
+    fn refuses_deeply_nested_headers_without_recursing() {
+        let dir = tempfile::tempdir().unwrap();
+        let nested = format!(
+            "{{'descr': '<f4', 'fortran_order': False, 'shape': {}}}",
+            "(".repeat(20_000)
+        );
+        let p = write_tmp(&dir, "tokens.npy", &npy_bytes((2, 0), &nested, &[]));
+        let err = read_f32(&p).unwrap_err().to_string();
+        assert!(
+            err.contains("tokens.npy: not a valid .npy file: header: tuples and lists nested more than 16 deep at offset 66"),
+            "{err}"
+        );
+        // The same nesting as a list (the structured-dtype syntax) and in a format 1.0 file.
+        let nested = format!(
+            "{{'descr': {}, 'fortran_order': False, 'shape': ()}}",
+            "[".repeat(60_000)
+        );
+        let p = write_tmp(&dir, "tokens.npy", &npy_bytes((1, 0), &nested, &[]));
+        let err = read_i32(&p).unwrap_err().to_string();
+        assert!(err.contains("nested more than 16 deep"), "{err}");
+
+        // Sixteen levels still parse (and the shape is then refused for what it is).
+        let ok_depth = |levels: usize| {
+            let text = format!(
+                "{{'descr': '<f4', 'fortran_order': False, 'shape': {}{}}}",
+                "(".repeat(levels),
+                ")".repeat(levels)
+            );
+            Header::parse(&text)
+        };
+        assert!(ok_depth(1).is_ok());
+        let err = ok_depth(16).unwrap_err();
+        assert!(err.contains("shape holds Tuple"), "{err}");
+        assert!(ok_depth(17).unwrap_err().contains("nested more than 16"));
+    }
+
+    #[test]
+    fn refuses_oversized_headers_and_descr_sizes() {
+        let dir = tempfile::tempdir().unwrap();
+        let long = format!(
+            "{{'descr': '<f4', 'fortran_order': False, 'shape': (2,), }}{}",
+            " ".repeat(70_000)
+        );
+        let p = write_tmp(&dir, "state.npy", &npy_bytes((2, 0), &long, &[0; 8]));
+        let err = read_f32(&p).unwrap_err().to_string();
+        assert!(
+            err.contains(
+                "state.npy: not a valid .npy file: the header is 70068 bytes, more than the 65536"
+            ),
+            "{err}"
+        );
+        // A byte size whose bit count overflows is named, not multiplied.
+        let err = parse_descr("<i3000000000000000000").unwrap_err();
+        assert!(err.contains("'<i3000000000000000000'"), "{err}");
+        let err = parse_descr("<f3").unwrap_err();
+        assert!(err.contains("float24"), "{err}");
+    }
+
+    #[test]
+    fn refuses_devices_and_directories() {
+        let dir = tempfile::tempdir().unwrap();
+        let err = read_u8(dir.path()).unwrap_err().to_string();
+        assert!(
+            err.contains("is a directory; expected a .npy array file"),
+            "{err}"
+        );
+        #[cfg(unix)]
+        {
+            let err = read_u8(Path::new("/dev/zero")).unwrap_err().to_string();
+            assert!(err.contains("/dev/zero: is not a regular file"), "{err}");
+        }
     }
 
     /// Every prefix and many single-byte corruptions of a valid file read back as Ok or Err,

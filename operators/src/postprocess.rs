@@ -45,7 +45,11 @@ impl Unnormalize {
 
 /// Reads the `actions` entry of an openpi `norm_stats.json`.
 pub fn load_action_stats(path: &Path) -> Result<NormStats> {
-    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    let text = crate::fsio::read_string_limited(
+        path,
+        crate::fsio::limit::NORM_STATS_JSON,
+        "norm_stats.json",
+    )?;
     let file: NormStatsFile = serde_json::from_str(&text).map_err(|e| Error::Config {
         path: path.to_path_buf(),
         reason: format!(

@@ -145,7 +145,8 @@ pub fn load_frames(path: &Path, cameras: usize) -> Result<Vec<Frame>> {
             let mut offsets = vec![0];
             for f in group {
                 data.extend(
-                    std::fs::read(f).wrap_err_with(|| format!("cannot read {}", f.display()))?,
+                    operators::fsio::read_limited(f, operators::fsio::limit::IMAGE, "camera image")
+                        .wrap_err_with(|| format!("cannot read {}", f.display()))?,
                 );
                 offsets.push(data.len());
             }

@@ -261,7 +261,7 @@ fn compiled_image(src: &str, act: DType, cc: (i32, i32)) -> Result<Ptx> {
     ]);
     let cached = cache_dir().map(|d| d.join(format!("{key:016x}-{arch}.cubin")));
     if let Some(path) = &cached {
-        if let Ok(bytes) = std::fs::read(path) {
+        if let Ok(bytes) = crate::fsio::read_limited(path, crate::fsio::limit::CUBIN, "cubin") {
             if bytes.len() > 16 && bytes.starts_with(b"\x7fELF") {
                 return Ok(Ptx::from_binary(bytes));
             }

@@ -7,11 +7,10 @@ use std::process::ExitCode;
 use std::time::{Instant, SystemTime};
 
 mod bench;
-mod graph;
 mod openpi;
-mod plan;
 mod spans;
-mod trace;
+
+use turbopi::{graph, plan, trace};
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};

@@ -10,7 +10,7 @@ use operators::openpi::msgpack::{decode, Limits};
 use operators::openpi::{
     norm_stats_path, parse_delta_mask, FrameContext, Robot, Settings, Transforms,
 };
-use operators::{npy, Config, Observation};
+use operators::{fsio, npy, Config, Observation};
 
 /// The openpi settings of `turbopi infer`; the same names and defaults as the server's env.
 #[derive(Args, Debug, Default)]
@@ -99,7 +99,7 @@ impl OpenpiArgs {
         }
         s.default_prompt = self.default_prompt.clone();
         let transforms = Transforms::new(s, cfg)?;
-        let bytes = std::fs::read(file).with_context(|| format!("reading {}", file.display()))?;
+        let bytes = fsio::read_limited(file, fsio::limit::OPENPI_MSGPACK, "msgpack observation")?;
         let value =
             decode(&bytes, Limits::default()).map_err(|e| anyhow!("{}: {e}", file.display()))?;
         let (input, ctx) = transforms
