@@ -11,6 +11,7 @@ pub mod norm;
 pub mod resize;
 pub mod tokenizer;
 
+use std::borrow::Cow;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 
@@ -283,6 +284,14 @@ impl Transforms {
                 st.normalize("state", s, &mut state)?;
             }
         }
+        // The model takes float32: a finite state can still overflow it (1e39, or a large
+        // value over a tiny std), and infinities would reach the model.
+        if let Some(bad) = state.iter().position(|&v| !(v as f32).is_finite()) {
+            return Err(Error::Input(format!(
+                "the robot state at index {bad} is {} after normalisation, beyond float32's range",
+                state[bad]
+            )));
+        }
         let s = self.cfg.image_size;
         let mut images = Vec::with_capacity(CAMERAS * s * s * 3);
         let mut image_masks = Vec::with_capacity(CAMERAS);
@@ -457,7 +466,8 @@ impl Transforms {
             let name = k.key_str().unwrap_or("(not text)");
             if !aloha::CAMERAS.contains(&name) {
                 return Err(Error::Input(format!(
-                    "`images`: unknown camera `{name}` (expected some of {})",
+                    "`images`: unknown camera `{}` (expected some of {})",
+                    ndarray::short(name),
                     aloha::CAMERAS.join(", ")
                 )));
             }
@@ -507,9 +517,9 @@ impl Transforms {
         }
         let prompt = match obs.get("prompt") {
             Some(p) => text(p, "prompt")?,
-            None => self.settings.default_prompt.clone().ok_or_else(|| {
+            None => Cow::Borrowed(self.settings.default_prompt.as_deref().ok_or_else(|| {
                 Error::Input("missing key `prompt` (and the server has no default prompt)".into())
-            })?,
+            })?),
         };
         let tok = self.tokenizer.as_ref().ok_or_else(|| {
             Error::Input(

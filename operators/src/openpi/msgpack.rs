@@ -83,6 +83,12 @@ pub fn decode(bytes: &[u8], limits: Limits) -> Result<Value<'_>, DecodeError> {
     Ok(v)
 }
 
+/// Elements reserved up front for a list or map; a longer one grows as its elements are read.
+/// A declared length is only checked against the bytes left, and a container reserves before
+/// its elements are read, so without a cap 32 nested lists each declaring the rest of the
+/// message would reserve 32 `Value`s (1 KiB) per byte of it: a 16 MB message, 16 GB.
+const RESERVE: usize = 256;
+
 struct Reader<'a> {
     buf: &'a [u8],
     pos: usize,
@@ -145,7 +151,7 @@ impl<'a> Reader<'a> {
     fn array(&mut self, n: usize, depth: usize) -> Result<Value<'a>, DecodeError> {
         // Every element takes at least one byte: a longer declaration is a lie.
         self.check_count(n, 1)?;
-        let mut v = Vec::with_capacity(n);
+        let mut v = Vec::with_capacity(n.min(RESERVE));
         for _ in 0..n {
             v.push(self.value(depth + 1)?);
         }
@@ -154,7 +160,7 @@ impl<'a> Reader<'a> {
 
     fn map(&mut self, n: usize, depth: usize) -> Result<Value<'a>, DecodeError> {
         self.check_count(n, 2)?;
-        let mut v = Vec::with_capacity(n);
+        let mut v = Vec::with_capacity(n.min(RESERVE));
         for _ in 0..n {
             let k = self.value(depth + 1)?;
             v.push((k, self.value(depth + 1)?));

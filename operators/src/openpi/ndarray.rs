@@ -1,6 +1,8 @@
 //! numpy values inside an openpi message: arrays, scalars, plain msgpack numbers and lists,
 //! read into the types the transforms need. Every error names the observation key.
 
+use std::borrow::Cow;
+
 use half::f16;
 
 use super::msgpack::Value;
@@ -29,6 +31,11 @@ pub enum Kind {
 
 impl DType {
     pub fn parse(s: &str) -> Option<DType> {
+        // numpy's dtype strings are a few characters ("<U100000" is 8); a longer one is not
+        // one, and would only bloat the error that echoes it.
+        if s.len() > 16 {
+            return None;
+        }
         let mut chars = s.chars();
         let (big_endian, rest) = match chars.next()? {
             '<' | '|' | '=' => (false, chars.as_str()),
@@ -98,8 +105,12 @@ impl<'a> NdArray<'a> {
             }
             _ => return Err(bad(what, "numpy array without a `dtype` string")),
         };
-        let dtype = DType::parse(dtype_str)
-            .ok_or_else(|| bad(what, format!("unsupported numpy dtype `{dtype_str}`")))?;
+        let dtype = DType::parse(dtype_str).ok_or_else(|| {
+            bad(
+                what,
+                format!("unsupported numpy dtype `{}`", short(dtype_str)),
+            )
+        })?;
         let Some(Value::Array(dims)) = v.get("shape") else {
             return Err(bad(what, "numpy array without a `shape` list"));
         };
@@ -207,39 +218,49 @@ impl<'a> NdArray<'a> {
 }
 
 /// A numeric value: a numpy array or scalar, a number, or a (nested, rectangular) list of
-/// numbers; returned as (shape, values in C order).
+/// any of these (openpi-client packs a list of numpy scalars, e.g. `[np.float32(0.1), ...]`,
+/// as a list of `__npgeneric__` maps; openpi's `np.asarray` stacks it like an array);
+/// returned as (shape, values in C order).
 pub fn numbers(v: &Value, what: &str) -> Result<(Vec<usize>, Vec<f64>)> {
+    let mut out = Vec::new();
+    let shape = collect_numbers(v, what, &mut out)?;
+    Ok((shape, out))
+}
+
+/// Appends the values of `v` to `out` in C order; returns the shape of `v`.
+fn collect_numbers(v: &Value, what: &str, out: &mut Vec<f64>) -> Result<Vec<usize>> {
     if let Some(a) = NdArray::from_value(v, what) {
         let a = a?;
-        return Ok((a.shape.clone(), a.to_f64(what)?));
+        out.extend(a.to_f64(what)?);
+        return Ok(a.shape);
     }
     if let Some(x) = np_scalar(v, what)? {
-        return Ok((vec![], vec![x]));
+        out.push(x);
+        return Ok(vec![]);
     }
     match v {
         Value::Int(_) | Value::UInt(_) | Value::Float(_) | Value::Bool(_) => {
-            Ok((vec![], vec![scalar(v, what)?]))
+            out.push(scalar(v, what)?);
+            Ok(vec![])
         }
         Value::Array(items) => {
-            let mut shape = vec![items.len()];
-            let mut out = Vec::new();
             let mut inner: Option<Vec<usize>> = None;
             for item in items {
-                let (s, vals) = match item {
-                    Value::Array(_) => numbers(item, what)?,
-                    _ => (vec![], vec![scalar(item, what)?]),
-                };
+                let s = collect_numbers(item, what, out)?;
                 match &inner {
                     Some(i) if *i != s => {
-                        return Err(bad(what, "a list of lists of different lengths"));
+                        return Err(bad(
+                            what,
+                            format!("a list whose items have different shapes ({i:?} and {s:?})"),
+                        ));
                     }
+                    Some(_) => {}
                     None => inner = Some(s),
-                    _ => {}
                 }
-                out.extend(vals);
             }
+            let mut shape = vec![items.len()];
             shape.extend(inner.unwrap_or_default());
-            Ok((shape, out))
+            Ok(shape)
         }
         other => Err(bad(
             what,
@@ -248,7 +269,9 @@ pub fn numbers(v: &Value, what: &str) -> Result<(Vec<usize>, Vec<f64>)> {
     }
 }
 
-/// A numpy scalar (`__npgeneric__`) as f64, None when `v` is not one.
+/// A numeric numpy scalar (`__npgeneric__`) as f64, None when `v` is not one. openpi-client
+/// packs its `item()` (a Python number) as `data`; raw little-endian bytes of its `dtype` are
+/// accepted too.
 fn np_scalar(v: &Value, what: &str) -> Result<Option<f64>> {
     if v.get("__npgeneric__").is_none() {
         return Ok(None);
@@ -256,7 +279,43 @@ fn np_scalar(v: &Value, what: &str) -> Result<Option<f64>> {
     let data = v
         .get("data")
         .ok_or_else(|| bad(what, "numpy scalar without `data`"))?;
-    scalar(data, what).map(Some)
+    let Value::Bin(bytes) = data else {
+        return scalar(data, what).map(Some);
+    };
+    let dtype_str = match v.get("dtype") {
+        Some(d) => d.key_str(),
+        None => None,
+    }
+    .ok_or_else(|| bad(what, "numpy scalar with `data` bytes but no `dtype` string"))?;
+    let dtype = DType::parse(dtype_str)
+        .filter(|d| d.numeric())
+        .ok_or_else(|| {
+            bad(
+                what,
+                format!(
+                    "expected a number, found a numpy scalar of dtype `{}`",
+                    short(dtype_str)
+                ),
+            )
+        })?;
+    if bytes.len() != dtype.size {
+        return Err(bad(
+            what,
+            format!(
+                "a numpy scalar of dtype {} needs {} bytes, `data` holds {}",
+                short(dtype_str),
+                dtype.size,
+                bytes.len()
+            ),
+        ));
+    }
+    let a = NdArray {
+        dtype,
+        dtype_str,
+        shape: vec![],
+        data: bytes,
+    };
+    Ok(Some(a.f64_at(0)))
 }
 
 fn scalar(v: &Value, what: &str) -> Result<f64> {
@@ -272,14 +331,23 @@ fn scalar(v: &Value, what: &str) -> Result<f64> {
     }
 }
 
+/// Text from the client, cut for an error message (a message may carry megabytes of it).
+pub fn short(s: &str) -> String {
+    const MAX: usize = 64;
+    match s.char_indices().nth(MAX) {
+        Some((end, _)) => format!("{}... ({} bytes)", &s[..end], s.len()),
+        None => s.to_string(),
+    }
+}
+
 /// Text: a string, UTF-8 bytes, or a numpy string array or scalar of one element (openpi
-/// accepts `prompt` as any of these).
-pub fn text(v: &Value, what: &str) -> Result<String> {
+/// accepts `prompt` as any of these). Strings and bytes are borrowed from the message.
+pub fn text<'a>(v: &Value<'a>, what: &str) -> Result<Cow<'a, str>> {
     match v {
-        Value::Str(s) => return Ok(s.to_string()),
+        Value::Str(s) => return Ok(Cow::Borrowed(s)),
         Value::Bin(b) => {
             return std::str::from_utf8(b)
-                .map(str::to_string)
+                .map(Cow::Borrowed)
                 .map_err(|_| bad(what, "bytes that are not UTF-8 text"))
         }
         _ => {}
@@ -310,12 +378,12 @@ pub fn text(v: &Value, what: &str) -> Result<String> {
                             .ok_or_else(|| bad(what, "invalid character in a numpy string"))?,
                     );
                 }
-                Ok(s)
+                Ok(Cow::Owned(s))
             }
             Kind::Bytes => {
                 let end = a.data.iter().position(|&b| b == 0).unwrap_or(a.data.len());
                 std::str::from_utf8(&a.data[..end])
-                    .map(str::to_string)
+                    .map(Cow::Borrowed)
                     .map_err(|_| bad(what, "bytes that are not UTF-8 text"))
             }
             _ => Err(bad(
@@ -401,7 +469,7 @@ pub fn image(v: &Value, what: &str, layout: Layout) -> Result<Image> {
         return Err(bad(what, format!("empty image of shape {:?}", a.shape)));
     }
     // numpy: (255 * image).astype(np.uint8), in the image's own float type.
-    let bytes: std::borrow::Cow<[u8]> = if float {
+    let bytes: Cow<[u8]> = if float {
         (0..h * w * 3)
             .map(|i| match a.dtype.size {
                 2 => (f16::from_f32(255.0 * f16::from_le_bytes(a.word(i)).to_f32())).to_f32() as u8,

@@ -28,7 +28,11 @@ pub struct Stats {
 impl Stats {
     /// Reads `path`; with `quantile` (pi0.5) every entry must carry `q01` and `q99`.
     pub fn load(path: &Path, quantile: bool) -> Result<Self> {
-        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        let text = crate::fsio::read_string_limited(
+            path,
+            crate::fsio::limit::NORM_STATS_JSON,
+            "norm_stats.json",
+        )?;
         Self::from_json(&text, quantile).map_err(|reason| Error::Config {
             path: path.to_path_buf(),
             reason,

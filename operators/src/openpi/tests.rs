@@ -386,3 +386,219 @@ fn settings_are_checked_against_the_model() {
     assert_eq!("droid".parse::<Robot>(), Ok(Robot::Droid));
     assert!("franka".parse::<Robot>().is_err());
 }
+
+/// openpi-client packs numpy scalars (`np.float32(0.1)`, `np.int64(2)`, `np.bool_(True)`) as
+/// `__npgeneric__` maps: a state given as a list of them is the state of the same numbers as
+/// an array. The bytes come from openpi-client's own packer
+/// (tests/fixtures/openpi/np_scalars.py).
+#[test]
+fn lists_of_numpy_scalars_from_openpi_client_are_numbers() {
+    let packed = include_bytes!("../../tests/fixtures/openpi/np_scalars.msgpack");
+    let cases = decode(packed, Limits::default()).unwrap();
+    let Value::Map(cases) = cases else {
+        panic!("the fixture is a map of case name to [scalars, arrays]")
+    };
+    assert_eq!(cases.len(), 6);
+    let f = fixture(false);
+    let mut aloha_cfg = f.cfg.clone();
+    aloha_cfg.action_dim = 16;
+    for (name, pair) in &cases {
+        let name = name.key_str().unwrap();
+        let Value::Array(pair) = pair else {
+            panic!("{name}")
+        };
+        let [Value::Bin(scalars), Value::Bin(arrays)] = &pair[..] else {
+            panic!("{name}")
+        };
+        let (robot, cfg) = match name {
+            "libero" | "tokenized" | "libero_nested" => (Robot::Libero, &f.cfg),
+            "droid" | "droid_scalar_gripper" => (Robot::Droid, &f.cfg),
+            "aloha" => (Robot::Aloha, &aloha_cfg),
+            other => panic!("unknown case {other}"),
+        };
+        let mut s = Settings::new(robot, cfg);
+        s.norm_stats = (robot != Robot::Aloha).then(|| f.stats.clone());
+        s.tokenizer = Some(f.tokenizer.clone());
+        let t = Transforms::new(s, cfg).unwrap();
+        let scalars = decode(scalars, Limits::default()).unwrap();
+        let arrays = decode(arrays, Limits::default()).unwrap();
+        // The scalars really are __npgeneric__ maps in a list.
+        let key = match robot {
+            Robot::Libero if name == "tokenized" => "tokenized_prompt",
+            Robot::Libero => "observation/state",
+            Robot::Droid => "observation/joint_position",
+            Robot::Aloha => "state",
+        };
+        let Some(Value::Array(items)) = scalars.get(key) else {
+            panic!("{name}: `{key}` is not a list")
+        };
+        let first = if name == "libero_nested" {
+            let Value::Array(inner) = &items[0] else {
+                panic!("{name}")
+            };
+            &inner[0]
+        } else {
+            &items[0]
+        };
+        assert!(first.get("__npgeneric__").is_some(), "{name}: {first:?}");
+        if name == "libero_nested" {
+            // [[x], [y], ...] is [8, 1], not a vector: refused like the [8, 1] array.
+            let e = t.inputs(&scalars).unwrap_err().to_string();
+            assert!(e.contains("found shape [8, 1]"), "{name}: {e}");
+            assert_eq!(e, t.inputs(&arrays).unwrap_err().to_string());
+            continue;
+        }
+        let (a, _) = t.inputs(&scalars).unwrap_or_else(|e| panic!("{name}: {e}"));
+        let (b, _) = t.inputs(&arrays).unwrap();
+        assert_eq!(a, b, "{name}");
+        if name == "libero" {
+            // np.float32(0.5) normalised with mean 0.1, std 1.
+            assert_eq!(a.state[0], ((0.5f32 as f64 - 0.1) / (1.0 + 1e-6)) as f32);
+        }
+        if name == "tokenized" {
+            assert_eq!(&a.tokens[..4], &[2, 40, 7, 0]);
+            assert_eq!(&a.token_mask[..3], &[true, true, false]);
+        }
+    }
+}
+
+#[test]
+fn numpy_scalars_as_raw_bytes_and_mixed_lists() {
+    let np = |data: Out, dtype: &str| {
+        Out::Map(vec![
+            ("__npgeneric__".into(), Out::Bool(true)),
+            ("data".into(), data),
+            ("dtype".into(), Out::Str(dtype.into())),
+        ])
+    };
+    let list = Out::Array(vec![
+        np(Out::Float(0.5), "<f4"),
+        Out::Int(2),
+        np(Out::Bool(true), "|b1"),
+        Out::Float(-1.25),
+    ]);
+    let v = list.encode();
+    let v = decode(&v, Limits::default()).unwrap();
+    assert_eq!(
+        ndarray::numbers(&v, "s").unwrap(),
+        (vec![4], vec![0.5, 2.0, 1.0, -1.25])
+    );
+    // `data` as the scalar's little-endian bytes (Out has no bin variant: by hand).
+    let raw = |data: &[u8], dtype: &str| {
+        let mut m = vec![0x83, 0xad];
+        m.extend(b"__npgeneric__");
+        m.extend([0xc3, 0xa4]);
+        m.extend(b"data");
+        m.extend([0xc4, data.len() as u8]);
+        m.extend(data);
+        m.push(0xa5);
+        m.extend(b"dtype");
+        m.push(0xa0 | dtype.len() as u8);
+        m.extend(dtype.as_bytes());
+        m
+    };
+    let v = raw(&1.5f32.to_le_bytes(), "<f4");
+    let v = decode(&v, Limits::default()).unwrap();
+    assert_eq!(ndarray::numbers(&v, "g").unwrap(), (vec![], vec![1.5]));
+    let v = raw(&[0xff, 0xfe], ">i2");
+    let v = decode(&v, Limits::default()).unwrap();
+    assert_eq!(ndarray::numbers(&v, "g").unwrap(), (vec![], vec![-2.0]));
+    // 2 bytes for a <f4, and a text dtype: refused, naming the key.
+    let v = raw(&[0, 0], "<f4");
+    let v = decode(&v, Limits::default()).unwrap();
+    let e = ndarray::numbers(&v, "observation/state")
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("`observation/state`") && e.contains("needs 4 bytes"),
+        "{e}"
+    );
+    let v = raw(b"ab", "|S2");
+    let v = decode(&v, Limits::default()).unwrap();
+    let e = ndarray::numbers(&v, "x").unwrap_err().to_string();
+    assert!(e.contains("dtype `|S2`"), "{e}");
+    // Items of different shapes.
+    let ragged = Out::Array(vec![Out::Int(1), Out::Array(vec![Out::Int(2)])]).encode();
+    let v = decode(&ragged, Limits::default()).unwrap();
+    let e = ndarray::numbers(&v, "x").unwrap_err().to_string();
+    assert!(e.contains("different shapes ([] and [1])"), "{e}");
+    // A text scalar is not a number.
+    let v = np(Out::Str("abc".into()), "<U3").encode();
+    let v = decode(&v, Limits::default()).unwrap();
+    let e = ndarray::numbers(&v, "x").unwrap_err().to_string();
+    assert!(e.contains("expected a number, found a string"), "{e}");
+}
+
+/// A prompt over MAX_PROMPT_BYTES is refused before the tokenizer sees any of it; one at the
+/// limit (surrounded by whitespace that openpi strips) is tokenized whole.
+#[test]
+fn huge_prompts_are_refused_before_tokenizing() {
+    use tokenizer::{LONGEST_ENCODED, MAX_PROMPT_BYTES};
+    let f = fixture(false);
+    let t = transforms(&f, Robot::Libero);
+    let huge = "pick up the cup ".repeat((1 << 20) / 16);
+    LONGEST_ENCODED.with(|l| l.set(0));
+    let bytes = libero_obs(vec![("prompt", Out::Str(huge))], "prompt");
+    let e = t
+        .inputs(&decode(&bytes, Limits::default()).unwrap())
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("`prompt`") && e.contains(&format!("more than the {MAX_PROMPT_BYTES}")),
+        "{e}"
+    );
+    assert_eq!(
+        LONGEST_ENCODED.with(|l| l.get()),
+        0,
+        "nothing was tokenized"
+    );
+
+    // At the limit after stripping: accepted, tokenized whole, truncated to max_token_len.
+    let body: String = "pick up_the cup\n"
+        .repeat(MAX_PROMPT_BYTES / 16)
+        .trim()
+        .to_string()
+        + &"x".repeat(MAX_PROMPT_BYTES - (MAX_PROMPT_BYTES / 16 * 16 - 1));
+    assert_eq!(body.len(), MAX_PROMPT_BYTES);
+    let padded = format!("{}{body}{}", " \n".repeat(1 << 18), "\t".repeat(1 << 18));
+    let bytes = libero_obs(vec![("prompt", Out::Str(padded))], "prompt");
+    let (inp, _) = t
+        .inputs(&decode(&bytes, Limits::default()).unwrap())
+        .unwrap();
+    assert!(LONGEST_ENCODED.with(|l| l.get()) <= MAX_PROMPT_BYTES);
+    let tok = tokenizer::PromptTokenizer::from_json(&tiny_tokenizer_json()).unwrap();
+    let want = tok.tokenize(&body, None, f.cfg.max_token_len).unwrap();
+    assert_eq!(inp.tokens, want.ids);
+    assert!(inp.truncated_prompt);
+    // One byte more is refused.
+    let e = tok
+        .tokenize(&(body + "y"), None, f.cfg.max_token_len)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains(&format!("{} bytes", MAX_PROMPT_BYTES + 1)),
+        "{e}"
+    );
+}
+
+/// A finite state that overflows float32 (after normalisation) is refused, not sent to the
+/// model as infinity (found by tests/fuzz_msgpack.rs).
+#[test]
+fn states_beyond_float32_are_refused() {
+    let f = fixture(false);
+    let t = transforms(&f, Robot::Libero);
+    for big in [1e39, -1e300] {
+        let bytes = libero_obs(
+            vec![(
+                "observation/state",
+                f64_vec(&[0.0, 0.0, 0.0, big, 0.0, 0.0, 0.0, 0.0]),
+            )],
+            "observation/state",
+        );
+        let e = t
+            .inputs(&decode(&bytes, Limits::default()).unwrap())
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("index 3") && e.contains("float32"), "{e}");
+    }
+}

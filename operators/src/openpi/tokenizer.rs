@@ -9,6 +9,26 @@ use std::path::Path;
 
 use crate::{Error, Result};
 
+/// The longest prompt tokenized, in bytes of UTF-8 after openpi's `strip()`; a longer one is
+/// refused (a `bad observation` error naming `prompt`).
+///
+/// Tokenizing takes 100 to 200 bytes of memory per prompt byte and is slow (a 15 MB prompt:
+/// 1.6 GB and seconds of CPU), and every token past `max_token_len` is dropped anyway. Why
+/// refuse instead of cutting the text before tokenizing: BPE's merges next to a cut can differ
+/// from the whole text's, and a different merge can change the pieces before it, so no cut
+/// point guarantees the first `max_token_len` tokens of the whole prompt; with a refusal every
+/// accepted prompt is tokenized whole, exactly as openpi does. 64 KiB is far more than a model
+/// reads: for a refused prompt to fit in pi0.5's 200 tokens (pi0: 48), its tokens would have
+/// to cover over 320 bytes each; PaliGemma's SentencePiece pieces are words and parts of
+/// words, a few bytes each, so openpi cuts such a prompt too.
+pub const MAX_PROMPT_BYTES: usize = 64 << 10;
+
+#[cfg(test)]
+thread_local! {
+    /// The longest text [`PromptTokenizer::encode`] was given on this thread, for tests.
+    pub(crate) static LONGEST_ENCODED: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
 /// A prompt tokenizer loaded from a `tokenizer.json`.
 pub struct PromptTokenizer {
     inner: tokenizers::Tokenizer,
@@ -27,7 +47,11 @@ pub struct Tokens {
 impl PromptTokenizer {
     /// Loads `tokenizer.json`; it must define PaliGemma's `<bos>` token.
     pub fn from_file(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        let text = crate::fsio::read_string_limited(
+            path,
+            crate::fsio::limit::TOKENIZER_JSON,
+            "tokenizer.json",
+        )?;
         Self::from_json(&text).map_err(|reason| Error::Config {
             path: path.to_path_buf(),
             reason,
@@ -47,6 +71,8 @@ impl PromptTokenizer {
 
     /// Token ids of `text` without special tokens (SentencePiece's `encode`).
     pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
+        #[cfg(test)]
+        LONGEST_ENCODED.with(|l| l.set(l.get().max(text.len())));
         self.inner
             .encode(text, false)
             .map(|e| e.get_ids().to_vec())
@@ -54,9 +80,17 @@ impl PromptTokenizer {
     }
 
     /// openpi's `PaligemmaTokenizer.tokenize(prompt, state)`: `state` (normalised, unpadded)
-    /// selects pi0.5's discrete-state format.
+    /// selects pi0.5's discrete-state format. A prompt over [`MAX_PROMPT_BYTES`] (stripped)
+    /// is refused before any of it is tokenized.
     pub fn tokenize(&self, prompt: &str, state: Option<&[f64]>, max_len: usize) -> Result<Tokens> {
-        let cleaned = clean_prompt(prompt);
+        let stripped = prompt.trim_matches(py_space);
+        if stripped.len() > MAX_PROMPT_BYTES {
+            return Err(Error::Input(format!(
+                "`prompt`: {} bytes of text, more than the {MAX_PROMPT_BYTES} a prompt may have (the model reads at most {max_len} tokens)",
+                stripped.len()
+            )));
+        }
+        let cleaned = clean_prompt(stripped);
         let mut ids = vec![self.bos];
         match state {
             Some(s) => ids.extend(self.encode(&discrete_state_prompt(&cleaned, s))?),
