@@ -6,9 +6,10 @@ use dora_node_api::dora_core::config::DataId;
 use dora_node_api::{DoraNode, Event, EventStream};
 use eyre::{bail, eyre, Result};
 use node_common::ipc::refuse_ipc;
+use node_common::join::{FrameJoin, Frames};
+use node_common::reject::declares_rejected;
 use node_common::{
-    backend_from_env, checkpoint_from_env, env_or, expect_tensor, kv_from_tensor, report_rejected,
-    Dim, FrameMeta, SeqGaps, StateBuffer,
+    backend_from_env, checkpoint_from_env, env_or, expect_tensor, frame_state, kv_from_tensor, Dim,
 };
 use operators::backend::{self, BackendKind, DenoiseStage};
 use operators::observation::noise_from_seed;
@@ -17,14 +18,17 @@ use operators::Config;
 pub struct Settings {
     pub steps: usize,
     pub seed: u64,
+    /// The `state` input is wired: every frame's K/V cache is joined by `seq` to its state.
+    pub state_input: bool,
 }
 
 impl Settings {
-    /// Env: `STEPS` (10), `SEED` (0).
-    pub fn from_env() -> Result<Self> {
+    /// Env: `STEPS` (10), `SEED` (0); the wired inputs.
+    pub fn from_env(node: &DoraNode) -> Result<Self> {
         let s = Settings {
             steps: env_or("STEPS", 10)?,
             seed: env_or("SEED", 0)?,
+            state_input: !FrameJoin::wired(node, &["state"]).is_empty(),
         };
         if s.steps == 0 {
             bail!("env STEPS must be at least 1");
@@ -37,14 +41,34 @@ impl Settings {
 /// the node reads K/V caches sent by CUDA IPC handle or as host tensors.
 pub fn run(node: DoraNode, events: EventStream) -> Result<()> {
     let (kind, precision) = backend_from_env()?;
-    let settings = Settings::from_env()?;
+    let settings = Settings::from_env(&node)?;
     let ckpt = checkpoint_from_env()?;
+    if !ckpt.config.pi05 && !settings.state_input {
+        bail!("the checkpoint is pi0, which needs the robot state: wire the `state` input");
+    }
     if kind == BackendKind::Cuda {
         return run_cuda(&ckpt, precision, &settings, node, events);
     }
     let mut denoiser = backend::load_denoise(kind, precision, &ckpt)?;
     eprintln!("denoise: {}", denoiser.describe());
     run_with(&ckpt.config, denoiser.as_mut(), &settings, node, events)
+}
+
+impl Settings {
+    /// The node's frames: the K/V cache, and the state when it is wired.
+    fn frames(&self, node: &DoraNode) -> Frames {
+        let parts: &[&'static str] = if self.state_input {
+            &["kv_cache", "state"]
+        } else {
+            &["kv_cache"]
+        };
+        Frames::new(
+            node.id().as_ref(),
+            "denoise",
+            parts,
+            declares_rejected(node),
+        )
+    }
 }
 
 /// A K/V cache sent as a host tensor [layers, 2, len, kv_width] (f32).
@@ -74,44 +98,51 @@ pub fn run_with(
     let out: DataId = "actions".to_string().into();
     let tracer = node_common::tracer(&node, &denoiser.describe())?;
     let (h, ad) = (cfg.action_horizon, cfg.action_dim);
-    let mut gaps = SeqGaps::default();
-    let mut states = StateBuffer::default();
+    let mut frames = settings.frames(&node);
     while let Some(event) = events.recv() {
         let Event::Input { id, metadata, data } = event else {
             continue;
         };
-        let md = &metadata.parameters;
-        let result = (|| match id.as_str() {
-            "state" => states.insert(md, &data, ad),
-            "kv_cache" => {
-                let meta = FrameMeta::from_metadata("kv_cache", md)?;
-                gaps.observe(meta.seq);
-                let mut span = tracer.start("denoise", meta.seq, meta.trace);
-                let meta = meta.traced(span.id());
-                refuse_ipc("kv_cache", md)?;
-                let cache = host_cache(cfg, md, &data)?;
-                let state = states.take(meta.seq, !cfg.pi05)?;
-                let noise = noise_from_seed(cfg, settings.seed.wrapping_add(meta.seq));
-                let actions = denoiser.sample(&cache, state.as_deref(), &noise, settings.steps)?;
-                if let Some(gpu) = denoiser.gpu_time() {
-                    span.set_gpu(gpu);
-                }
-                node.send_output(
-                    out.clone(),
-                    meta.tensor_params(&[h, ad], "float32"),
-                    actions,
-                )
-                .map_err(|e| eyre!("sending actions: {e}"))?;
-                span.end();
-                Ok(())
+        let Some(frame) = frames.take(
+            &mut node,
+            &tracer,
+            id.as_str(),
+            metadata.parameters,
+            data,
+            |_, _| {},
+        ) else {
+            continue;
+        };
+        let meta = frame.meta();
+        let result = (|| {
+            let mut span = tracer.start("denoise", meta.seq, meta.trace);
+            let meta = meta.traced(span.id());
+            let part = frame
+                .part("kv_cache")
+                .ok_or_else(|| eyre!("internal: a frame without its K/V cache"))?;
+            refuse_ipc("kv_cache", &part.metadata)?;
+            let cache = host_cache(cfg, &part.metadata, &part.data)?;
+            let state = frame_state(&frame, ad, !cfg.pi05)?;
+            let noise = noise_from_seed(cfg, settings.seed.wrapping_add(meta.seq));
+            let actions = denoiser.sample(&cache, state.as_deref(), &noise, settings.steps)?;
+            if let Some(gpu) = denoiser.gpu_time() {
+                span.set_gpu(gpu);
             }
-            _ => Ok(()),
+            node.send_output(
+                out.clone(),
+                meta.tensor_params(&[h, ad], "float32"),
+                actions,
+            )
+            .map_err(|e| eyre!("sending actions: {e}"))?;
+            span.end();
+            Ok(())
         })();
         if let Err(e) = result {
-            report_rejected("denoise", &e);
+            frames.reject(&mut node, &tracer, meta, &e);
         }
     }
-    eprintln!("denoise: {} frames, {} gaps", gaps.frames, gaps.gaps);
+    frames.close(&mut node, &tracer, |_, _| {});
+    eprintln!("denoise: {}", frames.summary());
     Ok(())
 }
 
@@ -137,7 +168,7 @@ fn run_cuda(
     mut events: EventStream,
 ) -> Result<()> {
     use node_common::int_param;
-    use node_common::ipc::{release_params, IpcTensor};
+    use node_common::ipc::{release_params, release_part, IpcTensor};
     use operators::cuda::ipc::{Importer, Remote};
     use operators::cuda::{CudaPolicy, DType};
 
@@ -156,29 +187,37 @@ fn run_cuda(
     let tracer = node_common::tracer(&node, &operators::backend::Runner::describe(&policy))?;
     let (h, ad) = (cfg.action_horizon, cfg.action_dim);
     let mut importer = Importer::default();
-    let mut gaps = SeqGaps::default();
-    let mut states = StateBuffer::default();
+    let mut frames = settings.frames(&node);
     let (mut by_handle, mut host) = (0u64, 0u64);
     while let Some(event) = events.recv() {
         let Event::Input { id, metadata, data } = event else {
             continue;
         };
-        let md = &metadata.parameters;
+        // A dropped frame's cache slot goes back to the prefix node unread.
+        let Some(frame) = frames.take(
+            &mut node,
+            &tracer,
+            id.as_str(),
+            metadata.parameters,
+            data,
+            release_part,
+        ) else {
+            continue;
+        };
+        let meta = frame.meta();
+        let mut released = false;
         let result = (|| -> Result<()> {
-            match id.as_str() {
-                "state" => return states.insert(md, &data, ad),
-                "kv_cache" => {}
-                _ => return Ok(()),
-            }
-            let meta = FrameMeta::from_metadata("kv_cache", md)?;
-            gaps.observe(meta.seq);
+            let part = frame
+                .part("kv_cache")
+                .ok_or_else(|| eyre!("internal: a frame without its K/V cache"))?;
+            let md = &part.metadata;
             let mut span = tracer.start("denoise", meta.seq, meta.trace);
             let meta = meta.traced(span.id());
-            let state = states.take(meta.seq, !cfg.pi05)?;
+            let state = frame_state(&frame, ad, !cfg.pi05)?;
             let noise = noise_from_seed(cfg, settings.seed.wrapping_add(meta.seq));
             let (actions, gpu) = if IpcTensor::is_ipc(md) {
                 let expected: Vec<Dim> = shape.iter().map(|&d| Dim::Is(d)).collect();
-                let tensor = IpcTensor::from_input("kv_cache", md, &data, dtype, &expected)?;
+                let tensor = IpcTensor::from_input("kv_cache", md, &part.data, dtype, &expected)?;
                 let p = int_param(md, "prefix_len")
                     .and_then(|v| usize::try_from(v).ok())
                     .ok_or_else(|| eyre!("input `kv_cache`: metadata `prefix_len` is missing"))?;
@@ -196,12 +235,13 @@ fn run_cuda(
                     &noise,
                     settings.steps,
                 );
+                released = true;
                 node.send_output(release_out.clone(), release_params(meta, tensor.slot), ())
                     .map_err(|e| eyre!("sending release: {e}"))?;
                 by_handle += 1;
                 run?
             } else {
-                let cache = host_cache(cfg, md, &data)?;
+                let cache = host_cache(cfg, md, &part.data)?;
                 host += 1;
                 policy.run_denoise(&cache, state.as_deref(), &noise, settings.steps)?
             };
@@ -216,13 +256,18 @@ fn run_cuda(
             Ok(())
         })();
         if let Err(e) = result {
-            report_rejected("denoise", &e);
+            if !released {
+                if let Some(part) = frame.part("kv_cache") {
+                    release_part(&mut node, part);
+                }
+            }
+            frames.reject(&mut node, &tracer, meta, &e);
         }
     }
+    frames.close(&mut node, &tracer, release_part);
     eprintln!(
-        "denoise: {} frames, {} gaps; in: {by_handle} by cuda-ipc handle ({} slots opened), {host} host tensors",
-        gaps.frames,
-        gaps.gaps,
+        "denoise: {}; in: {by_handle} by cuda-ipc handle ({} slots opened), {host} host tensors",
+        frames.summary(),
         importer.opened()
     );
     Ok(())
@@ -281,6 +326,7 @@ mod tests {
         let settings = Settings {
             steps: 3,
             seed: 100,
+            state_input: false,
         };
         let out = run_node("denoise", events, |node, ev| {
             run_with(&cfg, &mut den, &settings, node, ev)

@@ -227,6 +227,24 @@ pub fn release_from(md: &MetadataParameters) -> Result<(u64, u64)> {
     Ok((slot, meta.seq))
 }
 
+/// Hands back the ring slot held by `part` when it is a CUDA IPC tensor (a frame dropped
+/// before its tensor was read); host tensors hold nothing.
+pub fn release_part(node: &mut dora_node_api::DoraNode, part: &crate::join::Part) {
+    if !IpcTensor::is_ipc(&part.metadata) {
+        return;
+    }
+    let Some(slot) = int_param(&part.metadata, "slot").and_then(|v| u64::try_from(v).ok()) else {
+        return;
+    };
+    if let Err(e) = node.send_output(
+        "release".to_string().into(),
+        release_params(part.meta, slot),
+        (),
+    ) {
+        eprintln!("sending release of slot {slot}: {e}");
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

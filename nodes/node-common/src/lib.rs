@@ -9,7 +9,9 @@ use std::str::FromStr;
 pub use dora_node_api;
 
 pub mod ipc;
+pub mod join;
 pub mod prompt;
+pub mod reject;
 pub mod trace;
 use dora_node_api::{DoraArray, MetadataParameters, Parameter};
 use eyre::{bail, eyre, Result, WrapErr};
@@ -284,37 +286,22 @@ impl SeqGaps {
     }
 }
 
-/// Robot states waiting for the frame (same `seq`) that needs them. A model input takes the
-/// state of its own frame; older ones are dropped as frames advance, and at most
-/// [`StateBuffer::CAPACITY`] wait at once.
-#[derive(Debug, Default)]
-pub struct StateBuffer {
-    states: std::collections::BTreeMap<u64, Vec<f32>>,
+/// A `state` message: f32 [`dims`].
+pub fn parse_state(md: &MetadataParameters, data: &DoraArray, dims: usize) -> Result<Vec<f32>> {
+    let (_, s) = expect_tensor::<f32>("state", md, data, "float32", &[Dim::Is(dims)])?;
+    Ok(s.to_vec())
 }
 
-impl StateBuffer {
-    pub const CAPACITY: usize = 64;
-
-    /// Checks and stores a `state` message ([`dims`] f32) of frame `seq`.
-    pub fn insert(&mut self, md: &MetadataParameters, data: &DoraArray, dims: usize) -> Result<()> {
-        let meta = FrameMeta::from_metadata("state", md)?;
-        let (_, s) = expect_tensor::<f32>("state", md, data, "float32", &[Dim::Is(dims)])?;
-        self.states.insert(meta.seq, s.to_vec());
-        while self.states.len() > Self::CAPACITY {
-            self.states.pop_first();
-        }
-        Ok(())
-    }
-
-    /// The state of frame `seq` (if it arrived), dropping it and every older one. With
-    /// `required` (pi0), a missing state is an error naming the frame.
-    pub fn take(&mut self, seq: u64, required: bool) -> Result<Option<Vec<f32>>> {
-        let state = self.states.remove(&seq);
-        self.states.retain(|&s, _| s > seq);
-        if required && state.is_none() {
-            bail!("frame {seq}: pi0 needs the robot state, but no `state` input arrived for it");
-        }
-        Ok(state)
+/// The state of a joined frame: its `state` part when that input is wired. pi0 needs one
+/// (`required`); pi0.5 runs without.
+pub fn frame_state(frame: &join::Joined, dims: usize, required: bool) -> Result<Option<Vec<f32>>> {
+    match frame.part("state") {
+        Some(p) => parse_state(&p.metadata, &p.data, dims).map(Some),
+        None if required => bail!(
+            "frame {}: pi0 needs the robot state: wire the node's `state` input",
+            frame.seq
+        ),
+        None => Ok(None),
     }
 }
 
@@ -410,31 +397,6 @@ mod tests {
         assert_eq!(FrameMeta::from_metadata("x", &md).unwrap(), meta);
         let err = FrameMeta::from_metadata("x", &MetadataParameters::new()).unwrap_err();
         assert!(err.to_string().contains("`seq`"), "{err}");
-    }
-
-    #[test]
-    fn state_buffer_matches_frames_and_forgets_old_ones() {
-        let mut b = StateBuffer::default();
-        for seq in 0..3u64 {
-            let md = FrameMeta {
-                seq,
-                t_capture_ns: 0,
-                trace: None,
-            }
-            .tensor_params(&[2], "float32");
-            b.insert(&md, &vec![seq as f32; 2].into_arrow(), 2).unwrap();
-        }
-        assert_eq!(b.take(1, true).unwrap(), Some(vec![1.0, 1.0]));
-        let err = b.take(0, true).unwrap_err().to_string();
-        assert!(err.contains("frame 0: pi0 needs the robot state"), "{err}");
-        assert_eq!(b.take(2, false).unwrap(), Some(vec![2.0, 2.0]));
-        let md = FrameMeta {
-            seq: 5,
-            t_capture_ns: 0,
-            trace: None,
-        }
-        .tensor_params(&[3], "float32");
-        assert!(b.insert(&md, &vec![0.0f32; 3].into_arrow(), 2).is_err());
     }
 
     #[test]

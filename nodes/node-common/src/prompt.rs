@@ -1,7 +1,8 @@
 //! Per-frame prompts: the `tokens` message (Int32 [L] token ids with a `token_mask` ListInt of
 //! the same length, the frame's `seq`), sent by a source that tokenizes prompts (the openpi
-//! server) to the nodes that embed them (`policy`, `prefix`). Without a `tokens` input those
-//! nodes use the fixed prompt of env `PROMPT`.
+//! server) to the nodes that embed them (`policy`, `prefix`), which join it to its frame by
+//! `seq` ([`crate::join`]). Without a `tokens` input those nodes use the fixed prompt of env
+//! `PROMPT`.
 
 use dora_node_api::{DoraArray, MetadataParameters, Parameter};
 use eyre::{bail, eyre, Result, WrapErr};
@@ -41,80 +42,49 @@ pub fn tokens_params(meta: &FrameMeta, mask: &[bool]) -> MetadataParameters {
     p
 }
 
-/// Prompts waiting for the frame (same `seq`) that needs them, like [`crate::StateBuffer`]:
-/// a frame takes its own prompt, older ones are dropped as frames advance, and at most
-/// [`PromptBuffer::CAPACITY`] wait at once (the openpi server keeps fewer frames in flight).
-#[derive(Debug, Default)]
-pub struct PromptBuffer {
-    prompts: std::collections::BTreeMap<u64, (Vec<i32>, Vec<bool>)>,
+/// A `tokens` message, checked: at most `max_token_len` ids, each in [0, `vocab_size`), and a
+/// `token_mask` of the same length.
+pub fn parse_tokens(
+    md: &MetadataParameters,
+    data: &DoraArray,
+    cfg: &operators::Config,
+) -> Result<(Vec<i32>, Vec<bool>)> {
+    let (_, ids) = expect_tensor::<i32>(TOKENS, md, data, "int32", &[Dim::Any])?;
+    if ids.len() > cfg.max_token_len {
+        bail!(
+            "input `{TOKENS}`: {} tokens, more than the checkpoint's max_token_len {}",
+            ids.len(),
+            cfg.max_token_len
+        );
+    }
+    if let Some(bad) = ids.iter().find(|&&t| t < 0 || t as usize >= cfg.vocab_size) {
+        bail!(
+            "input `{TOKENS}`: token id {bad} is outside the vocabulary [0, {})",
+            cfg.vocab_size
+        );
+    }
+    let mask = list_param(md, "token_mask")
+        .ok_or_else(|| eyre!("input `{TOKENS}`: metadata `token_mask` is missing"))?;
+    if mask.len() != ids.len() {
+        bail!(
+            "input `{TOKENS}`: `token_mask` has {} entries for {} tokens",
+            mask.len(),
+            ids.len()
+        );
+    }
+    Ok((ids.to_vec(), mask.into_iter().map(|m| m != 0).collect()))
 }
 
-impl PromptBuffer {
-    pub const CAPACITY: usize = 64;
-
-    /// Checks and stores a `tokens` message: at most `max_len` ids, each in
-    /// [0, `vocab_size`), and a `token_mask` of the same length.
-    pub fn insert(
-        &mut self,
-        md: &MetadataParameters,
-        data: &DoraArray,
-        cfg: &operators::Config,
-    ) -> Result<()> {
-        let meta = FrameMeta::from_metadata(TOKENS, md)?;
-        let (_, ids) = expect_tensor::<i32>(TOKENS, md, data, "int32", &[Dim::Any])?;
-        if ids.len() > cfg.max_token_len {
-            bail!(
-                "input `{TOKENS}`: {} tokens, more than the checkpoint's max_token_len {}",
-                ids.len(),
-                cfg.max_token_len
-            );
-        }
-        if let Some(bad) = ids.iter().find(|&&t| t < 0 || t as usize >= cfg.vocab_size) {
-            bail!(
-                "input `{TOKENS}`: token id {bad} is outside the vocabulary [0, {})",
-                cfg.vocab_size
-            );
-        }
-        let mask = list_param(md, "token_mask")
-            .ok_or_else(|| eyre!("input `{TOKENS}`: metadata `token_mask` is missing"))?;
-        if mask.len() != ids.len() {
-            bail!(
-                "input `{TOKENS}`: `token_mask` has {} entries for {} tokens",
-                mask.len(),
-                ids.len()
-            );
-        }
-        self.prompts.insert(
-            meta.seq,
-            (ids.to_vec(), mask.into_iter().map(|m| m != 0).collect()),
-        );
-        while self.prompts.len() > Self::CAPACITY {
-            self.prompts.pop_first();
-        }
-        Ok(())
-    }
-
-    /// The prompt of frame `seq` (if it arrived), dropping it and every older one.
-    pub fn take(&mut self, seq: u64) -> Option<(Vec<i32>, Vec<bool>)> {
-        let p = self.prompts.remove(&seq);
-        self.prompts.retain(|&s, _| s > seq);
-        p
-    }
-
-    /// The prompt of frame `seq`: its `tokens` message when the input is wired (required
-    /// then), otherwise `fixed` (env PROMPT).
-    pub fn for_frame(
-        &mut self,
-        seq: u64,
-        wired: bool,
-        fixed: &(Vec<i32>, Vec<bool>),
-    ) -> Result<(Vec<i32>, Vec<bool>)> {
-        if !wired {
-            return Ok(fixed.clone());
-        }
-        self.take(seq).ok_or_else(|| {
-            eyre!("frame {seq}: the `{TOKENS}` input is wired but no prompt arrived for this frame")
-        })
+/// The prompt of a joined frame: its `tokens` part when that input is wired, otherwise
+/// `fixed` (env PROMPT).
+pub fn frame_prompt(
+    frame: &crate::join::Joined,
+    fixed: &(Vec<i32>, Vec<bool>),
+    cfg: &operators::Config,
+) -> Result<(Vec<i32>, Vec<bool>)> {
+    match frame.part(TOKENS) {
+        Some(p) => parse_tokens(&p.metadata, &p.data, cfg),
+        None => Ok(fixed.clone()),
     }
 }
 
@@ -124,53 +94,37 @@ mod tests {
     use dora_node_api::IntoArrow;
 
     #[test]
-    fn prompts_match_frames_and_are_checked() {
+    fn prompts_are_checked() {
         let cfg = operators::Config::pi05_small();
-        let mut b = PromptBuffer::default();
         let meta = |seq| FrameMeta {
             seq,
             t_capture_ns: 0,
             trace: None,
         };
-        for seq in 0..3u64 {
-            let md = tokens_params(&meta(seq), &[true, true, false]);
-            b.insert(&md, &vec![2i32, seq as i32 + 10, 0].into_arrow(), &cfg)
-                .unwrap();
-        }
-        assert_eq!(b.take(1), Some((vec![2, 11, 0], vec![true, true, false])));
-        assert_eq!(b.take(0), None, "older prompts are dropped");
-        let fixed = (vec![5], vec![true]);
-        assert_eq!(b.for_frame(7, false, &fixed).unwrap(), fixed);
-        assert_eq!(b.for_frame(2, true, &fixed).unwrap().0, vec![2, 12, 0]);
-        let e = b.for_frame(7, true, &fixed).unwrap_err().to_string();
-        assert!(
-            e.contains("frame 7") && e.contains("no prompt arrived"),
-            "{e}"
+        let md = tokens_params(&meta(1), &[true, true, false]);
+        assert_eq!(
+            parse_tokens(&md, &vec![2i32, 11, 0].into_arrow(), &cfg).unwrap(),
+            (vec![2, 11, 0], vec![true, true, false])
         );
-
         let md = tokens_params(&meta(4), &[true]);
-        let e = b
-            .insert(&md, &vec![300i32].into_arrow(), &cfg)
+        let e = parse_tokens(&md, &vec![300i32].into_arrow(), &cfg)
             .unwrap_err()
             .to_string();
         assert!(e.contains("token id 300"), "{e}");
         let md = tokens_params(&meta(4), &[true, true]);
-        let e = b
-            .insert(&md, &vec![1i32].into_arrow(), &cfg)
+        let e = parse_tokens(&md, &vec![1i32].into_arrow(), &cfg)
             .unwrap_err()
             .to_string();
         assert!(e.contains("needs 2 values"), "{e}");
         let mut md = meta(4).tensor_params(&[1], "int32");
         md.insert("token_mask".into(), Parameter::ListInt(vec![1, 1]));
-        let e = b
-            .insert(&md, &vec![1i32].into_arrow(), &cfg)
+        let e = parse_tokens(&md, &vec![1i32].into_arrow(), &cfg)
             .unwrap_err()
             .to_string();
         assert!(e.contains("`token_mask` has 2 entries for 1 tokens"), "{e}");
         let long = vec![true; cfg.max_token_len + 1];
         let md = tokens_params(&meta(4), &long);
-        let e = b
-            .insert(&md, &vec![1i32; long.len()].into_arrow(), &cfg)
+        let e = parse_tokens(&md, &vec![1i32; long.len()].into_arrow(), &cfg)
             .unwrap_err()
             .to_string();
         assert!(e.contains("max_token_len"), "{e}");

@@ -3,7 +3,8 @@
 //! (gRPC) or to a JSON-lines file, or off at no cost.
 //!
 //! Every span carries the attributes `turbopi.seq`, `turbopi.node`, `turbopi.backend`,
-//! `turbopi.cpu_ms` and, for GPU stages, `turbopi.gpu_ms` (CUDA events).
+//! `turbopi.cpu_ms` and, for GPU stages, `turbopi.gpu_ms` (CUDA events). A frame a stage
+//! rejected has a span of that stage with status error and `turbopi.rejected` (the reason).
 
 use std::fmt;
 use std::fs::{File, OpenOptions};
@@ -31,6 +32,7 @@ pub const ATTR_NODE: &str = "turbopi.node";
 pub const ATTR_BACKEND: &str = "turbopi.backend";
 pub const ATTR_CPU_MS: &str = "turbopi.cpu_ms";
 pub const ATTR_GPU_MS: &str = "turbopi.gpu_ms";
+pub const ATTR_REJECTED: &str = "turbopi.rejected";
 
 /// The pipeline's stages in order, as span names (a report lists them in this order).
 pub const STAGES: [&str; 7] = [
@@ -206,6 +208,9 @@ pub struct SpanRecord {
     /// Device time of the stage (CUDA events), GPU stages only.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub gpu_ms: Option<f64>,
+    /// Why the stage rejected the frame (its span then carries no latency worth reporting).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rejected: Option<String>,
 }
 
 fn unix_ns(t: SystemTime) -> u64 {
@@ -243,6 +248,7 @@ impl SpanRecord {
             end_unix_ns: unix_ns(span.end_time),
             cpu_ms: float(ATTR_CPU_MS).unwrap_or(0.0),
             gpu_ms: float(ATTR_GPU_MS),
+            rejected: text(ATTR_REJECTED),
         }
     }
 
@@ -253,7 +259,12 @@ impl SpanRecord {
 
 /// Reads a JSON-lines trace file; an error names the file and line.
 pub fn read_records(path: &Path) -> Result<Vec<SpanRecord>, String> {
-    let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let text = operators::fsio::read_string_limited(
+        path,
+        operators::fsio::limit::TRACE_JSONL,
+        "trace file",
+    )
+    .map_err(|e| e.to_string())?;
     text.lines()
         .enumerate()
         .filter(|(_, l)| !l.trim().is_empty())
@@ -474,6 +485,33 @@ impl Tracer {
         let id = TraceParent::of(span.span_context());
         span.end_with_timestamp(start + cpu);
         id
+    }
+
+    /// Records that `stage` rejected frame `seq` for `reason`: a span of that stage, now, of
+    /// no duration, with status error and the reason as `turbopi.rejected`.
+    pub fn record_rejected(
+        &self,
+        stage: &'static str,
+        seq: u64,
+        parent: Option<TraceParent>,
+        reason: &str,
+    ) {
+        let Some(inner) = &self.inner else {
+            return;
+        };
+        let cx = parent.map(|p| p.context()).unwrap_or_default();
+        let mut attrs = inner.attributes(seq);
+        attrs.push(KeyValue::new(ATTR_CPU_MS, 0.0));
+        attrs.push(KeyValue::new(ATTR_REJECTED, reason.to_string()));
+        let now = SystemTime::now();
+        let mut span = inner
+            .tracer
+            .span_builder(stage)
+            .with_start_time(now)
+            .with_attributes(attrs)
+            .start_with_context(&inner.tracer, &cx);
+        span.set_status(opentelemetry::trace::Status::error(reason.to_string()));
+        span.end_with_timestamp(now);
     }
 
     /// Records a whole inference's vision, prefix and denoise spans from the backend's stage

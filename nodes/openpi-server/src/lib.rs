@@ -28,6 +28,7 @@ use eyre::{bail, eyre, Result, WrapErr};
 use futures_util::{SinkExt, StreamExt};
 use hyper_util::rt::TokioIo;
 use node_common::prompt::tokens_params;
+use node_common::reject::{parse_rejection, REJECTED};
 use node_common::{env_opt, env_or, expect_tensor, masks_param, now_ns, Dim, FrameMeta};
 use operators::openpi::msgpack::{decode, Limits, Out};
 use operators::openpi::{norm_stats_path, parse_delta_mask, Robot, Settings, Transforms};
@@ -37,15 +38,15 @@ use tokio::sync::oneshot;
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::protocol::{CloseFrame, Role, WebSocketConfig};
-use tokio_tungstenite::tungstenite::{Error as WsError, Message};
+use tokio_tungstenite::tungstenite::{Bytes, Error as WsError, Message};
 use tokio_tungstenite::WebSocketStream;
 
 /// Close code of a failed request (openpi's server: `CloseCode.INTERNAL_ERROR`).
 pub const CLOSE_INTERNAL_ERROR: u16 = 1011;
 
 /// Frames in the dataflow at once; further requests wait for one to finish. Below the
-/// nodes' per-frame buffers ([`node_common::StateBuffer::CAPACITY`]), so a frame's state and
-/// prompt are never evicted before its images are processed.
+/// frames a node holds while their parts are joined ([`node_common::join::FrameJoin::CAPACITY`]),
+/// so no frame is given up on for want of room.
 pub const MAX_IN_FLIGHT: usize = 32;
 
 /// What the server needs besides the transforms.
@@ -230,15 +231,24 @@ impl Hub {
     }
 
     /// One request: observation bytes to response bytes, or the message of the error text
-    /// frame.
-    async fn serve(&self, bytes: &[u8], prev_total_ms: Option<f64>) -> Result<Vec<u8>, String> {
+    /// frame. Decoding and the transforms run on tokio's blocking pool: they take
+    /// milliseconds of CPU per request, far more for a big message (two 40 MB float16 images:
+    /// about 0.3 s), and on the async threads they would hold up `/healthz` and every other
+    /// connection.
+    async fn serve(
+        self: &Arc<Self>,
+        bytes: Bytes,
+        prev_total_ms: Option<f64>,
+    ) -> Result<Vec<u8>, String> {
         let start = Instant::now();
-        let (input, ctx) = {
-            let obs = decode(bytes, self.settings.limits).map_err(|e| e.to_string())?;
-            self.transforms
+        let hub = Arc::clone(self);
+        let (input, ctx) = off_executor(move || {
+            let obs = decode(&bytes, hub.settings.limits).map_err(|e| e.to_string())?;
+            hub.transforms
                 .inputs(&obs)
-                .map_err(|e| format!("bad observation: {e}"))?
-        };
+                .map_err(|e| format!("bad observation: {e}"))
+        })
+        .await?;
         if input.truncated_prompt && !self.warned_truncation.swap(true, Ordering::Relaxed) {
             eprintln!(
                 "openpi-server: prompts longer than the model's max_token_len are truncated (as openpi does); this is reported once"
@@ -285,30 +295,49 @@ impl Hub {
             }
         };
         let dataflow_ms = ms(sent.elapsed());
-        let actions = self
-            .transforms
-            .outputs(&reply.actions, &ctx)
-            .map_err(|e| format!("frame {seq}: {e}"))?;
-        let mut server = vec![("infer_ms".to_string(), Out::Float(ms(start.elapsed())))];
-        if let Some(p) = prev_total_ms {
-            server.push(("prev_total_ms".to_string(), Out::Float(p)));
-        }
-        server.push(("dataflow_ms".to_string(), Out::Float(dataflow_ms)));
-        let policy = vec![(
-            "infer_ms".to_string(),
-            Out::Float(reply.policy_ms.unwrap_or(dataflow_ms)),
-        )];
-        Ok(self
-            .transforms
-            .response(
-                &actions,
-                vec![
-                    ("policy_timing".to_string(), Out::Map(policy)),
-                    ("server_timing".to_string(), Out::Map(server)),
-                ],
-            )
-            .encode())
+        let hub = Arc::clone(self);
+        off_executor(move || {
+            let actions = hub
+                .transforms
+                .outputs(&reply.actions, &ctx)
+                .map_err(|e| format!("frame {seq}: {e}"))?;
+            let mut server = vec![("infer_ms".to_string(), Out::Float(ms(start.elapsed())))];
+            if let Some(p) = prev_total_ms {
+                server.push(("prev_total_ms".to_string(), Out::Float(p)));
+            }
+            server.push(("dataflow_ms".to_string(), Out::Float(dataflow_ms)));
+            let policy = vec![(
+                "infer_ms".to_string(),
+                Out::Float(reply.policy_ms.unwrap_or(dataflow_ms)),
+            )];
+            Ok(hub
+                .transforms
+                .response(
+                    &actions,
+                    vec![
+                        ("policy_timing".to_string(), Out::Map(policy)),
+                        ("server_timing".to_string(), Out::Map(server)),
+                    ],
+                )
+                .encode())
+        })
+        .await
     }
+}
+
+/// Runs `work` on tokio's blocking pool; a panic in it fails the request, not the server.
+async fn off_executor<T: Send + 'static>(
+    work: impl FnOnce() -> Result<T, String> + Send + 'static,
+) -> Result<T, String> {
+    tokio::task::spawn_blocking(work)
+        .await
+        .map_err(|e| -> String {
+            if e.is_panic() {
+                "internal error: the request's transforms panicked (a bug: please report it)".into()
+            } else {
+                "the server is stopping".into()
+            }
+        })?
 }
 
 fn ms(d: Duration) -> f64 {
@@ -430,7 +459,7 @@ async fn connection(mut ws: Socket, peer: SocketAddr, hub: Arc<Hub>) {
             // Pings are answered by the websocket layer.
             _ => continue,
         };
-        match hub.serve(&bytes, prev_total_ms).await {
+        match hub.serve(bytes, prev_total_ms).await {
             Ok(resp) => {
                 if ws.send(Message::Binary(resp.into())).await.is_err() {
                     break;
@@ -482,8 +511,9 @@ async fn fail(mut ws: Socket, peer: SocketAddr, hub: &Hub, why: String, raw_drai
     .await;
 }
 
-/// Sends every frame of `rx` into the dataflow (state and tokens first, then the images that
-/// trigger the policy); a frame that cannot be sent fails its request.
+/// Sends every frame of `rx` into the dataflow: its state, tokens and images, each on its own
+/// output in order of `seq` (the nodes join them by `seq`: dora keeps the order of each
+/// output, not across outputs); a frame that cannot be sent fails its request.
 fn forward_frames(mut node: DoraNode, rx: mpsc::Receiver<Frame>, hub: Arc<Hub>, cfg: Config) {
     let (images, state, tokens): (DataId, DataId, DataId) = (
         "images".to_string().into(),
@@ -556,6 +586,25 @@ fn on_actions(
     Ok(())
 }
 
+/// A stage's `rejected` message: the frame's client gets the reason now. Several stages may
+/// refuse one frame (a later one sees the frame's other parts left over): the first answer
+/// wins, the others find no request waiting.
+fn on_rejected(
+    hub: &Hub,
+    input: &str,
+    md: &dora_node_api::MetadataParameters,
+    data: &dora_node_api::DoraArray,
+) -> Result<()> {
+    let (seq, by, reason) = parse_rejection(input, md, data)?;
+    hub.complete(
+        seq,
+        Err(format!(
+            "the policy rejected this observation (frame {seq}, node `{by}`): {reason}"
+        )),
+    );
+    Ok(())
+}
+
 pub fn run(node: DoraNode, events: EventStream) -> Result<()> {
     let (transforms, settings, cfg) = settings_from_env()?;
     run_with(transforms, settings, cfg, node, events)
@@ -601,6 +650,12 @@ pub fn run_with(
         match event {
             Event::Input { id, metadata, data } if id.as_str() == "actions" => {
                 if let Err(e) = on_actions(&hub, &cfg, &metadata.parameters, &data) {
+                    node_common::report_rejected("openpi-server", &e);
+                }
+            }
+            // A stage refused one of our frames: its client gets the reason now.
+            Event::Input { id, metadata, data } if id.as_str().starts_with(REJECTED) => {
+                if let Err(e) = on_rejected(&hub, id.as_str(), &metadata.parameters, &data) {
                     node_common::report_rejected("openpi-server", &e);
                 }
             }
@@ -664,6 +719,20 @@ mod tests {
     /// A server on a free local port whose "dataflow" answers frame `seq` with model actions
     /// all equal to `seq / 100`; returns the port, the transforms' twin and the temp dir.
     async fn server() -> (u16, Transforms, tempfile::TempDir) {
+        server_with(1 << 20).await
+    }
+
+    /// [`server`] taking messages up to `max_message_bytes`.
+    async fn server_with(max_message_bytes: usize) -> (u16, Transforms, tempfile::TempDir) {
+        server_rejecting(max_message_bytes, false).await
+    }
+
+    /// [`server_with`] whose dataflow, with `reject_odd`, refuses every odd frame on a
+    /// `rejected` message (as a stage node sends it) instead of answering it.
+    async fn server_rejecting(
+        max_message_bytes: usize,
+        reject_odd: bool,
+    ) -> (u16, Transforms, tempfile::TempDir) {
         let dir = tempfile::tempdir().unwrap();
         let stats = dir.path().join("norm_stats.json");
         std::fs::write(&stats, STATS).unwrap();
@@ -684,7 +753,7 @@ mod tests {
             ServerSettings {
                 addr: listener.local_addr().unwrap(),
                 metadata: Out::Map(vec![("robot".into(), Out::Str("libero".into()))]),
-                max_message_bytes: 1 << 20,
+                max_message_bytes,
                 request_timeout: Duration::from_secs(20),
                 limits: Limits::default(),
             },
@@ -695,6 +764,22 @@ mod tests {
         std::thread::spawn(move || {
             for f in rx {
                 assert_eq!(f.input.images.len(), 3 * 32 * 32 * 3);
+                if reject_odd && f.seq % 2 == 1 {
+                    use dora_node_api::IntoArrow;
+                    let meta = FrameMeta {
+                        seq: f.seq,
+                        t_capture_ns: 1,
+                        trace: None,
+                    };
+                    let mut md = meta.params();
+                    md.insert(
+                        node_common::reject::REJECTED_BY.into(),
+                        Parameter::String("policy".into()),
+                    );
+                    let why = "the observation shows the model nothing".into_arrow();
+                    on_rejected(&h, "rejected", &md, &why).unwrap();
+                    continue;
+                }
                 let reply = Reply {
                     actions: vec![f.seq as f32 / 100.0; n],
                     policy_ms: Some(1.5),
@@ -805,6 +890,38 @@ mod tests {
         assert!(matches!(ws.next().await, Some(Ok(Message::Binary(_)))));
     }
 
+    /// A frame a stage refuses is answered at once with the stage's reason and close 1011,
+    /// long before the request timeout; the other clients go on being served.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_rejected_frame_is_answered_at_once() {
+        let (port, _, _dir) = server_rejecting(1 << 20, true).await;
+        let mut ws = connect(port).await;
+        ws.send(Message::Binary(observation(Some("go")).into()))
+            .await
+            .unwrap();
+        assert!(matches!(ws.next().await, Some(Ok(Message::Binary(_)))));
+        let start = Instant::now();
+        ws.send(Message::Binary(observation(Some("go")).into()))
+            .await
+            .unwrap();
+        expect_failure(
+            &mut ws,
+            "the policy rejected this observation (frame 1, node `policy`): the observation shows the model nothing",
+        )
+        .await;
+        assert!(
+            start.elapsed() < Duration::from_secs(5),
+            "answered after {:?} (the request timeout is 20 s)",
+            start.elapsed()
+        );
+        let mut other = connect(port).await;
+        other
+            .send(Message::Binary(observation(Some("go")).into()))
+            .await
+            .unwrap();
+        assert!(matches!(other.next().await, Some(Ok(Message::Binary(_)))));
+    }
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn healthz_and_plain_http() {
         let (port, _, _dir) = server().await;
@@ -828,5 +945,157 @@ mod tests {
         );
         let plain = get("/").await;
         assert!(plain.starts_with("HTTP/1.1 426"), "{plain}");
+    }
+
+    /// `GET path` on a fresh connection: the whole response.
+    async fn http_get(port: u16, path: &str) -> String {
+        let mut tcp = tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .unwrap();
+        tcp.write_all(
+            format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes(),
+        )
+        .await
+        .unwrap();
+        let mut out = String::new();
+        tcp.read_to_string(&mut out).await.unwrap();
+        out
+    }
+
+    /// A LIBERO observation with two float16 camera images of [3, h, w]: slow to transform
+    /// (every pixel converted from f16, then resized), the kind of request that must not hold
+    /// up the server.
+    fn slow_observation(h: usize, w: usize) -> Vec<u8> {
+        // f16 bit patterns of values in [0.125, 0.5).
+        let f16_image = || Out::NdArray {
+            dtype: "<f2",
+            shape: vec![3, h, w],
+            data: (0..3 * h * w)
+                .flat_map(|i| (0x3000u16 + (i % 0x800) as u16).to_le_bytes())
+                .collect(),
+        };
+        Out::Map(vec![
+            ("observation/image".to_string(), f16_image()),
+            ("observation/wrist_image".to_string(), f16_image()),
+            (
+                "observation/state".to_string(),
+                Out::f64_array(vec![8], &[0.1; 8]),
+            ),
+            ("prompt".to_string(), Out::Str("pick up the cup".into())),
+        ])
+        .encode()
+    }
+
+    /// Slow requests (big float16 images) and a huge prompt in flight on a server whose
+    /// runtime has a single thread: /healthz and another client are still answered promptly,
+    /// because decoding and the transforms run off the async threads, and the huge prompt is
+    /// refused without being tokenized.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn slow_requests_do_not_stall_healthz_or_other_clients() {
+        let (ready_tx, ready_rx) = oneshot::channel();
+        std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async {
+                let (port, twin, dir) = server_with(96 << 20).await;
+                let _ = ready_tx.send((port, twin));
+                let _dir = dir;
+                std::future::pending::<()>().await
+            });
+        });
+        let (port, twin) = ready_rx.await.unwrap();
+        let twin = Arc::new(twin);
+        let slow = Arc::new(slow_observation(2560, 2560));
+        // How long one slow request's transforms take here, on one thread.
+        let one = {
+            let (twin, slow) = (twin.clone(), slow.clone());
+            tokio::task::spawn_blocking(move || {
+                let t = Instant::now();
+                twin.inputs(&decode(&slow, Limits::default()).unwrap())
+                    .unwrap();
+                t.elapsed()
+            })
+            .await
+            .unwrap()
+        };
+        assert!(
+            one > Duration::from_millis(100),
+            "a slow request takes {one:?}: too fast to show a stall"
+        );
+        let prompt = "pick up the cup ".repeat((12 << 20) / 16);
+        let huge_prompt = observation(Some(&prompt));
+        let mut normal = connect(port).await;
+        let mut slow_clients = Vec::new();
+        let mut sent = Vec::new();
+        for _ in 0..2 {
+            let mut ws = connect(port).await;
+            let slow = slow.clone();
+            let (sent_tx, sent_rx) = oneshot::channel();
+            sent.push(sent_rx);
+            slow_clients.push(tokio::spawn(async move {
+                ws.send(Message::Binary(slow.to_vec().into()))
+                    .await
+                    .unwrap();
+                let _ = sent_tx.send(());
+                let answer = ws.next().await;
+                assert!(matches!(answer, Some(Ok(Message::Binary(_)))), "{answer:?}");
+            }));
+        }
+        let mut prompt_client = connect(port).await;
+        prompt_client
+            .send(Message::Binary(huge_prompt.into()))
+            .await
+            .unwrap();
+        // Once the messages are sent (the server has read all but what the socket buffers
+        // hold), while the slow ones are transformed: /healthz every 10 ms, and a normal
+        // request.
+        for s in sent {
+            s.await.unwrap();
+        }
+        let mut health = Vec::new();
+        let mut normal_took = None;
+        while slow_clients.iter().any(|c| !c.is_finished()) {
+            let t = Instant::now();
+            let r = http_get(port, "/healthz").await;
+            assert!(r.starts_with("HTTP/1.1 200"), "{r}");
+            health.push(t.elapsed());
+            if normal_took.is_none() {
+                let t = Instant::now();
+                normal
+                    .send(Message::Binary(observation(Some("go")).into()))
+                    .await
+                    .unwrap();
+                assert!(matches!(normal.next().await, Some(Ok(Message::Binary(_)))));
+                normal_took = Some(t.elapsed());
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        for c in slow_clients {
+            c.await.unwrap();
+        }
+        expect_failure(&mut prompt_client, "`prompt`").await;
+        let worst = health.iter().max().copied().unwrap_or_default();
+        let normal_took = normal_took.unwrap_or_default();
+        eprintln!(
+            "one slow request: {one:?}; {} health checks while two were in flight, the slowest {worst:?}; a normal request {normal_took:?}",
+            health.len()
+        );
+        assert!(
+            health.len() >= 3,
+            "only {} health checks while the slow requests were in flight",
+            health.len()
+        );
+        // On the executor, a check arriving during a slow request's transforms waits for them
+        // to finish (up to `one`, and the checks come every 10 ms).
+        assert!(
+            worst < one * 2 / 3,
+            "/healthz took {worst:?} while requests of {one:?} were in flight"
+        );
+        assert!(
+            normal_took < one * 2 / 3,
+            "a normal request took {normal_took:?} while requests of {one:?} were in flight"
+        );
     }
 }

@@ -1,13 +1,14 @@
 //! The fused policy: vision, prefix and denoise in one process (one load of the weights, no
 //! messages between stages), on the backend named by `BACKEND`.
 
-use dora_node_api::{DoraNode, Event, EventStream};
+use dora_node_api::{DoraArray, DoraNode, Event, EventStream, MetadataParameters};
 use eyre::{bail, eyre, Result};
-use node_common::prompt::{prompt_from_env, PromptBuffer, TOKENS};
+use node_common::join::{FrameJoin, Frames, Joined};
+use node_common::prompt::{frame_prompt, prompt_from_env, TOKENS};
+use node_common::reject::declares_rejected;
 use node_common::trace::Tracer;
 use node_common::{
-    backend_from_env, checkpoint_from_env, env_or, model_images, report_rejected, FrameMeta,
-    SeqGaps, StateBuffer,
+    backend_from_env, checkpoint_from_env, env_or, frame_state, model_images, FrameMeta,
 };
 use operators::backend::{self, Runner};
 use operators::observation::noise_from_seed;
@@ -20,8 +21,12 @@ pub struct Settings {
     /// The prompt of env PROMPT (empty when unset; then every frame brings its own).
     pub tokens: Vec<i32>,
     pub token_mask: Vec<bool>,
-    /// The `tokens` input is wired: every frame takes the prompt sent with it.
-    pub tokens_input: bool,
+    /// The inputs that are parts of every frame besides `images` (those of `state` and
+    /// `tokens` that the dataflow wires), joined to their frame by `seq`. With `tokens`,
+    /// every frame takes the prompt sent with it.
+    pub parts: Vec<&'static str>,
+    /// Rejected frames are sent on the `rejected` output (declared in the dataflow).
+    pub send_rejections: bool,
     /// Overlap frames (the next frame's vision and prefix while this one denoises).
     pub pipeline: bool,
     /// The backend's stage times are device times (CUDA events), traced as `gpu_ms`.
@@ -44,7 +49,11 @@ pub fn run(node: DoraNode, events: EventStream) -> Result<()> {
         bail!("env PIPELINE=true needs BACKEND=cuda (the cpu backend runs one frame at a time)");
     }
     let ckpt = checkpoint_from_env()?;
-    let (tokens, token_mask, tokens_input) = prompt_from_env(&node, &ckpt.config)?;
+    let (tokens, token_mask, _) = prompt_from_env(&node, &ckpt.config)?;
+    let parts = FrameJoin::wired(&node, &["state", TOKENS]);
+    if !ckpt.config.pi05 && !parts.contains(&"state") {
+        bail!("the checkpoint is pi0, which needs the robot state: wire the `state` input");
+    }
     let mut runner = backend::load(kind, precision, &ckpt, |_, _| {})?;
     // The first frames should cost what later ones do (no drops while graphs are built);
     // prompts of other lengths build their graphs when they first arrive.
@@ -56,7 +65,8 @@ pub fn run(node: DoraNode, events: EventStream) -> Result<()> {
         seed,
         tokens,
         token_mask,
-        tokens_input,
+        parts,
+        send_rejections: declares_rejected(&node),
         pipeline,
         gpu_stage_times: kind == operators::backend::BackendKind::Cuda,
     };
@@ -92,57 +102,68 @@ fn send_actions(
         .map_err(|e| eyre!("sending actions: {e}"))
 }
 
-/// What the node has received: the robot states and prompts waiting for their frames, and the
-/// frames' sequence numbers.
-#[derive(Default)]
-struct Inputs {
-    gaps: SeqGaps,
-    states: StateBuffer,
-    prompts: PromptBuffer,
+/// The stage a rejected frame is traced under (the first the node runs).
+const STAGE: &str = "vision";
+
+/// The node's frames: joined by `seq` from `images` and the wired parts.
+fn frames(node: &DoraNode, settings: &Settings) -> Frames {
+    let mut parts = vec!["images"];
+    parts.extend(settings.parts.iter().copied());
+    Frames::new(
+        node.id().as_ref(),
+        STAGE,
+        &parts,
+        settings.send_rejections,
+    )
 }
 
-impl Inputs {
-    /// Takes in message `id`; an `images` message gives its frame: metadata, observation (with
-    /// the frame's state and prompt: its `tokens` message, or env PROMPT when that input is
-    /// not wired) and noise.
-    fn frame(
-        &mut self,
-        cfg: &Config,
-        settings: &Settings,
-        id: &str,
-        md: &dora_node_api::MetadataParameters,
-        data: &dora_node_api::DoraArray,
-    ) -> Result<Option<(FrameMeta, Observation, Vec<f32>)>> {
-        match id {
-            "state" => self.states.insert(md, data, cfg.action_dim)?,
-            TOKENS => self.prompts.insert(md, data, cfg)?,
-            "images" => {
-                let meta = FrameMeta::from_metadata("images", md)?;
-                self.gaps.observe(meta.seq);
-                let seq = meta.seq;
-                let (images, image_masks) = model_images(md, data, cfg)?;
-                let fixed = (settings.tokens.clone(), settings.token_mask.clone());
-                let (tokens, token_mask) =
-                    self.prompts.for_frame(seq, settings.tokens_input, &fixed)?;
-                let obs = Observation {
-                    images,
-                    image_masks,
-                    tokens,
-                    token_mask,
-                    state: self.states.take(seq, !cfg.pi05)?,
-                    noise: None,
-                };
-                let noise = noise_from_seed(cfg, settings.seed.wrapping_add(seq));
-                return Ok(Some((meta, obs, noise)));
-            }
-            _ => {}
+/// Takes in message `id`. When it completes a frame, gives the frame: metadata, observation
+/// (its images, state and prompt: its `tokens` part, or env PROMPT when that input is not
+/// wired) and noise; a completed frame whose parts are bad is rejected.
+#[allow(clippy::too_many_arguments)]
+fn next_frame(
+    frames: &mut Frames,
+    node: &mut DoraNode,
+    tracer: &Tracer,
+    cfg: &Config,
+    settings: &Settings,
+    id: &str,
+    md: MetadataParameters,
+    data: DoraArray,
+) -> Option<(FrameMeta, Observation, Vec<f32>)> {
+    let frame = frames.take(node, tracer, id, md, data, |_, _| {})?;
+    match observation(&frame, cfg, settings) {
+        Ok(obs) => {
+            let noise = noise_from_seed(cfg, settings.seed.wrapping_add(frame.seq));
+            Some((frame.meta(), obs, noise))
         }
-        Ok(None)
+        Err(e) => {
+            frames.reject(node, tracer, frame.meta(), &e);
+            None
+        }
     }
 }
 
-/// Frames overlapped on the backend: a frame is submitted as soon as it arrives (while up to
-/// one other is still running), and its actions are sent as soon as it finishes.
+/// The model inputs of a joined frame.
+fn observation(frame: &Joined, cfg: &Config, settings: &Settings) -> Result<Observation> {
+    let images = frame
+        .part("images")
+        .ok_or_else(|| eyre!("internal: frame {} without images", frame.seq))?;
+    let (images, image_masks) = model_images(&images.metadata, &images.data, cfg)?;
+    let fixed = (settings.tokens.clone(), settings.token_mask.clone());
+    let (tokens, token_mask) = frame_prompt(frame, &fixed, cfg)?;
+    Ok(Observation {
+        images,
+        image_masks,
+        tokens,
+        token_mask,
+        state: frame_state(frame, cfg.action_dim, !cfg.pi05)?,
+        noise: None,
+    })
+}
+
+/// Frames overlapped on the backend: a frame is submitted as soon as its parts are joined
+/// (while up to one other is still running), and its actions are sent as soon as it finishes.
 pub fn run_pipelined(
     cfg: &Config,
     runner: &mut dyn Runner,
@@ -150,22 +171,33 @@ pub fn run_pipelined(
     mut node: DoraNode,
     mut events: EventStream,
 ) -> Result<()> {
-    let mut inputs = Inputs::default();
+    let mut frames = frames(&node, settings);
     let tracer = node_common::tracer(&node, &runner.describe())?;
     let mut pending: std::collections::VecDeque<FrameMeta> = Default::default();
     let mut overlapped = 0u64;
+    // Collects the oldest frame in flight and sends its actions (or rejects it).
     let finish = |runner: &mut dyn Runner,
                   node: &mut DoraNode,
-                  pending: &mut std::collections::VecDeque<FrameMeta>|
-     -> Result<()> {
+                  pending: &mut std::collections::VecDeque<FrameMeta>,
+                  frames: &mut Frames| {
         let done = runner.collect();
-        let meta = pending
-            .pop_front()
-            .ok_or_else(|| eyre!("internal: a collected frame without its metadata"))?;
-        let Some(done) = done? else {
-            bail!("internal: frame {} was not in flight", meta.seq);
+        let Some(meta) = pending.pop_front() else {
+            node_common::report_rejected(
+                "policy",
+                &eyre!("internal: a collected frame without its metadata"),
+            );
+            return;
         };
-        send_actions(node, &tracer, cfg, settings, meta, done, SystemTime::now())
+        let result = match done {
+            Ok(Some(done)) => {
+                send_actions(node, &tracer, cfg, settings, meta, done, SystemTime::now())
+            }
+            Ok(None) => Err(eyre!("internal: frame {} was not in flight", meta.seq)),
+            Err(e) => Err(e.into()),
+        };
+        if let Err(e) = result {
+            frames.reject(node, &tracer, meta, &e);
+        }
     };
     loop {
         // With a frame running, poll briefly so that it is sent as soon as it is done.
@@ -178,47 +210,45 @@ pub fn run_pipelined(
             None | Some(Event::Stop(_)) => break,
             Some(Event::InputClosed { id }) if id.as_str() == "images" => break,
             Some(Event::Input { id, metadata, data }) => {
-                let md = &metadata.parameters;
-                let result = (|| -> Result<()> {
-                    let Some((meta, obs, noise)) =
-                        inputs.frame(cfg, settings, id.as_str(), md, &data)?
-                    else {
-                        return Ok(());
-                    };
+                let frame = next_frame(
+                    &mut frames,
+                    &mut node,
+                    &tracer,
+                    cfg,
+                    settings,
+                    id.as_str(),
+                    metadata.parameters,
+                    data,
+                );
+                if let Some((meta, obs, noise)) = frame {
                     if runner.in_flight() >= 2 {
-                        finish(runner, &mut node, &mut pending)?;
+                        finish(runner, &mut node, &mut pending, &mut frames);
                     }
                     if !pending.is_empty() {
                         overlapped += 1;
                     }
-                    if !runner.submit(&obs, &noise, settings.steps)? {
-                        bail!(
+                    match runner.submit(&obs, &noise, settings.steps) {
+                        Ok(true) => pending.push_back(meta),
+                        Ok(false) => bail!(
                             "env PIPELINE=true needs a backend that overlaps frames (BACKEND=cuda)"
-                        );
+                        ),
+                        Err(e) => frames.reject(&mut node, &tracer, meta, &e.into()),
                     }
-                    pending.push_back(meta);
-                    Ok(())
-                })();
-                if let Err(e) = result {
-                    report_rejected("policy", &e);
                 }
             }
             Some(_) => {}
         }
         while runner.in_flight() > 0 && runner.ready() {
-            if let Err(e) = finish(runner, &mut node, &mut pending) {
-                report_rejected("policy", &e);
-            }
+            finish(runner, &mut node, &mut pending, &mut frames);
         }
     }
     while runner.in_flight() > 0 {
-        if let Err(e) = finish(runner, &mut node, &mut pending) {
-            report_rejected("policy", &e);
-        }
+        finish(runner, &mut node, &mut pending, &mut frames);
     }
+    frames.close(&mut node, &tracer, |_, _| {});
     eprintln!(
-        "policy: {} frames, {} gaps, {overlapped} started while another was running",
-        inputs.gaps.frames, inputs.gaps.gaps
+        "policy: {}, {overlapped} started while another was running",
+        frames.summary()
     );
     Ok(())
 }
@@ -231,29 +261,37 @@ pub fn run_with(
     mut events: EventStream,
 ) -> Result<()> {
     let tracer = node_common::tracer(&node, &runner.describe())?;
-    let mut inputs = Inputs::default();
+    let mut frames = frames(&node, settings);
     while let Some(event) = events.recv() {
         let Event::Input { id, metadata, data } = event else {
             continue;
         };
-        let md = &metadata.parameters;
-        let result = (|| {
-            let Some((meta, obs, noise)) = inputs.frame(cfg, settings, id.as_str(), md, &data)?
-            else {
-                return Ok(());
-            };
-            let done = runner.infer(&obs, &noise, settings.steps)?;
-            let t = SystemTime::now();
-            send_actions(&mut node, &tracer, cfg, settings, meta, done, t)
-        })();
+        let frame = next_frame(
+            &mut frames,
+            &mut node,
+            &tracer,
+            cfg,
+            settings,
+            id.as_str(),
+            metadata.parameters,
+            data,
+        );
+        let Some((meta, obs, noise)) = frame else {
+            continue;
+        };
+        let result = runner
+            .infer(&obs, &noise, settings.steps)
+            .map_err(eyre::Report::from)
+            .and_then(|done| {
+                let t = SystemTime::now();
+                send_actions(&mut node, &tracer, cfg, settings, meta, done, t)
+            });
         if let Err(e) = result {
-            report_rejected("policy", &e);
+            frames.reject(&mut node, &tracer, meta, &e);
         }
     }
-    eprintln!(
-        "policy: {} frames, {} gaps",
-        inputs.gaps.frames, inputs.gaps.gaps
-    );
+    frames.close(&mut node, &tracer, |_, _| {});
+    eprintln!("policy: {}", frames.summary());
     Ok(())
 }
 
@@ -333,7 +371,8 @@ mod tests {
             seed: 3,
             tokens: tokens.clone(),
             token_mask: token_mask.clone(),
-            tokens_input: false,
+            parts: vec![],
+            send_rejections: false,
             pipeline: false,
             gpu_stage_times: false,
         };
@@ -370,15 +409,20 @@ mod tests {
         assert_eq!(got, want);
     }
 
-    /// With the `tokens` input wired, each frame runs on the prompt sent with it, and a frame
-    /// whose prompt did not arrive is rejected.
+    /// With `state` and `tokens` wired, each frame runs on the parts sent with it whatever
+    /// order they arrive in across inputs (dora does not keep it); a frame whose part was
+    /// lost, and one with a bad part, are rejected on `rejected` with the reason, at once.
     #[test]
-    fn per_frame_prompts_from_the_tokens_input() {
+    fn frames_are_joined_by_seq_in_any_arrival_order() {
         let ckpt = Checkpoint::open(&golden("pi05_small").join("checkpoint")).unwrap();
         let cfg = ckpt.config.clone();
         let mut policy = Policy::load(&ckpt, |_, _| {}).unwrap();
         let (n, s) = (cfg.num_images, cfg.image_size);
-        let px: Vec<u8> = (0..n * s * s * 3).map(|i| (i * 7 % 256) as u8).collect();
+        let px = |seq: u64| -> Vec<u8> {
+            (0..n * s * s * 3)
+                .map(|i| ((i as u64 * 7 + seq * 31) % 256) as u8)
+                .collect()
+        };
         let shape: &'static [usize] = Box::leak(vec![n, s, s, 3].into_boxed_slice());
         let images = |seq| TensorInput {
             id: "images",
@@ -386,31 +430,146 @@ mod tests {
             shape,
             dtype: "uint8",
             arrow_type: "UInt8",
-            values: json(&px),
+            values: json(&px(seq)),
             extra: vec![("image_masks", Parameter::ListInt(vec![1, 1, 0]))],
         };
-        let prompt: Vec<i32> = vec![2, 17, 99, 4, 0, 0];
+        let prompt = |seq: u64| -> Vec<i32> { vec![2, 17 + seq as i32, 99, 4, 0, 0] };
         let mask = vec![1i64, 1, 1, 1, 0, 0];
-        let tokens = |seq| TensorInput {
+        let tokens = |seq: u64, ids: Vec<i32>| TensorInput {
             id: "tokens",
             seq,
             shape: &[6],
             dtype: "int32",
             arrow_type: "Int32",
-            values: json(&prompt),
+            values: json(&ids),
             extra: vec![("token_mask", Parameter::ListInt(mask.clone()))],
         };
-        let events = vec![
-            event(0.0, tokens(4)),
-            event(0.01, images(4)),
-            event(0.02, images(5)),
-        ];
+        let state = |seq: u64| TensorInput {
+            id: "state",
+            seq,
+            shape: &[8],
+            dtype: "float32",
+            arrow_type: "Float32",
+            values: json(&[seq as f32 * 0.1; 8]),
+            extra: vec![],
+        };
+        let events = || {
+            let t = [
+                0.0, 0.01, 0.02, 0.03, 0.04, 0.05, 0.06, 0.07, 0.08, 0.09, 0.1, 0.11,
+            ];
+            vec![
+                // Frame 4: images first, then state and tokens.
+                event(t[0], images(4)),
+                event(t[1], state(4)),
+                event(t[2], tokens(4, prompt(4))),
+                // Frame 5: tokens, images, state.
+                event(t[3], tokens(5, prompt(5))),
+                event(t[4], images(5)),
+                // Frame 6 loses its tokens: frame 7's tokens show it.
+                event(t[5], images(6)),
+                event(t[6], state(5)),
+                event(t[7], state(6)),
+                event(t[8], tokens(7, prompt(7))),
+                event(t[9], state(7)),
+                event(t[10], images(7)),
+                // Frame 8 has a token id outside the vocabulary.
+                event(t[11], tokens(8, vec![2, 300, 0, 0, 0, 0])),
+                event(t[11] + 0.01, images(8)),
+                event(t[11] + 0.02, state(8)),
+            ]
+        };
         let settings = Settings {
             steps: 2,
             seed: 1,
             tokens: vec![],
             token_mask: vec![],
-            tokens_input: true,
+            parts: vec!["state", TOKENS],
+            send_rejections: true,
+            pipeline: false,
+            gpu_stage_times: false,
+        };
+        let out = run_node("policy", events(), |node, ev| {
+            run_with(&cfg, &mut policy, &settings, node, ev)
+        })
+        .unwrap();
+        let ids: Vec<&str> = out.iter().filter_map(|o| o["id"].as_str()).collect();
+        assert_eq!(
+            ids,
+            ["actions", "actions", "rejected", "actions", "rejected"],
+            "{out:?}"
+        );
+        let reason = |o: &serde_json::Map<String, serde_json::Value>| {
+            o["data"][0].as_str().unwrap_or_default().to_string()
+        };
+        let lost = reason(&out[2]);
+        assert!(
+            lost.contains("frame 6") && lost.contains("`tokens` never arrived"),
+            "{lost}"
+        );
+        assert!(
+            reason(&out[4]).contains("token id 300"),
+            "{}",
+            reason(&out[4])
+        );
+        for (o, seq) in [(&out[0], 4u64), (&out[1], 5), (&out[3], 7)] {
+            let obs = Observation {
+                images: px(seq)
+                    .chunks_exact(s * s * 3)
+                    .flat_map(|c| image::to_model_input(c, s, s, s))
+                    .collect(),
+                image_masks: vec![true, true, false],
+                tokens: prompt(seq),
+                token_mask: mask.iter().map(|&m| m != 0).collect(),
+                state: Some(vec![seq as f32 * 0.1; 8]),
+                noise: None,
+            };
+            let (want, _) = policy
+                .infer(&obs, &noise_from_seed(&cfg, 1 + seq), 2)
+                .unwrap();
+            let got: Vec<f32> = values(o).iter().map(|&v| v as f32).collect();
+            assert_eq!(got, want, "frame {seq}");
+        }
+        // The pipelined loop joins the same way.
+        let mut overlapping = Overlapping {
+            inner: Policy::load(&ckpt, |_, _| {}).unwrap(),
+            done: Default::default(),
+        };
+        let piped = run_node("policy", events(), |node, ev| {
+            run_pipelined(&cfg, &mut overlapping, &settings, node, ev)
+        })
+        .unwrap();
+        let piped_ids: Vec<&str> = piped.iter().filter_map(|o| o["id"].as_str()).collect();
+        assert_eq!(piped_ids, ids);
+        for (a, b) in out.iter().zip(&piped) {
+            assert_eq!(a["data"], b["data"]);
+        }
+    }
+
+    /// A frame whose parts never all arrive is rejected when the stream ends, not forgotten.
+    #[test]
+    fn a_frame_still_waiting_at_the_end_is_rejected() {
+        let ckpt = Checkpoint::open(&golden("pi05_small").join("checkpoint")).unwrap();
+        let cfg = ckpt.config.clone();
+        let mut policy = Policy::load(&ckpt, |_, _| {}).unwrap();
+        let events = vec![event(
+            0.0,
+            TensorInput {
+                id: "tokens",
+                seq: 3,
+                shape: &[1],
+                dtype: "int32",
+                arrow_type: "Int32",
+                values: json(&[2]),
+                extra: vec![("token_mask", Parameter::ListInt(vec![1]))],
+            },
+        )];
+        let settings = Settings {
+            steps: 2,
+            seed: 1,
+            tokens: vec![],
+            token_mask: vec![],
+            parts: vec![TOKENS],
+            send_rejections: true,
             pipeline: false,
             gpu_stage_times: false,
         };
@@ -418,20 +577,12 @@ mod tests {
             run_with(&cfg, &mut policy, &settings, node, ev)
         })
         .unwrap();
-        assert_eq!(out.len(), 1, "frame 5 had no prompt: {out:?}");
-        let obs = Observation {
-            images: px
-                .chunks_exact(s * s * 3)
-                .flat_map(|c| image::to_model_input(c, s, s, s))
-                .collect(),
-            image_masks: vec![true, true, false],
-            tokens: prompt.clone(),
-            token_mask: mask.iter().map(|&m| m != 0).collect(),
-            state: None,
-            noise: None,
-        };
-        let (want, _) = policy.infer(&obs, &noise_from_seed(&cfg, 5), 2).unwrap();
-        let got: Vec<f32> = values(&out[0]).iter().map(|&v| v as f32).collect();
-        assert_eq!(got, want);
+        assert_eq!(out.len(), 1, "{out:?}");
+        assert_eq!(out[0]["id"], "rejected");
+        let why = out[0]["data"][0].as_str().unwrap_or_default();
+        assert!(
+            why.contains("frame 3") && why.contains("`images` never arrived"),
+            "{why}"
+        );
     }
 }

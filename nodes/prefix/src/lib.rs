@@ -5,10 +5,11 @@ use dora_node_api::dora_core::config::DataId;
 use dora_node_api::{DoraNode, Event, EventStream};
 use eyre::{bail, eyre, Result};
 use node_common::ipc::{refuse_ipc, transport_from_env, Transport};
-use node_common::prompt::{prompt_from_env, PromptBuffer, TOKENS};
+use node_common::join::{Frames, Joined};
+use node_common::prompt::{frame_prompt, prompt_from_env, TOKENS};
+use node_common::reject::declares_rejected;
 use node_common::{
-    backend_from_env, checkpoint_from_env, expect_tensor, image_masks, kv_to_tensor,
-    report_rejected, Dim, FrameMeta, SeqGaps,
+    backend_from_env, checkpoint_from_env, expect_tensor, image_masks, kv_to_tensor, Dim,
 };
 use operators::backend::{self, BackendKind, PrefixStage};
 use operators::{Config, ImageEmbeddings};
@@ -17,18 +18,29 @@ use operators::{Config, ImageEmbeddings};
 pub struct Prompt {
     pub tokens: Vec<i32>,
     pub mask: Vec<bool>,
-    /// The `tokens` input is wired: every frame takes the prompt sent with it (`tokens` and
-    /// `mask` are then env PROMPT's, unused, or empty).
+    /// The `tokens` input is wired: every frame takes the prompt sent with it, joined to its
+    /// image embeddings by `seq` (`tokens` and `mask` are then env PROMPT's, unused, or empty).
     pub per_frame: bool,
 }
 
 impl Prompt {
-    /// The token ids and mask of frame `seq`.
-    fn for_frame(&self, prompts: &mut PromptBuffer, seq: u64) -> Result<(Vec<i32>, Vec<bool>)> {
-        prompts.for_frame(
-            seq,
-            self.per_frame,
-            &(self.tokens.clone(), self.mask.clone()),
+    /// The token ids and mask of a joined frame.
+    fn for_frame(&self, frame: &Joined, cfg: &Config) -> Result<(Vec<i32>, Vec<bool>)> {
+        frame_prompt(frame, &(self.tokens.clone(), self.mask.clone()), cfg)
+    }
+
+    /// The frame's parts: the image embeddings, and the prompt when it comes per frame.
+    fn frames(&self, node: &DoraNode) -> Frames {
+        let parts: &[&'static str] = if self.per_frame {
+            &["image_embeddings", TOKENS]
+        } else {
+            &["image_embeddings"]
+        };
+        Frames::new(
+            node.id().as_ref(),
+            "prefix",
+            parts,
+            declares_rejected(node),
         )
     }
 }
@@ -67,8 +79,7 @@ pub fn run_with(
     let out: DataId = "kv_cache".to_string().into();
     let tracer = node_common::tracer(&node, &encoder.describe())?;
     let t = cfg.tokens_per_image();
-    let mut gaps = SeqGaps::default();
-    let mut prompts = PromptBuffer::default();
+    let mut frames = prompt.frames(&node);
     while let Some(event) = events.recv() {
         let (id, metadata, data) = match event {
             Event::Input { id, metadata, data } => (id, metadata, data),
@@ -77,28 +88,31 @@ pub fn run_with(
             Event::Stop(_) => break,
             _ => continue,
         };
-        let md = &metadata.parameters;
-        if id.as_str() == TOKENS {
-            if let Err(e) = prompts.insert(md, &data, cfg) {
-                report_rejected("prefix", &e);
-            }
+        let Some(frame) = frames.take(
+            &mut node,
+            &tracer,
+            id.as_str(),
+            metadata.parameters,
+            data,
+            |_, _| {},
+        ) else {
             continue;
-        }
-        if id.as_str() != "image_embeddings" {
-            continue;
-        }
+        };
+        let meta = frame.meta();
         let result = (|| {
-            let meta = FrameMeta::from_metadata("image_embeddings", md)?;
-            gaps.observe(meta.seq);
             let mut span = tracer.start("prefix", meta.seq, meta.trace);
             let meta = meta.traced(span.id());
+            let part = frame
+                .part("image_embeddings")
+                .ok_or_else(|| eyre!("internal: a frame without image embeddings"))?;
+            let md = &part.metadata;
             refuse_ipc("image_embeddings", md)?;
             let masks = image_masks("image_embeddings", md, cfg.num_images)?;
             let real = masks.iter().filter(|&&m| m).count();
             let (_, emb) = expect_tensor::<f32>(
                 "image_embeddings",
                 md,
-                &data,
+                &part.data,
                 "float32",
                 &[Dim::Is(real * t), Dim::Is(cfg.vlm_width)],
             )?;
@@ -106,7 +120,7 @@ pub fn run_with(
                 tokens: emb.to_vec(),
                 real_images: real,
             };
-            let (tokens, mask) = prompt.for_frame(&mut prompts, meta.seq)?;
+            let (tokens, mask) = prompt.for_frame(&frame, cfg)?;
             let cache = encoder.encode(&images, &tokens, &mask)?;
             if let Some(gpu) = encoder.gpu_time() {
                 span.set_gpu(gpu);
@@ -118,10 +132,11 @@ pub fn run_with(
             Ok(())
         })();
         if let Err(e) = result {
-            report_rejected("prefix", &e);
+            frames.reject(&mut node, &tracer, meta, &e);
         }
     }
-    eprintln!("prefix: {} frames, {} gaps", gaps.frames, gaps.gaps);
+    frames.close(&mut node, &tracer, |_, _| {});
+    eprintln!("prefix: {}", frames.summary());
     Ok(())
 }
 
@@ -150,7 +165,9 @@ fn run_cuda(
     mut node: DoraNode,
     mut events: EventStream,
 ) -> Result<()> {
-    use node_common::ipc::{release_from, release_params, ring_slots_from_env, IpcTensor};
+    use node_common::ipc::{
+        release_from, release_params, release_part, ring_slots_from_env, IpcTensor,
+    };
     use operators::cuda::ipc::{Importer, Remote, Ring};
     use operators::cuda::{CudaPolicy, DType};
 
@@ -196,14 +213,12 @@ fn run_cuda(
             .map(|(&t, _)| t)
             .collect()
     };
-    let fixed_ids = real_ids(&prompt.tokens, &prompt.mask);
-    let mut prompts = PromptBuffer::default();
+    let mut frames = prompt.frames(&node);
     let out: DataId = "kv_cache".to_string().into();
     let release_out: DataId = "release".to_string().into();
     let tracer = node_common::tracer(&node, &operators::backend::Runner::describe(&policy))?;
     let t = cfg.tokens_per_image();
     let mut importer = Importer::default();
-    let mut gaps = SeqGaps::default();
     let (mut by_handle_in, mut host_in, mut by_handle_out, mut host_bytes_out) =
         (0u64, 0u64, 0u64, 0usize);
     let (mut full, mut stale) = (0u64, 0u64);
@@ -215,36 +230,46 @@ fn run_cuda(
             Event::Stop(_) => break,
             _ => continue,
         };
-        let md = &metadata.parameters;
-        let result = (|| -> Result<()> {
-            match id.as_str() {
-                "release" => {
-                    let (slot, seq) = release_from(md)?;
+        if id.as_str() == "release" {
+            match release_from(&metadata.parameters) {
+                Ok((slot, seq)) => {
                     if !ring.as_mut().is_some_and(|r| r.release(slot as usize, seq)) {
                         stale += 1;
                     }
-                    return Ok(());
                 }
-                TOKENS => return prompts.insert(md, &data, cfg),
-                "image_embeddings" => {}
-                _ => return Ok(()),
+                Err(e) => frames.rejections.message(&e),
             }
-            let meta = FrameMeta::from_metadata("image_embeddings", md)?;
-            gaps.observe(meta.seq);
+            continue;
+        }
+        // A dropped frame's embeddings slot goes back to the vision node unread.
+        let Some(frame) = frames.take(
+            &mut node,
+            &tracer,
+            id.as_str(),
+            metadata.parameters,
+            data,
+            release_part,
+        ) else {
+            continue;
+        };
+        let meta = frame.meta();
+        // Whether the embeddings' ring slot (when sent by handle) went back to the producer.
+        let mut released = false;
+        let result = (|| -> Result<()> {
+            let part = frame
+                .part("image_embeddings")
+                .ok_or_else(|| eyre!("internal: a frame without image embeddings"))?;
+            let md = &part.metadata;
             let mut span = tracer.start("prefix", meta.seq, meta.trace);
             let meta = meta.traced(span.id());
-            let ids = if prompt.per_frame {
-                let (tokens, mask) = prompt.for_frame(&mut prompts, meta.seq)?;
-                real_ids(&tokens, &mask)
-            } else {
-                fixed_ids.clone()
-            };
+            let (tokens, mask) = prompt.for_frame(&frame, cfg)?;
+            let ids = real_ids(&tokens, &mask);
             let masks = image_masks("image_embeddings", md, cfg.num_images)?;
             let real = masks.iter().filter(|&&m| m).count();
             let expected = [Dim::Is(real * t), Dim::Is(cfg.vlm_width)];
             let (p, gpu) = if IpcTensor::is_ipc(md) {
                 let tensor =
-                    IpcTensor::from_input("image_embeddings", md, &data, "<f4", &expected)?;
+                    IpcTensor::from_input("image_embeddings", md, &part.data, "<f4", &expected)?;
                 let remote = Remote {
                     mem_handle: tensor.mem_handle,
                     event_handle: tensor.event_handle,
@@ -253,13 +278,14 @@ fn run_cuda(
                 };
                 let read = policy.prefix_from_ring(&mut importer, &remote, real, &ids);
                 // The slot is copied (or unusable): hand it back either way.
+                released = true;
                 node.send_output(release_out.clone(), release_params(meta, tensor.slot), ())
                     .map_err(|e| eyre!("sending release: {e}"))?;
                 by_handle_in += 1;
                 read?
             } else {
                 let (_, emb) =
-                    expect_tensor::<f32>("image_embeddings", md, &data, "float32", &expected)?;
+                    expect_tensor::<f32>("image_embeddings", md, &part.data, "float32", &expected)?;
                 host_in += 1;
                 policy.prefix_from_host(emb, real, &ids)?
             };
@@ -315,9 +341,15 @@ fn run_cuda(
             Ok(())
         })();
         if let Err(e) = result {
-            report_rejected("prefix", &e);
+            if !released {
+                if let Some(part) = frame.part("image_embeddings") {
+                    release_part(&mut node, part);
+                }
+            }
+            frames.reject(&mut node, &tracer, meta, &e);
         }
     }
+    frames.close(&mut node, &tracer, release_part);
     // Slots still held by the consumer may be mid-copy: wait for their release (at most 2 s,
     // a consumer that is gone never answers) before the ring's memory is freed.
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
@@ -339,9 +371,8 @@ fn run_cuda(
         }
     }
     eprintln!(
-        "prefix: {} frames, {} gaps; in: {by_handle_in} by cuda-ipc handle, {host_in} host tensors ({} slots opened); out: {by_handle_out} by cuda-ipc handle, {:.1} MB through the host; {full} frames dropped with the ring full, {} slots reclaimed, {stale} stale releases",
-        gaps.frames,
-        gaps.gaps,
+        "prefix: {}; in: {by_handle_in} by cuda-ipc handle, {host_in} host tensors ({} slots opened); out: {by_handle_out} by cuda-ipc handle, {:.1} MB through the host; {full} frames dropped with the ring full, {} slots reclaimed, {stale} stale releases",
+        frames.summary(),
         importer.opened(),
         host_bytes_out as f64 / 1e6,
         ring.as_ref().map_or(0, |r| r.reclaimed)

@@ -4,10 +4,9 @@ use dora_node_api::dora_core::config::DataId;
 use dora_node_api::{DoraNode, Event, EventStream};
 use eyre::{bail, eyre, Result};
 use node_common::ipc::{transport_from_env, Transport};
-use node_common::{
-    backend_from_env, checkpoint_from_env, masks_param, model_images, report_rejected, FrameMeta,
-    SeqGaps,
-};
+use node_common::join::Frames;
+use node_common::reject::declares_rejected;
+use node_common::{backend_from_env, checkpoint_from_env, masks_param, model_images};
 use operators::backend::{self, BackendKind, VisionStage};
 use operators::Config;
 
@@ -28,6 +27,16 @@ pub fn run(node: DoraNode, events: EventStream) -> Result<()> {
     run_with(&ckpt.config, encoder.as_mut(), node, events)
 }
 
+/// The node's frames: one `images` message each.
+fn frames(node: &DoraNode) -> Frames {
+    Frames::new(
+        node.id().as_ref(),
+        "vision",
+        &["images"],
+        declares_rejected(node),
+    )
+}
+
 pub fn run_with(
     cfg: &Config,
     encoder: &mut dyn VisionStage,
@@ -36,7 +45,7 @@ pub fn run_with(
 ) -> Result<()> {
     let out: DataId = "image_embeddings".to_string().into();
     let tracer = node_common::tracer(&node, &encoder.describe())?;
-    let mut gaps = SeqGaps::default();
+    let mut frames = frames(&node);
     while let Some(event) = events.recv() {
         let (id, metadata, data) = match event {
             Event::Input { id, metadata, data } => (id, metadata, data),
@@ -45,16 +54,24 @@ pub fn run_with(
             Event::Stop(_) => break,
             _ => continue,
         };
-        if id.as_str() != "images" {
+        let Some(frame) = frames.take(
+            &mut node,
+            &tracer,
+            id.as_str(),
+            metadata.parameters,
+            data,
+            |_, _| {},
+        ) else {
             continue;
-        }
-        let md = &metadata.parameters;
+        };
+        let meta = frame.meta();
         let result = (|| {
-            let meta = FrameMeta::from_metadata("images", md)?;
-            gaps.observe(meta.seq);
+            let part = frame
+                .part("images")
+                .ok_or_else(|| eyre!("internal: a frame without images"))?;
             let mut span = tracer.start("vision", meta.seq, meta.trace);
             let meta = meta.traced(span.id());
-            let (pixels, masks) = model_images(md, &data, cfg)?;
+            let (pixels, masks) = model_images(&part.metadata, &part.data, cfg)?;
             let emb = encoder.encode(&pixels, &masks)?;
             if let Some(gpu) = encoder.gpu_time() {
                 span.set_gpu(gpu);
@@ -70,10 +87,10 @@ pub fn run_with(
             Ok(())
         })();
         if let Err(e) = result {
-            report_rejected("vision", &e);
+            frames.reject(&mut node, &tracer, meta, &e);
         }
     }
-    eprintln!("vision: {} frames, {} gaps", gaps.frames, gaps.gaps);
+    eprintln!("vision: {}", frames.summary());
     Ok(())
 }
 
@@ -118,7 +135,7 @@ fn run_cuda_ipc(
     let out: DataId = "image_embeddings".to_string().into();
     let tracer = node_common::tracer(&node, &operators::backend::Runner::describe(&policy))?;
     let per_image = cfg.image_size * cfg.image_size * 3;
-    let mut gaps = SeqGaps::default();
+    let mut frames = frames(&node);
     let (mut sent, mut bytes, mut full, mut stale) = (0u64, 0usize, 0u64, 0u64);
     while let Some(event) = events.recv() {
         let (id, metadata, data) = match event {
@@ -128,77 +145,87 @@ fn run_cuda_ipc(
             Event::Stop(_) => break,
             _ => continue,
         };
-        let md = &metadata.parameters;
-        let result = (|| -> Result<()> {
-            match id.as_str() {
-                "release" => {
-                    let (slot, seq) = release_from(md)?;
+        if id.as_str() == "release" {
+            match release_from(&metadata.parameters) {
+                Ok((slot, seq)) => {
                     if !ring.release(slot as usize, seq) {
                         stale += 1;
                     }
-                    Ok(())
                 }
-                "images" => {
-                    let meta = FrameMeta::from_metadata("images", md)?;
-                    gaps.observe(meta.seq);
-                    let mut span = tracer.start("vision", meta.seq, meta.trace);
-                    let meta = meta.traced(span.id());
-                    let (pixels, masks) = model_images(md, &data, cfg)?;
-                    let real: Vec<f32> = pixels
-                        .chunks_exact(per_image)
-                        .zip(&masks)
-                        .filter(|(_, &m)| m)
-                        .flat_map(|(px, _)| px.iter().copied())
-                        .collect();
-                    let n = masks.iter().filter(|&&m| m).count();
-                    let before = ring.reclaimed;
-                    let slot = ring.acquire(meta.seq);
-                    if ring.reclaimed > before {
-                        eprintln!(
-                            "vision: {} ring slot(s) not handed back within 2 s taken back (consumer gone or restarting?)",
-                            ring.reclaimed - before
-                        );
-                    }
-                    let Some(slot) = slot else {
-                        full += 1;
-                        bail!(
-                            "frame {}: dropped, every ring slot is still held by the consumer",
-                            meta.seq
-                        );
-                    };
-                    let written = match policy.vision_to_ring(&real, n, &ring, slot) {
-                        Ok((gpu, b)) => {
-                            span.set_gpu(gpu);
-                            b
-                        }
-                        Err(e) => {
-                            ring.cancel(slot);
-                            return Err(e.into());
-                        }
-                    };
-                    let s = ring.slot(slot)?;
-                    let tensor = IpcTensor {
-                        mem_handle: s.mem_handle,
-                        event_handle: s.event_handle,
-                        slot: slot as u64,
-                        shape: vec![n * t, w],
-                        dtype: "<f4".into(),
-                        offset: 0,
-                    };
-                    let mut p = tensor.params(meta);
-                    p.insert("image_masks".into(), masks_param(&masks));
-                    node.send_output(out.clone(), p, tensor.data())
-                        .map_err(|e| eyre!("sending image_embeddings: {e}"))?;
-                    sent += 1;
-                    bytes += written;
-                    span.end();
-                    Ok(())
-                }
-                _ => Ok(()),
+                Err(e) => frames.rejections.message(&e),
             }
+            continue;
+        }
+        let Some(frame) = frames.take(
+            &mut node,
+            &tracer,
+            id.as_str(),
+            metadata.parameters,
+            data,
+            |_, _| {},
+        ) else {
+            continue;
+        };
+        let meta = frame.meta();
+        let result = (|| -> Result<()> {
+            let part = frame
+                .part("images")
+                .ok_or_else(|| eyre!("internal: a frame without images"))?;
+            let mut span = tracer.start("vision", meta.seq, meta.trace);
+            let meta = meta.traced(span.id());
+            let (pixels, masks) = model_images(&part.metadata, &part.data, cfg)?;
+            let real: Vec<f32> = pixels
+                .chunks_exact(per_image)
+                .zip(&masks)
+                .filter(|(_, &m)| m)
+                .flat_map(|(px, _)| px.iter().copied())
+                .collect();
+            let n = masks.iter().filter(|&&m| m).count();
+            let before = ring.reclaimed;
+            let slot = ring.acquire(meta.seq);
+            if ring.reclaimed > before {
+                eprintln!(
+                    "vision: {} ring slot(s) not handed back within 2 s taken back (consumer gone or restarting?)",
+                    ring.reclaimed - before
+                );
+            }
+            let Some(slot) = slot else {
+                full += 1;
+                bail!(
+                    "frame {}: dropped, every ring slot is still held by the consumer",
+                    meta.seq
+                );
+            };
+            let written = match policy.vision_to_ring(&real, n, &ring, slot) {
+                Ok((gpu, b)) => {
+                    span.set_gpu(gpu);
+                    b
+                }
+                Err(e) => {
+                    ring.cancel(slot);
+                    return Err(e.into());
+                }
+            };
+            let s = ring.slot(slot)?;
+            let tensor = IpcTensor {
+                mem_handle: s.mem_handle,
+                event_handle: s.event_handle,
+                slot: slot as u64,
+                shape: vec![n * t, w],
+                dtype: "<f4".into(),
+                offset: 0,
+            };
+            let mut p = tensor.params(meta);
+            p.insert("image_masks".into(), masks_param(&masks));
+            node.send_output(out.clone(), p, tensor.data())
+                .map_err(|e| eyre!("sending image_embeddings: {e}"))?;
+            sent += 1;
+            bytes += written;
+            span.end();
+            Ok(())
         })();
         if let Err(e) = result {
-            report_rejected("vision", &e);
+            frames.reject(&mut node, &tracer, meta, &e);
         }
     }
     // Slots still held by the consumer may be mid-copy: wait for their release (at most 2 s,
@@ -220,9 +247,8 @@ fn run_cuda_ipc(
         }
     }
     eprintln!(
-        "vision: {} frames, {} gaps; cuda-ipc: {sent} tensors ({:.1} MB) passed by handle, 0 bytes through the host; {full} frames dropped with the ring full, {} slots reclaimed, {stale} stale releases",
-        gaps.frames,
-        gaps.gaps,
+        "vision: {}; cuda-ipc: {sent} tensors ({:.1} MB) passed by handle, 0 bytes through the host; {full} frames dropped with the ring full, {} slots reclaimed, {stale} stale releases",
+        frames.summary(),
         bytes as f64 / 1e6,
         ring.reclaimed
     );

@@ -10,7 +10,7 @@ use anyhow::{Context, Result};
 use dora_message::config::InputMapping;
 use dora_message::descriptor::{Descriptor, EnvValue, Node};
 use operators::checkpoint::Checkpoint;
-use operators::Config;
+use operators::{fsio, Config};
 use petgraph::algo::tarjan_scc;
 use petgraph::graph::{DiGraph, NodeIndex};
 
@@ -67,8 +67,21 @@ impl Kind {
             ],
             Kind::Postprocess => &[("actions", &[ModelActions], true)],
             Kind::ActionSink => &[("actions", &[ModelActions, RobotActions], true)],
-            Kind::OpenpiServer => &[("actions", &[ModelActions], true)],
+            Kind::OpenpiServer => &[
+                ("actions", &[ModelActions], true),
+                (REJECTED_INPUTS, &[Rejections], false),
+            ],
         }
+    }
+
+    /// The input of this kind that `input_id` is: its entry in [`Kind::inputs`].
+    fn input(self, input_id: &str) -> Option<&'static (&'static str, &'static [Msg], bool)> {
+        self.inputs().iter().find(|(name, _, _)| {
+            *name == input_id
+                || name
+                    .strip_suffix('*')
+                    .is_some_and(|prefix| input_id.starts_with(prefix))
+        })
     }
 
     pub(crate) fn output(self, id: &str) -> Option<Msg> {
@@ -84,6 +97,9 @@ impl Kind {
             (Kind::OpenpiServer, "images") => Msg::Images,
             (Kind::OpenpiServer, "state") => Msg::State,
             (Kind::OpenpiServer, "tokens") => Msg::Tokens,
+            (Kind::Vision | Kind::Prefix | Kind::Denoise | Kind::Policy, "rejected") => {
+                Msg::Rejections
+            }
             _ => return None,
         })
     }
@@ -103,7 +119,13 @@ pub enum Msg {
     Release,
     /// A frame's prompt (i32 token ids with a `token_mask`).
     Tokens,
+    /// Frames a stage refused, with the reason (Utf8), for the server to answer at once.
+    Rejections,
 }
+
+/// The openpi server's inputs for rejections: any id starting with `rejected` (one per stage
+/// that can refuse a frame, e.g. `rejected_vision`, `rejected_prefix`).
+const REJECTED_INPUTS: &str = "rejected*";
 
 impl Msg {
     fn describe(self) -> &'static str {
@@ -117,6 +139,7 @@ impl Msg {
             Msg::RobotActions => "robot actions (f32 [horizon, robot_dims])",
             Msg::Release => "ring slot releases (CUDA IPC)",
             Msg::Tokens => "prompt tokens (i32 [L] with token_mask)",
+            Msg::Rejections => "rejected frames (Utf8 reason with the frame's seq)",
         }
     }
 }
@@ -137,10 +160,15 @@ fn env_str(v: &EnvValue) -> String {
     }
 }
 
+/// The text of a dataflow file (a regular file of at most `fsio::limit::GRAPH_YAML`).
+pub(crate) fn read_graph(file: &Path) -> Result<String> {
+    fsio::read_string_limited(file, fsio::limit::GRAPH_YAML, "graph YAML")
+        .with_context(|| format!("cannot read {}", file.display()))
+}
+
 /// Checks the dataflow in `file`.
 pub fn check(file: &Path) -> Result<Report> {
-    let text =
-        std::fs::read_to_string(file).with_context(|| format!("cannot read {}", file.display()))?;
+    let text = read_graph(file)?;
     let desc: Descriptor = serde_yaml::from_str(&text)
         .with_context(|| format!("{}: not a valid dora dataflow", file.display()))?;
     let base = file.parent().unwrap_or(Path::new(".")).to_path_buf();
@@ -205,9 +233,7 @@ fn check_descriptor(desc: &Descriptor, base: &Path) -> Report {
                 ));
             }
             let Some(kind) = kind else { continue };
-            let Some((_, accepted, _)) =
-                kind.inputs().iter().find(|(name, _, _)| *name == input_id)
-            else {
+            let Some((_, accepted, _)) = kind.input(&input_id) else {
                 errors.push(format!(
                     "node `{id}`: unknown input `{input_id}` for a {kind:?} node (it takes: {})",
                     kind.inputs()
@@ -264,10 +290,12 @@ fn check_descriptor(desc: &Descriptor, base: &Path) -> Report {
     }
 }
 
-/// Inputs that close a loop by design: CUDA IPC slot releases, and the actions that answer
-/// the openpi server's frames.
+/// Inputs that close a loop by design: CUDA IPC slot releases, and the actions and
+/// rejections that answer the openpi server's frames.
 pub(crate) fn is_feedback(kind: Option<Kind>, input_id: &str) -> bool {
-    input_id == "release" || (kind == Some(Kind::OpenpiServer) && input_id == "actions")
+    input_id == "release"
+        || (kind == Some(Kind::OpenpiServer)
+            && (input_id == "actions" || input_id.starts_with("rejected")))
 }
 
 pub(crate) fn env_of(node: &Node, key: &str) -> Option<String> {
@@ -506,7 +534,7 @@ fn check_env(id: &str, kind: Kind, node: &Node, base: &Path, errors: &mut Vec<St
 /// Checks that every decode node's IMAGE_SIZE / NUM_IMAGES and every postprocess node's
 /// ACTION_DIM agree with the checkpoint of the model nodes downstream / upstream of them.
 pub fn check_consistency(file: &Path, report: &mut Report) -> Result<()> {
-    let text = std::fs::read_to_string(file)?;
+    let text = read_graph(file)?;
     let desc: Descriptor = serde_yaml::from_str(&text)?;
     let base = file.parent().unwrap_or(Path::new("."));
     let env_of = |n: &Node, k: &str| n.env.as_ref().and_then(|e| e.get(k)).map(env_str);

@@ -19,7 +19,7 @@ use operators::Config;
 use petgraph::graph::{DiGraph, NodeIndex};
 use petgraph::visit::EdgeRef;
 
-use crate::graph::{env_of, is_feedback, Kind, Msg};
+use crate::graph::{env_of, is_feedback, read_graph, Kind, Msg};
 
 /// A stage of the policy and where it runs.
 #[derive(Debug, Clone)]
@@ -80,7 +80,7 @@ fn msg_bytes(msg: Msg, cfg: &Config, bf16: bool) -> (usize, usize) {
         Msg::ImageEmbeddings => cfg.num_images * t * cfg.vlm_width * 4,
         Msg::KvCache => cfg.vlm_depth * 2 * cfg.max_prefix_len() * kvw * 4,
         Msg::ModelActions | Msg::RobotActions => cfg.action_horizon * cfg.action_dim * 4,
-        Msg::Release => 0,
+        Msg::Release | Msg::Rejections => 0,
         Msg::Tokens => cfg.max_token_len * 4,
     };
     let device = match msg {
@@ -92,8 +92,7 @@ fn msg_bytes(msg: Msg, cfg: &Config, bf16: bool) -> (usize, usize) {
 
 /// Plans the dataflow in `file`.
 pub fn plan(file: &Path) -> Result<Plan> {
-    let text =
-        std::fs::read_to_string(file).with_context(|| format!("cannot read {}", file.display()))?;
+    let text = read_graph(file)?;
     let desc: Descriptor = serde_yaml::from_str(&text)
         .with_context(|| format!("{}: not a valid dora dataflow", file.display()))?;
     let base = file.parent().unwrap_or(Path::new("."));
@@ -438,5 +437,6 @@ fn msg_name(m: Msg) -> &'static str {
         Msg::RobotActions => "actions",
         Msg::Release => "release",
         Msg::Tokens => "tokens",
+        Msg::Rejections => "rejected",
     }
 }

@@ -10,6 +10,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{anyhow, bail, Context, Result};
 use clap::Subcommand;
 use node_common::trace::{SpanRecord, STAGES};
+use operators::fsio;
 use plotters::coord::Shift;
 use plotters::prelude::*;
 use serde_json::{json, Value};
@@ -44,13 +45,31 @@ pub fn run(cmd: TraceCommand) -> Result<()> {
 }
 
 fn report(file: &Path, chrome: Option<&Path>, plot: Option<&Path>) -> Result<()> {
+    let text = report_text(file, chrome, plot)?;
+    // The files are written; a reader that stops early (`| head`) is not an error.
+    match std::io::stdout().write_all(text.as_bytes()) {
+        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => Err(e.into()),
+        _ => Ok(()),
+    }
+}
+
+/// What `turbopi trace report` prints, after writing the Chrome trace and the plot when
+/// asked for.
+pub fn report_text(file: &Path, chrome: Option<&Path>, plot: Option<&Path>) -> Result<String> {
     // Refuse a bad plot name before any work.
     let plot = plot
         .map(|p| PlotFormat::of(p).map(|f| (p, f)))
         .transpose()?;
-    let records = load(file)?;
+    let all = load(file)?;
+    // Spans of frames a stage rejected carry no latency: they are counted apart.
+    let (rejected, records): (Vec<SpanRecord>, Vec<SpanRecord>) =
+        all.into_iter().partition(|r| r.rejected.is_some());
+    if records.is_empty() {
+        return Ok(rejected_text(&rejected));
+    }
     let a = Analysis::new(&records);
     let mut text = a.table(file);
+    text += &rejected_text(&rejected);
     if let Some(out) = chrome {
         write_chrome(out, &records, &a.stages)?;
         text += &format!("Chrome trace written to {}\n", out.display());
@@ -59,18 +78,14 @@ fn report(file: &Path, chrome: Option<&Path>, plot: Option<&Path>) -> Result<()>
         write_plot(out, format, file, &a)?;
         text += &format!("plot written to {}\n", out.display());
     }
-    // The files are written; a reader that stops early (`| head`) is not an error.
-    match std::io::stdout().write_all(text.as_bytes()) {
-        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => Err(e.into()),
-        _ => Ok(()),
-    }
+    Ok(text)
 }
 
 /// The span records of `path`, checked; an error names the file, the line and the field.
 ///
 /// Like `node_common::trace::read_records`, but keeps line numbers for the checks.
 fn load(path: &Path) -> Result<Vec<SpanRecord>> {
-    let text = fs::read_to_string(path)
+    let text = fsio::read_string_limited(path, fsio::limit::TRACE_JSONL, "JSON-lines span")
         .with_context(|| format!("cannot read trace file {}", path.display()))?;
     if text.is_empty() {
         bail!("{}: the trace file is empty", path.display());
@@ -92,9 +107,49 @@ fn load(path: &Path) -> Result<Vec<SpanRecord>> {
     Ok(records)
 }
 
+/// The frames stages rejected: how many per stage, and the first few with their reasons.
+fn rejected_text(rejected: &[SpanRecord]) -> String {
+    if rejected.is_empty() {
+        return String::new();
+    }
+    let mut per_stage: BTreeMap<&str, usize> = BTreeMap::new();
+    for r in rejected {
+        *per_stage.entry(r.name.as_str()).or_default() += 1;
+    }
+    let mut out = format!(
+        "rejected frames: {} ({})\n",
+        rejected.len(),
+        per_stage
+            .iter()
+            .map(|(s, n)| format!("{s}: {n}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    const SHOWN: usize = 5;
+    for r in rejected.iter().take(SHOWN) {
+        let why = r.rejected.as_deref().unwrap_or_default();
+        let why: String = why.chars().take(200).collect();
+        out += &format!("  seq {} at {} ({}): {why}\n", r.seq, r.name, r.node);
+    }
+    if rejected.len() > SHOWN {
+        out += &format!("  ... and {} more\n", rejected.len() - SHOWN);
+    }
+    out
+}
+
+/// The longest stage name accepted (bytes): the nodes' names are a few characters, and the
+/// table pads every row to the longest one.
+const MAX_NAME_BYTES: usize = 256;
+
 fn check(r: &SpanRecord) -> Result<(), String> {
     if r.name.trim().is_empty() {
         return Err("field `name` is empty".into());
+    }
+    if r.name.len() > MAX_NAME_BYTES {
+        return Err(format!(
+            "field `name` is {} bytes long, more than the {MAX_NAME_BYTES} a stage name may have",
+            r.name.len()
+        ));
     }
     if r.trace_id.trim().is_empty() {
         return Err("field `trace_id` is empty".into());
@@ -556,7 +611,7 @@ where
         .x_desc("frame seq")
         .y_desc("ms")
         // Whole frame numbers only: no repeated labels on a short run.
-        .x_labels(((x1 - x0) as usize + 1).clamp(2, 10))
+        .x_labels(((x1 - x0) as usize).saturating_add(1).clamp(2, 10))
         .x_label_formatter(&|v| format!("{v:.0}"))
         .y_label_formatter(&fmt_ms)
         .label_style((FONT, 14))
@@ -710,6 +765,83 @@ mod tests {
             stage_order(names.into_iter()),
             ["camera", "denoise", "sink", "alpha", "zeta"]
         );
+    }
+
+    fn span_line(name: &str) -> String {
+        json!({
+            "name": name, "trace_id": "00000000000000000000000000000001",
+            "span_id": "0000000000000001", "node": "n", "seq": 0, "backend": "cpu",
+            "start_unix_ns": 1_000_000_u64, "end_unix_ns": 3_000_000_u64, "cpu_ms": 2.0
+        })
+        .to_string()
+    }
+
+    /// Spans of rejected frames are left out of the latency table and listed with their
+    /// reasons; a trace of nothing but rejections still reports them.
+    #[test]
+    fn rejected_frames_are_counted_apart_from_latencies() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("spans.jsonl");
+        let rejected = json!({
+            "name": "vision", "trace_id": "00000000000000000000000000000002",
+            "span_id": "0000000000000002", "node": "policy", "seq": 7, "backend": "cpu",
+            "start_unix_ns": 5_000_000_u64, "end_unix_ns": 5_000_000_u64, "cpu_ms": 0.0,
+            "rejected": "frame 7: dropped incomplete, its `tokens` never arrived"
+        })
+        .to_string();
+        std::fs::write(&file, format!("{}\n{rejected}\n", span_line("vision"))).unwrap();
+        let text = report_text(&file, None, None).unwrap();
+        assert!(text.contains("rejected frames: 1 (vision: 1)"), "{text}");
+        assert!(
+            text.contains("seq 7 at vision (policy): frame 7: dropped incomplete"),
+            "{text}"
+        );
+        // The latency row counts the one served frame only.
+        assert!(text.contains("vision              1"), "{text}");
+        std::fs::write(&file, format!("{rejected}\n")).unwrap();
+        let text = report_text(&file, None, None).unwrap();
+        assert!(text.starts_with("rejected frames: 1"), "{text}");
+    }
+
+    /// A 64 KiB stage name used to reach the table's `{:<width$}` and panic with
+    /// "Formatting argument out of range"; names are bounded when the file is read.
+    #[test]
+    fn refuses_stage_names_too_long_for_the_table() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("spans.jsonl");
+        let long = "v".repeat(65536);
+        std::fs::write(
+            &file,
+            format!("{}\n{}\n", span_line("vision"), span_line(&long)),
+        )
+        .unwrap();
+        let err = format!("{:#}", report_text(&file, None, None).unwrap_err());
+        assert!(
+            err.contains("spans.jsonl:2: field `name` is 65536 bytes long, more than the 256 a stage name may have"),
+            "{err}"
+        );
+        let longest = "v".repeat(MAX_NAME_BYTES);
+        std::fs::write(&file, span_line(&longest)).unwrap();
+        let text = report_text(&file, None, None).unwrap();
+        assert!(text.contains(&format!("{longest}      1")), "{text}");
+    }
+
+    #[test]
+    fn refuses_a_trace_file_that_is_a_directory_or_device() {
+        let dir = tempfile::tempdir().unwrap();
+        let err = format!("{:#}", report_text(dir.path(), None, None).unwrap_err());
+        assert!(
+            err.contains("is a directory; expected a JSON-lines span file"),
+            "{err}"
+        );
+        #[cfg(unix)]
+        {
+            let err = format!(
+                "{:#}",
+                report_text(Path::new("/dev/zero"), None, None).unwrap_err()
+            );
+            assert!(err.contains("/dev/zero: is not a regular file"), "{err}");
+        }
     }
 
     #[test]
