@@ -2,6 +2,7 @@
 
 pub mod dataflow;
 pub mod otlp;
+pub mod serving;
 
 use std::path::PathBuf;
 

@@ -10,179 +10,17 @@
 //!
 //! Needs the workspace built in release, the dora CLI and Python 3 (`.ci/run` provides all).
 
-use std::net::TcpListener;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::path::Path;
+use std::process::{Command, Stdio};
 
 use operators::npy;
-use tests::dataflow::{bin, dora, ok, root};
+use tests::dataflow::{bin, ok, root};
+use tests::serving::{checkpoint, openpi_client_path, python, Served};
 
 const FRAMES: usize = 4;
 const HORIZON: usize = 10;
 /// The servers' message limit; DROID sends a 720p camera frame (2.8 MB).
 const MAX_MESSAGE_MB: usize = 4;
-
-/// PYTHONPATH holding openpi-client 0.1.2 and its dependencies.
-fn openpi_client_path() -> PathBuf {
-    let p = std::env::var_os("OPENPI_CLIENT_PYTHONPATH")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| root().join("target/python/openpi-client"));
-    let out = Command::new("python3")
-        .args([
-            "-c",
-            "import importlib.metadata as m, openpi_client.websocket_client_policy; print(m.version('openpi-client'))",
-        ])
-        .env("PYTHONPATH", &p)
-        .output()
-        .expect("python3 is required");
-    let version = String::from_utf8_lossy(&out.stdout).trim().to_string();
-    assert!(
-        out.status.success() && version == "0.1.2",
-        "openpi-client 0.1.2 is not importable from {} (found {version:?}): run tools/test.sh, which installs it with pip\n{}",
-        p.display(),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    p
-}
-
-fn python(script: &str, pythonpath: &Path) -> Command {
-    let mut c = Command::new("python3");
-    c.arg(root().join("tools/openpi").join(script))
-        .env("PYTHONPATH", pythonpath);
-    c
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free local port")
-}
-
-/// A random checkpoint with a tokenizer and norm stats (tools/openpi/fixtures.py).
-fn checkpoint(dir: &Path, preset: &str, seed: u64) -> PathBuf {
-    let ck = dir.join(preset);
-    ok(
-        Command::new(bin("turbopi"))
-            .args(["checkpoint", "random", "--preset", preset, "--seed"])
-            .arg(seed.to_string())
-            .arg("--out")
-            .arg(&ck)
-            .output()
-            .unwrap(),
-        "turbopi checkpoint random",
-    );
-    ok(
-        Command::new("python3")
-            .arg(root().join("tools/openpi/fixtures.py"))
-            .arg(&ck)
-            .output()
-            .unwrap(),
-        "tools/openpi/fixtures.py",
-    );
-    ck
-}
-
-/// A graph running under `dora run`, stopped (Ctrl-C) on drop.
-struct Served {
-    child: Option<Child>,
-    log: PathBuf,
-    port: u16,
-}
-
-impl Served {
-    fn start(graph: &str, ck: &Path, robot: &str, log: PathBuf) -> Served {
-        let port = free_port();
-        let file = std::fs::File::create(&log).unwrap();
-        let child = dora()
-            .arg("run")
-            .arg(root().join("graphs").join(graph))
-            .env("TURBOPI_CHECKPOINT", ck)
-            .env("TURBOPI_ROBOT", robot)
-            .env("TURBOPI_HOST", "127.0.0.1")
-            .env("TURBOPI_PORT", port.to_string())
-            .env("TURBOPI_MAX_MESSAGE_MB", MAX_MESSAGE_MB.to_string())
-            .stdout(file.try_clone().unwrap())
-            .stderr(file)
-            .spawn()
-            .expect("dora run");
-        let mut s = Served {
-            child: Some(child),
-            log,
-            port,
-        };
-        s.wait_healthy(graph);
-        s
-    }
-
-    fn wait_healthy(&mut self, graph: &str) {
-        let deadline = Instant::now() + Duration::from_secs(120);
-        while Instant::now() < deadline {
-            if let Some(Ok(Some(status))) = self.child.as_mut().map(|c| c.try_wait()) {
-                panic!(
-                    "dora run {graph} exited with {status}:\n{}",
-                    self.log_text()
-                );
-            }
-            if healthz(self.port).as_deref() == Some("OK\n") {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(200));
-        }
-        panic!(
-            "{graph}: /healthz did not answer within 120 s:\n{}",
-            self.log_text()
-        );
-    }
-
-    fn log_text(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    /// Ctrl-C to `dora run`, which stops the nodes; returns the log.
-    fn stop(mut self) -> String {
-        self.interrupt();
-        self.log_text()
-    }
-
-    fn interrupt(&mut self) {
-        let Some(mut child) = self.child.take() else {
-            return;
-        };
-        let _ = Command::new("kill")
-            .args(["-INT", &child.id().to_string()])
-            .status();
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = child.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(200));
-        }
-        let _ = child.kill();
-        let _ = child.wait();
-    }
-}
-
-impl Drop for Served {
-    fn drop(&mut self) {
-        self.interrupt();
-    }
-}
-
-/// The body of `GET /healthz`, None when nothing answers.
-fn healthz(port: u16) -> Option<String> {
-    use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-    s.write_all(b"GET /healthz HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
-        .ok()?;
-    let mut r = String::new();
-    s.read_to_string(&mut r).ok()?;
-    let (head, body) = r.split_once("\r\n\r\n")?;
-    head.starts_with("HTTP/1.1 200").then(|| body.to_string())
-}
 
 /// openpi-client's WebsocketClientPolicy sends `FRAMES` observations; returns their folder.
 fn client_check(served: &Served, robot: &str, py: &Path, out: &Path) {
@@ -259,6 +97,7 @@ fn openpi_clients_against_the_served_dataflow() {
         bin(b);
     }
     let py = openpi_client_path();
+    let limit = [("TURBOPI_MAX_MESSAGE_MB", MAX_MESSAGE_MB.to_string())];
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();
 
@@ -274,7 +113,7 @@ fn openpi_clients_against_the_served_dataflow() {
             .unwrap();
         ok(out, &format!("turbopi graph check {graph}"));
     }
-    let served = Served::start("serve.yml", &pi05, "libero", dir.join("libero.log"));
+    let served = Served::start("serve.yml", &pi05, "libero", dir.join("libero.log"), &limit);
     let libero = dir.join("libero");
     client_check(&served, "libero", &py, &libero);
     let report = dir.join("hostile.json");
@@ -307,13 +146,19 @@ fn openpi_clients_against_the_served_dataflow() {
 
     // DROID on pi0 (z-score, the state into the action expert), fused then split.
     let pi0 = checkpoint(dir, "pi0-small", 12);
-    let served = Served::start("serve.yml", &pi0, "droid", dir.join("droid.log"));
+    let served = Served::start("serve.yml", &pi0, "droid", dir.join("droid.log"), &limit);
     let droid = dir.join("droid");
     client_check(&served, "droid", &py, &droid);
     served.stop();
     same_as_infer(&pi0, "droid", &droid, 8, "serve.yml droid pi0");
 
-    let served = Served::start("serve_split.yml", &pi0, "droid", dir.join("split.log"));
+    let served = Served::start(
+        "serve_split.yml",
+        &pi0,
+        "droid",
+        dir.join("split.log"),
+        &limit,
+    );
     let split = dir.join("split");
     client_check(&served, "droid", &py, &split);
     served.stop();
