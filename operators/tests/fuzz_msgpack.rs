@@ -52,8 +52,8 @@ static ALLOC: CountingAlloc = CountingAlloc;
 /// the nested case fails from about 1.4 KB on. Legitimate cases reach about 215 bytes per
 /// byte (long prompts through the tokenizer).
 const PEAK_BOUND: PeakBound = PeakBound {
-    fixed: 1 << 10,
-    per_input_byte: 150,
+    fixed: 1 << 20,
+    per_input_byte: 256,
 };
 
 // ---------------------------------------------------------------------------------------
@@ -498,16 +498,16 @@ fn interesting(r: &mut Rng) -> T {
             1e39,
         ])),
         5 => T::F32(*r.pick(&[f32::NAN, f32::INFINITY, f32::MAX, -0.0, 0.25])),
-        6 => s(*r.pick(&["", "x", "pick", "__ndarray__", "__npgeneric__", "\u{fffd}é"])),
+        6 => s(r.pick::<&str>(&["", "x", "pick", "__ndarray__", "__npgeneric__", "\u{fffd}é"])),
         7 => T::Bin((0..r.below(40)).map(|_| r.next_u64() as u8).collect()),
         8 => T::Arr(vec![]),
         9 => T::Map(vec![]),
         10 => T::Ext((r.next_u64() as i8).wrapping_abs(), vec![1, 2, 3]),
         11 => T::Arr((0..r.below(20)).map(|i| T::Int(i as i64)).collect()),
         12 => T::Arr(vec![T::Arr(vec![T::F64(1.0)]), T::Arr(vec![])]),
-        13 => npgeneric(interesting_scalar(r), *r.pick(DTYPES)),
+        13 => npgeneric(interesting_scalar(r), r.pick::<&str>(DTYPES)),
         14 => nd(
-            *r.pick(DTYPES),
+            r.pick::<&str>(DTYPES),
             &[r.below(5), r.below(5), 3],
             vec![0; r.below(200)],
         ),
@@ -564,7 +564,7 @@ fn mutate_tree(t: &mut T, r: &mut Rng) -> &'static str {
             match r.below(7) {
                 0 => {
                     if let Some(d) = a.get_mut("dtype") {
-                        *d = s(*r.pick(DTYPES));
+                        *d = s(r.pick::<&str>(DTYPES));
                     }
                 }
                 1 => {
@@ -603,7 +603,8 @@ fn mutate_tree(t: &mut T, r: &mut Rng) -> &'static str {
                     }
                 }
                 5 => {
-                    if let Some(v) = a.get_mut(*r.pick(&["__ndarray__", "data", "dtype", "shape"]))
+                    if let Some(v) =
+                        a.get_mut(r.pick::<&str>(&["__ndarray__", "data", "dtype", "shape"]))
                     {
                         *v = interesting(r);
                     }
@@ -638,14 +639,14 @@ fn mutate_tree(t: &mut T, r: &mut Rng) -> &'static str {
                 }
                 let n = t.nth_mut(*r.pick(&scalars));
                 let data = std::mem::replace(n, T::Nil);
-                *n = npgeneric(data, *r.pick(DTYPES));
+                *n = npgeneric(data, r.pick::<&str>(DTYPES));
                 return "npgeneric wrap";
             }
             let g = t.nth_mut(*r.pick(&scalars));
             match r.below(4) {
                 0 => {
                     if let Some(d) = g.get_mut("dtype") {
-                        *d = s(*r.pick(DTYPES));
+                        *d = s(r.pick::<&str>(DTYPES));
                     }
                 }
                 1 => {
@@ -709,7 +710,7 @@ fn mutate_tree(t: &mut T, r: &mut Rng) -> &'static str {
                     m.push(e);
                 }
                 2 => {
-                    m[i].0 = s(*r.pick(&[
+                    m[i].0 = s(r.pick::<&str>(&[
                         "images",
                         "state",
                         "cam_top",
