@@ -238,37 +238,20 @@ fn cpu_only(precision: Precision) -> Result<()> {
     Ok(())
 }
 
-/// A stage of `ckpt` on `kind`: `cpu` builds the CPU operator from the checkpoint; the CUDA
-/// backend loads the whole policy and runs only the stage asked for.
-fn load_stage<S: ?Sized>(
-    kind: BackendKind,
-    precision: Precision,
-    ckpt: &Checkpoint,
-    cpu: impl FnOnce(&mut Loader) -> Result<Box<S>>,
-    cuda: impl FnOnce(CudaStage) -> Box<S>,
-) -> Result<Box<S>> {
-    match kind {
-        BackendKind::Cpu => {
-            cpu_only(precision)?;
-            cpu(&mut Loader::new(ckpt, |_, _| {}))
-        }
-        BackendKind::Cuda => Ok(cuda(load_cuda_stage(precision, ckpt)?)),
-    }
-}
-
-/// The vision stage of `ckpt` on `kind`.
+/// The vision stage of `ckpt` on `kind` (on CUDA: its own weights only).
 pub fn load_vision(
     kind: BackendKind,
     precision: Precision,
     ckpt: &Checkpoint,
 ) -> Result<Box<dyn VisionStage>> {
-    load_stage::<dyn VisionStage>(
-        kind,
-        precision,
-        ckpt,
-        |ld| Ok(Box::new(VisionEncoder::load(ckpt, ld)?) as Box<dyn VisionStage>),
-        |p| Box::new(p) as Box<dyn VisionStage>,
-    )
+    match kind {
+        BackendKind::Cpu => {
+            cpu_only(precision)?;
+            let ld = &mut Loader::new(ckpt, |_, _| {});
+            Ok(Box::new(VisionEncoder::load(ckpt, ld)?))
+        }
+        BackendKind::Cuda => cuda_stages::vision(precision, ckpt),
+    }
 }
 
 /// The prefix stage of `ckpt` on `kind`.
@@ -277,13 +260,14 @@ pub fn load_prefix(
     precision: Precision,
     ckpt: &Checkpoint,
 ) -> Result<Box<dyn PrefixStage>> {
-    load_stage::<dyn PrefixStage>(
-        kind,
-        precision,
-        ckpt,
-        |ld| Ok(Box::new(PrefixEncoder::load(ckpt, ld)?) as Box<dyn PrefixStage>),
-        |p| Box::new(p) as Box<dyn PrefixStage>,
-    )
+    match kind {
+        BackendKind::Cpu => {
+            cpu_only(precision)?;
+            let ld = &mut Loader::new(ckpt, |_, _| {});
+            Ok(Box::new(PrefixEncoder::load(ckpt, ld)?))
+        }
+        BackendKind::Cuda => cuda_stages::prefix(precision, ckpt),
+    }
 }
 
 /// The denoise stage of `ckpt` on `kind`.
@@ -292,62 +276,48 @@ pub fn load_denoise(
     precision: Precision,
     ckpt: &Checkpoint,
 ) -> Result<Box<dyn DenoiseStage>> {
-    load_stage::<dyn DenoiseStage>(
-        kind,
-        precision,
-        ckpt,
-        |ld| Ok(Box::new(Denoiser::load(ckpt, ld)?) as Box<dyn DenoiseStage>),
-        |p| Box::new(p) as Box<dyn DenoiseStage>,
-    )
+    match kind {
+        BackendKind::Cpu => {
+            cpu_only(precision)?;
+            let ld = &mut Loader::new(ckpt, |_, _| {});
+            Ok(Box::new(Denoiser::load(ckpt, ld)?))
+        }
+        BackendKind::Cuda => cuda_stages::denoise(precision, ckpt),
+    }
 }
 
 #[cfg(feature = "cuda")]
-type CudaStage = crate::cuda::CudaPolicy;
-#[cfg(not(feature = "cuda"))]
-type CudaStage = Unbuilt;
+mod cuda_stages {
+    use super::*;
+    use crate::cuda::{CudaDenoise, CudaPrefix, CudaVision};
 
-#[cfg(feature = "cuda")]
-fn load_cuda_stage(precision: Precision, ckpt: &Checkpoint) -> Result<CudaStage> {
-    crate::cuda::CudaPolicy::load(ckpt, precision, |_, _| {})
-}
-
-#[cfg(not(feature = "cuda"))]
-fn load_cuda_stage(_: Precision, _: &Checkpoint) -> Result<CudaStage> {
-    Err(Error::Input(
-        "CUDA support is not built in: rebuild with `--features cuda`".into(),
-    ))
-}
-
-/// Stands in for the CUDA policy in builds without it (never constructed).
-#[cfg(not(feature = "cuda"))]
-enum Unbuilt {}
-
-#[cfg(not(feature = "cuda"))]
-impl VisionStage for Unbuilt {
-    fn encode(&mut self, _: &[f32], _: &[bool]) -> Result<ImageEmbeddings> {
-        match *self {}
+    pub fn vision(precision: Precision, ckpt: &Checkpoint) -> Result<Box<dyn VisionStage>> {
+        Ok(Box::new(CudaVision::load(ckpt, precision)?))
     }
-    fn describe(&self) -> String {
-        match *self {}
+    pub fn prefix(precision: Precision, ckpt: &Checkpoint) -> Result<Box<dyn PrefixStage>> {
+        Ok(Box::new(CudaPrefix::load(ckpt, precision)?))
+    }
+    pub fn denoise(precision: Precision, ckpt: &Checkpoint) -> Result<Box<dyn DenoiseStage>> {
+        Ok(Box::new(CudaDenoise::load(ckpt, precision)?))
     }
 }
 
 #[cfg(not(feature = "cuda"))]
-impl PrefixStage for Unbuilt {
-    fn encode(&mut self, _: &ImageEmbeddings, _: &[i32], _: &[bool]) -> Result<KvCache> {
-        match *self {}
-    }
-    fn describe(&self) -> String {
-        match *self {}
-    }
-}
+mod cuda_stages {
+    use super::*;
 
-#[cfg(not(feature = "cuda"))]
-impl DenoiseStage for Unbuilt {
-    fn sample(&mut self, _: &KvCache, _: Option<&[f32]>, _: &[f32], _: usize) -> Result<Vec<f32>> {
-        match *self {}
+    fn unbuilt<T>() -> Result<T> {
+        Err(Error::Input(
+            "CUDA support is not built in: rebuild with `--features cuda`".into(),
+        ))
     }
-    fn describe(&self) -> String {
-        match *self {}
+    pub fn vision(_: Precision, _: &Checkpoint) -> Result<Box<dyn VisionStage>> {
+        unbuilt()
+    }
+    pub fn prefix(_: Precision, _: &Checkpoint) -> Result<Box<dyn PrefixStage>> {
+        unbuilt()
+    }
+    pub fn denoise(_: Precision, _: &Checkpoint) -> Result<Box<dyn DenoiseStage>> {
+        unbuilt()
     }
 }

@@ -15,13 +15,8 @@ use safetensors::SafeTensors;
 use crate::config::Config;
 use crate::{fsio, Error, Result};
 
-pub const VISION: &str = "paligemma_with_expert.paligemma.model.vision_tower.vision_model";
-pub const PROJECTOR: &str = "paligemma_with_expert.paligemma.model.multi_modal_projector.linear";
-pub const VLM: &str = "paligemma_with_expert.paligemma.model.language_model";
-pub const EXPERT: &str = "paligemma_with_expert.gemma_expert.model";
-pub const EMBED: &str = "paligemma_with_expert.paligemma.lm_head.weight";
-pub const EMBED_ALIAS: &str =
-    "paligemma_with_expert.paligemma.model.language_model.embed_tokens.weight";
+use crate::keys::{self, Param};
+pub use crate::keys::{EMBED, EMBED_ALIAS, EXPERT, PROJECTOR, VISION, VLM};
 
 /// Which part of the policy a tensor belongs to (for `checkpoint inspect`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -66,10 +61,17 @@ fn spec(out: &mut Vec<TensorSpec>, part: Part, key: String, shape: &[usize]) {
     });
 }
 
-fn linear(out: &mut Vec<TensorSpec>, part: Part, key: &str, n_out: usize, n_in: usize, bias: bool) {
-    spec(out, part, format!("{key}.weight"), &[n_out, n_in]);
+fn linear(
+    out: &mut Vec<TensorSpec>,
+    part: Part,
+    key: &Param,
+    n_out: usize,
+    n_in: usize,
+    bias: bool,
+) {
+    spec(out, part, key.weight(), &[n_out, n_in]);
     if bias {
-        spec(out, part, format!("{key}.bias"), &[n_out]);
+        spec(out, part, key.bias(), &[n_out]);
     }
 }
 
@@ -77,85 +79,45 @@ fn linear(out: &mut Vec<TensorSpec>, part: Part, key: &str, n_out: usize, n_in: 
 pub fn tensor_specs(cfg: &Config) -> Vec<TensorSpec> {
     let mut s = Vec::new();
     let (vw, p) = (cfg.vision_width, cfg.patch_size);
-    let v = VISION;
+    let vision = Part::Vision;
+    let patch = keys::siglip::patch();
+    spec(&mut s, vision, patch.weight(), &[vw, 3, p, p]);
+    spec(&mut s, vision, patch.bias(), &[vw]);
     spec(
         &mut s,
-        Part::Vision,
-        format!("{v}.embeddings.patch_embedding.weight"),
-        &[vw, 3, p, p],
-    );
-    spec(
-        &mut s,
-        Part::Vision,
-        format!("{v}.embeddings.patch_embedding.bias"),
-        &[vw],
-    );
-    spec(
-        &mut s,
-        Part::Vision,
-        format!("{v}.embeddings.position_embedding.weight"),
+        vision,
+        keys::siglip::position(),
         &[cfg.tokens_per_image(), vw],
     );
     for i in 0..cfg.vision_depth {
-        let l = format!("{v}.encoder.layers.{i}");
-        for ln in ["layer_norm1", "layer_norm2"] {
-            spec(&mut s, Part::Vision, format!("{l}.{ln}.weight"), &[vw]);
-            spec(&mut s, Part::Vision, format!("{l}.{ln}.bias"), &[vw]);
+        let l = keys::siglip::layer(i);
+        for ln in [&l.layer_norm1, &l.layer_norm2] {
+            spec(&mut s, vision, ln.weight(), &[vw]);
+            spec(&mut s, vision, ln.bias(), &[vw]);
         }
-        for proj in ["q_proj", "k_proj", "v_proj", "out_proj"] {
-            linear(
-                &mut s,
-                Part::Vision,
-                &format!("{l}.self_attn.{proj}"),
-                vw,
-                vw,
-                true,
-            );
+        for proj in [&l.q, &l.k, &l.v, &l.out] {
+            linear(&mut s, vision, proj, vw, vw, true);
         }
-        linear(
-            &mut s,
-            Part::Vision,
-            &format!("{l}.mlp.fc1"),
-            cfg.vision_mlp_dim,
-            vw,
-            true,
-        );
-        linear(
-            &mut s,
-            Part::Vision,
-            &format!("{l}.mlp.fc2"),
-            vw,
-            cfg.vision_mlp_dim,
-            true,
-        );
+        linear(&mut s, vision, &l.fc1, cfg.vision_mlp_dim, vw, true);
+        linear(&mut s, vision, &l.fc2, vw, cfg.vision_mlp_dim, true);
     }
-    spec(
-        &mut s,
-        Part::Vision,
-        format!("{v}.post_layernorm.weight"),
-        &[vw],
-    );
-    spec(
-        &mut s,
-        Part::Vision,
-        format!("{v}.post_layernorm.bias"),
-        &[vw],
-    );
-    linear(&mut s, Part::Projector, PROJECTOR, cfg.vlm_width, vw, true);
+    let post = keys::siglip::post_layernorm();
+    spec(&mut s, vision, post.weight(), &[vw]);
+    spec(&mut s, vision, post.bias(), &[vw]);
+    let projector = Param(PROJECTOR.to_string());
+    linear(&mut s, Part::Projector, &projector, cfg.vlm_width, vw, true);
     spec(
         &mut s,
         Part::Embedding,
         EMBED.to_string(),
         &[cfg.vocab_size, cfg.vlm_width],
     );
-
     gemma_specs(
         &mut s,
         cfg,
         Part::Prefix,
         VLM,
-        cfg.vlm_width,
-        cfg.vlm_mlp_dim,
+        (cfg.vlm_width, cfg.vlm_mlp_dim),
         false,
     );
     gemma_specs(
@@ -163,35 +125,27 @@ pub fn tensor_specs(cfg: &Config) -> Vec<TensorSpec> {
         cfg,
         Part::Expert,
         EXPERT,
-        cfg.expert_width,
-        cfg.expert_mlp_dim,
+        (cfg.expert_width, cfg.expert_mlp_dim),
         cfg.pi05,
     );
-
     let (ew, ad) = (cfg.expert_width, cfg.action_dim);
-    linear(&mut s, Part::ActionHeads, "action_in_proj", ew, ad, true);
-    linear(&mut s, Part::ActionHeads, "action_out_proj", ad, ew, true);
+    let heads = Part::ActionHeads;
+    linear(&mut s, heads, &keys::heads::action_in(), ew, ad, true);
+    linear(&mut s, heads, &keys::heads::action_out(), ad, ew, true);
     if cfg.pi05 {
-        linear(&mut s, Part::ActionHeads, "time_mlp_in", ew, ew, true);
-        linear(&mut s, Part::ActionHeads, "time_mlp_out", ew, ew, true);
+        linear(&mut s, heads, &keys::heads::time_in(), ew, ew, true);
+        linear(&mut s, heads, &keys::heads::time_out(), ew, ew, true);
     } else {
-        linear(&mut s, Part::ActionHeads, "state_proj", ew, ad, true);
+        linear(&mut s, heads, &keys::heads::state(), ew, ad, true);
         linear(
             &mut s,
-            Part::ActionHeads,
-            "action_time_mlp_in",
+            heads,
+            &keys::heads::action_time_in(),
             ew,
             2 * ew,
             true,
         );
-        linear(
-            &mut s,
-            Part::ActionHeads,
-            "action_time_mlp_out",
-            ew,
-            ew,
-            true,
-        );
+        linear(&mut s, heads, &keys::heads::action_time_out(), ew, ew, true);
     }
     s
 }
@@ -201,60 +155,31 @@ fn gemma_specs(
     cfg: &Config,
     part: Part,
     root: &str,
-    width: usize,
-    mlp: usize,
+    (width, mlp): (usize, usize),
     adaptive: bool,
 ) {
     let (nh, kv, hd) = (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim);
-    let norm = |s: &mut Vec<TensorSpec>, key: String| {
+    let norm = |s: &mut Vec<TensorSpec>, key: &keys::Norm| {
         if adaptive {
-            linear(s, part, &format!("{key}.dense"), 3 * width, width, true);
+            linear(s, part, &key.dense(), 3 * width, width, true);
         } else {
-            spec(s, part, format!("{key}.weight"), &[width]);
+            spec(s, part, key.weight(), &[width]);
         }
     };
     for i in 0..cfg.vlm_depth {
-        let l = format!("{root}.layers.{i}");
-        norm(s, format!("{l}.input_layernorm"));
-        linear(
-            s,
-            part,
-            &format!("{l}.self_attn.q_proj"),
-            nh * hd,
-            width,
-            false,
-        );
-        linear(
-            s,
-            part,
-            &format!("{l}.self_attn.k_proj"),
-            kv * hd,
-            width,
-            false,
-        );
-        linear(
-            s,
-            part,
-            &format!("{l}.self_attn.v_proj"),
-            kv * hd,
-            width,
-            false,
-        );
-        linear(
-            s,
-            part,
-            &format!("{l}.self_attn.o_proj"),
-            width,
-            nh * hd,
-            false,
-        );
-        norm(s, format!("{l}.post_attention_layernorm"));
-        linear(s, part, &format!("{l}.mlp.gate_proj"), mlp, width, false);
-        linear(s, part, &format!("{l}.mlp.up_proj"), mlp, width, false);
-        linear(s, part, &format!("{l}.mlp.down_proj"), width, mlp, false);
+        let l = keys::gemma::layer(root, i);
+        norm(s, &l.input_layernorm);
+        linear(s, part, &l.q, nh * hd, width, false);
+        linear(s, part, &l.k, kv * hd, width, false);
+        linear(s, part, &l.v, kv * hd, width, false);
+        linear(s, part, &l.o, width, nh * hd, false);
+        norm(s, &l.post_attention_layernorm);
+        linear(s, part, &l.gate, mlp, width, false);
+        linear(s, part, &l.up, mlp, width, false);
+        linear(s, part, &l.down, width, mlp, false);
     }
     let before = s.len();
-    norm(s, format!("{root}.norm"));
+    norm(s, &keys::gemma::final_norm(root));
     if part == Part::Prefix {
         for t in &mut s[before..] {
             t.optional = true;

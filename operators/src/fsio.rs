@@ -38,6 +38,8 @@ pub mod limit {
     pub const IMAGE: u64 = 256 * MIB;
     /// A compiled kernel in the CUDA kernel cache: about 1 MB.
     pub const CUBIN: u64 = 256 * MIB;
+    /// The GEMM algorithm picks of one device kind: a line per shape, a few hundred shapes.
+    pub const GEMM_PLANS: u64 = 16 * MIB;
 }
 
 /// An error about `path` that is not the operating system's (wrong file type, too large).

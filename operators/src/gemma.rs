@@ -4,6 +4,7 @@
 use crate::checkpoint::Checkpoint;
 use crate::config::Config;
 use crate::cpu::{self, Linear};
+use crate::keys;
 use crate::weights::Loader;
 use crate::Result;
 
@@ -24,14 +25,14 @@ impl Norm {
     fn load(
         ckpt: &Checkpoint,
         ld: &mut Loader,
-        key: &str,
+        key: &keys::Norm,
         width: usize,
         adaptive: bool,
     ) -> Result<Self> {
         Ok(if adaptive {
-            Norm::Adaptive(ld.linear(ckpt, &format!("{key}.dense"), 3 * width, width, true)?)
+            Norm::Adaptive(ld.linear(ckpt, key.dense().base(), 3 * width, width, true)?)
         } else {
-            Norm::Plain(ld.tensor(ckpt, &format!("{key}.weight"), &[width])?)
+            Norm::Plain(ld.tensor(ckpt, &key.weight(), &[width])?)
         })
     }
 
@@ -114,57 +115,35 @@ impl Gemma {
         let (nh, kv, hd) = (c.num_heads, c.num_kv_heads, c.head_dim);
         let mut layers = Vec::with_capacity(c.vlm_depth);
         for i in 0..c.vlm_depth {
-            let l = format!("{root}.layers.{i}");
+            let l = keys::gemma::layer(root, i);
+            let mut lin =
+                |key: &keys::Param, n_out, n_in| ld.linear(ckpt, key.base(), n_out, n_in, false);
+            let (q, k, v, o) = (
+                lin(&l.q, nh * hd, width)?,
+                lin(&l.k, kv * hd, width)?,
+                lin(&l.v, kv * hd, width)?,
+                lin(&l.o, width, nh * hd)?,
+            );
+            let (gate, up, down) = (
+                lin(&l.gate, mlp, width)?,
+                lin(&l.up, mlp, width)?,
+                lin(&l.down, width, mlp)?,
+            );
             layers.push(Layer {
-                input_norm: Norm::load(ckpt, ld, &format!("{l}.input_layernorm"), width, adaptive)?,
-                q: ld.linear(
-                    ckpt,
-                    &format!("{l}.self_attn.q_proj"),
-                    nh * hd,
-                    width,
-                    false,
-                )?,
-                k: ld.linear(
-                    ckpt,
-                    &format!("{l}.self_attn.k_proj"),
-                    kv * hd,
-                    width,
-                    false,
-                )?,
-                v: ld.linear(
-                    ckpt,
-                    &format!("{l}.self_attn.v_proj"),
-                    kv * hd,
-                    width,
-                    false,
-                )?,
-                o: ld.linear(
-                    ckpt,
-                    &format!("{l}.self_attn.o_proj"),
-                    width,
-                    nh * hd,
-                    false,
-                )?,
-                post_norm: Norm::load(
-                    ckpt,
-                    ld,
-                    &format!("{l}.post_attention_layernorm"),
-                    width,
-                    adaptive,
-                )?,
-                gate: ld.linear(ckpt, &format!("{l}.mlp.gate_proj"), mlp, width, false)?,
-                up: ld.linear(ckpt, &format!("{l}.mlp.up_proj"), mlp, width, false)?,
-                down: ld.linear(ckpt, &format!("{l}.mlp.down_proj"), width, mlp, false)?,
+                input_norm: Norm::load(ckpt, ld, &l.input_layernorm, width, adaptive)?,
+                q,
+                k,
+                v,
+                o,
+                post_norm: Norm::load(ckpt, ld, &l.post_attention_layernorm, width, adaptive)?,
+                gate,
+                up,
+                down,
             });
         }
         let final_norm = if with_final_norm {
-            Some(Norm::load(
-                ckpt,
-                ld,
-                &format!("{root}.norm"),
-                width,
-                adaptive,
-            )?)
+            let key = keys::gemma::final_norm(root);
+            Some(Norm::load(ckpt, ld, &key, width, adaptive)?)
         } else {
             None
         };

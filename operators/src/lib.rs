@@ -13,12 +13,16 @@ pub mod error;
 pub mod fsio;
 pub mod gemma;
 pub mod image;
+pub mod keys;
+pub mod norm_stats;
 pub mod npy;
 pub mod observation;
 pub mod openpi;
 pub mod policy;
 pub mod postprocess;
 pub mod random;
+pub mod ring;
+pub mod settings;
 pub mod siglip;
 pub mod weights;
 

@@ -154,18 +154,21 @@ impl Denoiser {
         let c = &ckpt.config;
         let (ew, ad) = (c.expert_width, c.action_dim);
         let expert = Gemma::load(ckpt, ld, EXPERT, ew, c.expert_mlp_dim, c.pi05, true)?;
-        let action_in = ld.linear(ckpt, "action_in_proj", ew, ad, true)?;
-        let action_out = ld.linear(ckpt, "action_out_proj", ad, ew, true)?;
+        use crate::keys::heads;
+        let mut lin =
+            |key: crate::keys::Param, n_out, n_in| ld.linear(ckpt, key.base(), n_out, n_in, true);
+        let action_in = lin(heads::action_in(), ew, ad)?;
+        let action_out = lin(heads::action_out(), ad, ew)?;
         let heads = if c.pi05 {
             Heads::Pi05 {
-                time_in: ld.linear(ckpt, "time_mlp_in", ew, ew, true)?,
-                time_out: ld.linear(ckpt, "time_mlp_out", ew, ew, true)?,
+                time_in: lin(heads::time_in(), ew, ew)?,
+                time_out: lin(heads::time_out(), ew, ew)?,
             }
         } else {
             Heads::Pi0 {
-                state_proj: ld.linear(ckpt, "state_proj", ew, ad, true)?,
-                time_in: ld.linear(ckpt, "action_time_mlp_in", ew, 2 * ew, true)?,
-                time_out: ld.linear(ckpt, "action_time_mlp_out", ew, ew, true)?,
+                state_proj: lin(heads::state(), ew, ad)?,
+                time_in: lin(heads::action_time_in(), ew, 2 * ew)?,
+                time_out: lin(heads::action_time_out(), ew, ew)?,
             }
         };
         Ok(Denoiser {

@@ -1,8 +1,9 @@
 //! SigLIP vision tower and PaliGemma's projector: images in [-1, 1] -> prefix embeddings.
 
-use crate::checkpoint::{Checkpoint, PROJECTOR, VISION};
+use crate::checkpoint::Checkpoint;
 use crate::config::Config;
 use crate::cpu::{self, Linear};
+use crate::keys::{self, Param, PROJECTOR};
 use crate::weights::Loader;
 use crate::Result;
 
@@ -36,46 +37,40 @@ impl Siglip {
     pub fn load(ckpt: &Checkpoint, ld: &mut Loader) -> Result<Self> {
         let cfg = ckpt.config.clone();
         let (vw, p) = (cfg.vision_width, cfg.patch_size);
-        let ln = |ld: &mut Loader, key: &str| -> Result<LayerNorm> {
+        let ln = |ld: &mut Loader, key: &Param| -> Result<LayerNorm> {
             Ok(LayerNorm {
-                weight: ld.tensor(ckpt, &format!("{key}.weight"), &[vw])?,
-                bias: ld.tensor(ckpt, &format!("{key}.bias"), &[vw])?,
+                weight: ld.tensor(ckpt, &key.weight(), &[vw])?,
+                bias: ld.tensor(ckpt, &key.bias(), &[vw])?,
             })
         };
+        let patch_key = keys::siglip::patch();
         let patch = Linear {
-            weight: ld.tensor(
-                ckpt,
-                &format!("{VISION}.embeddings.patch_embedding.weight"),
-                &[vw, 3, p, p],
-            )?,
-            bias: Some(ld.tensor(
-                ckpt,
-                &format!("{VISION}.embeddings.patch_embedding.bias"),
-                &[vw],
-            )?),
+            weight: ld.tensor(ckpt, &patch_key.weight(), &[vw, 3, p, p])?,
+            bias: Some(ld.tensor(ckpt, &patch_key.bias(), &[vw])?),
             n_in: 3 * p * p,
             n_out: vw,
         };
         let position = ld.tensor(
             ckpt,
-            &format!("{VISION}.embeddings.position_embedding.weight"),
+            &keys::siglip::position(),
             &[cfg.tokens_per_image(), vw],
         )?;
+        let mlp = cfg.vision_mlp_dim;
         let mut layers = Vec::with_capacity(cfg.vision_depth);
         for i in 0..cfg.vision_depth {
-            let l = format!("{VISION}.encoder.layers.{i}");
+            let l = keys::siglip::layer(i);
             layers.push(SiglipLayer {
-                ln1: ln(ld, &format!("{l}.layer_norm1"))?,
-                q: ld.linear(ckpt, &format!("{l}.self_attn.q_proj"), vw, vw, true)?,
-                k: ld.linear(ckpt, &format!("{l}.self_attn.k_proj"), vw, vw, true)?,
-                v: ld.linear(ckpt, &format!("{l}.self_attn.v_proj"), vw, vw, true)?,
-                out: ld.linear(ckpt, &format!("{l}.self_attn.out_proj"), vw, vw, true)?,
-                ln2: ln(ld, &format!("{l}.layer_norm2"))?,
-                fc1: ld.linear(ckpt, &format!("{l}.mlp.fc1"), cfg.vision_mlp_dim, vw, true)?,
-                fc2: ld.linear(ckpt, &format!("{l}.mlp.fc2"), vw, cfg.vision_mlp_dim, true)?,
+                ln1: ln(ld, &l.layer_norm1)?,
+                q: ld.linear(ckpt, l.q.base(), vw, vw, true)?,
+                k: ld.linear(ckpt, l.k.base(), vw, vw, true)?,
+                v: ld.linear(ckpt, l.v.base(), vw, vw, true)?,
+                out: ld.linear(ckpt, l.out.base(), vw, vw, true)?,
+                ln2: ln(ld, &l.layer_norm2)?,
+                fc1: ld.linear(ckpt, l.fc1.base(), mlp, vw, true)?,
+                fc2: ld.linear(ckpt, l.fc2.base(), vw, mlp, true)?,
             });
         }
-        let post_ln = ln(ld, &format!("{VISION}.post_layernorm"))?;
+        let post_ln = ln(ld, &keys::siglip::post_layernorm())?;
         let projector = ld.linear(ckpt, PROJECTOR, cfg.vlm_width, vw, true)?;
         Ok(Siglip {
             cfg,

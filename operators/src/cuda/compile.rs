@@ -1,142 +1,19 @@
 //! Run-time compilation of the kernels with NVRTC for the device's own architecture (so the
 //! same binary serves H100 sm_90 and newer parts), cached in memory as one loaded module per
-//! precision and on disk under the user's cache directory, keyed by source, options and
-//! NVRTC version.
+//! precision and on disk under the user's cache directory, keyed by source, options (the
+//! `-D` defines among them) and NVRTC version. What the program holds is
+//! [`super::kernels`]' business.
 
 use std::ffi::{c_char, c_int, CStr, CString};
 use std::path::PathBuf;
-use std::sync::Arc;
 
-use cudarc::driver::{sys, CudaFunction, CudaModule};
 use cudarc::nvrtc::{result as nvrtc, sys as nvrtc_sys, Ptx};
 
 use super::device::{CudaResult, DType, Device};
-use super::{
-    activation, attention, embed, euler, layer_norm, mlp, patch, residual, rms_norm, rope, weights,
-};
+use super::kernels::{self, program_source};
 use crate::{Error, Result};
 
-/// Helpers shared by every kernel family. `act_t` is the element type of weights and of the
-/// activations that feed GEMMs (f32, or bf16 kept as its 16 bits: the kernels convert by hand
-/// and need no CUDA header, so NVRTC needs no include path); the residual stream, norm
-/// statistics and softmax are f32. No fast-math: the kernels match the CPU twins.
-const PRELUDE: &str = r#"
-#if TP_BF16
-typedef unsigned short act_t;
-#else
-typedef float act_t;
-#endif
-
-__device__ __forceinline__ float tp_load(const float* p, long long i) { return p[i]; }
-__device__ __forceinline__ float tp_load(const unsigned short* p, long long i) {
-  return __uint_as_float(((unsigned int)p[i]) << 16);
-}
-__device__ __forceinline__ void tp_store(float* p, long long i, float v) { p[i] = v; }
-// Round to nearest even, NaN kept quiet: the same rounding as half::bf16::from_f32.
-__device__ __forceinline__ void tp_store(unsigned short* p, long long i, float v) {
-  unsigned int u = __float_as_uint(v);
-  unsigned short r;
-  if ((u & 0x7fffffffu) > 0x7f800000u) {
-    r = (unsigned short)((u >> 16) | 0x40u);
-  } else {
-    r = (unsigned short)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
-  }
-  p[i] = r;
-}
-__device__ __forceinline__ float tp_neg_inf() { return __uint_as_float(0xff800000u); }
-
-__device__ __forceinline__ float tp_warp_sum(float v) {
-  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-  return v;
-}
-__device__ __forceinline__ float tp_warp_max(float v) {
-  for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
-  return v;
-}
-__device__ __forceinline__ double tp_warp_sum_d(double v) {
-  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-  return v;
-}
-// Sum over the block (blockDim.x a multiple of 32); every thread gets the total.
-// `red` is __shared__ double[32]; the leading barrier makes back-to-back calls safe.
-__device__ double tp_block_sum_d(double v, double* red) {
-  int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
-  v = tp_warp_sum_d(v);
-  __syncthreads();
-  if (lane == 0) red[warp] = v;
-  __syncthreads();
-  if (warp == 0) {
-    double t = lane < warps ? red[lane] : 0.0;
-    t = tp_warp_sum_d(t);
-    if (lane == 0) red[0] = t;
-  }
-  __syncthreads();
-  return red[0];
-}
-
-// PyTorch's gelu(approximate="tanh"), as cpu::gelu_tanh.
-__device__ __forceinline__ float tp_gelu_tanh(float x) {
-  const float k_beta = 0.7978846f;
-  const float k_kappa = 0.044715f;
-  return 0.5f * x * (1.0f + tanhf(k_beta * (x + k_kappa * x * x * x)));
-}
-// As cpu::silu.
-__device__ __forceinline__ float tp_silu(float x) { return x / (1.0f + expf(-x)); }
-"#;
-
-/// The full CUDA program for one precision (what NVRTC compiles).
-pub fn program_source(act: DType) -> String {
-    let mut s = format!(
-        "// turbo-pi kernels\n#define TP_BF16 {}\n",
-        u8::from(act == DType::Bf16)
-    );
-    for part in [
-        PRELUDE,
-        layer_norm::SOURCE,
-        rms_norm::SOURCE,
-        mlp::SOURCE,
-        activation::SOURCE,
-        residual::SOURCE,
-        rope::SOURCE,
-        attention::SOURCE,
-        attention::FUSED_SOURCE,
-        patch::SOURCE,
-        embed::SOURCE,
-        euler::SOURCE,
-        weights::SOURCE,
-    ] {
-        s.push_str(part);
-        s.push('\n');
-    }
-    s
-}
-
-/// The two kernels of [`attention::fused_attention`].
-pub(crate) struct FusedAttention {
-    pub(crate) chunk: CudaFunction,
-    pub(crate) combine: CudaFunction,
-}
-
-/// The compiled kernels of one precision (`act` = F32 or Bf16).
-pub struct Kernels {
-    pub act: DType,
-    pub(crate) layer_norm: CudaFunction,
-    pub(crate) rms_norm: CudaFunction,
-    pub(crate) gelu_gate: CudaFunction,
-    pub(crate) bias_act: CudaFunction,
-    pub(crate) add_residual: CudaFunction,
-    pub(crate) rope_qkv: CudaFunction,
-    pub(crate) softmax_masked: CudaFunction,
-    pub(crate) unpermute_heads: CudaFunction,
-    pub(crate) im2col: CudaFunction,
-    pub(crate) patch_embed_finish: CudaFunction,
-    pub(crate) embed_tokens: CudaFunction,
-    pub(crate) euler_step: CudaFunction,
-    pub(crate) fill_uniform: CudaFunction,
-    /// The tensor-core attention (bf16 on sm_80 and newer only).
-    pub(crate) fused_attention: Option<FusedAttention>,
-    _module: Arc<CudaModule>,
-}
+pub use super::kernels::Kernels;
 
 impl Kernels {
     /// Compiles (or finds in the disk cache) and loads the kernels for `act` on `dev`.
@@ -145,72 +22,48 @@ impl Kernels {
             return Err(Error::Cuda(format!("internal: kernels for {act:?}")));
         }
         dev.bind()?;
-        let src = program_source(act);
-        let image = compiled_image(&src, act, dev.cc)?;
+        let image = compiled_image(&program_source(), act, dev.cc)?;
         let module = dev
             .ctx
             .load_module(image)
             .cuda("loading the compiled kernels into the context")?;
-        let f = |name: &str| {
-            module
-                .load_function(name)
-                .cuda(&format!("finding kernel `{name}` in the compiled module"))
-        };
-        Ok(Kernels {
-            act,
-            layer_norm: f("layer_norm")?,
-            rms_norm: f("rms_norm")?,
-            gelu_gate: f("gelu_gate")?,
-            bias_act: f("bias_act")?,
-            add_residual: f("add_residual")?,
-            rope_qkv: f("rope_qkv")?,
-            softmax_masked: f("softmax_masked")?,
-            unpermute_heads: f("unpermute_heads")?,
-            im2col: f("im2col")?,
-            patch_embed_finish: f("patch_embed_finish")?,
-            embed_tokens: f("embed_tokens")?,
-            euler_step: f("euler_step")?,
-            fill_uniform: f("fill_uniform")?,
-            fused_attention: if act == DType::Bf16 && dev.cc.0 >= 8 {
-                let chunk = f("attention_chunk")?;
-                chunk
-                    .set_attribute(
-                        sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-                        attention::FUSED_MAX_SMEM as i32,
-                    )
-                    .cuda("allowing the attention kernel its shared memory")?;
-                Some(FusedAttention {
-                    chunk,
-                    combine: f("attention_combine")?,
-                })
-            } else {
-                None
-            },
-            _module: module,
-        })
+        Kernels::from_module(module, act, dev.cc)
     }
+}
+
+/// Whether NVRTC can be loaded (it is needed to compile the kernels; no GPU is).
+pub fn nvrtc_present() -> bool {
+    // SAFETY: the probe only tries to dlopen NVRTC's candidate names.
+    unsafe { nvrtc_sys::is_culib_present() }
 }
 
 /// Compiles the kernels of `act` for compute capability `cc` into a cubin with NVRTC. Needs
 /// no GPU: it checks the sources, or fills a cache ahead of time.
 pub fn compile_kernels(act: DType, cc: (i32, i32)) -> Result<Vec<u8>> {
-    // SAFETY: the probe only tries to dlopen NVRTC's candidate names.
-    if !unsafe { nvrtc_sys::is_culib_present() } {
+    if !nvrtc_present() {
         return Err(Error::Cuda("NVRTC not found (libnvrtc.so.13)".into()));
     }
     let arch = format!("sm_{}{}", cc.0, cc.1);
     super::device::guard("compiling the kernels", || {
-        compile(&program_source(act), &options(act, &arch), true)
+        compile(&program_source(), &options(act, &arch), true)
     })
 }
 
+/// NVRTC's options for `act` on `arch`: the flags, then the program's `-D` defines (which
+/// select the precision and carry the constants shared with Rust).
 fn options(act: DType, arch: &str) -> Vec<String> {
-    vec![
+    let mut opts = vec![
         format!("--gpu-architecture={arch}"),
         // Strict mode keeps every multiply and add separately rounded, as the CPU twins.
         format!("--fmad={}", act == DType::Bf16),
         "--std=c++17".into(),
-    ]
+    ];
+    opts.extend(
+        kernels::defines(act)
+            .into_iter()
+            .map(|(name, value)| format!("-D{name}={value}")),
+    );
+    opts
 }
 
 fn nvrtc_version() -> (i32, i32) {
@@ -234,6 +87,16 @@ fn fnv1a(parts: &[&[u8]]) -> u64 {
     h
 }
 
+/// The disk-cache key of a program: its source, its options (the defines among them) and the
+/// NVRTC version.
+fn cache_key(src: &str, opts: &[String], nvrtc: (i32, i32)) -> u64 {
+    fnv1a(&[
+        src.as_bytes(),
+        opts.join(" ").as_bytes(),
+        format!("nvrtc {}.{}", nvrtc.0, nvrtc.1).as_bytes(),
+    ])
+}
+
 fn cache_dir() -> Option<PathBuf> {
     if let Some(dir) = std::env::var_os("TURBOPI_KERNEL_CACHE") {
         if dir == "off" {
@@ -253,12 +116,7 @@ fn cache_dir() -> Option<PathBuf> {
 fn compiled_image(src: &str, act: DType, cc: (i32, i32)) -> Result<Ptx> {
     let arch = format!("sm_{}{}", cc.0, cc.1);
     let opts = options(act, &arch);
-    let ver = nvrtc_version();
-    let key = fnv1a(&[
-        src.as_bytes(),
-        opts.join(" ").as_bytes(),
-        format!("nvrtc {}.{}", ver.0, ver.1).as_bytes(),
-    ]);
+    let key = cache_key(src, &opts, nvrtc_version());
     let cached = cache_dir().map(|d| d.join(format!("{key:016x}-{arch}.cubin")));
     if let Some(path) = &cached {
         if let Ok(bytes) = crate::fsio::read_limited(path, crate::fsio::limit::CUBIN, "cubin") {
@@ -359,35 +217,42 @@ mod tests {
     use super::*;
 
     #[test]
-    fn program_has_every_kernel_once_per_precision() {
+    fn options_carry_every_define_after_the_flags() {
         for act in [DType::F32, DType::Bf16] {
-            let src = program_source(act);
-            for name in [
-                "layer_norm",
-                "rms_norm",
-                "gelu_gate",
-                "bias_act",
-                "add_residual",
-                "rope_qkv",
-                "softmax_masked",
-                "unpermute_heads",
-                "im2col",
-                "patch_embed_finish",
-                "embed_tokens",
-                "euler_step",
-                "fill_uniform",
-            ] {
-                let decl = format!("__global__ void {name}(");
-                assert_eq!(src.matches(&decl).count(), 1, "{name}");
-            }
-            assert!(
-                !src.contains("#include"),
-                "kernels must not need CUDA headers"
+            let opts = options(act, "sm_90");
+            assert_eq!(
+                &opts[..3],
+                [
+                    "--gpu-architecture=sm_90".to_string(),
+                    format!("--fmad={}", act == DType::Bf16),
+                    "--std=c++17".to_string()
+                ]
             );
+            let defines = kernels::defines(act);
+            assert_eq!(opts.len(), 3 + defines.len());
+            for (name, value) in &defines {
+                let opt = format!("-D{name}={value}");
+                assert_eq!(opts.iter().filter(|o| **o == opt).count(), 1, "{opt}");
+            }
         }
+        let bf16 = options(DType::Bf16, "sm_90");
+        assert!(bf16.contains(&"-DTP_BF16=1".to_string()));
+        assert!(options(DType::F32, "sm_90").contains(&"-DTP_BF16=0".to_string()));
+    }
+
+    #[test]
+    fn cache_key_follows_precision_arch_and_source() {
+        let src = program_source();
+        let key = |act, arch| cache_key(&src, &options(act, arch), (13, 0));
+        assert_ne!(key(DType::F32, "sm_90"), key(DType::Bf16, "sm_90"));
+        assert_ne!(key(DType::Bf16, "sm_90"), key(DType::Bf16, "sm_87"));
         assert_ne!(
-            fnv1a(&[program_source(DType::F32).as_bytes()]),
-            fnv1a(&[program_source(DType::Bf16).as_bytes()])
+            key(DType::Bf16, "sm_90"),
+            cache_key(&src, &options(DType::Bf16, "sm_90"), (12, 8))
+        );
+        assert_ne!(
+            key(DType::Bf16, "sm_90"),
+            cache_key(&format!("{src}\n"), &options(DType::Bf16, "sm_90"), (13, 0))
         );
     }
 }

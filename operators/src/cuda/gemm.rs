@@ -13,6 +13,8 @@
 //! fastest. Plans are made by eager runs (the first frame, the warm-up before a graph
 //! capture); a plan first needed while the stream captures takes the heuristic's first
 //! algorithm without timing. `TURBOPI_GEMM_AUTOTUNE=0` always takes the first algorithm.
+//! Timed picks are shared by every handle of the process and kept in the kernel cache for
+//! later processes ([`super::runtime::plans`]): a shape runs the same way everywhere.
 
 use std::cell::RefCell;
 use std::collections::HashMap;
@@ -23,6 +25,7 @@ use cudarc::cublaslt::{result as lt, sys as lt_sys};
 use cudarc::driver::{result as drv, sys as drv_sys, CudaContext};
 
 use super::device::{CudaResult, DType, Device, Lane, View};
+use super::runtime::plans;
 use crate::{Error, Result};
 
 /// A row-major matrix operand: `rows` x `cols` elements with row stride `ld`; in a batched
@@ -233,6 +236,8 @@ pub struct Gemm {
     unsupported: RefCell<std::collections::HashSet<PlanKey>>,
     /// Plans whose algorithm came from timing candidates (for tests and reports).
     tuned: std::cell::Cell<usize>,
+    /// The device kind, under which algorithm picks are shared ([`super::runtime::plans`]).
+    device: String,
     ctx: Arc<CudaContext>,
 }
 
@@ -277,6 +282,7 @@ impl Gemm {
             plans: RefCell::new(HashMap::new()),
             unsupported: RefCell::new(std::collections::HashSet::new()),
             tuned: std::cell::Cell::new(0),
+            device: format!("{}-sm{}{}", dev.name, dev.cc.0, dev.cc.1),
             ctx: dev.ctx.clone(),
         })
     }
@@ -574,11 +580,23 @@ impl Gemm {
         let _ = unsafe { lt::destroy_matmul_pref(pref) };
         let found = found?;
         plan.algo = found[0].algo;
+        // A pick this process or an earlier one made for the shape wins (if the heuristic
+        // still offers it), so that every process runs the shape the same way.
+        let shape = format!("{key:?}");
+        let offered = |data: &plans::Algo| found.iter().find(|c| &c.algo.data == data);
+        if let Some(c) = plans::get(&self.device, &shape).and_then(|a| offered(&a)) {
+            plan.algo = c.algo;
+            return Ok(plan);
+        }
         if found.len() > 1 && autotune_enabled() && !capturing(lane) {
             // Any failure of the timing keeps the heuristic's first choice.
             if let Ok(Some(best)) = self.fastest(&plan, &found, ops, lane) {
                 plan.algo = best;
                 self.tuned.set(self.tuned.get() + 1);
+            }
+            let held = plans::put(&self.device, &shape, plan.algo.data);
+            if let Some(c) = offered(&held) {
+                plan.algo = c.algo;
             }
         }
         Ok(plan)

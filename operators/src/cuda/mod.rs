@@ -4,30 +4,31 @@
 //! reference (f32 everywhere, no TF32); Precision::Bf16 keeps weights and GEMM activations in
 //! bf16 with f32 accumulation, an f32 residual stream and f32 norm statistics and softmax.
 //!
-//! One file per kernel family, each with its CUDA source, its launcher and a pointer to its
-//! CPU twin in [`crate::cpu`]; [`policy`] composes them into the three stages.
+//! The kernels live in [`kernels`]: one CUDA file per family next to its launchers and a
+//! pointer to its CPU twin in [`crate::cpu`], all listed once in its registry. [`stages`] holds
+//! the three model stages (one file each: weights, buffers, forward pass, graphs),
+//! [`pipeline`] runs them as one policy with frames overlapped, [`split`] runs one alone for a
+//! split graph's node; [`runtime`] has what they run on (graphs, shared GEMM picks).
 
-pub mod activation;
-pub mod attention;
 pub mod compile;
-pub mod device;
-pub mod embed;
-pub mod euler;
 pub mod gemm;
-pub mod ipc;
-pub mod layer_norm;
-pub mod mlp;
-pub mod patch;
-pub mod policy;
-pub mod residual;
-pub mod rms_norm;
-pub mod rope;
+pub mod kernels;
+pub mod pipeline;
+pub mod runtime;
+pub use runtime::{device, ipc};
+pub mod split;
+pub mod stages;
 pub mod weights;
 
-pub use compile::Kernels;
 pub use device::{DType, Device, DeviceBuffer, Lane, View};
 pub use gemm::{Gemm, Mat, Op};
-pub use policy::CudaPolicy;
+pub use kernels::Kernels;
+// The kernel families at their former paths (cuda::rms_norm, ...).
+pub use kernels::{
+    activation, attention, embed, euler, layer_norm, mlp, patch, residual, rms_norm, rope,
+};
+pub use pipeline::CudaPolicy;
+pub use split::{CudaDenoise, CudaPrefix, CudaVision};
 
 use crate::{Error, Result};
 

@@ -11,29 +11,11 @@ use rayon::prelude::*;
 
 use super::compile::Kernels;
 use super::device::{blocks_for, launch, Args, DType, Device, Lane, View};
-use crate::checkpoint::{Checkpoint, EMBED, EXPERT, PROJECTOR, VISION, VLM};
+use crate::checkpoint::Checkpoint;
 use crate::config::Config;
+use crate::keys::{self, Param, EMBED, EXPERT, PROJECTOR, VLM};
 use crate::weights::Loader;
 use crate::{Error, Result};
-
-pub(crate) const SOURCE: &str = r#"
-// Uniform values in [lo, hi) from a counter hash (splitmix64) of (seed, i); one of the two
-// outputs is not null.
-extern "C" __global__ void fill_uniform(act_t* out_act, float* out_f32, long long n,
-                                        unsigned long long seed, float lo, float hi) {
-  for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n;
-       i += (long long)gridDim.x * blockDim.x) {
-    unsigned long long z = seed + (unsigned long long)(i + 1) * 0x9E3779B97F4A7C15ull;
-    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
-    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
-    z = z ^ (z >> 31);
-    float u = (float)(z >> 40) * (1.0f / 16777216.0f);
-    float v = lo + (hi - lo) * u;
-    if (out_act != 0) tp_store(out_act, i, v);
-    if (out_f32 != 0) out_f32[i] = v;
-  }
-}
-"#;
 
 /// Bump allocation inside one device buffer; run once with base 0 to size it, then again
 /// with the real base (the layout is a pure function of the config).
@@ -160,17 +142,23 @@ pub(crate) enum HeadsW {
     },
 }
 
-pub(crate) struct Weights {
-    pub vision: VisionW,
+/// The prefix stage's weights: the token embedding table and Gemma 2B.
+pub(crate) struct PrefixW {
     pub embed: View,
-    pub prefix: GemmaW,
+    pub gemma: GemmaW,
+}
+
+/// The denoise stage's weights: the expert and the heads around it.
+pub(crate) struct DenoiseW {
     pub expert: GemmaW,
     pub action_in: Lin,
     pub action_out: Lin,
     pub heads: HeadsW,
 }
 
-struct Planner {
+/// Lays out weights piece by piece in an arena; the pieces say which checkpoint tensors fill
+/// them.
+pub(crate) struct Planner {
     arena: Arena,
     act: DType,
     pieces: Vec<Piece>,
@@ -201,12 +189,12 @@ impl Planner {
     }
 
     /// Linears `keys[i]` ([outs[i], n_in] each) stacked into one [sum(outs), n_in].
-    fn fused(&mut self, keys: &[String], outs: &[usize], n_in: usize, bias: bool) -> Lin {
+    fn fused(&mut self, keys: &[&Param], outs: &[usize], n_in: usize, bias: bool) -> Lin {
         let w = self.piece(
             Store::Act,
             keys.iter()
                 .zip(outs)
-                .map(|(k, &o)| (format!("{k}.weight"), vec![o, n_in]))
+                .map(|(k, &o)| (k.weight(), vec![o, n_in]))
                 .collect(),
         );
         let b = bias.then(|| {
@@ -214,7 +202,7 @@ impl Planner {
                 Store::F32,
                 keys.iter()
                     .zip(outs)
-                    .map(|(k, &o)| (format!("{k}.bias"), vec![o]))
+                    .map(|(k, &o)| (k.bias(), vec![o]))
                     .collect(),
             )
         });
@@ -226,15 +214,15 @@ impl Planner {
         }
     }
 
-    fn linear(&mut self, key: &str, n_out: usize, n_in: usize, bias: bool) -> Lin {
-        self.fused(&[key.to_string()], &[n_out], n_in, bias)
+    fn linear(&mut self, key: &Param, n_out: usize, n_in: usize, bias: bool) -> Lin {
+        self.fused(&[key], &[n_out], n_in, bias)
     }
 
-    fn norm(&mut self, key: &str, width: usize, adaptive: bool) -> NormW {
+    fn norm(&mut self, key: &keys::Norm, width: usize, adaptive: bool) -> NormW {
         if adaptive {
-            NormW::Adaptive(self.linear(&format!("{key}.dense"), 3 * width, width, true))
+            NormW::Adaptive(self.linear(&key.dense(), 3 * width, width, true))
         } else {
-            NormW::Plain(self.piece(Store::OnePlus, vec![(format!("{key}.weight"), vec![width])]))
+            NormW::Plain(self.piece(Store::OnePlus, vec![(key.weight(), vec![width])]))
         }
     }
 
@@ -250,156 +238,151 @@ impl Planner {
         let (nh, kv, hd) = (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim);
         let layers = (0..cfg.vlm_depth)
             .map(|i| {
-                let l = format!("{root}.layers.{i}");
-                let a = format!("{l}.self_attn");
+                let l = keys::gemma::layer(root, i);
                 GemmaLayerW {
-                    norm1: self.norm(&format!("{l}.input_layernorm"), width, adaptive),
+                    norm1: self.norm(&l.input_layernorm, width, adaptive),
                     qkv: self.fused(
-                        &[
-                            format!("{a}.q_proj"),
-                            format!("{a}.k_proj"),
-                            format!("{a}.v_proj"),
-                        ],
+                        &[&l.q, &l.k, &l.v],
                         &[nh * hd, kv * hd, kv * hd],
                         width,
                         false,
                     ),
-                    o: self.linear(&format!("{a}.o_proj"), width, nh * hd, false),
-                    norm2: self.norm(&format!("{l}.post_attention_layernorm"), width, adaptive),
-                    gu: self.fused(
-                        &[format!("{l}.mlp.gate_proj"), format!("{l}.mlp.up_proj")],
-                        &[mlp, mlp],
-                        width,
-                        false,
-                    ),
-                    down: self.linear(&format!("{l}.mlp.down_proj"), width, mlp, false),
+                    o: self.linear(&l.o, width, nh * hd, false),
+                    norm2: self.norm(&l.post_attention_layernorm, width, adaptive),
+                    gu: self.fused(&[&l.gate, &l.up], &[mlp, mlp], width, false),
+                    down: self.linear(&l.down, width, mlp, false),
                 }
             })
             .collect();
-        let final_norm = final_norm.then(|| self.norm(&format!("{root}.norm"), width, adaptive));
+        let final_norm =
+            final_norm.then(|| self.norm(&keys::gemma::final_norm(root), width, adaptive));
         GemmaW { layers, final_norm }
     }
 }
 
-/// The layout of every weight of `cfg` in `arena`, and the pieces to fill.
-fn plan(cfg: &Config, act: DType, arena: Arena) -> (Weights, Vec<Piece>, usize) {
+impl Planner {
+    /// The vision tower and the projector.
+    pub(crate) fn vision(&mut self, cfg: &Config) -> VisionW {
+        let p = self;
+        let (vw, ps) = (cfg.vision_width, cfg.patch_size);
+        let patch = keys::siglip::patch();
+        let patch_w = p.piece(Store::Act, vec![(patch.weight(), vec![vw, 3, ps, ps])]);
+        let patch_b = p.vector(patch.bias(), vw);
+        let pos = p.piece(
+            Store::F32,
+            vec![(keys::siglip::position(), vec![cfg.tokens_per_image(), vw])],
+        );
+        let layers = (0..cfg.vision_depth)
+            .map(|i| {
+                let l = keys::siglip::layer(i);
+                VisionLayerW {
+                    ln1_w: p.vector(l.layer_norm1.weight(), vw),
+                    ln1_b: p.vector(l.layer_norm1.bias(), vw),
+                    qkv: p.fused(&[&l.q, &l.k, &l.v], &[vw, vw, vw], vw, true),
+                    out: p.linear(&l.out, vw, vw, true),
+                    ln2_w: p.vector(l.layer_norm2.weight(), vw),
+                    ln2_b: p.vector(l.layer_norm2.bias(), vw),
+                    fc1: p.linear(&l.fc1, cfg.vision_mlp_dim, vw, true),
+                    fc2: p.linear(&l.fc2, vw, cfg.vision_mlp_dim, true),
+                }
+            })
+            .collect();
+        let post = keys::siglip::post_layernorm();
+        let post_w = p.vector(post.weight(), vw);
+        let post_b = p.vector(post.bias(), vw);
+        let proj = p.linear(&Param(PROJECTOR.into()), cfg.vlm_width, vw, true);
+        VisionW {
+            patch: Lin {
+                w: patch_w,
+                b: Some(patch_b),
+                n_out: vw,
+                n_in: 3 * ps * ps,
+            },
+            pos,
+            layers,
+            post_w,
+            post_b,
+            proj,
+        }
+    }
+
+    /// The token embedding table and Gemma 2B.
+    pub(crate) fn prefix(&mut self, cfg: &Config) -> PrefixW {
+        let embed = self.piece(
+            Store::Act,
+            vec![(EMBED.to_string(), vec![cfg.vocab_size, cfg.vlm_width])],
+        );
+        let gemma = self.gemma(cfg, VLM, cfg.vlm_width, cfg.vlm_mlp_dim, false, false);
+        PrefixW { embed, gemma }
+    }
+
+    /// The action expert and the action and time heads.
+    pub(crate) fn denoise(&mut self, cfg: &Config) -> DenoiseW {
+        let p = self;
+        let expert = p.gemma(
+            cfg,
+            EXPERT,
+            cfg.expert_width,
+            cfg.expert_mlp_dim,
+            cfg.pi05,
+            true,
+        );
+        let (ew, ad) = (cfg.expert_width, cfg.action_dim);
+        use keys::heads;
+        let action_in = p.linear(&heads::action_in(), ew, ad, true);
+        let action_out = p.linear(&heads::action_out(), ad, ew, true);
+        let heads = if cfg.pi05 {
+            HeadsW::Pi05 {
+                time_in: p.linear(&heads::time_in(), ew, ew, true),
+                time_out: p.linear(&heads::time_out(), ew, ew, true),
+            }
+        } else {
+            HeadsW::Pi0 {
+                state: p.linear(&heads::state(), ew, ad, true),
+                time_in: p.linear(&heads::action_time_in(), ew, 2 * ew, true),
+                time_out: p.linear(&heads::action_time_out(), ew, ew, true),
+            }
+        };
+        DenoiseW {
+            expert,
+            action_in,
+            action_out,
+            heads,
+        }
+    }
+}
+
+/// The layout of `plan`'s weights in `arena`, the pieces to fill and the bytes used.
+fn lay_out<W>(
+    act: DType,
+    arena: Arena,
+    plan: impl Fn(&mut Planner) -> W,
+) -> (W, Vec<Piece>, usize) {
     let mut p = Planner {
         arena,
         act,
         pieces: Vec::new(),
     };
-    let (vw, ps) = (cfg.vision_width, cfg.patch_size);
-    let v = VISION;
-    let patch_w = p.piece(
-        Store::Act,
-        vec![(
-            format!("{v}.embeddings.patch_embedding.weight"),
-            vec![vw, 3, ps, ps],
-        )],
-    );
-    let patch_b = p.vector(format!("{v}.embeddings.patch_embedding.bias"), vw);
-    let pos = p.piece(
-        Store::F32,
-        vec![(
-            format!("{v}.embeddings.position_embedding.weight"),
-            vec![cfg.tokens_per_image(), vw],
-        )],
-    );
-    let layers = (0..cfg.vision_depth)
-        .map(|i| {
-            let l = format!("{v}.encoder.layers.{i}");
-            let a = format!("{l}.self_attn");
-            VisionLayerW {
-                ln1_w: p.vector(format!("{l}.layer_norm1.weight"), vw),
-                ln1_b: p.vector(format!("{l}.layer_norm1.bias"), vw),
-                qkv: p.fused(
-                    &[
-                        format!("{a}.q_proj"),
-                        format!("{a}.k_proj"),
-                        format!("{a}.v_proj"),
-                    ],
-                    &[vw, vw, vw],
-                    vw,
-                    true,
-                ),
-                out: p.linear(&format!("{a}.out_proj"), vw, vw, true),
-                ln2_w: p.vector(format!("{l}.layer_norm2.weight"), vw),
-                ln2_b: p.vector(format!("{l}.layer_norm2.bias"), vw),
-                fc1: p.linear(&format!("{l}.mlp.fc1"), cfg.vision_mlp_dim, vw, true),
-                fc2: p.linear(&format!("{l}.mlp.fc2"), vw, cfg.vision_mlp_dim, true),
-            }
-        })
-        .collect();
-    let post_w = p.vector(format!("{v}.post_layernorm.weight"), vw);
-    let post_b = p.vector(format!("{v}.post_layernorm.bias"), vw);
-    let proj = p.linear(PROJECTOR, cfg.vlm_width, vw, true);
-    let vision = VisionW {
-        patch: Lin {
-            w: patch_w,
-            b: Some(patch_b),
-            n_out: vw,
-            n_in: 3 * ps * ps,
-        },
-        pos,
-        layers,
-        post_w,
-        post_b,
-        proj,
-    };
-    let embed = p.piece(
-        Store::Act,
-        vec![(EMBED.to_string(), vec![cfg.vocab_size, cfg.vlm_width])],
-    );
-    let prefix = p.gemma(cfg, VLM, cfg.vlm_width, cfg.vlm_mlp_dim, false, false);
-    let expert = p.gemma(
-        cfg,
-        EXPERT,
-        cfg.expert_width,
-        cfg.expert_mlp_dim,
-        cfg.pi05,
-        true,
-    );
-    let (ew, ad) = (cfg.expert_width, cfg.action_dim);
-    let action_in = p.linear("action_in_proj", ew, ad, true);
-    let action_out = p.linear("action_out_proj", ad, ew, true);
-    let heads = if cfg.pi05 {
-        HeadsW::Pi05 {
-            time_in: p.linear("time_mlp_in", ew, ew, true),
-            time_out: p.linear("time_mlp_out", ew, ew, true),
-        }
-    } else {
-        HeadsW::Pi0 {
-            state: p.linear("state_proj", ew, ad, true),
-            time_in: p.linear("action_time_mlp_in", ew, 2 * ew, true),
-            time_out: p.linear("action_time_mlp_out", ew, ew, true),
-        }
-    };
+    let w = plan(&mut p);
     let used = p.arena.used();
-    (
-        Weights {
-            vision,
-            embed,
-            prefix,
-            expert,
-            action_in,
-            action_out,
-            heads,
-        },
-        p.pieces,
-        used,
-    )
+    (w, p.pieces, used)
 }
 
-/// The weights on the device, laid out but not yet filled.
-pub(crate) struct DeviceWeights {
-    pub w: Weights,
+/// A stage's weights on the device, laid out but not yet filled.
+pub(crate) struct DeviceWeights<W> {
+    pub w: W,
     pieces: Vec<Piece>,
     _buf: super::device::DeviceBuffer,
 }
 
-impl DeviceWeights {
-    pub(crate) fn allocate(dev: &Device, cfg: &Config, act: DType) -> Result<DeviceWeights> {
-        let (_, _, bytes) = plan(cfg, act, Arena::sizing());
+impl<W> DeviceWeights<W> {
+    /// One allocation for the weights `plan` lays out (in the activation type `act`).
+    pub(crate) fn allocate(
+        dev: &Device,
+        act: DType,
+        plan: impl Fn(&mut Planner) -> W,
+    ) -> Result<DeviceWeights<W>> {
+        let (_, _, bytes) = lay_out(act, Arena::sizing(), &plan);
         let (free, _) = dev.memory()?;
         if bytes > free {
             return Err(Error::Cuda(format!(
@@ -408,8 +391,8 @@ impl DeviceWeights {
                 free as f64 / (1u64 << 30) as f64
             )));
         }
-        let buf = super::device::DeviceBuffer::alloc(dev, DType::U8, bytes)?;
-        let (w, pieces, used) = plan(cfg, act, Arena::at(buf.view().ptr));
+        let buf = super::device::DeviceBuffer::alloc(dev, DType::U8, bytes.max(1))?;
+        let (w, pieces, used) = lay_out(act, Arena::at(buf.view().ptr), &plan);
         debug_assert_eq!(used, bytes);
         Ok(DeviceWeights {
             w,
@@ -423,14 +406,8 @@ impl DeviceWeights {
         self.pieces.iter().map(|p| p.view.bytes()).sum()
     }
 
-    /// Fills every piece from `ckpt`; `progress(bytes_read, bytes_total)` as the CPU loader.
-    pub(crate) fn fill_from(
-        &self,
-        ckpt: &Checkpoint,
-        lane: &Lane,
-        progress: impl FnMut(u64, u64),
-    ) -> Result<()> {
-        let mut ld = Loader::new(ckpt, progress);
+    /// Fills every piece from `ckpt` through `ld` (which reports progress).
+    pub(crate) fn fill_from(&self, ckpt: &Checkpoint, ld: &mut Loader, lane: &Lane) -> Result<()> {
         for piece in &self.pieces {
             let mut off = 0;
             for (key, shape) in &piece.sources {
@@ -444,13 +421,13 @@ impl DeviceWeights {
                             .with_min_len(1 << 16)
                             .map(|&v| half::bf16::from_f32(v).to_bits())
                             .collect();
-                        upload_sync(lane, &bits, dst)?;
+                        lane.upload_now(&bits, dst)?;
                     }
                     (Store::OnePlus, _) => {
                         let w: Vec<f32> = values.iter().map(|w| 1.0 + w).collect();
-                        upload_sync(lane, &w, dst)?;
+                        lane.upload_now(&w, dst)?;
                     }
-                    _ => upload_sync(lane, &values, dst)?,
+                    _ => lane.upload_now(&values, dst)?,
                 }
             }
         }
@@ -458,11 +435,12 @@ impl DeviceWeights {
     }
 
     /// Fills every piece with uniform values of the scale `random::write_random_checkpoint`
-    /// uses (other values: the generator differs), on the device.
+    /// uses (other values: the generator differs), on the device. Each tensor's values
+    /// depend only on `seed` and its key, whichever stage or layout holds it.
     pub(crate) fn fill_random(&self, k: &Kernels, lane: &Lane, seed: u64) -> Result<()> {
-        for (pi, piece) in self.pieces.iter().enumerate() {
+        for piece in &self.pieces {
             let mut off = 0;
-            for (si, (key, shape)) in piece.sources.iter().enumerate() {
+            for (key, shape) in &piece.sources {
                 let n: usize = shape.iter().product();
                 let dst = piece.view.at(off, n)?;
                 off += n;
@@ -470,7 +448,7 @@ impl DeviceWeights {
                 if piece.store == Store::OnePlus {
                     centre += 1.0;
                 }
-                let s = seed ^ ((pi as u64) << 24) ^ ((si as u64) << 8);
+                let s = seed ^ key_hash(key);
                 fill_uniform(k, lane, dst, s, centre - bound, centre + bound)?;
             }
         }
@@ -478,21 +456,11 @@ impl DeviceWeights {
     }
 }
 
-/// Host-to-device copy that has completed when it returns (load time only).
-fn upload_sync<T: Copy>(lane: &Lane, src: &[T], dst: View) -> Result<()> {
-    let bytes = std::mem::size_of_val(src);
-    if bytes != dst.bytes() {
-        return Err(Error::Cuda(format!(
-            "internal: weight upload of {bytes} bytes into {} bytes",
-            dst.bytes()
-        )));
-    }
-    // SAFETY: `dst` is exactly `bytes` long inside the weight buffer; the lane is
-    // synchronised right after, before `src` is dropped, so the (possibly staged) pageable
-    // copy has completed.
-    unsafe { cudarc::driver::result::memcpy_htod_async(dst.ptr, src, lane.stream.cu_stream()) }
-        .map_err(|e| Error::Cuda(format!("uploading weights: {e}")))?;
-    lane.synchronize()
+/// FNV-1a of a tensor key (stable across builds), to seed its random values.
+fn key_hash(key: &str) -> u64 {
+    key.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+    })
 }
 
 /// Fills `dst` (act or f32) with uniform values in [lo, hi).
@@ -534,7 +502,20 @@ mod tests {
     fn layout_covers_every_tensor_once_and_is_aligned() {
         for cfg in [Config::pi0_small(), Config::pi05_small()] {
             for act in [DType::F32, DType::Bf16] {
-                let (_, pieces, bytes) = plan(&cfg, act, Arena::sizing());
+                let mut pieces = Vec::new();
+                let mut bytes = 0;
+                let mut arena = Arena::sizing();
+                for stage in 0..3 {
+                    let (_, p, used) = lay_out(act, arena, |pl: &mut Planner| match stage {
+                        0 => drop(pl.vision(&cfg)),
+                        1 => drop(pl.prefix(&cfg)),
+                        _ => drop(pl.denoise(&cfg)),
+                    });
+                    // Stages lie in separate allocations: lay them end to end here.
+                    bytes += used.div_ceil(256) * 256;
+                    arena = Arena::at(bytes as u64);
+                    pieces.extend(p);
+                }
                 let mut keys: Vec<&str> = pieces
                     .iter()
                     .flat_map(|p| p.sources.iter().map(|(k, _)| k.as_str()))

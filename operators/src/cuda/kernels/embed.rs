@@ -2,19 +2,9 @@
 //! scalar, written straight into the prefix's residual stream. CPU twin: the gather in
 //! [`crate::policy::PrefixEncoder::run`].
 
-use super::compile::Kernels;
-use super::device::{int, launch, Args, DType, Lane, View};
+use super::Kernels;
+use crate::cuda::device::{int, launch, Args, DType, Lane, View};
 use crate::Result;
-
-pub(crate) const SOURCE: &str = r#"
-// One block per token: out[i, :] = table[ids[i], :] * scale (f32 out, row stride w).
-extern "C" __global__ void embed_tokens(const int* __restrict__ ids, const act_t* __restrict__ table,
-                                        float* __restrict__ out, int w, float scale) {
-  long long row = (long long)ids[blockIdx.x] * w;
-  float* o = out + (long long)blockIdx.x * w;
-  for (int c = threadIdx.x; c < w; c += blockDim.x) o[c] = tp_load(table, row + c) * scale;
-}
-"#;
 
 /// out[n, w] = table[ids] * scale. The ids were checked against the vocabulary on the host.
 #[allow(clippy::too_many_arguments)]

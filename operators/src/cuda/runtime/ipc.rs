@@ -7,11 +7,12 @@
 
 use std::collections::hash_map::Entry;
 use std::collections::HashMap;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use cudarc::driver::sys;
 
 use super::device::{CudaResult, DType, Device, DeviceBuffer, Lane, View};
+use crate::ring::SlotBook;
 use crate::{Error, Result};
 
 /// A CUDA IPC handle (memory or event), as the driver defines it: 64 opaque bytes.
@@ -52,8 +53,6 @@ pub struct Slot {
     event: IpcEvent,
     pub mem_handle: Handle,
     pub event_handle: Handle,
-    /// The frame the slot holds while a consumer may read it, and since when.
-    busy: Option<(u64, Instant)>,
 }
 
 impl Slot {
@@ -62,11 +61,11 @@ impl Slot {
     }
 }
 
-/// A producer's ring of `n` slots of `bytes` each.
+/// A producer's ring of `n` slots of `bytes` each; which slot holds which frame is kept by a
+/// [`SlotBook`].
 pub struct Ring {
     slots: Vec<Slot>,
-    /// A slot not handed back after this long is taken back (its consumer is presumed gone).
-    reclaim_after: Duration,
+    book: SlotBook,
     pub reclaimed: u64,
 }
 
@@ -103,12 +102,11 @@ impl Ring {
                 event,
                 mem_handle: handle_bytes(&mh.reserved),
                 event_handle: handle_bytes(&eh.reserved),
-                busy: None,
             });
         }
         Ok(Ring {
             slots,
-            reclaim_after,
+            book: SlotBook::new(n, reclaim_after),
             reclaimed: 0,
         })
     }
@@ -123,42 +121,25 @@ impl Ring {
 
     /// Slots a consumer still holds.
     pub fn busy(&self) -> usize {
-        self.slots.iter().filter(|s| s.busy.is_some()).count()
+        self.book.busy()
     }
 
     /// A free slot for frame `seq` (marked busy), taking back slots held too long; None when
     /// every slot is still in use.
     pub fn acquire(&mut self, seq: u64) -> Option<usize> {
-        let now = Instant::now();
-        for s in &mut self.slots {
-            if let Some((_, since)) = s.busy {
-                if now.duration_since(since) > self.reclaim_after {
-                    s.busy = None;
-                    self.reclaimed += 1;
-                }
-            }
-        }
-        let i = self.slots.iter().position(|s| s.busy.is_none())?;
-        self.slots[i].busy = Some((seq, now));
-        Some(i)
+        let slot = self.book.acquire(seq);
+        self.reclaimed = self.book.reclaimed;
+        slot
     }
 
     /// Frees `slot` if it still holds frame `seq`; false for an unknown or stale release.
     pub fn release(&mut self, slot: usize, seq: u64) -> bool {
-        match self.slots.get_mut(slot) {
-            Some(s) if s.busy.is_some_and(|(q, _)| q == seq) => {
-                s.busy = None;
-                true
-            }
-            _ => false,
-        }
+        self.book.release(slot, seq)
     }
 
     /// Frees a slot whose frame was not sent after all.
     pub fn cancel(&mut self, slot: usize) {
-        if let Some(s) = self.slots.get_mut(slot) {
-            s.busy = None;
-        }
+        self.book.cancel(slot)
     }
 
     pub fn slot(&self, i: usize) -> Result<&Slot> {

@@ -3,55 +3,9 @@
 //! the query heads sharing a KV head are consecutive rows), k (rotated) and v go to rows
 //! `out_row0..` of the per-layer K/V cache. CPU twin: [`crate::cpu::rope`].
 
-use super::compile::Kernels;
-use super::device::{int, launch, Args, DType, Lane, View};
+use super::Kernels;
+use crate::cuda::device::{int, launch, Args, DType, Lane, View};
 use crate::{Error, Result};
-
-pub(crate) const SOURCE: &str = r#"
-// One block per row r < rows. qkv: [rows, (nh + 2 kv) hd]; position of row r = pos0[0] + r.
-// q_out: [kv][rows][nh / kv][hd]; k_out, v_out: row out_row0 + r of [_, kv hd].
-extern "C" __global__ void rope_qkv(const act_t* __restrict__ qkv, act_t* __restrict__ q_out,
-                                    act_t* __restrict__ k_out, act_t* __restrict__ v_out,
-                                    const float* __restrict__ inv_freq, const int* __restrict__ pos0,
-                                    int rows, int nh, int kv, int hd, int out_row0) {
-  int r = blockIdx.x;
-  if (r >= rows) return;
-  int half = hd / 2;
-  int group = nh / kv;
-  int kvw = kv * hd;
-  const act_t* src = qkv + (long long)r * (nh + 2 * kv) * hd;
-  float pos = (float)(pos0[0] + r);
-  int n_rot = (nh + kv) * half;
-  int total = n_rot + kvw;
-  for (int t = threadIdx.x; t < total; t += blockDim.x) {
-    if (t < n_rot) {
-      int h = t / half;
-      int j = t - h * half;
-      float angle = inv_freq[j] * pos;
-      float c = cosf(angle);
-      float s = sinf(angle);
-      float a = tp_load(src, h * hd + j);
-      float b = tp_load(src, h * hd + j + half);
-      float o1 = a * c - b * s;
-      float o2 = b * c + a * s;
-      if (h < nh) {
-        int g = h / group;
-        int jj = h - g * group;
-        long long base = (((long long)g * rows + r) * group + jj) * hd;
-        tp_store(q_out, base + j, o1);
-        tp_store(q_out, base + j + half, o2);
-      } else {
-        long long base = (long long)(out_row0 + r) * kvw + (long long)(h - nh) * hd;
-        tp_store(k_out, base + j, o1);
-        tp_store(k_out, base + j + half, o2);
-      }
-    } else {
-      int i = t - n_rot;
-      v_out[(long long)(out_row0 + r) * kvw + i] = src[(nh + kv) * hd + i];
-    }
-  }
-}
-"#;
 
 /// Head geometry of a Gemma attention layer.
 #[derive(Debug, Clone, Copy)]

@@ -406,6 +406,20 @@ impl Lane {
             .cuda("uploading to the device")
     }
 
+    /// Upload of `src` (any host memory) into `dst`, complete when this returns: the lane is
+    /// synchronised after it, so `src` may be dropped or reused at once.
+    pub(crate) fn upload_now<T: Pod>(&self, src: &[T], dst: View) -> Result<()> {
+        self.upload(src, dst)?;
+        self.synchronize()
+    }
+
+    /// Download of `src` into `dst` (any host memory), complete when this returns. Work on
+    /// other streams that writes `src` must have been waited for.
+    pub(crate) fn download_now<T: Pod>(&self, src: View, dst: &mut [T]) -> Result<()> {
+        self.download(src, dst)?;
+        self.synchronize()
+    }
+
     /// Asynchronous download of `src` into `dst` (pinned) on this lane.
     pub(crate) fn download<T: Pod>(&self, src: View, dst: &mut [T]) -> Result<()> {
         let bytes = std::mem::size_of_val(dst);

@@ -3,31 +3,11 @@
 //! CPU twins: the bias add of [`crate::cpu::Linear::forward`], [`crate::cpu::silu`],
 //! [`crate::cpu::gelu_tanh`].
 
-use super::compile::Kernels;
-use super::device::{blocks_for, int, launch, Args, DType, Lane, View};
+use super::Kernels;
+use crate::cuda::device::{blocks_for, int, launch, Args, DType, Lane, View};
 use crate::{Error, Result};
 
-pub(crate) const SOURCE: &str = r#"
-// out[r, c] = act(x[r * ldx + c] + bias[c]) for r < rows, c < width; act 0: identity,
-// 1: silu, 2: gelu_tanh. bias, out_f32 and out_act may each be null; in place is allowed.
-extern "C" __global__ void bias_act(const float* x, int ldx, const float* bias, int act,
-                                    float* out_f32, act_t* out_act, int ldo, int rows, int width) {
-  long long n = (long long)rows * width;
-  for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n;
-       i += (long long)gridDim.x * blockDim.x) {
-    long long r = i / width;
-    long long c = i - r * width;
-    float v = x[r * ldx + c];
-    if (bias != 0) v = v + bias[c];
-    if (act == 1) v = tp_silu(v);
-    else if (act == 2) v = tp_gelu_tanh(v);
-    if (out_f32 != 0) out_f32[r * ldo + c] = v;
-    if (out_act != 0) tp_store(out_act, r * ldo + c, v);
-  }
-}
-"#;
-
-/// The activation applied after the bias.
+/// The activation applied after the bias; its codes are TP_ACT_* in activation.cu.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Act {
     None = 0,

@@ -1,24 +1,9 @@
 //! The residual add, plain or gated per column (pi0.5's adaptive norms gate the block output
 //! before adding it). CPU twin: [`crate::cpu::add_residual`].
 
-use super::compile::Kernels;
-use super::device::{blocks_for, int, launch, Args, DType, Lane, View};
+use super::Kernels;
+use crate::cuda::device::{blocks_for, int, launch, Args, DType, Lane, View};
 use crate::Result;
-
-pub(crate) const SOURCE: &str = r#"
-// x[r, c] += y[r, c] * gate[c] (gate null: x += y); f32 [rows, width], n = rows * width.
-extern "C" __global__ void add_residual(float* __restrict__ x, const float* __restrict__ y,
-                                        const float* __restrict__ gate, int width, long long n) {
-  for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n;
-       i += (long long)gridDim.x * blockDim.x) {
-    if (gate != 0) {
-      x[i] += y[i] * gate[i % width];
-    } else {
-      x[i] += y[i];
-    }
-  }
-}
-"#;
 
 /// x[rows, width] += y * gate (per column) or x += y.
 pub fn add_residual(

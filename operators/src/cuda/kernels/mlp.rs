@@ -2,24 +2,9 @@
 //! [gate | up] output of one GEMM. CPU twin: [`crate::cpu::gelu_tanh`] as used by
 //! `Gemma::mlp` in [`crate::gemma`].
 
-use super::compile::Kernels;
-use super::device::{blocks_for, int, launch, Args, Lane, View};
+use super::Kernels;
+use crate::cuda::device::{blocks_for, int, launch, Args, Lane, View};
 use crate::Result;
-
-pub(crate) const SOURCE: &str = r#"
-// gu: [rows, 2 * mlp] (gate | up); out: [rows, mlp]; n = rows * mlp.
-extern "C" __global__ void gelu_gate(const act_t* __restrict__ gu, act_t* __restrict__ out,
-                                     int mlp, long long n) {
-  for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n;
-       i += (long long)gridDim.x * blockDim.x) {
-    long long r = i / mlp;
-    long long c = i - r * mlp;
-    float g = tp_load(gu, r * 2 * mlp + c);
-    float u = tp_load(gu, r * 2 * mlp + mlp + c);
-    tp_store(out, i, tp_gelu_tanh(g) * u);
-  }
-}
-"#;
 
 /// out[rows, mlp] = gelu_tanh(gu[:, :mlp]) * gu[:, mlp:].
 pub fn gelu_gate(

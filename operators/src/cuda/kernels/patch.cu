@@ -1,0 +1,36 @@
+// SigLIP's patch embedding: im2col and the bias + position epilogue. Launchers: patch.rs.
+// pixels: f32 [n, size, size, 3] (HWC, 3 = TP_IMAGE_CHANNELS); patches: [n * grid^2, 3 p p],
+// patch (gy, gx) of image i at row i * grid^2 + gy * grid + gx, column (ch * p + ky) * p + kx.
+extern "C" __global__ void im2col(const float* __restrict__ pixels, act_t* __restrict__ patches,
+                                  int n, int size, int p) {
+  int grid = size / p;
+  int t = grid * grid;
+  int cols = TP_IMAGE_CHANNELS * p * p;
+  long long total = (long long)n * t * cols;
+  for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < total;
+       i += (long long)gridDim.x * blockDim.x) {
+    long long row = i / cols;
+    int col = (int)(i - row * cols);
+    long long img = row / t;
+    int tok = (int)(row - img * t);
+    int gy = tok / grid, gx = tok - (tok / grid) * grid;
+    int ch = col / (p * p);
+    int ky = (col / p) % p;
+    int kx = col % p;
+    long long y = (long long)gy * p + ky, x = (long long)gx * p + kx;
+    tp_store(patches, i, pixels[((img * size + y) * size + x) * TP_IMAGE_CHANNELS + ch]);
+  }
+}
+
+// x: f32 [rows, vw] (the patch GEMM output) = (x + bias) + pos[row % t]; total = rows * vw.
+extern "C" __global__ void patch_embed_finish(float* __restrict__ x, const float* __restrict__ bias,
+                                              const float* __restrict__ pos, int t, int vw,
+                                              long long total) {
+  for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < total;
+       i += (long long)gridDim.x * blockDim.x) {
+    long long row = i / vw;
+    long long c = i - row * vw;
+    long long tok = row % t;
+    x[i] = (x[i] + bias[c]) + pos[tok * vw + c];
+  }
+}

@@ -1,0 +1,67 @@
+// Helpers shared by every kernel family, compiled first. `act_t` is the element type of
+// weights and of the activations that feed GEMMs (f32, or bf16 kept as its 16 bits: the
+// kernels convert by hand and need no CUDA header, so NVRTC needs no include path); the
+// residual stream, norm statistics and softmax are f32. No fast-math: the kernels match the
+// CPU twins. Every TP_* macro comes from NVRTC's -D options (kernels::defines in mod.rs).
+
+#if TP_BF16
+typedef unsigned short act_t;
+#else
+typedef float act_t;
+#endif
+
+__device__ __forceinline__ float tp_load(const float* p, long long i) { return p[i]; }
+__device__ __forceinline__ float tp_load(const unsigned short* p, long long i) {
+  return __uint_as_float(((unsigned int)p[i]) << 16);
+}
+__device__ __forceinline__ void tp_store(float* p, long long i, float v) { p[i] = v; }
+// Round to nearest even, NaN kept quiet: the same rounding as half::bf16::from_f32.
+__device__ __forceinline__ void tp_store(unsigned short* p, long long i, float v) {
+  unsigned int u = __float_as_uint(v);
+  unsigned short r;
+  if ((u & 0x7fffffffu) > 0x7f800000u) {
+    r = (unsigned short)((u >> 16) | 0x40u);
+  } else {
+    r = (unsigned short)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+  }
+  p[i] = r;
+}
+__device__ __forceinline__ float tp_neg_inf() { return __uint_as_float(0xff800000u); }
+
+__device__ __forceinline__ float tp_warp_sum(float v) {
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
+}
+__device__ __forceinline__ float tp_warp_max(float v) {
+  for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+  return v;
+}
+__device__ __forceinline__ double tp_warp_sum_d(double v) {
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
+}
+// Sum over the block (blockDim.x a multiple of 32); every thread gets the total.
+// `red` is __shared__ double[32]; the leading barrier makes back-to-back calls safe.
+__device__ double tp_block_sum_d(double v, double* red) {
+  int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
+  v = tp_warp_sum_d(v);
+  __syncthreads();
+  if (lane == 0) red[warp] = v;
+  __syncthreads();
+  if (warp == 0) {
+    double t = lane < warps ? red[lane] : 0.0;
+    t = tp_warp_sum_d(t);
+    if (lane == 0) red[0] = t;
+  }
+  __syncthreads();
+  return red[0];
+}
+
+// PyTorch's gelu(approximate="tanh"), as cpu::gelu_tanh.
+__device__ __forceinline__ float tp_gelu_tanh(float x) {
+  const float k_beta = TP_GELU_BETA;
+  const float k_kappa = TP_GELU_KAPPA;
+  return 0.5f * x * (1.0f + tanhf(k_beta * (x + k_kappa * x * x * x)));
+}
+// As cpu::silu.
+__device__ __forceinline__ float tp_silu(float x) { return x / (1.0f + expf(-x)); }

@@ -1,0 +1,454 @@
+//! The policy on one GPU: the three stages of [`super::stages`] in one process, each on its
+//! own stream, ordered by events whose timestamps are the stage times, with two K/V cache
+//! slots so that two frames can be in flight (frame t+1's vision and prefix run while frame t
+//! denoises). A frame allocates nothing and synchronises once: the observation is staged in
+//! pinned buffers, the stages' graphs run, the actions come back.
+
+use std::collections::VecDeque;
+
+use super::device::{guard, CudaResult, PinnedBuffer};
+use super::stages::denoise::Denoise;
+use super::stages::prefix::Prefix;
+use super::stages::vision::Vision;
+use super::stages::{act_type, CacheShape, Engine, KvSlots, Span};
+use crate::backend::{Precision, Runner};
+use crate::checkpoint::Checkpoint;
+use crate::config::Config;
+use crate::observation::Observation;
+use crate::policy::StageTimes;
+use crate::weights::Loader;
+use crate::{Error, Result};
+
+/// What one frame in flight holds: its staged inputs and actions (pinned) and the timing
+/// events of its three stages. Frame slot i uses K/V cache slot i.
+pub(crate) struct FrameSlot {
+    pub(crate) pixels: PinnedBuffer,
+    pub(crate) ids: PinnedBuffer,
+    pub(crate) info: PinnedBuffer,
+    pub(crate) noise: PinnedBuffer,
+    pub(crate) state: PinnedBuffer,
+    pub(crate) actions: PinnedBuffer,
+    pub(crate) vision: Span,
+    pub(crate) prefix: Span,
+    pub(crate) denoise: Span,
+}
+
+impl FrameSlot {
+    pub(crate) fn new(e: &Engine, cfg: &Config) -> Result<FrameSlot> {
+        let f = std::mem::size_of::<f32>();
+        let pin = |values: usize| PinnedBuffer::alloc(&e.dev, values.max(1) * f);
+        Ok(FrameSlot {
+            pixels: pin(cfg.num_images * cfg.image_size * cfg.image_size * 3)?,
+            ids: pin(cfg.max_token_len)?,
+            info: pin(4)?,
+            noise: pin(cfg.action_horizon * cfg.action_dim)?,
+            state: pin(cfg.action_dim)?,
+            actions: pin(cfg.action_horizon * cfg.action_dim)?,
+            vision: Span::new(e)?,
+            prefix: Span::new(e)?,
+            denoise: Span::new(e)?,
+        })
+    }
+
+    /// Copies the real cameras of `images` ([num_images, size, size, 3]) into the pinned
+    /// pixels; returns them.
+    pub(crate) fn stage_images(
+        &mut self,
+        images: &[f32],
+        real: &[usize],
+        per_image: usize,
+    ) -> Result<&[f32]> {
+        let px = self.pixels.slice_mut::<f32>(real.len() * per_image)?;
+        for (dst, &i) in px.chunks_exact_mut(per_image).zip(real) {
+            dst.copy_from_slice(&images[i * per_image..(i + 1) * per_image]);
+        }
+        self.pixels.slice::<f32>(real.len() * per_image)
+    }
+
+    /// Copies the prompt ids and the cache info [P, 0, 0, 0] (P: prefix length) into pinned
+    /// memory.
+    pub(crate) fn stage_prompt(&mut self, ids: &[i32], p: usize) -> Result<()> {
+        self.ids.slice_mut::<i32>(ids.len())?.copy_from_slice(ids);
+        let p = i32::try_from(p).map_err(|_| Error::Input("prefix too long".into()))?;
+        self.info
+            .slice_mut::<i32>(4)?
+            .copy_from_slice(&[p, 0, 0, 0]);
+        Ok(())
+    }
+
+    /// Copies the noise and (when given) the state into pinned memory.
+    pub(crate) fn stage_sampler(&mut self, noise: &[f32], state: Option<&[f32]>) -> Result<()> {
+        self.noise
+            .slice_mut::<f32>(noise.len())?
+            .copy_from_slice(noise);
+        if let Some(s) = state {
+            self.state.slice_mut::<f32>(s.len())?.copy_from_slice(s);
+        }
+        Ok(())
+    }
+}
+
+/// The policy on one GPU. Fields drop in order: stages (graphs, buffers, weights) before the
+/// engine (kernels, cuBLASLt, the context).
+pub struct CudaPolicy {
+    vision: Vision,
+    prefix: Prefix,
+    denoise: Denoise,
+    caches: KvSlots,
+    frames: [FrameSlot; 2],
+    /// Frames submitted and not yet collected (their slots, oldest first).
+    in_flight: VecDeque<usize>,
+    cfg: Config,
+    precision: Precision,
+    engine: Engine,
+}
+
+impl CudaPolicy {
+    /// Loads `ckpt` onto the GPU (device `TURBOPI_CUDA_DEVICE`, default 0): compiles the
+    /// kernels, lays out and uploads every stage's weights, allocates every buffer a frame
+    /// needs. `progress(bytes_read, bytes_total)` is called as tensors are read.
+    pub fn load(
+        ckpt: &Checkpoint,
+        precision: Precision,
+        progress: impl FnMut(u64, u64),
+    ) -> Result<CudaPolicy> {
+        guard("loading the policy on the GPU", move || {
+            let p = Self::build(&ckpt.config, precision)?;
+            let mut ld = Loader::new(ckpt, progress);
+            p.vision.weights.fill_from(ckpt, &mut ld, &p.vision.lane)?;
+            p.prefix.weights.fill_from(ckpt, &mut ld, &p.prefix.lane)?;
+            p.denoise
+                .weights
+                .fill_from(ckpt, &mut ld, &p.denoise.lane)?;
+            Ok(p)
+        })
+    }
+
+    /// A policy of `cfg` with random weights generated on the device (for benchmarks: no
+    /// checkpoint to write or read). The values differ from `random::write_random_checkpoint`'s
+    /// (another generator) but have the same scales.
+    pub fn random(cfg: &Config, precision: Precision, seed: u64) -> Result<CudaPolicy> {
+        guard("building a random-weight policy on the GPU", || {
+            cfg.validate()?;
+            let p = Self::build(cfg, precision)?;
+            let k = &p.engine.kernels;
+            p.vision.weights.fill_random(k, &p.vision.lane, seed)?;
+            p.prefix.weights.fill_random(k, &p.prefix.lane, seed)?;
+            p.denoise.weights.fill_random(k, &p.denoise.lane, seed)?;
+            Ok(p)
+        })
+    }
+
+    fn build(cfg: &Config, precision: Precision) -> Result<CudaPolicy> {
+        let engine = Engine::open(precision)?;
+        let vision = Vision::new(&engine, cfg)?;
+        let prefix = Prefix::new(&engine, cfg)?;
+        let denoise = Denoise::new(&engine, cfg)?;
+        let shape = CacheShape::of(cfg, act_type(precision));
+        let caches = KvSlots::new(&engine, &prefix.lane, shape, 2)?;
+        let frames = [FrameSlot::new(&engine, cfg)?, FrameSlot::new(&engine, cfg)?];
+        Ok(CudaPolicy {
+            vision,
+            prefix,
+            denoise,
+            caches,
+            frames,
+            in_flight: VecDeque::new(),
+            cfg: cfg.clone(),
+            precision,
+            engine,
+        })
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.cfg
+    }
+
+    /// Device memory held by the weights, in bytes.
+    pub fn weight_bytes(&self) -> usize {
+        self.vision.weights.bytes() + self.prefix.weights.bytes() + self.denoise.weights.bytes()
+    }
+
+    /// Builds (once per step count) the denoise graph of both cache slots, so that the first
+    /// timed frame does not pay for the capture.
+    pub fn warm_up(&mut self, steps: usize) -> Result<()> {
+        if steps == 0 {
+            return Err(Error::Input("denoise: steps must be at least 1".into()));
+        }
+        guard("warming up the denoise graph", || {
+            self.engine.dev.bind()?;
+            for slot in 0..2 {
+                let cache = self.caches.get(slot)?;
+                self.denoise.prepare(&self.engine, steps, cache)?;
+            }
+            self.denoise.lane.synchronize()
+        })
+    }
+
+    /// Runs and captures the vision graph of every camera count and, for `prompt_tokens` real
+    /// prompt tokens, the prefix graph of every camera count and cache slot, on placeholder
+    /// inputs: the first frames then cost what later ones do.
+    pub fn warm_up_stages(&mut self, prompt_tokens: usize) -> Result<()> {
+        guard("warming up the stage graphs", || {
+            self.engine.dev.bind()?;
+            let c = self.cfg.clone();
+            if prompt_tokens > c.max_token_len {
+                return Err(Error::Input(format!(
+                    "prefix: {prompt_tokens} prompt tokens, at most max_token_len {}",
+                    c.max_token_len
+                )));
+            }
+            let per_image = c.image_size * c.image_size * 3;
+            let out_rows = self.prefix.input_rows(self.vision.rows(c.num_images))?;
+            for n in 1..=c.num_images {
+                let real: Vec<usize> = (0..n).collect();
+                let px = vec![0.0f32; n * per_image];
+                let f = &mut self.frames[0];
+                let pinned = f.stage_images(&px, &real, per_image)?;
+                self.vision.enqueue(&self.engine, pinned, n, out_rows)?;
+                self.vision.lane.synchronize()?;
+            }
+            let ids = vec![0i32; prompt_tokens];
+            for slot in 0..2 {
+                let cache = self.caches.get(slot)?;
+                for n in 0..=c.num_images {
+                    let img_rows = self.vision.rows(n);
+                    let f = &mut self.frames[slot];
+                    f.stage_prompt(&ids, img_rows + ids.len())?;
+                    let (ids, info) = (f.ids.slice::<i32>(ids.len())?, f.info.slice::<i32>(4)?);
+                    self.prefix
+                        .enqueue(&self.engine, ids, info, img_rows, cache)?;
+                    // The pinned prompt is rewritten next round.
+                    self.prefix.lane.synchronize()?;
+                }
+            }
+            Ok(())
+        })
+    }
+
+    /// The real cameras and the real prompt token ids of `obs`, checked as the CPU checks them.
+    fn check_inputs(
+        &self,
+        obs: &Observation,
+        noise: &[f32],
+        steps: usize,
+    ) -> Result<(Vec<usize>, Vec<i32>)> {
+        let c = &self.cfg;
+        let per_image = c.image_size * c.image_size * 3;
+        if obs.image_masks.len() != c.num_images || obs.images.len() != c.num_images * per_image {
+            return Err(Error::Input(format!(
+                "vision: expected {} images of {}x{}x3 and {} masks, got {} values and {} masks",
+                c.num_images,
+                c.image_size,
+                c.image_size,
+                c.num_images,
+                obs.images.len(),
+                obs.image_masks.len()
+            )));
+        }
+        if obs.tokens.len() != obs.token_mask.len() || obs.tokens.len() > c.max_token_len {
+            return Err(Error::Input(format!(
+                "prefix: {} tokens with {} mask entries; expected equal lengths of at most max_token_len {}",
+                obs.tokens.len(),
+                obs.token_mask.len(),
+                c.max_token_len
+            )));
+        }
+        let ids: Vec<i32> = obs
+            .tokens
+            .iter()
+            .zip(&obs.token_mask)
+            .filter(|(_, &m)| m)
+            .map(|(&t, _)| t)
+            .collect();
+        crate::policy::check_sampler_inputs(c, obs.state.as_deref(), noise, steps)?;
+        let real: Vec<usize> = (0..c.num_images).filter(|&i| obs.image_masks[i]).collect();
+        self.prefix.check(real.len(), &ids)?;
+        Ok((real, ids))
+    }
+
+    fn frame(
+        &mut self,
+        obs: &Observation,
+        noise: &[f32],
+        steps: usize,
+    ) -> Result<(Vec<f32>, StageTimes)> {
+        if !self.in_flight.is_empty() {
+            return Err(Error::Input(
+                "frames submitted with `submit` are in flight: collect them first".into(),
+            ));
+        }
+        self.submit_inner(obs, noise, steps)?;
+        self.collect_inner()?
+            .ok_or_else(|| Error::Cuda("internal: the frame was not in flight".into()))
+    }
+
+    /// Starts a frame without waiting for it (pipelined use): its vision and prefix run on
+    /// their streams while the previous frame's denoise still runs, which reads its K/V cache
+    /// from the other of two cache slots. At most two frames are in flight; `collect` returns
+    /// them oldest first.
+    pub fn submit(&mut self, obs: &Observation, noise: &[f32], steps: usize) -> Result<()> {
+        guard("submitting a frame", || {
+            self.submit_inner(obs, noise, steps)
+        })
+    }
+
+    /// Frames submitted and not collected yet.
+    pub fn in_flight(&self) -> usize {
+        self.in_flight.len()
+    }
+
+    /// Whether the oldest frame in flight has finished (does not wait).
+    pub fn ready(&self) -> bool {
+        self.in_flight
+            .front()
+            .is_some_and(|&s| self.frames[s].denoise.end.is_complete())
+    }
+
+    /// Waits for the oldest frame in flight: its actions and stage times (None when nothing
+    /// is in flight).
+    pub fn collect(&mut self) -> Result<Option<(Vec<f32>, StageTimes)>> {
+        guard("collecting a frame", || self.collect_inner())
+    }
+
+    fn submit_inner(&mut self, obs: &Observation, noise: &[f32], steps: usize) -> Result<()> {
+        if self.in_flight.len() >= 2 {
+            return Err(Error::Input(
+                "two frames are in flight: collect one before submitting another".into(),
+            ));
+        }
+        let (real, ids) = self.check_inputs(obs, noise, steps)?;
+        self.engine.dev.bind()?;
+        let slot = match self.in_flight.back() {
+            Some(&busy) => busy ^ 1,
+            None => 0,
+        };
+        let c = &self.cfg;
+        let per_image = c.image_size * c.image_size * 3;
+        let img_rows = self.vision.rows(real.len());
+        let cache = self.caches.get(slot)?;
+        let e = &self.engine;
+        let [f0, f1] = &mut self.frames;
+        let (f, other) = if slot == 0 { (f0, &*f1) } else { (f1, &*f0) };
+        f.stage_prompt(&ids, img_rows + ids.len())?;
+        let state = obs.state.as_deref().filter(|_| !c.pi05);
+        f.stage_sampler(noise, state)?;
+
+        // Vision rewrites the prefix's input rows: only after the other slot's prefix (the
+        // previous frame) has read them.
+        let (lv, lp, ld) = (&self.vision.lane, &self.prefix.lane, &self.denoise.lane);
+        lv.stream
+            .wait(&other.prefix.end)
+            .cuda("ordering vision after the previous prefix")?;
+        f.vision.record_start(lv)?;
+        let rows = self.prefix.input_rows(img_rows)?;
+        let pixels = f.stage_images(&obs.images, &real, per_image)?;
+        self.vision.enqueue(e, pixels, real.len(), rows)?;
+        let lv = &self.vision.lane;
+        f.vision.record_end(lv)?;
+        lp.stream
+            .wait(&f.vision.end)
+            .cuda("ordering prefix after vision")?;
+        f.prefix.record_start(lp)?;
+        let (pids, info) = (f.ids.slice::<i32>(ids.len())?, f.info.slice::<i32>(4)?);
+        self.prefix.enqueue(e, pids, info, img_rows, cache)?;
+        let lp = &self.prefix.lane;
+        f.prefix.record_end(lp)?;
+        ld.stream
+            .wait(&f.prefix.end)
+            .cuda("ordering denoise after prefix")?;
+        f.denoise.record_start(ld)?;
+        let n = noise.len();
+        let sampler = (
+            f.noise.slice::<f32>(n)?,
+            state.map(|s| f.state.slice::<f32>(s.len())).transpose()?,
+        );
+        let actions = f.actions.slice_mut::<f32>(n)?;
+        self.denoise.enqueue(e, sampler, steps, cache, actions)?;
+        f.denoise.record_end(&self.denoise.lane)?;
+        self.in_flight.push_back(slot);
+        Ok(())
+    }
+
+    fn collect_inner(&mut self) -> Result<Option<(Vec<f32>, StageTimes)>> {
+        let Some(slot) = self.in_flight.pop_front() else {
+            return Ok(None);
+        };
+        let f = &self.frames[slot];
+        f.denoise.end.synchronize().cuda("running the frame")?;
+        let times = StageTimes {
+            vision: f.vision.elapsed()?,
+            prefix: f.prefix.elapsed()?,
+            denoise: f.denoise.elapsed()?,
+        };
+        let n = self.cfg.action_horizon * self.cfg.action_dim;
+        let actions = f.actions.slice::<f32>(n)?.to_vec();
+        Ok(Some((actions, times)))
+    }
+}
+
+impl Drop for CudaPolicy {
+    /// Waits for any work still queued (a frame that failed half-way) before the fields
+    /// free the memory it uses.
+    fn drop(&mut self) {
+        if self.engine.dev.bind().is_ok() {
+            let _ = self.engine.dev.synchronize();
+        }
+    }
+}
+
+impl Runner for CudaPolicy {
+    /// One frame: uploads the observation, runs vision, prefix and the denoise graph, and
+    /// downloads the actions; no device allocation except the first time a step count is
+    /// used (its time table and graph).
+    fn infer(
+        &mut self,
+        obs: &Observation,
+        noise: &[f32],
+        steps: usize,
+    ) -> Result<(Vec<f32>, StageTimes)> {
+        guard("CUDA inference", || self.frame(obs, noise, steps))
+    }
+
+    fn profile_denoise(&mut self, steps: usize) -> Result<Option<String>> {
+        if steps == 0 {
+            return Err(Error::Input("denoise: steps must be at least 1".into()));
+        }
+        guard("profiling the denoise loop", || {
+            self.engine.dev.bind()?;
+            let cache = self.caches.get(0)?;
+            self.denoise.profile(&self.engine, steps, cache)
+        })
+        .map(Some)
+    }
+
+    fn submit(&mut self, obs: &Observation, noise: &[f32], steps: usize) -> Result<bool> {
+        CudaPolicy::submit(self, obs, noise, steps).map(|()| true)
+    }
+
+    fn in_flight(&self) -> usize {
+        CudaPolicy::in_flight(self)
+    }
+
+    fn prepare(&mut self, steps: usize, prompt_tokens: usize) -> Result<()> {
+        if !self.in_flight.is_empty() {
+            return Err(Error::Input(
+                "frames are in flight: collect them before preparing".into(),
+            ));
+        }
+        self.warm_up(steps)?;
+        self.warm_up_stages(prompt_tokens)
+    }
+
+    fn ready(&self) -> bool {
+        CudaPolicy::ready(self)
+    }
+
+    fn collect(&mut self) -> Result<Option<(Vec<f32>, StageTimes)>> {
+        CudaPolicy::collect(self)
+    }
+
+    fn describe(&self) -> String {
+        self.engine.describe(self.precision)
+    }
+}

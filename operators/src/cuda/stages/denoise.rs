@@ -1,0 +1,688 @@
+//! Stage 3 on the GPU: the flow-matching sampler over the action expert, attending to a K/V
+//! cache slot. The whole loop (every step) is one CUDA graph per step count and cache slot;
+//! it does not depend on the prefix length, which it reads from the slot's info on the
+//! device (attention runs over the padded cache and masks the unused rows). Everything that
+//! depends only on the step grid (pi0's time half of the action-time MLP, pi0.5's adaptive
+//! norm modulations) is computed once per step count. CPU twin: [`crate::policy::Denoiser`].
+
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::fmt::Write as _;
+
+use cudarc::driver::CudaEvent;
+
+use crate::config::Config;
+use crate::cuda::activation::{add_bias, bias_act, cast, Act, Out};
+use crate::cuda::attention::{score_stride, Mask, Problem, Scratch, Workspace};
+use crate::cuda::device::{timing_event, CudaResult, DType, DeviceBuffer, Lane, View};
+use crate::cuda::euler::euler_step;
+use crate::cuda::gemm::{Mat, Op};
+use crate::cuda::mlp::gelu_gate;
+use crate::cuda::residual::add_residual;
+use crate::cuda::rms_norm::{rms_norm, NormParam};
+use crate::cuda::rope::rope_qkv;
+use crate::cuda::runtime::graph::{capture, Graph};
+use crate::cuda::weights::{Arena, DenoiseW, DeviceWeights, GemmaW, HeadsW, Lin, NormW, Planner};
+use crate::policy::time_embedding;
+use crate::{settings, Error, Result};
+
+use super::prefix::heads;
+use super::{allocate, gemma_attention, lin, upload_inv_freq, CacheSlot, Engine};
+
+/// The sizes of the sampler, named as the config names them.
+#[derive(Debug, Clone, Copy)]
+struct Shape {
+    horizon: usize,
+    action_dim: usize,
+    width: usize,
+    mlp: usize,
+    /// Suffix tokens: pi0's state token, then the action tokens.
+    suffix: usize,
+    /// The first action token of the suffix (1 for pi0, 0 for pi0.5).
+    first_action: usize,
+    max_prefix: usize,
+    /// Rows of each layer's cache: the longest prefix, then the suffix.
+    cache_rows: usize,
+    layers: usize,
+    /// Adaptive norms of the expert (pi0.5): two per layer and the final one.
+    adaptive_norms: usize,
+}
+
+impl Shape {
+    fn of(c: &Config) -> Shape {
+        let suffix = c.suffix_len();
+        Shape {
+            horizon: c.action_horizon,
+            action_dim: c.action_dim,
+            width: c.expert_width,
+            mlp: c.expert_mlp_dim,
+            suffix,
+            first_action: suffix - c.action_horizon,
+            max_prefix: c.max_prefix_len(),
+            cache_rows: c.max_prefix_len() + suffix,
+            layers: c.vlm_depth,
+            adaptive_norms: if c.pi05 { 2 * c.vlm_depth + 1 } else { 0 },
+        }
+    }
+}
+
+/// The expert's queries over the whole cache, for the tensor-core attention.
+fn problem(cfg: &Config, s: &Shape) -> Problem {
+    let hs = heads(cfg);
+    Problem {
+        rows: s.suffix * hs.group(),
+        keys: s.cache_rows,
+        hd: hs.hd,
+        n1: hs.kv,
+        n2: 1,
+    }
+}
+
+struct Buffers {
+    noise: View,
+    state: View,
+    xt: View,
+    xt_act: View,
+    state_act: View,
+    state_tok: View,
+    a: View,
+    a_act: View,
+    xe: View,
+    he: View,
+    qkv: View,
+    q: View,
+    scores: View,
+    probs: View,
+    att_g: View,
+    att: View,
+    tmp: View,
+    gu: View,
+    m: View,
+    vraw: View,
+    inv_freq: View,
+    fa: Workspace,
+}
+
+fn layout(cfg: &Config, s: &Shape, act: DType, ar: &mut Arena) -> Buffers {
+    let f = DType::F32;
+    let hs = heads(cfg);
+    let qw = hs.nh * hs.hd;
+    let (h, ad, ew) = (s.horizon, s.action_dim, s.width);
+    // Only the bf16 kernels have the fused attention.
+    let (part, stats) = if act == DType::Bf16 {
+        problem(cfg, s).workspace()
+    } else {
+        (0, 0)
+    };
+    let fa = Workspace {
+        part: ar.take(f, part),
+        stats: ar.take(f, stats),
+    };
+    Buffers {
+        noise: ar.take(f, h * ad),
+        state: ar.take(f, ad),
+        xt: ar.take(f, h * ad),
+        xt_act: ar.take(act, h * ad),
+        state_act: ar.take(act, ad),
+        state_tok: ar.take(f, ew),
+        a: ar.take(f, h * ew),
+        a_act: ar.take(act, h * ew),
+        xe: ar.take(f, s.suffix * ew),
+        he: ar.take(act, s.suffix * ew),
+        qkv: ar.take(act, s.suffix * hs.qkv_width()),
+        q: ar.take(act, s.suffix * qw),
+        scores: ar.take(f, hs.nh * s.suffix * score_stride(s.cache_rows)),
+        probs: ar.take(act, hs.nh * s.suffix * score_stride(s.cache_rows)),
+        att_g: ar.take(act, s.suffix * qw),
+        att: ar.take(act, s.suffix * qw),
+        tmp: ar.take(f, s.suffix * ew),
+        gu: ar.take(act, s.suffix * 2 * s.mlp),
+        m: ar.take(act, s.suffix * s.mlp),
+        vraw: ar.take(f, h * ad),
+        inv_freq: ar.take(f, cfg.head_dim / 2),
+        fa,
+    }
+}
+
+/// Per step count: what depends only on the time (pi0: W_t · temb + b of the action-time
+/// MLP; pi0.5: the (scale, shift, gate) of every adaptive norm), precomputed once with the
+/// same kernels the loop would use.
+struct TimeTable {
+    steps: usize,
+    /// pi0: f32 [steps, ew].
+    tb: Option<View>,
+    /// pi0.5: f32 [norms][steps][3 ew].
+    mods: Option<View>,
+    _bufs: Vec<DeviceBuffer>,
+}
+
+impl TimeTable {
+    fn modulation(&self, norm: usize, step: usize, ew: usize) -> Result<View> {
+        self.mods
+            .ok_or_else(|| Error::Cuda("internal: adaptive norm without modulations".into()))?
+            .at((norm * self.steps + step) * 3 * ew, 3 * ew)
+    }
+}
+
+/// The captured loop of one step count and cache slot, with the table it reads.
+struct StepGraph {
+    graph: Graph,
+    table: TimeTable,
+}
+
+/// The denoise stage: its weights (the expert and the action and time heads), buffers,
+/// stream and graphs.
+pub struct Denoise {
+    graphs: HashMap<(usize, u64), StepGraph>,
+    buf: Buffers,
+    _buf: DeviceBuffer,
+    pub(crate) weights: DeviceWeights<DenoiseW>,
+    pub lane: Lane,
+    /// While profiling: an event recorded after each operation of an eager run, named by the
+    /// operation's kind.
+    prof: RefCell<Option<Vec<(&'static str, CudaEvent)>>>,
+    cfg: Config,
+    shape: Shape,
+}
+
+impl Denoise {
+    pub fn new(e: &Engine, cfg: &Config) -> Result<Denoise> {
+        let shape = Shape::of(cfg);
+        let lane = e.lane(0)?;
+        let weights = DeviceWeights::allocate(&e.dev, e.act(), |p: &mut Planner| p.denoise(cfg))?;
+        let act = e.act();
+        let (buf, alloc) = allocate(&e.dev, &lane, |ar| layout(cfg, &shape, act, ar))?;
+        upload_inv_freq(cfg, &lane, buf.inv_freq)?;
+        Ok(Denoise {
+            graphs: HashMap::new(),
+            buf,
+            _buf: alloc,
+            weights,
+            lane,
+            prof: RefCell::new(None),
+            cfg: cfg.clone(),
+            shape,
+        })
+    }
+
+    /// Values of a chunk of actions: action_horizon * action_dim.
+    pub fn action_values(&self) -> usize {
+        self.shape.horizon * self.shape.action_dim
+    }
+
+    /// Builds (once per step count and cache slot) the loop's graph, so that the first timed
+    /// frame does not pay for it: the time table, an eager run (which makes every GEMM plan
+    /// and loads every kernel), then the capture.
+    pub fn prepare(&mut self, e: &Engine, steps: usize, cache: CacheSlot) -> Result<()> {
+        let key = (steps, cache.kv.ptr);
+        if !self.graphs.contains_key(&key) {
+            let table = self.time_table(e, steps)?;
+            self.forward(e, steps, &table, cache)?;
+            let graph = capture(
+                &self.lane,
+                || self.forward(e, steps, &table, cache),
+                "denoise loop",
+            )?;
+            self.graphs.insert(key, StepGraph { graph, table });
+        }
+        Ok(())
+    }
+
+    /// On this stage's stream: uploads `noise` and (pi0) `state` (pinned, untouched until the
+    /// stream has passed this point), replays the loop over `cache` and downloads the actions
+    /// into `actions` (pinned; read it after the stream has passed this point).
+    pub fn enqueue(
+        &mut self,
+        e: &Engine,
+        (noise, state): (&[f32], Option<&[f32]>),
+        steps: usize,
+        cache: CacheSlot,
+        actions: &mut [f32],
+    ) -> Result<()> {
+        self.lane.upload(noise, self.buf.noise)?;
+        if let Some(s) = state.filter(|_| !self.cfg.pi05) {
+            self.lane.upload(s, self.buf.state)?;
+        }
+        self.prepare(e, steps, cache)?;
+        let g = self
+            .graphs
+            .get(&(steps, cache.kv.ptr))
+            .ok_or_else(|| Error::Cuda("internal: denoise graph missing".into()))?;
+        g.graph.launch("denoise")?;
+        let n = self.action_values();
+        self.lane.download(self.buf.xt.at(0, n)?, &mut actions[..n])
+    }
+
+    fn time_table(&self, e: &Engine, steps: usize) -> Result<TimeTable> {
+        let (k, g, l) = (&e.kernels, &e.gemm, &self.lane);
+        let (ew, act) = (self.shape.width, e.act());
+        // The same t sequence as the sampler: t = 1, t += dt in f32.
+        let dt = (-1.0f64 / steps as f64) as f32;
+        let mut temb = Vec::with_capacity(steps * ew);
+        let mut t = 1.0f32;
+        for _ in 0..steps {
+            temb.extend(time_embedding(t, ew));
+            t += dt;
+        }
+        let n = steps * ew;
+        let temb_f = DeviceBuffer::alloc(&e.dev, DType::F32, n)?;
+        let temb_a = DeviceBuffer::alloc(&e.dev, act, n)?;
+        l.upload(&temb, temb_f.view())?;
+        cast(k, l, temb_f.view(), temb_a.view(), n)?;
+        let mut bufs = Vec::new();
+        let (mut tb, mut mods) = (None, None);
+        match &self.weights.w.heads {
+            HeadsW::Pi0 { time_in, .. } => {
+                let out = DeviceBuffer::alloc(&e.dev, DType::F32, n)?;
+                let w_t = Mat {
+                    view: time_in.w.tail(ew)?,
+                    rows: ew,
+                    cols: ew,
+                    ld: 2 * ew,
+                    stride: 0,
+                };
+                g.matmul(
+                    l,
+                    Mat::new(temb_a.view(), steps, ew),
+                    w_t,
+                    Op::Wt,
+                    Mat::new(out.view(), steps, ew),
+                    1.0,
+                    0.0,
+                    1,
+                )?;
+                add_bias(k, l, out.view(), ew, time_in.bias()?, steps, ew)?;
+                tb = Some(out.view());
+                bufs.push(out);
+            }
+            HeadsW::Pi05 { time_in, time_out } => {
+                let c_f = DeviceBuffer::alloc(&e.dev, DType::F32, n)?;
+                let c_a = DeviceBuffer::alloc(&e.dev, act, n)?;
+                let (cf, ca) = (c_f.view(), c_a.view());
+                let silu_to_act = Out {
+                    f32: None,
+                    act: Some(ca),
+                    ld: ew,
+                };
+                g.linear(
+                    l,
+                    Mat::new(temb_a.view(), steps, ew),
+                    lin(time_in),
+                    Mat::new(cf, steps, ew),
+                    0.0,
+                )?;
+                bias_act(k, l, cf, ew, time_in.b, Act::Silu, silu_to_act, steps, ew)?;
+                g.linear(
+                    l,
+                    Mat::new(ca, steps, ew),
+                    lin(time_out),
+                    Mat::new(cf, steps, ew),
+                    0.0,
+                )?;
+                bias_act(k, l, cf, ew, time_out.b, Act::Silu, silu_to_act, steps, ew)?;
+                let norms = adaptive_norms(&self.weights.w.expert)?;
+                if norms.len() != self.shape.adaptive_norms {
+                    return Err(Error::Cuda("internal: adaptive norm count".into()));
+                }
+                let m = DeviceBuffer::alloc(&e.dev, DType::F32, norms.len() * n * 3)?;
+                for (i, dense) in norms.iter().enumerate() {
+                    let dst = m.view().at(i * n * 3, n * 3)?;
+                    g.linear(
+                        l,
+                        Mat::new(ca, steps, ew),
+                        lin(dense),
+                        Mat::new(dst, steps, 3 * ew),
+                        0.0,
+                    )?;
+                    add_bias(k, l, dst, 3 * ew, dense.bias()?, steps, 3 * ew)?;
+                }
+                mods = Some(m.view());
+                bufs.extend([c_f, c_a, m]);
+            }
+        }
+        // `temb` (pageable host memory) must outlive its upload.
+        l.synchronize()?;
+        bufs.extend([temb_f, temb_a]);
+        Ok(TimeTable {
+            steps,
+            tb,
+            mods,
+            _bufs: bufs,
+        })
+    }
+
+    /// Norm `idx` of the expert at step `step` into `he`; returns the gate of the residual it
+    /// feeds (pi0.5) or None.
+    fn expert_norm(
+        &self,
+        e: &Engine,
+        norm: &NormW,
+        (idx, step): (usize, usize),
+        table: &TimeTable,
+    ) -> Result<Option<View>> {
+        let (s, b, l) = (&self.shape, &self.buf, &self.lane);
+        let eps = self.cfg.rms_norm_eps;
+        match norm {
+            NormW::Plain(w) => {
+                let param = NormParam::OnePlus(*w);
+                rms_norm(&e.kernels, l, b.xe, param, b.he, s.suffix, s.width, eps)?;
+                Ok(None)
+            }
+            NormW::Adaptive(_) => {
+                let m = table.modulation(idx, step, s.width)?;
+                let param = NormParam::Modulation(m);
+                rms_norm(&e.kernels, l, b.xe, param, b.he, s.suffix, s.width, eps)?;
+                Ok(Some(m.at(2 * s.width, s.width)?))
+            }
+        }
+    }
+
+    /// xe += x·Wᵀ, gated per column when `gate` is given: one cuBLASLt call with the gate as
+    /// a per-row alpha vector where cuBLASLt supports it (and `TURBOPI_FUSED_GATE` is not
+    /// off), else the product into `tmp` and a gated add.
+    fn expert_residual(&self, e: &Engine, x: Mat, w: &Lin, gate: Option<View>) -> Result<()> {
+        let (s, b, g, l) = (&self.shape, &self.buf, &e.gemm, &self.lane);
+        let xe = Mat::new(b.xe, s.suffix, s.width);
+        match gate {
+            None => g.linear(l, x, lin(w), xe, 1.0),
+            Some(gate) => {
+                if settings::flag("TURBOPI_FUSED_GATE", true)?
+                    && g.linear_gated(l, x, lin(w), xe, gate)?
+                {
+                    return Ok(());
+                }
+                g.linear(l, x, lin(w), Mat::new(b.tmp, s.suffix, s.width), 0.0)?;
+                add_residual(&e.kernels, l, b.xe, b.tmp, Some(gate), s.suffix, s.width)
+            }
+        }
+    }
+
+    /// The suffix tokens of step `step` into `xe`.
+    fn suffix_tokens(&self, e: &Engine, step: usize, table: &TimeTable) -> Result<()> {
+        let (k, g, l) = (&e.kernels, &e.gemm, &self.lane);
+        let (s, b, wt) = (&self.shape, &self.buf, &self.weights.w);
+        let (h, ew) = (s.horizon, s.width);
+        let x_act = Mat::new(b.xt_act, h, s.action_dim);
+        match &wt.heads {
+            HeadsW::Pi0 {
+                time_in, time_out, ..
+            } => {
+                g.linear(l, x_act, lin(&wt.action_in), Mat::new(b.a, h, ew), 0.0)?;
+                let to_act = Out {
+                    f32: None,
+                    act: Some(b.a_act),
+                    ld: ew,
+                };
+                bias_act(k, l, b.a, ew, wt.action_in.b, Act::None, to_act, h, ew)?;
+                // The action half of action_time_mlp_in; the time half is in the table.
+                let w_a = Mat::new(time_in.w, ew, ew).ld(2 * ew);
+                g.matmul(
+                    l,
+                    Mat::new(b.a_act, h, ew),
+                    w_a,
+                    Op::Wt,
+                    Mat::new(b.a, h, ew),
+                    1.0,
+                    0.0,
+                    1,
+                )?;
+                let tb = table
+                    .tb
+                    .ok_or_else(|| Error::Cuda("internal: pi0 time table missing".into()))?
+                    .at(step * ew, ew)?;
+                bias_act(k, l, b.a, ew, Some(tb), Act::Silu, to_act, h, ew)?;
+                let rows = b.xe.rows(1, h, ew)?;
+                g.linear(
+                    l,
+                    Mat::new(b.a_act, h, ew),
+                    lin(time_out),
+                    Mat::new(rows, h, ew),
+                    0.0,
+                )?;
+                add_bias(k, l, rows, ew, time_out.bias()?, h, ew)?;
+                l.copy(b.state_tok, b.xe.at(0, ew)?)
+            }
+            HeadsW::Pi05 { .. } => {
+                g.linear(l, x_act, lin(&wt.action_in), Mat::new(b.xe, h, ew), 0.0)?;
+                add_bias(k, l, b.xe, ew, wt.action_in.bias()?, h, ew)
+            }
+        }
+    }
+
+    /// The whole sampler on this stage's stream over `cache`: x = noise; `steps` times
+    /// x += dt·v(x, t). Launches only (no host sync, no allocation): what the graph captures.
+    fn forward(&self, e: &Engine, steps: usize, table: &TimeTable, cache: CacheSlot) -> Result<()> {
+        let (k, g, l) = (&e.kernels, &e.gemm, &self.lane);
+        let (s, b, wt, cfg) = (&self.shape, &self.buf, &self.weights.w, &self.cfg);
+        let hs = heads(cfg);
+        let (h, ad, ew, n) = (s.horizon, s.action_dim, s.width, s.suffix);
+        let qw = hs.nh * hs.hd;
+        l.copy(b.noise, b.xt)?;
+        cast(k, l, b.xt, b.xt_act, h * ad)?;
+        self.mark(e, "setup (noise, state token)")?;
+        if let HeadsW::Pi0 { state, .. } = &wt.heads {
+            cast(k, l, b.state, b.state_act, ad)?;
+            g.linear(
+                l,
+                Mat::new(b.state_act, 1, ad),
+                lin(state),
+                Mat::new(b.state_tok, 1, ew),
+                0.0,
+            )?;
+            add_bias(k, l, b.state_tok, ew, state.bias()?, 1, ew)?;
+        }
+        let dt = (-1.0f64 / steps as f64) as f32;
+        let mask = Mask {
+            prefix_len: Some(cache.prefix_len()?),
+            prefix_cap: s.max_prefix,
+            n_state: s.first_action,
+            group: hs.group(),
+        };
+        let scratch = Scratch {
+            scores: b.scores,
+            probs: b.probs,
+        };
+        let expert: &GemmaW = &wt.expert;
+        let final_norm = expert
+            .final_norm
+            .as_ref()
+            .ok_or_else(|| Error::Cuda("internal: expert without its final norm".into()))?;
+        for step in 0..steps {
+            self.suffix_tokens(e, step, table)?;
+            self.mark(e, "suffix tokens (action_in / time MLP)")?;
+            for (li, lw) in expert.layers.iter().enumerate() {
+                let gate = self.expert_norm(e, &lw.norm1, (2 * li, step), table)?;
+                self.mark(e, "rms_norm")?;
+                g.linear(
+                    l,
+                    Mat::new(b.he, n, ew),
+                    lin(&lw.qkv),
+                    Mat::new(b.qkv, n, hs.qkv_width()),
+                    0.0,
+                )?;
+                self.mark(e, "gemm qkv")?;
+                let (kc, vc) = cache.layer(li)?;
+                let pos0 = cache.prefix_len()?;
+                rope_qkv(
+                    k,
+                    l,
+                    b.qkv,
+                    b.q,
+                    kc,
+                    vc,
+                    b.inv_freq,
+                    pos0,
+                    n,
+                    hs,
+                    s.max_prefix,
+                )?;
+                self.mark(e, "rope_qkv")?;
+                gemma_attention(
+                    e,
+                    cfg,
+                    l,
+                    (n, s.cache_rows),
+                    b.q,
+                    (kc, vc),
+                    mask,
+                    scratch,
+                    Some(b.fa),
+                    (b.att_g, b.att),
+                )?;
+                self.mark(e, "attention")?;
+                self.expert_residual(e, Mat::new(b.att, n, qw), &lw.o, gate)?;
+                self.mark(e, "gemm o + residual")?;
+                let gate = self.expert_norm(e, &lw.norm2, (2 * li + 1, step), table)?;
+                self.mark(e, "rms_norm")?;
+                g.linear(
+                    l,
+                    Mat::new(b.he, n, ew),
+                    lin(&lw.gu),
+                    Mat::new(b.gu, n, 2 * s.mlp),
+                    0.0,
+                )?;
+                self.mark(e, "gemm gate|up")?;
+                gelu_gate(k, l, b.gu, b.m, n, s.mlp)?;
+                self.mark(e, "gelu_gate")?;
+                self.expert_residual(e, Mat::new(b.m, n, s.mlp), &lw.down, gate)?;
+                self.mark(e, "gemm down + residual")?;
+            }
+            self.expert_norm(e, final_norm, (2 * s.layers, step), table)?;
+            self.mark(e, "rms_norm")?;
+            let actions = b.he.rows(s.first_action, h, ew)?;
+            g.linear(
+                l,
+                Mat::new(actions, h, ew),
+                lin(&wt.action_out),
+                Mat::new(b.vraw, h, ad),
+                0.0,
+            )?;
+            self.mark(e, "gemm action_out")?;
+            let bias = wt.action_out.bias()?;
+            euler_step(k, l, b.xt, b.xt_act, b.vraw, bias, dt, h, ad)?;
+            self.mark(e, "euler_step")?;
+        }
+        Ok(())
+    }
+
+    /// While profiling, records an event on this stage's stream closing an operation of kind
+    /// `what` (nothing otherwise, in particular never while the graph is captured).
+    fn mark(&self, e: &Engine, what: &'static str) -> Result<()> {
+        let mut prof = self.prof.borrow_mut();
+        if let Some(marks) = prof.as_mut() {
+            let ev = timing_event(&e.dev)?;
+            ev.record(&self.lane.stream)
+                .cuda("recording a profiling event")?;
+            marks.push((what, ev));
+        }
+        Ok(())
+    }
+
+    /// Device time per kind of operation of one denoise step, from one eager run of the
+    /// whole loop with an event after each operation. The run is queued behind a replay of
+    /// the graph, so that the host is ahead of the device and the intervals are device time
+    /// (not launch gaps); the graph replay's own time is reported for comparison.
+    pub fn profile(&mut self, e: &Engine, steps: usize, cache: CacheSlot) -> Result<String> {
+        self.prepare(e, steps, cache)?;
+        let l = &self.lane;
+        l.synchronize()?;
+        let g = self
+            .graphs
+            .get(&(steps, cache.kv.ptr))
+            .ok_or_else(|| Error::Cuda("internal: denoise graph missing".into()))?;
+        let (g0, g1) = (timing_event(&e.dev)?, timing_event(&e.dev)?);
+        // One replay to warm up, one timed; the eager run queues behind the second.
+        g.graph.launch("denoise")?;
+        g0.record(&l.stream).cuda("recording a profiling event")?;
+        g.graph.launch("denoise")?;
+        g1.record(&l.stream).cuda("recording a profiling event")?;
+        let start = timing_event(&e.dev)?;
+        start
+            .record(&l.stream)
+            .cuda("recording a profiling event")?;
+        *self.prof.borrow_mut() = Some(vec![("start", start)]);
+        let run = self.forward(e, steps, &g.table, cache);
+        let marks = self.prof.borrow_mut().take().unwrap_or_default();
+        let synced = l.synchronize();
+        run?;
+        synced?;
+        let graph_ms = g0.elapsed_ms(&g1).cuda("reading profiling events")?;
+        // kind -> (ms, launches), in first-seen order.
+        let mut kinds: Vec<(&'static str, f64, usize)> = Vec::new();
+        for pair in marks.windows(2) {
+            let ms = f64::from(
+                pair[0]
+                    .1
+                    .elapsed_ms(&pair[1].1)
+                    .cuda("reading profiling events")?,
+            );
+            match kinds.iter_mut().find(|k| k.0 == pair[1].0) {
+                Some(k) => {
+                    k.1 += ms;
+                    k.2 += 1;
+                }
+                None => kinds.push((pair[1].0, ms, 1)),
+            }
+        }
+        let total: f64 = kinds.iter().map(|k| k.1).sum();
+        let per = steps as f64;
+        let mut out = String::new();
+        let _ = writeln!(
+            out,
+            "denoise profile ({steps} steps, eager, events after each op; per step):"
+        );
+        kinds.sort_by(|a, b| b.1.total_cmp(&a.1));
+        for (what, ms, n) in &kinds {
+            let _ = writeln!(
+                out,
+                "  {:<40} {:>8.1} us  {:>5.1}%  ({:.0} per step)",
+                what,
+                ms * 1e3 / per,
+                100.0 * ms / total.max(1e-12),
+                *n as f64 / per
+            );
+        }
+        let _ = writeln!(
+            out,
+            "  {:<40} {:>8.1} us  (eager, incl. event overhead; whole loop {:.2} ms)",
+            "total",
+            total * 1e3 / per,
+            total
+        );
+        let _ = writeln!(
+            out,
+            "  {:<40} {:>8.1} us  (whole loop {:.2} ms)",
+            "graph replay",
+            f64::from(graph_ms) * 1e3 / per,
+            graph_ms
+        );
+        let _ = writeln!(
+            out,
+            "  gemm plans {}, of which autotuned {}; gated residual shapes on the two-launch fallback: {}",
+            e.gemm.plan_count(),
+            e.gemm.tuned_count(),
+            e.gemm.gated_fallbacks()
+        );
+        Ok(out)
+    }
+}
+
+/// The expert's adaptive norms in table order: per layer input then post-attention, then
+/// the final norm.
+fn adaptive_norms(expert: &GemmaW) -> Result<Vec<Lin>> {
+    let dense = |n: &NormW| match n {
+        NormW::Adaptive(l) => Ok(*l),
+        NormW::Plain(_) => Err(Error::Cuda("internal: plain norm in pi0.5's expert".into())),
+    };
+    let mut out = Vec::with_capacity(2 * expert.layers.len() + 1);
+    for l in &expert.layers {
+        out.push(dense(&l.norm1)?);
+        out.push(dense(&l.norm2)?);
+    }
+    let f = expert
+        .final_norm
+        .as_ref()
+        .ok_or_else(|| Error::Cuda("internal: expert without its final norm".into()))?;
+    out.push(dense(f)?);
+    Ok(out)
+}

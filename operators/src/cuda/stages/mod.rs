@@ -1,0 +1,343 @@
+//! The three model stages on the GPU — vision, prefix, denoise — each in its own file with
+//! its weights (only its own: a split stage process loads nothing else), its buffers, its
+//! forward pass and its graph cache, on its own stream. [`crate::cuda::pipeline`] runs the
+//! three as one policy; [`crate::cuda::split`] runs one alone in a stage node.
+//!
+//! A stage reads and writes the tensors it shares with its neighbours through views the
+//! caller hands it (the vision stage writes the prefix stage's input rows; the K/V cache
+//! lives in [`KvSlots`], written by the prefix and read by the denoise stage), so the fused
+//! policy copies nothing between stages.
+
+pub mod denoise;
+pub mod prefix;
+pub mod vision;
+
+use std::time::Duration;
+
+use cudarc::driver::CudaEvent;
+
+use crate::backend::Precision;
+use crate::config::Config;
+use crate::cuda::attention::{self, Mask, Problem, Scratch, Strided, Workspace};
+use crate::cuda::device::{timing_event, CudaResult, DType, Device, DeviceBuffer, Lane, View};
+use crate::cuda::gemm::{Gemm, Mat};
+use crate::cuda::weights::{Arena, Lin};
+use crate::cuda::Kernels;
+use crate::{cpu, settings, Error, Result};
+
+/// What every stage of one process uses: the device, its kernels and cuBLASLt. Declared
+/// last in its owner so that it drops after every buffer and graph.
+pub struct Engine {
+    pub kernels: Kernels,
+    pub gemm: Gemm,
+    pub dev: Device,
+}
+
+impl Engine {
+    /// Opens device `TURBOPI_CUDA_DEVICE` (default 0) with the kernels of `precision`.
+    pub fn open(precision: Precision) -> Result<Engine> {
+        let dev = Device::open(settings::cuda_device()?)?;
+        let kernels = Kernels::load(&dev, act_type(precision))?;
+        let gemm = Gemm::new(&dev)?;
+        Ok(Engine { kernels, gemm, dev })
+    }
+
+    /// The activation type (f32 or bf16).
+    pub fn act(&self) -> DType {
+        self.kernels.act
+    }
+
+    /// A lane whose stream ranks `rank` on the critical path to the actions (0: denoise, 1:
+    /// prefix, 2: vision; what `turbopi graph plan` prints), so that with frames overlapped
+    /// the next frame's stages fill the gaps of this frame's denoise. `TURBOPI_STREAM_PRIORITIES=0`
+    /// leaves every stream at the default priority (for A/B runs).
+    pub fn lane(&self, rank: usize) -> Result<Lane> {
+        let ranked = settings::flag("TURBOPI_STREAM_PRIORITIES", true)?;
+        Lane::with_rank(&self.dev, ranked.then_some(rank))
+    }
+
+    /// A timing event.
+    pub fn event(&self) -> Result<CudaEvent> {
+        timing_event(&self.dev)
+    }
+
+    pub fn describe(&self, precision: Precision) -> String {
+        let p = match precision {
+            Precision::F32 => "f32",
+            Precision::Bf16 => "bf16",
+        };
+        format!(
+            "cuda {p} on {} (sm_{}{})",
+            self.dev.name, self.dev.cc.0, self.dev.cc.1
+        )
+    }
+}
+
+pub fn act_type(precision: Precision) -> DType {
+    match precision {
+        Precision::F32 => DType::F32,
+        Precision::Bf16 => DType::Bf16,
+    }
+}
+
+/// Whether vision and prefix are captured as graphs after their first run
+/// (`TURBOPI_STAGE_GRAPHS=0` runs them eagerly every frame, for A/B runs).
+pub fn stage_graphs() -> Result<bool> {
+    settings::flag("TURBOPI_STAGE_GRAPHS", true)
+}
+
+/// A timed span of a stage's work on its stream.
+pub struct Span {
+    pub start: CudaEvent,
+    pub end: CudaEvent,
+}
+
+impl Span {
+    pub fn new(engine: &Engine) -> Result<Span> {
+        Ok(Span {
+            start: engine.event()?,
+            end: engine.event()?,
+        })
+    }
+
+    /// The device time between the two events (both recorded and passed).
+    pub fn elapsed(&self) -> Result<Duration> {
+        let t = self
+            .start
+            .elapsed_ms(&self.end)
+            .cuda("reading stage times")?;
+        Ok(Duration::from_secs_f64(f64::from(t.max(0.0)) / 1e3))
+    }
+
+    pub fn record_start(&self, lane: &Lane) -> Result<()> {
+        self.start
+            .record(&lane.stream)
+            .cuda("recording a stage's start")
+    }
+
+    pub fn record_end(&self, lane: &Lane) -> Result<()> {
+        self.end
+            .record(&lane.stream)
+            .cuda("recording a stage's end")
+    }
+}
+
+/// Allocates the buffers a stage lays out with `layout` (run once to size them, then at the
+/// real base) in one device allocation, zeroed on `lane`.
+pub(crate) fn allocate<B>(
+    dev: &Device,
+    lane: &Lane,
+    layout: impl Fn(&mut Arena) -> B,
+) -> Result<(B, DeviceBuffer)> {
+    let mut sizing = Arena::sizing();
+    layout(&mut sizing);
+    let buf = DeviceBuffer::alloc(dev, DType::U8, sizing.used().max(1))?;
+    let views = layout(&mut Arena::at(buf.view().ptr));
+    lane.zero(buf.view())?;
+    lane.synchronize()?;
+    Ok((views, buf))
+}
+
+/// The longest prefix (real image tokens and prompt tokens), the suffix and the cache rows
+/// of each layer: the shapes the prefix and denoise stages agree on.
+#[derive(Debug, Clone, Copy)]
+pub struct CacheShape {
+    pub layers: usize,
+    /// Rows of each layer's K (and V) cache: the longest prefix, then the suffix.
+    pub rows: usize,
+    pub max_prefix: usize,
+    /// K/V width: num_kv_heads * head_dim.
+    pub kv_width: usize,
+    pub act: DType,
+}
+
+impl CacheShape {
+    pub fn of(cfg: &Config, act: DType) -> CacheShape {
+        let max_prefix = cfg.max_prefix_len();
+        CacheShape {
+            layers: cfg.vlm_depth,
+            rows: max_prefix + cfg.suffix_len(),
+            max_prefix,
+            kv_width: cfg.num_kv_heads * cfg.head_dim,
+            act,
+        }
+    }
+
+    /// Elements of one cache slot: [layers][K, V][rows][kv_width].
+    pub fn len(&self) -> usize {
+        self.layers * 2 * self.rows * self.kv_width
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// [layers, 2, rows, kv_width]: what a cache slot exported by IPC holds.
+    pub fn dims(&self) -> [usize; 4] {
+        [self.layers, 2, self.rows, self.kv_width]
+    }
+}
+
+/// One K/V cache: every layer's K (after RoPE) and V, and its i32 [4] info: the real prefix
+/// length P and 0 (the prefix's first position), which the graphs read from the device.
+#[derive(Debug, Clone, Copy)]
+pub struct CacheSlot {
+    pub kv: View,
+    pub info: View,
+    pub shape: CacheShape,
+}
+
+impl CacheSlot {
+    /// Layer `layer`'s K and V caches, [rows, kv_width] each.
+    pub fn layer(&self, layer: usize) -> Result<(View, View)> {
+        let n = self.shape.rows * self.shape.kv_width;
+        Ok((
+            self.kv.at((2 * layer) * n, n)?,
+            self.kv.at((2 * layer + 1) * n, n)?,
+        ))
+    }
+
+    /// The real prefix length, on the device (i32 [1]).
+    pub fn prefix_len(&self) -> Result<View> {
+        self.info.at(0, 1)
+    }
+
+    /// The prefix's first position, 0, on the device (i32 [1]).
+    pub fn first_position(&self) -> Result<View> {
+        self.info.at(1, 1)
+    }
+}
+
+/// `n` K/V caches in one allocation (two in the pipelined policy: frame t's denoise reads one
+/// while frame t+1's prefix fills the other). Rows past a frame's prefix are read (with
+/// probability 0) by the padded attention, so they start at zero and stay finite.
+pub struct KvSlots {
+    pub slots: Vec<CacheSlot>,
+    _buf: DeviceBuffer,
+}
+
+impl KvSlots {
+    pub fn new(engine: &Engine, lane: &Lane, shape: CacheShape, n: usize) -> Result<KvSlots> {
+        let (slots, buf) = allocate(&engine.dev, lane, |ar| {
+            (0..n)
+                .map(|_| CacheSlot {
+                    kv: ar.take(shape.act, shape.len()),
+                    info: ar.take(DType::I32, 4),
+                    shape,
+                })
+                .collect::<Vec<_>>()
+        })?;
+        Ok(KvSlots { slots, _buf: buf })
+    }
+
+    pub fn get(&self, i: usize) -> Result<CacheSlot> {
+        self.slots
+            .get(i)
+            .copied()
+            .ok_or_else(|| Error::Cuda(format!("internal: K/V cache slot {i}")))
+    }
+}
+
+/// RoPE's inverse frequencies (f32 [head_dim / 2]) uploaded into `view`.
+pub fn upload_inv_freq(cfg: &Config, lane: &Lane, view: View) -> Result<()> {
+    let inv_freq = cpu::rope_inv_freq(cfg.head_dim, cfg.rope_theta);
+    lane.upload_now(&inv_freq, view)
+}
+
+/// A Linear as a GEMM operand.
+pub(crate) fn lin(l: &Lin) -> Mat {
+    Mat::new(l.w, l.n_out, l.n_in)
+}
+
+/// The attention of a Gemma (prefix or expert): `rows` queries in the grouped layout in `q`
+/// over the first `keys` rows of a layer's K/V cache, on the tensor cores when a workspace is
+/// given and the problem fits, else as GEMMs; the result lands in `att` [rows, nh * hd]
+/// (through `att_g` when heads must be unpermuted).
+#[allow(clippy::too_many_arguments)]
+pub fn gemma_attention(
+    e: &Engine,
+    cfg: &Config,
+    l: &Lane,
+    (rows, keys): (usize, usize),
+    q: View,
+    (kc, vc): (View, View),
+    mask: Mask,
+    scratch: Scratch,
+    fa: Option<Workspace>,
+    (att_g, att): (View, View),
+) -> Result<()> {
+    let (kv, hd) = (cfg.num_kv_heads, cfg.head_dim);
+    let group = cfg.num_heads / kv;
+    let kv_width = kv * hd;
+    let gr = rows * group;
+    // With one KV head the grouped layout is already [rows, nh * hd].
+    let out = if kv == 1 { att } else { att_g };
+    let fused = match fa {
+        Some(work) => {
+            let prob = Problem {
+                rows: gr,
+                keys,
+                hd,
+                n1: kv,
+                n2: 1,
+            };
+            let fq = Strided {
+                view: q,
+                ld: hd,
+                s1: gr * hd,
+                s2: 0,
+            };
+            let fk = Strided {
+                view: kc,
+                ld: kv_width,
+                s1: hd,
+                s2: 0,
+            };
+            let fv = Strided { view: vc, ..fk };
+            let fo = Strided { view: out, ..fq };
+            let fits = attention::fused_fits(&e.kernels, &prob, &fq, (&fk, &fv), &fo);
+            if fits {
+                attention::fused_attention(
+                    &e.kernels,
+                    l,
+                    &prob,
+                    fq,
+                    (fk, fv),
+                    fo,
+                    attention::scale(hd),
+                    &mask,
+                    work,
+                )?;
+            }
+            fits
+        }
+        None => false,
+    };
+    if !fused {
+        let km = Mat {
+            view: kc,
+            rows: keys,
+            cols: hd,
+            ld: kv_width,
+            stride: hd,
+        };
+        let vm = Mat { view: vc, ..km };
+        attention::attention(
+            &e.kernels,
+            &e.gemm,
+            l,
+            Mat::new(q, gr, hd),
+            km,
+            vm,
+            Mat::new(out, gr, hd),
+            kv,
+            attention::scale(hd),
+            &mask,
+            scratch,
+        )?;
+    }
+    if kv > 1 {
+        attention::unpermute_heads(&e.kernels, l, att_g, att, rows, kv, group, hd)?;
+    }
+    Ok(())
+}

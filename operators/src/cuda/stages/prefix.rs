@@ -1,0 +1,266 @@
+//! Stage 2 on the GPU: the prompt's token embedding and the Gemma 2B prefix over the real
+//! tokens (image rows first, written by the vision stage or copied in), filling every layer's
+//! K (after RoPE) and V of a K/V cache slot. CPU twin: [`crate::policy::PrefixEncoder`]
+//! ([`crate::gemma::Gemma::prefix_kv`]).
+
+use crate::config::Config;
+use crate::cuda::attention::{score_stride, Mask, Scratch};
+use crate::cuda::device::{DType, DeviceBuffer, Lane, View};
+use crate::cuda::embed::embed_tokens;
+use crate::cuda::gemm::Mat;
+use crate::cuda::mlp::gelu_gate;
+use crate::cuda::rms_norm::{rms_norm, NormParam};
+use crate::cuda::rope::{rope_qkv, Heads};
+use crate::cuda::runtime::graph::GraphCache;
+use crate::cuda::weights::{Arena, DeviceWeights, NormW, Planner, PrefixW};
+use crate::{Error, Result};
+
+use super::{allocate, gemma_attention, lin, stage_graphs, upload_inv_freq, CacheSlot, Engine};
+
+struct Buffers {
+    /// i32 [max_token_len]: the real prompt ids.
+    ids: View,
+    /// f32 [max_prefix, width]: the prefix's input, image rows first, then the prompt's.
+    x: View,
+    h: View,
+    qkv: View,
+    q: View,
+    scores: View,
+    probs: View,
+    att_g: View,
+    att: View,
+    gu: View,
+    m: View,
+    inv_freq: View,
+}
+
+fn layout(cfg: &Config, act: DType, ar: &mut Arena) -> Buffers {
+    let f = DType::F32;
+    let heads = heads(cfg);
+    let (p, w, mlp) = (cfg.max_prefix_len(), cfg.vlm_width, cfg.vlm_mlp_dim);
+    let qw = heads.nh * heads.hd;
+    Buffers {
+        ids: ar.take(DType::I32, cfg.max_token_len.max(1)),
+        x: ar.take(f, p * w),
+        h: ar.take(act, p * w),
+        qkv: ar.take(act, p * heads.qkv_width()),
+        q: ar.take(act, p * qw),
+        scores: ar.take(f, heads.nh * p * score_stride(p)),
+        probs: ar.take(act, heads.nh * p * score_stride(p)),
+        att_g: ar.take(act, p * qw),
+        att: ar.take(act, p * qw),
+        gu: ar.take(act, p * 2 * mlp),
+        m: ar.take(act, p * mlp),
+        inv_freq: ar.take(f, cfg.head_dim / 2),
+    }
+}
+
+pub(crate) fn heads(cfg: &Config) -> Heads {
+    Heads {
+        nh: cfg.num_heads,
+        kv: cfg.num_kv_heads,
+        hd: cfg.head_dim,
+    }
+}
+
+/// The prefix stage: its weights (embedding table and Gemma 2B), buffers, stream and graphs
+/// (by image rows, prompt tokens and cache slot).
+pub struct Prefix {
+    graphs: GraphCache<(usize, usize, u64)>,
+    buf: Buffers,
+    _buf: DeviceBuffer,
+    pub(crate) weights: DeviceWeights<PrefixW>,
+    pub lane: Lane,
+    cfg: Config,
+}
+
+impl Prefix {
+    pub fn new(e: &Engine, cfg: &Config) -> Result<Prefix> {
+        let lane = e.lane(1)?;
+        let weights = DeviceWeights::allocate(&e.dev, e.act(), |p: &mut Planner| p.prefix(cfg))?;
+        let act = e.act();
+        let (buf, alloc) = allocate(&e.dev, &lane, |ar| layout(cfg, act, ar))?;
+        upload_inv_freq(cfg, &lane, buf.inv_freq)?;
+        Ok(Prefix {
+            graphs: GraphCache::new("prefix"),
+            buf,
+            _buf: alloc,
+            weights,
+            lane,
+            cfg: cfg.clone(),
+        })
+    }
+
+    /// Rows 0..`rows` of the prefix's input (f32 [rows, vlm_width]): where the image
+    /// embeddings go.
+    pub fn input_rows(&self, rows: usize) -> Result<View> {
+        self.buf.x.at(0, rows * self.cfg.vlm_width)
+    }
+
+    /// Checks a frame's prefix: at most `num_images` cameras, `max_token_len` prompt ids,
+    /// each in the vocabulary, and something to see.
+    pub fn check(&self, cameras: usize, ids: &[i32]) -> Result<()> {
+        let c = &self.cfg;
+        crate::observation::check_visible(cameras, ids.len())?;
+        if cameras > c.num_images {
+            return Err(Error::Input(format!(
+                "prefix: {cameras} cameras, the checkpoint has {}",
+                c.num_images
+            )));
+        }
+        if ids.len() > c.max_token_len {
+            return Err(Error::Input(format!(
+                "prefix: {} prompt tokens, at most max_token_len {}",
+                ids.len(),
+                c.max_token_len
+            )));
+        }
+        if let Some(t) = ids
+            .iter()
+            .find(|&&t| usize::try_from(t).map_or(true, |id| id >= c.vocab_size))
+        {
+            return Err(Error::Input(format!(
+                "token id {t} is outside the vocabulary [0, {})",
+                c.vocab_size
+            )));
+        }
+        Ok(())
+    }
+
+    /// On this stage's stream: uploads the prompt `ids` and the cache `info` ([P, 0, 0, 0];
+    /// both pinned, untouched until the stream has passed this point) and runs the prefix
+    /// over `img_rows` image rows (already in [`Prefix::input_rows`]) and the prompt into
+    /// `cache`, from its graph after the first run for this shape.
+    pub fn enqueue(
+        &mut self,
+        e: &Engine,
+        ids: &[i32],
+        info: &[i32],
+        img_rows: usize,
+        cache: CacheSlot,
+    ) -> Result<()> {
+        self.lane.upload(ids, self.buf.ids)?;
+        self.lane.upload(info, cache.info)?;
+        let capture = stage_graphs()?;
+        let n_ids = ids.len();
+        let (graphs, lane) = (&mut self.graphs, &self.lane);
+        let (buf, w, cfg) = (&self.buf, &self.weights.w, &self.cfg);
+        graphs.run((img_rows, n_ids, cache.kv.ptr), lane, capture, || {
+            forward(e, lane, buf, w, cfg, img_rows, n_ids, cache)
+        })
+    }
+}
+
+/// Token embedding and the Gemma 2B prefix over the `p` real tokens (images first): fills
+/// every layer's K (after RoPE) and V, rows 0..p. Launches only (what the graph captures).
+#[allow(clippy::too_many_arguments)]
+fn forward(
+    e: &Engine,
+    l: &Lane,
+    b: &Buffers,
+    wt: &PrefixW,
+    cfg: &Config,
+    img_rows: usize,
+    n_tok: usize,
+    cache: CacheSlot,
+) -> Result<()> {
+    let (k, g) = (&e.kernels, &e.gemm);
+    let eps = cfg.rms_norm_eps;
+    let (w, mlp) = (cfg.vlm_width, cfg.vlm_mlp_dim);
+    let p = img_rows + n_tok;
+    let hs = heads(cfg);
+    let scale = (w as f64).sqrt() as f32;
+    embed_tokens(
+        k,
+        l,
+        b.ids,
+        wt.embed,
+        b.x.rows(img_rows, n_tok, w)?,
+        n_tok,
+        cfg.vocab_size,
+        w,
+        scale,
+    )?;
+    if p == 0 {
+        return Ok(());
+    }
+    let qw = hs.nh * hs.hd;
+    let scratch = Scratch {
+        scores: b.scores,
+        probs: b.probs,
+    };
+    let mask = Mask {
+        prefix_len: None,
+        prefix_cap: p,
+        n_state: 0,
+        group: hs.group(),
+    };
+    let plain = |n: &NormW| match n {
+        NormW::Plain(v) => Ok(NormParam::OnePlus(*v)),
+        NormW::Adaptive(_) => Err(Error::Cuda("internal: adaptive norm in the prefix".into())),
+    };
+    let layers = &wt.gemma.layers;
+    for (li, lw) in layers.iter().enumerate() {
+        rms_norm(k, l, b.x, plain(&lw.norm1)?, b.h, p, w, eps)?;
+        g.linear(
+            l,
+            Mat::new(b.h, p, w),
+            lin(&lw.qkv),
+            Mat::new(b.qkv, p, hs.qkv_width()),
+            0.0,
+        )?;
+        let (kc, vc) = cache.layer(li)?;
+        rope_qkv(
+            k,
+            l,
+            b.qkv,
+            b.q,
+            kc,
+            vc,
+            b.inv_freq,
+            cache.first_position()?,
+            p,
+            hs,
+            0,
+        )?;
+        // The last layer's attention output and MLP feed nothing the policy reads.
+        if li + 1 < layers.len() {
+            gemma_attention(
+                e,
+                cfg,
+                l,
+                (p, p),
+                b.q,
+                (kc, vc),
+                mask,
+                scratch,
+                None,
+                (b.att_g, b.att),
+            )?;
+            g.linear(
+                l,
+                Mat::new(b.att, p, qw),
+                lin(&lw.o),
+                Mat::new(b.x, p, w),
+                1.0,
+            )?;
+            rms_norm(k, l, b.x, plain(&lw.norm2)?, b.h, p, w, eps)?;
+            g.linear(
+                l,
+                Mat::new(b.h, p, w),
+                lin(&lw.gu),
+                Mat::new(b.gu, p, 2 * mlp),
+                0.0,
+            )?;
+            gelu_gate(k, l, b.gu, b.m, p, mlp)?;
+            g.linear(
+                l,
+                Mat::new(b.m, p, mlp),
+                lin(&lw.down),
+                Mat::new(b.x, p, w),
+                1.0,
+            )?;
+        }
+    }
+    Ok(())
+}
