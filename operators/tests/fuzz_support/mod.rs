@@ -293,31 +293,14 @@ struct Failure {
     input: Vec<u8>,
 }
 
+/// `TURBOPI_FUZZ_CASES` ([`operators::settings`]), else `default`.
 pub fn cases_from_env(default: usize) -> usize {
-    match std::env::var("TURBOPI_FUZZ_CASES") {
-        Ok(v) => match v.trim().parse() {
-            Ok(n) => n,
-            Err(_) => panic!("TURBOPI_FUZZ_CASES={v:?} must be a non-negative integer"),
-        },
-        Err(_) => default,
-    }
+    operators::settings::fuzz_cases(default).unwrap_or_else(|e| panic!("{e}"))
 }
 
+/// `TURBOPI_FUZZ_SEED` ([`operators::settings`]), else [`DEFAULT_SEED`].
 pub fn seed_from_env() -> u64 {
-    match std::env::var("TURBOPI_FUZZ_SEED") {
-        Ok(v) => {
-            let v = v.trim();
-            let parsed = match v.strip_prefix("0x") {
-                Some(hex) => u64::from_str_radix(hex, 16),
-                None => v.parse(),
-            };
-            match parsed {
-                Ok(s) => s,
-                Err(_) => panic!("TURBOPI_FUZZ_SEED={v:?} must be an integer (or 0x hex)"),
-            }
-        }
-        Err(_) => DEFAULT_SEED,
-    }
+    operators::settings::fuzz_seed(DEFAULT_SEED).unwrap_or_else(|e| panic!("{e}"))
 }
 
 /// The seed of case `case` of target `name`: cases are independent, so one can be rerun.
@@ -416,7 +399,7 @@ pub fn run_bounded(
         peak_max as f64 / (1 << 20) as f64,
         started.elapsed().as_secs_f64()
     );
-    if std::env::var_os("TURBOPI_FUZZ_VERBOSE").is_some() {
+    if operators::settings::fuzz_verbose().unwrap_or_else(|e| panic!("{e}")) {
         let mut kinds: Vec<_> = error_kinds.into_iter().collect();
         kinds.sort_by_key(|k| std::cmp::Reverse(k.1));
         for (kind, n) in kinds.iter().take(40) {

@@ -116,22 +116,13 @@ pub fn run(args: &BenchArgs) -> Result<BenchReport> {
             1e3 / report.mean_ms
         );
     }
-    if profiling() {
+    if operators::settings::profile()? {
         match runner.profile_denoise(args.steps)? {
             Some(table) => print!("{table}"),
             None => println!("  (TURBOPI_PROFILE: this backend has no denoise profile)"),
         }
     }
     Ok(report)
-}
-
-/// `TURBOPI_PROFILE=1`: after the timed frames, print the device time per kind of operation
-/// of one denoise step (once, from an extra eager run).
-fn profiling() -> bool {
-    std::env::var("TURBOPI_PROFILE").is_ok_and(|v| {
-        let v = v.trim();
-        !v.is_empty() && v != "0"
-    })
 }
 
 /// A policy of `cfg` with random weights: built on the device for cuda; through a random

@@ -432,10 +432,14 @@ fn check_env(id: &str, kind: Kind, node: &Node, base: &Path, errors: &mut Vec<St
                     err(format!(
                         "env PIPELINE={p:?}: only the policy node overlaps frames"
                     ));
-                } else if p != "true" && p != "false" {
-                    err(format!("env PIPELINE={p:?} must be `true` or `false`"));
-                } else if p == "true" && env.get("BACKEND").map(String::as_str) != Some("cuda") {
-                    err("env PIPELINE=true needs BACKEND=cuda".into());
+                } else {
+                    match operators::settings::parse_bool("PIPELINE", p) {
+                        Err(e) => err(e.to_string()),
+                        Ok(true) if env.get("BACKEND").map(String::as_str) != Some("cuda") => {
+                            err("env PIPELINE=true needs BACKEND=cuda".into())
+                        }
+                        Ok(_) => {}
+                    }
                 }
             }
             if let Some(d) = env.get("DTYPE") {
@@ -492,8 +496,8 @@ fn check_env(id: &str, kind: Kind, node: &Node, base: &Path, errors: &mut Vec<St
             }
             for name in ["DISCRETE_STATE", "ADAPT_TO_PI"] {
                 if let Some(v) = env.get(name) {
-                    if v != "true" && v != "false" {
-                        err(format!("env {name}={v:?} must be `true` or `false`"));
+                    if let Err(e) = operators::settings::parse_bool(name, v) {
+                        err(e.to_string());
                     }
                 }
             }
