@@ -169,11 +169,14 @@ pub fn rms_normalize(x: &[f32], width: usize, eps: f64) -> Vec<f32> {
     out
 }
 
+/// sqrt(2 / pi) in [`gelu_tanh`] (and TP_GELU_BETA in the CUDA twin).
+pub const GELU_TANH_BETA: f32 = 0.797_884_6;
+/// The cubic coefficient of [`gelu_tanh`] (and TP_GELU_KAPPA in the CUDA twin).
+pub const GELU_TANH_KAPPA: f32 = 0.044715;
+
 /// tanh-approximated GELU (PyTorch's `gelu(approximate="tanh")`).
 pub fn gelu_tanh(x: f32) -> f32 {
-    const K_BETA: f32 = 0.797_884_6; // sqrt(2 / pi)
-    const K_KAPPA: f32 = 0.044715;
-    0.5 * x * (1.0 + (K_BETA * (x + K_KAPPA * x * x * x)).tanh())
+    0.5 * x * (1.0 + (GELU_TANH_BETA * (x + GELU_TANH_KAPPA * x * x * x)).tanh())
 }
 
 pub fn silu(x: f32) -> f32 {

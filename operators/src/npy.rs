@@ -387,13 +387,49 @@ fn write_raw(
     std::fs::write(path, out).map_err(|e| Error::io(path, e))
 }
 
+/// A numpy type string (`dtype.str`: `<f4`, `|u1`, `>i8`, `<U5`) split into its parts. The
+/// one parser of them: the `.npy` reader and the openpi message reader
+/// ([`crate::openpi::ndarray`]) each map it onto the types they take, with their own errors.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TypeStr {
+    /// The byte-order character (`<`, `>`, `|` or `=`), when the string starts with one.
+    pub order: Option<char>,
+    /// The kind character: `b`, `i`, `u`, `f`, `c`, `U`, `S`, ...
+    pub kind: char,
+    /// The number after the kind: bytes per element (characters for `U`).
+    pub count: usize,
+}
+
+impl TypeStr {
+    /// `None` when `s` is not an (optional) byte order, a kind character and a number.
+    pub fn parse(s: &str) -> Option<TypeStr> {
+        let mut chars = s.chars();
+        let first = chars.next()?;
+        let (order, rest) = match first {
+            '<' | '>' | '|' | '=' => (Some(first), chars.as_str()),
+            _ => (None, s),
+        };
+        let mut chars = rest.chars();
+        let kind = chars.next()?;
+        let count = chars.as_str().parse().ok()?;
+        Some(TypeStr { order, kind, count })
+    }
+
+    /// Whether multi-byte elements are big-endian (`>`; `=` is taken as little-endian, the
+    /// native order of every machine this runs on).
+    pub fn big_endian(&self) -> bool {
+        self.order == Some('>')
+    }
+}
+
 /// The dtype named by a `descr` string, or a description of what was found instead.
 fn parse_descr(descr: &str) -> std::result::Result<DType, String> {
-    let mut chars = descr.chars();
-    let order = chars.next();
-    let kind = chars.next();
-    let size: Option<usize> = chars.as_str().parse().ok();
-    let (Some(order), Some(kind), Some(size)) = (order, kind, size) else {
+    let Some(TypeStr {
+        order: Some(order),
+        kind,
+        count: size,
+    }) = TypeStr::parse(descr)
+    else {
         return Err(format!("unrecognised descr '{descr}'"));
     };
     // A size from the file may be any number: the bit count is checked.
@@ -945,6 +981,34 @@ mod tests {
         assert_eq!(parse_descr("|b1"), Ok(DType::Bool));
         assert_eq!(DType::F64.to_string(), "float64");
         assert_eq!(DType::Bool.to_string(), "bool");
+    }
+
+    /// One parser splits numpy type strings for both readers: the `.npy` reader and the
+    /// openpi message reader agree on every string either accepts.
+    #[test]
+    fn type_strings_are_split_once_for_both_readers() {
+        let t = |order, kind, count| Some(TypeStr { order, kind, count });
+        assert_eq!(TypeStr::parse("<f4"), t(Some('<'), 'f', 4));
+        assert_eq!(TypeStr::parse("|u1"), t(Some('|'), 'u', 1));
+        assert_eq!(TypeStr::parse(">i8"), t(Some('>'), 'i', 8));
+        assert_eq!(TypeStr::parse("=U12"), t(Some('='), 'U', 12));
+        assert_eq!(TypeStr::parse("f8"), t(None, 'f', 8));
+        for bad in ["", "<", "|O", "<f", "<fx", "x"] {
+            assert_eq!(TypeStr::parse(bad), None, "{bad}");
+        }
+        assert!(TypeStr::parse(">f4").unwrap().big_endian());
+        assert!(!TypeStr::parse("=f4").unwrap().big_endian());
+        use crate::openpi::ndarray;
+        for s in [
+            "<f4", "<f8", "|u1", "<u1", ">u1", "=u1", "|b1", "<i4", "<i8", ">f4", "=f4", "<f2",
+            "<i2", "f4", "<U3", "|O", "<c8",
+        ] {
+            if let Ok(d) = parse_descr(s) {
+                let m = ndarray::DType::parse(s).unwrap_or_else(|| panic!("{s}"));
+                assert_eq!(m.size, d.size(), "{s}");
+                assert!(!m.big_endian || d.size() == 1, "{s}");
+            }
+        }
     }
 
     #[test]

@@ -3,85 +3,26 @@
 
 use std::path::Path;
 
-use serde::Deserialize;
-
+pub use crate::norm_stats::{NormMode, NormStats};
 use crate::{Error, Result};
-
-/// One entry of openpi's norm stats (`mean`, `std`, optional `q01`, `q99`).
-#[derive(Debug, Clone, Deserialize)]
-pub struct NormStats {
-    pub mean: Vec<f64>,
-    pub std: Vec<f64>,
-    #[serde(default)]
-    pub q01: Option<Vec<f64>>,
-    #[serde(default)]
-    pub q99: Option<Vec<f64>>,
-}
-
-#[derive(Deserialize)]
-struct NormStatsFile {
-    norm_stats: std::collections::BTreeMap<String, NormStats>,
-}
-
-/// How actions are un-normalised.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Unnormalize {
-    /// x * (std + 1e-6) + mean (pi0).
-    ZScore,
-    /// (x + 1) / 2 * (q99 - q01 + 1e-6) + q01 (pi0.5).
-    Quantile,
-}
-
-impl Unnormalize {
-    /// openpi's choice for a model: quantiles for pi0.5, z-score for pi0.
-    pub fn for_model(pi05: bool) -> Self {
-        if pi05 {
-            Unnormalize::Quantile
-        } else {
-            Unnormalize::ZScore
-        }
-    }
-}
 
 /// Reads the `actions` entry of an openpi `norm_stats.json`.
 pub fn load_action_stats(path: &Path) -> Result<NormStats> {
-    let text = crate::fsio::read_string_limited(
-        path,
-        crate::fsio::limit::NORM_STATS_JSON,
-        "norm_stats.json",
-    )?;
-    let file: NormStatsFile = serde_json::from_str(&text).map_err(|e| Error::Config {
-        path: path.to_path_buf(),
-        reason: format!(
-            "not an openpi norm_stats.json ({{\"norm_stats\": {{\"actions\": ...}}}}): {e}"
-        ),
+    let stats = crate::norm_stats::read(path, |entries| match entries.get("actions") {
+        Some(s) => s.check("actions", NormMode::ZScore),
+        None => Err("no `norm_stats.actions` entry".into()),
     })?;
-    let stats = file
-        .norm_stats
-        .get("actions")
-        .cloned()
-        .ok_or_else(|| Error::Config {
-            path: path.to_path_buf(),
-            reason: "no `norm_stats.actions` entry".into(),
-        })?;
-    if stats.mean.len() != stats.std.len() {
-        return Err(Error::Config {
-            path: path.to_path_buf(),
-            reason: format!(
-                "actions: mean has {} entries but std has {}",
-                stats.mean.len(),
-                stats.std.len()
-            ),
-        });
-    }
-    Ok(stats)
+    stats.get("actions").cloned().ok_or_else(|| Error::Config {
+        path: path.to_path_buf(),
+        reason: "no `norm_stats.actions` entry".into(),
+    })
 }
 
 /// The post-process stage: optional un-normalisation, then the first `robot_dims` dims.
 #[derive(Debug, Clone)]
 pub struct PostProcess {
     stats: Option<NormStats>,
-    mode: Unnormalize,
+    mode: NormMode,
     action_dim: usize,
     robot_dims: usize,
 }
@@ -91,7 +32,7 @@ impl PostProcess {
     /// in 1..=action_dim.
     pub fn new(
         stats: Option<NormStats>,
-        mode: Unnormalize,
+        mode: NormMode,
         action_dim: usize,
         robot_dims: usize,
     ) -> Result<Self> {
@@ -101,21 +42,13 @@ impl PostProcess {
             )));
         }
         if let Some(s) = &stats {
-            if s.mean.len() > action_dim {
+            s.check("actions", mode)
+                .map_err(|e| Error::Input(format!("norm stats: {e}")))?;
+            let n = s.dims(NormMode::ZScore).max(s.dims(mode));
+            if n > action_dim {
                 return Err(Error::Input(format!(
-                    "norm stats have {} action dims, the model has {action_dim}",
-                    s.mean.len()
+                    "norm stats have {n} action dims, the model has {action_dim}"
                 )));
-            }
-            if mode == Unnormalize::Quantile {
-                match (&s.q01, &s.q99) {
-                    (Some(a), Some(b)) if a.len() == b.len() && a.len() <= action_dim => {}
-                    _ => {
-                        return Err(Error::Input(
-                            "quantile un-normalisation (pi0.5) needs `q01` and `q99` of equal length in the norm stats".into(),
-                        ))
-                    }
-                }
             }
         }
         Ok(PostProcess {
@@ -149,25 +82,10 @@ impl PostProcess {
     }
 
     fn unnormalize(&self, d: usize, x: f32) -> f32 {
-        let Some(s) = &self.stats else { return x };
-        let x = x as f64;
-        let y = match self.mode {
-            // openpi pads mean with 0 and std with 1 beyond the stats' length.
-            Unnormalize::ZScore => {
-                let std = s.std.get(d).copied().unwrap_or(1.0);
-                let mean = s.mean.get(d).copied().unwrap_or(0.0);
-                x * (std + 1e-6) + mean
-            }
-            // Dims beyond the quantiles pass through unchanged.
-            Unnormalize::Quantile => match (
-                s.q01.as_ref().and_then(|q| q.get(d)),
-                s.q99.as_ref().and_then(|q| q.get(d)),
-            ) {
-                (Some(&lo), Some(&hi)) => (x + 1.0) / 2.0 * (hi - lo + 1e-6) + lo,
-                _ => x,
-            },
-        };
-        y as f32
+        match &self.stats {
+            Some(s) => s.unnormalize(self.mode, d, x as f64) as f32,
+            None => x,
+        }
     }
 }
 
@@ -186,7 +104,7 @@ mod tests {
 
     #[test]
     fn zscore_and_quantile_follow_openpi() {
-        let p = PostProcess::new(Some(stats()), Unnormalize::ZScore, 3, 3).unwrap();
+        let p = PostProcess::new(Some(stats()), NormMode::ZScore, 3, 3).unwrap();
         let y = p.run(&[0.5, 2.0, 7.0]).unwrap();
         assert!((y[0] - (0.5 * (2.0 + 1e-6) + 1.0) as f32).abs() < 1e-6);
         assert!((y[1] - (2.0 * (0.5 + 1e-6) - 2.0) as f32).abs() < 1e-6);
@@ -194,7 +112,7 @@ mod tests {
             (y[2] - 7.0 * (1.0 + 1e-6) as f32).abs() < 1e-5,
             "padded std 1, mean 0"
         );
-        let q = PostProcess::new(Some(stats()), Unnormalize::Quantile, 3, 2).unwrap();
+        let q = PostProcess::new(Some(stats()), NormMode::Quantile, 3, 2).unwrap();
         let y = q.run(&[-1.0, 1.0, 5.0, 0.0, 0.0, 5.0]).unwrap();
         assert_eq!(y.len(), 4, "sliced to 2 robot dims");
         assert!((y[0] - -1.0).abs() < 1e-6);
@@ -204,12 +122,12 @@ mod tests {
 
     #[test]
     fn passthrough_and_bad_arguments() {
-        let p = PostProcess::new(None, Unnormalize::Quantile, 2, 2).unwrap();
+        let p = PostProcess::new(None, NormMode::Quantile, 2, 2).unwrap();
         assert_eq!(p.run(&[0.25, -3.0]).unwrap(), vec![0.25, -3.0]);
-        assert!(PostProcess::new(None, Unnormalize::ZScore, 2, 3).is_err());
+        assert!(PostProcess::new(None, NormMode::ZScore, 2, 3).is_err());
         let mut s = stats();
         s.q99 = None;
-        let err = PostProcess::new(Some(s), Unnormalize::Quantile, 4, 2).unwrap_err();
+        let err = PostProcess::new(Some(s), NormMode::Quantile, 4, 2).unwrap_err();
         assert!(err.to_string().contains("q01"), "{err}");
         assert!(p.run(&[1.0, 2.0, 3.0]).is_err());
     }

@@ -36,14 +36,8 @@ impl DType {
         if s.len() > 16 {
             return None;
         }
-        let mut chars = s.chars();
-        let (big_endian, rest) = match chars.next()? {
-            '<' | '|' | '=' => (false, chars.as_str()),
-            '>' => (true, chars.as_str()),
-            _ => (false, s),
-        };
-        let mut chars = rest.chars();
-        let kind = match chars.next()? {
+        let t = crate::npy::TypeStr::parse(s)?;
+        let kind = match t.kind {
             'b' => Kind::Bool,
             'i' => Kind::Int,
             'u' => Kind::UInt,
@@ -52,11 +46,10 @@ impl DType {
             'S' => Kind::Bytes,
             _ => return None,
         };
-        let n: usize = chars.as_str().parse().ok()?;
         let size = if kind == Kind::Unicode {
-            n.checked_mul(4)?
+            t.count.checked_mul(4)?
         } else {
-            n
+            t.count
         };
         let ok = match kind {
             Kind::Bool => size == 1,
@@ -67,7 +60,7 @@ impl DType {
         ok.then_some(DType {
             kind,
             size,
-            big_endian,
+            big_endian: t.big_endian(),
         })
     }
 

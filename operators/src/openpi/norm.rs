@@ -1,20 +1,13 @@
-//! openpi's `Normalize` / `Unnormalize` over `norm_stats.json`, in f64 as numpy computes
-//! them: z-score `(x - mean) / (std + 1e-6)` for pi0, quantiles
-//! `(x - q01) / (q99 - q01 + 1e-6) * 2 - 1` for pi0.5, and their inverses with openpi's
-//! padding rules for vectors longer than the statistics.
+//! openpi's `Normalize` / `Unnormalize` transforms over a `norm_stats.json`: the `state` and
+//! `actions` entries applied to whole vectors, with openpi's rules for vectors longer than
+//! the statistics. The arithmetic is [`crate::norm_stats`]'s, shared with the post-process
+//! stage.
 
 use std::collections::BTreeMap;
 use std::path::Path;
 
-use serde::Deserialize;
-
-use crate::postprocess::NormStats;
+use crate::norm_stats::{self, NormMode, NormStats};
 use crate::{Error, Result};
-
-#[derive(Deserialize)]
-struct File {
-    norm_stats: BTreeMap<String, NormStats>,
-}
 
 /// The `state` and `actions` statistics of a `norm_stats.json` (either may be absent, then
 /// that key passes through, as in openpi).
@@ -22,66 +15,36 @@ struct File {
 pub struct Stats {
     pub state: Option<NormStats>,
     pub actions: Option<NormStats>,
-    pub quantile: bool,
+    pub mode: NormMode,
 }
 
 impl Stats {
     /// Reads `path`; with `quantile` (pi0.5) every entry must carry `q01` and `q99`.
     pub fn load(path: &Path, quantile: bool) -> Result<Self> {
-        let text = crate::fsio::read_string_limited(
-            path,
-            crate::fsio::limit::NORM_STATS_JSON,
-            "norm_stats.json",
-        )?;
-        Self::from_json(&text, quantile).map_err(|reason| Error::Config {
-            path: path.to_path_buf(),
-            reason,
-        })
+        let mode = mode(quantile);
+        let entries = norm_stats::read(path, |e| check_all(e, mode))?;
+        Ok(Self::from_entries(&entries, mode))
     }
 
     pub fn from_json(text: &str, quantile: bool) -> std::result::Result<Self, String> {
-        let file: File = serde_json::from_str(text).map_err(|e| {
-            format!("not an openpi norm_stats.json ({{\"norm_stats\": {{\"state\": ..., \"actions\": ...}}}}): {e}")
-        })?;
-        for (key, s) in &file.norm_stats {
-            if s.mean.len() != s.std.len() {
-                return Err(format!(
-                    "`{key}`: mean has {} entries but std has {}",
-                    s.mean.len(),
-                    s.std.len()
-                ));
-            }
-            if quantile {
-                match (&s.q01, &s.q99) {
-                    (Some(a), Some(b)) if a.len() == b.len() => {}
-                    _ => {
-                        return Err(format!(
-                            "`{key}`: quantile normalisation (pi0.5) needs `q01` and `q99` of equal length"
-                        ))
-                    }
-                }
-            }
-        }
-        Ok(Stats {
-            state: file.norm_stats.get("state").cloned(),
-            actions: file.norm_stats.get("actions").cloned(),
-            quantile,
-        })
+        let mode = mode(quantile);
+        let entries = norm_stats::parse(text)?;
+        check_all(&entries, mode)?;
+        Ok(Self::from_entries(&entries, mode))
     }
 
-    /// Entries of the statistics of `s` used for a vector (mean or q01 length).
-    fn dims(&self, s: &NormStats) -> usize {
-        if self.quantile {
-            s.q01.as_ref().map_or(0, Vec::len)
-        } else {
-            s.mean.len()
+    fn from_entries(entries: &BTreeMap<String, NormStats>, mode: NormMode) -> Self {
+        Stats {
+            state: entries.get("state").cloned(),
+            actions: entries.get("actions").cloned(),
+            mode,
         }
     }
 
     /// Normalises `x` in place with `s` sliced to its length (openpi's `Normalize`); the
     /// statistics must cover every dimension of `x`.
     pub fn normalize(&self, key: &str, s: &NormStats, x: &mut [f64]) -> Result<()> {
-        let n = self.dims(s);
+        let n = s.dims(self.mode);
         if n < x.len() {
             return Err(Error::Input(format!(
                 "`{key}` has {} dims but its norm stats cover {n}",
@@ -89,21 +52,15 @@ impl Stats {
             )));
         }
         for (d, v) in x.iter_mut().enumerate() {
-            *v = if self.quantile {
-                let (lo, hi) = quantiles(s, d);
-                (*v - lo) / (hi - lo + 1e-6) * 2.0 - 1.0
-            } else {
-                (*v - s.mean[d]) / (s.std[d] + 1e-6)
-            };
+            *v = s.normalize(self.mode, d, *v);
         }
         Ok(())
     }
 
-    /// Un-normalises rows of `dim` values in place (openpi's `Unnormalize`): z-score pads mean
-    /// with 0 and std with 1, quantiles leave dims beyond the statistics unchanged. The
-    /// statistics may not be longer than a row.
+    /// Un-normalises rows of `dim` values in place (openpi's `Unnormalize`, see
+    /// [`NormStats::unnormalize`]). The statistics may not be longer than a row.
     pub fn unnormalize(&self, key: &str, s: &NormStats, x: &mut [f64], dim: usize) -> Result<()> {
-        let n = self.dims(s);
+        let n = s.dims(self.mode);
         if n > dim {
             return Err(Error::Input(format!(
                 "norm stats of `{key}` have {n} dims, more than the model's {dim}"
@@ -111,16 +68,7 @@ impl Stats {
         }
         for row in x.chunks_exact_mut(dim) {
             for (d, v) in row.iter_mut().enumerate() {
-                if self.quantile {
-                    if d < n {
-                        let (lo, hi) = quantiles(s, d);
-                        *v = (*v + 1.0) / 2.0 * (hi - lo + 1e-6) + lo;
-                    }
-                } else {
-                    let std = s.std.get(d).copied().unwrap_or(1.0);
-                    let mean = s.mean.get(d).copied().unwrap_or(0.0);
-                    *v = *v * (std + 1e-6) + mean;
-                }
+                *v = s.unnormalize(self.mode, d, *v);
             }
         }
         Ok(())
@@ -130,7 +78,7 @@ impl Stats {
     pub fn check(&self, action_dim: usize) -> std::result::Result<(), String> {
         for (key, s) in [("state", &self.state), ("actions", &self.actions)] {
             if let Some(s) = s {
-                let n = self.dims(s);
+                let n = s.dims(self.mode);
                 if n > action_dim {
                     return Err(format!(
                         "`{key}` has {n} dims, more than the model's action_dim {action_dim}"
@@ -142,10 +90,20 @@ impl Stats {
     }
 }
 
-/// (q01, q99) of dim `d`; `Stats::from_json` checked both exist with equal lengths.
-fn quantiles(s: &NormStats, d: usize) -> (f64, f64) {
-    let q = |v: &Option<Vec<f64>>| v.as_ref().and_then(|v| v.get(d)).copied().unwrap_or(0.0);
-    (q(&s.q01), q(&s.q99))
+fn mode(quantile: bool) -> NormMode {
+    if quantile {
+        NormMode::Quantile
+    } else {
+        NormMode::ZScore
+    }
+}
+
+/// Every entry checked for `mode` (openpi reads them all).
+fn check_all(
+    entries: &BTreeMap<String, NormStats>,
+    mode: NormMode,
+) -> std::result::Result<(), String> {
+    entries.iter().try_for_each(|(key, s)| s.check(key, mode))
 }
 
 #[cfg(test)]
