@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The test command (README, .ci/run): installs what the tests need (the dora CLI, the Chrome
 # trace consumer, openpi-client), builds the workspace (the dataflow tests run the node
-# binaries), then runs every test.
+# binaries), runs every test, then lints the CUDA code and runs its GPU-free unit tests.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 cargo --version
@@ -25,3 +25,9 @@ if ! PYTHONPATH=$openpi_client python3 -c "import openpi_client.websocket_client
 fi
 cargo build --release --workspace
 cargo test --release --workspace
+# The CUDA backend and the GPU paths of the nodes build without a GPU or toolkit (cudarc loads
+# the libraries at run time): lint them, and run what can be tested without a GPU (GEMM pick
+# sharing, weight layouts, the kernel registry; the IPC slot accounting runs above).
+cuda_features=operators/cuda,policy/cuda,vision/cuda,prefix/cuda,denoise/cuda,turbopi/cuda
+cargo clippy --release --workspace --all-targets --features "$cuda_features" -- -D warnings
+cargo test --release -p operators --features cuda --lib

@@ -2,18 +2,21 @@
 //! K/V cache of the same frame. Noise for frame `seq` is drawn from seed `SEED + seq`, so a
 //! run can be reproduced with `turbopi infer --seed`.
 
-use dora_node_api::dora_core::config::DataId;
-use dora_node_api::{DoraNode, Event, EventStream};
+use dora_node_api::{DoraNode, EventStream};
 use eyre::{bail, eyre, Result};
 use node_common::ipc::refuse_ipc;
-use node_common::join::{FrameJoin, Frames};
-use node_common::reject::declares_rejected;
+use node_common::join::{FrameJoin, Joined, Part};
+use node_common::stage::{self, Cx, Spec, Stage};
 use node_common::{
     backend_from_env, checkpoint_from_env, env_or, expect_tensor, frame_state, kv_from_tensor, Dim,
 };
 use operators::backend::{self, BackendKind, DenoiseStage};
 use operators::observation::noise_from_seed;
 use operators::Config;
+
+/// The main input, and the output.
+const IN: &str = "kv_cache";
+const OUT: &str = "actions";
 
 pub struct Settings {
     pub steps: usize,
@@ -35,6 +38,16 @@ impl Settings {
         }
         Ok(s)
     }
+
+    /// The node's stage: the K/V cache, and the state when it is wired.
+    fn spec(&self, node: &DoraNode, backend: String) -> Spec {
+        let parts: &[&'static str] = if self.state_input {
+            &[IN, "state"]
+        } else {
+            &[IN]
+        };
+        Spec::new(node, "denoise", parts, backend)
+    }
 }
 
 /// Env: `CHECKPOINT`, `BACKEND` (cpu or cuda), `DTYPE`, `STEPS`, `SEED`. With BACKEND=cuda
@@ -54,21 +67,10 @@ pub fn run(node: DoraNode, events: EventStream) -> Result<()> {
     run_with(&ckpt.config, denoiser.as_mut(), &settings, node, events)
 }
 
-impl Settings {
-    /// The node's frames: the K/V cache, and the state when it is wired.
-    fn frames(&self, node: &DoraNode) -> Frames {
-        let parts: &[&'static str] = if self.state_input {
-            &["kv_cache", "state"]
-        } else {
-            &["kv_cache"]
-        };
-        Frames::new(
-            node.id().as_ref(),
-            "denoise",
-            parts,
-            declares_rejected(node),
-        )
-    }
+fn kv_part(frame: &Joined) -> Result<&Part> {
+    frame
+        .part(IN)
+        .ok_or_else(|| eyre!("internal: a frame without its K/V cache"))
 }
 
 /// A K/V cache sent as a host tensor [layers, 2, len, kv_width] (f32).
@@ -79,7 +81,7 @@ fn host_cache(
 ) -> Result<operators::gemma::KvCache> {
     let kw = cfg.num_kv_heads * cfg.head_dim;
     let (shape, kv) = expect_tensor::<f32>(
-        "kv_cache",
+        IN,
         md,
         data,
         "float32",
@@ -88,62 +90,53 @@ fn host_cache(
     kv_from_tensor(&shape, kv)
 }
 
+/// The sampler of a backend, on K/V caches sent as host tensors.
+struct HostIn<'a> {
+    cfg: &'a Config,
+    denoiser: &'a mut dyn DenoiseStage,
+    settings: &'a Settings,
+}
+
+impl Stage for HostIn<'_> {
+    fn on_frame(&mut self, cx: &mut Cx, frame: Joined) -> Result<()> {
+        let cfg = self.cfg;
+        let (mut span, meta) = cx.start_span(frame.meta());
+        let part = kv_part(&frame)?;
+        refuse_ipc(IN, &part.metadata)?;
+        let cache = host_cache(cfg, &part.metadata, &part.data)?;
+        let state = frame_state(&frame, cfg.action_dim, !cfg.pi05)?;
+        let noise = noise_from_seed(cfg, self.settings.seed.wrapping_add(meta.seq));
+        let actions =
+            self.denoiser
+                .sample(&cache, state.as_deref(), &noise, self.settings.steps)?;
+        if let Some(gpu) = self.denoiser.gpu_time() {
+            span.set_gpu(gpu);
+        }
+        let shape = [cfg.action_horizon, cfg.action_dim];
+        cx.send(OUT, meta.tensor_params(&shape, "float32"), actions)?;
+        span.end();
+        Ok(())
+    }
+}
+
 pub fn run_with(
     cfg: &Config,
     denoiser: &mut dyn DenoiseStage,
     settings: &Settings,
-    mut node: DoraNode,
-    mut events: EventStream,
+    node: DoraNode,
+    events: EventStream,
 ) -> Result<()> {
-    let out: DataId = "actions".to_string().into();
-    let tracer = node_common::tracer(&node, &denoiser.describe())?;
-    let (h, ad) = (cfg.action_horizon, cfg.action_dim);
-    let mut frames = settings.frames(&node);
-    while let Some(event) = events.recv() {
-        let Event::Input { id, metadata, data } = event else {
-            continue;
-        };
-        let Some(frame) = frames.take(
-            &mut node,
-            &tracer,
-            id.as_str(),
-            metadata.parameters,
-            data,
-            |_, _| {},
-        ) else {
-            continue;
-        };
-        let meta = frame.meta();
-        let result = (|| {
-            let mut span = tracer.start("denoise", meta.seq, meta.trace);
-            let meta = meta.traced(span.id());
-            let part = frame
-                .part("kv_cache")
-                .ok_or_else(|| eyre!("internal: a frame without its K/V cache"))?;
-            refuse_ipc("kv_cache", &part.metadata)?;
-            let cache = host_cache(cfg, &part.metadata, &part.data)?;
-            let state = frame_state(&frame, ad, !cfg.pi05)?;
-            let noise = noise_from_seed(cfg, settings.seed.wrapping_add(meta.seq));
-            let actions = denoiser.sample(&cache, state.as_deref(), &noise, settings.steps)?;
-            if let Some(gpu) = denoiser.gpu_time() {
-                span.set_gpu(gpu);
-            }
-            node.send_output(
-                out.clone(),
-                meta.tensor_params(&[h, ad], "float32"),
-                actions,
-            )
-            .map_err(|e| eyre!("sending actions: {e}"))?;
-            span.end();
-            Ok(())
-        })();
-        if let Err(e) = result {
-            frames.reject(&mut node, &tracer, meta, &e);
-        }
-    }
-    frames.close(&mut node, &tracer, |_, _| {});
-    eprintln!("denoise: {}", frames.summary());
-    Ok(())
+    let spec = settings.spec(&node, denoiser.describe());
+    stage::run(
+        &spec,
+        &mut HostIn {
+            cfg,
+            denoiser,
+            settings,
+        },
+        node,
+        events,
+    )
 }
 
 #[cfg(not(feature = "cuda"))]
@@ -164,60 +157,71 @@ fn run_cuda(
     ckpt: &operators::checkpoint::Checkpoint,
     precision: operators::backend::Precision,
     settings: &Settings,
-    mut node: DoraNode,
-    mut events: EventStream,
+    node: DoraNode,
+    events: EventStream,
 ) -> Result<()> {
-    use node_common::int_param;
-    use node_common::ipc::{release_params, release_part, IpcTensor};
-    use operators::cuda::ipc::{Importer, Remote};
-    use operators::cuda::{CudaPolicy, DType};
+    use operators::cuda::ipc::Importer;
+    use operators::cuda::{CudaDenoise, DType};
 
-    let cfg = &ckpt.config;
-    let mut policy = CudaPolicy::load(ckpt, precision, |_, _| {})?;
+    let mut policy = CudaDenoise::load(ckpt, precision)?;
     policy.warm_up(settings.steps)?;
-    eprintln!("denoise: {}", operators::backend::Runner::describe(&policy));
-    let shape = policy.cache_shape();
+    let describe = policy.describe();
+    eprintln!("denoise: {describe}");
     let dtype = if policy.act_dtype() == DType::Bf16 {
         "bfloat16"
     } else {
         "<f4"
     };
-    let out: DataId = "actions".to_string().into();
-    let release_out: DataId = "release".to_string().into();
-    let tracer = node_common::tracer(&node, &operators::backend::Runner::describe(&policy))?;
-    let (h, ad) = (cfg.action_horizon, cfg.action_dim);
-    let mut importer = Importer::default();
-    let mut frames = settings.frames(&node);
-    let (mut by_handle, mut host) = (0u64, 0u64);
-    while let Some(event) = events.recv() {
-        let Event::Input { id, metadata, data } = event else {
-            continue;
-        };
-        // A dropped frame's cache slot goes back to the prefix node unread.
-        let Some(frame) = frames.take(
-            &mut node,
-            &tracer,
-            id.as_str(),
-            metadata.parameters,
-            data,
-            release_part,
-        ) else {
-            continue;
-        };
-        let meta = frame.meta();
-        let mut released = false;
-        let result = (|| -> Result<()> {
-            let part = frame
-                .part("kv_cache")
-                .ok_or_else(|| eyre!("internal: a frame without its K/V cache"))?;
+    let spec = settings.spec(&node, describe);
+    let mut stage = cuda::Gpu {
+        cfg: &ckpt.config,
+        settings,
+        shape: policy.cache_shape().to_vec(),
+        dtype,
+        importer: Importer::default(),
+        policy,
+        by_handle: 0,
+        host: 0,
+    };
+    stage::run(&spec, &mut stage, node, events)
+}
+
+#[cfg(feature = "cuda")]
+mod cuda {
+    use super::*;
+    use node_common::int_param;
+    use node_common::ipc::{release_params, release_part, IpcTensor};
+    use operators::cuda::ipc::{Importer, Remote};
+    use operators::cuda::CudaDenoise;
+
+    /// The denoise stage of a policy on the GPU. Fields drop in order: the imported device
+    /// memory before the policy's context.
+    pub(super) struct Gpu<'a> {
+        pub cfg: &'a Config,
+        pub settings: &'a Settings,
+        /// The K/V cache as sent by handle: [layers, 2, cache_rows, kv_width] of `dtype`.
+        pub shape: Vec<usize>,
+        pub dtype: &'static str,
+        pub importer: Importer,
+        pub policy: CudaDenoise,
+        /// Caches received by handle, and as host tensors.
+        pub by_handle: u64,
+        pub host: u64,
+    }
+
+    impl Gpu<'_> {
+        /// Runs `frame`; `released` tells whether its cache's ring slot (when sent by
+        /// handle) went back to the producer.
+        fn run(&mut self, cx: &mut Cx, frame: &Joined, released: &mut bool) -> Result<()> {
+            let (cfg, settings) = (self.cfg, self.settings);
+            let part = kv_part(frame)?;
             let md = &part.metadata;
-            let mut span = tracer.start("denoise", meta.seq, meta.trace);
-            let meta = meta.traced(span.id());
-            let state = frame_state(&frame, ad, !cfg.pi05)?;
+            let (mut span, meta) = cx.start_span(frame.meta());
+            let state = frame_state(frame, cfg.action_dim, !cfg.pi05)?;
             let noise = noise_from_seed(cfg, settings.seed.wrapping_add(meta.seq));
             let (actions, gpu) = if IpcTensor::is_ipc(md) {
-                let expected: Vec<Dim> = shape.iter().map(|&d| Dim::Is(d)).collect();
-                let tensor = IpcTensor::from_input("kv_cache", md, &part.data, dtype, &expected)?;
+                let expected: Vec<Dim> = self.shape.iter().map(|&d| Dim::Is(d)).collect();
+                let tensor = IpcTensor::from_input(IN, md, &part.data, self.dtype, &expected)?;
                 let p = int_param(md, "prefix_len")
                     .and_then(|v| usize::try_from(v).ok())
                     .ok_or_else(|| eyre!("input `kv_cache`: metadata `prefix_len` is missing"))?;
@@ -227,50 +231,56 @@ fn run_cuda(
                     offset: tensor.offset,
                     bytes: tensor.size(),
                 };
-                let run = policy.denoise_from_ring(
-                    &mut importer,
+                let run = self.policy.from_ring(
+                    &mut self.importer,
                     &remote,
                     p,
-                    state.as_deref(),
-                    &noise,
-                    settings.steps,
+                    (state.as_deref(), &noise, settings.steps),
                 );
-                released = true;
-                node.send_output(release_out.clone(), release_params(meta, tensor.slot), ())
-                    .map_err(|e| eyre!("sending release: {e}"))?;
-                by_handle += 1;
+                *released = true;
+                cx.send("release", release_params(meta, tensor.slot), ())?;
+                self.by_handle += 1;
                 run?
             } else {
                 let cache = host_cache(cfg, md, &part.data)?;
-                host += 1;
-                policy.run_denoise(&cache, state.as_deref(), &noise, settings.steps)?
+                self.host += 1;
+                self.policy
+                    .run(&cache, state.as_deref(), &noise, settings.steps)?
             };
             span.set_gpu(gpu);
-            node.send_output(
-                out.clone(),
-                meta.tensor_params(&[h, ad], "float32"),
-                actions,
-            )
-            .map_err(|e| eyre!("sending actions: {e}"))?;
+            let shape = [cfg.action_horizon, cfg.action_dim];
+            cx.send(OUT, meta.tensor_params(&shape, "float32"), actions)?;
             span.end();
             Ok(())
-        })();
-        if let Err(e) = result {
-            if !released {
-                if let Some(part) = frame.part("kv_cache") {
-                    release_part(&mut node, part);
-                }
-            }
-            frames.reject(&mut node, &tracer, meta, &e);
         }
     }
-    frames.close(&mut node, &tracer, release_part);
-    eprintln!(
-        "denoise: {}; in: {by_handle} by cuda-ipc handle ({} slots opened), {host} host tensors",
-        frames.summary(),
-        importer.opened()
-    );
-    Ok(())
+
+    impl Stage for Gpu<'_> {
+        fn on_frame(&mut self, cx: &mut Cx, frame: Joined) -> Result<()> {
+            let mut released = false;
+            let result = self.run(cx, &frame, &mut released);
+            if result.is_err() && !released {
+                if let Some(part) = frame.part(IN) {
+                    release_part(cx.node, part);
+                }
+            }
+            result
+        }
+
+        /// A dropped frame's cache slot goes back to the prefix node unread.
+        fn on_dropped_part(&mut self, node: &mut DoraNode, part: &Part) {
+            release_part(node, part);
+        }
+
+        fn summary(&self) -> String {
+            format!(
+                "; in: {} by cuda-ipc handle ({} slots opened), {} host tensors",
+                self.by_handle,
+                self.importer.opened(),
+                self.host
+            )
+        }
+    }
 }
 
 #[cfg(test)]

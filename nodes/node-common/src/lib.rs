@@ -12,6 +12,8 @@ pub mod ipc;
 pub mod join;
 pub mod prompt;
 pub mod reject;
+pub mod ring;
+pub mod stage;
 pub mod trace;
 use dora_node_api::{DoraArray, MetadataParameters, Parameter};
 use eyre::{bail, eyre, Result, WrapErr};
@@ -43,6 +45,16 @@ where
             .map_err(|e| eyre!("env {name}={v:?} is invalid: {e}")),
         Err(std::env::VarError::NotPresent) => Ok(None),
         Err(e) => bail!("env {name}: {e}"),
+    }
+}
+
+/// Boolean `name` from the environment, or `default` when unset or empty. Parsed as every
+/// boolean setting is ([`operators::settings::parse_bool`]: `1|0|true|false|on|off|yes|no`,
+/// any case); anything else is an error naming the variable.
+pub fn env_flag(name: &str, default: bool) -> Result<bool> {
+    match env_opt::<String>(name)? {
+        Some(v) => Ok(operators::settings::parse_bool(name, &v)?),
+        None => Ok(default),
     }
 }
 

@@ -29,7 +29,7 @@ use futures_util::{SinkExt, StreamExt};
 use hyper_util::rt::TokioIo;
 use node_common::prompt::tokens_params;
 use node_common::reject::{parse_rejection, REJECTED};
-use node_common::{env_opt, env_or, expect_tensor, masks_param, now_ns, Dim, FrameMeta};
+use node_common::{env_flag, env_opt, env_or, expect_tensor, masks_param, now_ns, Dim, FrameMeta};
 use operators::openpi::msgpack::{decode, Limits, Out};
 use operators::openpi::{norm_stats_path, parse_delta_mask, Robot, Settings, Transforms};
 use operators::Config;
@@ -97,11 +97,11 @@ pub fn settings_from_env() -> Result<(Transforms, ServerSettings, Config)> {
     if s.tokenizer.is_none() {
         eprintln!("openpi-server: no tokenizer (env TOKENIZER, or CHECKPOINT/tokenizer.json): only pre-tokenized prompts are accepted");
     }
-    s.discrete_state = env_or("DISCRETE_STATE", s.discrete_state)?;
+    s.discrete_state = env_flag("DISCRETE_STATE", s.discrete_state)?;
     if let Some(m) = env_opt::<String>("DELTA_ACTIONS")? {
         s.delta_mask = parse_delta_mask(&m).map_err(|e| eyre!("env DELTA_ACTIONS: {e}"))?;
     }
-    s.adapt_to_pi = env_or("ADAPT_TO_PI", true)?;
+    s.adapt_to_pi = env_flag("ADAPT_TO_PI", true)?;
     s.default_prompt = env_opt("DEFAULT_PROMPT")?;
     let metadata = match env_opt::<String>("METADATA")? {
         Some(j) => {

@@ -1,19 +1,21 @@
 //! The fused policy: vision, prefix and denoise in one process (one load of the weights, no
 //! messages between stages), on the backend named by `BACKEND`.
 
-use dora_node_api::{DoraArray, DoraNode, Event, EventStream, MetadataParameters};
+use std::collections::VecDeque;
+use std::time::{Duration, SystemTime};
+
+use dora_node_api::{DoraNode, EventStream};
 use eyre::{bail, eyre, Result};
-use node_common::join::{FrameJoin, Frames, Joined};
+use node_common::join::{FrameJoin, Joined};
 use node_common::prompt::{frame_prompt, prompt_from_env, TOKENS};
 use node_common::reject::declares_rejected;
-use node_common::trace::Tracer;
+use node_common::stage::{self, Cx, Spec, Stage};
 use node_common::{
-    backend_from_env, checkpoint_from_env, env_or, frame_state, model_images, FrameMeta,
+    backend_from_env, checkpoint_from_env, env_flag, env_or, frame_state, model_images, FrameMeta,
 };
 use operators::backend::{self, Runner};
 use operators::observation::noise_from_seed;
 use operators::{Config, Observation, StageTimes};
-use std::time::SystemTime;
 
 pub struct Settings {
     pub steps: usize,
@@ -44,7 +46,7 @@ pub fn run(node: DoraNode, events: EventStream) -> Result<()> {
         bail!("env STEPS must be at least 1");
     }
     let seed: u64 = env_or("SEED", 0)?;
-    let pipeline: bool = env_or("PIPELINE", false)?;
+    let pipeline = env_flag("PIPELINE", false)?;
     if pipeline && kind != operators::backend::BackendKind::Cuda {
         bail!("env PIPELINE=true needs BACKEND=cuda (the cpu backend runs one frame at a time)");
     }
@@ -80,8 +82,7 @@ pub fn run(node: DoraNode, events: EventStream) -> Result<()> {
 /// (back to back from the backend's stage times, the last ending at `done`); the actions
 /// carry the denoise span.
 fn send_actions(
-    node: &mut DoraNode,
-    tracer: &Tracer,
+    cx: &mut Cx,
     cfg: &Config,
     settings: &Settings,
     meta: FrameMeta,
@@ -89,7 +90,8 @@ fn send_actions(
     done: SystemTime,
 ) -> Result<()> {
     let denoise =
-        tracer.record_stages(meta.seq, meta.trace, &times, done, settings.gpu_stage_times);
+        cx.tracer
+            .record_stages(meta.seq, meta.trace, &times, done, settings.gpu_stage_times);
     let meta = meta.traced(denoise);
     let mut md = meta.tensor_params(&[cfg.action_horizon, cfg.action_dim], "float32");
     // The policy's own time for the frame (the openpi server reports it as `policy_timing`).
@@ -98,90 +100,102 @@ fn send_actions(
         "infer_ms".into(),
         dora_node_api::Parameter::Float(infer.as_secs_f64() * 1e3),
     );
-    node.send_output("actions".to_string().into(), md, actions)
-        .map_err(|e| eyre!("sending actions: {e}"))
+    cx.send("actions", md, actions)
 }
 
-/// The stage a rejected frame is traced under (the first the node runs).
-const STAGE: &str = "vision";
-
-/// The node's frames: joined by `seq` from `images` and the wired parts.
-fn frames(node: &DoraNode, settings: &Settings) -> Frames {
+/// The node's stage: frames joined by `seq` from `images` and the wired parts, a rejected
+/// one traced as its first stage (`vision`).
+fn spec(settings: &Settings, backend: String) -> Spec {
     let mut parts = vec!["images"];
     parts.extend(settings.parts.iter().copied());
-    Frames::new(
-        node.id().as_ref(),
-        STAGE,
-        &parts,
-        settings.send_rejections,
-    )
-}
-
-/// Takes in message `id`. When it completes a frame, gives the frame: metadata, observation
-/// (its images, state and prompt: its `tokens` part, or env PROMPT when that input is not
-/// wired) and noise; a completed frame whose parts are bad is rejected.
-#[allow(clippy::too_many_arguments)]
-fn next_frame(
-    frames: &mut Frames,
-    node: &mut DoraNode,
-    tracer: &Tracer,
-    cfg: &Config,
-    settings: &Settings,
-    id: &str,
-    md: MetadataParameters,
-    data: DoraArray,
-) -> Option<(FrameMeta, Observation, Vec<f32>)> {
-    let frame = frames.take(node, tracer, id, md, data, |_, _| {})?;
-    match observation(&frame, cfg, settings) {
-        Ok(obs) => {
-            let noise = noise_from_seed(cfg, settings.seed.wrapping_add(frame.seq));
-            Some((frame.meta(), obs, noise))
-        }
-        Err(e) => {
-            frames.reject(node, tracer, frame.meta(), &e);
-            None
-        }
+    Spec {
+        name: "policy",
+        traced_as: "vision",
+        parts,
+        send_rejections: settings.send_rejections,
+        backend,
     }
 }
 
-/// The model inputs of a joined frame.
-fn observation(frame: &Joined, cfg: &Config, settings: &Settings) -> Result<Observation> {
+/// The model inputs of a joined frame (its images, state and prompt: its `tokens` part, or
+/// env PROMPT when that input is not wired) and its noise.
+fn observation(
+    frame: &Joined,
+    cfg: &Config,
+    settings: &Settings,
+) -> Result<(Observation, Vec<f32>)> {
     let images = frame
         .part("images")
         .ok_or_else(|| eyre!("internal: frame {} without images", frame.seq))?;
     let (images, image_masks) = model_images(&images.metadata, &images.data, cfg)?;
     let fixed = (settings.tokens.clone(), settings.token_mask.clone());
     let (tokens, token_mask) = frame_prompt(frame, &fixed, cfg)?;
-    Ok(Observation {
+    let obs = Observation {
         images,
         image_masks,
         tokens,
         token_mask,
         state: frame_state(frame, cfg.action_dim, !cfg.pi05)?,
         noise: None,
-    })
+    };
+    let noise = noise_from_seed(cfg, settings.seed.wrapping_add(frame.seq));
+    Ok((obs, noise))
 }
 
-/// Frames overlapped on the backend: a frame is submitted as soon as its parts are joined
-/// (while up to one other is still running), and its actions are sent as soon as it finishes.
-pub fn run_pipelined(
+/// One frame at a time: each runs to its actions before the next is taken.
+struct Sequential<'a> {
+    cfg: &'a Config,
+    runner: &'a mut dyn Runner,
+    settings: &'a Settings,
+}
+
+impl Stage for Sequential<'_> {
+    fn on_frame(&mut self, cx: &mut Cx, frame: Joined) -> Result<()> {
+        let (obs, noise) = observation(&frame, self.cfg, self.settings)?;
+        let done = self.runner.infer(&obs, &noise, self.settings.steps)?;
+        let t = SystemTime::now();
+        send_actions(cx, self.cfg, self.settings, frame.meta(), done, t)
+    }
+}
+
+pub fn run_with(
     cfg: &Config,
     runner: &mut dyn Runner,
     settings: &Settings,
-    mut node: DoraNode,
-    mut events: EventStream,
+    node: DoraNode,
+    events: EventStream,
 ) -> Result<()> {
-    let mut frames = frames(&node, settings);
-    let tracer = node_common::tracer(&node, &runner.describe())?;
-    let mut pending: std::collections::VecDeque<FrameMeta> = Default::default();
-    let mut overlapped = 0u64;
-    // Collects the oldest frame in flight and sends its actions (or rejects it).
-    let finish = |runner: &mut dyn Runner,
-                  node: &mut DoraNode,
-                  pending: &mut std::collections::VecDeque<FrameMeta>,
-                  frames: &mut Frames| {
-        let done = runner.collect();
-        let Some(meta) = pending.pop_front() else {
+    let spec = spec(settings, runner.describe());
+    stage::run(
+        &spec,
+        &mut Sequential {
+            cfg,
+            runner,
+            settings,
+        },
+        node,
+        events,
+    )
+}
+
+/// Frames overlapped on the backend: a frame is submitted as soon as its parts are joined
+/// (while up to one other is still running), and its actions are sent as soon as it
+/// finishes.
+struct Pipelined<'a> {
+    cfg: &'a Config,
+    runner: &'a mut dyn Runner,
+    settings: &'a Settings,
+    /// The frames in flight, oldest first.
+    pending: VecDeque<FrameMeta>,
+    /// Frames submitted while another was running.
+    overlapped: u64,
+}
+
+impl Pipelined<'_> {
+    /// Collects the oldest frame in flight and sends its actions (or rejects it).
+    fn finish_oldest(&mut self, cx: &mut Cx) {
+        let done = self.runner.collect();
+        let Some(meta) = self.pending.pop_front() else {
             node_common::report_rejected(
                 "policy",
                 &eyre!("internal: a collected frame without its metadata"),
@@ -190,109 +204,74 @@ pub fn run_pipelined(
         };
         let result = match done {
             Ok(Some(done)) => {
-                send_actions(node, &tracer, cfg, settings, meta, done, SystemTime::now())
+                send_actions(cx, self.cfg, self.settings, meta, done, SystemTime::now())
             }
             Ok(None) => Err(eyre!("internal: frame {} was not in flight", meta.seq)),
             Err(e) => Err(e.into()),
         };
         if let Err(e) = result {
-            frames.reject(node, &tracer, meta, &e);
-        }
-    };
-    loop {
-        // With a frame running, poll briefly so that it is sent as soon as it is done.
-        let event = if pending.is_empty() {
-            events.recv()
-        } else {
-            events.recv_timeout(std::time::Duration::from_micros(500))
-        };
-        match event {
-            None | Some(Event::Stop(_)) => break,
-            Some(Event::InputClosed { id }) if id.as_str() == "images" => break,
-            Some(Event::Input { id, metadata, data }) => {
-                let frame = next_frame(
-                    &mut frames,
-                    &mut node,
-                    &tracer,
-                    cfg,
-                    settings,
-                    id.as_str(),
-                    metadata.parameters,
-                    data,
-                );
-                if let Some((meta, obs, noise)) = frame {
-                    if runner.in_flight() >= 2 {
-                        finish(runner, &mut node, &mut pending, &mut frames);
-                    }
-                    if !pending.is_empty() {
-                        overlapped += 1;
-                    }
-                    match runner.submit(&obs, &noise, settings.steps) {
-                        Ok(true) => pending.push_back(meta),
-                        Ok(false) => bail!(
-                            "env PIPELINE=true needs a backend that overlaps frames (BACKEND=cuda)"
-                        ),
-                        Err(e) => frames.reject(&mut node, &tracer, meta, &e.into()),
-                    }
-                }
-            }
-            Some(_) => {}
-        }
-        while runner.in_flight() > 0 && runner.ready() {
-            finish(runner, &mut node, &mut pending, &mut frames);
+            cx.reject(meta, &e);
         }
     }
-    while runner.in_flight() > 0 {
-        finish(runner, &mut node, &mut pending, &mut frames);
-    }
-    frames.close(&mut node, &tracer, |_, _| {});
-    eprintln!(
-        "policy: {}, {overlapped} started while another was running",
-        frames.summary()
-    );
-    Ok(())
 }
 
-pub fn run_with(
+impl Stage for Pipelined<'_> {
+    fn on_frame(&mut self, cx: &mut Cx, frame: Joined) -> Result<()> {
+        let (obs, noise) = observation(&frame, self.cfg, self.settings)?;
+        if self.runner.in_flight() >= 2 {
+            self.finish_oldest(cx);
+        }
+        if !self.pending.is_empty() {
+            self.overlapped += 1;
+        }
+        if !self.runner.submit(&obs, &noise, self.settings.steps)? {
+            cx.stop(eyre!(
+                "env PIPELINE=true needs a backend that overlaps frames (BACKEND=cuda)"
+            ));
+            return Ok(());
+        }
+        self.pending.push_back(frame.meta());
+        Ok(())
+    }
+
+    /// With a frame running, poll briefly so that it is sent as soon as it is done.
+    fn poll_interval(&self) -> Option<Duration> {
+        (!self.pending.is_empty()).then_some(Duration::from_micros(500))
+    }
+
+    fn poll(&mut self, cx: &mut Cx) {
+        while self.runner.in_flight() > 0 && self.runner.ready() {
+            self.finish_oldest(cx);
+        }
+    }
+
+    fn finish(&mut self, cx: &mut Cx) {
+        while self.runner.in_flight() > 0 {
+            self.finish_oldest(cx);
+        }
+    }
+
+    fn summary(&self) -> String {
+        format!(", {} started while another was running", self.overlapped)
+    }
+}
+
+pub fn run_pipelined(
     cfg: &Config,
     runner: &mut dyn Runner,
     settings: &Settings,
-    mut node: DoraNode,
-    mut events: EventStream,
+    node: DoraNode,
+    events: EventStream,
 ) -> Result<()> {
-    let tracer = node_common::tracer(&node, &runner.describe())?;
-    let mut frames = frames(&node, settings);
-    while let Some(event) = events.recv() {
-        let Event::Input { id, metadata, data } = event else {
-            continue;
-        };
-        let frame = next_frame(
-            &mut frames,
-            &mut node,
-            &tracer,
-            cfg,
-            settings,
-            id.as_str(),
-            metadata.parameters,
-            data,
-        );
-        let Some((meta, obs, noise)) = frame else {
-            continue;
-        };
-        let result = runner
-            .infer(&obs, &noise, settings.steps)
-            .map_err(eyre::Report::from)
-            .and_then(|done| {
-                let t = SystemTime::now();
-                send_actions(&mut node, &tracer, cfg, settings, meta, done, t)
-            });
-        if let Err(e) = result {
-            frames.reject(&mut node, &tracer, meta, &e);
-        }
-    }
-    frames.close(&mut node, &tracer, |_, _| {});
-    eprintln!("policy: {}", frames.summary());
-    Ok(())
+    let spec = spec(settings, runner.describe());
+    let mut stage = Pipelined {
+        cfg,
+        runner,
+        settings,
+        pending: VecDeque::new(),
+        overlapped: 0,
+    };
+    stage::run(&spec, &mut stage, node, events)
 }
 
 #[cfg(test)]

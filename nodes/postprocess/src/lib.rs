@@ -7,7 +7,7 @@ use dora_node_api::dora_core::config::DataId;
 use dora_node_api::{DoraNode, Event, EventStream};
 use eyre::{bail, eyre, Result, WrapErr};
 use node_common::{env_opt, expect_tensor, report_rejected, Dim, FrameMeta, SeqGaps};
-use operators::postprocess::{load_action_stats, PostProcess, Unnormalize};
+use operators::postprocess::{load_action_stats, NormMode, PostProcess};
 
 pub struct Settings {
     pub action_dim: usize,
@@ -26,15 +26,15 @@ impl Settings {
             None => None,
         };
         let mode = match env_opt::<String>("NORM")?.as_deref() {
-            Some("zscore") => Unnormalize::ZScore,
-            Some("quantile") => Unnormalize::Quantile,
+            Some("zscore") => NormMode::ZScore,
+            Some("quantile") => NormMode::Quantile,
             Some(other) => {
                 bail!("env NORM={other:?}: expected `zscore` (pi0) or `quantile` (pi0.5)")
             }
             None if stats.is_some() => {
                 bail!("env NORM is required with NORM_STATS: `zscore` (pi0) or `quantile` (pi0.5)")
             }
-            None => Unnormalize::Quantile,
+            None => NormMode::Quantile,
         };
         let post = PostProcess::new(stats, mode, action_dim, robot_dims)
             .wrap_err("env ACTION_DIMS / NORM_STATS")?;
@@ -104,7 +104,7 @@ mod tests {
         };
         let settings = Settings {
             action_dim: 3,
-            post: PostProcess::new(Some(stats), Unnormalize::Quantile, 3, 2).unwrap(),
+            post: PostProcess::new(Some(stats), NormMode::Quantile, 3, 2).unwrap(),
         };
         let msg = |seq, shape: &'static [usize], v: &[f32]| TensorInput {
             id: "actions",

@@ -1,18 +1,21 @@
 //! Prefix stage: prompt embedding and the Gemma prefix over the real image and prompt
 //! tokens, producing the per-layer K/V cache [layers, 2, len, kv_width].
 
-use dora_node_api::dora_core::config::DataId;
-use dora_node_api::{DoraNode, Event, EventStream};
+use dora_node_api::{DoraNode, EventStream};
 use eyre::{bail, eyre, Result};
 use node_common::ipc::{refuse_ipc, transport_from_env, Transport};
-use node_common::join::{Frames, Joined};
+use node_common::join::{Joined, Part};
 use node_common::prompt::{frame_prompt, prompt_from_env, TOKENS};
-use node_common::reject::declares_rejected;
+use node_common::stage::{self, Cx, Spec, Stage};
 use node_common::{
     backend_from_env, checkpoint_from_env, expect_tensor, image_masks, kv_to_tensor, Dim,
 };
 use operators::backend::{self, BackendKind, PrefixStage};
 use operators::{Config, ImageEmbeddings};
+
+/// The main input, and the output.
+const IN: &str = "image_embeddings";
+const OUT: &str = "kv_cache";
 
 /// The prompt: token ids and their mask (right-padded).
 pub struct Prompt {
@@ -29,20 +32,17 @@ impl Prompt {
         frame_prompt(frame, &(self.tokens.clone(), self.mask.clone()), cfg)
     }
 
-    /// The frame's parts: the image embeddings, and the prompt when it comes per frame.
-    fn frames(&self, node: &DoraNode) -> Frames {
-        let parts: &[&'static str] = if self.per_frame {
-            &["image_embeddings", TOKENS]
-        } else {
-            &["image_embeddings"]
-        };
-        Frames::new(
-            node.id().as_ref(),
-            "prefix",
-            parts,
-            declares_rejected(node),
-        )
+    /// The node's stage: the image embeddings, and the prompt when it comes per frame.
+    fn spec(&self, node: &DoraNode, backend: String) -> Spec {
+        let parts: &[&'static str] = if self.per_frame { &[IN, TOKENS] } else { &[IN] };
+        Spec::new(node, "prefix", parts, backend)
     }
+}
+
+fn embeddings(frame: &Joined) -> Result<&Part> {
+    frame
+        .part(IN)
+        .ok_or_else(|| eyre!("internal: a frame without image embeddings"))
 }
 
 /// Env: `CHECKPOINT`, `PROMPT` (not needed when the `tokens` input is wired), `BACKEND` (cpu
@@ -69,75 +69,66 @@ pub fn run(node: DoraNode, events: EventStream) -> Result<()> {
     run_with(&ckpt.config, encoder.as_mut(), &prompt, node, events)
 }
 
+/// The encoder of a backend: image embeddings and the K/V cache as host tensors.
+struct HostIo<'a> {
+    cfg: &'a Config,
+    encoder: &'a mut dyn PrefixStage,
+    prompt: &'a Prompt,
+}
+
+impl Stage for HostIo<'_> {
+    fn on_frame(&mut self, cx: &mut Cx, frame: Joined) -> Result<()> {
+        let cfg = self.cfg;
+        let (mut span, meta) = cx.start_span(frame.meta());
+        let part = embeddings(&frame)?;
+        let md = &part.metadata;
+        refuse_ipc(IN, md)?;
+        let masks = image_masks(IN, md, cfg.num_images)?;
+        let real = masks.iter().filter(|&&m| m).count();
+        let (_, emb) = expect_tensor::<f32>(
+            IN,
+            md,
+            &part.data,
+            "float32",
+            &[
+                Dim::Is(real * cfg.tokens_per_image()),
+                Dim::Is(cfg.vlm_width),
+            ],
+        )?;
+        let images = ImageEmbeddings {
+            tokens: emb.to_vec(),
+            real_images: real,
+        };
+        let (tokens, mask) = self.prompt.for_frame(&frame, cfg)?;
+        let cache = self.encoder.encode(&images, &tokens, &mask)?;
+        if let Some(gpu) = self.encoder.gpu_time() {
+            span.set_gpu(gpu);
+        }
+        let (shape, values) = kv_to_tensor(&cache);
+        cx.send(OUT, meta.tensor_params(&shape, "float32"), values)?;
+        span.end();
+        Ok(())
+    }
+}
+
 pub fn run_with(
     cfg: &Config,
     encoder: &mut dyn PrefixStage,
     prompt: &Prompt,
-    mut node: DoraNode,
-    mut events: EventStream,
+    node: DoraNode,
+    events: EventStream,
 ) -> Result<()> {
-    let out: DataId = "kv_cache".to_string().into();
-    let tracer = node_common::tracer(&node, &encoder.describe())?;
-    let t = cfg.tokens_per_image();
-    let mut frames = prompt.frames(&node);
-    while let Some(event) = events.recv() {
-        let (id, metadata, data) = match event {
-            Event::Input { id, metadata, data } => (id, metadata, data),
-            // Not waiting for every input to close: `release` may loop back from a consumer.
-            Event::InputClosed { id } if id.as_str() == "image_embeddings" => break,
-            Event::Stop(_) => break,
-            _ => continue,
-        };
-        let Some(frame) = frames.take(
-            &mut node,
-            &tracer,
-            id.as_str(),
-            metadata.parameters,
-            data,
-            |_, _| {},
-        ) else {
-            continue;
-        };
-        let meta = frame.meta();
-        let result = (|| {
-            let mut span = tracer.start("prefix", meta.seq, meta.trace);
-            let meta = meta.traced(span.id());
-            let part = frame
-                .part("image_embeddings")
-                .ok_or_else(|| eyre!("internal: a frame without image embeddings"))?;
-            let md = &part.metadata;
-            refuse_ipc("image_embeddings", md)?;
-            let masks = image_masks("image_embeddings", md, cfg.num_images)?;
-            let real = masks.iter().filter(|&&m| m).count();
-            let (_, emb) = expect_tensor::<f32>(
-                "image_embeddings",
-                md,
-                &part.data,
-                "float32",
-                &[Dim::Is(real * t), Dim::Is(cfg.vlm_width)],
-            )?;
-            let images = ImageEmbeddings {
-                tokens: emb.to_vec(),
-                real_images: real,
-            };
-            let (tokens, mask) = prompt.for_frame(&frame, cfg)?;
-            let cache = encoder.encode(&images, &tokens, &mask)?;
-            if let Some(gpu) = encoder.gpu_time() {
-                span.set_gpu(gpu);
-            }
-            let (shape, values) = kv_to_tensor(&cache);
-            node.send_output(out.clone(), meta.tensor_params(&shape, "float32"), values)
-                .map_err(|e| eyre!("sending kv_cache: {e}"))?;
-            span.end();
-            Ok(())
-        })();
-        if let Err(e) = result {
-            frames.reject(&mut node, &tracer, meta, &e);
-        }
-    }
-    frames.close(&mut node, &tracer, |_, _| {});
-    eprintln!("prefix: {}", frames.summary());
-    Ok(())
+    let spec = prompt.spec(&node, encoder.describe());
+    stage::run(
+        &spec,
+        &mut HostIo {
+            cfg,
+            encoder,
+            prompt,
+        },
+        node,
+        events,
+    )
 }
 
 #[cfg(not(feature = "cuda"))]
@@ -162,152 +153,144 @@ fn run_cuda(
     precision: operators::backend::Precision,
     transport: Transport,
     prompt: &Prompt,
-    mut node: DoraNode,
-    mut events: EventStream,
+    node: DoraNode,
+    events: EventStream,
 ) -> Result<()> {
-    use node_common::ipc::{
-        release_from, release_params, release_part, ring_slots_from_env, IpcTensor,
-    };
-    use operators::cuda::ipc::{Importer, Remote, Ring};
-    use operators::cuda::{CudaPolicy, DType};
+    use node_common::ipc::ring_slots_from_env;
+    use node_common::ring::{RingOut, HOLD_LIMIT};
+    use operators::cuda::ipc::{Importer, Ring};
+    use operators::cuda::{CudaPrefix, DType};
 
     let cfg = &ckpt.config;
-    let mut policy = CudaPolicy::load(ckpt, precision, |_, _| {})?;
+    let mut policy = CudaPrefix::load(ckpt, precision)?;
     // Prompts of other lengths (sent on `tokens`) build their graphs when they first arrive.
     let n_ids = prompt.mask.iter().filter(|&&m| m).count().max(1);
-    policy.warm_up_stages(Some(n_ids))?;
+    policy.warm_up(n_ids)?;
     let shape = policy.cache_shape();
-    let dtype = if policy.act_dtype() == DType::Bf16 {
-        "bfloat16"
+    let (dtype, elem) = if policy.act_dtype() == DType::Bf16 {
+        ("bfloat16", 2)
     } else {
-        "<f4"
+        ("<f4", 4)
     };
-    let elem = if policy.act_dtype() == DType::Bf16 {
-        2
-    } else {
-        4
-    };
-    let mut ring = match transport {
+    let ring = match transport {
         Transport::CudaIpc => Some(Ring::new(
             policy.device(),
             shape.iter().product::<usize>() * elem,
             ring_slots_from_env()?,
-            std::time::Duration::from_secs(2),
+            HOLD_LIMIT,
         )?),
         Transport::Host => None,
     };
+    let describe = policy.describe();
     eprintln!(
-        "prefix: {}, K/V cache out by {}",
-        operators::backend::Runner::describe(&policy),
+        "prefix: {describe}, K/V cache out by {}",
         if ring.is_some() {
             "cuda-ipc"
         } else {
             "host tensor"
         }
     );
-    let real_ids = |tokens: &[i32], mask: &[bool]| -> Vec<i32> {
+    let spec = prompt.spec(&node, describe);
+    let mut stage = cuda::Gpu {
+        cfg,
+        prompt,
+        shape: shape.to_vec(),
+        dtype,
+        importer: Importer::default(),
+        ring: ring.map(|r| RingOut::new(r, "prefix")),
+        policy,
+        stale_without_ring: 0,
+        counts: Default::default(),
+    };
+    stage::run(&spec, &mut stage, node, events)
+}
+
+#[cfg(feature = "cuda")]
+mod cuda {
+    use super::*;
+    use node_common::ipc::{release_params, release_part, IpcTensor};
+    use node_common::ring::RingOut;
+    use operators::cuda::ipc::{Importer, Remote, Ring};
+    use operators::cuda::CudaPrefix;
+
+    /// What went in and out, and how.
+    #[derive(Default)]
+    pub(super) struct Counts {
+        by_handle_in: u64,
+        host_in: u64,
+        by_handle_out: u64,
+        host_bytes_out: usize,
+    }
+
+    /// The prefix stage of a policy on the GPU. Fields drop in order: the imported and the
+    /// exported device memory before the policy's context.
+    pub(super) struct Gpu<'a> {
+        pub cfg: &'a Config,
+        pub prompt: &'a Prompt,
+        /// The K/V cache as sent by handle: [layers, 2, cache_rows, kv_width] of `dtype`.
+        pub shape: Vec<usize>,
+        pub dtype: &'static str,
+        pub importer: Importer,
+        pub ring: Option<RingOut<Ring>>,
+        pub policy: CudaPrefix,
+        /// Releases that arrived with no ring to take them (`TRANSPORT: host`).
+        pub stale_without_ring: u64,
+        pub counts: Counts,
+    }
+
+    /// The real (unmasked) prompt ids.
+    fn real_ids(tokens: &[i32], mask: &[bool]) -> Vec<i32> {
         tokens
             .iter()
             .zip(mask)
             .filter(|(_, &m)| m)
             .map(|(&t, _)| t)
             .collect()
-    };
-    let mut frames = prompt.frames(&node);
-    let out: DataId = "kv_cache".to_string().into();
-    let release_out: DataId = "release".to_string().into();
-    let tracer = node_common::tracer(&node, &operators::backend::Runner::describe(&policy))?;
-    let t = cfg.tokens_per_image();
-    let mut importer = Importer::default();
-    let (mut by_handle_in, mut host_in, mut by_handle_out, mut host_bytes_out) =
-        (0u64, 0u64, 0u64, 0usize);
-    let (mut full, mut stale) = (0u64, 0u64);
-    while let Some(event) = events.recv() {
-        let (id, metadata, data) = match event {
-            Event::Input { id, metadata, data } => (id, metadata, data),
-            // The stream ended upstream: stop, after handing back what consumers still read.
-            Event::InputClosed { id } if id.as_str() == "image_embeddings" => break,
-            Event::Stop(_) => break,
-            _ => continue,
-        };
-        if id.as_str() == "release" {
-            match release_from(&metadata.parameters) {
-                Ok((slot, seq)) => {
-                    if !ring.as_mut().is_some_and(|r| r.release(slot as usize, seq)) {
-                        stale += 1;
-                    }
-                }
-                Err(e) => frames.rejections.message(&e),
-            }
-            continue;
-        }
-        // A dropped frame's embeddings slot goes back to the vision node unread.
-        let Some(frame) = frames.take(
-            &mut node,
-            &tracer,
-            id.as_str(),
-            metadata.parameters,
-            data,
-            release_part,
-        ) else {
-            continue;
-        };
-        let meta = frame.meta();
-        // Whether the embeddings' ring slot (when sent by handle) went back to the producer.
-        let mut released = false;
-        let result = (|| -> Result<()> {
-            let part = frame
-                .part("image_embeddings")
-                .ok_or_else(|| eyre!("internal: a frame without image embeddings"))?;
+    }
+
+    impl Gpu<'_> {
+        /// Runs `frame`; `released` tells whether its embeddings' ring slot (when sent by
+        /// handle) went back to the producer.
+        fn run(&mut self, cx: &mut Cx, frame: &Joined, released: &mut bool) -> Result<()> {
+            let cfg = self.cfg;
+            let part = embeddings(frame)?;
             let md = &part.metadata;
-            let mut span = tracer.start("prefix", meta.seq, meta.trace);
-            let meta = meta.traced(span.id());
-            let (tokens, mask) = prompt.for_frame(&frame, cfg)?;
+            let (mut span, meta) = cx.start_span(frame.meta());
+            let (tokens, mask) = self.prompt.for_frame(frame, cfg)?;
             let ids = real_ids(&tokens, &mask);
-            let masks = image_masks("image_embeddings", md, cfg.num_images)?;
+            let masks = image_masks(IN, md, cfg.num_images)?;
             let real = masks.iter().filter(|&&m| m).count();
-            let expected = [Dim::Is(real * t), Dim::Is(cfg.vlm_width)];
+            let expected = [
+                Dim::Is(real * cfg.tokens_per_image()),
+                Dim::Is(cfg.vlm_width),
+            ];
             let (p, gpu) = if IpcTensor::is_ipc(md) {
-                let tensor =
-                    IpcTensor::from_input("image_embeddings", md, &part.data, "<f4", &expected)?;
+                let tensor = IpcTensor::from_input(IN, md, &part.data, "<f4", &expected)?;
                 let remote = Remote {
                     mem_handle: tensor.mem_handle,
                     event_handle: tensor.event_handle,
                     offset: tensor.offset,
                     bytes: tensor.size(),
                 };
-                let read = policy.prefix_from_ring(&mut importer, &remote, real, &ids);
+                let read = self
+                    .policy
+                    .from_ring(&mut self.importer, &remote, real, &ids);
                 // The slot is copied (or unusable): hand it back either way.
-                released = true;
-                node.send_output(release_out.clone(), release_params(meta, tensor.slot), ())
-                    .map_err(|e| eyre!("sending release: {e}"))?;
-                by_handle_in += 1;
+                *released = true;
+                cx.send("release", release_params(meta, tensor.slot), ())?;
+                self.counts.by_handle_in += 1;
                 read?
             } else {
-                let (_, emb) =
-                    expect_tensor::<f32>("image_embeddings", md, &part.data, "float32", &expected)?;
-                host_in += 1;
-                policy.prefix_from_host(emb, real, &ids)?
+                let (_, emb) = expect_tensor::<f32>(IN, md, &part.data, "float32", &expected)?;
+                self.counts.host_in += 1;
+                self.policy.from_host(emb, real, &ids)?
             };
             span.set_gpu(gpu);
-            match ring.as_mut() {
-                Some(ring) => {
-                    let before = ring.reclaimed;
-                    let slot = ring.acquire(meta.seq);
-                    if ring.reclaimed > before {
-                        eprintln!(
-                            "prefix: {} ring slot(s) not handed back within 2 s taken back (consumer gone or restarting?)",
-                            ring.reclaimed - before
-                        );
-                    }
-                    let Some(slot) = slot else {
-                        full += 1;
-                        bail!(
-                            "frame {}: dropped, every ring slot is still held by the consumer",
-                            meta.seq
-                        );
-                    };
-                    if let Err(e) = policy.cache_to_ring(ring, slot) {
+            match self.ring.as_mut() {
+                Some(out) => {
+                    let slot = out.acquire(meta.seq)?;
+                    let ring = &mut out.ring;
+                    if let Err(e) = self.policy.cache_to_ring(ring, slot) {
                         ring.cancel(slot);
                         return Err(e.into());
                     }
@@ -316,8 +299,8 @@ fn run_cuda(
                         mem_handle: s.mem_handle,
                         event_handle: s.event_handle,
                         slot: slot as u64,
-                        shape: shape.to_vec(),
-                        dtype: dtype.into(),
+                        shape: self.shape.clone(),
+                        dtype: self.dtype.into(),
                         offset: 0,
                     };
                     let mut params = tensor.params(meta);
@@ -325,59 +308,67 @@ fn run_cuda(
                         "prefix_len".into(),
                         dora_node_api::Parameter::Integer(p as i64),
                     );
-                    node.send_output(out.clone(), params, tensor.data())
-                        .map_err(|e| eyre!("sending kv_cache: {e}"))?;
-                    by_handle_out += 1;
+                    cx.send(OUT, params, tensor.data())?;
+                    self.counts.by_handle_out += 1;
                 }
                 None => {
-                    let cache = policy.download_cache(p)?;
+                    let cache = self.policy.download_cache(p)?;
                     let (shape, values) = kv_to_tensor(&cache);
-                    host_bytes_out += values.len() * 4;
-                    node.send_output(out.clone(), meta.tensor_params(&shape, "float32"), values)
-                        .map_err(|e| eyre!("sending kv_cache: {e}"))?;
+                    self.counts.host_bytes_out += values.len() * 4;
+                    cx.send(OUT, meta.tensor_params(&shape, "float32"), values)?;
                 }
             }
             span.end();
             Ok(())
-        })();
-        if let Err(e) = result {
-            if !released {
-                if let Some(part) = frame.part("image_embeddings") {
-                    release_part(&mut node, part);
-                }
-            }
-            frames.reject(&mut node, &tracer, meta, &e);
         }
     }
-    frames.close(&mut node, &tracer, release_part);
-    // Slots still held by the consumer may be mid-copy: wait for their release (at most 2 s,
-    // a consumer that is gone never answers) before the ring's memory is freed.
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
-    while ring.as_ref().is_some_and(|r| r.busy() > 0) {
-        let Some(left) = deadline.checked_duration_since(std::time::Instant::now()) else {
-            break;
-        };
-        match events.recv_timeout(left) {
-            Some(Event::Input { id, metadata, .. }) if id.as_str() == "release" => {
-                if let Ok((slot, seq)) = release_from(&metadata.parameters) {
-                    if let Some(r) = ring.as_mut() {
-                        r.release(slot as usize, seq);
-                    }
+
+    impl Stage for Gpu<'_> {
+        fn on_frame(&mut self, cx: &mut Cx, frame: Joined) -> Result<()> {
+            let mut released = false;
+            let result = self.run(cx, &frame, &mut released);
+            if result.is_err() && !released {
+                if let Some(part) = frame.part(IN) {
+                    release_part(cx.node, part);
                 }
             }
-            Some(Event::InputClosed { id }) if id.as_str() == "release" => break,
-            None | Some(Event::Stop(_)) => break,
-            _ => {}
+            result
+        }
+
+        fn on_release(&mut self, slot: usize, seq: u64) {
+            match self.ring.as_mut() {
+                Some(out) => {
+                    out.release(slot, seq);
+                }
+                None => self.stale_without_ring += 1,
+            }
+        }
+
+        fn held_slots(&self) -> usize {
+            self.ring.as_ref().map_or(0, |r| r.busy())
+        }
+
+        /// A dropped frame's embeddings slot goes back to the vision node unread.
+        fn on_dropped_part(&mut self, node: &mut DoraNode, part: &Part) {
+            release_part(node, part);
+        }
+
+        fn summary(&self) -> String {
+            let c = &self.counts;
+            let ring = match &self.ring {
+                Some(r) => r.summary(),
+                None => node_common::ring::summary(0, 0, self.stale_without_ring),
+            };
+            format!(
+                "; in: {} by cuda-ipc handle, {} host tensors ({} slots opened); out: {} by cuda-ipc handle, {:.1} MB through the host; {ring}",
+                c.by_handle_in,
+                c.host_in,
+                self.importer.opened(),
+                c.by_handle_out,
+                c.host_bytes_out as f64 / 1e6,
+            )
         }
     }
-    eprintln!(
-        "prefix: {}; in: {by_handle_in} by cuda-ipc handle, {host_in} host tensors ({} slots opened); out: {by_handle_out} by cuda-ipc handle, {:.1} MB through the host; {full} frames dropped with the ring full, {} slots reclaimed, {stale} stale releases",
-        frames.summary(),
-        importer.opened(),
-        host_bytes_out as f64 / 1e6,
-        ring.as_ref().map_or(0, |r| r.reclaimed)
-    );
-    Ok(())
 }
 
 #[cfg(test)]

@@ -1,14 +1,16 @@
 //! Vision stage: SigLIP + projector over the real cameras of a frame.
 
-use dora_node_api::dora_core::config::DataId;
-use dora_node_api::{DoraNode, Event, EventStream};
+use dora_node_api::{DoraNode, EventStream};
 use eyre::{bail, eyre, Result};
 use node_common::ipc::{transport_from_env, Transport};
-use node_common::join::Frames;
-use node_common::reject::declares_rejected;
+use node_common::join::{Joined, Part};
+use node_common::stage::{self, Cx, Spec, Stage};
 use node_common::{backend_from_env, checkpoint_from_env, masks_param, model_images};
 use operators::backend::{self, BackendKind, VisionStage};
 use operators::Config;
+
+/// The output: the embeddings of a frame's real cameras.
+const OUT: &str = "image_embeddings";
 
 /// Env: `CHECKPOINT`, `BACKEND` (cpu or cuda), `DTYPE`, `TRANSPORT` (host or cuda-ipc, the
 /// latter with BACKEND=cuda), `RING_SLOTS`.
@@ -27,71 +29,52 @@ pub fn run(node: DoraNode, events: EventStream) -> Result<()> {
     run_with(&ckpt.config, encoder.as_mut(), node, events)
 }
 
-/// The node's frames: one `images` message each.
-fn frames(node: &DoraNode) -> Frames {
-    Frames::new(
-        node.id().as_ref(),
-        "vision",
-        &["images"],
-        declares_rejected(node),
-    )
+/// The node's stage: one `images` message per frame.
+fn spec(node: &DoraNode, backend: String) -> Spec {
+    Spec::new(node, "vision", &["images"], backend)
+}
+
+fn images(frame: &Joined) -> Result<&Part> {
+    frame
+        .part("images")
+        .ok_or_else(|| eyre!("internal: a frame without images"))
+}
+
+/// The encoder of a backend; embeddings out as host tensors.
+struct HostOut<'a> {
+    cfg: &'a Config,
+    encoder: &'a mut dyn VisionStage,
+}
+
+impl Stage for HostOut<'_> {
+    fn on_frame(&mut self, cx: &mut Cx, frame: Joined) -> Result<()> {
+        let cfg = self.cfg;
+        let part = images(&frame)?;
+        let (mut span, meta) = cx.start_span(frame.meta());
+        let (pixels, masks) = model_images(&part.metadata, &part.data, cfg)?;
+        let emb = self.encoder.encode(&pixels, &masks)?;
+        if let Some(gpu) = self.encoder.gpu_time() {
+            span.set_gpu(gpu);
+        }
+        let mut p = meta.tensor_params(
+            &[emb.real_images * cfg.tokens_per_image(), cfg.vlm_width],
+            "float32",
+        );
+        p.insert("image_masks".into(), masks_param(&masks));
+        cx.send(OUT, p, emb.tokens)?;
+        span.end();
+        Ok(())
+    }
 }
 
 pub fn run_with(
     cfg: &Config,
     encoder: &mut dyn VisionStage,
-    mut node: DoraNode,
-    mut events: EventStream,
+    node: DoraNode,
+    events: EventStream,
 ) -> Result<()> {
-    let out: DataId = "image_embeddings".to_string().into();
-    let tracer = node_common::tracer(&node, &encoder.describe())?;
-    let mut frames = frames(&node);
-    while let Some(event) = events.recv() {
-        let (id, metadata, data) = match event {
-            Event::Input { id, metadata, data } => (id, metadata, data),
-            // Not waiting for every input to close: `release` may loop back from a consumer.
-            Event::InputClosed { id } if id.as_str() == "images" => break,
-            Event::Stop(_) => break,
-            _ => continue,
-        };
-        let Some(frame) = frames.take(
-            &mut node,
-            &tracer,
-            id.as_str(),
-            metadata.parameters,
-            data,
-            |_, _| {},
-        ) else {
-            continue;
-        };
-        let meta = frame.meta();
-        let result = (|| {
-            let part = frame
-                .part("images")
-                .ok_or_else(|| eyre!("internal: a frame without images"))?;
-            let mut span = tracer.start("vision", meta.seq, meta.trace);
-            let meta = meta.traced(span.id());
-            let (pixels, masks) = model_images(&part.metadata, &part.data, cfg)?;
-            let emb = encoder.encode(&pixels, &masks)?;
-            if let Some(gpu) = encoder.gpu_time() {
-                span.set_gpu(gpu);
-            }
-            let mut p = meta.tensor_params(
-                &[emb.real_images * cfg.tokens_per_image(), cfg.vlm_width],
-                "float32",
-            );
-            p.insert("image_masks".into(), masks_param(&masks));
-            node.send_output(out.clone(), p, emb.tokens)
-                .map_err(|e| eyre!("sending image_embeddings: {e}"))?;
-            span.end();
-            Ok(())
-        })();
-        if let Err(e) = result {
-            frames.reject(&mut node, &tracer, meta, &e);
-        }
-    }
-    eprintln!("vision: {}", frames.summary());
-    Ok(())
+    let spec = spec(&node, encoder.describe());
+    stage::run(&spec, &mut HostOut { cfg, encoder }, node, events)
 }
 
 #[cfg(not(feature = "cuda"))]
@@ -110,69 +93,63 @@ fn run_cuda_ipc(
 fn run_cuda_ipc(
     ckpt: &operators::checkpoint::Checkpoint,
     precision: operators::backend::Precision,
-    mut node: DoraNode,
-    mut events: EventStream,
+    node: DoraNode,
+    events: EventStream,
 ) -> Result<()> {
-    use node_common::ipc::{release_from, ring_slots_from_env, IpcTensor};
+    use node_common::ipc::ring_slots_from_env;
+    use node_common::ring::{RingOut, HOLD_LIMIT};
     use operators::cuda::ipc::Ring;
-    use operators::cuda::CudaPolicy;
+    use operators::cuda::CudaVision;
 
     let cfg = &ckpt.config;
     let slots = ring_slots_from_env()?;
-    let mut policy = CudaPolicy::load(ckpt, precision, |_, _| {})?;
-    policy.warm_up_stages(None)?;
-    eprintln!(
-        "vision: {}, cuda-ipc with {slots} ring slots",
-        operators::backend::Runner::describe(&policy)
-    );
-    let (t, w) = (cfg.tokens_per_image(), cfg.vlm_width);
-    let mut ring = Ring::new(
+    let mut policy = CudaVision::load(ckpt, precision)?;
+    policy.warm_up()?;
+    let describe = policy.describe();
+    eprintln!("vision: {describe}, cuda-ipc with {slots} ring slots");
+    let ring = Ring::new(
         policy.device(),
-        cfg.num_images * t * w * 4,
+        cfg.num_images * cfg.tokens_per_image() * cfg.vlm_width * 4,
         slots,
-        std::time::Duration::from_secs(2),
+        HOLD_LIMIT,
     )?;
-    let out: DataId = "image_embeddings".to_string().into();
-    let tracer = node_common::tracer(&node, &operators::backend::Runner::describe(&policy))?;
-    let per_image = cfg.image_size * cfg.image_size * 3;
-    let mut frames = frames(&node);
-    let (mut sent, mut bytes, mut full, mut stale) = (0u64, 0usize, 0u64, 0u64);
-    while let Some(event) = events.recv() {
-        let (id, metadata, data) = match event {
-            Event::Input { id, metadata, data } => (id, metadata, data),
-            // The stream ended upstream: stop, after handing back what consumers still read.
-            Event::InputClosed { id } if id.as_str() == "images" => break,
-            Event::Stop(_) => break,
-            _ => continue,
-        };
-        if id.as_str() == "release" {
-            match release_from(&metadata.parameters) {
-                Ok((slot, seq)) => {
-                    if !ring.release(slot as usize, seq) {
-                        stale += 1;
-                    }
-                }
-                Err(e) => frames.rejections.message(&e),
-            }
-            continue;
-        }
-        let Some(frame) = frames.take(
-            &mut node,
-            &tracer,
-            id.as_str(),
-            metadata.parameters,
-            data,
-            |_, _| {},
-        ) else {
-            continue;
-        };
-        let meta = frame.meta();
-        let result = (|| -> Result<()> {
-            let part = frame
-                .part("images")
-                .ok_or_else(|| eyre!("internal: a frame without images"))?;
-            let mut span = tracer.start("vision", meta.seq, meta.trace);
-            let meta = meta.traced(span.id());
+    let spec = spec(&node, describe);
+    let mut stage = cuda::IpcOut {
+        cfg,
+        ring: RingOut::new(ring, "vision"),
+        policy,
+        sent: 0,
+        bytes: 0,
+    };
+    stage::run(&spec, &mut stage, node, events)
+}
+
+#[cfg(feature = "cuda")]
+mod cuda {
+    use super::*;
+    use node_common::ipc::IpcTensor;
+    use node_common::ring::RingOut;
+    use operators::cuda::ipc::Ring;
+    use operators::cuda::CudaVision;
+
+    /// The vision stage on the GPU; embeddings out by CUDA IPC handle of a ring
+    /// slot. Fields drop in order: the ring's device memory before the policy's context.
+    pub(super) struct IpcOut<'a> {
+        pub cfg: &'a Config,
+        pub ring: RingOut<Ring>,
+        pub policy: CudaVision,
+        /// Tensors sent by handle, and their bytes.
+        pub sent: u64,
+        pub bytes: usize,
+    }
+
+    impl Stage for IpcOut<'_> {
+        fn on_frame(&mut self, cx: &mut Cx, frame: Joined) -> Result<()> {
+            let cfg = self.cfg;
+            let (t, w) = (cfg.tokens_per_image(), cfg.vlm_width);
+            let per_image = cfg.image_size * cfg.image_size * 3;
+            let part = images(&frame)?;
+            let (mut span, meta) = cx.start_span(frame.meta());
             let (pixels, masks) = model_images(&part.metadata, &part.data, cfg)?;
             let real: Vec<f32> = pixels
                 .chunks_exact(per_image)
@@ -181,22 +158,9 @@ fn run_cuda_ipc(
                 .flat_map(|(px, _)| px.iter().copied())
                 .collect();
             let n = masks.iter().filter(|&&m| m).count();
-            let before = ring.reclaimed;
-            let slot = ring.acquire(meta.seq);
-            if ring.reclaimed > before {
-                eprintln!(
-                    "vision: {} ring slot(s) not handed back within 2 s taken back (consumer gone or restarting?)",
-                    ring.reclaimed - before
-                );
-            }
-            let Some(slot) = slot else {
-                full += 1;
-                bail!(
-                    "frame {}: dropped, every ring slot is still held by the consumer",
-                    meta.seq
-                );
-            };
-            let written = match policy.vision_to_ring(&real, n, &ring, slot) {
+            let slot = self.ring.acquire(meta.seq)?;
+            let ring = &mut self.ring.ring;
+            let written = match self.policy.to_ring(&real, n, ring, slot) {
                 Ok((gpu, b)) => {
                     span.set_gpu(gpu);
                     b
@@ -217,42 +181,30 @@ fn run_cuda_ipc(
             };
             let mut p = tensor.params(meta);
             p.insert("image_masks".into(), masks_param(&masks));
-            node.send_output(out.clone(), p, tensor.data())
-                .map_err(|e| eyre!("sending image_embeddings: {e}"))?;
-            sent += 1;
-            bytes += written;
+            cx.send(OUT, p, tensor.data())?;
+            self.sent += 1;
+            self.bytes += written;
             span.end();
             Ok(())
-        })();
-        if let Err(e) = result {
-            frames.reject(&mut node, &tracer, meta, &e);
+        }
+
+        fn on_release(&mut self, slot: usize, seq: u64) {
+            self.ring.release(slot, seq);
+        }
+
+        fn held_slots(&self) -> usize {
+            self.ring.busy()
+        }
+
+        fn summary(&self) -> String {
+            format!(
+                "; cuda-ipc: {} tensors ({:.1} MB) passed by handle, 0 bytes through the host; {}",
+                self.sent,
+                self.bytes as f64 / 1e6,
+                self.ring.summary()
+            )
         }
     }
-    // Slots still held by the consumer may be mid-copy: wait for their release (at most 2 s,
-    // a consumer that is gone never answers) before the ring's memory is freed.
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
-    while ring.busy() > 0 {
-        let Some(left) = deadline.checked_duration_since(std::time::Instant::now()) else {
-            break;
-        };
-        match events.recv_timeout(left) {
-            Some(Event::Input { id, metadata, .. }) if id.as_str() == "release" => {
-                if let Ok((slot, seq)) = release_from(&metadata.parameters) {
-                    ring.release(slot as usize, seq);
-                }
-            }
-            Some(Event::InputClosed { id }) if id.as_str() == "release" => break,
-            None | Some(Event::Stop(_)) => break,
-            _ => {}
-        }
-    }
-    eprintln!(
-        "vision: {}; cuda-ipc: {sent} tensors ({:.1} MB) passed by handle, 0 bytes through the host; {full} frames dropped with the ring full, {} slots reclaimed, {stale} stale releases",
-        frames.summary(),
-        bytes as f64 / 1e6,
-        ring.reclaimed
-    );
-    Ok(())
 }
 
 #[cfg(test)]

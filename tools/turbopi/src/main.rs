@@ -7,6 +7,7 @@ use std::process::ExitCode;
 use std::time::{Instant, SystemTime};
 
 mod bench;
+mod kernels;
 mod openpi;
 mod spans;
 
@@ -101,6 +102,9 @@ enum Command {
     /// Read per-stage trace files (TRACE_FILE of the nodes).
     #[command(subcommand)]
     Trace(trace::TraceCommand),
+    /// The CUDA kernels: compile them for named architectures without a GPU.
+    #[command(subcommand)]
+    Kernels(kernels::KernelsCommand),
 }
 
 #[derive(Subcommand)]
@@ -181,6 +185,7 @@ fn main() -> ExitCode {
         Command::Graph(GraphCommand::Check { file }) => graph_check(&file),
         Command::Graph(GraphCommand::Plan { file, dot }) => graph_plan(&file, dot.as_deref()),
         Command::Trace(cmd) => trace::run(cmd),
+        Command::Kernels(cmd) => kernels::run(cmd),
         Command::Bench {
             checkpoint,
             preset,

@@ -450,3 +450,48 @@ fn infer_openpi_observation_and_its_errors() {
     let e = run(args(&["--robot", "libero", "--norm-stats", "none"]));
     assert!(e.contains("malformed msgpack at byte 0"), "{e}");
 }
+
+#[test]
+fn kernels_compile_checks_its_arguments() {
+    // clap rejects a malformed architecture or dtype (exit 2) before anything is compiled.
+    for (flag, value, why) in [
+        ("--arch", "sm_90,sm_9x", "sm_<major><minor>"),
+        ("--arch", "90", "sm_<major><minor>"),
+        ("--dtype", "f16", "expected `f32` or `bf16`"),
+    ] {
+        let mut args = vec!["kernels", "compile", "--arch", "sm_90"];
+        if flag == "--arch" {
+            args[3] = value;
+        } else {
+            args.extend([flag, value]);
+        }
+        let out = turbopi(&args);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {stderr}");
+        assert!(stderr.contains(why), "{args:?}: {stderr}");
+    }
+    let out = turbopi(&["kernels", "compile"]);
+    assert_eq!(out.status.code(), Some(2), "--arch is required");
+}
+
+#[test]
+fn kernels_compile_reports_per_arch_and_dtype_or_says_what_is_missing() {
+    let out = turbopi(&["kernels", "compile", "--arch", "sm_87", "--dtype", "bf16"]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    if !cfg!(feature = "cuda") {
+        assert_eq!(out.status.code(), Some(1), "{stderr}");
+        assert!(stderr.contains("CUDA support is not built in"), "{stderr}");
+    } else if out.status.success() {
+        // NVRTC is installed (a GPU machine): one line, with the cubin's size.
+        assert!(
+            stdout.starts_with("sm_87   bf16  ok      cubin "),
+            "{stdout}"
+        );
+        assert_eq!(stdout.lines().count(), 1, "{stdout}");
+    } else {
+        assert_eq!(out.status.code(), Some(1), "{stdout}{stderr}");
+        assert!(stderr.contains("NVRTC not found"), "{stdout}{stderr}");
+    }
+    assert!(!stderr.contains("panicked"), "{stderr}");
+}
