@@ -97,6 +97,15 @@ pub trait Runner: Send {
     fn collect(&mut self) -> Result<Option<(Vec<f32>, StageTimes)>> {
         Ok(None)
     }
+    /// What the last frame launched (kernels per stage) and the denoise loop's weight bytes,
+    /// where the backend can tell (CUDA: from the stages' graphs); None otherwise.
+    fn census(&self) -> Result<Option<crate::bench::Census>> {
+        Ok(None)
+    }
+    /// Like [`Runner::profile_denoise`], for one layer of the prefix (run after a frame).
+    fn profile_prefix(&mut self) -> Result<Option<String>> {
+        Ok(None)
+    }
 }
 
 impl Runner for Policy {

@@ -13,6 +13,49 @@ use crate::config::Config;
 use crate::observation::{noise_from_seed, Observation};
 use crate::{Error, Result};
 
+/// What a backend launches per frame and what its denoise loop must read, for the report.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Census {
+    /// Kernels each stage's graph launches per frame: vision, prefix, denoise (all steps).
+    pub kernels: [usize; 3],
+    /// Memory copies and sets in each stage's graph.
+    pub copies: [usize; 3],
+    /// Bytes of weights one denoise step reads (the expert's linears and the action heads).
+    pub denoise_step_weight_bytes: usize,
+    /// The card's peak memory bandwidth (bytes/s), from its memory clock and bus width.
+    pub peak_bandwidth: Option<f64>,
+}
+
+impl Census {
+    /// Lines for `turbopi bench`: kernels per stage, and the denoise loop's weight bandwidth
+    /// at `denoise_ms` for `steps` steps.
+    pub fn report(&self, steps: usize, denoise_ms: f64) -> String {
+        let [v, p, d] = self.kernels;
+        let [cv, cp, cd] = self.copies;
+        let bytes = self.denoise_step_weight_bytes as f64 * steps as f64;
+        let rate = bytes / (denoise_ms / 1e3);
+        let share = match self.peak_bandwidth {
+            Some(peak) if peak > 0.0 => {
+                format!(
+                    "{:.0}% of the card's peak {:.2} TB/s",
+                    100.0 * rate / peak,
+                    peak / 1e12
+                )
+            }
+            _ => "the card's peak unknown".into(),
+        };
+        format!(
+            "  kernels per frame: vision {v}, prefix {p}, denoise {d} ({} steps), total {} (+ {} copies)\n  \
+             denoise weight bandwidth: {:.2} GB of weights per frame in {denoise_ms:.2} ms = {:.2} TB/s, {share}\n",
+            steps,
+            v + p + d,
+            cv + cp + cd,
+            bytes / 1e9,
+            rate / 1e12,
+        )
+    }
+}
+
 /// The named workloads.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Setting {

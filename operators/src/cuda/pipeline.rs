@@ -451,4 +451,28 @@ impl Runner for CudaPolicy {
     fn describe(&self) -> String {
         self.engine.describe(self.precision)
     }
+
+    fn census(&self) -> Result<Option<crate::bench::Census>> {
+        let stages = [
+            self.vision.census()?,
+            self.prefix.census()?,
+            self.denoise.census()?,
+        ];
+        let count = |f: fn(&super::runtime::graph::NodeCensus) -> usize| {
+            stages.map(|c| c.as_ref().map_or(0, f))
+        };
+        Ok(Some(crate::bench::Census {
+            kernels: count(|c| c.kernels),
+            copies: count(|c| c.copies),
+            denoise_step_weight_bytes: self.denoise.step_weight_bytes(),
+            peak_bandwidth: self.engine.dev.peak_bandwidth(),
+        }))
+    }
+
+    fn profile_prefix(&mut self) -> Result<Option<String>> {
+        guard("profiling the prefix", || {
+            self.engine.dev.bind()?;
+            self.prefix.profile(&self.engine)
+        })
+    }
 }

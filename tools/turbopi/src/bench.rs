@@ -116,10 +116,16 @@ pub fn run(args: &BenchArgs) -> Result<BenchReport> {
             1e3 / report.mean_ms
         );
     }
+    if let Some(census) = runner.census()? {
+        print!("{}", census.report(args.steps, report.denoise_ms));
+    }
     if operators::settings::profile()? {
         match runner.profile_denoise(args.steps)? {
             Some(table) => print!("{table}"),
             None => println!("  (TURBOPI_PROFILE: this backend has no denoise profile)"),
+        }
+        if let Some(table) = runner.profile_prefix()? {
+            print!("{table}");
         }
     }
     Ok(report)

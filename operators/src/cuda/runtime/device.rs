@@ -150,6 +150,22 @@ impl Device {
         result::mem_get_info().cuda("querying device memory")
     }
 
+    /// Peak memory bandwidth in bytes/s: double data rate at the memory clock over the bus
+    /// width (None when the driver does not report them).
+    pub fn peak_bandwidth(&self) -> Option<f64> {
+        use sys::CUdevice_attribute as A;
+        let clock_khz = self
+            .ctx
+            .attribute(A::CU_DEVICE_ATTRIBUTE_MEMORY_CLOCK_RATE)
+            .ok()?;
+        let bus_bits = self
+            .ctx
+            .attribute(A::CU_DEVICE_ATTRIBUTE_GLOBAL_MEMORY_BUS_WIDTH)
+            .ok()?;
+        (clock_khz > 0 && bus_bits > 0)
+            .then(|| 2.0 * f64::from(clock_khz) * 1e3 * f64::from(bus_bits) / 8.0)
+    }
+
     pub fn synchronize(&self) -> Result<()> {
         self.ctx.synchronize().cuda("synchronising the device")
     }

@@ -21,6 +21,48 @@ impl Graph {
     pub fn launch(&self, what: &str) -> Result<()> {
         self.0.launch().cuda(&format!("launching the {what} graph"))
     }
+
+    /// The graph's nodes: kernels, memory copies and sets, others. A replay launches exactly
+    /// these; cuBLASLt's GEMMs count with the kernels they run.
+    pub fn census(&self) -> Result<NodeCensus> {
+        let g = self.0.cu_graph();
+        let mut n: usize = 0;
+        // SAFETY: `g` is the live graph of this exec; a null node array asks for the count.
+        unsafe { sys::cuGraphGetNodes(g, std::ptr::null_mut(), &mut n) }
+            .result()
+            .cuda("counting a graph's nodes")?;
+        let mut nodes: Vec<sys::CUgraphNode> = vec![std::ptr::null_mut(); n];
+        // SAFETY: `nodes` holds `n` entries, the count just read; the driver writes at most
+        // `n` and sets `n` to what it wrote.
+        unsafe { sys::cuGraphGetNodes(g, nodes.as_mut_ptr(), &mut n) }
+            .result()
+            .cuda("listing a graph's nodes")?;
+        let mut c = NodeCensus::default();
+        for node in &nodes[..n.min(nodes.len())] {
+            let mut t = sys::CUgraphNodeType::CU_GRAPH_NODE_TYPE_EMPTY;
+            // SAFETY: `node` belongs to the live graph; `t` is an out-parameter.
+            unsafe { sys::cuGraphNodeGetType(*node, &mut t) }
+                .result()
+                .cuda("reading a graph node's type")?;
+            match t {
+                sys::CUgraphNodeType::CU_GRAPH_NODE_TYPE_KERNEL => c.kernels += 1,
+                sys::CUgraphNodeType::CU_GRAPH_NODE_TYPE_MEMCPY
+                | sys::CUgraphNodeType::CU_GRAPH_NODE_TYPE_MEMSET => c.copies += 1,
+                _ => c.other += 1,
+            }
+        }
+        Ok(c)
+    }
+}
+
+/// What a graph launches.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct NodeCensus {
+    pub kernels: usize,
+    /// Memory copies and sets.
+    pub copies: usize,
+    /// Event records and waits, empty nodes.
+    pub other: usize,
 }
 
 /// Records what `body` launches on `lane` into a graph (after the lane's work so far has
@@ -46,13 +88,16 @@ pub fn capture(lane: &Lane, body: impl FnOnce() -> Result<()>, what: &str) -> Re
 /// A stage's graphs by shape key.
 pub struct GraphCache<K> {
     graphs: HashMap<K, Graph>,
+    /// The key of the last run.
+    last: Option<K>,
     what: &'static str,
 }
 
-impl<K: Hash + Eq> GraphCache<K> {
+impl<K: Hash + Eq + Clone> GraphCache<K> {
     pub fn new(what: &'static str) -> Self {
         GraphCache {
             graphs: HashMap::new(),
+            last: None,
             what,
         }
     }
@@ -67,6 +112,7 @@ impl<K: Hash + Eq> GraphCache<K> {
         capture_after: bool,
         body: impl Fn() -> Result<()>,
     ) -> Result<()> {
+        self.last = Some(key.clone());
         if let Some(g) = self.graphs.get(&key) {
             return g.launch(self.what);
         }
@@ -76,6 +122,11 @@ impl<K: Hash + Eq> GraphCache<K> {
             self.graphs.insert(key, g);
         }
         Ok(())
+    }
+
+    /// The graph of the last run (None when it ran eagerly).
+    pub fn last(&self) -> Option<&Graph> {
+        self.graphs.get(self.last.as_ref()?)
     }
 
     pub fn len(&self) -> usize {

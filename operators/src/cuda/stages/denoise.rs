@@ -5,11 +5,8 @@
 //! depends only on the step grid (pi0's time half of the action-time MLP, pi0.5's adaptive
 //! norm modulations) is computed once per step count. CPU twin: [`crate::policy::Denoiser`].
 
-use std::cell::RefCell;
 use std::collections::HashMap;
 use std::fmt::Write as _;
-
-use cudarc::driver::CudaEvent;
 
 use crate::config::Config;
 use crate::cuda::activation::{add_bias, bias_act, cast, Act, Out};
@@ -21,13 +18,16 @@ use crate::cuda::mlp::gelu_gate;
 use crate::cuda::residual::add_residual;
 use crate::cuda::rms_norm::{rms_norm, NormParam};
 use crate::cuda::rope::rope_qkv;
+use crate::cuda::runtime::graph::NodeCensus;
 use crate::cuda::runtime::graph::{capture, Graph};
 use crate::cuda::weights::{Arena, DenoiseW, DeviceWeights, GemmaW, HeadsW, Lin, NormW, Planner};
 use crate::policy::time_embedding;
 use crate::{settings, Error, Result};
 
 use super::prefix::heads;
-use super::{allocate, gemma_attention, lin, upload_inv_freq, CacheSlot, Engine};
+use super::{
+    allocate, gemma_attention, lin, profile_table, upload_inv_freq, CacheSlot, Engine, Marks,
+};
 
 /// The sizes of the sampler, named as the config names them.
 #[derive(Debug, Clone, Copy)]
@@ -174,13 +174,14 @@ struct StepGraph {
 /// stream and graphs.
 pub struct Denoise {
     graphs: HashMap<(usize, u64), StepGraph>,
+    /// The key of the last loop run.
+    last: Option<(usize, u64)>,
     buf: Buffers,
     _buf: DeviceBuffer,
     pub(crate) weights: DeviceWeights<DenoiseW>,
     pub lane: Lane,
-    /// While profiling: an event recorded after each operation of an eager run, named by the
-    /// operation's kind.
-    prof: RefCell<Option<Vec<(&'static str, CudaEvent)>>>,
+    /// While profiling: an event after each operation of an eager run.
+    marks: Marks,
     cfg: Config,
     shape: Shape,
 }
@@ -195,11 +196,12 @@ impl Denoise {
         upload_inv_freq(cfg, &lane, buf.inv_freq)?;
         Ok(Denoise {
             graphs: HashMap::new(),
+            last: None,
             buf,
             _buf: alloc,
             weights,
             lane,
-            prof: RefCell::new(None),
+            marks: Marks::default(),
             cfg: cfg.clone(),
             shape,
         })
@@ -244,11 +246,13 @@ impl Denoise {
             self.lane.upload(s, self.buf.state)?;
         }
         self.prepare(e, steps, cache)?;
+        let key = (steps, cache.kv.ptr);
         let g = self
             .graphs
-            .get(&(steps, cache.kv.ptr))
+            .get(&key)
             .ok_or_else(|| Error::Cuda("internal: denoise graph missing".into()))?;
         g.graph.launch("denoise")?;
+        self.last = Some(key);
         let n = self.action_values();
         self.lane.download(self.buf.xt.at(0, n)?, &mut actions[..n])
     }
@@ -565,17 +569,37 @@ impl Denoise {
         Ok(())
     }
 
-    /// While profiling, records an event on this stage's stream closing an operation of kind
-    /// `what` (nothing otherwise, in particular never while the graph is captured).
+    /// While profiling, closes an operation of kind `what`.
     fn mark(&self, e: &Engine, what: &'static str) -> Result<()> {
-        let mut prof = self.prof.borrow_mut();
-        if let Some(marks) = prof.as_mut() {
-            let ev = timing_event(&e.dev)?;
-            ev.record(&self.lane.stream)
-                .cuda("recording a profiling event")?;
-            marks.push((what, ev));
+        self.marks.mark(e, &self.lane, what)
+    }
+
+    /// What the last loop's graph launches.
+    pub fn census(&self) -> Result<Option<NodeCensus>> {
+        match self.last.and_then(|k| self.graphs.get(&k)) {
+            Some(g) => g.graph.census().map(Some),
+            None => Ok(None),
         }
-        Ok(())
+    }
+
+    /// Bytes of weights one step reads: the expert's linears and the action heads (the time
+    /// MLP and the adaptive norms' dense layers depend only on the step grid: precomputed).
+    pub fn step_weight_bytes(&self) -> usize {
+        let w = &self.weights.w;
+        let layers: usize = w
+            .expert
+            .layers
+            .iter()
+            .map(|l| l.qkv.w.bytes() + l.o.w.bytes() + l.gu.w.bytes() + l.down.w.bytes())
+            .sum();
+        let heads = match &w.heads {
+            // The action half of action_time_mlp_in, and action_time_mlp_out.
+            HeadsW::Pi0 {
+                time_in, time_out, ..
+            } => time_in.w.bytes() / 2 + time_out.w.bytes(),
+            HeadsW::Pi05 { .. } => 0,
+        };
+        layers + w.action_in.w.bytes() + w.action_out.w.bytes() + heads
     }
 
     /// Device time per kind of operation of one denoise step, from one eager run of the
@@ -596,52 +620,17 @@ impl Denoise {
         g0.record(&l.stream).cuda("recording a profiling event")?;
         g.graph.launch("denoise")?;
         g1.record(&l.stream).cuda("recording a profiling event")?;
-        let start = timing_event(&e.dev)?;
-        start
-            .record(&l.stream)
-            .cuda("recording a profiling event")?;
-        *self.prof.borrow_mut() = Some(vec![("start", start)]);
+        self.marks.start(e, l)?;
         let run = self.forward(e, steps, &g.table, cache);
-        let marks = self.prof.borrow_mut().take().unwrap_or_default();
+        let marks = self.marks.take();
         let synced = l.synchronize();
         run?;
         synced?;
         let graph_ms = g0.elapsed_ms(&g1).cuda("reading profiling events")?;
-        // kind -> (ms, launches), in first-seen order.
-        let mut kinds: Vec<(&'static str, f64, usize)> = Vec::new();
-        for pair in marks.windows(2) {
-            let ms = f64::from(
-                pair[0]
-                    .1
-                    .elapsed_ms(&pair[1].1)
-                    .cuda("reading profiling events")?,
-            );
-            match kinds.iter_mut().find(|k| k.0 == pair[1].0) {
-                Some(k) => {
-                    k.1 += ms;
-                    k.2 += 1;
-                }
-                None => kinds.push((pair[1].0, ms, 1)),
-            }
-        }
-        let total: f64 = kinds.iter().map(|k| k.1).sum();
         let per = steps as f64;
-        let mut out = String::new();
-        let _ = writeln!(
-            out,
-            "denoise profile ({steps} steps, eager, events after each op; per step):"
-        );
-        kinds.sort_by(|a, b| b.1.total_cmp(&a.1));
-        for (what, ms, n) in &kinds {
-            let _ = writeln!(
-                out,
-                "  {:<40} {:>8.1} us  {:>5.1}%  ({:.0} per step)",
-                what,
-                ms * 1e3 / per,
-                100.0 * ms / total.max(1e-12),
-                *n as f64 / per
-            );
-        }
+        let title =
+            format!("denoise profile ({steps} steps, eager, events after each op; per step):");
+        let (mut out, total) = profile_table(&title, &marks, per, "step")?;
         let _ = writeln!(
             out,
             "  {:<40} {:>8.1} us  (eager, incl. event overhead; whole loop {:.2} ms)",

@@ -12,6 +12,8 @@ pub mod denoise;
 pub mod prefix;
 pub mod vision;
 
+use std::cell::RefCell;
+use std::fmt::Write as _;
 use std::time::Duration;
 
 use cudarc::driver::CudaEvent;
@@ -120,6 +122,82 @@ impl Span {
             .record(&lane.stream)
             .cuda("recording a stage's end")
     }
+}
+
+/// Events recorded after each operation of an eager run while profiling, named by the
+/// operation's kind (nothing is recorded otherwise, in particular never while a graph is
+/// captured).
+#[derive(Default)]
+pub(crate) struct Marks(RefCell<Option<Vec<(&'static str, CudaEvent)>>>);
+
+impl Marks {
+    /// Starts recording on `lane`.
+    pub(crate) fn start(&self, e: &Engine, lane: &Lane) -> Result<()> {
+        let ev = e.event()?;
+        ev.record(&lane.stream)
+            .cuda("recording a profiling event")?;
+        *self.0.borrow_mut() = Some(vec![("start", ev)]);
+        Ok(())
+    }
+
+    /// Closes an operation of kind `what` (while recording).
+    pub(crate) fn mark(&self, e: &Engine, lane: &Lane, what: &'static str) -> Result<()> {
+        let mut marks = self.0.borrow_mut();
+        if let Some(m) = marks.as_mut() {
+            let ev = e.event()?;
+            ev.record(&lane.stream)
+                .cuda("recording a profiling event")?;
+            m.push((what, ev));
+        }
+        Ok(())
+    }
+
+    /// Stops recording; the marks so far.
+    pub(crate) fn take(&self) -> Vec<(&'static str, CudaEvent)> {
+        self.0.borrow_mut().take().unwrap_or_default()
+    }
+}
+
+/// The device time per kind of operation between `marks` (passed), divided by `per` (steps
+/// or layers), as a table titled `title`, slowest first; and the total in ms.
+pub(crate) fn profile_table(
+    title: &str,
+    marks: &[(&'static str, CudaEvent)],
+    per: f64,
+    unit: &str,
+) -> Result<(String, f64)> {
+    // kind -> (ms, launches), in first-seen order.
+    let mut kinds: Vec<(&'static str, f64, usize)> = Vec::new();
+    for pair in marks.windows(2) {
+        let ms = f64::from(
+            pair[0]
+                .1
+                .elapsed_ms(&pair[1].1)
+                .cuda("reading profiling events")?,
+        );
+        match kinds.iter_mut().find(|k| k.0 == pair[1].0) {
+            Some(k) => {
+                k.1 += ms;
+                k.2 += 1;
+            }
+            None => kinds.push((pair[1].0, ms, 1)),
+        }
+    }
+    let total: f64 = kinds.iter().map(|k| k.1).sum();
+    let mut out = String::new();
+    let _ = writeln!(out, "{title}");
+    kinds.sort_by(|a, b| b.1.total_cmp(&a.1));
+    for (what, ms, n) in &kinds {
+        let _ = writeln!(
+            out,
+            "  {:<40} {:>8.1} us  {:>5.1}%  ({:.0} per {unit})",
+            what,
+            ms * 1e3 / per,
+            100.0 * ms / total.max(1e-12),
+            *n as f64 / per
+        );
+    }
+    Ok((out, total))
 }
 
 /// Allocates the buffers a stage lays out with `layout` (run once to size them, then at the

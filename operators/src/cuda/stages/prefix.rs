@@ -15,7 +15,12 @@ use crate::cuda::runtime::graph::GraphCache;
 use crate::cuda::weights::{Arena, DeviceWeights, NormW, Planner, PrefixW};
 use crate::{Error, Result};
 
-use super::{allocate, gemma_attention, lin, stage_graphs, upload_inv_freq, CacheSlot, Engine};
+use super::{
+    allocate, gemma_attention, lin, profile_table, stage_graphs, upload_inv_freq, CacheSlot,
+    Engine, Marks,
+};
+use crate::cuda::device::{timing_event, CudaResult};
+use crate::cuda::runtime::graph::NodeCensus;
 
 struct Buffers {
     /// i32 [max_token_len]: the real prompt ids.
@@ -67,6 +72,10 @@ pub(crate) fn heads(cfg: &Config) -> Heads {
 /// (by image rows, prompt tokens and cache slot).
 pub struct Prefix {
     graphs: GraphCache<(usize, usize, u64)>,
+    /// The shape and cache of the last run (for the profile).
+    last: Option<(usize, usize, CacheSlot)>,
+    /// While profiling: an event after each operation of an eager run.
+    marks: Marks,
     buf: Buffers,
     _buf: DeviceBuffer,
     pub(crate) weights: DeviceWeights<PrefixW>,
@@ -83,6 +92,8 @@ impl Prefix {
         upload_inv_freq(cfg, &lane, buf.inv_freq)?;
         Ok(Prefix {
             graphs: GraphCache::new("prefix"),
+            last: None,
+            marks: Marks::default(),
             buf,
             _buf: alloc,
             weights,
@@ -143,11 +154,55 @@ impl Prefix {
         self.lane.upload(info, cache.info)?;
         let capture = stage_graphs()?;
         let n_ids = ids.len();
+        self.last = Some((img_rows, n_ids, cache));
         let (graphs, lane) = (&mut self.graphs, &self.lane);
-        let (buf, w, cfg) = (&self.buf, &self.weights.w, &self.cfg);
+        let (buf, w, cfg, marks) = (&self.buf, &self.weights.w, &self.cfg, &self.marks);
         graphs.run((img_rows, n_ids, cache.kv.ptr), lane, capture, || {
-            forward(e, lane, buf, w, cfg, img_rows, n_ids, cache)
+            forward(e, lane, (buf, marks), w, cfg, img_rows, n_ids, cache)
         })
+    }
+
+    /// What the last run's graph launches.
+    pub fn census(&self) -> Result<Option<NodeCensus>> {
+        self.graphs.last().map(|g| g.census()).transpose()
+    }
+
+    /// Device time per kind of operation of one layer, from one eager run of the last
+    /// frame's shape (its inputs still in place) queued behind two replays of its graph.
+    pub fn profile(&mut self, e: &Engine) -> Result<Option<String>> {
+        let Some((img_rows, n_ids, cache)) = self.last else {
+            return Ok(None);
+        };
+        let l = &self.lane;
+        l.synchronize()?;
+        let (g0, g1) = (timing_event(&e.dev)?, timing_event(&e.dev)?);
+        if let Some(g) = self.graphs.last() {
+            g.launch("prefix")?;
+            g0.record(&l.stream).cuda("recording a profiling event")?;
+            g.launch("prefix")?;
+            g1.record(&l.stream).cuda("recording a profiling event")?;
+        }
+        let (buf, w, cfg, marks) = (&self.buf, &self.weights.w, &self.cfg, &self.marks);
+        marks.start(e, l)?;
+        let run = forward(e, l, (buf, marks), w, cfg, img_rows, n_ids, cache);
+        let taken = marks.take();
+        let synced = l.synchronize();
+        run?;
+        synced?;
+        let layers = cfg.vlm_depth as f64;
+        let title = format!(
+            "prefix profile ({} real tokens, {} layers, eager, events after each op; per layer):",
+            img_rows + n_ids,
+            cfg.vlm_depth
+        );
+        let (mut out, total) = profile_table(&title, &taken, layers, "layer")?;
+        let graph_ms = g0.elapsed_ms(&g1).unwrap_or(f32::NAN);
+        out.push_str(&format!(
+            "  {:<40} {:>8.1} us  (eager, incl. event overhead; whole prefix {total:.2} ms; graph replay {graph_ms:.2} ms)\n",
+            "total",
+            total * 1e3 / layers
+        ));
+        Ok(Some(out))
     }
 }
 
@@ -157,7 +212,7 @@ impl Prefix {
 fn forward(
     e: &Engine,
     l: &Lane,
-    b: &Buffers,
+    (b, marks): (&Buffers, &Marks),
     wt: &PrefixW,
     cfg: &Config,
     img_rows: usize,
@@ -199,9 +254,12 @@ fn forward(
         NormW::Plain(v) => Ok(NormParam::OnePlus(*v)),
         NormW::Adaptive(_) => Err(Error::Cuda("internal: adaptive norm in the prefix".into())),
     };
+    let mark = |what| marks.mark(e, l, what);
+    mark("embed tokens")?;
     let layers = &wt.gemma.layers;
     for (li, lw) in layers.iter().enumerate() {
         rms_norm(k, l, b.x, plain(&lw.norm1)?, b.h, p, w, eps)?;
+        mark("rms_norm")?;
         g.linear(
             l,
             Mat::new(b.h, p, w),
@@ -209,6 +267,7 @@ fn forward(
             Mat::new(b.qkv, p, hs.qkv_width()),
             0.0,
         )?;
+        mark("gemm qkv")?;
         let (kc, vc) = cache.layer(li)?;
         rope_qkv(
             k,
@@ -223,6 +282,7 @@ fn forward(
             hs,
             0,
         )?;
+        mark("rope_qkv")?;
         // The last layer's attention output and MLP feed nothing the policy reads.
         if li + 1 < layers.len() {
             gemma_attention(

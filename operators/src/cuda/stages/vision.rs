@@ -166,6 +166,13 @@ impl Vision {
     }
 }
 
+impl Vision {
+    /// What the last run's graph launches.
+    pub fn census(&self) -> Result<Option<crate::cuda::runtime::graph::NodeCensus>> {
+        self.graphs.last().map(|g| g.census()).transpose()
+    }
+}
+
 /// SigLIP and the projector for `n` real images: launches only (what the graph captures).
 #[allow(clippy::too_many_arguments)]
 fn forward(
