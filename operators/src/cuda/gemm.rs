@@ -578,7 +578,12 @@ impl Gemm {
         let found = self.candidates(&plan, pref, key, lane);
         // SAFETY: created above, destroyed once.
         let _ = unsafe { lt::destroy_matmul_pref(pref) };
-        let found = found?;
+        let mut found = found?;
+        // Run-to-run determinism first: an in-place split-K reduction accumulates in an order
+        // that varies between runs, so it is used only when nothing else is offered.
+        if found.iter().any(|c| deterministic(&c.algo)) {
+            found.retain(|c| deterministic(&c.algo));
+        }
         plan.algo = found[0].algo;
         // A pick this process or an earlier one made for the shape wins (if the heuristic
         // still offers it), so that every process runs the shape the same way.
@@ -632,12 +637,8 @@ impl Gemm {
         );
         let result = (|| -> Result<Option<lt_sys::cublasLtMatmulAlgo_t>> {
             let mut best: Option<(f32, lt_sys::cublasLtMatmulAlgo_t)> = None;
-            // The heuristic's first choice is what runs without autotuning; others join only
-            // with a run-to-run deterministic reduction (not the in-place split-K one).
-            for (i, cand) in found.iter().enumerate() {
-                if i > 0 && !deterministic(&cand.algo) {
-                    continue;
-                }
+            // The candidates are deterministic (see `plan`) unless none was offered.
+            for cand in found {
                 // SAFETY: the candidate was returned by the heuristic for this plan; `timed`
                 // differs from the call's operands only in D, a scratch of D's span and of
                 // at least D's alignment (cuMemAlloc aligns to 256 bytes).

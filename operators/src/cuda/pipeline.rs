@@ -51,18 +51,19 @@ impl FrameSlot {
     }
 
     /// Copies the real cameras of `images` ([num_images, size, size, 3]) into the pinned
-    /// pixels; returns them.
+    /// pixels; returns how many values they are (read them with `pixels.slice`).
     pub(crate) fn stage_images(
         &mut self,
         images: &[f32],
         real: &[usize],
         per_image: usize,
-    ) -> Result<&[f32]> {
-        let px = self.pixels.slice_mut::<f32>(real.len() * per_image)?;
+    ) -> Result<usize> {
+        let n = real.len() * per_image;
+        let px = self.pixels.slice_mut::<f32>(n)?;
         for (dst, &i) in px.chunks_exact_mut(per_image).zip(real) {
             dst.copy_from_slice(&images[i * per_image..(i + 1) * per_image]);
         }
-        self.pixels.slice::<f32>(real.len() * per_image)
+        Ok(n)
     }
 
     /// Copies the prompt ids and the cache info [P, 0, 0, 0] (P: prefix length) into pinned
@@ -204,7 +205,8 @@ impl CudaPolicy {
                 let real: Vec<usize> = (0..n).collect();
                 let px = vec![0.0f32; n * per_image];
                 let f = &mut self.frames[0];
-                let pinned = f.stage_images(&px, &real, per_image)?;
+                let staged = f.stage_images(&px, &real, per_image)?;
+                let pinned = f.pixels.slice::<f32>(staged)?;
                 self.vision.enqueue(&self.engine, pinned, n, out_rows)?;
                 self.vision.lane.synchronize()?;
             }
@@ -340,9 +342,14 @@ impl CudaPolicy {
         lv.stream
             .wait(&other.prefix.end)
             .cuda("ordering vision after the previous prefix")?;
-        f.vision.record_start(lv)?;
         let rows = self.prefix.input_rows(img_rows)?;
-        let pixels = f.stage_images(&obs.images, &real, per_image)?;
+        // Staged before the start event: the stage's time is device time, not host copies.
+        let staged = f.stage_images(&obs.images, &real, per_image)?;
+        let pixels = f.pixels.slice::<f32>(staged)?;
+        f.vision
+            .start
+            .record(&lv.stream)
+            .cuda("recording a stage's start")?;
         self.vision.enqueue(e, pixels, real.len(), rows)?;
         let lv = &self.vision.lane;
         f.vision.record_end(lv)?;

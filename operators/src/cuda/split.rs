@@ -125,8 +125,14 @@ impl CudaVision {
         self.engine.dev.bind()?;
         let real: Vec<usize> = (0..n).collect();
         let per_image = self.stage.pixel_values(1);
-        self.frame.vision.record_start(&self.stage.lane)?;
-        let pixels = self.frame.stage_images(images, &real, per_image)?;
+        // Staged before the start event: the stage's time is device time, not host copies.
+        let staged = self.frame.stage_images(images, &real, per_image)?;
+        let pixels = self.frame.pixels.slice::<f32>(staged)?;
+        self.frame
+            .vision
+            .start
+            .record(&self.stage.lane.stream)
+            .cuda("recording a stage's start")?;
         self.stage.enqueue(&self.engine, pixels, n, self.out)?;
         self.frame.vision.record_end(&self.stage.lane)?;
         self.out.at(0, self.stage.rows(n) * c.vlm_width)

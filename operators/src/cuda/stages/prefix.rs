@@ -297,6 +297,7 @@ fn forward(
                 None,
                 (b.att_g, b.att),
             )?;
+            mark("attention")?;
             g.linear(
                 l,
                 Mat::new(b.att, p, qw),
@@ -304,7 +305,9 @@ fn forward(
                 Mat::new(b.x, p, w),
                 1.0,
             )?;
+            mark("gemm o + residual")?;
             rms_norm(k, l, b.x, plain(&lw.norm2)?, b.h, p, w, eps)?;
+            mark("rms_norm")?;
             g.linear(
                 l,
                 Mat::new(b.h, p, w),
@@ -312,7 +315,9 @@ fn forward(
                 Mat::new(b.gu, p, 2 * mlp),
                 0.0,
             )?;
+            mark("gemm gate|up")?;
             gelu_gate(k, l, b.gu, b.m, p, mlp)?;
+            mark("gelu_gate")?;
             g.linear(
                 l,
                 Mat::new(b.m, p, mlp),
@@ -320,6 +325,7 @@ fn forward(
                 Mat::new(b.x, p, w),
                 1.0,
             )?;
+            mark("gemm down + residual")?;
         }
     }
     Ok(())
