@@ -14,6 +14,7 @@ frames=${1:-40}
 ckpt=$(realpath "${2:-target/checkpoints/pi05}")
 out=${GPU_GRAPHS_OUT:-.gpu/graphs}
 mkdir -p "$out"
+out=$(realpath "$out")
 [ -f "$ckpt/model.safetensors" ] || { echo "gpu_graphs: no checkpoint in $ckpt" >&2; exit 2; }
 command -v nvidia-smi >/dev/null || { echo "gpu_graphs: nvidia-smi not found" >&2; exit 2; }
 
@@ -28,8 +29,8 @@ for g in fused_gpu split_gpu; do
     sampler=$!
     start=$(date +%s)
     TURBOPI_CHECKPOINT=$ckpt TURBOPI_PROMPT=$ckpt/observation TURBOPI_MAX_FRAMES=$frames \
-        TURBOPI_RATE_HZ=10 TURBOPI_START_DELAY_S=${START_DELAY_S:-20} \
-        TURBOPI_OUTPUT=$PWD/$out/$g.jsonl dora run "graphs/$g.yml" >"$out/$g.log" 2>&1 || {
+        TURBOPI_RATE_HZ=10 TURBOPI_START_DELAY_S=${START_DELAY_S:-30} \
+        TURBOPI_OUTPUT=$out/$g.jsonl dora run "graphs/$g.yml" >"$out/$g.log" 2>&1 || {
         kill "$sampler" 2>/dev/null || true
         echo "gpu_graphs: dora run $g failed; last lines:" >&2
         tail -n 40 "$out/$g.log" >&2
