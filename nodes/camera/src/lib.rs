@@ -216,6 +216,9 @@ pub fn run_with(settings: Settings, mut node: DoraNode, mut events: EventStream)
     let tracer = node_common::tracer(&node, "cpu")?;
     let start = Instant::now() + settings.start_delay;
     let mut seq = 0u64;
+    // Whether stop requests can still arrive: the stream of a node without inputs may end
+    // (it does under dora's testing API); the camera then keeps time by sleeping.
+    let mut listening = true;
     while limit.is_none_or(|n| seq < n) {
         // Sleep until this frame's slot, waking for a stop request.
         let due = start + period.mul_f64(seq as f64);
@@ -223,8 +226,13 @@ pub fn run_with(settings: Settings, mut node: DoraNode, mut events: EventStream)
             .checked_duration_since(Instant::now())
             .filter(|d| !d.is_zero())
         {
+            if !listening {
+                std::thread::sleep(wait);
+                continue;
+            }
             match events.recv_timeout(wait) {
-                None | Some(Event::Stop(_)) => return Ok(()),
+                Some(Event::Stop(_)) => return Ok(()),
+                None => listening = false,
                 _ => {}
             }
         }
