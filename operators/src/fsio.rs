@@ -25,6 +25,8 @@ pub mod limit {
     pub const NORM_STATS_JSON: u64 = 16 * MIB;
     /// A Hugging Face `tokenizer.json`: PaliGemma's is 17 MB.
     pub const TOKENIZER_JSON: u64 = 256 * MIB;
+    /// A SentencePiece `.model`: PaliGemma's `paligemma_tokenizer.model` is 4.2 MB.
+    pub const SENTENCEPIECE_MODEL: u64 = 64 * MIB;
     /// The JSON header of `model.safetensors` (the file itself is memory-mapped, of any
     /// size): pi0's 800 tensors take 130 KiB.
     pub const SAFETENSORS_HEADER: u64 = 16 * MIB;

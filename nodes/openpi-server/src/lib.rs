@@ -30,8 +30,9 @@ use hyper_util::rt::TokioIo;
 use node_common::prompt::tokens_params;
 use node_common::reject::{parse_rejection, REJECTED};
 use node_common::{env_flag, env_opt, env_or, expect_tensor, masks_param, now_ns, Dim, FrameMeta};
+use operators::openpi::assets::{locate, openpi_cache_dir_from_env, AssetSearch};
 use operators::openpi::msgpack::{decode, Limits, Out};
-use operators::openpi::{norm_stats_path, parse_delta_mask, Robot, Settings, Transforms};
+use operators::openpi::{parse_delta_mask, Robot, Settings, Transforms};
 use operators::Config;
 use tokio::io::AsyncReadExt;
 use tokio::sync::oneshot;
@@ -73,29 +74,23 @@ pub fn settings_from_env() -> Result<(Transforms, ServerSettings, Config)> {
         .parse()
         .map_err(|e| eyre!("env ROBOT: {e}"))?;
     let mut s = Settings::new(robot, &cfg);
-    s.norm_stats = match env_opt::<String>("NORM_STATS")?.as_deref() {
-        Some("none") => None,
-        Some(p) => Some(PathBuf::from(p)),
-        None => {
-            let assets: PathBuf = env_opt("ASSETS")?.unwrap_or_else(|| ckpt.join("assets"));
-            let id: String = env_or("ASSET_ID", robot.default_asset_id().to_string())?;
-            Some(norm_stats_path(&assets, &id))
-        }
-    };
-    if let Some(p) = &s.norm_stats {
-        if !p.is_file() {
-            bail!(
-                "norm stats {} not found: set ASSETS and ASSET_ID (assets/<asset_id>/norm_stats.json), NORM_STATS=<file>, or NORM_STATS=none to serve without normalisation",
-                p.display()
-            );
-        }
-    }
-    s.tokenizer = match env_opt::<PathBuf>("TOKENIZER")? {
-        Some(p) => Some(p),
-        None => Some(ckpt.join("tokenizer.json")).filter(|p| p.is_file()),
-    };
+    let tokenizer: Option<String> = env_opt("TOKENIZER")?;
+    let norm_stats: Option<String> = env_opt("NORM_STATS")?;
+    let assets: Option<PathBuf> = env_opt("ASSETS")?;
+    let asset_id: Option<String> = env_opt("ASSET_ID")?;
+    let found = locate(&AssetSearch {
+        checkpoint: &ckpt,
+        robot,
+        tokenizer: tokenizer.as_deref(),
+        norm_stats: norm_stats.as_deref(),
+        assets: assets.as_deref(),
+        asset_id: asset_id.as_deref(),
+        cache_dir: openpi_cache_dir_from_env(),
+    })?;
+    s.norm_stats = found.norm_stats;
+    s.tokenizer = found.tokenizer;
     if s.tokenizer.is_none() {
-        eprintln!("openpi-server: no tokenizer (env TOKENIZER, or CHECKPOINT/tokenizer.json): only pre-tokenized prompts are accepted");
+        eprintln!("openpi-server: TOKENIZER=none: only pre-tokenized prompts are accepted");
     }
     s.discrete_state = env_flag("DISCRETE_STATE", s.discrete_state)?;
     if let Some(m) = env_opt::<String>("DELTA_ACTIONS")? {

@@ -5,10 +5,12 @@
 //! way in; `Unnormalize`, `AbsoluteActions` and the robot's output transform on the way out.
 //! The server node and `turbopi infer --openpi` share this code.
 
+pub mod assets;
 pub mod msgpack;
 pub mod ndarray;
 pub mod norm;
 pub mod resize;
+pub mod sentencepiece;
 pub mod tokenizer;
 
 use std::borrow::Cow;
@@ -135,7 +137,8 @@ pub struct Settings {
     pub adapt_to_pi: bool,
     /// Prompt used when an observation has none (openpi: `default_prompt`).
     pub default_prompt: Option<String>,
-    /// `tokenizer.json`; None accepts only pre-tokenized prompts.
+    /// PaliGemma's tokenizer (`tokenizer.json` or SentencePiece `.model`); None accepts only
+    /// pre-tokenized prompts. [`assets::locate`] finds it in openpi's places.
     pub tokenizer: Option<PathBuf>,
 }
 

@@ -1,12 +1,16 @@
-//! openpi's `PaligemmaTokenizer` over a Hugging Face `tokenizer.json` (PaliGemma's SentencePiece
-//! model in the `tokenizers` format): the prompt cleaned (`strip`, `_` and newlines to spaces),
-//! encoded with a leading `<bos>`; pi0 appends the encoding of "\n" (the start of the answer),
-//! pi0.5 with discrete state encodes `Task: {prompt}, State: {bins};\nAction: ` instead, the
-//! normalised state digitised into 256 bins over [-1, 1]. Tokens are right-padded with id 0
-//! (mask false) or truncated to `max_len`.
+//! openpi's `PaligemmaTokenizer` over PaliGemma's tokenizer, read from either of its two
+//! formats: the SentencePiece `.model` openpi itself loads (`paligemma_tokenizer.model`, read
+//! natively by [`super::sentencepiece`]) or a Hugging Face `tokenizer.json`; both give the same
+//! ids. The prompt is cleaned (`strip`, `_` and newlines to spaces) and encoded with a leading
+//! `<bos>`; pi0 appends the encoding of "\n" (the start of the answer), pi0.5 with discrete
+//! state encodes `Task: {prompt}, State: {bins};\nAction: ` instead, the normalised state
+//! digitised into 256 bins over [-1, 1]. Tokens are right-padded with id 0 (mask false) or
+//! truncated to `max_len`.
 
 use std::path::Path;
 
+use super::sentencepiece::SentencePiece;
+use crate::fsio::{self, limit};
 use crate::{Error, Result};
 
 /// The longest prompt tokenized, in bytes of UTF-8 after openpi's `strip()`; a longer one is
@@ -29,9 +33,17 @@ thread_local! {
     pub(crate) static LONGEST_ENCODED: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
 }
 
-/// A prompt tokenizer loaded from a `tokenizer.json`.
+/// The two formats of PaliGemma's tokenizer.
+enum Backend {
+    /// A Hugging Face `tokenizer.json`.
+    HuggingFace(Box<tokenizers::Tokenizer>),
+    /// A SentencePiece `.model` (what openpi loads).
+    SentencePiece(Box<SentencePiece>),
+}
+
+/// A prompt tokenizer loaded from a `tokenizer.json` or a SentencePiece `.model`.
 pub struct PromptTokenizer {
-    inner: tokenizers::Tokenizer,
+    backend: Backend,
     bos: u32,
 }
 
@@ -45,38 +57,137 @@ pub struct Tokens {
 }
 
 impl PromptTokenizer {
-    /// Loads `tokenizer.json`; it must define PaliGemma's `<bos>` token.
+    /// Loads PaliGemma's tokenizer from `path`, a `tokenizer.json` or a SentencePiece `.model`
+    /// (told apart by their content: a `ModelProto` starts with its first piece, byte 0x0a;
+    /// JSON with `{`). A `.model` file may hold at most [`limit::SENTENCEPIECE_MODEL`] bytes,
+    /// anything else [`limit::TOKENIZER_JSON`].
     pub fn from_file(path: &Path) -> Result<Self> {
-        let text = crate::fsio::read_string_limited(
-            path,
-            crate::fsio::limit::TOKENIZER_JSON,
-            "tokenizer.json",
-        )?;
-        Self::from_json(&text).map_err(|reason| Error::Config {
+        let is_model = path.extension().is_some_and(|e| e == "model");
+        let (max, what) = if is_model {
+            (limit::SENTENCEPIECE_MODEL, "SentencePiece .model")
+        } else {
+            (limit::TOKENIZER_JSON, "tokenizer")
+        };
+        let bytes = fsio::read_limited(path, max, what)?;
+        let config = |reason: String| Error::Config {
             path: path.to_path_buf(),
             reason,
-        })
+        };
+        let json_like = bytes
+            .iter()
+            .find(|b| !b.is_ascii_whitespace())
+            .is_some_and(|&b| b == b'{');
+        if bytes.first() == Some(&0x0a) || !json_like {
+            if bytes.len() as u64 > limit::SENTENCEPIECE_MODEL {
+                return Err(config(format!(
+                    "{} bytes: more than the {} a SentencePiece .model may have",
+                    bytes.len(),
+                    limit::SENTENCEPIECE_MODEL
+                )));
+            }
+            match Self::from_sentencepiece(&bytes) {
+                Ok(t) => return Ok(t),
+                Err(e) if !json_like => {
+                    return Err(config(format!(
+                        "neither a SentencePiece .model nor a Hugging Face tokenizer.json (which starts with `{{`): as a .model: {e}"
+                    )))
+                }
+                Err(_) => {}
+            }
+        }
+        let text = std::str::from_utf8(&bytes).map_err(|e| {
+            config(format!(
+                "the tokenizer.json is not UTF-8 text (invalid byte at offset {})",
+                e.valid_up_to()
+            ))
+        })?;
+        Self::from_json(text).map_err(config)
     }
 
-    /// A tokenizer from the text of a `tokenizer.json`.
+    /// A tokenizer from the text of a `tokenizer.json`; it must define PaliGemma's `<bos>`.
+    /// Its added tokens are matched as SentencePiece matches the pieces they come from (see
+    /// [`as_sentencepiece`]), so that it gives openpi's ids.
     pub fn from_json(text: &str) -> std::result::Result<Self, String> {
-        let inner: tokenizers::Tokenizer = text
-            .parse()
+        let mut json: serde_json::Value = serde_json::from_str(text)
             .map_err(|e| format!("not a Hugging Face tokenizer.json: {e}"))?;
+        as_sentencepiece(&mut json);
+        let mut inner: tokenizers::Tokenizer = serde_json::from_value(json)
+            .map_err(|e| format!("not a Hugging Face tokenizer.json: {e}"))?;
+        // Control pieces (<bos>, <eos>, <pad>) in a prompt are text to SentencePiece.
+        inner.set_encode_special_tokens(true);
         let bos = inner
             .token_to_id("<bos>")
             .ok_or("the tokenizer has no `<bos>` token (PaliGemma's tokenizer has it as id 2)")?;
-        Ok(PromptTokenizer { inner, bos })
+        Ok(PromptTokenizer {
+            backend: Backend::HuggingFace(Box::new(inner)),
+            bos,
+        })
+    }
+
+    /// A tokenizer from the bytes of a SentencePiece BPE `.model`; `<bos>` is its
+    /// `trainer_spec.bos_piece`, as for SentencePiece's `encode(add_bos=True)`.
+    pub fn from_sentencepiece(bytes: &[u8]) -> std::result::Result<Self, String> {
+        let model = SentencePiece::from_bytes(bytes)?;
+        Ok(PromptTokenizer {
+            bos: model.bos_id(),
+            backend: Backend::SentencePiece(Box::new(model)),
+        })
+    }
+
+    /// The file format the tokenizer was read from.
+    pub fn format(&self) -> &'static str {
+        match self.backend {
+            Backend::HuggingFace(_) => "Hugging Face tokenizer.json",
+            Backend::SentencePiece(_) => "SentencePiece .model",
+        }
+    }
+
+    /// The id that starts every prompt.
+    pub fn bos_id(&self) -> u32 {
+        self.bos
+    }
+
+    /// The id of a token (a piece), if the vocabulary has it.
+    pub fn token_to_id(&self, token: &str) -> Option<u32> {
+        match &self.backend {
+            Backend::HuggingFace(t) => t.token_to_id(token),
+            Backend::SentencePiece(m) => {
+                let id = m.piece_to_id(token.as_bytes());
+                (id != m.unk_id() || token.as_bytes() == m.id_to_piece(id)?.as_bytes())
+                    .then_some(id)
+            }
+        }
+    }
+
+    /// The piece of an id, if the vocabulary has it.
+    pub fn id_to_token(&self, id: u32) -> Option<String> {
+        match &self.backend {
+            Backend::HuggingFace(t) => t.id_to_token(id),
+            Backend::SentencePiece(m) => m.id_to_piece(id),
+        }
+    }
+
+    /// The number of ids.
+    pub fn vocab_size(&self) -> usize {
+        match &self.backend {
+            Backend::HuggingFace(t) => t.get_vocab_size(true),
+            Backend::SentencePiece(m) => m.len(),
+        }
     }
 
     /// Token ids of `text` without special tokens (SentencePiece's `encode`).
     pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
         #[cfg(test)]
         LONGEST_ENCODED.with(|l| l.set(l.get().max(text.len())));
-        self.inner
-            .encode(text, false)
-            .map(|e| e.get_ids().to_vec())
-            .map_err(|e| Error::Input(format!("cannot tokenize the prompt: {e}")))
+        match &self.backend {
+            Backend::HuggingFace(t) => t
+                .encode(text, false)
+                .map(|e| e.get_ids().to_vec())
+                .map_err(|e| Error::Input(format!("cannot tokenize the prompt: {e}"))),
+            Backend::SentencePiece(m) => m
+                .encode(text)
+                .map_err(|e| Error::Input(format!("cannot tokenize the prompt: {e}"))),
+        }
     }
 
     /// openpi's `PaligemmaTokenizer.tokenize(prompt, state)`: `state` (normalised, unpadded)
@@ -90,14 +201,11 @@ impl PromptTokenizer {
                 stripped.len()
             )));
         }
-        let cleaned = clean_prompt(stripped);
         let mut ids = vec![self.bos];
-        match state {
-            Some(s) => ids.extend(self.encode(&discrete_state_prompt(&cleaned, s))?),
-            None => {
-                ids.extend(self.encode(&cleaned)?);
-                ids.extend(self.encode("\n")?);
-            }
+        ids.extend(self.encode(&prompt_text(stripped, state))?);
+        if state.is_none() {
+            // pi0: "\n" encoded on its own, the start of the answer.
+            ids.extend(self.encode("\n")?);
         }
         let ids: Vec<i32> = ids
             .into_iter()
@@ -107,6 +215,35 @@ impl PromptTokenizer {
             })
             .collect::<Result<_>>()?;
         Ok(pad_tokens(ids, None, max_len))
+    }
+}
+
+/// Added tokens that transformers' `GemmaConverter` marks special although they are
+/// user-defined symbols of Gemma's SentencePiece model (matched in text, unlike control pieces).
+const USER_DEFINED_MARKED_SPECIAL: [&str; 2] = ["<start_of_turn>", "<end_of_turn>"];
+
+/// Makes a `tokenizer.json` converted from a SentencePiece model match its added tokens as
+/// SentencePiece does. A converter (transformers' `SpmConverter`) makes every control piece and
+/// user-defined symbol an added token, control pieces special. Hugging Face then matches them
+/// all in the raw text; SentencePiece never matches a control piece in text (so special tokens
+/// are left to the model: [`tokenizers::Tokenizer::set_encode_special_tokens`]) and matches
+/// user-defined symbols in the normalised text, where a space is already `▁` (so they become
+/// `normalized`): `a▁` then a user-defined `▁▁▁▁` is `a`, `▁▁▁▁`, `▁` to SentencePiece.
+fn as_sentencepiece(json: &mut serde_json::Value) {
+    let Some(tokens) = json.get_mut("added_tokens").and_then(|t| t.as_array_mut()) else {
+        return;
+    };
+    for t in tokens {
+        let Some(t) = t.as_object_mut() else {
+            continue;
+        };
+        let content = t.get("content").and_then(|c| c.as_str()).unwrap_or("");
+        let user_defined = USER_DEFINED_MARKED_SPECIAL.contains(&content)
+            || !t.get("special").and_then(|s| s.as_bool()).unwrap_or(false);
+        if user_defined {
+            t.insert("special".into(), false.into());
+            t.insert("normalized".into(), true.into());
+        }
     }
 }
 
@@ -132,6 +269,16 @@ fn py_space(c: char) -> bool {
 /// `prompt.strip().replace("_", " ").replace("\n", " ")`.
 pub fn clean_prompt(prompt: &str) -> String {
     prompt.trim_matches(py_space).replace(['_', '\n'], " ")
+}
+
+/// The text openpi encodes after `<bos>`: the cleaned prompt (pi0, followed by the separate
+/// encoding of "\n"), or pi0.5's discrete-state prompt when `state` is given.
+pub fn prompt_text(prompt: &str, state: Option<&[f64]>) -> String {
+    let cleaned = clean_prompt(prompt);
+    match state {
+        Some(s) => discrete_state_prompt(&cleaned, s),
+        None => cleaned,
+    }
 }
 
 /// `np.digitize(state, bins=np.linspace(-1, 1, 257)[:-1]) - 1`: bin i covers
@@ -222,7 +369,7 @@ mod tests {
         let t = PromptTokenizer::from_json(&tiny_tokenizer_json()).unwrap();
         let toks = t.tokenize("  pick_the cup\n", None, 12).unwrap();
         // "pick the cup" -> p i c k ▁the ▁ c u p, then "\n".
-        let id = |s: &str| t.inner.token_to_id(s).unwrap() as i32;
+        let id = |s: &str| t.token_to_id(s).unwrap() as i32;
         let want = vec![
             2,
             id("p"),

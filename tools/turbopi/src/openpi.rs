@@ -6,10 +6,9 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{anyhow, Context, Result};
 use clap::Args;
+use operators::openpi::assets::{locate, openpi_cache_dir_from_env, AssetSearch};
 use operators::openpi::msgpack::{decode, Limits};
-use operators::openpi::{
-    norm_stats_path, parse_delta_mask, FrameContext, Robot, Settings, Transforms,
-};
+use operators::openpi::{parse_delta_mask, FrameContext, Robot, Settings, Transforms};
 use operators::{fsio, npy, Config, Observation};
 
 /// The openpi settings of `turbopi infer`; the same names and defaults as the server's env.
@@ -22,7 +21,8 @@ pub struct OpenpiArgs {
     /// The observation format: libero, droid or aloha.
     #[arg(long, requires = "openpi")]
     pub robot: Option<String>,
-    /// Assets folder (default CHECKPOINT/assets); norm stats in ASSETS/ASSET_ID/norm_stats.json.
+    /// Assets folder (default: CHECKPOINT/assets, then openpi's other places); norm stats in
+    /// ASSETS/ASSET_ID/norm_stats.json.
     #[arg(long, requires = "openpi")]
     pub assets: Option<PathBuf>,
     /// Asset id (default: openpi's for the robot).
@@ -31,7 +31,9 @@ pub struct OpenpiArgs {
     /// norm_stats.json, or `none` (overrides --assets / --asset-id).
     #[arg(long, requires = "openpi")]
     pub norm_stats: Option<String>,
-    /// PaliGemma's tokenizer.json (default CHECKPOINT/tokenizer.json when present).
+    /// PaliGemma's tokenizer: tokenizer.json or SentencePiece .model, or `none` for
+    /// pre-tokenized prompts only (default: CHECKPOINT/tokenizer.json,
+    /// CHECKPOINT/paligemma_tokenizer.model, then openpi's cache).
     #[arg(long, requires = "openpi")]
     pub tokenizer: Option<PathBuf>,
     /// pi0.5's discrete-state prompt (default: true for pi0.5).
@@ -69,25 +71,21 @@ impl OpenpiArgs {
             .parse()
             .map_err(|e| anyhow!("--robot: {e}"))?;
         let mut s = Settings::new(robot, cfg);
-        s.norm_stats = match self.norm_stats.as_deref() {
-            Some("none") => None,
-            Some(p) => Some(PathBuf::from(p)),
-            None => {
-                let assets = self
-                    .assets
-                    .clone()
-                    .unwrap_or_else(|| checkpoint.join("assets"));
-                let id = self
-                    .asset_id
-                    .clone()
-                    .unwrap_or_else(|| robot.default_asset_id().to_string());
-                Some(norm_stats_path(&assets, &id))
-            }
-        };
-        s.tokenizer = self
+        let tokenizer = self
             .tokenizer
-            .clone()
-            .or_else(|| Some(checkpoint.join("tokenizer.json")).filter(|p| p.is_file()));
+            .as_ref()
+            .map(|p| p.to_string_lossy().into_owned());
+        let found = locate(&AssetSearch {
+            checkpoint,
+            robot,
+            tokenizer: tokenizer.as_deref(),
+            norm_stats: self.norm_stats.as_deref(),
+            assets: self.assets.as_deref(),
+            asset_id: self.asset_id.as_deref(),
+            cache_dir: openpi_cache_dir_from_env(),
+        })?;
+        s.norm_stats = found.norm_stats;
+        s.tokenizer = found.tokenizer;
         if let Some(d) = self.discrete_state {
             s.discrete_state = d;
         }
