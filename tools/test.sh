@@ -23,6 +23,14 @@ openpi_client=target/python/openpi-client
 if ! PYTHONPATH=$openpi_client python3 -c "import openpi_client.websocket_client_policy" 2>/dev/null; then
   python3 -m pip install --quiet --target "$openpi_client" openpi-client==0.1.2 typing_extensions
 fi
+# The `sentencepiece` package openpi tokenizes with, and transformers' GemmaConverter (how
+# PaliGemma's tokenizer.json is made), for tools/turbopi/tests/tokenizer.rs
+# (tools/openpi/sentencepiece_cases.py), pinned, in a folder of their own.
+sentencepiece_py=target/python/sentencepiece
+if ! PYTHONPATH=$sentencepiece_py python3 -c "import importlib.metadata as m, sentencepiece, transformers.convert_slow_tokenizer; assert (m.version('sentencepiece'), m.version('transformers')) == ('0.2.1', '4.57.6')" 2>/dev/null; then
+  python3 -m pip install --quiet --upgrade --target "$sentencepiece_py" \
+    sentencepiece==0.2.1 protobuf==6.33.0 tokenizers==0.22.2 transformers==4.57.6
+fi
 cargo build --release --workspace
 cargo test --release --workspace
 # The CUDA backend and the GPU paths of the nodes build without a GPU or toolkit (cudarc loads

@@ -12,7 +12,7 @@ use rayon::prelude::*;
 use safetensors::tensor::{Dtype, Metadata, TensorInfo};
 use safetensors::SafeTensors;
 
-use crate::config::Config;
+use crate::config::{Config, ConfigFile, Schema};
 use crate::{fsio, Error, Result};
 
 use crate::keys::{self, Param};
@@ -193,6 +193,8 @@ pub struct Checkpoint {
     pub config: Config,
     /// Fields of config.json that turbo-pi does not know (reported as warnings).
     pub unknown_config_fields: Vec<String>,
+    /// The schema config.json was written in (turbo-pi's or openpi's), for `inspect`.
+    pub config_schema: Schema,
     pub weights_path: PathBuf,
     mmap: memmap2::Mmap,
     data_start: usize,
@@ -206,7 +208,11 @@ impl Checkpoint {
     /// with the expected shape and a float dtype. Nothing is converted yet.
     pub fn open(dir: &Path) -> Result<Self> {
         let config_path = dir.join("config.json");
-        let (config, unknown_config_fields) = Config::from_json_file(&config_path)?;
+        let ConfigFile {
+            config,
+            schema: config_schema,
+            unknown: unknown_config_fields,
+        } = Config::read_file(&config_path)?;
         let weights_path = dir.join("model.safetensors");
         // Any size: the file is mapped, not read. A device or FIFO is refused unopened.
         let (file, _) = fsio::open_regular(&weights_path, u64::MAX, "model.safetensors")?;
@@ -241,6 +247,7 @@ impl Checkpoint {
             dir: dir.to_path_buf(),
             config,
             unknown_config_fields,
+            config_schema,
             weights_path,
             mmap,
             data_start: 8 + header_len,

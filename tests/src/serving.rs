@@ -1,6 +1,7 @@
 //! Serving graphs under the real dora CLI for the openpi-client tests: openpi-client's
-//! folder, random checkpoints with a tokenizer and norm stats, and a graph started with
-//! `dora run` on a free port, waited for on `/healthz` and stopped with Ctrl-C.
+//! folder, random checkpoints with a tokenizer and norm stats, a graph started with
+//! `turbopi serve` on a free port, waited for until it says where it serves and stopped with
+//! Ctrl-C, and the node processes it runs (from /proc).
 
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
@@ -51,11 +52,18 @@ pub fn free_port() -> u16 {
 /// A random checkpoint of `preset` in `dir/preset` with a tokenizer and norm stats
 /// (tools/openpi/fixtures.py).
 pub fn checkpoint(dir: &Path, preset: &str, seed: u64) -> PathBuf {
+    checkpoint_with(dir, preset, seed, &[])
+}
+
+/// [`checkpoint`] with more flags for `turbopi checkpoint random` (`--config-schema openpi`,
+/// `--dtype bf16`).
+pub fn checkpoint_with(dir: &Path, preset: &str, seed: u64, flags: &[&str]) -> PathBuf {
     let ck = dir.join(preset);
     ok(
         Command::new(bin("turbopi"))
             .args(["checkpoint", "random", "--preset", preset, "--seed"])
             .arg(seed.to_string())
+            .args(flags)
             .arg("--out")
             .arg(&ck)
             .output()
@@ -73,7 +81,15 @@ pub fn checkpoint(dir: &Path, preset: &str, seed: u64) -> PathBuf {
     ck
 }
 
-/// A serving graph running under `dora run`, stopped (Ctrl-C) on drop.
+/// The graph variables a test may set, as `turbopi serve` flags.
+const FLAGS: [(&str, &str); 4] = [
+    ("TURBOPI_MAX_MESSAGE_MB", "--max-message-mb"),
+    ("TURBOPI_REQUEST_TIMEOUT_S", "--request-timeout-s"),
+    ("TURBOPI_BACKEND", "--backend"),
+    ("TURBOPI_SEED", "--seed"),
+];
+
+/// A serving graph started by `turbopi serve`, stopped (SIGINT) on drop.
 pub struct Served {
     child: Option<Child>,
     log: PathBuf,
@@ -81,8 +97,10 @@ pub struct Served {
 }
 
 impl Served {
-    /// `dora run graphs/GRAPH` serving `ck` for `robot` on a free local port, its output in
-    /// `log`, with the extra `TURBOPI_*` variables `env`; returns once `/healthz` answers.
+    /// `turbopi serve` of `graphs/GRAPH` (serve.yml, or serve_split.yml: `--split`) serving
+    /// `ck` for `robot` on a free local port, its output in `log`, with the `TURBOPI_*`
+    /// settings `env` (as its flags); returns once it has said where it serves, checking that
+    /// `/healthz` then answers.
     pub fn start(
         graph: &str,
         ck: &Path,
@@ -92,42 +110,63 @@ impl Served {
     ) -> Served {
         let port = free_port();
         let file = std::fs::File::create(&log).unwrap();
-        let mut cmd = dora();
-        cmd.arg("run")
-            .arg(root().join("graphs").join(graph))
-            .env("TURBOPI_CHECKPOINT", ck)
-            .env("TURBOPI_ROBOT", robot)
-            .env("TURBOPI_HOST", "127.0.0.1")
-            .env("TURBOPI_PORT", port.to_string());
+        dora(); // the CLI must be there; `turbopi serve` finds it the same way (DORA or PATH)
+        let mut cmd = Command::new(bin("turbopi"));
+        cmd.arg("serve")
+            .arg("--checkpoint")
+            .arg(ck)
+            .args(["--robot", robot, "--host", "127.0.0.1", "--port"])
+            .arg(port.to_string());
+        match graph {
+            "serve.yml" => {}
+            "serve_split.yml" => {
+                cmd.arg("--split");
+            }
+            other => panic!("no turbopi serve flag for graph {other}"),
+        }
         for (k, v) in env {
-            cmd.env(k, v);
+            let (_, flag) = FLAGS
+                .iter()
+                .find(|(name, _)| name == k)
+                .unwrap_or_else(|| panic!("{k}: no turbopi serve flag for it"));
+            cmd.args([*flag, v.as_str()]);
         }
         let child = cmd
             .stdout(file.try_clone().unwrap())
             .stderr(file)
             .spawn()
-            .expect("dora run");
+            .expect("turbopi serve");
         let mut s = Served {
             child: Some(child),
             log,
             port,
         };
-        let deadline = Instant::now() + Duration::from_secs(120);
-        while healthz(port).as_deref() != Some("OK\n") {
+        let line = format!("serving {robot} on ws://127.0.0.1:{port}");
+        let deadline = Instant::now() + Duration::from_secs(180);
+        while !s.log_text().lines().any(|l| l == line) {
             if let Some(Ok(Some(status))) = s.child.as_mut().map(|c| c.try_wait()) {
-                panic!("dora run {graph} exited with {status}:\n{}", s.log_text());
+                panic!(
+                    "turbopi serve ({graph}) exited with {status}:\n{}",
+                    s.log_text()
+                );
             }
             assert!(
                 Instant::now() < deadline,
-                "{graph}: /healthz did not answer within 120 s:\n{}",
+                "{graph}: turbopi serve did not say `{line}` within 180 s:\n{}",
                 s.log_text()
             );
             std::thread::sleep(Duration::from_millis(200));
         }
+        assert_eq!(
+            healthz(port).as_deref(),
+            Some("OK\n"),
+            "turbopi serve said it serves, but /healthz does not answer:\n{}",
+            s.log_text()
+        );
         s
     }
 
-    /// The `dora run` process.
+    /// The `turbopi serve` process.
     pub fn pid(&self) -> u32 {
         self.child.as_ref().map(|c| c.id()).unwrap_or(0)
     }
@@ -136,28 +175,34 @@ impl Served {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
-    /// Ctrl-C to `dora run`, which stops the nodes (they print their summaries); the log.
+    /// Ctrl-C (SIGINT) to `turbopi serve`, which stops the dataflow (the nodes print their
+    /// summaries) and exits 0; the log.
     pub fn stop(mut self) -> String {
-        self.interrupt();
-        self.log_text()
+        let status = self.interrupt();
+        let log = self.log_text();
+        assert!(
+            status.is_some_and(|s| s.success()),
+            "turbopi serve did not exit cleanly on SIGINT ({status:?}):\n{log}"
+        );
+        log
     }
 
-    fn interrupt(&mut self) {
-        let Some(mut child) = self.child.take() else {
-            return;
-        };
+    fn interrupt(&mut self) -> Option<std::process::ExitStatus> {
+        let mut child = self.child.take()?;
         let _ = Command::new("kill")
             .args(["-INT", &child.id().to_string()])
             .status();
-        let deadline = Instant::now() + Duration::from_secs(60);
+        // turbopi serve gives dora run 30 s to stop the nodes, then ends what is left.
+        let deadline = Instant::now() + Duration::from_secs(90);
         while Instant::now() < deadline {
-            if let Ok(Some(_)) = child.try_wait() {
-                return;
+            if let Ok(Some(status)) = child.try_wait() {
+                return Some(status);
             }
             std::thread::sleep(Duration::from_millis(200));
         }
         let _ = child.kill();
         let _ = child.wait();
+        None
     }
 }
 
@@ -165,6 +210,66 @@ impl Drop for Served {
     fn drop(&mut self) {
         self.interrupt();
     }
+}
+
+/// A process of one of the workspace's binaries (its executable under target/release/).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeProcess {
+    pub pid: u32,
+    /// Clock ticks after boot (field 22 of /proc/PID/stat): a reused pid has another.
+    pub start_time: u64,
+    pub exe: PathBuf,
+}
+
+impl NodeProcess {
+    /// The process still runs (a zombie counts: nobody has reaped it).
+    pub fn alive(&self) -> bool {
+        stat(self.pid).is_some_and(|(_, start)| start == self.start_time)
+    }
+}
+
+/// (parent pid, start time) of a process, from /proc/PID/stat.
+fn stat(pid: u32) -> Option<(u32, u64)> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // `pid (comm) state ppid ...`: comm may hold spaces and parentheses.
+    let fields: Vec<&str> = text[text.rfind(')')? + 2..].split_whitespace().collect();
+    Some((fields.get(1)?.parse().ok()?, fields.get(19)?.parse().ok()?))
+}
+
+/// The processes whose executable is under target/release/ and whose ancestors include
+/// `root`, found by scanning /proc.
+pub fn node_processes(root: u32) -> Vec<NodeProcess> {
+    let release = self::root().join("target/release").canonicalize().unwrap();
+    let parents: std::collections::HashMap<u32, (u32, u64)> = std::fs::read_dir("/proc")
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter_map(|pid| Some((pid, stat(pid)?)))
+        .collect();
+    let descends = |mut pid: u32| {
+        // Bounded: a pid cycle cannot occur, but a racing scan should not loop forever.
+        for _ in 0..64 {
+            match parents.get(&pid) {
+                Some(&(ppid, _)) if ppid == root => return true,
+                Some(&(ppid, _)) if ppid > 1 => pid = ppid,
+                _ => return false,
+            }
+        }
+        false
+    };
+    let mut found: Vec<NodeProcess> = parents
+        .iter()
+        .filter(|(&pid, _)| pid != root && descends(pid))
+        .filter_map(|(&pid, &(_, start_time))| {
+            let exe = std::fs::read_link(format!("/proc/{pid}/exe")).ok()?;
+            exe.starts_with(&release).then_some(NodeProcess {
+                pid,
+                start_time,
+                exe,
+            })
+        })
+        .collect();
+    found.sort_by_key(|p| p.pid);
+    found
 }
 
 /// The body of `GET /healthz`, None when nothing answers.

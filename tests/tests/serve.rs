@@ -6,7 +6,12 @@
 //!   shape, and each equals `turbopi infer --openpi` on the same packed observation with the
 //!   frame's seed, bit for bit;
 //! - malformed and hostile requests each get an error text and close code 1011 while a
-//!   well-formed client on another connection keeps being served (tools/openpi/hostile.py).
+//!   well-formed client on another connection keeps being served (tools/openpi/hostile.py);
+//! - every graph runs under `turbopi serve`, and SIGINT to it stops the dataflow without
+//!   leaving a node process behind (here serving a checkpoint whose config.json is openpi's);
+//! - a checkpoint whose config.json is what openpi's converter writes (variant names only,
+//!   here openpi's `dummy` test model) is inspected and runs as it comes; a wrong variant or
+//!   size is refused, naming the field.
 //!
 //! Needs the workspace built in release, the dora CLI and Python 3 (`.ci/run` provides all).
 
@@ -15,7 +20,9 @@ use std::process::{Command, Stdio};
 
 use operators::npy;
 use tests::dataflow::{bin, ok, root};
-use tests::serving::{checkpoint, openpi_client_path, python, Served};
+use tests::serving::{
+    checkpoint, checkpoint_with, node_processes, openpi_client_path, python, Served,
+};
 
 const FRAMES: usize = 4;
 const HORIZON: usize = 10;
@@ -167,4 +174,154 @@ fn openpi_clients_against_the_served_dataflow() {
         let b = npy::read_f64(&split.join(format!("frame{i}.actions.npy"))).unwrap();
         assert_eq!(a, b, "serve_split.yml frame {i} differs from serve.yml");
     }
+}
+
+/// `turbopi checkpoint random --config-schema openpi`: openpi's dummy model (Gemmas of width
+/// 64 behind the full SigLIP So400m/14), its config.json as openpi's converter writes it.
+const OPENPI_DUMMY: [&str; 4] = ["--dtype", "bf16", "--config-schema", "openpi"];
+
+/// `turbopi ARGS`: (success, stdout + stderr).
+fn turbopi(args: &[&str], paths: &[&Path]) -> (bool, String) {
+    let out = Command::new(bin("turbopi"))
+        .args(args)
+        .args(paths)
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success(), text)
+}
+
+#[test]
+fn openpi_config_json_as_the_converter_writes_it() {
+    let tmp = tempfile::tempdir().unwrap();
+    let ck = tmp.path().join("pi05-dummy");
+    let mut args = vec!["checkpoint", "random", "--preset", "pi05-dummy"];
+    args.extend(OPENPI_DUMMY);
+    args.push("--out");
+    let (done, out) = turbopi(&args, &[&ck]);
+    assert!(done, "{out}");
+    // Byte for byte what the converter's `json.dump(config_dict, f, indent=2)` writes for
+    // openpi's Pi0Config(pi05=True, paligemma_variant="dummy", action_expert_variant="dummy").
+    let config_path = ck.join("config.json");
+    let text = std::fs::read_to_string(&config_path).unwrap();
+    assert_eq!(
+        text.trim_end(),
+        r#"{
+  "action_dim": 32,
+  "action_horizon": 50,
+  "paligemma_variant": "dummy",
+  "action_expert_variant": "dummy",
+  "precision": "bfloat16"
+}"#
+    );
+    let config: serde_json::Value = serde_json::from_str(&text).unwrap();
+
+    let (done, out) = turbopi(&["checkpoint", "inspect"], &[&ck]);
+    assert!(done, "{out}");
+    for line in [
+        "schema     openpi config.json (paligemma_variant dummy, action_expert_variant dummy)",
+        "pi05 = true from model.safetensors (`time_mlp_in.weight`",
+        "max_token_len = 200 (openpi's default for pi0.5)",
+        "\"vision_width\": 1152",
+        "\"vlm_width\": 64",
+        "valid: all",
+    ] {
+        assert!(out.contains(line), "inspect lacks `{line}`:\n{out}");
+    }
+
+    // One real camera: SigLIP So400m/14 on the CPU is what costs here.
+    let obs = ck.join("observation");
+    npy::write_bool(&obs.join("image_masks.npy"), &[3], &[true, false, false]).unwrap();
+    let actions = tmp.path().join("actions.npy");
+    let (done, out) = turbopi(
+        &["infer", "--steps", "2", "--checkpoint"],
+        &[
+            &ck,
+            Path::new("--observation"),
+            &obs,
+            Path::new("--out"),
+            &actions,
+        ],
+    );
+    assert!(done, "{out}");
+    let a = npy::read_f32(&actions).unwrap();
+    assert_eq!(a.shape, vec![50, 32]);
+    assert!(a.data.iter().all(|v| v.is_finite()) && a.data.iter().any(|v| *v != 0.0));
+
+    // Refused, naming the field: by inspect, infer and serve alike (serve before starting
+    // anything).
+    let good = std::fs::read_to_string(&config_path).unwrap();
+    for (field, value, msg) in [
+        (
+            "paligemma_variant",
+            serde_json::json!("gemma_7b"),
+            "field `paligemma_variant`: unknown variant `gemma_7b`",
+        ),
+        (
+            "action_dim",
+            serde_json::json!(0),
+            "field `action_dim` must be positive",
+        ),
+        (
+            "vlm_width",
+            serde_json::json!(2048),
+            "field `vlm_width` = 2048 disagrees with paligemma_variant `dummy`, which gives 64",
+        ),
+    ] {
+        let mut bad = config.clone();
+        bad[field] = value;
+        std::fs::write(&config_path, bad.to_string()).unwrap();
+        for args in [
+            vec!["checkpoint", "inspect"],
+            vec!["serve", "--robot", "libero", "--checkpoint"],
+        ] {
+            let (done, out) = turbopi(&args, &[&ck]);
+            assert!(!done && out.contains(msg), "{args:?} with {field}: {out}");
+            assert!(out.contains("config.json"), "{out}");
+        }
+    }
+    std::fs::write(&config_path, good).unwrap();
+}
+
+#[test]
+fn sigint_to_turbopi_serve_leaves_no_node_behind() {
+    for b in ["openpi-server", "policy", "turbopi"] {
+        bin(b);
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    // Served as it comes: config.json in openpi's schema, read by the server and the policy.
+    let ck = checkpoint_with(dir, "pi05-dummy", 4, &OPENPI_DUMMY);
+    let served = Served::start("serve.yml", &ck, "libero", dir.join("serve.log"), &[]);
+    // The policy has loaded its weights once it names its backend.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(180);
+    while !served.log_text().contains("policy: cpu f32") {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the policy did not load within 180 s:\n{}",
+            served.log_text()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    let before = node_processes(served.pid());
+    let mut names: Vec<String> = before
+        .iter()
+        .filter_map(|p| Some(p.exe.file_name()?.to_str()?.to_string()))
+        .collect();
+    names.sort();
+    assert_eq!(names, ["openpi-server", "policy"], "{before:?}");
+    let log = served.stop();
+    assert!(
+        log.contains("turbopi serve: interrupted (SIGINT): stopping the dataflow"),
+        "{log}"
+    );
+    // The nodes stopped on dora's stop event: each printed its summary.
+    assert!(log.contains("requests served"), "{log}");
+    assert!(log.contains("frames rejected"), "{log}");
+    let left: Vec<_> = before.iter().filter(|p| p.alive()).collect();
+    assert!(left.is_empty(), "{left:?} outlived turbopi serve:\n{log}");
 }

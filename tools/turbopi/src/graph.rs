@@ -513,7 +513,8 @@ fn check_env(id: &str, kind: Kind, node: &Node, base: &Path, errors: &mut Vec<St
             }
             for name in ["TOKENIZER", "ASSETS"] {
                 if let Some(v) = env.get(name) {
-                    if !path(v).exists() {
+                    let opted_out = name == "TOKENIZER" && v == "none";
+                    if !opted_out && !path(v).exists() {
                         err(format!("env {name}={v:?} does not exist"));
                     }
                 }

@@ -9,7 +9,9 @@ use std::time::{Instant, SystemTime};
 mod bench;
 mod kernels;
 mod openpi;
+mod serve;
 mod spans;
+mod tokenize;
 
 use turbopi::{graph, plan, trace};
 
@@ -18,7 +20,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
 use operators::backend::{self, BackendKind, Precision};
 use operators::checkpoint::{tensor_specs, Checkpoint, Part, WriteDtype};
-use operators::config::PRESETS;
+use operators::config::{Schema, PRESETS};
 use operators::observation::{noise_from_seed, write_sample};
 use operators::random::write_random_checkpoint;
 use operators::{npy, Config, Observation};
@@ -105,6 +107,12 @@ enum Command {
     /// The CUDA kernels: compile them for named architectures without a GPU.
     #[command(subcommand)]
     Kernels(kernels::KernelsCommand),
+    /// A prompt through openpi's PaliGemma tokenizer (tokenizer.json or SentencePiece .model):
+    /// prints the ids, mask and pieces as JSON.
+    Tokenize(tokenize::TokenizeArgs),
+    /// Serve a checkpoint to openpi clients (openpi's websocket protocol) with the serving
+    /// dataflow under `dora run`, until Ctrl-C or SIGTERM.
+    Serve(serve::ServeArgs),
 }
 
 #[derive(Subcommand)]
@@ -126,7 +134,8 @@ enum CheckpointCommand {
     /// Write a random-weight checkpoint in openpi's layout plus a sample observation
     /// (DIR/observation).
     Random {
-        /// One of: pi0, pi05, pi0-small, pi05-small.
+        /// One of: pi0, pi05, pi0-small, pi05-small, pi0-dummy, pi05-dummy (openpi's test
+        /// model: tiny Gemmas, the full SigLIP).
         #[arg(long)]
         preset: String,
         #[arg(long, value_enum, default_value_t = DtypeArg::F32)]
@@ -135,14 +144,40 @@ enum CheckpointCommand {
         seed: u64,
         #[arg(long)]
         out: PathBuf,
+        /// config.json in turbo-pi's schema, or in openpi's as its converter writes it
+        /// (variant names; pi0, pi05 and the -dummy presets only).
+        #[arg(long, value_enum, default_value_t = SchemaArg::TurboPi)]
+        config_schema: SchemaArg,
     },
     /// Print the config, parameter counts per part and dtype mix, and validate every tensor.
     Inspect { dir: PathBuf },
-    /// Print a preset's config.json (to place next to a converted openpi model.safetensors).
+    /// Print a preset's config.json.
     Config {
         #[arg(long)]
         preset: String,
+        #[arg(long, value_enum, default_value_t = SchemaArg::TurboPi)]
+        config_schema: SchemaArg,
     },
+}
+
+/// The two schemas of config.json.
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum SchemaArg {
+    #[value(name = "turbo-pi")]
+    TurboPi,
+    Openpi,
+}
+
+impl SchemaArg {
+    fn render(self, cfg: &Config, dtype: DtypeArg) -> Result<String> {
+        Ok(match self {
+            SchemaArg::TurboPi => cfg.to_json_pretty() + "\n",
+            SchemaArg::Openpi => cfg.to_openpi_json(match dtype {
+                DtypeArg::F32 => "float32",
+                DtypeArg::Bf16 => "bfloat16",
+            })?,
+        })
+    }
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -180,12 +215,15 @@ fn main() -> ExitCode {
             dtype,
             seed,
             out,
-        }) => random(&preset, dtype, seed, &out),
+            config_schema,
+        }) => random(&preset, dtype, seed, &out, config_schema),
         Command::Checkpoint(CheckpointCommand::Inspect { dir }) => inspect(&dir),
         Command::Graph(GraphCommand::Check { file }) => graph_check(&file),
         Command::Graph(GraphCommand::Plan { file, dot }) => graph_plan(&file, dot.as_deref()),
         Command::Trace(cmd) => trace::run(cmd),
         Command::Kernels(cmd) => kernels::run(cmd),
+        Command::Serve(args) => serve::run(&args),
+        Command::Tokenize(args) => tokenize::run(&args),
         Command::Bench {
             checkpoint,
             preset,
@@ -214,9 +252,13 @@ fn main() -> ExitCode {
                 })
             })
             .map(|_| ()),
-        Command::Checkpoint(CheckpointCommand::Config { preset }) => Config::preset(&preset)
-            .map(|c| println!("{}", c.to_json_pretty()))
-            .map_err(Into::into),
+        Command::Checkpoint(CheckpointCommand::Config {
+            preset,
+            config_schema,
+        }) => Config::preset(&preset)
+            .map_err(Into::into)
+            .and_then(|c| config_schema.render(&c, DtypeArg::Bf16))
+            .map(|text| print!("{text}")),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -384,8 +426,18 @@ fn graph_check(file: &Path) -> Result<()> {
     bail!("{}: {} problem(s)", file.display(), report.errors.len())
 }
 
-fn random(preset: &str, dtype: DtypeArg, seed: u64, out: &Path) -> Result<()> {
+fn random(preset: &str, dtype: DtypeArg, seed: u64, out: &Path, schema: SchemaArg) -> Result<()> {
     let cfg = Config::preset(preset)?;
+    // Before any weights are written: a preset openpi's schema cannot express fails here.
+    let config_json = schema.render(&cfg, dtype).with_context(|| {
+        format!(
+            "preset {preset} in the {} schema",
+            match schema {
+                SchemaArg::TurboPi => "turbo-pi",
+                SchemaArg::Openpi => "openpi",
+            }
+        )
+    })?;
     let dtype = match dtype {
         DtypeArg::F32 => WriteDtype::F32,
         DtypeArg::Bf16 => WriteDtype::Bf16,
@@ -405,6 +457,11 @@ fn random(preset: &str, dtype: DtypeArg, seed: u64, out: &Path) -> Result<()> {
     write_random_checkpoint(out, &cfg, dtype, seed, |done, _| bar.set_position(done))
         .with_context(|| format!("cannot write checkpoint to {}", out.display()))?;
     bar.finish_and_clear();
+    if schema == SchemaArg::Openpi {
+        let path = out.join("config.json");
+        std::fs::write(&path, config_json)
+            .with_context(|| format!("writing {}", path.display()))?;
+    }
     let obs_dir = out.join("observation");
     write_sample(&obs_dir, &cfg, seed)?;
     println!(
@@ -425,7 +482,31 @@ fn inspect(dir: &Path) -> Result<()> {
         if cfg.pi05 { "pi0.5" } else { "pi0" },
         PRESETS.join(", ")
     );
-    println!("config.json:\n{}", cfg.to_json_pretty());
+    println!("schema     {}", ckpt.config_schema);
+    if let Schema::Openpi(read) = &ckpt.config_schema {
+        if let Some(key) = &read.pi05_from_weights {
+            println!("           pi05 = {} from model.safetensors (`{key}`; openpi's converter does not write it)", cfg.pi05);
+        }
+        if read.max_token_len_default {
+            println!(
+                "           max_token_len = {} (openpi's default for {})",
+                cfg.max_token_len,
+                if cfg.pi05 { "pi0.5" } else { "pi0" }
+            );
+        }
+        if let Some(d) = read.discrete_state_input {
+            println!(
+                "           discrete_state_input = {d} (`turbopi serve` passes it to the server)"
+            );
+        }
+        if !read.turbopi_fields.is_empty() {
+            println!(
+                "           turbo-pi fields, all agreeing: {}",
+                read.turbopi_fields.join(", ")
+            );
+        }
+    }
+    println!("dimensions (turbo-pi's fields):\n{}", cfg.to_json_pretty());
     let specs = tensor_specs(cfg);
     let mut per_part: BTreeMap<Part, u64> = BTreeMap::new();
     let mut used = std::collections::BTreeSet::new();
