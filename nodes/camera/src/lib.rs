@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 use dora_node_api::dora_core::config::DataId;
 use dora_node_api::{DoraNode, Event, EventStream, MetadataParameters, Parameter};
 use eyre::{bail, eyre, Result, WrapErr};
+use node_common::events::{recv_within, Waited};
 use node_common::{env_opt, env_or, now_ns, FrameMeta};
 use operators::npy;
 
@@ -230,9 +231,9 @@ pub fn run_with(settings: Settings, mut node: DoraNode, mut events: EventStream)
                 std::thread::sleep(wait);
                 continue;
             }
-            match events.recv_timeout(wait) {
-                Some(Event::Stop(_)) => return Ok(()),
-                None => listening = false,
+            match recv_within(&mut events, wait) {
+                Waited::Event(Event::Stop(_)) => return Ok(()),
+                Waited::Closed => listening = false,
                 _ => {}
             }
         }

@@ -8,6 +8,7 @@ use std::str::FromStr;
 
 pub use dora_node_api;
 
+pub mod events;
 pub mod ipc;
 pub mod join;
 pub mod prompt;

@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 use dora_node_api::{DoraNode, Event, EventStream, IntoArrow, MetadataParameters};
 use eyre::{eyre, Result};
 
+use crate::events::{recv_for, recv_within, Waited};
 use crate::ipc::release_from;
 use crate::join::{Frames, Joined, Part};
 use crate::reject::declares_rejected;
@@ -185,19 +186,15 @@ pub fn run<S: Stage>(
     // such as `release` looping back from a consumer, would keep the stream open forever.)
     let mut open = spec.parts.clone();
     loop {
-        let event = match stage.poll_interval() {
-            Some(wait) => events.recv_timeout(wait),
-            None => events.recv(),
-        };
-        match event {
-            None | Some(Event::Stop(_)) => break,
-            Some(Event::InputClosed { id }) => {
+        match recv_for(&mut events, stage.poll_interval()) {
+            Waited::Closed | Waited::Event(Event::Stop(_)) => break,
+            Waited::Event(Event::InputClosed { id }) => {
                 open.retain(|p| *p != id.as_str());
                 if open.is_empty() {
                     break;
                 }
             }
-            Some(Event::Input { id, metadata, .. })
+            Waited::Event(Event::Input { id, metadata, .. })
                 if id.as_str() == RELEASE && !frames.join.has(RELEASE) =>
             {
                 match release_from(&metadata.parameters) {
@@ -205,7 +202,7 @@ pub fn run<S: Stage>(
                     Err(e) => frames.rejections.message(&e),
                 }
             }
-            Some(Event::Input { id, metadata, data }) => {
+            Waited::Event(Event::Input { id, metadata, data }) => {
                 let frame = frames.take(
                     &mut node,
                     &tracer,
@@ -221,7 +218,7 @@ pub fn run<S: Stage>(
                     }
                 }
             }
-            Some(_) => {}
+            Waited::Event(_) | Waited::TimedOut => {}
         }
         if let Some(e) = fatal.take() {
             return Err(e);
@@ -251,14 +248,14 @@ fn wait_for_releases<S: Stage>(stage: &mut S, events: &mut EventStream) {
         let Some(left) = deadline.checked_duration_since(Instant::now()) else {
             break;
         };
-        match events.recv_timeout(left) {
-            Some(Event::Input { id, metadata, .. }) if id.as_str() == RELEASE => {
+        match recv_within(events, left) {
+            Waited::Event(Event::Input { id, metadata, .. }) if id.as_str() == RELEASE => {
                 if let Ok((slot, seq)) = release_from(&metadata.parameters) {
                     stage.on_release(slot as usize, seq);
                 }
             }
-            Some(Event::InputClosed { id }) if id.as_str() == RELEASE => break,
-            None | Some(Event::Stop(_)) => break,
+            Waited::Event(Event::InputClosed { id }) if id.as_str() == RELEASE => break,
+            Waited::Closed | Waited::Event(Event::Stop(_)) => break,
             _ => {}
         }
     }
