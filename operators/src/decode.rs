@@ -1,5 +1,6 @@
 //! Camera decode: JPEG / PNG / raw RGB frames to u8 `size`x`size` RGB, resized with padding
-//! exactly as the model input path does (openpi's resize_with_pad), then rounded back to u8.
+//! exactly as the model input path does (openpi's resize_with_pad), then rounded back to u8;
+//! and the JPEG encoding a robot applies before frames cross a network.
 
 use crate::{image as img, Error, Result};
 
@@ -51,9 +52,60 @@ pub fn resize_with_pad_u8(pixels: &[u8], height: usize, width: usize, size: usiz
         .collect()
 }
 
+/// Encodes raw interleaved RGB (`height` x `width` x 3) as a baseline JPEG of `quality`
+/// (1 to 100). Deterministic: the same pixels and quality give the same bytes.
+pub fn encode_jpeg(pixels: &[u8], height: usize, width: usize, quality: u8) -> Result<Vec<u8>> {
+    if !(1..=100).contains(&quality) {
+        return Err(Error::Input(format!(
+            "JPEG quality {quality} must be between 1 and 100"
+        )));
+    }
+    let (h, w) = match (u16::try_from(height), u16::try_from(width)) {
+        (Ok(h), Ok(w)) if h > 0 && w > 0 => (h, w),
+        _ => {
+            return Err(Error::Input(format!(
+                "cannot JPEG-encode a {height}x{width} frame (1 to 65535 pixels a side)"
+            )))
+        }
+    };
+    if pixels.len() != height * width * 3 {
+        return Err(Error::Input(format!(
+            "raw RGB frame of {height}x{width} needs {} bytes, got {}",
+            height * width * 3,
+            pixels.len()
+        )));
+    }
+    let mut out = Vec::new();
+    image::codecs::jpeg::JpegEncoder::new_with_quality(&mut out, quality)
+        .encode(pixels, w.into(), h.into(), image::ExtendedColorType::Rgb8)
+        .map_err(|e| Error::Input(format!("JPEG encoding failed: {e}")))?;
+    Ok(out)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn jpeg_round_trip_is_close_and_deterministic() {
+        let (h, w) = (16, 24);
+        let px: Vec<u8> = (0..h * w * 3)
+            .map(|i| ((i / 3 % w) * 10 + (i % 3) * 40) as u8)
+            .collect();
+        let a = encode_jpeg(&px, h, w, 90).unwrap();
+        assert_eq!(a, encode_jpeg(&px, h, w, 90).unwrap(), "deterministic");
+        assert!(a.len() < px.len(), "{} bytes", a.len());
+        let (back, hh, ww) = decode_rgb(&a, Encoding::Encoded).unwrap();
+        assert_eq!((hh, ww), (h, w));
+        let worst = back.iter().zip(&px).map(|(x, y)| x.abs_diff(*y)).max();
+        assert!(worst.is_some_and(|d| d < 40), "{worst:?}");
+        let err = encode_jpeg(&px, h, w, 0).unwrap_err().to_string();
+        assert!(err.contains("between 1 and 100"), "{err}");
+        let err = encode_jpeg(&px[1..], h, w, 90).unwrap_err().to_string();
+        assert!(err.contains("needs 1152 bytes, got 1151"), "{err}");
+        let err = encode_jpeg(&[], 0, 4, 90).unwrap_err().to_string();
+        assert!(err.contains("0x4"), "{err}");
+    }
 
     #[test]
     fn png_round_trip_and_raw() {
