@@ -1,5 +1,6 @@
 //! Helpers shared by the workspace-level integration tests (see tests/tests/).
 
+pub mod cluster;
 pub mod dataflow;
 pub mod otlp;
 pub mod serving;

@@ -89,6 +89,8 @@ impl Kind {
             (Kind::Camera, "frames") => Msg::Frames,
             (Kind::Camera, "state") => Msg::State,
             (Kind::Decode, "images") => Msg::Images,
+            // A robot-side decode (`ENCODE: raw|jpeg`) passes resized frames to another decode.
+            (Kind::Decode, "frames") => Msg::Frames,
             (Kind::Vision, "image_embeddings") => Msg::ImageEmbeddings,
             (Kind::Prefix, "kv_cache") => Msg::KvCache,
             (Kind::Denoise | Kind::Policy, "actions") => Msg::ModelActions,
@@ -219,7 +221,6 @@ fn check_descriptor(desc: &Descriptor, base: &Path) -> Report {
             } else {
                 graph.add_edge(from, to, input_id.clone());
             }
-            let machine = |n: &Node| n.deploy.as_ref().and_then(|d| d.machine.clone());
             if transport_of(src_node).as_deref() == Some("cuda-ipc")
                 && machine(src_node) != machine(node)
             {
@@ -268,6 +269,8 @@ fn check_descriptor(desc: &Descriptor, base: &Path) -> Report {
         }
     }
 
+    check_placement(desc, &mut errors);
+
     for scc in tarjan_scc(&graph) {
         let self_loop = scc.len() == 1 && graph.find_edge(scc[0], scc[0]).is_some();
         if scc.len() > 1 || self_loop {
@@ -287,6 +290,41 @@ fn check_descriptor(desc: &Descriptor, base: &Path) -> Report {
         nodes: graph.node_count(),
         edges: graph.edge_count() + release_edges,
         errors,
+    }
+}
+
+/// The machine a node is placed on (`deploy: machine`), if any.
+pub(crate) fn machine(node: &Node) -> Option<String> {
+    node.deploy.as_ref().and_then(|d| d.machine.clone())
+}
+
+/// Whether the node is pinned to a daemon (by machine or by labels).
+fn pinned(node: &Node) -> bool {
+    node.deploy
+        .as_ref()
+        .is_some_and(|d| d.machine.is_some() || !d.labels.is_empty())
+}
+
+/// Once any node is pinned to a daemon, dora 1.1 starts every node of the dataflow in
+/// `<daemon's folder>/_work/<session>` joined with its `deploy: working_dir`, not in the
+/// dataflow's folder: a relative `path` then resolves only with a `working_dir`.
+fn check_placement(desc: &Descriptor, errors: &mut Vec<String>) {
+    if !desc.nodes.iter().any(pinned) {
+        return;
+    }
+    for node in &desc.nodes {
+        let relative = node.path.as_deref().is_some_and(|p| {
+            let p = Path::new(p);
+            p.is_relative() && p.components().count() > 1
+        });
+        let working_dir = node.deploy.as_ref().and_then(|d| d.working_dir.as_ref());
+        if relative && working_dir.is_none() {
+            errors.push(format!(
+                "node `{}`: relative path `{}` in a dataflow placed on machines needs `deploy: working_dir` (dora 1.1 starts such nodes in the daemon's `_work/<session>` folder; graphs/remote.yml uses `working_dir: ../../graphs` with each daemon started in the repository root)",
+                node.id,
+                node.path.as_deref().unwrap_or_default()
+            ));
+        }
     }
 }
 
@@ -423,6 +461,38 @@ fn check_env(id: &str, kind: Kind, node: &Node, base: &Path, errors: &mut Vec<St
         Kind::Decode => {
             positive("NUM_IMAGES", &mut err);
             positive("IMAGE_SIZE", &mut err);
+            let encode = env.get("ENCODE").map_or("none", String::as_str);
+            let output = match encode {
+                "none" => Some("images"),
+                "raw" | "jpeg" => Some("frames"),
+                other => {
+                    err(format!(
+                        "env ENCODE={other:?} must be `none` (the model's images), `raw` or `jpeg` (frames for a decode node on another machine)"
+                    ));
+                    None
+                }
+            };
+            if let Some(out) = output {
+                if !node.outputs.iter().any(|o| o.to_string() == out) {
+                    err(format!(
+                        "env ENCODE={encode:?} sends on output `{out}`, which is not declared"
+                    ));
+                }
+            }
+            if let Some(v) = env.get("JPEG_QUALITY") {
+                if !v.parse::<u8>().is_ok_and(|q| (1..=100).contains(&q)) {
+                    err(format!("env JPEG_QUALITY={v:?} must be between 1 and 100"));
+                }
+            }
+        }
+        Kind::ActionSink => {
+            if let Some(v) = env.get("STALE_MS") {
+                if !v.parse::<u64>().is_ok_and(|ms| ms <= 3_600_000) {
+                    err(format!(
+                        "env STALE_MS={v:?} must be a number of milliseconds from 0 (off) to 3600000"
+                    ));
+                }
+            }
         }
         Kind::Denoise | Kind::Policy => {
             positive("STEPS", &mut err);
@@ -574,7 +644,11 @@ pub fn check_consistency(file: &Path, report: &mut Report) -> Result<()> {
         match kind {
             Some(Kind::Decode) => {
                 expect("NUM_IMAGES", cfg.num_images, 3, report);
-                expect("IMAGE_SIZE", cfg.image_size, 224, report);
+                // A decode that passes frames on (ENCODE: raw|jpeg) may send them at any
+                // size: the decode that makes the model's images resizes them.
+                if env_of(node, "ENCODE").is_none_or(|e| e.is_empty() || e == "none") {
+                    expect("IMAGE_SIZE", cfg.image_size, 224, report);
+                }
             }
             Some(Kind::Postprocess) => expect("ACTION_DIM", cfg.action_dim, 32, report),
             _ => {}

@@ -5,7 +5,9 @@
 //! and gives every edge its transport (in-process inside a fused node, CUDA IPC between GPU
 //! processes on one machine, host Arrow buffers otherwise) with the bytes it moves per frame
 //! and the ring it needs. Prints a table and Graphviz DOT, and flags placements that cannot
-//! work or will drop frames.
+//! work or will drop frames. Across machines (`deploy: machine`) it lists what runs where and
+//! the edges that cross the network, with their bytes per frame and per second at the
+//! camera's rate.
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -44,11 +46,19 @@ pub struct EdgePlan {
     pub host_bytes: Option<usize>,
     pub ring_slots: Option<usize>,
     pub queue_size: usize,
+    /// Producer and consumer run on different machines: the message crosses the network.
+    pub cross_machine: Option<(String, String)>,
+    /// The message is JPEG: `bytes` is its raw bound, the wire carries less.
+    pub jpeg: bool,
 }
 
 pub struct Plan {
     pub stages: Vec<StagePlan>,
     pub edges: Vec<EdgePlan>,
+    /// Every node by machine (`local`: no `deploy: machine`).
+    pub machines: BTreeMap<String, Vec<String>>,
+    /// The camera's frame rate (`RATE_HZ`, default 10), when the graph has a camera.
+    pub rate_hz: Option<f64>,
     pub notes: Vec<String>,
     pub errors: Vec<String>,
 }
@@ -100,10 +110,62 @@ pub fn plan(file: &Path) -> Result<Plan> {
 }
 
 fn machine_of(node: &Node) -> String {
-    node.deploy
-        .as_ref()
-        .and_then(|d| d.machine.clone())
-        .unwrap_or_else(|| "local".into())
+    match &node.deploy {
+        Some(d) if d.machine.is_some() => d.machine.clone().unwrap_or_default(),
+        Some(d) if !d.labels.is_empty() => format!(
+            "labels{{{}}}",
+            d.labels
+                .iter()
+                .map(|(k, v)| format!("{k}={v}"))
+                .collect::<Vec<_>>()
+                .join(",")
+        ),
+        _ => "local".into(),
+    }
+}
+
+fn env_usize(node: &Node, key: &str, default: usize) -> usize {
+    env_of(node, key)
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+/// Cameras of a synthetic camera node (None when it replays a recording: unknown).
+fn synthetic_cameras(node: &Node) -> Option<usize> {
+    env_of(node, "FRAMES")
+        .is_none_or(|f| f.is_empty())
+        .then(|| env_usize(node, "SYNTHETIC_CAMERAS", 2))
+}
+
+/// Bytes of one `frames` message when the sender's env tells them: the synthetic camera's
+/// (`SYNTHETIC_CAMERAS` x `SYNTHETIC_SIZE`^2 x 3), or a robot-side decode's resized cameras
+/// (`IMAGE_SIZE`^2 x 3 for each camera of its synthetic source, else for at most
+/// `NUM_IMAGES`; raw: JPEG sends less).
+fn frames_bytes(node: &Node, kind: Kind, by_id: &BTreeMap<String, &Node>) -> Option<usize> {
+    match kind {
+        Kind::Camera => {
+            let size = env_usize(node, "SYNTHETIC_SIZE", 224);
+            synthetic_cameras(node).map(|n| n * size * size * 3)
+        }
+        Kind::Decode => {
+            let size = env_usize(node, "IMAGE_SIZE", 224);
+            let source = node
+                .inputs
+                .iter()
+                .find_map(|(id, input)| match &input.mapping {
+                    InputMapping::User(m) if id.to_string() == "frames" => {
+                        by_id.get(&m.source.to_string()).copied()
+                    }
+                    _ => None,
+                });
+            let cameras = source
+                .filter(|n| n.path.as_deref().and_then(Kind::from_path) == Some(Kind::Camera))
+                .and_then(synthetic_cameras)
+                .unwrap_or_else(|| env_usize(node, "NUM_IMAGES", 3));
+            Some(cameras * size * size * 3)
+        }
+        _ => None,
+    }
 }
 
 fn plan_descriptor(desc: &Descriptor, base: &Path) -> Plan {
@@ -176,6 +238,8 @@ fn plan_descriptor(desc: &Descriptor, base: &Path) -> Plan {
                     host_bytes,
                     ring_slots: None,
                     queue_size: 0,
+                    cross_machine: None,
+                    jpeg: false,
                 });
             }
             first.entry(id.clone()).or_insert(v);
@@ -240,7 +304,16 @@ fn plan_descriptor(desc: &Descriptor, base: &Path) -> Plan {
                     ));
                 }
             }
+            let src_kind = kind_of(src_node);
+            let jpeg = src_kind == Some(Kind::Decode)
+                && out == "frames"
+                && env_of(src_node, "ENCODE").as_deref() == Some("jpeg");
+            let sized = match (src_kind, msg) {
+                (Some(k), Some(Msg::Frames)) => frames_bytes(src_node, k, &by_id),
+                _ => None,
+            };
             let (bytes, host_bytes) = match (&cfg, msg) {
+                _ if sized.is_some() => (sized, sized),
                 (Some(c), Some(m)) => {
                     let (host, dev) = msg_bytes(m, c, bf16(src_node));
                     if ipc && same_machine {
@@ -260,6 +333,8 @@ fn plan_descriptor(desc: &Descriptor, base: &Path) -> Plan {
                 host_bytes,
                 ring_slots,
                 queue_size,
+                cross_machine: (!same_machine).then(|| (machine_of(src_node), machine_of(node))),
+                jpeg,
             });
         }
     }
@@ -304,11 +379,40 @@ fn plan_descriptor(desc: &Descriptor, base: &Path) -> Plan {
             ));
         }
     }
+    let mut machines: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    for node in &desc.nodes {
+        machines
+            .entry(machine_of(node))
+            .or_default()
+            .push(node.id.to_string());
+    }
+    let rate_hz = desc
+        .nodes
+        .iter()
+        .find(|n| kind_of(n) == Some(Kind::Camera))
+        .map(|n| {
+            env_of(n, "RATE_HZ")
+                .and_then(|v| v.parse::<f64>().ok())
+                .filter(|r| r.is_finite() && *r > 0.0)
+                .unwrap_or(10.0)
+        });
     Plan {
         stages,
         edges,
+        machines,
+        rate_hz,
         notes,
         errors,
+    }
+}
+
+/// Bytes in the unit that suits them (B, kB, MB).
+fn size(b: Option<usize>) -> String {
+    match b {
+        None => "?".into(),
+        Some(b) if b < 1000 => format!("{b} B"),
+        Some(b) if b < 1_000_000 => format!("{:.1} kB", b as f64 / 1e3),
+        Some(b) => format!("{:.2} MB", b as f64 / 1e6),
     }
 }
 
@@ -364,6 +468,41 @@ impl Plan {
                 mb(e.host_bytes),
                 e.transport
             );
+        }
+        if self.machines.len() > 1 {
+            let _ = writeln!(s);
+            let _ = writeln!(s, "{:<14} nodes", "machine");
+            for (machine, nodes) in &self.machines {
+                let _ = writeln!(s, "{:<14} {}", machine, nodes.join(", "));
+            }
+            let _ = writeln!(s);
+            let rate = self.rate_hz.unwrap_or(10.0);
+            let _ = writeln!(
+                s,
+                "{:<32} {:<30} {:<20} {:>10} {:>12}  across the network (at {rate} frames/s)",
+                "from", "to", "machines", "bytes", "per second"
+            );
+            for e in self.edges.iter() {
+                let Some((a, b)) = &e.cross_machine else {
+                    continue;
+                };
+                let per_s = e.bytes.map(|b| (b as f64 * rate) as usize);
+                let _ = writeln!(
+                    s,
+                    "{:<32} {:<30} {:<20} {:>10} {:>10}/s  {}{}",
+                    e.from,
+                    e.to,
+                    format!("{a} -> {b}"),
+                    size(e.bytes),
+                    size(per_s),
+                    e.msg.map_or("?", msg_name),
+                    if e.jpeg {
+                        " (JPEG: at most this, less on the wire)"
+                    } else {
+                        ""
+                    }
+                );
+            }
         }
         for n in &self.notes {
             let _ = writeln!(s, "note: {n}");

@@ -284,3 +284,97 @@ fn shipped_graphs_pass() {
         );
     }
 }
+
+/// graphs/remote.yml: `plan` lists what runs on each machine and the edges that cross the
+/// network with their bytes per frame and per second at the camera's rate; `check` passes
+/// it and refuses a placed graph whose relative node paths have no `working_dir`, or a
+/// decode whose `ENCODE` it cannot send.
+#[test]
+fn remote_graph_places_nodes_on_machines_and_sizes_the_network_edges() {
+    let tmp = tempfile::tempdir().unwrap();
+    let small = tmp.path().join("small");
+    let out = Command::new(env!("CARGO_BIN_EXE_turbopi"))
+        .args(["checkpoint", "random", "--preset", "pi05-small", "--out"])
+        .arg(&small)
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let prompt = small.join("observation");
+    let env: [(&str, &Path); 2] = [("TURBOPI_CHECKPOINT", &small), ("TURBOPI_PROMPT", &prompt)];
+    let remote = root().join("graphs/remote.yml");
+    let (ok, text) = check(&remote, &env);
+    assert!(ok, "{text}");
+
+    let plan_with = |encoding: &str| {
+        let out = Command::new(env!("CARGO_BIN_EXE_turbopi"))
+            .args(["graph", "plan"])
+            .arg(&remote)
+            .arg("--dot")
+            .arg(tmp.path().join("remote.dot"))
+            .env("TURBOPI_CHECKPOINT", &small)
+            .env("TURBOPI_IMAGE_ENCODING", encoding)
+            .env("TURBOPI_SEND_SIZE", "224")
+            .env("TURBOPI_RATE_HZ", "20")
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).to_string()
+            + &String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{text}");
+        text
+    };
+    let text = plan_with("raw");
+    // The machine table's rows, and the rows of the edges across the network (the edge
+    // table lists every edge too, without machines).
+    let line = |needle: &str| {
+        text.lines()
+            .find(|l| l.starts_with(needle) && (l.contains(" -> ") || !needle.contains('/')))
+            .unwrap_or_else(|| panic!("no line starting with {needle:?} in:\n{text}"))
+            .to_string()
+    };
+    assert!(line("robot ").contains("camera, decode, postprocess, action-sink"));
+    assert!(line("gpu ").contains("gpu-decode, policy"));
+    // Two synthetic cameras resized to 224 x 224 RGB: 301,056 bytes, 20 times a second.
+    let frames = line("decode/frames");
+    assert!(
+        frames.contains("robot -> gpu") && frames.contains("301.1 kB") && frames.contains("6.02 MB/s"),
+        "{frames}"
+    );
+    // The small model's 10 x 8 f32 actions.
+    let actions = line("policy/actions");
+    assert!(
+        actions.contains("gpu -> robot") && actions.contains("320 B") && actions.contains("6.4 kB/s"),
+        "{actions}"
+    );
+    assert!(
+        !text.lines().any(|l| l.starts_with("camera/frames") && l.contains(" -> ")),
+        "only the edges across machines are listed as such:\n{text}"
+    );
+    let text = plan_with("jpeg");
+    assert!(
+        text.lines()
+            .any(|l| l.starts_with("decode/frames") && l.contains("JPEG: at most this")),
+        "{text}"
+    );
+
+    // Without `working_dir`, dora 1.1 would look for the binaries in the daemon's _work
+    // folder: refused, naming the node.
+    let yaml = std::fs::read_to_string(&remote).unwrap();
+    let bare = tmp.path().join("graphs/remote_bare.yml");
+    std::fs::create_dir_all(bare.parent().unwrap()).unwrap();
+    std::fs::write(&bare, yaml.replace(", working_dir: ../../graphs", "")).unwrap();
+    let (ok, text) = check(&bare, &env);
+    assert!(!ok);
+    assert!(
+        text.contains("node `camera`: relative path `../target/release/camera` in a dataflow placed on machines needs `deploy: working_dir`"),
+        "{text}"
+    );
+    let bad = tmp.path().join("graphs/remote_bad_encode.yml");
+    std::fs::write(
+        &bad,
+        yaml.replace("${TURBOPI_IMAGE_ENCODING:-raw}", "png"),
+    )
+    .unwrap();
+    let (ok, text) = check(&bad, &env);
+    assert!(!ok);
+    assert!(text.contains("env ENCODE=\"png\" must be"), "{text}");
+}
