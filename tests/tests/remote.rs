@@ -234,24 +234,39 @@ fn assert_reported_in_time(episode: &serde_json::Value) {
     );
 }
 
-fn policy_killed_and_restarted(s: &Setup) {
-    const RUN: u64 = 60;
-    let cluster = Cluster::start(&["robot", "gpu"], &[]);
-    let output = s.dir.join("policy-kill.jsonl");
-    let log = s.dir.join("policy-kill.log");
+/// Starts `graphs/remote.yml` as `name` for `run` frames with the watchdog at STALE_MS and
+/// waits until `first` actions have arrived: (sink output, log, the attached `dora start`).
+fn start_fault_run(
+    cluster: &Cluster,
+    s: &Setup,
+    name: &str,
+    run: u64,
+    first: usize,
+) -> (std::path::PathBuf, std::path::PathBuf, Child) {
+    let output = s.dir.join(format!("{name}.jsonl"));
+    let log = s.dir.join(format!("{name}.log"));
     let stale = STALE_MS.to_string();
     let cmd = start_remote(
-        &cluster,
+        cluster,
         s,
-        "policy-kill",
+        name,
         &output,
-        RUN,
+        run,
         &[("TURBOPI_STALE_MS", &stale)],
     );
     let child = spawn_logged(cmd, &log);
-    cluster.wait_until(Duration::from_secs(120), "15 actions arrive", |_| {
-        actions_so_far(&output) >= 15
-    });
+    cluster.wait_until(
+        Duration::from_secs(120),
+        &format!("{first} actions arrive"),
+        |_| actions_so_far(&output) >= first,
+    );
+    (output, log, child)
+}
+
+fn policy_killed_and_restarted(s: &Setup) {
+    const RUN: u64 = 60;
+    let cluster = Cluster::start(&["robot", "gpu"], &[]);
+    let (output, log, child) = start_fault_run(&cluster, s, "policy-kill", RUN, 15);
     let policy = cluster.pids_of("policy");
     assert_eq!(policy.len(), 1, "one policy process: {policy:?}");
     let t_kill = now_ns();
@@ -301,21 +316,7 @@ fn policy_killed_and_restarted(s: &Setup) {
 fn gpu_daemon_killed(s: &Setup) {
     const RUN: u64 = 50;
     let mut cluster = Cluster::start(&["robot", "gpu"], &[]);
-    let output = s.dir.join("daemon-kill.jsonl");
-    let log = s.dir.join("daemon-kill.log");
-    let stale = STALE_MS.to_string();
-    let cmd = start_remote(
-        &cluster,
-        s,
-        "daemon-kill",
-        &output,
-        RUN,
-        &[("TURBOPI_STALE_MS", &stale)],
-    );
-    let child = spawn_logged(cmd, &log);
-    cluster.wait_until(Duration::from_secs(120), "10 actions arrive", |_| {
-        actions_so_far(&output) >= 10
-    });
+    let (output, log, child) = start_fault_run(&cluster, s, "daemon-kill", RUN, 10);
     let t_kill = now_ns();
     cluster.kill_daemon("gpu");
     // The robot's nodes go on: the camera sends all its frames and the robot's decode

@@ -229,10 +229,9 @@ fn header_only_checkpoint(dir: &Path, cfg: &Config) {
     operators::observation::write_sample(&dir.join("observation"), cfg, 0).unwrap();
 }
 
-#[test]
-fn shipped_graphs_pass() {
-    let tmp = tempfile::tempdir().unwrap();
-    let small = tmp.path().join("small");
+/// `turbopi checkpoint random --preset pi05-small` in `dir/small`: (checkpoint, its observation).
+fn small_checkpoint(dir: &Path) -> (PathBuf, PathBuf) {
+    let small = dir.join("small");
     let out = Command::new(env!("CARGO_BIN_EXE_turbopi"))
         .args(["checkpoint", "random", "--preset", "pi05-small", "--out"])
         .arg(&small)
@@ -240,6 +239,13 @@ fn shipped_graphs_pass() {
         .unwrap();
     assert!(out.status.success());
     let prompt = small.join("observation");
+    (small, prompt)
+}
+
+#[test]
+fn shipped_graphs_pass() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (small, prompt) = small_checkpoint(tmp.path());
     for g in ["demo.yml", "fused.yml"] {
         let (ok, text) = check(
             &root().join("graphs").join(g),
@@ -292,14 +298,7 @@ fn shipped_graphs_pass() {
 #[test]
 fn remote_graph_places_nodes_on_machines_and_sizes_the_network_edges() {
     let tmp = tempfile::tempdir().unwrap();
-    let small = tmp.path().join("small");
-    let out = Command::new(env!("CARGO_BIN_EXE_turbopi"))
-        .args(["checkpoint", "random", "--preset", "pi05-small", "--out"])
-        .arg(&small)
-        .output()
-        .unwrap();
-    assert!(out.status.success());
-    let prompt = small.join("observation");
+    let (small, prompt) = small_checkpoint(tmp.path());
     let env: [(&str, &Path); 2] = [("TURBOPI_CHECKPOINT", &small), ("TURBOPI_PROMPT", &prompt)];
     let remote = root().join("graphs/remote.yml");
     let (ok, text) = check(&remote, &env);
@@ -336,17 +335,23 @@ fn remote_graph_places_nodes_on_machines_and_sizes_the_network_edges() {
     // Two synthetic cameras resized to 224 x 224 RGB: 301,056 bytes, 20 times a second.
     let frames = line("decode/frames");
     assert!(
-        frames.contains("robot -> gpu") && frames.contains("301.1 kB") && frames.contains("6.02 MB/s"),
+        frames.contains("robot -> gpu")
+            && frames.contains("301.1 kB")
+            && frames.contains("6.02 MB/s"),
         "{frames}"
     );
     // The small model's 10 x 8 f32 actions.
     let actions = line("policy/actions");
     assert!(
-        actions.contains("gpu -> robot") && actions.contains("320 B") && actions.contains("6.4 kB/s"),
+        actions.contains("gpu -> robot")
+            && actions.contains("320 B")
+            && actions.contains("6.4 kB/s"),
         "{actions}"
     );
     assert!(
-        !text.lines().any(|l| l.starts_with("camera/frames") && l.contains(" -> ")),
+        !text
+            .lines()
+            .any(|l| l.starts_with("camera/frames") && l.contains(" -> ")),
         "only the edges across machines are listed as such:\n{text}"
     );
     let text = plan_with("jpeg");
@@ -369,11 +374,7 @@ fn remote_graph_places_nodes_on_machines_and_sizes_the_network_edges() {
         "{text}"
     );
     let bad = tmp.path().join("graphs/remote_bad_encode.yml");
-    std::fs::write(
-        &bad,
-        yaml.replace("${TURBOPI_IMAGE_ENCODING:-raw}", "png"),
-    )
-    .unwrap();
+    std::fs::write(&bad, yaml.replace("${TURBOPI_IMAGE_ENCODING:-raw}", "png")).unwrap();
     let (ok, text) = check(&bad, &env);
     assert!(!ok);
     assert!(text.contains("env ENCODE=\"png\" must be"), "{text}");
