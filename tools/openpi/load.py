@@ -159,8 +159,16 @@ def main() -> None:
     if args.out:
         os.makedirs(args.out, exist_ok=True)
 
-    start = threading.Barrier(args.clients + args.bad_clients + 1)
+    # The clock starts as the barrier releases every client (the barrier's action runs before
+    # any of them goes on, so none reads an unset deadline).
     deadline = [0.0]
+    began = [0.0]
+
+    def go() -> None:
+        began[0] = time.monotonic()
+        deadline[0] = began[0] + (args.seconds or 0.0)
+
+    start = threading.Barrier(args.clients + args.bad_clients + 1, action=go)
     good = [Client(c, args, start, deadline) for c in range(args.clients)]
     bad = [BadClient(args.clients + b, args, start, deadline, good) for b in range(args.bad_clients)]
     for t in good + bad:
@@ -169,20 +177,20 @@ def main() -> None:
         start.wait(timeout=180)
     except threading.BrokenBarrierError:
         pass
-    t0 = time.monotonic()
-    deadline[0] = t0 + (args.seconds or 0.0)
     for t in good + bad:
         t.join()
-    elapsed = time.monotonic() - t0
+    elapsed = time.monotonic() - (began[0] or time.monotonic())
 
     errors = [t.error for t in good + bad if t.error]
+    errors += [f"client {c.index}: no request answered" for c in good if not c.records and not c.error]
     records = [r for c in good for r in c.records]
     sizes: dict[int, int] = {}
     for r in records:
         sizes[r["batch_size"]] = sizes.get(r["batch_size"], 0) + 1
     seen = ", ".join(f"{b}: {n}" for b, n in sorted(sizes.items())) or "-"
     print(f"{'clients':>7}  {'requests':>8}  {'seconds':>7}  {'requests/s':>10}  batch sizes seen (size: requests)")
-    print(f"{args.clients:>7}  {len(records):>8}  {elapsed:>7.1f}  {len(records) / elapsed:>10.1f}  {seen}")
+    rate = len(records) / elapsed if elapsed > 0 else float("nan")
+    print(f"{args.clients:>7}  {len(records):>8}  {elapsed:>7.1f}  {rate:>10.1f}  {seen}")
     print(f"{'client':>7}  {'requests':>8}  {'p50 ms':>8}  {'p99 ms':>8}")
     per_client = []
     for c in good:
@@ -195,7 +203,7 @@ def main() -> None:
         "clients": args.clients,
         "requests": len(records),
         "seconds": elapsed,
-        "requests_per_s": len(records) / elapsed,
+        "requests_per_s": rate,
         "batch_sizes": {str(b): n for b, n in sorted(sizes.items())},
         "per_client": per_client,
         "bad_requests_failed": sum(b.failures for b in bad),
