@@ -173,6 +173,10 @@ fn a_bad_row_fails_alone_and_too_many_rows_fail_the_call() {
         assert_eq!(bits(got), bits(&want), "row {i} beside bad rows");
     }
 
+    // Every row bad: each gets its error, nothing runs.
+    let out = policy.infer_batch(&[rows[1], rows[3]], STEPS).unwrap();
+    assert!(out.actions.iter().all(Result::is_err), "{:?}", out.actions);
+
     let many: Vec<BatchRow> = (0..MAX_BATCH + 1).map(|_| rows[0]).collect();
     let e = policy.infer_batch(&many, STEPS).unwrap_err().to_string();
     assert!(e.contains("a batch of 9 observations; at most 8"), "{e}");

@@ -782,6 +782,56 @@ mod tests {
         }
     }
 
+    /// A batch does not wait for a full batch: with window zero a frame runs as soon as no
+    /// message is waiting, with a window once the window has passed (frames here arrive 1.5 s
+    /// apart, far beyond both, so each runs alone).
+    #[test]
+    fn a_frame_alone_runs_once_nothing_waits_or_its_window_closes() {
+        let ckpt = Checkpoint::open(&golden("pi05_small").join("checkpoint")).unwrap();
+        let cfg = ckpt.config.clone();
+        let mut policy = Policy::load(&ckpt, |_, _| {}).unwrap();
+        let (tokens, token_mask) =
+            load_prompt(&golden("pi05_small").join("observation"), &cfg).unwrap();
+        let (n, s) = (cfg.num_images, cfg.image_size);
+        let px: Vec<u8> = (0..n * s * s * 3).map(|i| (i * 7 % 256) as u8).collect();
+        let shape: &'static [usize] = Box::leak(vec![n, s, s, 3].into_boxed_slice());
+        let msg = |seq| TensorInput {
+            id: "images",
+            seq,
+            shape,
+            dtype: "uint8",
+            arrow_type: "UInt8",
+            values: json(&px),
+            extra: vec![("image_masks", Parameter::ListInt(vec![1, 0, 1]))],
+        };
+        for window in [Duration::ZERO, Duration::from_millis(20)] {
+            let settings = Settings {
+                steps: 2,
+                seed: 0,
+                tokens: tokens.clone(),
+                token_mask: token_mask.clone(),
+                parts: vec![],
+                send_rejections: false,
+                pipeline: false,
+                gpu_stage_times: false,
+                max_batch: MAX_BATCH,
+                batch_window: window,
+            };
+            let mut sizes = [0; MAX_BATCH + 1];
+            let out = run_node(
+                "policy",
+                vec![event(0.0, msg(0)), event(1.5, msg(1))],
+                |node, ev| {
+                    sizes = run_batched(&cfg, &mut policy, &settings, node, ev)?;
+                    Ok(())
+                },
+            )
+            .unwrap();
+            assert_eq!(out.len(), 2, "{out:?}");
+            assert_eq!(sizes[1], 2, "window {window:?}: {sizes:?}");
+        }
+    }
+
     /// A frame whose parts never all arrive is rejected when the stream ends, not forgotten.
     #[test]
     fn a_frame_still_waiting_at_the_end_is_rejected() {
