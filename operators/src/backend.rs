@@ -6,7 +6,10 @@ use std::str::FromStr;
 use crate::checkpoint::Checkpoint;
 use crate::gemma::KvCache;
 use crate::observation::Observation;
-use crate::policy::{Denoiser, ImageEmbeddings, Policy, PrefixEncoder, StageTimes, VisionEncoder};
+use crate::policy::{
+    check_batch, BatchOutput, BatchRow, Denoiser, ImageEmbeddings, Policy, PrefixEncoder,
+    StageTimes, VisionEncoder,
+};
 use crate::weights::Loader;
 use crate::{Error, Result};
 
@@ -61,6 +64,31 @@ pub trait Runner: Send {
         noise: &[f32],
         steps: usize,
     ) -> Result<(Vec<f32>, StageTimes)>;
+    /// Runs up to [`crate::MAX_BATCH`] observations, each with its own noise (the noise a
+    /// single request with the same seed gets), and gives each row its actions or its own
+    /// error (a bad row fails alone; too many rows fail the call), with the stage times of
+    /// the whole batch. Row i's actions are those of [`Runner::infer`] on row i: bit for bit
+    /// on the CPU backend, whose override ([`Policy::infer_batch`]) runs each stage once over
+    /// all rows. This default, which the CUDA backend uses today, runs the rows one after
+    /// another through [`Runner::infer`] (no batched GPU forward yet; the stage times are
+    /// the rows' sums).
+    fn infer_batch(&mut self, rows: &[BatchRow<'_>], steps: usize) -> Result<BatchOutput> {
+        check_batch(rows.len())?;
+        let mut out = BatchOutput {
+            actions: Vec::with_capacity(rows.len()),
+            times: StageTimes::default(),
+        };
+        for row in rows {
+            match self.infer(row.obs, row.noise, steps) {
+                Ok((actions, times)) => {
+                    out.actions.push(Ok(actions));
+                    out.times += times;
+                }
+                Err(e) => out.actions.push(Err(e)),
+            }
+        }
+        Ok(out)
+    }
     /// A short description, e.g. "cpu f32" or "cuda bf16 on NVIDIA H100".
     fn describe(&self) -> String;
     /// A table of the device time per kind of operation of one denoise step of `steps`,
@@ -116,6 +144,9 @@ impl Runner for Policy {
         steps: usize,
     ) -> Result<(Vec<f32>, StageTimes)> {
         Policy::infer(self, obs, noise, steps)
+    }
+    fn infer_batch(&mut self, rows: &[BatchRow<'_>], steps: usize) -> Result<BatchOutput> {
+        Policy::infer_batch(self, rows, steps)
     }
     fn describe(&self) -> String {
         "cpu f32".into()

@@ -172,6 +172,94 @@ pub fn percentile(sorted: &[f64], q: f64) -> f64 {
     sorted[rank.clamp(1, sorted.len()) - 1]
 }
 
+/// The latency of batches of one size ([`bench_batches`]), in milliseconds.
+#[derive(Debug, Clone, Default)]
+pub struct BatchReport {
+    /// Observations per batch.
+    pub batch: usize,
+    /// Timed batches.
+    pub iters: usize,
+    /// Percentiles of one batch's latency.
+    pub p50_ms: f64,
+    pub p99_ms: f64,
+    /// Mean latency of a batch divided by its size: what one frame costs.
+    pub per_frame_ms: f64,
+    /// Frames answered per second over the timed batches.
+    pub frames_per_s: f64,
+}
+
+/// For each size in `batches`, runs `warmup` untimed and `iters` timed batches of that many
+/// copies of `obs` through [`Runner::infer_batch`], row i with noise `noises[i]` (at least
+/// as many as the largest batch); every row must succeed.
+pub fn bench_batches(
+    runner: &mut dyn Runner,
+    obs: &Observation,
+    noises: &[Vec<f32>],
+    steps: usize,
+    batches: &[usize],
+    iters: usize,
+    warmup: usize,
+) -> Result<Vec<BatchReport>> {
+    if iters == 0 {
+        return Err(Error::Input("bench: iters must be at least 1".into()));
+    }
+    let mut reports = Vec::with_capacity(batches.len());
+    for &b in batches {
+        if b == 0 || b > crate::MAX_BATCH || b > noises.len() {
+            return Err(Error::Input(format!(
+                "bench: batch size {b}; expected 1 to {}",
+                crate::MAX_BATCH.min(noises.len())
+            )));
+        }
+        let rows: Vec<crate::BatchRow> = noises[..b]
+            .iter()
+            .map(|noise| crate::BatchRow { obs, noise })
+            .collect();
+        let run = |runner: &mut dyn Runner| -> Result<()> {
+            let out = runner.infer_batch(&rows, steps)?;
+            match out.actions.into_iter().find_map(|a| a.err()) {
+                Some(e) => Err(e),
+                None => Ok(()),
+            }
+        };
+        for _ in 0..warmup {
+            run(runner)?;
+        }
+        let mut total = Vec::with_capacity(iters);
+        for _ in 0..iters {
+            let t0 = Instant::now();
+            run(runner)?;
+            total.push(t0.elapsed().as_secs_f64() * 1e3);
+        }
+        let sum: f64 = total.iter().sum();
+        total.sort_by(f64::total_cmp);
+        reports.push(BatchReport {
+            batch: b,
+            iters,
+            p50_ms: percentile(&total, 0.50),
+            p99_ms: percentile(&total, 0.99),
+            per_frame_ms: sum / (iters * b) as f64,
+            frames_per_s: (iters * b) as f64 / (sum / 1e3),
+        });
+    }
+    Ok(reports)
+}
+
+/// The table `turbopi bench --batch` prints.
+pub fn format_batches(reports: &[BatchReport]) -> String {
+    let mut out = String::from(
+        "  batched (Runner::infer_batch, copies of the observation, each row its own noise):\n  \
+         batch  batches  p50 ms/batch  p99 ms/batch  ms/frame  frames/s\n",
+    );
+    for r in reports {
+        out.push_str(&format!(
+            "  {:>5}  {:>7}  {:>12.2}  {:>12.2}  {:>8.2}  {:>8.1}\n",
+            r.batch, r.iters, r.p50_ms, r.p99_ms, r.per_frame_ms, r.frames_per_s
+        ));
+    }
+    out
+}
+
 /// Runs `warmup` untimed and `iters` timed frames of `runner` on `obs` and `noise`.
 pub fn bench_runner(
     runner: &mut dyn Runner,

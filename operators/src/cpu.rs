@@ -145,6 +145,46 @@ impl Linear {
     }
 }
 
+/// Whether one GEMM over blocks of `blocks` rows stacked on top of each other gives every
+/// row the same bits as a GEMM over its own block alone, for a `Linear` of `n_in` -> `n_out`
+/// (row-major input, weight read transposed). The `gemm` crate (0.19) sums each output over
+/// `k` in chunks whose size it picks from `m` only when `m` and `n` are both at most 64 and
+/// `k` exceeds 512, and it switches to other kernels (matrix-vector for one row, horizontal
+/// dot products when `m * n <= 256`, outer products when `k <= 2`) whose order of additions
+/// differs. Outside those cases the order of additions of an output element depends on `k`
+/// alone, so stacking changes nothing; inside them, the blocks are multiplied one by one.
+/// `forward_blocks_equals_blockwise_forward` holds this to the bit.
+pub fn stacking_is_exact(blocks: &[usize], n_in: usize, n_out: usize) -> bool {
+    let (n, k) = (n_out, n_in);
+    if k <= 2 || n <= 1 {
+        return false;
+    }
+    blocks
+        .iter()
+        .filter(|&&m| m > 0)
+        .all(|&m| m >= 2 && m * n > 256 && (k <= 512 || m > 64 || n > 64))
+}
+
+impl Linear {
+    /// [`Linear::forward`] of rows made of independent blocks (`blocks[i]` rows each, in
+    /// order): one GEMM over all of them where that gives each block's rows the bits a
+    /// GEMM over the block alone would ([`stacking_is_exact`]), else one GEMM per block. So a
+    /// batch of observations gets, row for row, what each would get on its own.
+    pub fn forward_blocks(&self, x: &[f32], blocks: &[usize]) -> Vec<f32> {
+        let rows: usize = blocks.iter().sum();
+        if blocks.len() <= 1 || stacking_is_exact(blocks, self.n_in, self.n_out) {
+            return self.forward(x, rows);
+        }
+        let mut y = Vec::with_capacity(rows * self.n_out);
+        let mut start = 0;
+        for &m in blocks {
+            y.extend(self.forward(&x[start * self.n_in..(start + m) * self.n_in], m));
+            start += m;
+        }
+        y
+    }
+}
+
 /// LayerNorm over the last dimension (biased variance, as PyTorch).
 pub fn layer_norm(x: &mut [f32], width: usize, weight: &[f32], bias: &[f32], eps: f64) {
     for row in x.chunks_exact_mut(width) {
@@ -363,6 +403,52 @@ mod tests {
         assert_eq!(wide[0], 7.0);
         assert_eq!(wide[n + 2], 7.0);
         assert!((wide[2] - want[0]).abs() <= 1e-4 * (1.0 + want[0].abs()));
+    }
+
+    /// Stacked blocks get the bits of each block alone, in every regime of the GEMM
+    /// crate's dispatch (short and long `k`, narrow and wide outputs, single rows, blocks
+    /// above and below 64 rows) and whichever way `forward_blocks` takes.
+    #[test]
+    fn forward_blocks_equals_blockwise_forward() {
+        let shapes: [(usize, usize, &[usize]); 10] = [
+            (64, 64, &[7, 13, 1, 30]),
+            (32, 64, &[10, 10, 10]),
+            (128, 32, &[10, 10]),
+            (1100, 96, &[3, 70, 5]),
+            (1100, 32, &[50, 50, 50]),
+            (1100, 32, &[80, 90]),
+            (700, 200, &[1, 2, 65]),
+            (2, 40, &[5, 6]),
+            (64, 8, &[10, 11, 12]),
+            (520, 64, &[64, 65, 3]),
+        ];
+        for (seed, (k, n, blocks)) in shapes.into_iter().enumerate() {
+            let rows: usize = blocks.iter().sum();
+            let lin = Linear {
+                weight: rand_vec(n * k, 100 + seed as u64),
+                bias: Some(rand_vec(n, 200 + seed as u64)),
+                n_in: k,
+                n_out: n,
+            };
+            let x = rand_vec(rows * k, 300 + seed as u64);
+            let got = lin.forward_blocks(&x, blocks);
+            let mut start = 0;
+            for &m in blocks {
+                let want = lin.forward(&x[start * k..(start + m) * k], m);
+                let have = &got[start * n..(start + m) * n];
+                assert!(
+                    want.iter()
+                        .zip(have)
+                        .all(|(a, b)| a.to_bits() == b.to_bits()),
+                    "k {k}, n {n}, blocks {blocks:?}: block at row {start} differs (stacked: {})",
+                    stacking_is_exact(blocks, k, n)
+                );
+                start += m;
+            }
+        }
+        assert!(stacking_is_exact(&[3, 70, 5], 1100, 96));
+        assert!(!stacking_is_exact(&[50, 50], 1100, 32));
+        assert!(!stacking_is_exact(&[1, 5], 64, 64));
     }
 
     #[test]

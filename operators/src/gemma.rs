@@ -163,45 +163,85 @@ impl Gemma {
         self.num_kv_heads * self.head_dim
     }
 
-    fn mlp(&self, layer: &Layer, h: &[f32], rows: usize) -> Vec<f32> {
-        let mut g = layer.gate.forward(h, rows);
-        let u = layer.up.forward(h, rows);
+    fn mlp(&self, layer: &Layer, h: &[f32], blocks: &[usize]) -> Vec<f32> {
+        let mut g = layer.gate.forward_blocks(h, blocks);
+        let u = layer.up.forward_blocks(h, blocks);
         g.iter_mut()
             .zip(&u)
             .for_each(|(g, u)| *g = cpu::gelu_tanh(*g) * u);
-        layer.down.forward(&g, rows)
+        layer.down.forward_blocks(&g, blocks)
     }
 
     /// Runs the prefix `x` [rows, width] (real tokens only, bidirectional, positions 0..rows)
     /// and returns every layer's K/V. The last layer's attention output and MLP feed nothing
     /// the policy reads, so they are skipped.
-    pub fn prefix_kv(&self, mut x: Vec<f32>) -> KvCache {
+    pub fn prefix_kv(&self, x: Vec<f32>) -> KvCache {
         let rows = x.len() / self.width;
-        let positions: Vec<usize> = (0..rows).collect();
-        let (nh, kvh, hd) = (self.num_heads, self.num_kv_heads, self.head_dim);
-        let mut cache = KvCache {
-            len: rows,
+        let mut caches = self.prefix_kv_batch(x, &[rows]);
+        caches.pop().unwrap_or_else(|| KvCache {
+            len: 0,
             kv_width: self.kv_width(),
-            k: Vec::with_capacity(self.layers.len()),
-            v: Vec::with_capacity(self.layers.len()),
-        };
+            k: vec![],
+            v: vec![],
+        })
+    }
+
+    /// [`Gemma::prefix_kv`] of several prefixes at once: `x` holds prefix i's `rows[i]`
+    /// tokens after prefix i-1's. Linear layers run over all the tokens together (row for
+    /// row the bits each prefix gets alone, [`Linear::forward_blocks`]); positions and
+    /// attention are per prefix. One cache per prefix.
+    pub fn prefix_kv_batch(&self, mut x: Vec<f32>, rows: &[usize]) -> Vec<KvCache> {
+        let total: usize = rows.iter().sum();
+        debug_assert_eq!(x.len(), total * self.width);
+        let positions: Vec<usize> = rows.iter().flat_map(|&r| 0..r).collect();
+        let (nh, kvh, hd) = (self.num_heads, self.num_kv_heads, self.head_dim);
+        let kw = self.kv_width();
+        let mut caches: Vec<KvCache> = rows
+            .iter()
+            .map(|&r| KvCache {
+                len: r,
+                kv_width: kw,
+                k: Vec::with_capacity(self.layers.len()),
+                v: Vec::with_capacity(self.layers.len()),
+            })
+            .collect();
         for (i, layer) in self.layers.iter().enumerate() {
             let h = layer.input_norm.forward(&x, self.width, self.eps, None);
-            let mut k = layer.k.forward(&h.x, rows);
-            let v = layer.v.forward(&h.x, rows);
+            let mut k = layer.k.forward_blocks(&h.x, rows);
+            let v = layer.v.forward_blocks(&h.x, rows);
             cpu::rope(&mut k, kvh, hd, &positions, &self.inv_freq);
             if i + 1 < self.layers.len() {
-                let mut q = layer.q.forward(&h.x, rows);
+                let mut q = layer.q.forward_blocks(&h.x, rows);
                 cpu::rope(&mut q, nh, hd, &positions, &self.inv_freq);
-                let att = cpu::attention(&q, &k, &v, rows, rows, nh, kvh, hd, &|_, _| true);
-                cpu::add_residual(&mut x, &layer.o.forward(&att, rows), None);
+                let qw = nh * hd;
+                let mut att = Vec::with_capacity(total * qw);
+                let mut start = 0;
+                for &r in rows {
+                    att.extend(cpu::attention(
+                        &q[start * qw..(start + r) * qw],
+                        &k[start * kw..(start + r) * kw],
+                        &v[start * kw..(start + r) * kw],
+                        r,
+                        r,
+                        nh,
+                        kvh,
+                        hd,
+                        &|_, _| true,
+                    ));
+                    start += r;
+                }
+                cpu::add_residual(&mut x, &layer.o.forward_blocks(&att, rows), None);
                 let h2 = layer.post_norm.forward(&x, self.width, self.eps, None);
                 cpu::add_residual(&mut x, &self.mlp(layer, &h2.x, rows), None);
             }
-            cache.k.push(k);
-            cache.v.push(v);
+            let mut start = 0;
+            for (cache, &r) in caches.iter_mut().zip(rows) {
+                cache.k.push(k[start * kw..(start + r) * kw].to_vec());
+                cache.v.push(v[start * kw..(start + r) * kw].to_vec());
+                start += r;
+            }
         }
-        cache
+        caches
     }
 
     /// Runs suffix tokens `x` [rows, width] at `positions` against the prefix `cache`.
@@ -209,34 +249,74 @@ impl Gemma {
     /// sees the whole prefix). Returns the final-normed hidden states.
     pub fn suffix_forward(
         &self,
-        mut x: Vec<f32>,
+        x: Vec<f32>,
         positions: &[usize],
         cache: &KvCache,
         visible: &(dyn Fn(usize, usize) -> bool + Sync),
         cond: Option<&[f32]>,
     ) -> Vec<f32> {
-        let rows = positions.len();
+        self.suffix_forward_batch(x, positions, &[cache], visible, cond)
+    }
+
+    /// [`Gemma::suffix_forward`] of several suffixes at once, each of `positions.len() /
+    /// caches.len()` tokens against its own prefix cache (`x` and `positions` hold suffix
+    /// i's tokens after suffix i-1's), sharing `visible` and the condition `cond` (the
+    /// denoise time, the same for every row of a batch). Linear layers run over all the
+    /// tokens together (row for row the bits each suffix gets alone); attention is per
+    /// suffix.
+    pub fn suffix_forward_batch(
+        &self,
+        mut x: Vec<f32>,
+        positions: &[usize],
+        caches: &[&KvCache],
+        visible: &(dyn Fn(usize, usize) -> bool + Sync),
+        cond: Option<&[f32]>,
+    ) -> Vec<f32> {
+        let batch = caches.len().max(1);
+        let rows = positions.len() / batch;
+        let blocks = vec![rows; caches.len()];
         let (nh, kvh, hd) = (self.num_heads, self.num_kv_heads, self.head_dim);
-        let p = cache.len;
-        let kw = self.kv_width();
-        let mut keys = vec![0.0f32; (p + rows) * kw];
-        let mut values = vec![0.0f32; (p + rows) * kw];
-        let see = |i: usize, j: usize| j < p || visible(i, j - p);
+        let (kw, qw) = (self.kv_width(), nh * hd);
+        let longest = caches.iter().map(|c| c.len).max().unwrap_or(0);
+        let mut keys = Vec::with_capacity((longest + rows) * kw);
+        let mut values = Vec::with_capacity((longest + rows) * kw);
         for (l, layer) in self.layers.iter().enumerate() {
             let h = layer.input_norm.forward(&x, self.width, self.eps, cond);
-            let mut q = layer.q.forward(&h.x, rows);
-            let mut k = layer.k.forward(&h.x, rows);
-            let v = layer.v.forward(&h.x, rows);
+            let mut q = layer.q.forward_blocks(&h.x, &blocks);
+            let mut k = layer.k.forward_blocks(&h.x, &blocks);
+            let v = layer.v.forward_blocks(&h.x, &blocks);
             cpu::rope(&mut q, nh, hd, positions, &self.inv_freq);
             cpu::rope(&mut k, kvh, hd, positions, &self.inv_freq);
-            keys[..p * kw].copy_from_slice(&cache.k[l]);
-            keys[p * kw..].copy_from_slice(&k);
-            values[..p * kw].copy_from_slice(&cache.v[l]);
-            values[p * kw..].copy_from_slice(&v);
-            let att = cpu::attention(&q, &keys, &values, rows, p + rows, nh, kvh, hd, &see);
-            cpu::add_residual(&mut x, &layer.o.forward(&att, rows), h.gate.as_deref());
+            let mut att = Vec::with_capacity(batch * rows * qw);
+            for (b, cache) in caches.iter().enumerate() {
+                let p = cache.len;
+                let see = |i: usize, j: usize| j < p || visible(i, j - p);
+                let own = b * rows..(b + 1) * rows;
+                keys.clear();
+                keys.extend_from_slice(&cache.k[l]);
+                keys.extend_from_slice(&k[own.start * kw..own.end * kw]);
+                values.clear();
+                values.extend_from_slice(&cache.v[l]);
+                values.extend_from_slice(&v[own.start * kw..own.end * kw]);
+                att.extend(cpu::attention(
+                    &q[own.start * qw..own.end * qw],
+                    &keys,
+                    &values,
+                    rows,
+                    p + rows,
+                    nh,
+                    kvh,
+                    hd,
+                    &see,
+                ));
+            }
+            cpu::add_residual(
+                &mut x,
+                &layer.o.forward_blocks(&att, &blocks),
+                h.gate.as_deref(),
+            );
             let h2 = layer.post_norm.forward(&x, self.width, self.eps, cond);
-            cpu::add_residual(&mut x, &self.mlp(layer, &h2.x, rows), h2.gate.as_deref());
+            cpu::add_residual(&mut x, &self.mlp(layer, &h2.x, &blocks), h2.gate.as_deref());
         }
         match &self.final_norm {
             Some(norm) => norm.forward(&x, self.width, self.eps, cond).x,

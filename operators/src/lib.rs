@@ -29,4 +29,7 @@ pub mod weights;
 pub use config::Config;
 pub use error::{Error, Result};
 pub use observation::Observation;
-pub use policy::{Denoiser, ImageEmbeddings, Policy, PrefixEncoder, StageTimes, VisionEncoder};
+pub use policy::{
+    BatchOutput, BatchRow, Denoiser, ImageEmbeddings, Policy, PrefixEncoder, StageTimes,
+    VisionEncoder, MAX_BATCH,
+};

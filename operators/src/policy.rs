@@ -33,8 +33,8 @@ impl VisionEncoder {
         })
     }
 
-    /// `pixels`: [num_images, image_size, image_size, 3] in [-1, 1]; `masks`: [num_images].
-    pub fn run(&self, pixels: &[f32], masks: &[bool]) -> Result<ImageEmbeddings> {
+    /// The cameras of one observation that are not masked, after checking its sizes.
+    pub fn real_images(&self, pixels: &[f32], masks: &[bool]) -> Result<Vec<usize>> {
         let c = &self.cfg;
         let per_image = c.image_size * c.image_size * 3;
         if masks.len() != c.num_images || pixels.len() != c.num_images * per_image {
@@ -48,22 +48,51 @@ impl VisionEncoder {
                 masks.len()
             )));
         }
-        let real: Vec<usize> = (0..c.num_images).filter(|&i| masks[i]).collect();
-        if real.is_empty() {
-            // Every camera masked: no image tokens (the prompt may still be visible).
-            return Ok(ImageEmbeddings {
-                tokens: vec![],
-                real_images: 0,
-            });
+        Ok((0..c.num_images).filter(|&i| masks[i]).collect())
+    }
+
+    /// `pixels`: [num_images, image_size, image_size, 3] in [-1, 1]; `masks`: [num_images].
+    pub fn run(&self, pixels: &[f32], masks: &[bool]) -> Result<ImageEmbeddings> {
+        let mut out = self.run_batch(&[(pixels, masks)])?;
+        out.pop()
+            .ok_or_else(|| Error::Input("vision: no output for one observation".into()))
+    }
+
+    /// [`VisionEncoder::run`] of several observations (pixels, masks) at once: the real
+    /// cameras of all of them go through SigLIP together, and each observation gets, bit for
+    /// bit, the embeddings it gets alone. Any observation of the wrong size fails the call.
+    pub fn run_batch(&self, inputs: &[(&[f32], &[bool])]) -> Result<Vec<ImageEmbeddings>> {
+        let c = &self.cfg;
+        let per_image = c.image_size * c.image_size * 3;
+        let mut counts = Vec::with_capacity(inputs.len());
+        let mut batch = Vec::new();
+        for (pixels, masks) in inputs {
+            let real = self.real_images(pixels, masks)?;
+            for &i in &real {
+                batch.extend_from_slice(&pixels[i * per_image..(i + 1) * per_image]);
+            }
+            counts.push(real.len());
         }
-        let mut batch = Vec::with_capacity(real.len() * per_image);
-        for &i in &real {
-            batch.extend_from_slice(&pixels[i * per_image..(i + 1) * per_image]);
-        }
-        Ok(ImageEmbeddings {
-            tokens: self.siglip.forward(&batch, real.len()),
-            real_images: real.len(),
-        })
+        // Every camera masked: no image tokens (the prompt may still be visible).
+        let tokens = if batch.is_empty() {
+            vec![]
+        } else {
+            let live: Vec<usize> = counts.iter().copied().filter(|&n| n > 0).collect();
+            self.siglip.forward_blocks(&batch, &live)
+        };
+        let per_embedding = c.tokens_per_image() * c.vlm_width;
+        let mut start = 0;
+        Ok(counts
+            .into_iter()
+            .map(|n| {
+                let e = ImageEmbeddings {
+                    tokens: tokens[start..start + n * per_embedding].to_vec(),
+                    real_images: n,
+                };
+                start += n * per_embedding;
+                e
+            })
+            .collect())
     }
 }
 
@@ -91,16 +120,23 @@ impl PrefixEncoder {
         tokens: &[i32],
         token_mask: &[bool],
     ) -> Result<KvCache> {
+        Ok(self
+            .gemma
+            .prefix_kv(self.embed(images, tokens, token_mask)?))
+    }
+
+    /// Checks one observation's prefix (prompt length, image embedding size, something
+    /// visible, token ids) and gives its real tokens' embeddings [tokens, vlm_width]: image
+    /// tokens, then the real prompt tokens.
+    pub fn embed(
+        &self,
+        images: &ImageEmbeddings,
+        tokens: &[i32],
+        token_mask: &[bool],
+    ) -> Result<Vec<f32>> {
         let c = &self.cfg;
         let w = c.vlm_width;
-        if tokens.len() != token_mask.len() || tokens.len() > c.max_token_len {
-            return Err(Error::Input(format!(
-                "prefix: {} tokens with {} mask entries; expected equal lengths of at most max_token_len {}",
-                tokens.len(),
-                token_mask.len(),
-                c.max_token_len
-            )));
-        }
+        check_prompt(c, tokens, token_mask)?;
         if images.tokens.len() != images.real_images * c.tokens_per_image() * w {
             return Err(Error::Input(
                 "prefix: image embeddings of the wrong size".into(),
@@ -123,8 +159,29 @@ impl PrefixEncoder {
                 })?;
             x.extend(self.embed[id * w..(id + 1) * w].iter().map(|v| v * scale));
         }
-        Ok(self.gemma.prefix_kv(x))
+        Ok(x)
     }
+
+    /// The K/V caches of several prefixes ([`PrefixEncoder::embed`]'s outputs) in one pass
+    /// of the Gemma, each bit for bit the cache it gets alone.
+    pub fn run_batch(&self, prefixes: &[Vec<f32>]) -> Vec<KvCache> {
+        let w = self.cfg.vlm_width;
+        let rows: Vec<usize> = prefixes.iter().map(|x| x.len() / w).collect();
+        self.gemma.prefix_kv_batch(prefixes.concat(), &rows)
+    }
+}
+
+/// A prompt of equal token and mask lengths, at most `max_token_len`.
+fn check_prompt(c: &Config, tokens: &[i32], token_mask: &[bool]) -> Result<()> {
+    if tokens.len() != token_mask.len() || tokens.len() > c.max_token_len {
+        return Err(Error::Input(format!(
+            "prefix: {} tokens with {} mask entries; expected equal lengths of at most max_token_len {}",
+            tokens.len(),
+            token_mask.len(),
+            c.max_token_len
+        )));
+    }
+    Ok(())
 }
 
 /// The heads around the expert that differ between pi0 and pi0.5.
@@ -189,21 +246,51 @@ impl Denoiser {
         noise: &[f32],
         steps: usize,
     ) -> Result<Vec<f32>> {
-        check_sampler_inputs(&self.cfg, state, noise, steps)?;
+        let mut out = self.run_batch(&[cache], &[state], &[noise], steps)?;
+        out.pop()
+            .ok_or_else(|| Error::Input("denoise: no output for one observation".into()))
+    }
+
+    /// [`Denoiser::run`] of several observations at once, each with its own prefix cache,
+    /// state and noise: the expert's Linear layers run over every observation's suffix
+    /// tokens together, attention per observation, and each gets, bit for bit, the actions
+    /// it gets alone. Any observation with bad inputs fails the call.
+    pub fn run_batch(
+        &self,
+        caches: &[&KvCache],
+        states: &[Option<&[f32]>],
+        noises: &[&[f32]],
+        steps: usize,
+    ) -> Result<Vec<Vec<f32>>> {
+        if states.len() != caches.len() || noises.len() != caches.len() {
+            return Err(Error::Input(format!(
+                "denoise: {} caches, {} states and {} noises; expected one of each per observation",
+                caches.len(),
+                states.len(),
+                noises.len()
+            )));
+        }
+        for (state, noise) in states.iter().zip(noises) {
+            check_sampler_inputs(&self.cfg, *state, noise, steps)?;
+        }
         // The state token does not depend on x or t: project it once.
-        let state_token = match (&self.heads, state) {
-            (Heads::Pi0 { state_proj, .. }, Some(s)) => Some(state_proj.forward(s, 1)),
-            _ => None,
-        };
+        let state_tokens: Vec<Option<Vec<f32>>> = states
+            .iter()
+            .map(|state| match (&self.heads, state) {
+                (Heads::Pi0 { state_proj, .. }, Some(s)) => Some(state_proj.forward(s, 1)),
+                _ => None,
+            })
+            .collect();
         let dt = (-1.0f64 / steps as f64) as f32;
         let mut t = 1.0f32;
-        let mut x = noise.to_vec();
+        let mut x = noises.concat();
         for _ in 0..steps {
-            let v = self.velocity(cache, state_token.as_deref(), &x, t);
+            let v = self.velocity_batch(caches, &state_tokens, &x, t);
             x.iter_mut().zip(&v).for_each(|(x, v)| *x += dt * v);
             t += dt;
         }
-        Ok(x)
+        let per_row = self.cfg.action_horizon * self.cfg.action_dim;
+        Ok(x.chunks_exact(per_row).map(<[f32]>::to_vec).collect())
     }
 
     /// One evaluation of the velocity field v(x_t, t): [action_horizon, action_dim].
@@ -214,43 +301,73 @@ impl Denoiser {
         x_t: &[f32],
         t: f32,
     ) -> Vec<f32> {
+        self.velocity_batch(&[cache], &[state_token.map(<[f32]>::to_vec)], x_t, t)
+    }
+
+    /// [`Denoiser::velocity`] of several observations at the same time `t`: `x_t` holds
+    /// their [action_horizon, action_dim] one after another, and so does the result.
+    pub fn velocity_batch(
+        &self,
+        caches: &[&KvCache],
+        state_tokens: &[Option<Vec<f32>>],
+        x_t: &[f32],
+        t: f32,
+    ) -> Vec<f32> {
         let c = &self.cfg;
         let (h, ew) = (c.action_horizon, c.expert_width);
+        let batch = caches.len();
+        let blocks = vec![h; batch];
         let temb = time_embedding(t, ew);
-        let actions = self.action_in.forward(x_t, h);
-        let (tokens, cond) = match &self.heads {
+        let actions = self.action_in.forward_blocks(x_t, &blocks);
+        let (tokens, cond, per_row) = match &self.heads {
             Heads::Pi0 {
                 time_in, time_out, ..
             } => {
-                let mut cat = Vec::with_capacity(h * 2 * ew);
+                let mut cat = Vec::with_capacity(batch * h * 2 * ew);
                 for row in actions.chunks_exact(ew) {
                     cat.extend_from_slice(row);
                     cat.extend_from_slice(&temb);
                 }
-                let mut m = time_in.forward(&cat, h);
+                let mut m = time_in.forward_blocks(&cat, &blocks);
                 m.iter_mut().for_each(|v| *v = cpu::silu(*v));
-                let mut tokens = state_token.map(<[f32]>::to_vec).unwrap_or_default();
-                tokens.extend(time_out.forward(&m, h));
-                (tokens, None)
+                let action_tokens = time_out.forward_blocks(&m, &blocks);
+                let with_state = state_tokens.iter().any(Option::is_some);
+                let per_row = h + usize::from(with_state);
+                let mut tokens = Vec::with_capacity(batch * per_row * ew);
+                for (b, state) in state_tokens.iter().enumerate() {
+                    if let Some(s) = state {
+                        tokens.extend_from_slice(s);
+                    }
+                    tokens.extend_from_slice(&action_tokens[b * h * ew..(b + 1) * h * ew]);
+                }
+                (tokens, None, per_row)
             }
             Heads::Pi05 { time_in, time_out } => {
+                // The condition depends on t alone: one for the whole batch.
                 let mut m = time_in.forward(&temb, 1);
                 m.iter_mut().for_each(|v| *v = cpu::silu(*v));
                 let mut cond = time_out.forward(&m, 1);
                 cond.iter_mut().for_each(|v| *v = cpu::silu(*v));
-                (actions, Some(cond))
+                (actions, Some(cond), h)
             }
         };
-        let rows = tokens.len() / ew;
-        let positions: Vec<usize> = (cache.len..cache.len + rows).collect();
+        let positions: Vec<usize> = caches
+            .iter()
+            .flat_map(|cache| cache.len..cache.len + per_row)
+            .collect();
         // pi0: block 0 = state, block 1 = actions (the state does not see the actions).
-        let first_action = rows - h;
+        let first_action = per_row - h;
         let block = |i: usize| usize::from(i >= first_action);
         let visible = |i: usize, j: usize| block(j) <= block(i);
-        let out = self
-            .expert
-            .suffix_forward(tokens, &positions, cache, &visible, cond.as_deref());
-        self.action_out.forward(&out[first_action * ew..], h)
+        let out =
+            self.expert
+                .suffix_forward_batch(tokens, &positions, caches, &visible, cond.as_deref());
+        let mut action_rows = Vec::with_capacity(batch * h * ew);
+        for b in 0..batch {
+            let start = (b * per_row + first_action) * ew;
+            action_rows.extend_from_slice(&out[start..start + h * ew]);
+        }
+        self.action_out.forward_blocks(&action_rows, &blocks)
     }
 }
 
@@ -314,6 +431,14 @@ pub struct StageTimes {
     pub denoise: Duration,
 }
 
+impl std::ops::AddAssign for StageTimes {
+    fn add_assign(&mut self, other: StageTimes) {
+        self.vision += other.vision;
+        self.prefix += other.prefix;
+        self.denoise += other.denoise;
+    }
+}
+
 /// The three model stages in one process (one load of the weights).
 pub struct Policy {
     pub config: Config,
@@ -362,6 +487,120 @@ impl Policy {
             },
         ))
     }
+
+    /// Runs up to [`MAX_BATCH`] observations, each with its own noise, in one forward per
+    /// stage: the real cameras of all of them through SigLIP together, every prefix through
+    /// the Gemma together (each at its own positions, with its own prompt length and image
+    /// masks, attending only to itself), every suffix through the expert together against its
+    /// own K/V cache. Row i's actions are bit for bit those of [`Policy::infer`] on row i
+    /// (the GEMMs stack rows only where that keeps each row's order of additions,
+    /// [`crate::cpu::Linear::forward_blocks`]). A row whose inputs are bad gets its error and
+    /// the others still run; too many rows or zero steps fail the call.
+    pub fn infer_batch(&self, rows: &[BatchRow<'_>], steps: usize) -> Result<BatchOutput> {
+        check_batch(rows.len())?;
+        if steps == 0 {
+            return Err(Error::Input("denoise: steps must be at least 1".into()));
+        }
+        let mut results: Vec<Option<Result<Vec<f32>>>> = rows.iter().map(|_| None).collect();
+        let mut live = Vec::with_capacity(rows.len());
+        for (i, row) in rows.iter().enumerate() {
+            match self.check_row(row, steps) {
+                Ok(()) => live.push(i),
+                Err(e) => results[i] = Some(Err(e)),
+            }
+        }
+        let t0 = Instant::now();
+        let inputs: Vec<(&[f32], &[bool])> = live
+            .iter()
+            .map(|&i| (&rows[i].obs.images[..], &rows[i].obs.image_masks[..]))
+            .collect();
+        let embeddings = self.vision.run_batch(&inputs)?;
+        let t1 = Instant::now();
+        let mut prefixes = Vec::with_capacity(live.len());
+        let mut embedded = Vec::with_capacity(live.len());
+        for (&i, emb) in live.iter().zip(&embeddings) {
+            let obs = rows[i].obs;
+            match self.prefix.embed(emb, &obs.tokens, &obs.token_mask) {
+                Ok(x) => {
+                    prefixes.push(x);
+                    embedded.push(i);
+                }
+                Err(e) => results[i] = Some(Err(e)),
+            }
+        }
+        let caches = self.prefix.run_batch(&prefixes);
+        let t2 = Instant::now();
+        let cache_refs: Vec<&KvCache> = caches.iter().collect();
+        let states: Vec<Option<&[f32]>> = embedded
+            .iter()
+            .map(|&i| rows[i].obs.state.as_deref())
+            .collect();
+        let noises: Vec<&[f32]> = embedded.iter().map(|&i| rows[i].noise).collect();
+        let actions = self
+            .denoise
+            .run_batch(&cache_refs, &states, &noises, steps)?;
+        let t3 = Instant::now();
+        for (i, a) in embedded.into_iter().zip(actions) {
+            results[i] = Some(Ok(a));
+        }
+        Ok(BatchOutput {
+            actions: results
+                .into_iter()
+                .map(|r| {
+                    r.unwrap_or_else(|| Err(Error::Input("internal: a row was not run".into())))
+                })
+                .collect(),
+            times: StageTimes {
+                vision: t1 - t0,
+                prefix: t2 - t1,
+                denoise: t3 - t2,
+            },
+        })
+    }
+
+    /// What [`Policy::infer`] checks of one observation before running it (token ids are
+    /// checked when the prompt is embedded).
+    fn check_row(&self, row: &BatchRow<'_>, steps: usize) -> Result<()> {
+        let obs = row.obs;
+        let real_images = self
+            .vision
+            .real_images(&obs.images, &obs.image_masks)?
+            .len();
+        check_prompt(&self.config, &obs.tokens, &obs.token_mask)?;
+        let real_tokens = obs.token_mask.iter().filter(|&&m| m).count();
+        crate::observation::check_visible(real_images, real_tokens)?;
+        check_sampler_inputs(&self.config, obs.state.as_deref(), row.noise, steps)
+    }
+}
+
+/// The most observations one batched forward takes ([`Policy::infer_batch`],
+/// [`crate::backend::Runner::infer_batch`]).
+pub const MAX_BATCH: usize = 8;
+
+/// A batch of `rows` observations is at most [`MAX_BATCH`].
+pub fn check_batch(rows: usize) -> Result<()> {
+    if rows > MAX_BATCH {
+        return Err(Error::Input(format!(
+            "a batch of {rows} observations; at most {MAX_BATCH} run together"
+        )));
+    }
+    Ok(())
+}
+
+/// One observation of a batch and its noise [action_horizon, action_dim] (the noise a
+/// single request with the same seed gets: [`crate::observation::noise_from_seed`]).
+#[derive(Clone, Copy)]
+pub struct BatchRow<'a> {
+    pub obs: &'a Observation,
+    pub noise: &'a [f32],
+}
+
+/// A batch's answer: each row's actions [action_horizon, action_dim], or why that row could
+/// not run; and the time of each stage for the whole batch.
+#[derive(Debug)]
+pub struct BatchOutput {
+    pub actions: Vec<Result<Vec<f32>>>,
+    pub times: StageTimes,
 }
 
 #[cfg(test)]

@@ -86,6 +86,15 @@ impl Siglip {
     /// Returns [n * tokens_per_image, vlm_width]. Images do not attend to each other, so
     /// they are batched through every Linear and split only for attention.
     pub fn forward(&self, pixels: &[f32], n: usize) -> Vec<f32> {
+        self.forward_blocks(pixels, &[n])
+    }
+
+    /// [`Siglip::forward`] of the images of several observations at once (`images[i]` of
+    /// observation i after those of observation i-1): every Linear runs over all their
+    /// tokens, row for row with the bits each observation's images get alone
+    /// ([`Linear::forward_blocks`]).
+    pub fn forward_blocks(&self, pixels: &[f32], images: &[usize]) -> Vec<f32> {
+        let n: usize = images.iter().sum();
         let c = &self.cfg;
         let (size, p, vw) = (c.image_size, c.patch_size, c.vision_width);
         let t = c.tokens_per_image();
@@ -95,6 +104,7 @@ impl Siglip {
             "siglip: pixel buffer size"
         );
         let rows = n * t;
+        let blocks: Vec<usize> = images.iter().map(|&i| i * t).collect();
         let grid = size / p;
         // im2col: patch (gy, gx) of image i -> row i*t + gy*grid + gx, columns (ch, ky, kx).
         let mut patches = vec![0.0f32; rows * 3 * p * p];
@@ -114,7 +124,7 @@ impl Siglip {
                 }
             }
         }
-        let mut x = self.patch.forward(&patches, rows);
+        let mut x = self.patch.forward_blocks(&patches, &blocks);
         for tok in x.chunks_exact_mut(t * vw) {
             tok.iter_mut()
                 .zip(&self.position)
@@ -131,9 +141,9 @@ impl Siglip {
                 &layer.ln1.bias,
                 c.layer_norm_eps,
             );
-            let q = layer.q.forward(&h, rows);
-            let k = layer.k.forward(&h, rows);
-            let v = layer.v.forward(&h, rows);
+            let q = layer.q.forward_blocks(&h, &blocks);
+            let k = layer.k.forward_blocks(&h, &blocks);
+            let v = layer.v.forward_blocks(&h, &blocks);
             let mut att = vec![0.0f32; rows * vw];
             for i in 0..n {
                 let r = i * t * vw..(i + 1) * t * vw;
@@ -150,7 +160,7 @@ impl Siglip {
                 );
                 att[r].copy_from_slice(&o);
             }
-            cpu::add_residual(&mut x, &layer.out.forward(&att, rows), None);
+            cpu::add_residual(&mut x, &layer.out.forward_blocks(&att, &blocks), None);
             let mut h = x.clone();
             cpu::layer_norm(
                 &mut h,
@@ -159,9 +169,9 @@ impl Siglip {
                 &layer.ln2.bias,
                 c.layer_norm_eps,
             );
-            let mut m = layer.fc1.forward(&h, rows);
+            let mut m = layer.fc1.forward_blocks(&h, &blocks);
             m.iter_mut().for_each(|v| *v = cpu::gelu_tanh(*v));
-            cpu::add_residual(&mut x, &layer.fc2.forward(&m, rows), None);
+            cpu::add_residual(&mut x, &layer.fc2.forward_blocks(&m, &blocks), None);
         }
         cpu::layer_norm(
             &mut x,
@@ -170,6 +180,6 @@ impl Siglip {
             &self.post_ln.bias,
             c.layer_norm_eps,
         );
-        self.projector.forward(&x, rows)
+        self.projector.forward_blocks(&x, &blocks)
     }
 }

@@ -82,11 +82,13 @@ pub fn checkpoint_with(dir: &Path, preset: &str, seed: u64, flags: &[&str]) -> P
 }
 
 /// The graph variables a test may set, as `turbopi serve` flags.
-const FLAGS: [(&str, &str); 4] = [
+const FLAGS: [(&str, &str); 6] = [
     ("TURBOPI_MAX_MESSAGE_MB", "--max-message-mb"),
     ("TURBOPI_REQUEST_TIMEOUT_S", "--request-timeout-s"),
     ("TURBOPI_BACKEND", "--backend"),
     ("TURBOPI_SEED", "--seed"),
+    ("TURBOPI_MAX_BATCH", "--max-batch"),
+    ("TURBOPI_BATCH_WINDOW_MS", "--batch-window-ms"),
 ];
 
 /// A serving graph started by `turbopi serve`, stopped (SIGINT) on drop.

@@ -9,6 +9,10 @@
 //!   well-formed client on another connection keeps being served (tools/openpi/hostile.py);
 //! - every graph runs under `turbopi serve`, and SIGINT to it stops the dataflow without
 //!   leaving a node process behind (here serving a checkpoint whose config.json is openpi's);
+//! - several openpi-clients at once (tools/openpi/load.py): the policy runs their requests in
+//!   batches (`policy_timing.batch_size` > 1 seen), every answer equals `turbopi infer
+//!   --openpi` on its own observation with its frame's seed, bit for bit, every frame seq is
+//!   answered once, and bad requests sent meanwhile fail only their own clients (1011);
 //! - a checkpoint whose config.json is what openpi's converter writes (variant names only,
 //!   here openpi's `dummy` test model) is inspected and runs as it comes; a wrong variant or
 //!   size is refused, naming the field.
@@ -173,6 +177,90 @@ fn openpi_clients_against_the_served_dataflow() {
         let a = npy::read_f64(&droid.join(format!("frame{i}.actions.npy"))).unwrap();
         let b = npy::read_f64(&split.join(format!("frame{i}.actions.npy"))).unwrap();
         assert_eq!(a, b, "serve_split.yml frame {i} differs from serve.yml");
+    }
+}
+
+/// Concurrent clients, batched: `CLIENTS` closed-loop openpi-clients of `REQUESTS` requests
+/// each, and one client sending bad requests, against serve.yml with a batching window long
+/// enough that requests arriving together share a batch.
+#[test]
+fn concurrent_clients_are_batched_and_get_their_own_actions() {
+    const CLIENTS: usize = 4;
+    const REQUESTS: usize = 3;
+    for b in ["openpi-server", "policy", "turbopi"] {
+        bin(b);
+    }
+    let py = openpi_client_path();
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let ck = checkpoint(dir, "pi05-small", 13);
+    let env = [
+        ("TURBOPI_MAX_MESSAGE_MB", MAX_MESSAGE_MB.to_string()),
+        ("TURBOPI_MAX_BATCH", "4".to_string()),
+        ("TURBOPI_BATCH_WINDOW_MS", "250".to_string()),
+        ("TURBOPI_SEED", "100".to_string()),
+    ];
+    let served = Served::start("serve.yml", &ck, "libero", dir.join("load.log"), &env);
+    let out = dir.join("load");
+    let report = dir.join("load.json");
+    let status = python("load.py", &py)
+        .args(["--port", &served.port.to_string(), "--robot", "libero"])
+        .args(["--clients", &CLIENTS.to_string()])
+        .args(["--requests", &REQUESTS.to_string()])
+        .args([
+            "--bad-clients",
+            "1",
+            "--horizon",
+            &HORIZON.to_string(),
+            "--out",
+        ])
+        .arg(&out)
+        .arg("--report")
+        .arg(&report)
+        .stdout(Stdio::inherit())
+        .stderr(Stdio::inherit())
+        .status()
+        .unwrap();
+    assert!(
+        status.success(),
+        "load.py failed; server log:\n{}",
+        served.log_text()
+    );
+    let log = served.stop();
+    let r: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&report).unwrap()).unwrap();
+    assert_eq!(r["requests"], CLIENTS * REQUESTS, "{r}");
+    assert!(r["bad_requests_failed"].as_u64().unwrap_or(0) >= 1, "{r}");
+    let sizes = r["batch_sizes"].as_object().unwrap();
+    assert!(
+        sizes.keys().any(|k| k.parse::<usize>().unwrap_or(0) > 1),
+        "no request ran in a batch of more than one: {r}\n{log}"
+    );
+    assert!(log.contains("batches: "), "{log}");
+    let requests: Vec<serde_json::Value> =
+        serde_json::from_str(&std::fs::read_to_string(out.join("requests.json")).unwrap()).unwrap();
+    // Counted and lossless: every frame seq answered once, bad requests never got one.
+    let mut frames: Vec<u64> = requests
+        .iter()
+        .map(|q| q["frame"].as_u64().unwrap())
+        .collect();
+    frames.sort();
+    assert_eq!(frames, (0..(CLIENTS * REQUESTS) as u64).collect::<Vec<_>>());
+    for q in &requests {
+        let file = q["file"].as_str().unwrap();
+        let frame = q["frame"].as_u64().unwrap() as usize;
+        let got = npy::read_f64(&out.join(format!("{file}.actions.npy"))).unwrap();
+        let want = infer(
+            &ck,
+            "libero",
+            &out.join(format!("{file}.msgpack")),
+            100 + frame,
+        );
+        assert_eq!(
+            got, want,
+            "{file} (frame {frame}, batch of {}) differs from turbopi infer on its own",
+            q["batch_size"]
+        );
     }
 }
 

@@ -59,6 +59,43 @@ pub fn env_flag(name: &str, default: bool) -> Result<bool> {
     }
 }
 
+/// A batch size setting (`MAX_BATCH`): 1 to [`operators::MAX_BATCH`].
+pub fn parse_max_batch(value: &str) -> std::result::Result<usize, String> {
+    match value.trim().parse::<usize>() {
+        Ok(b) if (1..=operators::MAX_BATCH).contains(&b) => Ok(b),
+        _ => Err(format!(
+            "env MAX_BATCH={value:?} must be a whole number from 1 to {}",
+            operators::MAX_BATCH
+        )),
+    }
+}
+
+/// A batching window (`BATCH_WINDOW_MS`): milliseconds from 0 to 10000.
+pub fn parse_batch_window_ms(value: &str) -> std::result::Result<std::time::Duration, String> {
+    match value.trim().parse::<f64>() {
+        Ok(ms) if ms.is_finite() && (0.0..=10_000.0).contains(&ms) => {
+            Ok(std::time::Duration::from_secs_f64(ms / 1e3))
+        }
+        _ => Err(format!(
+            "env BATCH_WINDOW_MS={value:?} must be a number of milliseconds from 0 to 10000"
+        )),
+    }
+}
+
+/// `MAX_BATCH` (default [`operators::MAX_BATCH`]) and `BATCH_WINDOW_MS` (default 0) from the
+/// environment.
+pub fn batching_from_env() -> Result<(usize, std::time::Duration)> {
+    let max = match env_opt::<String>("MAX_BATCH")? {
+        Some(v) => parse_max_batch(&v).map_err(|e| eyre!(e))?,
+        None => operators::MAX_BATCH,
+    };
+    let window = match env_opt::<String>("BATCH_WINDOW_MS")? {
+        Some(v) => parse_batch_window_ms(&v).map_err(|e| eyre!(e))?,
+        None => std::time::Duration::ZERO,
+    };
+    Ok((max, window))
+}
+
 /// A required path from the environment that must exist.
 pub fn env_path(name: &str) -> Result<PathBuf> {
     let p: PathBuf = env_opt(name)?.ok_or_else(|| eyre!("env {name} is required"))?;

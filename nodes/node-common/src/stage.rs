@@ -9,7 +9,7 @@
 
 use std::time::{Duration, Instant};
 
-use dora_node_api::{DoraNode, Event, EventStream, IntoArrow, MetadataParameters};
+use dora_node_api::{DoraNode, Event, EventStream, IntoArrow, MetadataParameters, TryRecvError};
 use eyre::{eyre, Result};
 
 use crate::events::{recv_for, recv_within, Waited};
@@ -84,7 +84,8 @@ pub trait Stage {
     }
 
     /// How long to wait for the next event before calling [`Stage::poll`] anyway; None
-    /// waits as long as it takes (nothing in flight).
+    /// waits as long as it takes (nothing in flight); zero does not wait: takes an event
+    /// already queued, or polls at once with [`Cx::idle`] true.
     fn poll_interval(&self) -> Option<Duration> {
         None
     }
@@ -115,6 +116,8 @@ pub struct Cx<'a> {
     frames: &'a mut Frames,
     traced_as: &'static str,
     fatal: &'a mut Option<eyre::Report>,
+    /// In [`Stage::poll`]: no event was waiting when it was called.
+    idle: bool,
 }
 
 impl Cx<'_> {
@@ -136,6 +139,13 @@ impl Cx<'_> {
         self.node
             .send_output(output.to_string().into(), params, data)
             .map_err(|e| eyre!("sending {output}: {e}"))
+    }
+
+    /// In [`Stage::poll`]: true when no event was waiting (the loop found its queue empty,
+    /// or waited [`Stage::poll_interval`] for nothing); false after an event. A stage that
+    /// batches the frames already waiting runs its batch when this is true.
+    pub fn idle(&self) -> bool {
+        self.idle
     }
 
     /// Frame `meta` failed with `err` (outside `on_frame`, whose errors the loop rejects).
@@ -179,6 +189,7 @@ pub fn run<S: Stage>(
                 frames: &mut frames,
                 traced_as: spec.traced_as,
                 fatal: &mut fatal,
+                idle: false,
             }
         };
     }
@@ -186,7 +197,18 @@ pub fn run<S: Stage>(
     // such as `release` looping back from a consumer, would keep the stream open forever.)
     let mut open = spec.parts.clone();
     loop {
-        match recv_for(&mut events, stage.poll_interval()) {
+        // `idle`: no event was waiting (the wait timed out, or none was queued when the stage
+        // asked not to wait at all).
+        let waited = match stage.poll_interval() {
+            Some(wait) if wait.is_zero() => match events.try_recv() {
+                Ok(event) => Waited::Event(event),
+                Err(TryRecvError::Empty) => Waited::TimedOut,
+                Err(TryRecvError::Closed) => Waited::Closed,
+            },
+            wait => recv_for(&mut events, wait),
+        };
+        let idle = matches!(waited, Waited::TimedOut);
+        match waited {
             Waited::Closed | Waited::Event(Event::Stop(_)) => break,
             Waited::Event(Event::InputClosed { id }) => {
                 open.retain(|p| *p != id.as_str());
@@ -223,7 +245,9 @@ pub fn run<S: Stage>(
         if let Some(e) = fatal.take() {
             return Err(e);
         }
-        stage.poll(&mut cx!());
+        let mut cx = cx!();
+        cx.idle = idle;
+        stage.poll(&mut cx);
         if let Some(e) = fatal.take() {
             return Err(e);
         }

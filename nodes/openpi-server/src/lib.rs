@@ -150,6 +150,9 @@ pub struct Reply {
     pub actions: Vec<f32>,
     /// The policy's own time for the frame, when it reports one (`infer_ms` metadata).
     pub policy_ms: Option<f64>,
+    /// How many frames the policy ran together with this one, itself included
+    /// (`batch_size` metadata); None when the policy does not say (one at a time).
+    pub batch_size: Option<i64>,
 }
 
 /// The state the connections share: the transforms, the way into the dataflow and the
@@ -301,10 +304,18 @@ impl Hub {
                 server.push(("prev_total_ms".to_string(), Out::Float(p)));
             }
             server.push(("dataflow_ms".to_string(), Out::Float(dataflow_ms)));
-            let policy = vec![(
-                "infer_ms".to_string(),
-                Out::Float(reply.policy_ms.unwrap_or(dataflow_ms)),
-            )];
+            // The frame's seq: its noise seed is the policy's SEED + seq.
+            server.push(("frame".to_string(), Out::Int(seq as i64)));
+            let policy = vec![
+                (
+                    "infer_ms".to_string(),
+                    Out::Float(reply.policy_ms.unwrap_or(dataflow_ms)),
+                ),
+                (
+                    "batch_size".to_string(),
+                    Out::Int(reply.batch_size.unwrap_or(1)),
+                ),
+            ];
             Ok(hub
                 .transforms
                 .response(
@@ -566,11 +577,16 @@ fn on_actions(
         Some(Parameter::Float(v)) => Some(*v),
         _ => None,
     };
+    let batch_size = match md.get("batch_size") {
+        Some(Parameter::Integer(b)) if *b >= 1 => Some(*b),
+        _ => None,
+    };
     if !hub.complete(
         meta.seq,
         Ok(Reply {
             actions: a.to_vec(),
             policy_ms,
+            batch_size,
         }),
     ) {
         eprintln!(
@@ -778,6 +794,7 @@ mod tests {
                 let reply = Reply {
                     actions: vec![f.seq as f32 / 100.0; n],
                     policy_ms: Some(1.5),
+                    batch_size: Some(2),
                 };
                 h.complete(f.seq, Ok(reply));
             }
@@ -845,7 +862,10 @@ mod tests {
             assert_eq!(a.to_f64("a").unwrap(), want);
             let policy = v.get("policy_timing").and_then(|t| t.get("infer_ms"));
             assert_eq!(policy, Some(&Value::Float(1.5)));
+            let batch = v.get("policy_timing").and_then(|t| t.get("batch_size"));
+            assert_eq!(batch, Some(&Value::Int(2)));
             let server = v.get("server_timing").unwrap();
+            assert_eq!(server.get("frame"), Some(&Value::Int(seq as i64)));
             assert!(matches!(server.get("infer_ms"), Some(Value::Float(ms)) if *ms >= 0.0));
             assert_eq!(server.get("prev_total_ms").is_some(), seq > 0);
         }

@@ -2,7 +2,7 @@
 //! messages between stages), on the backend named by `BACKEND`.
 
 use std::collections::VecDeque;
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use dora_node_api::{DoraNode, EventStream};
 use eyre::{bail, eyre, Result};
@@ -11,11 +11,12 @@ use node_common::prompt::{frame_prompt, prompt_from_env, TOKENS};
 use node_common::reject::declares_rejected;
 use node_common::stage::{self, Cx, Spec, Stage};
 use node_common::{
-    backend_from_env, checkpoint_from_env, env_flag, env_or, frame_state, model_images, FrameMeta,
+    backend_from_env, batching_from_env, checkpoint_from_env, env_flag, env_or, frame_state,
+    model_images, FrameMeta,
 };
 use operators::backend::{self, Runner};
 use operators::observation::noise_from_seed;
-use operators::{Config, Observation, StageTimes};
+use operators::{BatchRow, Config, Observation, StageTimes, MAX_BATCH};
 
 pub struct Settings {
     pub steps: usize,
@@ -33,12 +34,18 @@ pub struct Settings {
     pub pipeline: bool,
     /// The backend's stage times are device times (CUDA events), traced as `gpu_ms`.
     pub gpu_stage_times: bool,
+    /// The most frames run together (1 to [`MAX_BATCH`]; 1: one frame at a time).
+    pub max_batch: usize,
+    /// How long the first frame of a batch waits for more; zero: a batch is the frames
+    /// already waiting.
+    pub batch_window: Duration,
 }
 
 /// Env: `CHECKPOINT`, `PROMPT` (dir with tokens.npy, token_mask.npy; not needed when the
 /// `tokens` input is wired), `BACKEND` (cpu),
 /// `DTYPE` (f32 on cpu, bf16 on cuda), `STEPS` (10), `SEED` (0), `PIPELINE` (false; true:
-/// up to two frames in flight, BACKEND=cuda).
+/// up to two frames in flight, BACKEND=cuda), `MAX_BATCH` (8) and `BATCH_WINDOW_MS` (0):
+/// without PIPELINE, frames waiting together run as one batch.
 pub fn run(node: DoraNode, events: EventStream) -> Result<()> {
     let (kind, precision) = backend_from_env()?;
     let steps: usize = env_or("STEPS", 10)?;
@@ -47,6 +54,7 @@ pub fn run(node: DoraNode, events: EventStream) -> Result<()> {
     }
     let seed: u64 = env_or("SEED", 0)?;
     let pipeline = env_flag("PIPELINE", false)?;
+    let (max_batch, batch_window) = batching_from_env()?;
     if pipeline && kind != operators::backend::BackendKind::Cuda {
         bail!("env PIPELINE=true needs BACKEND=cuda (the cpu backend runs one frame at a time)");
     }
@@ -71,6 +79,8 @@ pub fn run(node: DoraNode, events: EventStream) -> Result<()> {
         send_rejections: declares_rejected(&node),
         pipeline,
         gpu_stage_times: kind == operators::backend::BackendKind::Cuda,
+        max_batch,
+        batch_window,
     };
     if pipeline {
         return run_pipelined(&ckpt.config, runner.as_mut(), &settings, node, events);
@@ -88,6 +98,7 @@ fn send_actions(
     meta: FrameMeta,
     (actions, times): (Vec<f32>, StageTimes),
     done: SystemTime,
+    batch: usize,
 ) -> Result<()> {
     let denoise =
         cx.tracer
@@ -99,6 +110,11 @@ fn send_actions(
     md.insert(
         "infer_ms".into(),
         dora_node_api::Parameter::Float(infer.as_secs_f64() * 1e3),
+    );
+    // The frames run together with this one (itself included).
+    md.insert(
+        "batch_size".into(),
+        dora_node_api::Parameter::Integer(batch as i64),
     );
     cx.send("actions", md, actions)
 }
@@ -142,19 +158,109 @@ fn observation(
     Ok((obs, noise))
 }
 
-/// One frame at a time: each runs to its actions before the next is taken.
-struct Sequential<'a> {
+/// Frames in batches: a joined frame waits with the others until the batch is full
+/// (`max_batch`), or until no message is waiting (window zero) or the first frame has waited
+/// `batch_window`; then they run in one [`Runner::infer_batch`], each frame with its own
+/// noise, and each gets its own actions (or its own rejection) as soon as the batch ends.
+/// With `max_batch` 1 every frame runs on its own at once.
+struct Batched<'a> {
     cfg: &'a Config,
     runner: &'a mut dyn Runner,
     settings: &'a Settings,
+    /// Frames joined and not yet run, with their model inputs and noise.
+    waiting: Vec<(FrameMeta, Observation, Vec<f32>)>,
+    /// When the oldest waiting frame was joined.
+    opened: Option<Instant>,
+    /// Batches run, by size (index 0 unused).
+    sizes: [u64; MAX_BATCH + 1],
 }
 
-impl Stage for Sequential<'_> {
+impl Batched<'_> {
+    fn run_batch(&mut self, cx: &mut Cx) {
+        let batch = std::mem::take(&mut self.waiting);
+        self.opened = None;
+        if batch.is_empty() {
+            return;
+        }
+        let rows: Vec<BatchRow> = batch
+            .iter()
+            .map(|(_, obs, noise)| BatchRow { obs, noise })
+            .collect();
+        let result = self.runner.infer_batch(&rows, self.settings.steps);
+        let done = SystemTime::now();
+        let n = batch.len();
+        match result {
+            Ok(out) => {
+                if let Some(count) = self.sizes.get_mut(n) {
+                    *count += 1;
+                }
+                for ((meta, ..), actions) in batch.into_iter().zip(out.actions) {
+                    let sent = match actions {
+                        Ok(a) => {
+                            send_actions(cx, self.cfg, self.settings, meta, (a, out.times), done, n)
+                        }
+                        Err(e) => Err(e.into()),
+                    };
+                    if let Err(e) = sent {
+                        cx.reject(meta, &e);
+                    }
+                }
+            }
+            Err(e) => {
+                let e = eyre!(e);
+                for (meta, ..) in batch {
+                    cx.reject(meta, &e);
+                }
+            }
+        }
+    }
+}
+
+impl Stage for Batched<'_> {
     fn on_frame(&mut self, cx: &mut Cx, frame: Joined) -> Result<()> {
         let (obs, noise) = observation(&frame, self.cfg, self.settings)?;
-        let done = self.runner.infer(&obs, &noise, self.settings.steps)?;
-        let t = SystemTime::now();
-        send_actions(cx, self.cfg, self.settings, frame.meta(), done, t)
+        self.opened.get_or_insert_with(Instant::now);
+        self.waiting.push((frame.meta(), obs, noise));
+        if self.waiting.len() >= self.settings.max_batch {
+            self.run_batch(cx);
+        }
+        Ok(())
+    }
+
+    /// Frames waiting: wait for more only until the window closes (zero: not at all).
+    fn poll_interval(&self) -> Option<Duration> {
+        let opened = self.opened?;
+        Some(self.settings.batch_window.saturating_sub(opened.elapsed()))
+    }
+
+    fn poll(&mut self, cx: &mut Cx) {
+        let Some(opened) = self.opened else {
+            return;
+        };
+        let window = self.settings.batch_window;
+        // Window zero: run once nothing more is waiting. Otherwise once the window is over,
+        // even while messages keep coming.
+        if opened.elapsed() >= window && (cx.idle() || !window.is_zero()) {
+            self.run_batch(cx);
+        }
+    }
+
+    fn finish(&mut self, cx: &mut Cx) {
+        self.run_batch(cx);
+    }
+
+    fn summary(&self) -> String {
+        let sizes: Vec<String> = self
+            .sizes
+            .iter()
+            .enumerate()
+            .filter(|(_, &n)| n > 0)
+            .map(|(size, n)| format!("{n} of {size}"))
+            .collect();
+        if sizes.is_empty() {
+            return String::new();
+        }
+        format!(", batches: {}", sizes.join(", "))
     }
 }
 
@@ -165,17 +271,28 @@ pub fn run_with(
     node: DoraNode,
     events: EventStream,
 ) -> Result<()> {
+    run_batched(cfg, runner, settings, node, events).map(|_| ())
+}
+
+/// [`run_with`]; gives the number of batches run of each size (index = size).
+pub fn run_batched(
+    cfg: &Config,
+    runner: &mut dyn Runner,
+    settings: &Settings,
+    node: DoraNode,
+    events: EventStream,
+) -> Result<[u64; MAX_BATCH + 1]> {
     let spec = spec(settings, runner.describe());
-    stage::run(
-        &spec,
-        &mut Sequential {
-            cfg,
-            runner,
-            settings,
-        },
-        node,
-        events,
-    )
+    let mut stage = Batched {
+        cfg,
+        runner,
+        settings,
+        waiting: Vec::new(),
+        opened: None,
+        sizes: [0; MAX_BATCH + 1],
+    };
+    stage::run(&spec, &mut stage, node, events)?;
+    Ok(stage.sizes)
 }
 
 /// Frames overlapped on the backend: a frame is submitted as soon as its parts are joined
@@ -203,9 +320,15 @@ impl Pipelined<'_> {
             return;
         };
         let result = match done {
-            Ok(Some(done)) => {
-                send_actions(cx, self.cfg, self.settings, meta, done, SystemTime::now())
-            }
+            Ok(Some(done)) => send_actions(
+                cx,
+                self.cfg,
+                self.settings,
+                meta,
+                done,
+                SystemTime::now(),
+                1,
+            ),
             Ok(None) => Err(eyre!("internal: frame {} was not in flight", meta.seq)),
             Err(e) => Err(e.into()),
         };
@@ -354,6 +477,8 @@ mod tests {
             send_rejections: false,
             pipeline: false,
             gpu_stage_times: false,
+            max_batch: 1,
+            batch_window: Duration::ZERO,
         };
         let out = run_node("policy", events(), |node, ev| {
             run_with(&cfg, &mut policy, &settings, node, ev)
@@ -466,6 +591,8 @@ mod tests {
             send_rejections: true,
             pipeline: false,
             gpu_stage_times: false,
+            max_batch: 1,
+            batch_window: Duration::ZERO,
         };
         let out = run_node("policy", events(), |node, ev| {
             run_with(&cfg, &mut policy, &settings, node, ev)
@@ -524,6 +651,187 @@ mod tests {
         }
     }
 
+    /// Frames waiting together run as one batch (here: up to 3, the window long enough that
+    /// only a full batch or the end of the stream runs one), each with its own noise, and
+    /// each gets the actions it gets alone, bit for bit; a frame the policy refuses inside a
+    /// batch is rejected alone, and the rest of its batch is answered.
+    #[test]
+    fn waiting_frames_run_as_one_batch_with_their_own_actions() {
+        let ckpt = Checkpoint::open(&golden("pi0_small").join("checkpoint")).unwrap();
+        let cfg = ckpt.config.clone();
+        let mut policy = Policy::load(&ckpt, |_, _| {}).unwrap();
+        let (n, s) = (cfg.num_images, cfg.image_size);
+        let px = |seq: u64| -> Vec<u8> {
+            (0..n * s * s * 3)
+                .map(|i| ((i as u64 * 11 + seq * 29) % 256) as u8)
+                .collect()
+        };
+        let shape: &'static [usize] = Box::leak(vec![n, s, s, 3].into_boxed_slice());
+        // Frame 13 shows the model nothing: the node takes it, the policy refuses it.
+        let masks = |seq: u64| match seq {
+            13 => vec![0i64, 0, 0],
+            _ if seq % 2 == 0 => vec![1, 1, 0],
+            _ => vec![1, 0, 1],
+        };
+        let images = |seq| TensorInput {
+            id: "images",
+            seq,
+            shape,
+            dtype: "uint8",
+            arrow_type: "UInt8",
+            values: json(&px(seq)),
+            extra: vec![("image_masks", Parameter::ListInt(masks(seq)))],
+        };
+        let real = |seq: u64| if seq == 13 { 0 } else { 1 + (seq as usize % 4) };
+        let prompt = |seq: u64| -> (Vec<i32>, Vec<i64>) {
+            let ids = (0..6).map(|i| (seq as i32 * 7 + i * 3) % 256).collect();
+            let mask = (0..6).map(|i| i64::from(i < real(seq))).collect();
+            (ids, mask)
+        };
+        let tokens = |seq: u64| {
+            let (ids, mask) = prompt(seq);
+            TensorInput {
+                id: "tokens",
+                seq,
+                shape: &[6],
+                dtype: "int32",
+                arrow_type: "Int32",
+                values: json(&ids),
+                extra: vec![("token_mask", Parameter::ListInt(mask))],
+            }
+        };
+        let state = |seq: u64| TensorInput {
+            id: "state",
+            seq,
+            shape: &[8],
+            dtype: "float32",
+            arrow_type: "Float32",
+            values: json(&[seq as f32 * -0.05; 8]),
+            extra: vec![],
+        };
+        let seqs = 10..17u64;
+        let mut events = vec![];
+        for (k, seq) in seqs.clone().enumerate() {
+            let t = k as f64 * 0.01;
+            // Parts in a different order every frame.
+            let mut parts = vec![images(seq), state(seq), tokens(seq)];
+            parts.rotate_left(k % 3);
+            for p in parts {
+                events.push(event(t, p));
+            }
+        }
+        let settings = Settings {
+            steps: 2,
+            seed: 5,
+            tokens: vec![],
+            token_mask: vec![],
+            parts: vec!["state", TOKENS],
+            send_rejections: true,
+            pipeline: false,
+            gpu_stage_times: false,
+            max_batch: 3,
+            batch_window: Duration::from_secs(30),
+        };
+        let mut sizes = [0; MAX_BATCH + 1];
+        let out = run_node("policy", events, |node, ev| {
+            sizes = run_batched(&cfg, &mut policy, &settings, node, ev)?;
+            Ok(())
+        })
+        .unwrap();
+        // 10-12, then 13-15 (13 refused inside the batch), then 16 when the stream ends.
+        assert_eq!(sizes[3], 2, "{sizes:?}");
+        assert_eq!(sizes[1], 1, "{sizes:?}");
+        let ids: Vec<&str> = out.iter().filter_map(|o| o["id"].as_str()).collect();
+        assert_eq!(
+            ids,
+            ["actions", "actions", "actions", "rejected", "actions", "actions", "actions"],
+            "{out:?}"
+        );
+        // Frame 13's rejection, sent in its batch's order.
+        let why = out[3]["data"][0].as_str().unwrap_or_default();
+        assert!(why.contains("shows the model nothing"), "{why}");
+        let mut answered = out.iter().filter(|o| o["id"] == "actions");
+        for seq in seqs.filter(|&s| s != 13) {
+            let (ids, mask) = prompt(seq);
+            let obs = Observation {
+                images: px(seq)
+                    .chunks_exact(s * s * 3)
+                    .flat_map(|c| image::to_model_input(c, s, s, s))
+                    .collect(),
+                image_masks: masks(seq).iter().map(|&m| m != 0).collect(),
+                tokens: ids,
+                token_mask: mask.iter().map(|&m| m != 0).collect(),
+                state: Some(vec![seq as f32 * -0.05; 8]),
+                noise: None,
+            };
+            let (want, _) = policy
+                .infer(&obs, &noise_from_seed(&cfg, 5 + seq), 2)
+                .unwrap();
+            let got: Vec<f32> = answered
+                .next()
+                .map(values)
+                .unwrap_or_default()
+                .iter()
+                .map(|&v| v as f32)
+                .collect();
+            assert_eq!(
+                got.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                want.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                "frame {seq}"
+            );
+        }
+    }
+
+    /// A batch does not wait for a full batch: with window zero a frame runs as soon as no
+    /// message is waiting, with a window once the window has passed (frames here arrive 1.5 s
+    /// apart, far beyond both, so each runs alone).
+    #[test]
+    fn a_frame_alone_runs_once_nothing_waits_or_its_window_closes() {
+        let ckpt = Checkpoint::open(&golden("pi05_small").join("checkpoint")).unwrap();
+        let cfg = ckpt.config.clone();
+        let mut policy = Policy::load(&ckpt, |_, _| {}).unwrap();
+        let (tokens, token_mask) =
+            load_prompt(&golden("pi05_small").join("observation"), &cfg).unwrap();
+        let (n, s) = (cfg.num_images, cfg.image_size);
+        let px: Vec<u8> = (0..n * s * s * 3).map(|i| (i * 7 % 256) as u8).collect();
+        let shape: &'static [usize] = Box::leak(vec![n, s, s, 3].into_boxed_slice());
+        let msg = |seq| TensorInput {
+            id: "images",
+            seq,
+            shape,
+            dtype: "uint8",
+            arrow_type: "UInt8",
+            values: json(&px),
+            extra: vec![("image_masks", Parameter::ListInt(vec![1, 0, 1]))],
+        };
+        for window in [Duration::ZERO, Duration::from_millis(20)] {
+            let settings = Settings {
+                steps: 2,
+                seed: 0,
+                tokens: tokens.clone(),
+                token_mask: token_mask.clone(),
+                parts: vec![],
+                send_rejections: false,
+                pipeline: false,
+                gpu_stage_times: false,
+                max_batch: MAX_BATCH,
+                batch_window: window,
+            };
+            let mut sizes = [0; MAX_BATCH + 1];
+            let out = run_node(
+                "policy",
+                vec![event(0.0, msg(0)), event(1.5, msg(1))],
+                |node, ev| {
+                    sizes = run_batched(&cfg, &mut policy, &settings, node, ev)?;
+                    Ok(())
+                },
+            )
+            .unwrap();
+            assert_eq!(out.len(), 2, "{out:?}");
+            assert_eq!(sizes[1], 2, "window {window:?}: {sizes:?}");
+        }
+    }
+
     /// A frame whose parts never all arrive is rejected when the stream ends, not forgotten.
     #[test]
     fn a_frame_still_waiting_at_the_end_is_rejected() {
@@ -551,6 +859,8 @@ mod tests {
             send_rejections: true,
             pipeline: false,
             gpu_stage_times: false,
+            max_batch: 1,
+            batch_window: Duration::ZERO,
         };
         let out = run_node("policy", events, |node, ev| {
             run_with(&cfg, &mut policy, &settings, node, ev)

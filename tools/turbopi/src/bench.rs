@@ -7,7 +7,10 @@ use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::{Context, Result};
 use operators::backend::{self, BackendKind, Precision, Runner};
-use operators::bench::{bench_pipelined, bench_runner_observed, BenchReport, Setting};
+use operators::bench::{
+    bench_batches, bench_pipelined, bench_runner_observed, format_batches, BatchReport,
+    BenchReport, Setting,
+};
 use operators::checkpoint::Checkpoint;
 use operators::Config;
 
@@ -29,6 +32,8 @@ pub struct BenchArgs {
     pub iters: usize,
     pub warmup: usize,
     pub seed: u64,
+    /// Batch sizes to time besides single frames (`--batch 1,2,4`); none by default.
+    pub batch: Vec<usize>,
     /// Where each timed frame's stage spans go (off by default).
     pub trace: node_common::trace::TraceConfig,
 }
@@ -45,6 +50,7 @@ impl Default for BenchArgs {
             iters: 100,
             warmup: 10,
             seed: 0,
+            batch: vec![],
             trace: Default::default(),
         }
     }
@@ -52,6 +58,21 @@ impl Default for BenchArgs {
 
 /// Loads the policy, runs the benchmark and prints a report; returns the numbers.
 pub fn run(args: &BenchArgs) -> Result<BenchReport> {
+    run_all(args).map(|(r, _)| r)
+}
+
+/// [`run`], with the batched timings of `--batch` (empty without it).
+pub fn run_all(args: &BenchArgs) -> Result<(BenchReport, Vec<BatchReport>)> {
+    if let Some(&b) = args
+        .batch
+        .iter()
+        .find(|&&b| b == 0 || b > operators::MAX_BATCH)
+    {
+        anyhow::bail!(
+            "--batch {b}: batch sizes are 1 to {} (operators::MAX_BATCH)",
+            operators::MAX_BATCH
+        );
+    }
     let setting: Setting = args.setting.parse()?;
     let kind: BackendKind = args.backend.parse()?;
     let precision: Precision = match &args.dtype {
@@ -116,6 +137,24 @@ pub fn run(args: &BenchArgs) -> Result<BenchReport> {
             1e3 / report.mean_ms
         );
     }
+    let batches = if args.batch.is_empty() {
+        vec![]
+    } else {
+        let noises: Vec<Vec<f32>> = (0..operators::MAX_BATCH as u64)
+            .map(|i| operators::observation::noise_from_seed(&cfg, args.seed.wrapping_add(i)))
+            .collect();
+        let reports = bench_batches(
+            runner.as_mut(),
+            &obs,
+            &noises,
+            args.steps,
+            &args.batch,
+            args.iters,
+            args.warmup.min(2),
+        )?;
+        print!("{}", format_batches(&reports));
+        reports
+    };
     if let Some(census) = runner.census()? {
         print!("{}", census.report(args.steps, report.denoise_ms));
     }
@@ -128,7 +167,7 @@ pub fn run(args: &BenchArgs) -> Result<BenchReport> {
             print!("{table}");
         }
     }
-    Ok(report)
+    Ok((report, batches))
 }
 
 /// A policy of `cfg` with random weights: built on the device for cuda; through a random
@@ -262,6 +301,20 @@ mod tests {
         let r = run(&args).unwrap();
         assert_eq!(r.iters, 3);
         assert!(r.p50_ms > 0.0 && r.denoise_ms > 0.0);
+        let batched = BenchArgs {
+            batch: vec![1, 3],
+            ..args.clone()
+        };
+        let (_, b) = run_all(&batched).unwrap();
+        let sizes: Vec<usize> = b.iter().map(|r| r.batch).collect();
+        assert_eq!(sizes, [1, 3]);
+        assert!(b.iter().all(|r| r.iters == 3 && r.frames_per_s > 0.0));
+        let too_big = BenchArgs {
+            batch: vec![2, 9],
+            ..args.clone()
+        };
+        let e = run_all(&too_big).unwrap_err().to_string();
+        assert!(e.contains("--batch 9: batch sizes are 1 to 8"), "{e}");
         let bad = BenchArgs {
             setting: "nope".into(),
             ..args

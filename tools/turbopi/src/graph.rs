@@ -512,6 +512,26 @@ fn check_env(id: &str, kind: Kind, node: &Node, base: &Path, errors: &mut Vec<St
                     }
                 }
             }
+            for (name, parse) in [
+                (
+                    "MAX_BATCH",
+                    (|v| node_common::parse_max_batch(v).map(|_| ()))
+                        as fn(&str) -> std::result::Result<(), String>,
+                ),
+                ("BATCH_WINDOW_MS", |v| {
+                    node_common::parse_batch_window_ms(v).map(|_| ())
+                }),
+            ] {
+                if let Some(v) = env.get(name) {
+                    if kind != Kind::Policy {
+                        err(format!(
+                            "env {name}={v:?}: only the policy node batches frames"
+                        ));
+                    } else if let Err(e) = parse(v) {
+                        err(e);
+                    }
+                }
+            }
             if let Some(d) = env.get("DTYPE") {
                 if d != "f32" && d != "bf16" {
                     err(format!("env DTYPE={d:?} must be `f32` or `bf16`"));

@@ -95,6 +95,10 @@ enum Command {
         warmup: usize,
         #[arg(long, default_value_t = 0)]
         seed: u64,
+        /// Also time batches of these sizes (comma-separated, each 1 to 8; e.g. 1,2,4):
+        /// per-frame latency and frames/s of the backend's batched forward.
+        #[arg(long, value_delimiter = ',')]
+        batch: Vec<usize>,
         #[command(flatten)]
         trace: spans::TraceArgs,
     },
@@ -234,6 +238,7 @@ fn main() -> ExitCode {
             iters,
             warmup,
             seed,
+            batch,
             trace,
         } => trace
             .config()
@@ -248,6 +253,7 @@ fn main() -> ExitCode {
                     iters,
                     warmup,
                     seed,
+                    batch,
                     trace,
                 })
             })

@@ -76,6 +76,13 @@ pub struct ServeArgs {
     /// Seconds a request may wait for its actions (default 60).
     #[arg(long)]
     pub request_timeout_s: Option<f64>,
+    /// The most requests the policy runs as one batch, 1 to 8 (default 8).
+    #[arg(long)]
+    pub max_batch: Option<String>,
+    /// Milliseconds the first request of a batch waits for more (default 0: a batch is the
+    /// requests already waiting).
+    #[arg(long)]
+    pub batch_window_ms: Option<String>,
     /// Seconds to wait for `/healthz` after starting (loading a full-size model on the CPU
     /// takes a while).
     #[arg(long, default_value_t = 900)]
@@ -91,6 +98,12 @@ pub fn run(args: &ServeArgs) -> Result<()> {
         .parse()
         .map_err(|e: String| anyhow!("--robot: {e}"))?;
     let _: BackendKind = args.backend.parse().context("--backend")?;
+    if let Some(v) = &args.max_batch {
+        node_common::parse_max_batch(v).map_err(|e| anyhow!("--max-batch: {e}"))?;
+    }
+    if let Some(v) = &args.batch_window_ms {
+        node_common::parse_batch_window_ms(v).map_err(|e| anyhow!("--batch-window-ms: {e}"))?;
+    }
     let ckpt_dir = checkpoint_dir(&args.checkpoint)?;
     let ckpt = Checkpoint::open(&ckpt_dir)
         .with_context(|| format!("cannot open checkpoint {}", ckpt_dir.display()))?;
@@ -146,6 +159,8 @@ pub fn run(args: &ServeArgs) -> Result<()> {
             "TURBOPI_REQUEST_TIMEOUT_S",
             args.request_timeout_s.map(|v| v.to_string()),
         ),
+        ("TURBOPI_MAX_BATCH", args.max_batch.clone()),
+        ("TURBOPI_BATCH_WINDOW_MS", args.batch_window_ms.clone()),
         // The graphs do not pass these to the server: under `dora run` every node inherits
         // this environment, and only openpi-server reads them.
         ("ASSETS", args.assets.as_deref().map(path_text)),

@@ -169,6 +169,7 @@ fn bad_fixtures_fail_naming_node_and_input() {
                 "node `denoise`: env STEPS=\"0\" must be a positive integer",
                 "node `denoise`: env BACKEND=\"tpu\"",
                 "node `denoise`: env PIPELINE=\"true\": only the policy node overlaps frames",
+                "node `denoise`: env MAX_BATCH=\"2\": only the policy node batches frames",
             ],
         ),
         (
@@ -190,6 +191,8 @@ fn bad_fixtures_fail_naming_node_and_input() {
                 "node `openpi-server`: env PORT=\"99999\" must be a port number",
                 "node `openpi-server`: output `tokens` must be declared",
                 "node `policy`: env PROMPT (a folder with tokens.npy and token_mask.npy) is required",
+                "node `policy`: env MAX_BATCH=\"9\" must be a whole number from 1 to 8",
+                "node `policy`: env BATCH_WINDOW_MS=\"-1\" must be a number of milliseconds from 0 to 10000",
             ],
         ),
     ];
