@@ -314,7 +314,11 @@ impl Sender {
 /// not used. A request before `START_DELAY_S` is served once that time has passed. Stops
 /// after `MAX_FRAMES` frames (or once through a recording), on a stop request, or when the
 /// requests end.
-pub fn run_on_request(settings: Settings, mut node: DoraNode, mut events: EventStream) -> Result<()> {
+pub fn run_on_request(
+    settings: Settings,
+    mut node: DoraNode,
+    mut events: EventStream,
+) -> Result<()> {
     let limit = frame_limit(&settings);
     let mut out = Sender::new(&node)?;
     let start = Instant::now() + settings.start_delay;
@@ -327,8 +331,8 @@ pub fn run_on_request(settings: Settings, mut node: DoraNode, mut events: EventS
             Some(Event::Input { id, metadata, .. }) if id.as_str() == REQUEST => metadata,
             Some(_) => continue,
         };
-        let Some(seq) = node_common::int_param(&event.parameters, "seq")
-            .and_then(|s| u64::try_from(s).ok())
+        let Some(seq) =
+            node_common::int_param(&event.parameters, "seq").and_then(|s| u64::try_from(s).ok())
         else {
             refused += 1;
             node_common::report_rejected(

@@ -184,6 +184,16 @@ fn bad_fixtures_fail_naming_node_and_input() {
             &["node `decode`: env IMAGE_SIZE=224 does not match the checkpoint's 32"],
         ),
         (
+            "bad_queue.yml",
+            &[
+                "node `action-queue`: env MERGE: MERGE_WEIGHTS=\"0.5,1.5\": 1.5 is outside [0, 1]",
+                "node `action-queue`: env REQUEST_THRESHOLD=\"0\" must be a positive integer",
+                "node `action-queue`: env CONTROL_HZ=\"0\" must be a positive number",
+                "node `action-queue`: output `action` must be declared",
+                "node `camera` input `request`: expects observation requests",
+            ],
+        ),
+        (
             "bad_serve.yml",
             &[
                 "node `openpi-server`: env ROBOT: unknown robot `franka`",
@@ -240,12 +250,14 @@ fn shipped_graphs_pass() {
         .unwrap();
     assert!(out.status.success());
     let prompt = small.join("observation");
-    for g in ["demo.yml", "fused.yml"] {
+    for g in ["demo.yml", "fused.yml", "async.yml"] {
         let (ok, text) = check(
             &root().join("graphs").join(g),
             &[("TURBOPI_CHECKPOINT", &small), ("TURBOPI_PROMPT", &prompt)],
         );
         assert!(ok, "{g}: {text}");
+        // async.yml's request edge (queue -> camera) closes a loop by design.
+        assert!(!text.contains("cycle"), "{g}: {text}");
     }
     // The openpi server graphs: a loop by design (server -> policy -> server), per-frame
     // prompts instead of PROMPT.
@@ -260,7 +272,12 @@ fn shipped_graphs_pass() {
     let full = tmp.path().join("pi05");
     header_only_checkpoint(&full, &Config::pi05());
     let prompt = full.join("observation");
-    for g in ["thor_pipelined.yml", "split_gpu.yml", "fused_gpu.yml"] {
+    for g in [
+        "thor_pipelined.yml",
+        "split_gpu.yml",
+        "fused_gpu.yml",
+        "async_gpu.yml",
+    ] {
         let (ok, text) = check(
             &root().join("graphs").join(g),
             &[("TURBOPI_CHECKPOINT", &full), ("TURBOPI_PROMPT", &prompt)],
@@ -336,17 +353,23 @@ fn remote_graph_places_nodes_on_machines_and_sizes_the_network_edges() {
     // Two synthetic cameras resized to 224 x 224 RGB: 301,056 bytes, 20 times a second.
     let frames = line("decode/frames");
     assert!(
-        frames.contains("robot -> gpu") && frames.contains("301.1 kB") && frames.contains("6.02 MB/s"),
+        frames.contains("robot -> gpu")
+            && frames.contains("301.1 kB")
+            && frames.contains("6.02 MB/s"),
         "{frames}"
     );
     // The small model's 10 x 8 f32 actions.
     let actions = line("policy/actions");
     assert!(
-        actions.contains("gpu -> robot") && actions.contains("320 B") && actions.contains("6.4 kB/s"),
+        actions.contains("gpu -> robot")
+            && actions.contains("320 B")
+            && actions.contains("6.4 kB/s"),
         "{actions}"
     );
     assert!(
-        !text.lines().any(|l| l.starts_with("camera/frames") && l.contains(" -> ")),
+        !text
+            .lines()
+            .any(|l| l.starts_with("camera/frames") && l.contains(" -> ")),
         "only the edges across machines are listed as such:\n{text}"
     );
     let text = plan_with("jpeg");
@@ -369,11 +392,7 @@ fn remote_graph_places_nodes_on_machines_and_sizes_the_network_edges() {
         "{text}"
     );
     let bad = tmp.path().join("graphs/remote_bad_encode.yml");
-    std::fs::write(
-        &bad,
-        yaml.replace("${TURBOPI_IMAGE_ENCODING:-raw}", "png"),
-    )
-    .unwrap();
+    std::fs::write(&bad, yaml.replace("${TURBOPI_IMAGE_ENCODING:-raw}", "png")).unwrap();
     let (ok, text) = check(&bad, &env);
     assert!(!ok);
     assert!(text.contains("env ENCODE=\"png\" must be"), "{text}");
