@@ -22,6 +22,7 @@ pub mod policy;
 pub mod postprocess;
 pub mod random;
 pub mod ring;
+pub mod rtc;
 pub mod settings;
 pub mod siglip;
 pub mod weights;
