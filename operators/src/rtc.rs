@@ -198,13 +198,13 @@ pub fn sample(
     x
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
+/// A differentiable velocity field for tests (here and in the action queue's): not a model.
+pub mod testing {
+    use super::VelocityField;
 
     /// A test field with a dense, state- and time-dependent Jacobian: `v = A tanh(B x + t u)
     /// + C x`, its VJP written by hand.
-    struct TanhField {
+    pub struct TanhField {
         n: usize,
         a: Vec<f64>,
         b: Vec<f64>,
@@ -213,7 +213,8 @@ mod tests {
     }
 
     impl TanhField {
-        fn new(n: usize, seed: u64) -> Self {
+        /// A field over `n` values with weights from `seed`.
+        pub fn new(n: usize, seed: u64) -> Self {
             let mut s = seed;
             let mut r = move |scale: f64| {
                 s = s
@@ -265,6 +266,12 @@ mod tests {
             bt.iter().zip(&ct).map(|(b, c)| b + c).collect()
         }
     }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::testing::TanhField;
+    use super::*;
 
     #[test]
     fn the_soft_mask_is_one_then_decays_then_zero() {

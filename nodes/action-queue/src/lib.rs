@@ -97,6 +97,7 @@ impl Summary {
             "delay_ticks_p50": delays.get(delays.len() / 2),
             "boundaries": s.boundaries, "boundary_jump_max": s.boundary_jump_max,
             "naive_jump_max": s.naive_jump_max, "within_jump_max": s.within_jump_max,
+            "switch_gap_max": s.switch_gap_max,
             "late_ticks": self.late_ticks,
         })
     }
