@@ -108,8 +108,9 @@ pub struct QueueConfig {
     /// The delay sent with a request is the largest of the last `delay_window` measured
     /// (a conservative estimate: a chunk guided for a longer delay still lines up).
     pub delay_window: usize,
-    /// Once actions have started, a request unanswered for this many ticks is given up and
-    /// a new one made (counted in [`Stats::request_timeouts`]).
+    /// A request unanswered for this many ticks is given up and a new one made (counted in
+    /// [`Stats::request_timeouts`]), before the first chunk too, so that a lost first frame
+    /// does not leave the robot waiting forever (set it above the model's load time).
     pub request_timeout: u64,
 }
 
@@ -338,7 +339,7 @@ impl ActionQueue {
         match newest {
             None => true,
             Some((_, made)) => {
-                if self.started() && k - made >= self.cfg.request_timeout {
+                if k - made >= self.cfg.request_timeout {
                     self.stats.request_timeouts += 1;
                     true
                 } else {
@@ -763,6 +764,16 @@ mod tests {
         let mut c = cfg(3, Merge::Latest);
         c.request_timeout = 5;
         let mut q = ActionQueue::new(c).unwrap();
+        // The first request (tick 0) is lost too: made again at tick 5.
+        let first: Vec<(u64, u64)> = (0..6)
+            .filter_map(|_| q.tick().request.map(|r| (r.seq, r.tick)))
+            .collect();
+        assert_eq!(first, vec![(0, 0), (1, 5)]);
+        let mut q = ActionQueue::new(QueueConfig {
+            request_timeout: 5,
+            ..cfg(3, Merge::Latest)
+        })
+        .unwrap();
         q.tick();
         q.on_chunk(0, &[1.0; 4], 1).unwrap();
         let mut requests = Vec::new();
