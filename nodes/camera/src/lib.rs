@@ -324,12 +324,30 @@ pub fn run_on_request(
     let start = Instant::now() + settings.start_delay;
     let mut sent = 0u64;
     let mut refused = 0u64;
+    // Requests that came during START_DELAY_S, served first (the wait still hears a stop).
+    let mut early = std::collections::VecDeque::new();
+    while let Some(wait) = start
+        .checked_duration_since(Instant::now())
+        .filter(|d| !d.is_zero())
+    {
+        match recv_within(&mut events, wait) {
+            Waited::Event(Event::Stop(_)) => return Ok(()),
+            Waited::Event(Event::Input { id, metadata, .. }) if id.as_str() == REQUEST => {
+                early.push_back(metadata)
+            }
+            Waited::Closed => break,
+            _ => {}
+        }
+    }
     while limit.is_none_or(|n| sent < n) {
-        let event = match events.recv() {
-            None => break,
-            Some(Event::Stop(_)) => break,
-            Some(Event::Input { id, metadata, .. }) if id.as_str() == REQUEST => metadata,
-            Some(_) => continue,
+        let event = match early.pop_front() {
+            Some(metadata) => metadata,
+            None => match events.recv() {
+                None => break,
+                Some(Event::Stop(_)) => break,
+                Some(Event::Input { id, metadata, .. }) if id.as_str() == REQUEST => metadata,
+                Some(_) => continue,
+            },
         };
         let Some(seq) =
             node_common::int_param(&event.parameters, "seq").and_then(|s| u64::try_from(s).ok())
@@ -341,9 +359,6 @@ pub fn run_on_request(
             );
             continue;
         };
-        if let Some(wait) = start.checked_duration_since(Instant::now()) {
-            std::thread::sleep(wait);
-        }
         out.send(&settings, &mut node, seq)?;
         sent += 1;
     }
@@ -397,7 +412,8 @@ mod tests {
     }
 
     /// With `request` wired: one frame per request, carrying the request's seq, a request
-    /// without seq refused, and no more than MAX_FRAMES frames.
+    /// without seq refused, and no more than MAX_FRAMES frames; the same whether a request
+    /// comes during START_DELAY_S or after.
     #[test]
     fn captures_one_frame_per_request_with_its_seq() {
         use node_common::testing::{event, json, run_node, TensorInput};
@@ -433,7 +449,8 @@ mod tests {
             state: None,
             rate_hz: 0.001,
             max_frames: Some(3),
-            start_delay: Duration::ZERO,
+            // Requests that come during the delay are kept and served in order after it.
+            start_delay: Duration::from_millis(25),
         };
         let out = run_node("camera", events, |node, ev| {
             run_on_request(settings, node, ev)
