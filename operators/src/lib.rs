@@ -25,6 +25,7 @@ pub mod ring;
 pub mod rtc;
 pub mod settings;
 pub mod siglip;
+pub mod vjp;
 pub mod weights;
 
 pub use config::Config;
