@@ -3,9 +3,9 @@
 //! overlap with the previous chunk, the clipped guidance weight, and the guided velocity,
 //! over any velocity field that gives its vector-Jacobian product ([`VelocityField`]).
 //!
-//! Status: this is the guidance math, checked against finite differences on a test field.
-//! The action expert's VJP and the backends' use of this module are not implemented yet
-//! (docs/rtc.md says what is and is not done).
+//! The model's field is `policy::velocity_vjp::DenoiserField` (CPU, exact VJP through the
+//! action expert), used by `Runner::infer_guided`; the CUDA backend has no VJP and says so
+//! ([`not_implemented`]). docs/rtc.md says what is and is not done.
 //!
 //! Convention. openpi samples from noise at `t = 1` to actions at `t = 0` with
 //! `x += dt * v(x, t)`, `dt = -1/steps`, `v = noise - actions`. The paper integrates
@@ -39,6 +39,19 @@ pub enum RtcError {
     NonFinite(usize),
     #[error("RTC: beta={0} must be a positive finite number")]
     Beta(f64),
+}
+
+/// The error of a backend without RTC guidance (described as `backend`, e.g. "cuda bf16 on
+/// NVIDIA H200"): "RTC guidance is not implemented on the CUDA backend yet".
+pub fn not_implemented(backend: &str) -> crate::Error {
+    let name = if backend.starts_with("cuda") {
+        "CUDA".to_string()
+    } else {
+        format!("`{backend}`")
+    };
+    crate::Error::Input(format!(
+        "RTC guidance is not implemented on the {name} backend yet ({backend}); the CPU backend has it"
+    ))
 }
 
 /// The guidance for one chunk: the previous chunk's leftover actions, the inference delay and
@@ -272,6 +285,15 @@ pub mod testing {
 mod tests {
     use super::testing::TanhField;
     use super::*;
+
+    #[test]
+    fn backends_without_guidance_say_so() {
+        let e = not_implemented("cuda bf16 on NVIDIA H200").to_string();
+        assert!(
+            e.starts_with("RTC guidance is not implemented on the CUDA backend yet"),
+            "{e}"
+        );
+    }
 
     #[test]
     fn the_soft_mask_is_one_then_decays_then_zero() {

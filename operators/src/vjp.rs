@@ -1,8 +1,7 @@
 //! Vector-Jacobian products of the CPU ops the action expert is made of (RMSNorm, tanh-GELU,
 //! RoPE, masked multi-head attention with grouped K/V), each checked against finite
-//! differences of its forward twin in `cpu`. They are the building blocks of the expert's VJP
-//! that real-time chunking's guidance needs (`rtc`); the expert's backward is not assembled
-//! from them yet (docs/rtc.md).
+//! differences of its forward twin in `cpu`. The expert's VJP (`gemma::suffix_vjp`,
+//! `policy::velocity_vjp`) is assembled from them for real-time chunking's guidance (`rtc`).
 
 use crate::cpu::{softmax_masked, GELU_TANH_BETA, GELU_TANH_KAPPA};
 
