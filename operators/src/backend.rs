@@ -91,6 +91,19 @@ pub trait Runner: Send {
     }
     /// A short description, e.g. "cpu f32" or "cuda bf16 on NVIDIA H100".
     fn describe(&self) -> String;
+    /// [`Runner::infer`] with the denoise guided by real-time chunking toward the previous
+    /// chunk's leftover (`crate::rtc`, docs/rtc.md). Only the CPU backend implements it; the
+    /// others answer that it is not implemented rather than a wrong answer.
+    fn infer_guided(
+        &mut self,
+        obs: &Observation,
+        noise: &[f32],
+        steps: usize,
+        guide: &crate::rtc::Guide,
+    ) -> Result<(Vec<f32>, StageTimes)> {
+        let _ = (obs, noise, steps, guide);
+        Err(crate::rtc::not_implemented(&self.describe()))
+    }
     /// A table of the device time per kind of operation of one denoise step of `steps`,
     /// where the backend can measure it (run after at least one frame, whose prefix the
     /// denoiser reads); None otherwise.
@@ -147,6 +160,15 @@ impl Runner for Policy {
     }
     fn infer_batch(&mut self, rows: &[BatchRow<'_>], steps: usize) -> Result<BatchOutput> {
         Policy::infer_batch(self, rows, steps)
+    }
+    fn infer_guided(
+        &mut self,
+        obs: &Observation,
+        noise: &[f32],
+        steps: usize,
+        guide: &crate::rtc::Guide,
+    ) -> Result<(Vec<f32>, StageTimes)> {
+        Policy::infer_guided(self, obs, noise, steps, guide)
     }
     fn describe(&self) -> String {
         "cpu f32".into()

@@ -8,6 +8,8 @@ use crate::keys;
 use crate::weights::Loader;
 use crate::Result;
 
+pub(crate) mod suffix_vjp;
+
 /// Gemma's RMSNorm (x * (1 + w)) or pi0.5's adaptive variant conditioned on the time.
 pub enum Norm {
     Plain(Vec<f32>),

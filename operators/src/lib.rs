@@ -22,8 +22,10 @@ pub mod policy;
 pub mod postprocess;
 pub mod random;
 pub mod ring;
+pub mod rtc;
 pub mod settings;
 pub mod siglip;
+pub mod vjp;
 pub mod weights;
 
 pub use config::Config;

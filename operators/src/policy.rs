@@ -12,6 +12,8 @@ use crate::siglip::Siglip;
 use crate::weights::Loader;
 use crate::{Error, Result};
 
+pub mod velocity_vjp;
+
 /// Image tokens of the real cameras, in camera order: [real_images * tokens_per_image, vlm_width].
 pub struct ImageEmbeddings {
     pub tokens: Vec<f32>,

@@ -205,16 +205,27 @@ pub fn run(node: DoraNode, events: EventStream) -> Result<()> {
     run_with(Settings::from_env()?, node, events)
 }
 
-pub fn run_with(settings: Settings, mut node: DoraNode, mut events: EventStream) -> Result<()> {
-    let frames_out: DataId = "frames".to_string().into();
-    let state_out: DataId = "state".to_string().into();
-    let period = Duration::from_secs_f64(1.0 / settings.rate_hz);
-    let limit = match (&settings.source, settings.max_frames) {
+/// The frames to send: `MAX_FRAMES`, or once through a recording, or forever.
+fn frame_limit(settings: &Settings) -> Option<u64> {
+    match (&settings.source, settings.max_frames) {
         (_, Some(n)) => Some(n),
         (Source::Frames(f), None) => Some(f.len() as u64),
         (Source::Synthetic { .. }, None) => None,
-    };
-    let tracer = node_common::tracer(&node, "cpu")?;
+    }
+}
+
+pub fn run_with(settings: Settings, mut node: DoraNode, mut events: EventStream) -> Result<()> {
+    if node
+        .node_config()
+        .inputs
+        .keys()
+        .any(|k| k.as_str() == REQUEST)
+    {
+        return run_on_request(settings, node, events);
+    }
+    let period = Duration::from_secs_f64(1.0 / settings.rate_hz);
+    let limit = frame_limit(&settings);
+    let mut out = Sender::new(&node)?;
     let start = Instant::now() + settings.start_delay;
     let mut seq = 0u64;
     // Whether stop requests can still arrive: the stream of a node without inputs may end
@@ -237,8 +248,36 @@ pub fn run_with(settings: Settings, mut node: DoraNode, mut events: EventStream)
                 _ => {}
             }
         }
+        out.send(&settings, &mut node, seq)?;
+        seq += 1;
+    }
+    eprintln!("camera: sent {seq} frames");
+    Ok(())
+}
+
+/// The input that, when wired, makes the camera capture one frame per message.
+pub const REQUEST: &str = "request";
+
+/// The frames' outputs and the trace.
+struct Sender {
+    frames: DataId,
+    state: DataId,
+    tracer: node_common::trace::Tracer,
+}
+
+impl Sender {
+    fn new(node: &DoraNode) -> Result<Self> {
+        Ok(Sender {
+            frames: "frames".to_string().into(),
+            state: "state".to_string().into(),
+            tracer: node_common::tracer(node, "cpu")?,
+        })
+    }
+
+    /// Captures frame `seq` now and sends it (with its state row when there is one).
+    fn send(&mut self, settings: &Settings, node: &mut DoraNode, seq: u64) -> Result<()> {
         // The root span of the frame's trace: capture to hand-off.
-        let span = tracer.start("camera", seq, None);
+        let span = self.tracer.start("camera", seq, None);
         let frame = match &settings.source {
             Source::Frames(f) => f[(seq % f.len() as u64) as usize].clone(),
             Source::Synthetic { cameras, size } => synthetic_frame(*cameras, *size, seq),
@@ -253,7 +292,7 @@ pub fn run_with(settings: Settings, mut node: DoraNode, mut events: EventStream)
             let row = (seq % rows as u64) as usize;
             let s = states[row * dims..(row + 1) * dims].to_vec();
             node.send_output(
-                state_out.clone(),
+                self.state.clone(),
                 meta.tensor_params(&[*dims], "float32"),
                 s,
             )
@@ -263,12 +302,67 @@ pub fn run_with(settings: Settings, mut node: DoraNode, mut events: EventStream)
         let data = match frame {
             Frame::Raw { data, .. } | Frame::Encoded { data, .. } => data,
         };
-        node.send_output(frames_out.clone(), params, data)
+        node.send_output(self.frames.clone(), params, data)
             .map_err(|e| eyre!("sending frame {seq}: {e}"))?;
         span.end();
-        seq += 1;
+        Ok(())
     }
-    eprintln!("camera: sent {seq} frames");
+}
+
+/// With `request` wired (an action queue asks for observations): one frame per request, at
+/// once, whose `seq` is the request's, so that the answer can be matched to it; `RATE_HZ` is
+/// not used. A request before `START_DELAY_S` is served once that time has passed. Stops
+/// after `MAX_FRAMES` frames (or once through a recording), on a stop request, or when the
+/// requests end.
+pub fn run_on_request(
+    settings: Settings,
+    mut node: DoraNode,
+    mut events: EventStream,
+) -> Result<()> {
+    let limit = frame_limit(&settings);
+    let mut out = Sender::new(&node)?;
+    let start = Instant::now() + settings.start_delay;
+    let mut sent = 0u64;
+    let mut refused = 0u64;
+    // Requests that came during START_DELAY_S, served first (the wait still hears a stop).
+    let mut early = std::collections::VecDeque::new();
+    while let Some(wait) = start
+        .checked_duration_since(Instant::now())
+        .filter(|d| !d.is_zero())
+    {
+        match recv_within(&mut events, wait) {
+            Waited::Event(Event::Stop(_)) => return Ok(()),
+            Waited::Event(Event::Input { id, metadata, .. }) if id.as_str() == REQUEST => {
+                early.push_back(metadata)
+            }
+            Waited::Closed => break,
+            _ => {}
+        }
+    }
+    while limit.is_none_or(|n| sent < n) {
+        let event = match early.pop_front() {
+            Some(metadata) => metadata,
+            None => match events.recv() {
+                None => break,
+                Some(Event::Stop(_)) => break,
+                Some(Event::Input { id, metadata, .. }) if id.as_str() == REQUEST => metadata,
+                Some(_) => continue,
+            },
+        };
+        let Some(seq) =
+            node_common::int_param(&event.parameters, "seq").and_then(|s| u64::try_from(s).ok())
+        else {
+            refused += 1;
+            node_common::report_rejected(
+                "camera",
+                &eyre!("input `request`: metadata `seq` (a non-negative integer) is missing"),
+            );
+            continue;
+        };
+        out.send(&settings, &mut node, seq)?;
+        sent += 1;
+    }
+    eprintln!("camera: sent {sent} frames on request, {refused} requests refused");
     Ok(())
 }
 
@@ -315,6 +409,63 @@ mod tests {
             serde_json::json!([1.0, 2.0]),
             "state rows loop"
         );
+    }
+
+    /// With `request` wired: one frame per request, carrying the request's seq, a request
+    /// without seq refused, and no more than MAX_FRAMES frames; the same whether a request
+    /// comes during START_DELAY_S or after.
+    #[test]
+    fn captures_one_frame_per_request_with_its_seq() {
+        use node_common::testing::{event, json, run_node, TensorInput};
+        let request = |seq| TensorInput {
+            id: "request",
+            seq,
+            shape: &[0],
+            dtype: "uint8",
+            arrow_type: "UInt8",
+            values: json::<u8>(&[]),
+            extra: vec![],
+        };
+        let mut bad = event(0.01, request(0));
+        if let integration_testing::integration_testing_format::IncomingEvent::Input {
+            metadata: Some(md),
+            ..
+        } = &mut bad.event
+        {
+            md.remove("seq");
+        }
+        let events = vec![
+            event(0.0, request(7)),
+            bad,
+            event(0.02, request(9)),
+            event(0.03, request(12)),
+            event(0.04, request(13)),
+        ];
+        let settings = Settings {
+            source: Source::Synthetic {
+                cameras: 1,
+                size: 8,
+            },
+            state: None,
+            rate_hz: 0.001,
+            max_frames: Some(3),
+            // Requests that come during the delay are kept and served in order after it.
+            start_delay: Duration::from_millis(25),
+        };
+        let out = run_node("camera", events, |node, ev| {
+            run_on_request(settings, node, ev)
+        })
+        .unwrap();
+        // The synthetic scene moves with the seq: each frame shows its request's seq.
+        let frames: Vec<&serde_json::Value> = out.iter().map(|o| &o["data"]).collect();
+        let want: Vec<serde_json::Value> = [7, 9, 12]
+            .iter()
+            .map(|&seq| match synthetic_frame(1, 8, seq) {
+                Frame::Raw { data, .. } => serde_json::json!(data),
+                Frame::Encoded { .. } => unreachable!("synthetic frames are raw"),
+            })
+            .collect();
+        assert_eq!(frames, want.iter().collect::<Vec<_>>());
     }
 
     #[test]

@@ -25,6 +25,8 @@ pub enum Kind {
     Postprocess,
     Policy,
     ActionSink,
+    /// Executes chunks at the control rate and asks the camera for the next observation.
+    ActionQueue,
     /// openpi's websocket protocol in front of the policy: frames out, actions back in.
     OpenpiServer,
 }
@@ -42,6 +44,7 @@ impl Kind {
             "postprocess" => Kind::Postprocess,
             "policy" => Kind::Policy,
             "action-sink" => Kind::ActionSink,
+            "action-queue" => Kind::ActionQueue,
             "openpi-server" => Kind::OpenpiServer,
             _ => return None,
         })
@@ -51,7 +54,7 @@ impl Kind {
     fn inputs(self) -> &'static [(&'static str, &'static [Msg], bool)] {
         use Msg::*;
         match self {
-            Kind::Camera => &[],
+            Kind::Camera => &[("request", &[Request], false)],
             Kind::Decode => &[("frames", &[Frames], true)],
             Kind::Vision => &[("images", &[Images], true), ("release", &[Release], false)],
             Kind::Prefix => &[
@@ -67,6 +70,7 @@ impl Kind {
             ],
             Kind::Postprocess => &[("actions", &[ModelActions], true)],
             Kind::ActionSink => &[("actions", &[ModelActions, RobotActions], true)],
+            Kind::ActionQueue => &[("actions", &[ModelActions, RobotActions], true)],
             Kind::OpenpiServer => &[
                 ("actions", &[ModelActions], true),
                 (REJECTED_INPUTS, &[Rejections], false),
@@ -95,6 +99,10 @@ impl Kind {
             (Kind::Prefix, "kv_cache") => Msg::KvCache,
             (Kind::Denoise | Kind::Policy, "actions") => Msg::ModelActions,
             (Kind::Postprocess, "actions") => Msg::RobotActions,
+            // One action per tick, in the space of the chunks it executes (model actions in
+            // the shipped graphs: postprocess comes after the queue).
+            (Kind::ActionQueue, "action") => Msg::ModelActions,
+            (Kind::ActionQueue, "request") => Msg::Request,
             (Kind::Prefix | Kind::Denoise, "release") => Msg::Release,
             (Kind::OpenpiServer, "images") => Msg::Images,
             (Kind::OpenpiServer, "state") => Msg::State,
@@ -123,6 +131,8 @@ pub enum Msg {
     Tokens,
     /// Frames a stage refused, with the reason (Utf8), for the server to answer at once.
     Rejections,
+    /// An action queue's request for the next observation (the frame's seq).
+    Request,
 }
 
 /// The openpi server's inputs for rejections: any id starting with `rejected` (one per stage
@@ -142,6 +152,7 @@ impl Msg {
             Msg::Release => "ring slot releases (CUDA IPC)",
             Msg::Tokens => "prompt tokens (i32 [L] with token_mask)",
             Msg::Rejections => "rejected frames (Utf8 reason with the frame's seq)",
+            Msg::Request => "observation requests (the seq of the frame to capture)",
         }
     }
 }
@@ -328,10 +339,11 @@ fn check_placement(desc: &Descriptor, errors: &mut Vec<String>) {
     }
 }
 
-/// Inputs that close a loop by design: CUDA IPC slot releases, and the actions and
-/// rejections that answer the openpi server's frames.
+/// Inputs that close a loop by design: CUDA IPC slot releases, the actions and rejections
+/// that answer the openpi server's frames, and an action queue's requests to the camera.
 pub(crate) fn is_feedback(kind: Option<Kind>, input_id: &str) -> bool {
     input_id == "release"
+        || (kind == Some(Kind::Camera) && input_id == "request")
         || (kind == Some(Kind::OpenpiServer)
             && (input_id == "actions" || input_id.starts_with("rejected")))
 }
@@ -483,6 +495,31 @@ fn check_env(id: &str, kind: Kind, node: &Node, base: &Path, errors: &mut Vec<St
                 if !v.parse::<u8>().is_ok_and(|q| (1..=100).contains(&q)) {
                     err(format!("env JPEG_QUALITY={v:?} must be between 1 and 100"));
                 }
+            }
+        }
+        Kind::ActionQueue => {
+            if let Some(v) = env.get("CONTROL_HZ") {
+                if !v
+                    .parse::<f64>()
+                    .is_ok_and(|r| r.is_finite() && r > 0.0 && r <= 10_000.0)
+                {
+                    err(format!(
+                        "env CONTROL_HZ={v:?} must be a positive number up to 10000"
+                    ));
+                }
+            }
+            positive("REQUEST_THRESHOLD", &mut err);
+            positive("REQUEST_TIMEOUT_TICKS", &mut err);
+            uint("DELAY_TICKS", &mut err);
+            let merge = env.get("MERGE").map_or("latest", String::as_str);
+            if let Err(e) = action_queue::queue::Merge::parse(
+                merge,
+                env.get("MERGE_WEIGHTS").map(String::as_str),
+            ) {
+                err(format!("env MERGE: {e}"));
+            }
+            if !node.outputs.iter().any(|o| o.to_string() == "action") {
+                err("output `action` must be declared (one action per tick)".into());
             }
         }
         Kind::ActionSink => {

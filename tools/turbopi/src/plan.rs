@@ -73,6 +73,7 @@ fn stages_of(kind: Kind) -> &'static [&'static str] {
         Kind::Policy => &["vision", "prefix", "denoise"],
         Kind::Postprocess => &["postprocess"],
         Kind::ActionSink => &["sink"],
+        Kind::ActionQueue => &["action-queue"],
         Kind::OpenpiServer => &["openpi-server"],
     }
 }
@@ -90,7 +91,7 @@ fn msg_bytes(msg: Msg, cfg: &Config, bf16: bool) -> (usize, usize) {
         Msg::ImageEmbeddings => cfg.num_images * t * cfg.vlm_width * 4,
         Msg::KvCache => cfg.vlm_depth * 2 * cfg.max_prefix_len() * kvw * 4,
         Msg::ModelActions | Msg::RobotActions => cfg.action_horizon * cfg.action_dim * 4,
-        Msg::Release | Msg::Rejections => 0,
+        Msg::Release | Msg::Rejections | Msg::Request => 0,
         Msg::Tokens => cfg.max_token_len * 4,
     };
     let device = match msg {
@@ -577,5 +578,6 @@ fn msg_name(m: Msg) -> &'static str {
         Msg::Release => "release",
         Msg::Tokens => "tokens",
         Msg::Rejections => "rejected",
+        Msg::Request => "request",
     }
 }

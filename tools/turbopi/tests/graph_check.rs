@@ -185,6 +185,16 @@ fn bad_fixtures_fail_naming_node_and_input() {
             &["node `decode`: env IMAGE_SIZE=224 does not match the checkpoint's 32"],
         ),
         (
+            "bad_queue.yml",
+            &[
+                "node `action-queue`: env MERGE: MERGE_WEIGHTS=\"0.5,1.5\": 1.5 is outside [0, 1]",
+                "node `action-queue`: env REQUEST_THRESHOLD=\"0\" must be a positive integer",
+                "node `action-queue`: env CONTROL_HZ=\"0\" must be a positive number",
+                "node `action-queue`: output `action` must be declared",
+                "node `camera` input `request`: expects observation requests",
+            ],
+        ),
+        (
             "bad_serve.yml",
             &[
                 "node `openpi-server`: env ROBOT: unknown robot `franka`",
@@ -249,12 +259,14 @@ fn small_checkpoint(dir: &Path) -> (PathBuf, PathBuf) {
 fn shipped_graphs_pass() {
     let tmp = tempfile::tempdir().unwrap();
     let (small, prompt) = small_checkpoint(tmp.path());
-    for g in ["demo.yml", "fused.yml"] {
+    for g in ["demo.yml", "fused.yml", "async.yml"] {
         let (ok, text) = check(
             &root().join("graphs").join(g),
             &[("TURBOPI_CHECKPOINT", &small), ("TURBOPI_PROMPT", &prompt)],
         );
         assert!(ok, "{g}: {text}");
+        // async.yml's request edge (queue -> camera) closes a loop by design.
+        assert!(!text.contains("cycle"), "{g}: {text}");
     }
     // The openpi server graphs: a loop by design (server -> policy -> server), per-frame
     // prompts instead of PROMPT.
@@ -269,7 +281,12 @@ fn shipped_graphs_pass() {
     let full = tmp.path().join("pi05");
     header_only_checkpoint(&full, &Config::pi05());
     let prompt = full.join("observation");
-    for g in ["thor_pipelined.yml", "split_gpu.yml", "fused_gpu.yml"] {
+    for g in [
+        "thor_pipelined.yml",
+        "split_gpu.yml",
+        "fused_gpu.yml",
+        "async_gpu.yml",
+    ] {
         let (ok, text) = check(
             &root().join("graphs").join(g),
             &[("TURBOPI_CHECKPOINT", &full), ("TURBOPI_PROMPT", &prompt)],

@@ -1,0 +1,166 @@
+//! graphs/async.yml with the real dora CLI: the action-queue drives the camera by requests
+//! and executes each chunk one action per tick. With the control rate and threshold set so
+//! that the threshold covers the CPU model's delay many times over, no tick starves, every
+//! request is answered, the sink gets one action per tick with no seq gap, and the executed
+//! stream is exactly what the queue's logic makes of the policy's chunks (each from
+//! `turbopi infer` on its frame) at the delays the run measured: replayed on a fake clock,
+//! bit for bit, for both merge policies.
+//!
+//! Needs the workspace built in release and the dora CLI, as tests/tests/graphs.rs.
+
+use std::process::Command;
+
+use action_queue::queue::{simulate, ActionQueue, Merge, QueueConfig};
+use operators::npy;
+use tests::dataflow::{bin, dora, graph_env, ok, read_actions, root, setup, Setup, FRAMES, SIZE};
+
+const RUN_FRAMES: u64 = 6;
+/// 100 ms ticks: the tiny model's delay is a fraction of a tick, the threshold's margin is
+/// five ticks, so a loaded CI machine does not starve the queue.
+const CONTROL_HZ: &str = "10";
+const THRESHOLD: usize = 6;
+const WEIGHTS: &str = "0.75,0.5,0.25";
+
+/// The model's actions (all 8 dims: postprocess comes after the queue) for frame `seq`, as
+/// the graph computes them: the recorded cameras plus a masked black one, the prompt, noise
+/// seed `seq`.
+fn chunk(s: &Setup, seq: u64) -> Vec<f32> {
+    let obs = s.dir.join(format!("obs{seq}"));
+    std::fs::create_dir_all(&obs).unwrap();
+    let mut images = s.frames[seq as usize % FRAMES].clone();
+    images.resize(3 * SIZE * SIZE * 3, 0);
+    npy::write_u8(&obs.join("images.npy"), &[3, SIZE, SIZE, 3], &images).unwrap();
+    npy::write_bool(&obs.join("image_masks.npy"), &[3], &[true, true, false]).unwrap();
+    for f in ["tokens.npy", "token_mask.npy"] {
+        std::fs::copy(s.prompt.join(f), obs.join(f)).unwrap();
+    }
+    let out = obs.join("actions.npy");
+    ok(
+        Command::new(bin("turbopi"))
+            .args(["infer", "--steps", "10", "--seed", &seq.to_string()])
+            .arg("--checkpoint")
+            .arg(&s.checkpoint)
+            .arg("--observation")
+            .arg(&obs)
+            .arg("--out")
+            .arg(&out)
+            .output()
+            .unwrap(),
+        "turbopi infer",
+    );
+    npy::read_f32(&out).unwrap().data
+}
+
+fn summary_of(path: &std::path::Path) -> serde_json::Value {
+    let text = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    serde_json::from_str(&text).unwrap()
+}
+
+/// Largest jump (max over dims) between consecutive rows.
+fn max_jump(rows: &[Vec<f32>]) -> f32 {
+    rows.windows(2)
+        .map(|w| action_queue::queue::jump(&w[1], &w[0]))
+        .fold(0.0, f32::max)
+}
+
+#[test]
+fn async_graph_runs_without_starvation_and_executes_the_merged_chunks() {
+    for b in [
+        "camera",
+        "decode",
+        "policy",
+        "action-queue",
+        "postprocess",
+        "action-sink",
+        "turbopi",
+    ] {
+        bin(b);
+    }
+    let s = setup();
+    let chunks: Vec<Vec<f32>> = (0..RUN_FRAMES).map(|seq| chunk(&s, seq)).collect();
+    let dims = 8;
+    for merge in ["latest", "weighted"] {
+        let output = s.dir.join(format!("async-{merge}.jsonl"));
+        let queue_summary = s.dir.join(format!("queue-{merge}.json"));
+        let mut cmd = dora();
+        cmd.arg("run").arg(root().join("graphs/async.yml"));
+        graph_env(&mut cmd, &s, &output, RUN_FRAMES);
+        cmd.env("TURBOPI_CONTROL_HZ", CONTROL_HZ)
+            .env("TURBOPI_REQUEST_THRESHOLD", THRESHOLD.to_string())
+            .env("TURBOPI_MERGE", merge)
+            .env("TURBOPI_MERGE_WEIGHTS", WEIGHTS)
+            .env("TURBOPI_QUEUE_SUMMARY", &queue_summary);
+        let log = ok(
+            cmd.output().unwrap(),
+            &format!("dora run async.yml ({merge})"),
+        );
+        let q = summary_of(&queue_summary);
+        let sink = tests::dataflow::summary(&output);
+        assert_eq!(q["merge"], merge, "{q}");
+        assert_eq!(q["starved"], 0, "{merge}: ticks starved: {q}\n{log}");
+        assert_eq!(q["chunks"], RUN_FRAMES, "{merge}: {q}");
+        assert_eq!(
+            (&q["rejected"], &q["chunk_gaps"]),
+            (&0.into(), &0.into()),
+            "{q}"
+        );
+        assert_eq!(sink["frames"], q["executed"], "{merge}: {sink} {q}");
+        assert_eq!(
+            (&sink["gaps"], &sink["rejected"]),
+            (&0.into(), &0.into()),
+            "{sink}"
+        );
+
+        let executed = read_actions(&output);
+        let ticks: Vec<u64> = executed.iter().map(|(seq, _)| *seq).collect();
+        let first = ticks[0];
+        assert_eq!(
+            ticks,
+            (first..first + ticks.len() as u64).collect::<Vec<_>>()
+        );
+        let stream: Vec<Vec<f32>> = executed.iter().map(|(_, r)| r[0].clone()).collect();
+
+        // The same chunks through the queue's logic on a fake clock, at the measured delays.
+        let delays: Vec<u64> = q["delay_ticks"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|d| d.as_u64().unwrap())
+            .collect();
+        assert_eq!(delays.len() as u64, RUN_FRAMES);
+        let mut replay = ActionQueue::new(QueueConfig {
+            threshold: THRESHOLD,
+            merge: Merge::parse(merge, Some(WEIGHTS)).unwrap(),
+            initial_delay: 0,
+            delay_window: action_queue::DELAY_WINDOW,
+            request_timeout: 250,
+        })
+        .unwrap();
+        let ticks_run = q["ticks"].as_u64().unwrap();
+        let replayed: Vec<Vec<f32>> = simulate(
+            &mut replay,
+            ticks_run,
+            dims,
+            |r| delays.get(r.seq as usize).copied().unwrap_or(u64::MAX / 2),
+            |r| chunks.get(r.seq as usize).cloned().unwrap_or_default(),
+        )
+        .into_iter()
+        .filter_map(|t| t.action.map(|a| a[..7].to_vec()))
+        .collect();
+        assert_eq!(replayed.len(), stream.len(), "{merge}");
+        assert_eq!(
+            replayed, stream,
+            "{merge}: the executed actions differ from the replay"
+        );
+        let r = replay.stats();
+        assert_eq!(
+            (r.boundaries, r.starved),
+            (q["boundaries"].as_u64().unwrap(), 0),
+            "{merge}: {r:?} {q}"
+        );
+        println!(
+            "async.yml {merge}: {} ticks at {CONTROL_HZ} Hz, {} actions, 0 starved, delays {:?} ticks, max jump at boundaries {} (naive switch {}), within chunks {}, whole stream {}",
+            q["ticks"], q["executed"], delays, q["boundary_jump_max"], q["naive_jump_max"], q["within_jump_max"], max_jump(&stream)
+        );
+    }
+}
