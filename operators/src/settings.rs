@@ -54,7 +54,7 @@ pub struct Setting {
 pub const BOOL_WORDS: &str = "1, 0, true, false, on, off, yes or no";
 
 /// How many settings [`SETTINGS`] holds.
-const COUNT: usize = 12;
+const COUNT: usize = 13;
 
 /// Every process-wide `TURBOPI_*` variable (docs/settings.md lists them with the nodes'
 /// variables; a test keeps both in step with the sources).
@@ -86,6 +86,13 @@ pub static SETTINGS: [Setting; COUNT] = [
         default: "on",
         read_by: ReadBy::CudaBackend,
         meaning: "pi0.5's gated residuals as one cuBLASLt GEMM with the gate as per-row alpha, where cuBLASLt supports it (off: the product and a gated add, two launches)",
+    },
+    Setting {
+        name: "TURBOPI_SKINNY_GEMM",
+        kind: Kind::Flag,
+        default: "on",
+        read_by: ReadBy::CudaBackend,
+        meaning: "products of at most 16 rows (the action expert's at pi0.5's horizon) in bf16 on turbo-pi's few-row tensor-core kernel, gated residuals included (off: cuBLASLt, for A/B runs)",
     },
     Setting {
         name: "TURBOPI_FUSED_ATTENTION",

@@ -20,6 +20,7 @@ use operators::cuda::patch::{im2col, patch_embed_finish};
 use operators::cuda::residual::add_residual;
 use operators::cuda::rms_norm::{rms_norm, NormParam};
 use operators::cuda::rope::{rope_qkv, Heads};
+use operators::cuda::skinny::{self, Epilogue};
 use operators::cuda::weights::fill_uniform;
 use operators::cuda::{DType, DeviceBuffer, Gpu, Mat, Op, View};
 use operators::gemma::Norm;
@@ -1419,4 +1420,128 @@ fn autotuned_gemms_match_cpu_and_plans_made_while_capturing_work() {
             tol(act),
         );
     }
+}
+
+#[test]
+fn skinny_gemm_matches_cpu_linear() {
+    // The few-row kernel as the denoiser runs it (store, add onto the residual stream, gated
+    // add) and at odd sizes: 1, 9 and 16 rows, K with a remainder past the unrolled loop
+    // (2080: nine warps, the last with one chunk) and K shorter than one unrolled slice (160,
+    // 96), padded row strides. x's buffer has NaN rows past its last row (never read), y's padding
+    // columns are NaN and must stay so, and a stored y starts all NaN (every value written).
+    let g = gpu(DType::Bf16);
+    let cases: [(usize, usize, usize, usize, usize, &str, DType); 7] = [
+        (10, 2560, 1024, 0, 0, "store", DType::Bf16),
+        (10, 1024, 2048, 0, 0, "add", DType::F32),
+        (10, 1024, 4096, 0, 0, "gated", DType::F32),
+        (16, 72, 2080, 8, 3, "gated", DType::F32),
+        (1, 8, 32, 0, 1, "store", DType::F32),
+        (9, 24, 160, 16, 5, "add", DType::Bf16),
+        (16, 16, 96, 0, 0, "store", DType::F32),
+    ];
+    for (i, &(m, n, k, padx, pady, mode, ydt)) in cases.iter().enumerate() {
+        let seed = 1100 + 10 * i as u64;
+        let (ldx, ldy) = (k + padx, n + pady);
+        let s = 1.0 / (k as f32).sqrt();
+        let mut xv = rand_vec(m * ldx, seed, -1.0, 1.0);
+        xv.extend(std::iter::repeat_n(f32::NAN, 16 * ldx));
+        let (xb, x) = up(&g, DType::Bf16, &xv);
+        let (wb, w) = up(&g, DType::Bf16, &rand_vec(n * k, seed + 1, -s, s));
+        let (gb, gate) = up(&g, DType::F32, &rand_vec(n, seed + 2, -2.0, 2.0));
+        let mut y0 = rounded(ydt, &rand_vec(m * ldy, seed + 3, -1.0, 1.0));
+        for r in 0..m {
+            for c in n..ldy {
+                y0[r * ldy + c] = f32::NAN;
+            }
+        }
+        let (yb, _) = up(&g, ydt, &y0);
+        let (epi, base, gate_ref) = match mode {
+            "store" => {
+                g.lane.poison(yb.view()).unwrap();
+                (Epilogue::Store, vec![0.0; m * ldy], None)
+            }
+            "add" => (Epilogue::Add, y0.clone(), None),
+            _ => (Epilogue::Gated(gb.view()), y0.clone(), Some(&gate[..])),
+        };
+        let (xm, wm, ym) = (
+            Mat::new(xb.view(), m, k).ld(ldx),
+            Mat::new(wb.view(), n, k),
+            Mat::new(yb.view(), m, n).ld(ldy),
+        );
+        let name = format!("skinny gemm [{m}, {n}, {k}] {mode} -> {ydt:?}");
+        assert!(skinny::fits(&g.kernels, &xm, &wm, &ym), "{name}: fits");
+        assert!(
+            skinny::linear(&g.kernels, &g.lane, xm, wm, ym, epi).unwrap(),
+            "{name}: queued"
+        );
+        let got = g.download(yb.view()).unwrap();
+        let mut want = rounded(
+            ydt,
+            &cpu_linear_acc(&base, &x, &w, (m, n, k), ldx, ldy, gate_ref, 1),
+        );
+        for r in 0..m {
+            for c in n..ldy {
+                assert!(
+                    got[r * ldy + c].is_nan(),
+                    "{name}: padding [{r}, {c}] written"
+                );
+                want[r * ldy + c] = 0.0;
+            }
+        }
+        let got: Vec<f32> = got
+            .iter()
+            .map(|v| if v.is_nan() { 0.0 } else { *v })
+            .collect();
+        let dense = |v: &[f32]| -> Vec<f32> {
+            (0..m)
+                .flat_map(|r| v[r * ldy..r * ldy + n].to_vec())
+                .collect()
+        };
+        // NaN in the written part fails below (it was zeroed only for the padding check).
+        let written = g.download(yb.view()).unwrap();
+        assert!(
+            dense(&written).iter().all(|v| !v.is_nan()),
+            "{name}: NaN written"
+        );
+        check(&name, &dense(&got), &dense(&want), tol(DType::Bf16));
+        // A second run of a store is bit-identical (a fixed order of additions).
+        if mode == "store" {
+            skinny::linear(&g.kernels, &g.lane, xm, wm, ym, epi).unwrap();
+            let again = g.download(yb.view()).unwrap();
+            assert!(
+                again
+                    .iter()
+                    .zip(&written)
+                    .all(|(a, b)| a.to_bits() == b.to_bits()),
+                "{name}: a second run differs"
+            );
+        }
+    }
+    // Shapes it does not take are left to cuBLASLt: nothing queued, Ok(false).
+    let (xb, _) = up(&g, DType::Bf16, &rand_vec(80 * 64, 1, -1.0, 1.0));
+    let (wb, _) = up(&g, DType::Bf16, &rand_vec(64 * 64, 2, -1.0, 1.0));
+    let yb = nan(&g, DType::F32, 80 * 64);
+    for (m, n, k) in [(17, 8, 32), (10, 12, 32), (10, 8, 33)] {
+        let (xm, wm, ym) = (
+            Mat::new(xb.view(), m, k),
+            Mat::new(wb.view(), n, k),
+            Mat::new(yb.view(), m, n),
+        );
+        assert!(
+            !skinny::linear(&g.kernels, &g.lane, xm, wm, ym, Epilogue::Store).unwrap(),
+            "[{m}, {n}, {k}] is not the kernel's"
+        );
+    }
+    assert!(g.download(yb.view()).unwrap().iter().all(|v| v.is_nan()));
+    // The f32 program has no such kernel.
+    let f = gpu(DType::F32);
+    let (xb, _) = up(&f, DType::F32, &rand_vec(10 * 32, 1, -1.0, 1.0));
+    let (wb, _) = up(&f, DType::F32, &rand_vec(8 * 32, 2, -1.0, 1.0));
+    let yb = nan(&f, DType::F32, 80);
+    let (xm, wm, ym) = (
+        Mat::new(xb.view(), 10, 32),
+        Mat::new(wb.view(), 8, 32),
+        Mat::new(yb.view(), 10, 8),
+    );
+    assert!(!skinny::linear(&f.kernels, &f.lane, xm, wm, ym, Epilogue::Store).unwrap());
 }

@@ -25,7 +25,7 @@ pub use gemm::{Gemm, Mat, Op};
 pub use kernels::Kernels;
 // The kernel families at their former paths (cuda::rms_norm, ...).
 pub use kernels::{
-    activation, attention, embed, euler, layer_norm, mlp, patch, residual, rms_norm, rope,
+    activation, attention, embed, euler, layer_norm, mlp, patch, residual, rms_norm, rope, skinny,
 };
 pub use pipeline::CudaPolicy;
 pub use split::{CudaDenoise, CudaPrefix, CudaVision};

@@ -14,6 +14,7 @@ pub mod patch;
 pub mod residual;
 pub mod rms_norm;
 pub mod rope;
+pub mod skinny;
 
 use std::fmt::Write as _;
 use std::sync::Arc;
@@ -115,6 +116,7 @@ registry! {
     "rope.cu", Always => [rope_qkv],
     "attention.cu", Always => [softmax_masked, unpermute_heads],
     "attention_fused.cu", Bf16Sm80 => [attention_chunk, attention_combine],
+    "skinny.cu", Bf16Sm80 => [skinny_gemm],
     "patch.cu", Always => [im2col, patch_embed_finish],
     "embed.cu", Always => [embed_tokens],
     "euler.cu", Always => [euler_step],
@@ -155,6 +157,8 @@ pub fn defines(act: DType) -> Vec<(&'static str, String)> {
         ("TP_FA_THREADS", FUSED_THREADS.to_string()),
         ("TP_FA_PAD", FUSED_PAD.to_string()),
         ("TP_FA_MAX_SPLITS", FUSED_MAX_SPLITS.to_string()),
+        ("TP_SK_UNROLL", skinny::UNROLL.to_string()),
+        ("TP_SK_WARPS", skinny::WARPS.to_string()),
     ]
 }
 

@@ -308,7 +308,7 @@ impl Denoise {
                     act: Some(ca),
                     ld: ew,
                 };
-                g.linear(
+                e.linear(
                     l,
                     Mat::new(temb_a.view(), steps, ew),
                     lin(time_in),
@@ -316,7 +316,7 @@ impl Denoise {
                     0.0,
                 )?;
                 bias_act(k, l, cf, ew, time_in.b, Act::Silu, silu_to_act, steps, ew)?;
-                g.linear(
+                e.linear(
                     l,
                     Mat::new(ca, steps, ew),
                     lin(time_out),
@@ -331,7 +331,7 @@ impl Denoise {
                 let m = DeviceBuffer::alloc(&e.dev, DType::F32, norms.len() * n * 3)?;
                 for (i, dense) in norms.iter().enumerate() {
                     let dst = m.view().at(i * n * 3, n * 3)?;
-                    g.linear(
+                    e.linear(
                         l,
                         Mat::new(ca, steps, ew),
                         lin(dense),
@@ -385,17 +385,17 @@ impl Denoise {
     /// a per-row alpha vector where cuBLASLt supports it (and `TURBOPI_FUSED_GATE` is not
     /// off), else the product into `tmp` and a gated add.
     fn expert_residual(&self, e: &Engine, x: Mat, w: &Lin, gate: Option<View>) -> Result<()> {
-        let (s, b, g, l) = (&self.shape, &self.buf, &e.gemm, &self.lane);
+        let (s, b, l) = (&self.shape, &self.buf, &self.lane);
         let xe = Mat::new(b.xe, s.suffix, s.width);
         match gate {
-            None => g.linear(l, x, lin(w), xe, 1.0),
+            None => e.linear(l, x, lin(w), xe, 1.0),
             Some(gate) => {
                 if settings::flag("TURBOPI_FUSED_GATE", true)?
-                    && g.linear_gated(l, x, lin(w), xe, gate)?
+                    && e.linear_gated(l, x, lin(w), xe, gate)?
                 {
                     return Ok(());
                 }
-                g.linear(l, x, lin(w), Mat::new(b.tmp, s.suffix, s.width), 0.0)?;
+                e.linear(l, x, lin(w), Mat::new(b.tmp, s.suffix, s.width), 0.0)?;
                 add_residual(&e.kernels, l, b.xe, b.tmp, Some(gate), s.suffix, s.width)
             }
         }
@@ -403,7 +403,7 @@ impl Denoise {
 
     /// The suffix tokens of step `step` into `xe`.
     fn suffix_tokens(&self, e: &Engine, step: usize, table: &TimeTable) -> Result<()> {
-        let (k, g, l) = (&e.kernels, &e.gemm, &self.lane);
+        let (k, l) = (&e.kernels, &self.lane);
         let (s, b, wt) = (&self.shape, &self.buf, &self.weights.w);
         let (h, ew) = (s.horizon, s.width);
         let x_act = Mat::new(b.xt_act, h, s.action_dim);
@@ -411,7 +411,7 @@ impl Denoise {
             HeadsW::Pi0 {
                 time_in, time_out, ..
             } => {
-                g.linear(l, x_act, lin(&wt.action_in), Mat::new(b.a, h, ew), 0.0)?;
+                e.linear(l, x_act, lin(&wt.action_in), Mat::new(b.a, h, ew), 0.0)?;
                 let to_act = Out {
                     f32: None,
                     act: Some(b.a_act),
@@ -420,23 +420,14 @@ impl Denoise {
                 bias_act(k, l, b.a, ew, wt.action_in.b, Act::None, to_act, h, ew)?;
                 // The action half of action_time_mlp_in; the time half is in the table.
                 let w_a = Mat::new(time_in.w, ew, ew).ld(2 * ew);
-                g.matmul(
-                    l,
-                    Mat::new(b.a_act, h, ew),
-                    w_a,
-                    Op::Wt,
-                    Mat::new(b.a, h, ew),
-                    1.0,
-                    0.0,
-                    1,
-                )?;
+                e.linear(l, Mat::new(b.a_act, h, ew), w_a, Mat::new(b.a, h, ew), 0.0)?;
                 let tb = table
                     .tb
                     .ok_or_else(|| Error::Cuda("internal: pi0 time table missing".into()))?
                     .at(step * ew, ew)?;
                 bias_act(k, l, b.a, ew, Some(tb), Act::Silu, to_act, h, ew)?;
                 let rows = b.xe.rows(1, h, ew)?;
-                g.linear(
+                e.linear(
                     l,
                     Mat::new(b.a_act, h, ew),
                     lin(time_out),
@@ -447,7 +438,7 @@ impl Denoise {
                 l.copy(b.state_tok, b.xe.at(0, ew)?)
             }
             HeadsW::Pi05 { .. } => {
-                g.linear(l, x_act, lin(&wt.action_in), Mat::new(b.xe, h, ew), 0.0)?;
+                e.linear(l, x_act, lin(&wt.action_in), Mat::new(b.xe, h, ew), 0.0)?;
                 add_bias(k, l, b.xe, ew, wt.action_in.bias()?, h, ew)
             }
         }
@@ -456,7 +447,7 @@ impl Denoise {
     /// The whole sampler on this stage's stream over `cache`: x = noise; `steps` times
     /// x += dt·v(x, t). Launches only (no host sync, no allocation): what the graph captures.
     fn forward(&self, e: &Engine, steps: usize, table: &TimeTable, cache: CacheSlot) -> Result<()> {
-        let (k, g, l) = (&e.kernels, &e.gemm, &self.lane);
+        let (k, l) = (&e.kernels, &self.lane);
         let (s, b, wt, cfg) = (&self.shape, &self.buf, &self.weights.w, &self.cfg);
         let hs = heads(cfg);
         let (h, ad, ew, n) = (s.horizon, s.action_dim, s.width, s.suffix);
@@ -466,7 +457,7 @@ impl Denoise {
         self.mark(e, "setup (noise, state token)")?;
         if let HeadsW::Pi0 { state, .. } = &wt.heads {
             cast(k, l, b.state, b.state_act, ad)?;
-            g.linear(
+            e.linear(
                 l,
                 Mat::new(b.state_act, 1, ad),
                 lin(state),
@@ -497,7 +488,7 @@ impl Denoise {
             for (li, lw) in expert.layers.iter().enumerate() {
                 let gate = self.expert_norm(e, &lw.norm1, (2 * li, step), table)?;
                 self.mark(e, "rms_norm")?;
-                g.linear(
+                e.linear(
                     l,
                     Mat::new(b.he, n, ew),
                     lin(&lw.qkv),
@@ -538,7 +529,7 @@ impl Denoise {
                 self.mark(e, "gemm o + residual")?;
                 let gate = self.expert_norm(e, &lw.norm2, (2 * li + 1, step), table)?;
                 self.mark(e, "rms_norm")?;
-                g.linear(
+                e.linear(
                     l,
                     Mat::new(b.he, n, ew),
                     lin(&lw.gu),
@@ -554,7 +545,7 @@ impl Denoise {
             self.expert_norm(e, final_norm, (2 * s.layers, step), table)?;
             self.mark(e, "rms_norm")?;
             let actions = b.he.rows(s.first_action, h, ew)?;
-            g.linear(
+            e.linear(
                 l,
                 Mat::new(actions, h, ew),
                 lin(&wt.action_out),

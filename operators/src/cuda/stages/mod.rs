@@ -23,6 +23,7 @@ use crate::config::Config;
 use crate::cuda::attention::{self, Mask, Problem, Scratch, Strided, Workspace};
 use crate::cuda::device::{timing_event, CudaResult, DType, Device, DeviceBuffer, Lane, View};
 use crate::cuda::gemm::{Gemm, Mat};
+use crate::cuda::kernels::skinny::{self, Epilogue};
 use crate::cuda::weights::{Arena, Lin};
 use crate::cuda::Kernels;
 use crate::{cpu, settings, Error, Result};
@@ -32,6 +33,8 @@ use crate::{cpu, settings, Error, Result};
 pub struct Engine {
     pub kernels: Kernels,
     pub gemm: Gemm,
+    /// Few-row products on [`skinny`] where it takes them (`TURBOPI_SKINNY_GEMM`, default on).
+    pub skinny: bool,
     pub dev: Device,
 }
 
@@ -41,7 +44,41 @@ impl Engine {
         let dev = Device::open(settings::cuda_device()?)?;
         let kernels = Kernels::load(&dev, act_type(precision))?;
         let gemm = Gemm::new(&dev)?;
-        Ok(Engine { kernels, gemm, dev })
+        let skinny = settings::flag("TURBOPI_SKINNY_GEMM", true)?;
+        Ok(Engine {
+            kernels,
+            gemm,
+            skinny,
+            dev,
+        })
+    }
+
+    /// y = x·wᵀ + beta·y for a Linear weight `w` [n_out, n_in]: on the few-row kernel
+    /// ([`skinny`]) where it takes the shape and beta is 0 or 1, else on cuBLASLt.
+    pub fn linear(&self, lane: &Lane, x: Mat, w: Mat, y: Mat, beta: f32) -> Result<()> {
+        let epi = if beta == 0.0 {
+            Some(Epilogue::Store)
+        } else if beta == 1.0 {
+            Some(Epilogue::Add)
+        } else {
+            None
+        };
+        if let Some(epi) = epi.filter(|_| self.skinny) {
+            if skinny::linear(&self.kernels, lane, x, w, y, epi)? {
+                return Ok(());
+            }
+        }
+        self.gemm.linear(lane, x, w, y, beta)
+    }
+
+    /// y[r, c] += gate[c] · (x·wᵀ)[r, c] in one launch: the few-row kernel where it takes the
+    /// shape, else cuBLASLt's per-row alpha ([`Gemm::linear_gated`]); Ok(false), nothing
+    /// queued, when neither can.
+    pub fn linear_gated(&self, lane: &Lane, x: Mat, w: Mat, y: Mat, gate: View) -> Result<bool> {
+        if self.skinny && skinny::linear(&self.kernels, lane, x, w, y, Epilogue::Gated(gate))? {
+            return Ok(true);
+        }
+        self.gemm.linear_gated(lane, x, w, y, gate)
     }
 
     /// The activation type (f32 or bf16).
