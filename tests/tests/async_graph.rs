@@ -6,6 +6,12 @@
 //! `turbopi infer` on its frame) at the delays the run measured: replayed on a fake clock,
 //! bit for bit, for both merge policies.
 //!
+//! graphs/async_rtc.yml adds real-time chunking: each request's guide (the actions still
+//! planned and the delay) goes to the policy, whose chunk is guided toward it. Its executed
+//! stream is replayed the same way with chunks from `Policy::infer_guided` on each request's
+//! guide, bit for bit, and the guided chunks meet the old ones where they take over more
+//! closely than the unguided chunks of the same frames do.
+//!
 //! Needs the workspace built in release and the dora CLI, as tests/tests/graphs.rs.
 
 use std::process::Command;
@@ -25,15 +31,7 @@ const WEIGHTS: &str = "0.75,0.5,0.25";
 /// the graph computes them: the recorded cameras plus a masked black one, the prompt, noise
 /// seed `seq`.
 fn chunk(s: &Setup, seq: u64) -> Vec<f32> {
-    let obs = s.dir.join(format!("obs{seq}"));
-    std::fs::create_dir_all(&obs).unwrap();
-    let mut images = s.frames[seq as usize % FRAMES].clone();
-    images.resize(3 * SIZE * SIZE * 3, 0);
-    npy::write_u8(&obs.join("images.npy"), &[3, SIZE, SIZE, 3], &images).unwrap();
-    npy::write_bool(&obs.join("image_masks.npy"), &[3], &[true, true, false]).unwrap();
-    for f in ["tokens.npy", "token_mask.npy"] {
-        std::fs::copy(s.prompt.join(f), obs.join(f)).unwrap();
-    }
+    let obs = observation(s, seq);
     let out = obs.join("actions.npy");
     ok(
         Command::new(bin("turbopi"))
@@ -49,6 +47,20 @@ fn chunk(s: &Setup, seq: u64) -> Vec<f32> {
         "turbopi infer",
     );
     npy::read_f32(&out).unwrap().data
+}
+
+/// Frame `seq`'s observation as the graph builds it, written to a directory.
+fn observation(s: &Setup, seq: u64) -> std::path::PathBuf {
+    let obs = s.dir.join(format!("obs{seq}"));
+    std::fs::create_dir_all(&obs).unwrap();
+    let mut images = s.frames[seq as usize % FRAMES].clone();
+    images.resize(3 * SIZE * SIZE * 3, 0);
+    npy::write_u8(&obs.join("images.npy"), &[3, SIZE, SIZE, 3], &images).unwrap();
+    npy::write_bool(&obs.join("image_masks.npy"), &[3], &[true, true, false]).unwrap();
+    for f in ["tokens.npy", "token_mask.npy"] {
+        std::fs::copy(s.prompt.join(f), obs.join(f)).unwrap();
+    }
+    obs
 }
 
 fn summary_of(path: &std::path::Path) -> serde_json::Value {
@@ -163,4 +175,141 @@ fn async_graph_runs_without_starvation_and_executes_the_merged_chunks() {
             q["ticks"], q["executed"], delays, q["boundary_jump_max"], q["naive_jump_max"], q["within_jump_max"], max_jump(&stream)
         );
     }
+}
+
+#[test]
+fn rtc_graph_guides_each_chunk_toward_what_is_still_planned() {
+    use operators::observation::{noise_from_seed, Observation};
+    use operators::rtc::Guide;
+    for b in [
+        "camera",
+        "decode",
+        "policy",
+        "action-queue",
+        "postprocess",
+        "action-sink",
+        "turbopi",
+    ] {
+        bin(b);
+    }
+    let s = setup();
+    let unguided: Vec<Vec<f32>> = (0..RUN_FRAMES).map(|seq| chunk(&s, seq)).collect();
+    let dims = 8;
+    let output = s.dir.join("async-rtc.jsonl");
+    let queue_summary = s.dir.join("queue-rtc.json");
+    let mut cmd = dora();
+    cmd.arg("run").arg(root().join("graphs/async_rtc.yml"));
+    graph_env(&mut cmd, &s, &output, RUN_FRAMES);
+    cmd.env("TURBOPI_CONTROL_HZ", CONTROL_HZ)
+        .env("TURBOPI_REQUEST_THRESHOLD", THRESHOLD.to_string())
+        .env("TURBOPI_QUEUE_SUMMARY", &queue_summary);
+    let log = ok(cmd.output().unwrap(), "dora run async_rtc.yml");
+    let q = summary_of(&queue_summary);
+    let sink = tests::dataflow::summary(&output);
+    assert_eq!(q["merge"], "latest", "{q}");
+    assert_eq!(q["starved"], 0, "ticks starved: {q}\n{log}");
+    assert_eq!(q["chunks"], RUN_FRAMES, "{q}\n{log}");
+    assert_eq!(
+        (&q["rejected"], &q["chunk_gaps"]),
+        (&0.into(), &0.into()),
+        "{q}"
+    );
+    assert_eq!(sink["frames"], q["executed"], "{sink} {q}");
+    assert_eq!(
+        (&sink["gaps"], &sink["rejected"]),
+        (&0.into(), &0.into()),
+        "{sink}"
+    );
+    let stream: Vec<Vec<f32>> = read_actions(&output)
+        .into_iter()
+        .map(|(_, r)| r[0].clone())
+        .collect();
+    let delays: Vec<u64> = q["delay_ticks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| d.as_u64().unwrap())
+        .collect();
+    assert_eq!(delays.len() as u64, RUN_FRAMES);
+    let ticks_run = q["ticks"].as_u64().unwrap();
+    let queue = || {
+        ActionQueue::new(QueueConfig {
+            threshold: THRESHOLD,
+            merge: Merge::Latest,
+            initial_delay: 0,
+            delay_window: action_queue::DELAY_WINDOW,
+            request_timeout: 250,
+        })
+        .unwrap()
+    };
+    let delay_of = |r: &action_queue::queue::Request| {
+        delays.get(r.seq as usize).copied().unwrap_or(u64::MAX / 2)
+    };
+
+    // The replay with each request's chunk guided as the policy node guides it.
+    let ckpt = operators::checkpoint::Checkpoint::open(&s.checkpoint).unwrap();
+    let cfg = ckpt.config.clone();
+    let policy = operators::Policy::load(&ckpt, |_, _| {}).unwrap();
+    let mut closeness = Vec::new();
+    let mut guided_replay = queue();
+    let replayed: Vec<Vec<f32>> = simulate(&mut guided_replay, ticks_run, dims, delay_of, |r| {
+        let Some(free) = unguided.get(r.seq as usize) else {
+            return Vec::new();
+        };
+        let rows = (r.leftover.len() / dims).min(cfg.action_horizon);
+        if rows == 0 {
+            return free.clone();
+        }
+        let guide = Guide {
+            prefix: r.leftover[..rows * dims].to_vec(),
+            delay: (r.delay_ticks as usize).min(rows),
+            beta: 5.0,
+        };
+        let obs = Observation::load(&observation(&s, r.seq), &cfg).unwrap();
+        let (guided, _) = policy
+            .infer_guided(&obs, &noise_from_seed(&cfg, r.seq), 10, &guide)
+            .unwrap();
+        // The first max(d, 1) actions against the leftover: guided and unguided.
+        let n = guide.delay.max(1) * dims;
+        let dist = |a: &[f32]| {
+            (0..n)
+                .map(|i| (a[i] - guide.prefix[i]).abs())
+                .fold(0.0f32, f32::max)
+        };
+        closeness.push((r.seq, guide.delay, dist(&guided), dist(free)));
+        guided
+    })
+    .into_iter()
+    .filter_map(|t| t.action.map(|a| a[..7].to_vec()))
+    .collect();
+    assert_eq!(replayed.len(), stream.len());
+    assert_eq!(
+        replayed, stream,
+        "the executed actions differ from the guided replay"
+    );
+
+    // The unguided chunks at the same delays: where the new chunk takes over, the guided
+    // chunks are closer to the old ones.
+    let mut free_replay = queue();
+    simulate(&mut free_replay, ticks_run, dims, delay_of, |r| {
+        unguided.get(r.seq as usize).cloned().unwrap_or_default()
+    });
+    let (g, f) = (guided_replay.stats(), free_replay.stats());
+    println!(
+        "async_rtc.yml: {} ticks at {CONTROL_HZ} Hz, 0 starved, delays {delays:?} ticks; old vs new chunk where the new takes over: RTC {:.4}, unguided {:.4}; first max(d, 1) actions vs the leftover (seq, d, guided, unguided): {closeness:?}",
+        q["ticks"], g.switch_gap_max, f.switch_gap_max
+    );
+    assert!(!closeness.is_empty(), "no request was guided: {q}");
+    for &(seq, _, guided, free) in &closeness {
+        assert!(
+            guided < free,
+            "frame {seq}: guided {guided} vs unguided {free}"
+        );
+    }
+    assert!(
+        g.switch_gap_max < f.switch_gap_max,
+        "RTC {} vs unguided {}",
+        g.switch_gap_max,
+        f.switch_gap_max
+    );
 }

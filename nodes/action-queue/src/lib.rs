@@ -15,7 +15,7 @@ use dora_node_api::{DoraNode, Event, EventStream, Parameter, StopCause};
 use eyre::{bail, eyre, Result, WrapErr};
 use node_common::events::{recv_within, Waited};
 use node_common::{
-    env_opt, env_or, expect_tensor, now_ns, report_rejected, Dim, FrameMeta, SeqGaps,
+    env_flag, env_opt, env_or, expect_tensor, now_ns, report_rejected, Dim, FrameMeta, SeqGaps,
 };
 use queue::{ActionQueue, Merge, QueueConfig, Stats};
 
@@ -31,12 +31,15 @@ pub struct Settings {
     pub queue: QueueConfig,
     /// Where the summary JSON is written at the end (none: printed only).
     pub summary: Option<PathBuf>,
+    /// Real-time chunking: with each request, the actions still planned and the delay go
+    /// out on `guide` (seq = the request's), for the policy to guide that frame's chunk.
+    pub rtc: bool,
 }
 
 impl Settings {
     /// Env: `CONTROL_HZ` (50), `REQUEST_THRESHOLD` (5), `MERGE` (`latest`), `MERGE_WEIGHTS`
     /// (with `weighted`), `DELAY_TICKS` (0: the delay sent before one is measured),
-    /// `REQUEST_TIMEOUT_TICKS` (250), `SUMMARY` (unset).
+    /// `REQUEST_TIMEOUT_TICKS` (250), `SUMMARY` (unset), `RTC` (false).
     pub fn from_env() -> Result<Self> {
         let control_hz: f64 = env_or("CONTROL_HZ", 50.0)?;
         if !(control_hz.is_finite() && control_hz > 0.0 && control_hz <= CONTROL_HZ_MAX) {
@@ -62,6 +65,7 @@ impl Settings {
             control_hz,
             queue,
             summary: env_opt("SUMMARY")?,
+            rtc: env_flag("RTC", false)?,
         })
     }
 }
@@ -141,6 +145,7 @@ pub fn run_with(
 ) -> Result<Summary> {
     let action_out: DataId = "action".to_string().into();
     let request_out: DataId = "request".to_string().into();
+    let guide_out: DataId = "guide".to_string().into();
     let mut queue = ActionQueue::new(settings.queue.clone())?;
     let period = Duration::from_secs_f64(1.0 / settings.control_hz);
     let mut gaps = SeqGaps::default();
@@ -238,6 +243,22 @@ pub fn run_with(
                 Parameter::Integer(r.delay_ticks as i64),
             );
             md.insert("tick".into(), Parameter::Integer(r.tick as i64));
+            // The guide first: the policy joins it with the frame the request makes.
+            if settings.rtc {
+                let rows = r.leftover.len().checked_div(r.dims).unwrap_or(0);
+                let mut g = FrameMeta {
+                    seq: r.seq,
+                    t_capture_ns: now_ns(),
+                    trace: None,
+                }
+                .tensor_params(&[rows, r.dims], "float32");
+                g.insert(
+                    "delay_ticks".into(),
+                    Parameter::Integer(r.delay_ticks as i64),
+                );
+                node.send_output(guide_out.clone(), g, r.leftover.clone())
+                    .map_err(|e| eyre!("sending the guide of request {}: {e}", r.seq))?;
+            }
             node.send_output(request_out.clone(), md, Vec::<u8>::new())
                 .map_err(|e| eyre!("sending request {}: {e}", r.seq))?;
         }
@@ -286,6 +307,7 @@ mod tests {
                 request_timeout: 1000,
             },
             summary: None,
+            rtc: false,
         };
         let mut summary = None;
         let out = run_node("action-queue", events, |node, ev| {
@@ -309,6 +331,66 @@ mod tests {
         assert_eq!(summary.stats.starved, 0);
         assert_eq!(summary.stats.executed, actions.len() as u64);
         assert_eq!(summary.stats.delays.len(), 1);
+    }
+
+    /// With RTC, every request comes right after its guide (same seq): nothing planned
+    /// before the first chunk, then the rows still planned, a suffix of the chunk.
+    #[test]
+    fn with_rtc_each_request_carries_its_guide() {
+        let rows: Vec<f32> = (0..8).flat_map(|i| [i as f32, -(i as f32)]).collect();
+        let msg = |seq, dtype: &'static str| TensorInput {
+            id: "actions",
+            seq,
+            shape: &[8, 2],
+            dtype,
+            arrow_type: "Float32",
+            values: json(&rows),
+            extra: vec![],
+        };
+        // The malformed chunk keeps the input open past the first chunk's end.
+        let events = vec![event(0.02, msg(0, "float32")), event(1.0, msg(1, "uint8"))];
+        let settings = Settings {
+            control_hz: 50.0,
+            queue: QueueConfig {
+                threshold: 2,
+                merge: Merge::Latest,
+                initial_delay: 0,
+                delay_window: DELAY_WINDOW,
+                request_timeout: 1000,
+            },
+            summary: None,
+            rtc: true,
+        };
+        let out = run_node("action-queue", events, |node, ev| {
+            run_with(&settings, node, ev).map(|_| ())
+        })
+        .unwrap();
+        assert_eq!(out[0]["id"], "guide", "the first tick guides its frame");
+        assert!(values(&out[0]).is_empty());
+        assert_eq!(out[1]["id"], "request");
+        let ids: Vec<&str> = out.iter().filter_map(|o| o["id"].as_str()).collect();
+        for (i, id) in ids.iter().enumerate() {
+            assert_eq!(
+                *id == "guide",
+                ids.get(i + 1) == Some(&"request"),
+                "{ids:?}"
+            );
+        }
+        let later: Vec<Vec<f64>> = out
+            .iter()
+            .filter(|o| o["id"] == "guide")
+            .skip(1)
+            .map(values)
+            .collect();
+        assert!(!later.is_empty(), "{ids:?}");
+        let all: Vec<f64> = rows.iter().map(|&v| f64::from(v)).collect();
+        for g in &later {
+            assert!(
+                !g.is_empty() && g.len() % 2 == 0 && g.len() < all.len(),
+                "{g:?}"
+            );
+            assert_eq!(g[..], all[all.len() - g.len()..]);
+        }
     }
 
     #[test]

@@ -147,6 +147,20 @@ impl FrameJoin {
         self.pending.len()
     }
 
+    /// Whether a frame that could still complete once `closed` inputs send nothing more is
+    /// waiting: one that already holds a part of each of them.
+    pub fn may_complete_without(&self, closed: &[&str]) -> bool {
+        let slots: Vec<usize> = closed
+            .iter()
+            .filter_map(|c| self.inputs.iter().position(|x| x == c))
+            .collect();
+        self.pending.values().any(|parts| {
+            slots
+                .iter()
+                .all(|&i| parts.get(i).is_some_and(Option::is_some))
+        })
+    }
+
     /// Takes in a message of part `input`. An error (no `seq`, or a second message of
     /// `input` for a frame that already has one) refuses the message and leaves every
     /// waiting frame as it was.
@@ -377,6 +391,28 @@ mod tests {
 
     /// Every order in which three parts of two frames can arrive (each input in order)
     /// yields both frames, each with its own parts.
+    /// Once an input has closed, only a frame already holding its part can complete.
+    #[test]
+    fn frames_that_may_complete_once_an_input_closes() {
+        let mut j = FrameJoin::new(&["images", "guide"], 8);
+        assert!(!j.may_complete_without(&["images"]), "nothing waits");
+        put(&mut j, "guide", 3);
+        assert!(
+            !j.may_complete_without(&["images"]),
+            "frame 3 lacks its images"
+        );
+        assert!(
+            j.may_complete_without(&["guide"]),
+            "frame 3 holds its guide"
+        );
+        put(&mut j, "images", 4);
+        assert!(
+            j.may_complete_without(&["images"]),
+            "frame 4 holds its images"
+        );
+        assert!(!j.may_complete_without(&["images", "guide"]));
+    }
+
     #[test]
     fn any_arrival_order_yields_the_same_frames() {
         let inputs = ["images", "state", "tokens"];

@@ -23,6 +23,11 @@ use crate::FrameMeta;
 /// The input on which consumers hand ring slots back.
 pub const RELEASE: &str = "release";
 
+/// Parts whose producer waits on this node's own output (an action queue's `guide`, sent
+/// ahead of the requests that this node's actions answer): they do not keep the node running
+/// once the other parts have closed.
+const FEEDBACK_PARTS: &[&str] = &["guide"];
+
 /// What the loop needs to know of a stage node.
 #[derive(Debug, Clone)]
 pub struct Spec {
@@ -244,6 +249,21 @@ pub fn run<S: Stage>(
         }
         if let Some(e) = fatal.take() {
             return Err(e);
+        }
+        // Once every part that does not loop back has closed, only frames already holding
+        // those parts can still complete: a feedback part alone (an action queue's guides,
+        // which keep coming while this node's actions do) must not keep the node, and
+        // through it the loop, running forever.
+        if open.iter().all(|p| FEEDBACK_PARTS.contains(p)) {
+            let closed: Vec<&str> = spec
+                .parts
+                .iter()
+                .copied()
+                .filter(|p| !FEEDBACK_PARTS.contains(p))
+                .collect();
+            if !frames.join.may_complete_without(&closed) {
+                break;
+            }
         }
         let mut cx = cx!();
         cx.idle = idle;

@@ -11,11 +11,12 @@ use node_common::prompt::{frame_prompt, prompt_from_env, TOKENS};
 use node_common::reject::declares_rejected;
 use node_common::stage::{self, Cx, Spec, Stage};
 use node_common::{
-    backend_from_env, batching_from_env, checkpoint_from_env, env_flag, env_or, frame_state,
-    model_images, FrameMeta,
+    backend_from_env, batching_from_env, checkpoint_from_env, env_flag, env_or, expect_tensor,
+    frame_state, int_param, model_images, Dim, FrameMeta,
 };
 use operators::backend::{self, Runner};
 use operators::observation::noise_from_seed;
+use operators::rtc::Guide;
 use operators::{BatchRow, Config, Observation, StageTimes, MAX_BATCH};
 
 pub struct Settings {
@@ -39,13 +40,21 @@ pub struct Settings {
     /// How long the first frame of a batch waits for more; zero: a batch is the frames
     /// already waiting.
     pub batch_window: Duration,
+    /// Real-time chunking's largest guidance weight, for frames that come with a `guide`.
+    pub rtc_beta: f64,
 }
+
+/// The optional input that carries real-time chunking's guide of a frame (an action queue's
+/// `guide` output): the actions still planned, f32 [rows, action_dim], and `delay_ticks`.
+pub const GUIDE: &str = "guide";
 
 /// Env: `CHECKPOINT`, `PROMPT` (dir with tokens.npy, token_mask.npy; not needed when the
 /// `tokens` input is wired), `BACKEND` (cpu),
 /// `DTYPE` (f32 on cpu, bf16 on cuda), `STEPS` (10), `SEED` (0), `PIPELINE` (false; true:
 /// up to two frames in flight, BACKEND=cuda), `MAX_BATCH` (8) and `BATCH_WINDOW_MS` (0):
-/// without PIPELINE, frames waiting together run as one batch.
+/// without PIPELINE, frames waiting together run as one batch; `RTC_BETA` (5): with the
+/// `guide` input wired, each frame's chunk is guided toward the actions still planned
+/// (real-time chunking, docs/rtc.md; BACKEND=cpu).
 pub fn run(node: DoraNode, events: EventStream) -> Result<()> {
     let (kind, precision) = backend_from_env()?;
     let steps: usize = env_or("STEPS", 10)?;
@@ -60,9 +69,23 @@ pub fn run(node: DoraNode, events: EventStream) -> Result<()> {
     }
     let ckpt = checkpoint_from_env()?;
     let (tokens, token_mask, _) = prompt_from_env(&node, &ckpt.config)?;
-    let parts = FrameJoin::wired(&node, &["state", TOKENS]);
+    let parts = FrameJoin::wired(&node, &["state", TOKENS, GUIDE]);
     if !ckpt.config.pi05 && !parts.contains(&"state") {
         bail!("the checkpoint is pi0, which needs the robot state: wire the `state` input");
+    }
+    let rtc_beta: f64 = env_or("RTC_BETA", 5.0)?;
+    if !(rtc_beta.is_finite() && rtc_beta > 0.0) {
+        bail!("env RTC_BETA={rtc_beta} must be a positive number");
+    }
+    if parts.contains(&GUIDE) {
+        if kind == operators::backend::BackendKind::Cuda {
+            bail!("the `guide` input (real-time chunking) needs BACKEND=cpu: the CUDA backend has no guided denoise yet (docs/rtc.md)");
+        }
+        if pipeline {
+            bail!(
+                "the `guide` input (real-time chunking) runs frames one at a time: unset PIPELINE"
+            );
+        }
     }
     let mut runner = backend::load(kind, precision, &ckpt, |_, _| {})?;
     // The first frames should cost what later ones do (no drops while graphs are built);
@@ -81,6 +104,7 @@ pub fn run(node: DoraNode, events: EventStream) -> Result<()> {
         gpu_stage_times: kind == operators::backend::BackendKind::Cuda,
         max_batch,
         batch_window,
+        rtc_beta,
     };
     if pipeline {
         return run_pipelined(&ckpt.config, runner.as_mut(), &settings, node, events);
@@ -158,6 +182,47 @@ fn observation(
     Ok((obs, noise))
 }
 
+/// The frame's real-time chunking guide: None without a `guide` part or with nothing
+/// planned (the first request). The delay is capped at the rows planned, and rows past the
+/// model's horizon are not guided.
+fn frame_guide(frame: &Joined, cfg: &Config, beta: f64) -> Result<Option<Guide>> {
+    let Some(p) = frame.part(GUIDE) else {
+        return Ok(None);
+    };
+    let (shape, planned) = expect_tensor::<f32>(
+        GUIDE,
+        &p.metadata,
+        &p.data,
+        "float32",
+        &[Dim::Any, Dim::Any],
+    )?;
+    if shape[0] == 0 {
+        return Ok(None);
+    }
+    if shape[1] != cfg.action_dim {
+        bail!(
+            "frame {}: guide: {} values per action, the model's actions have {} (the queue must execute model actions)",
+            frame.seq,
+            shape[1],
+            cfg.action_dim
+        );
+    }
+    let delay = int_param(&p.metadata, "delay_ticks")
+        .filter(|&d| d >= 0)
+        .ok_or_else(|| {
+            eyre!(
+                "frame {}: guide: metadata `delay_ticks` (a tick count, at least 0) is missing",
+                frame.seq
+            )
+        })?;
+    let rows = shape[0].min(cfg.action_horizon);
+    Ok(Some(Guide {
+        prefix: planned[..rows * cfg.action_dim].to_vec(),
+        delay: (delay as usize).min(rows),
+        beta,
+    }))
+}
+
 /// Frames in batches: a joined frame waits with the others until the batch is full
 /// (`max_batch`), or until no message is waiting (window zero) or the first frame has waited
 /// `batch_window`; then they run in one [`Runner::infer_batch`], each frame with its own
@@ -173,6 +238,8 @@ struct Batched<'a> {
     opened: Option<Instant>,
     /// Batches run, by size (index 0 unused).
     sizes: [u64; MAX_BATCH + 1],
+    /// Frames run with a real-time chunking guide.
+    guided: u64,
 }
 
 impl Batched<'_> {
@@ -219,6 +286,19 @@ impl Batched<'_> {
 impl Stage for Batched<'_> {
     fn on_frame(&mut self, cx: &mut Cx, frame: Joined) -> Result<()> {
         let (obs, noise) = observation(&frame, self.cfg, self.settings)?;
+        // A guided frame runs alone, after the frames that came before it.
+        if let Some(guide) = frame_guide(&frame, self.cfg, self.settings.rtc_beta)? {
+            self.run_batch(cx);
+            let out = self
+                .runner
+                .infer_guided(&obs, &noise, self.settings.steps, &guide)?;
+            self.guided += 1;
+            if let Some(count) = self.sizes.get_mut(1) {
+                *count += 1;
+            }
+            let done = SystemTime::now();
+            return send_actions(cx, self.cfg, self.settings, frame.meta(), out, done, 1);
+        }
         self.opened.get_or_insert_with(Instant::now);
         self.waiting.push((frame.meta(), obs, noise));
         if self.waiting.len() >= self.settings.max_batch {
@@ -257,10 +337,15 @@ impl Stage for Batched<'_> {
             .filter(|(_, &n)| n > 0)
             .map(|(size, n)| format!("{n} of {size}"))
             .collect();
+        let guided = if self.guided > 0 {
+            format!(", {} guided (RTC)", self.guided)
+        } else {
+            String::new()
+        };
         if sizes.is_empty() {
-            return String::new();
+            return guided;
         }
-        format!(", batches: {}", sizes.join(", "))
+        format!(", batches: {}{guided}", sizes.join(", "))
     }
 }
 
@@ -290,6 +375,7 @@ pub fn run_batched(
         waiting: Vec::new(),
         opened: None,
         sizes: [0; MAX_BATCH + 1],
+        guided: 0,
     };
     stage::run(&spec, &mut stage, node, events)?;
     Ok(stage.sizes)
@@ -479,6 +565,7 @@ mod tests {
             gpu_stage_times: false,
             max_batch: 1,
             batch_window: Duration::ZERO,
+            rtc_beta: 5.0,
         };
         let out = run_node("policy", events(), |node, ev| {
             run_with(&cfg, &mut policy, &settings, node, ev)
@@ -593,6 +680,7 @@ mod tests {
             gpu_stage_times: false,
             max_batch: 1,
             batch_window: Duration::ZERO,
+            rtc_beta: 5.0,
         };
         let out = run_node("policy", events(), |node, ev| {
             run_with(&cfg, &mut policy, &settings, node, ev)
@@ -731,6 +819,7 @@ mod tests {
             gpu_stage_times: false,
             max_batch: 3,
             batch_window: Duration::from_secs(30),
+            rtc_beta: 5.0,
         };
         let mut sizes = [0; MAX_BATCH + 1];
         let out = run_node("policy", events, |node, ev| {
@@ -816,6 +905,7 @@ mod tests {
                 gpu_stage_times: false,
                 max_batch: MAX_BATCH,
                 batch_window: window,
+                rtc_beta: 5.0,
             };
             let mut sizes = [0; MAX_BATCH + 1];
             let out = run_node(
@@ -861,6 +951,7 @@ mod tests {
             gpu_stage_times: false,
             max_batch: 1,
             batch_window: Duration::ZERO,
+            rtc_beta: 5.0,
         };
         let out = run_node("policy", events, |node, ev| {
             run_with(&cfg, &mut policy, &settings, node, ev)
@@ -872,6 +963,98 @@ mod tests {
         assert!(
             why.contains("frame 3") && why.contains("`images` never arrived"),
             "{why}"
+        );
+    }
+
+    /// With `guide` wired, each frame's chunk is guided by the guide sent with its seq: the
+    /// actions equal `Policy::infer_guided` on the same observation, noise and guide (delay
+    /// capped at the rows planned); an empty guide runs unguided; a guide with the wrong
+    /// width is rejected naming it.
+    #[test]
+    fn guided_frames_run_with_their_own_guide() {
+        let ckpt = Checkpoint::open(&golden("pi05_small").join("checkpoint")).unwrap();
+        let cfg = ckpt.config.clone();
+        let (tokens, token_mask) =
+            load_prompt(&golden("pi05_small").join("observation"), &cfg).unwrap();
+        let mut policy = Policy::load(&ckpt, |_, _| {}).unwrap();
+        let (n, s, ad) = (cfg.num_images, cfg.image_size, cfg.action_dim);
+        let px: Vec<u8> = (0..n * s * s * 3).map(|i| (i * 13 % 256) as u8).collect();
+        let shape: &'static [usize] = Box::leak(vec![n, s, s, 3].into_boxed_slice());
+        let images = |seq| TensorInput {
+            id: "images",
+            seq,
+            shape,
+            dtype: "uint8",
+            arrow_type: "UInt8",
+            values: json(&px),
+            extra: vec![("image_masks", Parameter::ListInt(vec![1, 1, 0]))],
+        };
+        let planned: Vec<f32> = (0..3 * ad).map(|i| (i as f32 * 0.37).sin()).collect();
+        let guide = |seq, rows: usize, width: usize, delay: i64| TensorInput {
+            id: "guide",
+            seq,
+            shape: Box::leak(vec![rows, width].into_boxed_slice()),
+            dtype: "float32",
+            arrow_type: "Float32",
+            values: json(&planned[..rows * width]),
+            extra: vec![("delay_ticks", Parameter::Integer(delay))],
+        };
+        let events = vec![
+            event(0.0, guide(1, 0, 0, 0)),
+            event(0.01, images(1)),
+            event(0.02, images(2)),
+            event(0.03, guide(2, 3, ad, 7)),
+            event(0.04, guide(3, 2, ad - 1, 1)),
+            event(0.05, images(3)),
+        ];
+        let settings = Settings {
+            steps: 3,
+            seed: 5,
+            tokens: tokens.clone(),
+            token_mask: token_mask.clone(),
+            parts: vec![GUIDE],
+            send_rejections: true,
+            pipeline: false,
+            gpu_stage_times: false,
+            max_batch: 1,
+            batch_window: Duration::ZERO,
+            rtc_beta: 5.0,
+        };
+        let out = run_node("policy", events, |node, ev| {
+            run_with(&cfg, &mut policy, &settings, node, ev)
+        })
+        .unwrap();
+        let ids: Vec<&str> = out.iter().filter_map(|o| o["id"].as_str()).collect();
+        assert_eq!(ids, ["actions", "actions", "rejected"], "{out:?}");
+        let obs = Observation {
+            images: px
+                .chunks_exact(s * s * 3)
+                .flat_map(|c| image::to_model_input(c, s, s, s))
+                .collect(),
+            image_masks: vec![true, true, false],
+            tokens,
+            token_mask,
+            state: None,
+            noise: None,
+        };
+        let got = |i: usize| -> Vec<f32> { values(&out[i]).iter().map(|&v| v as f32).collect() };
+        let (free, _) = policy.infer(&obs, &noise_from_seed(&cfg, 6), 3).unwrap();
+        assert_eq!(got(0), free, "an empty guide runs unguided");
+        let g = Guide {
+            prefix: planned.clone(),
+            delay: 3,
+            beta: 5.0,
+        };
+        let (guided, _) = policy
+            .infer_guided(&obs, &noise_from_seed(&cfg, 7), 3, &g)
+            .unwrap();
+        assert_eq!(got(1), guided);
+        let (free2, _) = policy.infer(&obs, &noise_from_seed(&cfg, 7), 3).unwrap();
+        assert_ne!(got(1), free2, "the guide changed the chunk");
+        let reason = out[2]["data"][0].as_str().unwrap_or_default();
+        assert!(
+            reason.contains("frame 3") && reason.contains("guide"),
+            "{reason}"
         );
     }
 }

@@ -67,6 +67,7 @@ impl Kind {
                 ("images", &[Images], true),
                 ("state", &[State], false),
                 ("tokens", &[Tokens], false),
+                ("guide", &[Guide], false),
             ],
             Kind::Postprocess => &[("actions", &[ModelActions], true)],
             Kind::ActionSink => &[("actions", &[ModelActions, RobotActions], true)],
@@ -103,6 +104,7 @@ impl Kind {
             // the shipped graphs: postprocess comes after the queue).
             (Kind::ActionQueue, "action") => Msg::ModelActions,
             (Kind::ActionQueue, "request") => Msg::Request,
+            (Kind::ActionQueue, "guide") => Msg::Guide,
             (Kind::Prefix | Kind::Denoise, "release") => Msg::Release,
             (Kind::OpenpiServer, "images") => Msg::Images,
             (Kind::OpenpiServer, "state") => Msg::State,
@@ -133,6 +135,9 @@ pub enum Msg {
     Rejections,
     /// An action queue's request for the next observation (the frame's seq).
     Request,
+    /// Real-time chunking's guide of a requested frame: the actions still planned and the
+    /// delay in ticks.
+    Guide,
 }
 
 /// The openpi server's inputs for rejections: any id starting with `rejected` (one per stage
@@ -153,6 +158,7 @@ impl Msg {
             Msg::Tokens => "prompt tokens (i32 [L] with token_mask)",
             Msg::Rejections => "rejected frames (Utf8 reason with the frame's seq)",
             Msg::Request => "observation requests (the seq of the frame to capture)",
+            Msg::Guide => "RTC guides (f32 [leftover, action_dim] with delay_ticks)",
         }
     }
 }
@@ -340,10 +346,12 @@ fn check_placement(desc: &Descriptor, errors: &mut Vec<String>) {
 }
 
 /// Inputs that close a loop by design: CUDA IPC slot releases, the actions and rejections
-/// that answer the openpi server's frames, and an action queue's requests to the camera.
+/// that answer the openpi server's frames, and an action queue's requests to the camera and
+/// guides to the policy.
 pub(crate) fn is_feedback(kind: Option<Kind>, input_id: &str) -> bool {
     input_id == "release"
         || (kind == Some(Kind::Camera) && input_id == "request")
+        || (kind == Some(Kind::Policy) && input_id == "guide")
         || (kind == Some(Kind::OpenpiServer)
             && (input_id == "actions" || input_id.starts_with("rejected")))
 }
@@ -521,6 +529,23 @@ fn check_env(id: &str, kind: Kind, node: &Node, base: &Path, errors: &mut Vec<St
             if !node.outputs.iter().any(|o| o.to_string() == "action") {
                 err("output `action` must be declared (one action per tick)".into());
             }
+            let rtc = match env.get("RTC") {
+                Some(v) => operators::settings::parse_bool("RTC", v).unwrap_or_else(|e| {
+                    err(e.to_string());
+                    false
+                }),
+                None => false,
+            };
+            let guides = node.outputs.iter().any(|o| o.to_string() == "guide");
+            if rtc && !guides {
+                err(
+                    "env RTC=true: output `guide` must be declared (the policy's `guide` input)"
+                        .into(),
+                );
+            }
+            if guides && !rtc {
+                err("output `guide` is declared but RTC is off: a policy joining frames with guides would wait for every frame".into());
+            }
         }
         Kind::ActionSink => {
             if let Some(v) = env.get("STALE_MS") {
@@ -567,6 +592,21 @@ fn check_env(id: &str, kind: Kind, node: &Node, base: &Path, errors: &mut Vec<St
                     } else if let Err(e) = parse(v) {
                         err(e);
                     }
+                }
+            }
+            if let Some(v) = env.get("RTC_BETA") {
+                if !v.parse::<f64>().is_ok_and(|b| b.is_finite() && b > 0.0) {
+                    err(format!("env RTC_BETA={v:?} must be a positive number"));
+                }
+            }
+            if node.inputs.keys().any(|k| k.to_string() == "guide") {
+                if env.get("BACKEND").map(String::as_str) == Some("cuda") {
+                    err("input `guide` (real-time chunking) needs BACKEND=cpu: the CUDA backend has no guided denoise yet".into());
+                }
+                if env.get("PIPELINE").is_some_and(|p| {
+                    operators::settings::parse_bool("PIPELINE", p).unwrap_or(false)
+                }) {
+                    err("input `guide` (real-time chunking) runs frames one at a time: unset PIPELINE".into());
                 }
             }
             if let Some(d) = env.get("DTYPE") {

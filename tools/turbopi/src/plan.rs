@@ -92,6 +92,7 @@ fn msg_bytes(msg: Msg, cfg: &Config, bf16: bool) -> (usize, usize) {
         Msg::KvCache => cfg.vlm_depth * 2 * cfg.max_prefix_len() * kvw * 4,
         Msg::ModelActions | Msg::RobotActions => cfg.action_horizon * cfg.action_dim * 4,
         Msg::Release | Msg::Rejections | Msg::Request => 0,
+        Msg::Guide => cfg.action_horizon * cfg.action_dim * 4,
         Msg::Tokens => cfg.max_token_len * 4,
     };
     let device = match msg {
@@ -579,5 +580,6 @@ fn msg_name(m: Msg) -> &'static str {
         Msg::Tokens => "tokens",
         Msg::Rejections => "rejected",
         Msg::Request => "request",
+        Msg::Guide => "guide",
     }
 }

@@ -195,6 +195,15 @@ fn bad_fixtures_fail_naming_node_and_input() {
             ],
         ),
         (
+            "bad_rtc.yml",
+            &[
+                "node `action-queue`: env RTC=\"sometimes\": expected a boolean",
+                "node `action-queue`: output `guide` is declared but RTC is off",
+                "node `policy`: env RTC_BETA=\"-1\" must be a positive number",
+                "node `policy`: input `guide` (real-time chunking) runs frames one at a time",
+            ],
+        ),
+        (
             "bad_serve.yml",
             &[
                 "node `openpi-server`: env ROBOT: unknown robot `franka`",
@@ -259,7 +268,7 @@ fn small_checkpoint(dir: &Path) -> (PathBuf, PathBuf) {
 fn shipped_graphs_pass() {
     let tmp = tempfile::tempdir().unwrap();
     let (small, prompt) = small_checkpoint(tmp.path());
-    for g in ["demo.yml", "fused.yml", "async.yml"] {
+    for g in ["demo.yml", "fused.yml", "async.yml", "async_rtc.yml"] {
         let (ok, text) = check(
             &root().join("graphs").join(g),
             &[("TURBOPI_CHECKPOINT", &small), ("TURBOPI_PROMPT", &prompt)],
