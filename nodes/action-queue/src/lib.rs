@@ -347,8 +347,10 @@ mod tests {
             values: json(&rows),
             extra: vec![],
         };
-        // The malformed chunk keeps the input open past the first chunk's end.
-        let events = vec![event(0.02, msg(0, "float32")), event(1.0, msg(1, "uint8"))];
+        // The malformed chunk keeps the input open well past the first chunk's end (the
+        // events' clock starts before the node does: on a loaded machine a close at 1 s
+        // came before the first chunk was spent).
+        let events = vec![event(0.02, msg(0, "float32")), event(10.0, msg(1, "uint8"))];
         let settings = Settings {
             control_hz: 50.0,
             queue: QueueConfig {
