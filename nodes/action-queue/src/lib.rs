@@ -333,68 +333,6 @@ mod tests {
         assert_eq!(summary.stats.delays.len(), 1);
     }
 
-    /// With RTC, every request comes right after its guide (same seq): nothing planned
-    /// before the first chunk, then the rows still planned, a suffix of the chunk.
-    #[test]
-    fn with_rtc_each_request_carries_its_guide() {
-        let rows: Vec<f32> = (0..8).flat_map(|i| [i as f32, -(i as f32)]).collect();
-        let msg = |seq, dtype: &'static str| TensorInput {
-            id: "actions",
-            seq,
-            shape: &[8, 2],
-            dtype,
-            arrow_type: "Float32",
-            values: json(&rows),
-            extra: vec![],
-        };
-        // The malformed chunk keeps the input open well past the first chunk's end (the
-        // events' clock starts before the node does: on a loaded machine a close at 1 s
-        // came before the first chunk was spent).
-        let events = vec![event(0.02, msg(0, "float32")), event(10.0, msg(1, "uint8"))];
-        let settings = Settings {
-            control_hz: 50.0,
-            queue: QueueConfig {
-                threshold: 2,
-                merge: Merge::Latest,
-                initial_delay: 0,
-                delay_window: DELAY_WINDOW,
-                request_timeout: 1000,
-            },
-            summary: None,
-            rtc: true,
-        };
-        let out = run_node("action-queue", events, |node, ev| {
-            run_with(&settings, node, ev).map(|_| ())
-        })
-        .unwrap();
-        assert_eq!(out[0]["id"], "guide", "the first tick guides its frame");
-        assert!(values(&out[0]).is_empty());
-        assert_eq!(out[1]["id"], "request");
-        let ids: Vec<&str> = out.iter().filter_map(|o| o["id"].as_str()).collect();
-        for (i, id) in ids.iter().enumerate() {
-            assert_eq!(
-                *id == "guide",
-                ids.get(i + 1) == Some(&"request"),
-                "{ids:?}"
-            );
-        }
-        let later: Vec<Vec<f64>> = out
-            .iter()
-            .filter(|o| o["id"] == "guide")
-            .skip(1)
-            .map(values)
-            .collect();
-        assert!(!later.is_empty(), "{ids:?}");
-        let all: Vec<f64> = rows.iter().map(|&v| f64::from(v)).collect();
-        for g in &later {
-            assert!(
-                !g.is_empty() && g.len() % 2 == 0 && g.len() < all.len(),
-                "{g:?}"
-            );
-            assert_eq!(g[..], all[all.len() - g.len()..]);
-        }
-    }
-
     #[test]
     fn bad_settings_name_the_variable() {
         std::env::set_var("CONTROL_HZ", "0");
