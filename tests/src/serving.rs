@@ -42,11 +42,26 @@ pub fn python(script: &str, pythonpath: &Path) -> Command {
     c
 }
 
+/// A local port that is free now, below Linux's ephemeral range (32768-60999): a port the
+/// system hands out for `bind(0)` (dora's daemons take theirs that way) could be given to
+/// another process between this check and the server binding it. Successive calls in one
+/// process give different ports; processes start at different offsets.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free local port")
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    const LOW: u32 = 20_000;
+    const SPAN: u32 = 12_000;
+    let salt = std::process::id().wrapping_mul(7919)
+        ^ std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.subsec_nanos());
+    for _ in 0..SPAN {
+        let port = (LOW + (salt.wrapping_add(NEXT.fetch_add(1, Ordering::Relaxed))) % SPAN) as u16;
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free local port in {LOW}..{}", LOW + SPAN)
 }
 
 /// A random checkpoint of `preset` in `dir/preset` with a tokenizer and norm stats
