@@ -75,8 +75,8 @@ fn max_jump(rows: &[Vec<f32>]) -> f32 {
         .fold(0.0, f32::max)
 }
 
-#[test]
-fn async_graph_runs_without_starvation_and_executes_the_merged_chunks() {
+/// The graph's nodes and `turbopi` (for the chunks), built.
+fn build_nodes() {
     for b in [
         "camera",
         "decode",
@@ -88,6 +88,53 @@ fn async_graph_runs_without_starvation_and_executes_the_merged_chunks() {
     ] {
         bin(b);
     }
+}
+
+/// A run's queue and sink summaries agree on a clean run of `RUN_FRAMES` chunks: no tick
+/// starved, every chunk merged, nothing refused or lost, one sink frame per executed action.
+fn check_clean_run(q: &serde_json::Value, sink: &serde_json::Value, what: &str, log: &str) {
+    assert_eq!(q["starved"], 0, "{what}: ticks starved: {q}\n{log}");
+    assert_eq!(q["chunks"], RUN_FRAMES, "{what}: {q}\n{log}");
+    assert_eq!(
+        (&q["rejected"], &q["chunk_gaps"]),
+        (&0.into(), &0.into()),
+        "{q}"
+    );
+    assert_eq!(sink["frames"], q["executed"], "{what}: {sink} {q}");
+    assert_eq!(
+        (&sink["gaps"], &sink["rejected"]),
+        (&0.into(), &0.into()),
+        "{sink}"
+    );
+}
+
+/// The inference delay of each chunk (by seq) the run measured.
+fn measured_delays(q: &serde_json::Value) -> Vec<u64> {
+    let delays: Vec<u64> = q["delay_ticks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| d.as_u64().unwrap())
+        .collect();
+    assert_eq!(delays.len() as u64, RUN_FRAMES);
+    delays
+}
+
+/// The graph's action-queue, for a replay on a fake clock.
+fn replay_queue(merge: Merge) -> ActionQueue {
+    ActionQueue::new(QueueConfig {
+        threshold: THRESHOLD,
+        merge,
+        initial_delay: 0,
+        delay_window: action_queue::DELAY_WINDOW,
+        request_timeout: 250,
+    })
+    .unwrap()
+}
+
+#[test]
+fn async_graph_runs_without_starvation_and_executes_the_merged_chunks() {
+    build_nodes();
     let s = setup();
     let chunks: Vec<Vec<f32>> = (0..RUN_FRAMES).map(|seq| chunk(&s, seq)).collect();
     let dims = 8;
@@ -109,19 +156,7 @@ fn async_graph_runs_without_starvation_and_executes_the_merged_chunks() {
         let q = summary_of(&queue_summary);
         let sink = tests::dataflow::summary(&output);
         assert_eq!(q["merge"], merge, "{q}");
-        assert_eq!(q["starved"], 0, "{merge}: ticks starved: {q}\n{log}");
-        assert_eq!(q["chunks"], RUN_FRAMES, "{merge}: {q}");
-        assert_eq!(
-            (&q["rejected"], &q["chunk_gaps"]),
-            (&0.into(), &0.into()),
-            "{q}"
-        );
-        assert_eq!(sink["frames"], q["executed"], "{merge}: {sink} {q}");
-        assert_eq!(
-            (&sink["gaps"], &sink["rejected"]),
-            (&0.into(), &0.into()),
-            "{sink}"
-        );
+        check_clean_run(&q, &sink, merge, &log);
 
         let executed = read_actions(&output);
         let ticks: Vec<u64> = executed.iter().map(|(seq, _)| *seq).collect();
@@ -133,21 +168,8 @@ fn async_graph_runs_without_starvation_and_executes_the_merged_chunks() {
         let stream: Vec<Vec<f32>> = executed.iter().map(|(_, r)| r[0].clone()).collect();
 
         // The same chunks through the queue's logic on a fake clock, at the measured delays.
-        let delays: Vec<u64> = q["delay_ticks"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|d| d.as_u64().unwrap())
-            .collect();
-        assert_eq!(delays.len() as u64, RUN_FRAMES);
-        let mut replay = ActionQueue::new(QueueConfig {
-            threshold: THRESHOLD,
-            merge: Merge::parse(merge, Some(WEIGHTS)).unwrap(),
-            initial_delay: 0,
-            delay_window: action_queue::DELAY_WINDOW,
-            request_timeout: 250,
-        })
-        .unwrap();
+        let delays = measured_delays(&q);
+        let mut replay = replay_queue(Merge::parse(merge, Some(WEIGHTS)).unwrap());
         let ticks_run = q["ticks"].as_u64().unwrap();
         let replayed: Vec<Vec<f32>> = simulate(
             &mut replay,
@@ -181,17 +203,7 @@ fn async_graph_runs_without_starvation_and_executes_the_merged_chunks() {
 fn rtc_graph_guides_each_chunk_toward_what_is_still_planned() {
     use operators::observation::{noise_from_seed, Observation};
     use operators::rtc::Guide;
-    for b in [
-        "camera",
-        "decode",
-        "policy",
-        "action-queue",
-        "postprocess",
-        "action-sink",
-        "turbopi",
-    ] {
-        bin(b);
-    }
+    build_nodes();
     let s = setup();
     let unguided: Vec<Vec<f32>> = (0..RUN_FRAMES).map(|seq| chunk(&s, seq)).collect();
     let dims = 8;
@@ -207,41 +219,14 @@ fn rtc_graph_guides_each_chunk_toward_what_is_still_planned() {
     let q = summary_of(&queue_summary);
     let sink = tests::dataflow::summary(&output);
     assert_eq!(q["merge"], "latest", "{q}");
-    assert_eq!(q["starved"], 0, "ticks starved: {q}\n{log}");
-    assert_eq!(q["chunks"], RUN_FRAMES, "{q}\n{log}");
-    assert_eq!(
-        (&q["rejected"], &q["chunk_gaps"]),
-        (&0.into(), &0.into()),
-        "{q}"
-    );
-    assert_eq!(sink["frames"], q["executed"], "{sink} {q}");
-    assert_eq!(
-        (&sink["gaps"], &sink["rejected"]),
-        (&0.into(), &0.into()),
-        "{sink}"
-    );
+    check_clean_run(&q, &sink, "rtc", &log);
     let stream: Vec<Vec<f32>> = read_actions(&output)
         .into_iter()
         .map(|(_, r)| r[0].clone())
         .collect();
-    let delays: Vec<u64> = q["delay_ticks"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|d| d.as_u64().unwrap())
-        .collect();
-    assert_eq!(delays.len() as u64, RUN_FRAMES);
+    let delays = measured_delays(&q);
     let ticks_run = q["ticks"].as_u64().unwrap();
-    let queue = || {
-        ActionQueue::new(QueueConfig {
-            threshold: THRESHOLD,
-            merge: Merge::Latest,
-            initial_delay: 0,
-            delay_window: action_queue::DELAY_WINDOW,
-            request_timeout: 250,
-        })
-        .unwrap()
-    };
+    let queue = || replay_queue(Merge::Latest);
     let delay_of = |r: &action_queue::queue::Request| {
         delays.get(r.seq as usize).copied().unwrap_or(u64::MAX / 2)
     };
