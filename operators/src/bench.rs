@@ -20,6 +20,9 @@ pub struct Census {
     pub kernels: [usize; 3],
     /// Memory copies and sets in each stage's graph.
     pub copies: [usize; 3],
+    /// Launches in each stage's graph that start while their predecessor drains
+    /// (programmatic dependent launch, `TURBOPI_PDL`).
+    pub programmatic: [usize; 3],
     /// Bytes of weights one denoise step reads (the expert's linears and the action heads).
     pub denoise_step_weight_bytes: usize,
     /// The card's peak memory bandwidth (bytes/s), from its memory clock and bus width.
@@ -32,6 +35,7 @@ impl Census {
     pub fn report(&self, steps: usize, denoise_ms: f64) -> String {
         let [v, p, d] = self.kernels;
         let [cv, cp, cd] = self.copies;
+        let early: usize = self.programmatic.iter().sum();
         let bytes = self.denoise_step_weight_bytes as f64 * steps as f64;
         let rate = bytes / (denoise_ms / 1e3);
         let share = match self.peak_bandwidth {
@@ -45,7 +49,7 @@ impl Census {
             _ => "the card's peak unknown".into(),
         };
         format!(
-            "  kernels per frame: vision {v}, prefix {p}, denoise {d} ({} steps), total {} (+ {} copies)\n  \
+            "  kernels per frame: vision {v}, prefix {p}, denoise {d} ({} steps), total {} (+ {} copies; {early} launched early, PDL)\n  \
              denoise weight bandwidth: {:.2} GB of weights per frame in {denoise_ms:.2} ms = {:.2} TB/s, {share}\n",
             steps,
             v + p + d,

@@ -54,7 +54,7 @@ pub struct Setting {
 pub const BOOL_WORDS: &str = "1, 0, true, false, on, off, yes or no";
 
 /// How many settings [`SETTINGS`] holds.
-const COUNT: usize = 13;
+const COUNT: usize = 15;
 
 /// Every process-wide `TURBOPI_*` variable (docs/settings.md lists them with the nodes'
 /// variables; a test keeps both in step with the sources).
@@ -93,6 +93,20 @@ pub static SETTINGS: [Setting; COUNT] = [
         default: "on",
         read_by: ReadBy::CudaBackend,
         meaning: "products of at most 16 rows (the action expert's at pi0.5's horizon) in bf16 on turbo-pi's few-row tensor-core kernel, gated residuals included (off: cuBLASLt, for A/B runs)",
+    },
+    Setting {
+        name: "TURBOPI_PDL",
+        kind: Kind::Flag,
+        default: "on",
+        read_by: ReadBy::CudaBackend,
+        meaning: "programmatic dependent launch inside the captured graphs on sm_90 and newer: a turbo-pi kernel that follows another starts while its predecessor drains and waits for its results on the device (off: every launch waits for the previous one to finish, for A/B runs)",
+    },
+    Setting {
+        name: "TURBOPI_GEMM_DETERMINISTIC",
+        kind: Kind::Flag,
+        default: "on",
+        read_by: ReadBy::CudaBackend,
+        meaning: "cuBLASLt algorithms limited to run-to-run deterministic ones where any is offered (off: in-place split-K reductions may be picked, whose rounding can differ between runs and between processes)",
     },
     Setting {
         name: "TURBOPI_FUSED_ATTENTION",

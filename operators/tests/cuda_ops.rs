@@ -1545,3 +1545,82 @@ fn skinny_gemm_matches_cpu_linear() {
     );
     assert!(!skinny::linear(&f.kernels, &f.lane, xm, wm, ym, Epilogue::Store).unwrap());
 }
+
+/// A recorded chain of dependent kernels (each reads what the previous one wrote, over many
+/// blocks) replays to the values of the same launches run one after another: on sm_90 and
+/// newer the graph's launches are programmatic (they start while their predecessor drains and
+/// wait for it on the device), and none may read early.
+#[test]
+fn programmatic_launches_in_a_graph_keep_the_order() {
+    use operators::cuda::runtime::graph::capture;
+    let g = gpu(DType::F32);
+    let (rows, width) = (64, 4099);
+    let n = rows * width;
+    let a0 = rand_vec(n, 70, -1e-3, 1e-3);
+    let b0 = rand_vec(n, 71, -1e-3, 1e-3);
+    let gate = rand_vec(width, 72, 0.5, 1.5);
+    let links = 48;
+    // a += gate * b; b += a; ... each link reads the other buffer's last write.
+    let chain = |a: View, b: View, gv: View| -> operators::Result<()> {
+        for i in 0..links {
+            let (x, y) = if i % 2 == 0 { (a, b) } else { (b, a) };
+            add_residual(
+                &g.kernels,
+                &g.lane,
+                x,
+                y,
+                (i % 3 == 0).then_some(gv),
+                rows,
+                width,
+            )?;
+        }
+        Ok(())
+    };
+    let (ae, _) = up(&g, DType::F32, &a0);
+    let (be, _) = up(&g, DType::F32, &b0);
+    let (gb, _) = up(&g, DType::F32, &gate);
+    chain(ae.view(), be.view(), gb.view()).unwrap();
+    let want = [
+        g.download(ae.view()).unwrap(),
+        g.download(be.view()).unwrap(),
+    ];
+
+    let (ag, _) = up(&g, DType::F32, &a0);
+    let (bg, _) = up(&g, DType::F32, &b0);
+    g.synchronize().unwrap();
+    let graph = capture(
+        &g.lane,
+        || chain(ag.view(), bg.view(), gb.view()),
+        "the PDL chain",
+    )
+    .unwrap();
+    let census = graph.census().unwrap();
+    assert_eq!(census.kernels, links, "every link is a kernel node");
+    if g.dev.cc.0 >= 9 && operators::settings::flag("TURBOPI_PDL", true).unwrap() {
+        assert_eq!(
+            census.programmatic,
+            links - 1,
+            "every link after the first depends programmatically on the one before"
+        );
+    } else {
+        assert_eq!(census.programmatic, 0, "no programmatic edges before sm_90");
+    }
+    graph.launch("the PDL chain").unwrap();
+    g.synchronize().unwrap();
+    check(
+        "PDL chain a",
+        &g.download(ag.view()).unwrap(),
+        &want[0],
+        (0.0, 0.0),
+    );
+    check(
+        "PDL chain b",
+        &g.download(bg.view()).unwrap(),
+        &want[1],
+        (0.0, 0.0),
+    );
+    println!(
+        "chain of {links} launches: {} programmatic edges",
+        census.programmatic
+    );
+}

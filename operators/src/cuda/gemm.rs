@@ -26,7 +26,7 @@ use cudarc::driver::{result as drv, sys as drv_sys, CudaContext};
 
 use super::device::{CudaResult, DType, Device, Lane, View};
 use super::runtime::plans;
-use crate::{Error, Result};
+use crate::{settings, Error, Result};
 
 /// A row-major matrix operand: `rows` x `cols` elements with row stride `ld`; in a batched
 /// product, matrix i starts `stride * i` elements after the first.
@@ -473,6 +473,7 @@ impl Gemm {
             }
             Alpha::Rows(p) => p as *const c_void,
         };
+        lane.foreign_work();
         // SAFETY: per this function's contract; the workspace belongs to this lane and is
         // only used by work on its stream; alpha (host mode) and beta are host f32 values
         // read before the call returns; in row-vector mode alpha is a device vector of N
@@ -580,14 +581,20 @@ impl Gemm {
         let _ = unsafe { lt::destroy_matmul_pref(pref) };
         let mut found = found?;
         // Run-to-run determinism first: an in-place split-K reduction accumulates in an order
-        // that varies between runs, so it is used only when nothing else is offered.
-        if found.iter().any(|c| deterministic(&c.algo)) {
+        // that varies between runs, so it is used only when nothing else is offered (or when
+        // `TURBOPI_GEMM_DETERMINISTIC` is off, whose picks are kept apart in the plan cache).
+        let keep_deterministic = settings::flag("TURBOPI_GEMM_DETERMINISTIC", true)?;
+        if keep_deterministic && found.iter().any(|c| deterministic(&c.algo)) {
             found.retain(|c| deterministic(&c.algo));
         }
         plan.algo = found[0].algo;
         // A pick this process or an earlier one made for the shape wins (if the heuristic
         // still offers it), so that every process runs the shape the same way.
-        let shape = format!("{key:?}");
+        let shape = if keep_deterministic {
+            format!("{key:?}")
+        } else {
+            format!("{key:?} any reduction")
+        };
         let offered = |data: &plans::Algo| found.iter().find(|c| &c.algo.data == data);
         if let Some(c) = plans::get(&self.device, &shape).and_then(|a| offered(&a)) {
             plan.algo = c.algo;
@@ -637,7 +644,8 @@ impl Gemm {
         );
         let result = (|| -> Result<Option<lt_sys::cublasLtMatmulAlgo_t>> {
             let mut best: Option<(f32, lt_sys::cublasLtMatmulAlgo_t)> = None;
-            // The candidates are deterministic (see `plan`) unless none was offered.
+            // The candidates are deterministic (see `plan`) unless none was offered or
+            // `TURBOPI_GEMM_DETERMINISTIC` is off.
             for cand in found {
                 // SAFETY: the candidate was returned by the heuristic for this plan; `timed`
                 // differs from the call's operands only in D, a scratch of D's span and of

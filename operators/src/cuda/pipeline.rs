@@ -471,6 +471,7 @@ impl Runner for CudaPolicy {
         Ok(Some(crate::bench::Census {
             kernels: count(|c| c.kernels),
             copies: count(|c| c.copies),
+            programmatic: count(|c| c.programmatic),
             denoise_step_weight_bytes: self.denoise.step_weight_bytes(),
             peak_bandwidth: self.engine.dev.peak_bandwidth(),
         }))

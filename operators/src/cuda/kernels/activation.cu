@@ -4,6 +4,7 @@
 // be null; in place is allowed.
 extern "C" __global__ void bias_act(const float* x, int ldx, const float* bias, int act,
                                     float* out_f32, act_t* out_act, int ldo, int rows, int width) {
+  tp_pdl_enter();
   long long n = (long long)rows * width;
   for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n;
        i += (long long)gridDim.x * blockDim.x) {

@@ -9,6 +9,7 @@
 extern "C" __global__ void softmax_masked(const float* __restrict__ S, act_t* __restrict__ P,
                                           int rows, int n_keys, int ld, const int* __restrict__ prefix_len,
                                           int prefix_cap, int n_state, int rows_per_batch, int group) {
+  tp_pdl_enter();
   int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   long long r = (long long)blockIdx.x * (blockDim.x >> 5) + warp;
   if (r >= rows) return;
@@ -43,6 +44,7 @@ extern "C" __global__ void softmax_masked(const float* __restrict__ S, act_t* __
 // in: grouped [kv][rows][group][hd] -> out: [rows][kv * group * hd] (heads in order).
 extern "C" __global__ void unpermute_heads(const act_t* __restrict__ in, act_t* __restrict__ out,
                                            int rows, int kv, int group, int hd) {
+  tp_pdl_enter();
   long long width = (long long)kv * group * hd;
   long long n = (long long)rows * width;
   for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n;

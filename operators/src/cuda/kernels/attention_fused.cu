@@ -77,6 +77,7 @@ extern "C" __global__ void __launch_bounds__(TP_FA_THREADS) attention_chunk(
     long long kv_ld, long long kv_s1, long long kv_s2,
     long long o_ld, long long o_s1, long long o_s2,
     float scale, int prefix_cap, int n_state, int group) {
+  tp_pdl_enter();
   extern __shared__ __align__(16) unsigned short tp_fa_smem[];
   const int ld = hdp + TP_FA_PAD;  // padded rows: conflict-free ldmatrix
   unsigned short* sq = tp_fa_smem;
@@ -225,6 +226,7 @@ extern "C" __global__ void attention_combine(const float* __restrict__ part,
                                              unsigned short* __restrict__ O, int rows_pad, int hd,
                                              int splits, int nb2, long long o_ld, long long o_s1,
                                              long long o_s2) {
+  tp_pdl_enter();
   __shared__ float w[TP_FA_MAX_SPLITS];
   __shared__ float inv_den;
   const int r = blockIdx.x, b = blockIdx.y;

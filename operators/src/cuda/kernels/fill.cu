@@ -3,6 +3,7 @@
 // outputs is not null.
 extern "C" __global__ void fill_uniform(act_t* out_act, float* out_f32, long long n,
                                         unsigned long long seed, float lo, float hi) {
+  tp_pdl_enter();
   for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n;
        i += (long long)gridDim.x * blockDim.x) {
     unsigned long long z = seed + (unsigned long long)(i + 1) * 0x9E3779B97F4A7C15ull;

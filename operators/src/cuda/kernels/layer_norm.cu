@@ -4,6 +4,7 @@
 extern "C" __global__ void layer_norm(float* __restrict__ x, const float* __restrict__ pre_bias,
                                       const float* __restrict__ w, const float* __restrict__ b,
                                       act_t* __restrict__ y, int width, double eps) {
+  tp_pdl_enter();
   __shared__ double red[32];
   float* xr = x + (long long)blockIdx.x * width;
   act_t* yr = y + (long long)blockIdx.x * width;

@@ -2,6 +2,7 @@
 // gu: [rows, 2 * mlp] (gate | up); out: [rows, mlp]; n = rows * mlp.
 extern "C" __global__ void gelu_gate(const act_t* __restrict__ gu, act_t* __restrict__ out,
                                      int mlp, long long n) {
+  tp_pdl_enter();
   for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n;
        i += (long long)gridDim.x * blockDim.x) {
     long long r = i / mlp;

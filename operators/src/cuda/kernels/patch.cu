@@ -3,6 +3,7 @@
 // patch (gy, gx) of image i at row i * grid^2 + gy * grid + gx, column (ch * p + ky) * p + kx.
 extern "C" __global__ void im2col(const float* __restrict__ pixels, act_t* __restrict__ patches,
                                   int n, int size, int p) {
+  tp_pdl_enter();
   int grid = size / p;
   int t = grid * grid;
   int cols = TP_IMAGE_CHANNELS * p * p;
@@ -26,6 +27,7 @@ extern "C" __global__ void im2col(const float* __restrict__ pixels, act_t* __res
 extern "C" __global__ void patch_embed_finish(float* __restrict__ x, const float* __restrict__ bias,
                                               const float* __restrict__ pos, int t, int vw,
                                               long long total) {
+  tp_pdl_enter();
   for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < total;
        i += (long long)gridDim.x * blockDim.x) {
     long long row = i / vw;

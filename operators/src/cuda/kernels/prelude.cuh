@@ -10,6 +10,28 @@ typedef unsigned short act_t;
 typedef float act_t;
 #endif
 
+// Programmatic dependent launch (sm_90+; no-ops before, and when the launch did not ask for
+// it). A kernel may be started while the previous kernel on its stream drains (device.rs
+// launches it so inside recorded graphs); `tp_pdl_wait` blocks until that predecessor has
+// finished and its writes are visible, so every kernel calls it before it touches memory that
+// another launch writes or reads (only constant weights may be read before it).
+// `tp_pdl_launch_dependents` then lets the next kernel start early.
+__device__ __forceinline__ void tp_pdl_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;\n" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void tp_pdl_launch_dependents() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
+#endif
+}
+// Both, at the top of a kernel that reads nothing before its predecessor's results.
+__device__ __forceinline__ void tp_pdl_enter() {
+  tp_pdl_wait();
+  tp_pdl_launch_dependents();
+}
+
 __device__ __forceinline__ float tp_load(const float* p, long long i) { return p[i]; }
 __device__ __forceinline__ float tp_load(const unsigned short* p, long long i) {
   return __uint_as_float(((unsigned int)p[i]) << 16);

@@ -4,6 +4,7 @@
 extern "C" __global__ void rms_norm(const float* __restrict__ x, const float* __restrict__ w1p,
                                     const float* __restrict__ mod, act_t* __restrict__ y,
                                     int width, double eps) {
+  tp_pdl_enter();
   __shared__ double red[32];
   const float* xr = x + (long long)blockIdx.x * width;
   act_t* yr = y + (long long)blockIdx.x * width;

@@ -6,6 +6,7 @@ extern "C" __global__ void rope_qkv(const act_t* __restrict__ qkv, act_t* __rest
                                     act_t* __restrict__ k_out, act_t* __restrict__ v_out,
                                     const float* __restrict__ inv_freq, const int* __restrict__ pos0,
                                     int rows, int nh, int kv, int hd, int out_row0) {
+  tp_pdl_enter();
   int r = blockIdx.x;
   if (r >= rows) return;
   int half = hd / 2;

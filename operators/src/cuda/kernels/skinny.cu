@@ -56,12 +56,19 @@ extern "C" __global__ void __launch_bounds__(TP_SK_WARPS * 32) skinny_gemm(
   float c[4] = {0.0f, 0.0f, 0.0f, 0.0f};
 
   // TP_SK_UNROLL chunks of weights in flight per lane (fewer at the end of the slice), then
-  // their products.
-  for (int k = kb; k < ke; k += 32 * TP_SK_UNROLL) {
-    uint4 w[TP_SK_UNROLL];
+  // their products. The weights are constant: the first chunks are requested before waiting
+  // for the previous kernel (programmatic dependent launch), whose output x may be.
+  uint4 w[TP_SK_UNROLL];
 #pragma unroll
-    for (int u = 0; u < TP_SK_UNROLL; ++u)
-      w[u] = k + 32 * u < ke ? tp_sk_stream(wrow + k + 32 * u) : make_uint4(0u, 0u, 0u, 0u);
+  for (int u = 0; u < TP_SK_UNROLL; ++u)
+    w[u] = kb + 32 * u < ke ? tp_sk_stream(wrow + kb + 32 * u) : make_uint4(0u, 0u, 0u, 0u);
+  tp_pdl_enter();
+  for (int k = kb; k < ke; k += 32 * TP_SK_UNROLL) {
+    if (k != kb) {
+#pragma unroll
+      for (int u = 0; u < TP_SK_UNROLL; ++u)
+        w[u] = k + 32 * u < ke ? tp_sk_stream(wrow + k + 32 * u) : make_uint4(0u, 0u, 0u, 0u);
+    }
 #pragma unroll
     for (int u = 0; u < TP_SK_UNROLL; ++u) {
       if (k + 32 * u < ke) {

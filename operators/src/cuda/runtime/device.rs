@@ -5,11 +5,12 @@
 use std::any::Any;
 use std::ffi::c_void;
 use std::fmt::Display;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use cudarc::driver::{result, sys, CudaContext, CudaFunction, CudaStream};
 
-use crate::{Error, Result};
+use crate::{settings, Error, Result};
 
 #[cfg(target_endian = "big")]
 compile_error!("kernel arguments are packed into little-endian 8-byte slots");
@@ -365,6 +366,14 @@ pub struct Lane {
     pub stream: Arc<CudaStream>,
     pub workspace: View,
     _workspace: DeviceBuffer,
+    /// Programmatic dependent launch is available (sm_90 or newer) and on (`TURBOPI_PDL`).
+    pdl: bool,
+    /// A graph is being recorded on this lane ([`Lane::recording`]): only then do launches
+    /// use programmatic dependencies.
+    recording: AtomicBool,
+    /// The last work queued on this lane was one of turbo-pi's kernels (each waits for its
+    /// predecessor with `tp_pdl_wait`); copies and cuBLASLt calls clear it.
+    after_own_kernel: AtomicBool,
 }
 
 impl Lane {
@@ -395,7 +404,33 @@ impl Lane {
             stream,
             workspace: ws.view(),
             _workspace: ws,
+            pdl: dev.cc.0 >= 9 && settings::flag("TURBOPI_PDL", true)?,
+            recording: AtomicBool::new(false),
+            after_own_kernel: AtomicBool::new(false),
         })
+    }
+
+    /// Marks the start (`true`) or end of a graph recording on this lane. While recording,
+    /// a turbo-pi kernel queued right after another is launched with a programmatic
+    /// dependency on it: it may start while its predecessor drains, and waits for the
+    /// predecessor's results on the device (`tp_pdl_wait` in prelude.cuh, which every kernel
+    /// calls before it reads anything another launch wrote).
+    pub(crate) fn recording(&self, on: bool) {
+        self.recording.store(on, Ordering::Relaxed);
+        self.after_own_kernel.store(false, Ordering::Relaxed);
+    }
+
+    /// Work other than turbo-pi's kernels (a copy, a cuBLASLt call) was queued: the next
+    /// kernel depends on it the ordinary way.
+    pub(crate) fn foreign_work(&self) {
+        self.after_own_kernel.store(false, Ordering::Relaxed);
+    }
+
+    /// Whether the next kernel launch may depend programmatically on the previous one.
+    fn programmatic(&self) -> bool {
+        self.pdl
+            && self.recording.load(Ordering::Relaxed)
+            && self.after_own_kernel.load(Ordering::Relaxed)
     }
 
     pub fn synchronize(&self) -> Result<()> {
@@ -406,6 +441,7 @@ impl Lane {
     /// the lane has passed this point (pinned staging buffers are only rewritten after the
     /// frame's final synchronisation).
     pub(crate) fn upload<T: Pod>(&self, src: &[T], dst: View) -> Result<()> {
+        self.foreign_work();
         let bytes = std::mem::size_of_val(src);
         if bytes > dst.bytes() {
             return Err(Error::Cuda(format!(
@@ -438,6 +474,7 @@ impl Lane {
 
     /// Asynchronous download of `src` into `dst` (pinned) on this lane.
     pub(crate) fn download<T: Pod>(&self, src: View, dst: &mut [T]) -> Result<()> {
+        self.foreign_work();
         let bytes = std::mem::size_of_val(dst);
         if bytes > src.bytes() {
             return Err(Error::Cuda(format!(
@@ -456,6 +493,7 @@ impl Lane {
 
     /// Device-to-device copy of `src` into `dst` (captured as a memcpy node in graphs).
     pub(crate) fn copy(&self, src: View, dst: View) -> Result<()> {
+        self.foreign_work();
         if src.dtype != dst.dtype || src.len > dst.len {
             return Err(Error::Cuda(format!(
                 "internal: copy of {} {:?} into {} {:?}",
@@ -473,12 +511,14 @@ impl Lane {
 
     /// Fills `v` with 0xFF bytes: NaN in f32 and in bf16, so unwritten elements show up.
     pub fn poison(&self, v: View) -> Result<()> {
+        self.foreign_work();
         // SAFETY: the range is inside the view's buffer.
         unsafe { result::memset_d8_async(v.ptr, 0xFF, v.bytes(), self.stream.cu_stream()) }
             .cuda("filling device memory")
     }
 
     pub(crate) fn zero(&self, v: View) -> Result<()> {
+        self.foreign_work();
         // SAFETY: the range is inside the view's buffer.
         unsafe { result::memset_d8_async(v.ptr, 0, v.bytes(), self.stream.cu_stream()) }
             .cuda("clearing device memory")
@@ -589,22 +629,59 @@ pub(crate) fn launch_grid(
     for (p, s) in ptrs.iter_mut().zip(slots.iter_mut()).take(args.n) {
         *p = (s as *mut u64).cast();
     }
-    // SAFETY: `f` belongs to the module loaded in this context; `ptrs[..n]` point at slots
-    // that outlive the call (cuLaunchKernel copies the values before returning) and hold the
-    // kernel's parameters in order, with the types its launcher documents; the launcher
-    // checked that every device range the kernel touches lies inside its view, and `smem`
-    // is within the limit set on `f` when it was loaded.
-    unsafe {
-        result::launch_kernel(
-            f.cu_function(),
-            grid,
-            (block, 1, 1),
-            smem,
-            lane.stream.cu_stream(),
-            &mut ptrs[..args.n],
-        )
-    }
-    .map_err(|e| cuda_err(format_args!("launching `{name}`"), e))
+    let launched = if lane.programmatic() {
+        let mut attr = sys::CUlaunchAttribute {
+            id: sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION,
+            pad: [0; 4],
+            // SAFETY: an all-zero value is valid for this plain C union of integers.
+            value: unsafe { std::mem::zeroed() },
+        };
+        attr.value.programmaticStreamSerializationAllowed = 1;
+        let config = sys::CUlaunchConfig {
+            gridDimX: grid.0,
+            gridDimY: grid.1,
+            gridDimZ: grid.2,
+            blockDimX: block,
+            blockDimY: 1,
+            blockDimZ: 1,
+            sharedMemBytes: smem,
+            hStream: lane.stream.cu_stream(),
+            attrs: &mut attr,
+            numAttrs: 1,
+        };
+        // SAFETY: as for cuLaunchKernel below; `config` and `attr` outlive the call, which
+        // reads them before returning. The kernel (like every turbo-pi kernel) calls
+        // `tp_pdl_wait` before it reads or writes memory that earlier launches touch, so
+        // starting it before its predecessor has finished is safe.
+        unsafe {
+            sys::cuLaunchKernelEx(
+                &config,
+                f.cu_function(),
+                ptrs.as_mut_ptr(),
+                std::ptr::null_mut(),
+            )
+        }
+        .result()
+    } else {
+        // SAFETY: `f` belongs to the module loaded in this context; `ptrs[..n]` point at
+        // slots that outlive the call (cuLaunchKernel copies the values before returning)
+        // and hold the kernel's parameters in order, with the types its launcher documents;
+        // the launcher checked that every device range the kernel touches lies inside its
+        // view, and `smem` is within the limit set on `f` when it was loaded.
+        unsafe {
+            result::launch_kernel(
+                f.cu_function(),
+                grid,
+                (block, 1, 1),
+                smem,
+                lane.stream.cu_stream(),
+                &mut ptrs[..args.n],
+            )
+        }
+    };
+    launched.map_err(|e| cuda_err(format_args!("launching `{name}`"), e))?;
+    lane.after_own_kernel.store(true, Ordering::Relaxed);
+    Ok(())
 }
 
 /// Blocks for a grid-stride loop over `n` elements with `block` threads each.

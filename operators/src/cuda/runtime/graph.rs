@@ -51,6 +51,41 @@ impl Graph {
                 _ => c.other += 1,
             }
         }
+        let mut edges: usize = 0;
+        // SAFETY: null arrays ask for the edge count only.
+        unsafe {
+            sys::cuGraphGetEdges_v2(
+                g,
+                std::ptr::null_mut(),
+                std::ptr::null_mut(),
+                std::ptr::null_mut(),
+                &mut edges,
+            )
+        }
+        .result()
+        .cuda("counting a graph's edges")?;
+        let mut from: Vec<sys::CUgraphNode> = vec![std::ptr::null_mut(); edges];
+        let mut to: Vec<sys::CUgraphNode> = vec![std::ptr::null_mut(); edges];
+        // SAFETY: an all-zero edge is a valid value of this plain C struct of bytes.
+        let mut data: Vec<sys::CUgraphEdgeData> = vec![unsafe { std::mem::zeroed() }; edges];
+        // SAFETY: the three arrays hold `edges` entries, the count just read; the driver
+        // writes at most that many and sets `edges` to what it wrote.
+        unsafe {
+            sys::cuGraphGetEdges_v2(
+                g,
+                from.as_mut_ptr(),
+                to.as_mut_ptr(),
+                data.as_mut_ptr(),
+                &mut edges,
+            )
+        }
+        .result()
+        .cuda("listing a graph's edges")?;
+        let programmatic = sys::CUgraphDependencyType::CU_GRAPH_DEPENDENCY_TYPE_PROGRAMMATIC as u8;
+        c.programmatic = data[..edges.min(data.len())]
+            .iter()
+            .filter(|d| d.type_ == programmatic)
+            .count();
         Ok(c)
     }
 }
@@ -63,6 +98,9 @@ pub struct NodeCensus {
     pub copies: usize,
     /// Event records and waits, empty nodes.
     pub other: usize,
+    /// Programmatic edges: kernels that may start while their predecessor drains
+    /// (`TURBOPI_PDL`).
+    pub programmatic: usize,
 }
 
 /// Records what `body` launches on `lane` into a graph (after the lane's work so far has
@@ -72,7 +110,9 @@ pub fn capture(lane: &Lane, body: impl FnOnce() -> Result<()>, what: &str) -> Re
     lane.stream
         .begin_capture(sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
         .cuda(&format!("starting the capture of {what}"))?;
+    lane.recording(true);
     let recorded = body();
+    lane.recording(false);
     // The capture must end even when recording failed, or the stream stays unusable.
     let graph = lane.stream.end_capture(sys::CUgraphInstantiate_flags(0));
     recorded?;
