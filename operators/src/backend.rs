@@ -147,6 +147,10 @@ pub trait Runner: Send {
     fn profile_prefix(&mut self) -> Result<Option<String>> {
         Ok(None)
     }
+    /// Like [`Runner::profile_denoise`], for one layer of the vision tower (run after a frame).
+    fn profile_vision(&mut self) -> Result<Option<String>> {
+        Ok(None)
+    }
 }
 
 impl Runner for Policy {

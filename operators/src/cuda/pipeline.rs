@@ -477,6 +477,13 @@ impl Runner for CudaPolicy {
         }))
     }
 
+    fn profile_vision(&mut self) -> Result<Option<String>> {
+        guard("profiling the vision tower", || {
+            self.engine.dev.bind()?;
+            self.vision.profile(&self.engine)
+        })
+    }
+
     fn profile_prefix(&mut self) -> Result<Option<String>> {
         guard("profiling the prefix", || {
             self.engine.dev.bind()?;

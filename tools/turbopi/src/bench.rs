@@ -166,6 +166,9 @@ pub fn run_all(args: &BenchArgs) -> Result<(BenchReport, Vec<BatchReport>)> {
         if let Some(table) = runner.profile_prefix()? {
             print!("{table}");
         }
+        if let Some(table) = runner.profile_vision()? {
+            print!("{table}");
+        }
     }
     Ok((report, batches))
 }

@@ -8,7 +8,7 @@ use crate::cuda::attention::{
     self, attention, fused_attention, fused_fits, score_stride, Mask, Problem, Scratch, Strided,
     Workspace,
 };
-use crate::cuda::device::{DType, DeviceBuffer, Lane, View};
+use crate::cuda::device::{timing_event, CudaResult, DType, DeviceBuffer, Lane, View};
 use crate::cuda::gemm::Mat;
 use crate::cuda::layer_norm::layer_norm;
 use crate::cuda::patch::{im2col, patch_embed_finish};
@@ -16,7 +16,7 @@ use crate::cuda::runtime::graph::GraphCache;
 use crate::cuda::weights::{Arena, DeviceWeights, Planner, VisionW};
 use crate::Result;
 
-use super::{allocate, lin, stage_graphs, Engine};
+use super::{allocate, lin, profile_table, stage_graphs, Engine, Marks};
 
 /// The sizes of the vision tower, named as the config names them.
 #[derive(Debug, Clone, Copy)]
@@ -115,6 +115,10 @@ pub struct Vision {
     _buf: DeviceBuffer,
     pub(crate) weights: DeviceWeights<VisionW>,
     pub lane: Lane,
+    /// While profiling: an event after each operation of an eager run.
+    marks: Marks,
+    /// The camera count and output of the last run (what a profile re-runs).
+    last: Option<(usize, View)>,
     cfg: Config,
     shape: Shape,
 }
@@ -133,6 +137,8 @@ impl Vision {
             _buf: alloc,
             weights,
             lane,
+            marks: Marks::default(),
+            last: None,
             cfg: cfg.clone(),
             shape,
         })
@@ -158,11 +164,58 @@ impl Vision {
         self.lane.upload(pixels, self.buf.pixels)?;
         let capture = stage_graphs()?;
         let out = out.at(0, self.rows(n) * self.shape.out_width)?;
+        self.last = Some((n, out));
         let (graphs, lane) = (&mut self.graphs, &self.lane);
         let (buf, w, cfg, s) = (&self.buf, &self.weights.w, &self.cfg, self.shape);
+        let marks = &self.marks;
         graphs.run((n, out.ptr), lane, capture, || {
-            forward(e, lane, buf, w, cfg, &s, n, out)
+            forward(e, lane, (buf, marks), w, cfg, &s, n, out)
         })
+    }
+
+    /// The device time per kind of operation of one layer of the tower, from an eager run of
+    /// the last frame's cameras with an event after each operation, and the graph's replay
+    /// time (None before a first run).
+    pub fn profile(&mut self, e: &Engine) -> Result<Option<String>> {
+        let Some((n, out)) = self.last else {
+            return Ok(None);
+        };
+        let l = &self.lane;
+        l.synchronize()?;
+        let (g0, g1) = (timing_event(&e.dev)?, timing_event(&e.dev)?);
+        if let Some(g) = self.graphs.last() {
+            g.launch("vision")?;
+            g0.record(&l.stream).cuda("recording a profiling event")?;
+            g.launch("vision")?;
+            g1.record(&l.stream).cuda("recording a profiling event")?;
+        }
+        let (buf, w, cfg, s, marks) = (
+            &self.buf,
+            &self.weights.w,
+            &self.cfg,
+            self.shape,
+            &self.marks,
+        );
+        marks.start(e, l)?;
+        let run = forward(e, l, (buf, marks), w, cfg, &s, n, out);
+        let taken = marks.take();
+        let synced = l.synchronize();
+        run?;
+        synced?;
+        let layers = cfg.vision_depth as f64;
+        let title = format!(
+            "vision profile ({n} cameras, {} tokens, {} layers, eager, events after each op; per layer):",
+            n * s.tokens_per_image,
+            cfg.vision_depth
+        );
+        let (mut out, total) = profile_table(&title, &taken, layers, "layer")?;
+        let graph_ms = g0.elapsed_ms(&g1).unwrap_or(f32::NAN);
+        out.push_str(&format!(
+            "  {:<40} {:>8.1} us  (eager, incl. event overhead; whole tower {total:.2} ms; graph replay {graph_ms:.2} ms)\n",
+            "total",
+            total * 1e3 / layers
+        ));
+        Ok(Some(out))
     }
 }
 
@@ -178,7 +231,7 @@ impl Vision {
 fn forward(
     e: &Engine,
     l: &Lane,
-    b: &Buffers,
+    (b, marks): (&Buffers, &Marks),
     w: &VisionW,
     cfg: &Config,
     s: &Shape,
@@ -186,6 +239,7 @@ fn forward(
     out: View,
 ) -> Result<()> {
     let (k, g) = (&e.kernels, &e.gemm);
+    let mark = |what| marks.mark(e, l, what);
     let eps = cfg.layer_norm_eps;
     let (t, vw) = (s.tokens_per_image, s.width);
     let rows = n * t;
@@ -199,6 +253,7 @@ fn forward(
         0.0,
     )?;
     patch_embed_finish(k, l, b.x, w.patch.bias()?, w.pos, rows, t, vw)?;
+    mark("patch embedding (once)")?;
     let scale = attention::scale(s.head_dim);
     let scratch = Scratch {
         scores: b.scores,
@@ -207,6 +262,7 @@ fn forward(
     let mut pending = None;
     for lw in &w.layers {
         layer_norm(k, l, b.x, pending, lw.ln1_w, lw.ln1_b, b.h, rows, vw, eps)?;
+        mark("layer_norm")?;
         g.linear(
             l,
             Mat::new(b.h, rows, vw),
@@ -214,12 +270,14 @@ fn forward(
             Mat::new(b.pre, rows, qkvw),
             0.0,
         )?;
+        mark("gemm qkv")?;
         let to_qkv = Out {
             f32: None,
             act: Some(b.qkv),
             ld: qkvw,
         };
         bias_act(k, l, b.pre, qkvw, lw.qkv.b, Act::None, to_qkv, rows, qkvw)?;
+        mark("bias qkv")?;
         // Every camera and head at once on the tensor cores, else per camera as GEMMs.
         let prob = s.problem(n);
         let at = |view: View, ld: usize| Strided {
@@ -276,6 +334,7 @@ fn forward(
                 scratch,
             )?;
         }
+        mark("attention")?;
         g.linear(
             l,
             Mat::new(b.att, rows, vw),
@@ -283,7 +342,9 @@ fn forward(
             Mat::new(b.x, rows, vw),
             1.0,
         )?;
+        mark("gemm out + residual")?;
         layer_norm(k, l, b.x, lw.out.b, lw.ln2_w, lw.ln2_b, b.h, rows, vw, eps)?;
+        mark("layer_norm")?;
         g.linear(
             l,
             Mat::new(b.h, rows, vw),
@@ -291,6 +352,7 @@ fn forward(
             Mat::new(b.pre, rows, s.mlp),
             0.0,
         )?;
+        mark("gemm fc1")?;
         let to_m = Out {
             f32: None,
             act: Some(b.m),
@@ -307,6 +369,7 @@ fn forward(
             rows,
             s.mlp,
         )?;
+        mark("bias + gelu")?;
         g.linear(
             l,
             Mat::new(b.m, rows, s.mlp),
@@ -314,6 +377,7 @@ fn forward(
             Mat::new(b.x, rows, vw),
             1.0,
         )?;
+        mark("gemm fc2 + residual")?;
         pending = lw.fc2.b;
     }
     layer_norm(k, l, b.x, pending, w.post_w, w.post_b, b.h, rows, vw, eps)?;
@@ -324,5 +388,6 @@ fn forward(
         Mat::new(out, rows, s.out_width),
         0.0,
     )?;
-    add_bias(k, l, out, s.out_width, w.proj.bias()?, rows, s.out_width)
+    add_bias(k, l, out, s.out_width, w.proj.bias()?, rows, s.out_width)?;
+    mark("post norm + projector (once)")
 }
