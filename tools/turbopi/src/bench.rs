@@ -207,10 +207,9 @@ fn format_guided(
         .map_or("no guidance", |j| j.describe());
     let h = cfg.action_horizon;
     format!(
-        "  guided (RTC, {how}; leftover rows {}..{h}, delay {}, beta 5):
-           end to end (host): p50 {:.2} ms  p99 {:.2} ms  mean {:.2} ms  (unguided p50 {:.2} ms  p99 {:.2} ms: +{:.1}% p50)
-           stages (mean):     vision {:.2} ms  prefix {:.2} ms  denoise {:.2} ms  (unguided denoise {:.2} ms)
-",
+        "  guided (RTC, {how}; leftover rows {}..{h}, delay {}, beta 5):\n  \
+         end to end (host): p50 {:.2} ms  p99 {:.2} ms  mean {:.2} ms  (unguided p50 {:.2} ms  p99 {:.2} ms: +{:.1}% p50)\n  \
+         stages (mean):     vision {:.2} ms  prefix {:.2} ms  denoise {:.2} ms  (unguided denoise {:.2} ms)\n",
         h / 2,
         3.min(h - h / 2),
         g.p50_ms,
