@@ -92,8 +92,10 @@ pub trait Runner: Send {
     /// A short description, e.g. "cpu f32" or "cuda bf16 on NVIDIA H100".
     fn describe(&self) -> String;
     /// [`Runner::infer`] with the denoise guided by real-time chunking toward the previous
-    /// chunk's leftover (`crate::rtc`, docs/rtc.md). Only the CPU backend implements it; the
-    /// others answer that it is not implemented rather than a wrong answer.
+    /// chunk's leftover (`crate::rtc`, docs/rtc.md), with the Jacobian as
+    /// [`Runner::rtc_jacobian`] says: exact on the CPU backend, dropped on the CUDA backend.
+    /// A backend without guidance answers that it is not implemented rather than a wrong
+    /// answer (this default).
     fn infer_guided(
         &mut self,
         obs: &Observation,
@@ -103,6 +105,10 @@ pub trait Runner: Send {
     ) -> Result<(Vec<f32>, StageTimes)> {
         let _ = (obs, noise, steps, guide);
         Err(crate::rtc::not_implemented(&self.describe()))
+    }
+    /// How [`Runner::infer_guided`] treats the velocity's Jacobian; None without guidance.
+    fn rtc_jacobian(&self) -> Option<crate::rtc::Jacobian> {
+        None
     }
     /// A table of the device time per kind of operation of one denoise step of `steps`,
     /// where the backend can measure it (run after at least one frame, whose prefix the
@@ -173,6 +179,9 @@ impl Runner for Policy {
         guide: &crate::rtc::Guide,
     ) -> Result<(Vec<f32>, StageTimes)> {
         Policy::infer_guided(self, obs, noise, steps, guide)
+    }
+    fn rtc_jacobian(&self) -> Option<crate::rtc::Jacobian> {
+        Some(crate::rtc::Jacobian::Exact)
     }
     fn describe(&self) -> String {
         "cpu f32".into()

@@ -1,7 +1,8 @@
 //! One benchmark harness for every backend and placement: a fixed workload (observation,
 //! noise, step count), warm-up frames, then timed frames. Reports end-to-end host latency
 //! percentiles and the mean time of each stage as the runner measures it (GPU time from CUDA
-//! events on the GPU backend), so numbers from different configurations compare.
+//! events on the GPU backend), so numbers from different configurations compare. Frames
+//! guided by real-time chunking ([`bench_guided`]) are timed by the same loop.
 
 use std::str::FromStr;
 use std::time::Instant;
@@ -11,7 +12,8 @@ use rand::{Rng, SeedableRng};
 use crate::backend::Runner;
 use crate::config::Config;
 use crate::observation::{noise_from_seed, Observation};
-use crate::{Error, Result};
+use crate::rtc::Guide;
+use crate::{Error, Result, StageTimes};
 
 /// What a backend launches per frame and what its denoise loop must read, for the report.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -287,17 +289,68 @@ pub fn bench_runner_observed(
     warmup: usize,
     on_frame: &mut dyn FnMut(usize, &crate::StageTimes),
 ) -> Result<BenchReport> {
+    time_frames(iters, warmup, on_frame, &mut || {
+        runner.infer(obs, noise, steps).map(|(_, t)| t)
+    })
+}
+
+/// The guide of `bench --rtc`: the previous chunk `actions` [horizon, action_dim]'s rows from
+/// `horizon / 2` on as the leftover, delay 3 (at most the leftover's rows), beta 5.
+pub fn synthetic_guide(cfg: &Config, actions: &[f32]) -> Result<Guide> {
+    let (h, ad) = (cfg.action_horizon, cfg.action_dim);
+    if actions.len() != h * ad {
+        return Err(Error::Input(format!(
+            "bench: a chunk of {} values, expected [{h}, {ad}]",
+            actions.len()
+        )));
+    }
+    let s = h / 2;
+    Ok(Guide {
+        prefix: actions[s * ad..].to_vec(),
+        delay: 3.min(h - s),
+        beta: 5.0,
+    })
+}
+
+/// [`bench_runner`] of frames guided by real-time chunking ([`Runner::infer_guided`]) toward
+/// [`synthetic_guide`] of the unguided chunk of `obs` and `noise`.
+pub fn bench_guided(
+    runner: &mut dyn Runner,
+    cfg: &Config,
+    obs: &Observation,
+    noise: &[f32],
+    steps: usize,
+    iters: usize,
+    warmup: usize,
+) -> Result<BenchReport> {
+    let (prev, _) = runner.infer(obs, noise, steps)?;
+    let guide = synthetic_guide(cfg, &prev)?;
+    time_frames(iters, warmup, &mut |_, _| {}, &mut || {
+        runner
+            .infer_guided(obs, noise, steps, &guide)
+            .map(|(_, t)| t)
+    })
+}
+
+/// Runs `warmup` untimed and `iters` timed frames of `frame`, calling `on_frame` after each
+/// timed one (outside the timed region).
+fn time_frames(
+    iters: usize,
+    warmup: usize,
+    on_frame: &mut dyn FnMut(usize, &StageTimes),
+    frame: &mut dyn FnMut() -> Result<StageTimes>,
+) -> Result<BenchReport> {
     if iters == 0 {
         return Err(Error::Input("bench: iters must be at least 1".into()));
     }
     for _ in 0..warmup {
-        runner.infer(obs, noise, steps)?;
+        frame()?;
     }
     let mut total = Vec::with_capacity(iters);
     let (mut vision, mut prefix, mut denoise) = (0.0, 0.0, 0.0);
     for i in 0..iters {
         let t0 = Instant::now();
-        let (_, times) = runner.infer(obs, noise, steps)?;
+        let times = frame()?;
         total.push(t0.elapsed().as_secs_f64() * 1e3);
         on_frame(i, &times);
         vision += times.vision.as_secs_f64() * 1e3;
@@ -375,6 +428,18 @@ mod tests {
     }
 
     #[test]
+    fn the_synthetic_guide_is_the_second_half_of_the_chunk() {
+        let cfg = Config::pi05_small();
+        let (h, ad) = (cfg.action_horizon, cfg.action_dim);
+        let chunk: Vec<f32> = (0..h * ad).map(|i| i as f32).collect();
+        let g = synthetic_guide(&cfg, &chunk).unwrap();
+        assert_eq!(g.prefix, &chunk[h / 2 * ad..]);
+        assert_eq!(g.delay, 3.min(h - h / 2));
+        assert!(g.prepare(h, ad).is_ok());
+        assert!(synthetic_guide(&cfg, &chunk[1..]).is_err());
+    }
+
+    #[test]
     fn settings_build_the_documented_workloads() {
         let cfg = Setting::Libero.config();
         assert!(cfg.pi05);
@@ -404,6 +469,12 @@ mod tests {
         assert!((rep.denoise_ms - 3.0).abs() < 1e-9);
         assert!(rep.p50_ms <= rep.p99_ms && rep.min_ms <= rep.p50_ms);
         assert_eq!(percentile(&[1.0, 2.0, 3.0, 4.0], 0.5), 2.0);
+        // Without guidance the fake answers "not implemented".
+        let e = bench_guided(&mut r, &cfg, &obs, &noise, 3, 5, 2).unwrap_err();
+        assert!(
+            e.to_string().contains("RTC guidance is not implemented"),
+            "{e}"
+        );
         assert_eq!(percentile(&[1.0, 2.0, 3.0, 4.0], 0.99), 4.0);
     }
 }

@@ -4,8 +4,10 @@
 //! over any velocity field that gives its vector-Jacobian product ([`VelocityField`]).
 //!
 //! The model's field is `policy::velocity_vjp::DenoiserField` (CPU, exact VJP through the
-//! action expert), used by `Runner::infer_guided`; the CUDA backend has no VJP and says so
-//! ([`not_implemented`]). docs/rtc.md says what is and is not done.
+//! action expert), used by `Runner::infer_guided`. The CUDA backend has no VJP: it guides
+//! with the Jacobian term dropped ([`Jacobian::Dropped`], `g ≈ e`), one fused update per
+//! step whose f32 CPU twin is [`guided_euler_update`]. docs/rtc.md says what is and is not
+//! done.
 //!
 //! Convention. openpi samples from noise at `t = 1` to actions at `t = 0` with
 //! `x += dt * v(x, t)`, `dt = -1/steps`, `v = noise - actions`. The paper integrates
@@ -102,6 +104,68 @@ pub fn guidance_weight(t: f64, beta: f64) -> f64 {
     ((t * t + (1.0 - t) * (1.0 - t)) / (t * (1.0 - t))).min(beta)
 }
 
+/// How the guidance direction `g = e - t J^T e` treats the Jacobian `J = dv/dx`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Jacobian {
+    /// The exact vector-Jacobian product through the field (the paper's guidance).
+    #[default]
+    Exact,
+    /// `J^T e` taken as 0 (`dA_hat/dx ≈ I`, so `g ≈ e`): no VJP, one velocity per step. What
+    /// the CUDA backend computes; it keeps the pull toward the leftover but not the
+    /// correction of how the velocity itself moves with `x`.
+    Dropped,
+}
+
+impl Jacobian {
+    pub fn describe(self) -> &'static str {
+        match self {
+            Jacobian::Exact => "exact vector-Jacobian product",
+            Jacobian::Dropped => "Jacobian term dropped (g = W (Y - A_hat))",
+        }
+    }
+}
+
+/// openpi's time grid of `steps` Euler steps, in f64 as [`sample`] walks it: `t = 1`, then
+/// `t += dt` with `dt = -1/steps`; the time at the start of each step.
+pub fn step_times(steps: usize) -> Vec<f64> {
+    let dt = -1.0 / steps as f64;
+    let mut t = 1.0;
+    (0..steps)
+        .map(|_| {
+            let now = t;
+            t += dt;
+            now
+        })
+        .collect()
+}
+
+/// One step of the guided sampler as a device runs it: the time and the clipped guidance
+/// weight, from [`step_times`] and [`guidance_weight`] in f64.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct GuidedStep {
+    pub t: f64,
+    pub c: f64,
+}
+
+/// The guided Euler update with the Jacobian dropped, in f32 with every operation rounded
+/// on its own in this order (the CUDA kernel `euler_step_guided` does the same, after
+/// forming `v = v_raw + bias[col]`): `a_hat = x - t v`; `e = w (y - a_hat)`;
+/// `vg = v - c e`; `x += dt vg`. All slices `[horizon * dims]`.
+pub fn guided_euler_update(
+    x: &mut [f32],
+    v: &[f32],
+    weight: &[f32],
+    target: &[f32],
+    (t, c, dt): (f32, f32, f32),
+) {
+    for (i, x) in x.iter_mut().enumerate() {
+        let a_hat = *x - t * v[i];
+        let e = weight[i] * (target[i] - a_hat);
+        let vg = v[i] - c * e;
+        *x += dt * vg;
+    }
+}
+
 /// A flow velocity field over a chunk, flattened `[horizon * dims]`, with its VJP.
 pub trait VelocityField {
     /// `v(x, t)`.
@@ -116,6 +180,7 @@ pub struct Prepared {
     weight: Vec<f64>,
     target: Vec<f64>,
     beta: f64,
+    jacobian: Jacobian,
 }
 
 impl Guide {
@@ -146,13 +211,52 @@ impl Guide {
             weight,
             target,
             beta: self.beta,
+            jacobian: Jacobian::Exact,
         })
     }
 }
 
 impl Prepared {
+    /// This guidance with the Jacobian treated as `jacobian` (exact unless set).
+    pub fn with_jacobian(self, jacobian: Jacobian) -> Prepared {
+        Prepared { jacobian, ..self }
+    }
+
+    pub fn jacobian(&self) -> Jacobian {
+        self.jacobian
+    }
+
+    /// The mask per value, f32 `[horizon * dims]`, as a device reads it.
+    pub fn weight_f32(&self) -> Vec<f32> {
+        self.weight.iter().map(|&w| w as f32).collect()
+    }
+
+    /// The target (the leftover, zero past the overlap), f32 `[horizon * dims]`.
+    pub fn target_f32(&self) -> Vec<f32> {
+        self.target.iter().map(|&y| y as f32).collect()
+    }
+
+    /// Per step of a grid of `steps`: the time and the guidance weight.
+    pub fn schedule(&self, steps: usize) -> Vec<GuidedStep> {
+        step_times(steps)
+            .into_iter()
+            .map(|t| GuidedStep {
+                t,
+                c: guidance_weight(t, self.beta),
+            })
+            .collect()
+    }
+
+    /// `e = W (Y - A_hat)`, `A_hat = x - t v`.
+    fn error(&self, x: &[f64], t: f64, v: &[f64]) -> Vec<f64> {
+        (0..x.len())
+            .map(|i| self.weight[i] * (self.target[i] - (x[i] - t * v[i])))
+            .collect()
+    }
+
     /// The guidance direction `g = e - t J^T e`, `e = W (Y - A_hat)`, `A_hat = x - t v`,
-    /// given `v = v(x, t)`: minus the gradient in `x` of `1/2 sum W (Y - A_hat)^2`.
+    /// given `v = v(x, t)`: minus the gradient in `x` of `1/2 sum W (Y - A_hat)^2`. With
+    /// [`Jacobian::Dropped`], `g = e` (the field's VJP is not called).
     pub fn direction(
         &self,
         field: &mut dyn VelocityField,
@@ -160,9 +264,10 @@ impl Prepared {
         t: f64,
         v: &[f64],
     ) -> Vec<f64> {
-        let e: Vec<f64> = (0..x.len())
-            .map(|i| self.weight[i] * (self.target[i] - (x[i] - t * v[i])))
-            .collect();
+        let e = self.error(x, t, v);
+        if self.jacobian == Jacobian::Dropped {
+            return e;
+        }
         let jt_e = field.vjp(x, t, &e);
         e.iter().zip(&jt_e).map(|(e, j)| e - t * j).collect()
     }
@@ -187,8 +292,9 @@ impl Prepared {
     }
 }
 
-/// openpi's Euler sampler from `noise` (`t = 1`) in `steps` steps, guided when `guide` is
-/// given (the velocity of every step is [`Prepared::velocity`]).
+/// openpi's Euler sampler from `noise` (`t = 1`) in `steps` steps ([`step_times`]), guided
+/// when `guide` is given (the velocity of every step is [`Prepared::velocity`], with the
+/// guide's [`Jacobian`]).
 pub fn sample(
     field: &mut dyn VelocityField,
     noise: &[f64],
@@ -197,8 +303,7 @@ pub fn sample(
 ) -> Vec<f64> {
     let dt = -1.0 / steps as f64;
     let mut x = noise.to_vec();
-    let mut t = 1.0;
-    for _ in 0..steps {
+    for t in step_times(steps) {
         let v = match guide {
             Some(g) => g.velocity(field, &x, t),
             None => field.velocity(&x, t),
@@ -206,7 +311,6 @@ pub fn sample(
         for (x, v) in x.iter_mut().zip(&v) {
             *x += dt * v;
         }
-        t += dt;
     }
     x
 }
@@ -366,6 +470,51 @@ mod tests {
         }
     }
 
+    /// The f32 update a device runs (Jacobian dropped) against `Prepared`'s f64 update of
+    /// the same step: equal within f32 rounding, step after step on the same state; and the
+    /// schedule is `sample`'s grid with `c` clipped at beta at `t = 1`.
+    #[test]
+    fn the_f32_guided_update_matches_the_f64_one() {
+        let (horizon, dims, steps) = (7, 3, 10);
+        let n = horizon * dims;
+        let mut field = TanhField::new(n, 5);
+        let guide = Guide {
+            prefix: (0..5 * dims).map(|i| (i as f32 * 0.53).cos()).collect(),
+            delay: 2,
+            beta: 5.0,
+        }
+        .prepare(horizon, dims)
+        .unwrap()
+        .with_jacobian(Jacobian::Dropped);
+        let (w, y) = (guide.weight_f32(), guide.target_f32());
+        assert_eq!(&w[..2 * dims], &[1.0; 6]);
+        assert_eq!(&w[5 * dims..], &[0.0; 6]);
+        assert_eq!(&y[5 * dims..], &[0.0; 6]);
+        let schedule = guide.schedule(steps);
+        assert_eq!(schedule.len(), steps);
+        assert_eq!(schedule[0], GuidedStep { t: 1.0, c: 5.0 });
+        assert!((schedule[5].t - 0.5).abs() < 1e-12 && (schedule[5].c - 2.0).abs() < 1e-9);
+        let dt = -1.0 / steps as f64;
+        let mut x: Vec<f64> = (0..n).map(|i| 2.0 * (i as f64 * 0.37).sin()).collect();
+        let mut worst: f64 = 0.0;
+        for step in &schedule {
+            let v = field.velocity(&x, step.t);
+            let vg = guide.velocity(&mut field, &x, step.t);
+            let want: Vec<f64> = x.iter().zip(&vg).map(|(x, v)| x + dt * v).collect();
+            let mut got: Vec<f32> = x.iter().map(|&v| v as f32).collect();
+            let v32: Vec<f32> = v.iter().map(|&v| v as f32).collect();
+            let consts = (step.t as f32, step.c as f32, dt as f32);
+            guided_euler_update(&mut got, &v32, &w, &y, consts);
+            for (g, w) in got.iter().zip(&want) {
+                worst = worst.max((f64::from(*g) - w).abs() / (1.0 + w.abs()));
+            }
+            // The guidance moved x (the test is not of a no-op).
+            assert!(want.iter().zip(&x).any(|(a, b)| (a - b).abs() > 1e-3));
+            x = want;
+        }
+        assert!(worst < 1e-5, "f32 vs f64 update: {worst:e}");
+    }
+
     /// Guided sampling pulls the first `d` actions onto the previous chunk's leftover: their
     /// error is a small fraction of the unguided sample's.
     #[test]
@@ -384,6 +533,8 @@ mod tests {
         .unwrap();
         let free = sample(&mut field, &noise, 10, None);
         let guided = sample(&mut field, &noise, 10, Some(&guide));
+        let dropped = guide.with_jacobian(Jacobian::Dropped);
+        let guided_dropped = sample(&mut field, &noise, 10, Some(&dropped));
         let err = |a: &[f64]| {
             (0..3 * dims)
                 .map(|i| (a[i] - f64::from(prefix[i])).abs())
@@ -398,6 +549,12 @@ mod tests {
             err(&guided) < 0.05 * err(&free),
             "guided {} vs free {}",
             err(&guided),
+            err(&free)
+        );
+        assert!(
+            err(&guided_dropped) < 0.2 * err(&free),
+            "guided with the Jacobian dropped {} vs free {}",
+            err(&guided_dropped),
             err(&free)
         );
         let bad = Guide {

@@ -13,7 +13,7 @@ use operators::cuda::attention::{
     Scratch, Strided, Workspace,
 };
 use operators::cuda::embed::embed_tokens;
-use operators::cuda::euler::euler_step;
+use operators::cuda::euler::{euler_step, euler_step_guided, Guidance};
 use operators::cuda::layer_norm::layer_norm;
 use operators::cuda::mlp::gelu_gate;
 use operators::cuda::patch::{im2col, patch_embed_finish};
@@ -1209,6 +1209,82 @@ fn euler_step_matches_cpu() {
         );
         check(
             &format!("euler x {act:?}"),
+            &g.download(xa.view()).unwrap(),
+            &rounded(act, &want),
+            (0.0, 0.0),
+        );
+    }
+}
+
+/// The Euler step guided by real-time chunking (Jacobian dropped) against its CPU twin
+/// `rtc::guided_euler_update` at the guidance weight of its step in the device table: bit
+/// for bit in f32 (the same separately rounded operations, in the same order), x_act its
+/// cast; odd sizes, rows of full, decaying and zero weight (where x moves as unguided), x_act
+/// poisoned with NaN.
+#[test]
+fn euler_step_guided_matches_cpu() {
+    for act in ACTS {
+        let g = gpu(act);
+        let (h, ad) = (7, 13);
+        let n = h * ad;
+        let x0 = rand_vec(n, 130, -2.0, 2.0);
+        let v_raw = rand_vec(n, 131, -3.0, 3.0);
+        let b = rand_vec(ad, 132, -0.2, 0.2);
+        // Rows 0-2 frozen (1), 3-4 decaying, 5-6 past the overlap (0, target 0).
+        let weight: Vec<f32> = (0..n)
+            .map(|i| match i / ad {
+                r if r < 3 => 1.0,
+                r if r < 5 => 0.9 / (r as f32 - 1.5),
+                _ => 0.0,
+            })
+            .collect();
+        let target: Vec<f32> = (0..n)
+            .map(|i| {
+                if i / ad < 5 {
+                    (i as f32 * 0.37).sin()
+                } else {
+                    0.0
+                }
+            })
+            .collect();
+        let coef = [5.0f32, 2.5, 1.75];
+        let (step, t, dt) = (1usize, 0.7f32, (-1.0f64 / 7.0) as f32);
+        let (xb, _) = up(&g, DType::F32, &x0);
+        let xa = nan(&g, act, n);
+        let (vb, _) = up(&g, DType::F32, &v_raw);
+        let (bb, _) = up(&g, DType::F32, &b);
+        let (wb, _) = up(&g, DType::F32, &weight);
+        let (yb, _) = up(&g, DType::F32, &target);
+        let (cb, _) = up(&g, DType::F32, &coef);
+        let guide = Guidance {
+            weight: wb.view(),
+            target: yb.view(),
+            coef: cb.view(),
+        };
+        let io = (xb.view(), xa.view(), vb.view(), bb.view());
+        euler_step_guided(&g.kernels, &g.lane, io, guide, (step, t, dt), h, ad).unwrap();
+        // The CPU: v = linear output + bias, then the twin.
+        let v: Vec<f32> = (0..n).map(|i| v_raw[i] + b[i % ad]).collect();
+        let mut want = x0.clone();
+        operators::rtc::guided_euler_update(&mut want, &v, &weight, &target, (t, coef[step], dt));
+        let unguided: Vec<f32> = (0..n).map(|i| x0[i] + dt * v[i]).collect();
+        assert_eq!(
+            &want[5 * ad..],
+            &unguided[5 * ad..],
+            "zero weight: unguided"
+        );
+        assert!(
+            (0..5 * ad).any(|i| (want[i] - unguided[i]).abs() > 1e-2),
+            "the guidance moves the weighted values"
+        );
+        check(
+            &format!("guided euler x ({act:?} program)"),
+            &g.download(xb.view()).unwrap(),
+            &want,
+            (0.0, 0.0),
+        );
+        check(
+            &format!("guided euler x {act:?}"),
             &g.download(xa.view()).unwrap(),
             &rounded(act, &want),
             (0.0, 0.0),

@@ -13,6 +13,7 @@ use operators::backend::{Precision, Runner};
 use operators::bench::Setting;
 use operators::checkpoint::{Checkpoint, WriteDtype};
 use operators::cuda::CudaPolicy;
+use operators::rtc::{Guide, Jacobian};
 use operators::{npy, observation, random, Config, Error, Observation, Policy};
 
 const GOLDEN_TOLERANCE: f32 = 1e-4;
@@ -21,6 +22,12 @@ const BF16_TOLERANCE: f32 = 2e-2;
 /// Full-size f32 against the CPU, relative to the largest |action| (summation order differs
 /// over 2k-16k wide dot products through 45 layers).
 const F32_FULL_TOLERANCE: f32 = 1e-3;
+/// bf16 guided (real-time chunking, Jacobian dropped): the first `d` actions within this
+/// fraction of the largest |action| of the leftover they are pulled to. The CPU's f32 run of
+/// the same guides on the golden models (10 steps) lands 0.09-0.10 from leftovers of largest
+/// |action| 2.6-3.4 (a fraction of 0.03-0.04), the unguided chunks 3.6-4.3; bf16 rounding
+/// gets a margin of about 2.5x on top.
+const RTC_BF16_PULL: f32 = 0.1;
 
 fn golden_root() -> PathBuf {
     operators::settings::golden()
@@ -459,4 +466,122 @@ fn full_size_pi0_random_weights_match_cpu() {
 #[test]
 fn full_size_pi05_random_weights_match_cpu() {
     full_size(Config::pi05(), 8);
+}
+
+/// Real-time chunking's setting for the golden models (horizon 5 or 6): the leftover is the
+/// previous chunk (another noise) from row 2 on, the first 2 actions frozen, beta 5.
+fn rtc_guide(prev: &[f32], ad: usize) -> Guide {
+    Guide {
+        prefix: prev[2 * ad..].to_vec(),
+        delay: 2,
+        beta: 5.0,
+    }
+}
+
+/// max |a_i - leftover_i| over the first `d` = 2 actions.
+fn frozen_err(a: &[f32], guide: &Guide, ad: usize) -> f32 {
+    (0..guide.delay * ad)
+        .map(|i| (a[i] - guide.prefix[i]).abs())
+        .fold(0.0f32, f32::max)
+}
+
+/// The CUDA policy's guided frames (Jacobian dropped) in f32 against the CPU policy running
+/// the same approximation (`Policy::infer_guided_with(.., Jacobian::Dropped)`, whose update
+/// is the kernel's f32 twin): within the golden bar relative to the largest |action|, at 10
+/// and 3 steps. Unguided frames around them keep their actions bit for bit (separate
+/// graphs), a bad guide is refused with the CPU's reason, and a guided frame is refused while
+/// frames are in flight.
+#[test]
+fn f32_guided_matches_cpu_with_the_jacobian_dropped() {
+    for case in golden_cases() {
+        let (ckpt, obs, noise) = load(&case);
+        let cfg = ckpt.config.clone();
+        let ad = cfg.action_dim;
+        let cpu = Policy::load(&ckpt, |_, _| {}).unwrap();
+        let mut policy = cuda(&ckpt, Precision::F32);
+        assert_eq!(Runner::rtc_jacobian(&policy), Some(Jacobian::Dropped));
+        let other_noise = observation::noise_from_seed(&cfg, 7);
+        let (unguided, _) = policy.infer(&obs, &noise, 10).unwrap();
+        for steps in [10, 3] {
+            let (prev, _) = cpu.infer(&obs, &other_noise, steps).unwrap();
+            let guide = rtc_guide(&prev, ad);
+            let (want, _) = cpu
+                .infer_guided_with(&obs, &noise, steps, &guide, Jacobian::Dropped)
+                .unwrap();
+            let (got, _) = policy.infer_guided(&obs, &noise, steps, &guide).unwrap();
+            let (err, at, scale) = diff(&got, &want);
+            let (free, _) = cpu.infer(&obs, &noise, steps).unwrap();
+            println!(
+                "{} guided f32 steps {steps}: max abs err {err:.3e} (max |action| {scale:.3}); first d vs leftover: guided {:.4}, unguided {:.4}",
+                case.display(),
+                frozen_err(&got, &guide, ad),
+                frozen_err(&free, &guide, ad),
+            );
+            assert!(
+                err <= GOLDEN_TOLERANCE * scale,
+                "{} guided steps {steps}: error {err:e} at {at} > {GOLDEN_TOLERANCE} x {scale}",
+                case.display()
+            );
+            assert!(
+                diff(&want, &free).0 > 1e3 * GOLDEN_TOLERANCE * scale,
+                "{}: the guide changes the chunk",
+                case.display()
+            );
+        }
+        let (again, _) = policy.infer(&obs, &noise, 10).unwrap();
+        assert_eq!(again, unguided, "{}: unguided after guided", case.display());
+        let bad = Guide {
+            prefix: vec![0.5; ad + 1],
+            delay: 1,
+            beta: 5.0,
+        };
+        let e = policy.infer_guided(&obs, &noise, 10, &bad).unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("RTC: the previous chunk's leftover holds"),
+            "{e}"
+        );
+        let guide = rtc_guide(&unguided, ad);
+        policy.submit(&obs, &noise, 10).unwrap();
+        let e = policy.infer_guided(&obs, &noise, 10, &guide).unwrap_err();
+        assert!(e.to_string().contains("in flight"), "{e}");
+        assert!(policy.collect().unwrap().is_some());
+        assert!(policy.infer_guided(&obs, &noise, 10, &guide).is_ok());
+    }
+}
+
+/// bf16 guided frames pull the first `d` actions onto the leftover (within RTC_BF16_PULL of
+/// its largest |action|), where the unguided chunk of the same noise is far from it.
+#[test]
+fn bf16_guided_pulls_the_frozen_prefix() {
+    for case in golden_cases() {
+        let (ckpt, obs, noise) = load(&case);
+        let ad = ckpt.config.action_dim;
+        let mut policy = cuda(&ckpt, Precision::Bf16);
+        let other_noise = observation::noise_from_seed(&ckpt.config, 7);
+        let (prev, _) = policy.infer(&obs, &other_noise, 10).unwrap();
+        let guide = rtc_guide(&prev, ad);
+        let (free, _) = policy.infer(&obs, &noise, 10).unwrap();
+        let (guided, _) = policy.infer_guided(&obs, &noise, 10, &guide).unwrap();
+        let scale = guide.prefix.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+        let (g, f) = (
+            frozen_err(&guided, &guide, ad),
+            frozen_err(&free, &guide, ad),
+        );
+        println!(
+            "{} guided bf16: first d actions vs leftover {g:.4}, unguided {f:.4} (max |leftover| {scale:.3})",
+            case.display()
+        );
+        assert!(guided.iter().all(|v| v.is_finite()));
+        assert!(
+            g <= RTC_BF16_PULL * scale,
+            "{}: guided {g} vs unguided {f}",
+            case.display()
+        );
+        assert!(
+            f > 3.0 * RTC_BF16_PULL * scale,
+            "{}: unguided {f} is not far",
+            case.display()
+        );
+    }
 }

@@ -54,7 +54,8 @@ pub const GUIDE: &str = "guide";
 /// up to two frames in flight, BACKEND=cuda), `MAX_BATCH` (8) and `BATCH_WINDOW_MS` (0):
 /// without PIPELINE, frames waiting together run as one batch; `RTC_BETA` (5): with the
 /// `guide` input wired, each frame's chunk is guided toward the actions still planned
-/// (real-time chunking, docs/rtc.md; BACKEND=cpu).
+/// (real-time chunking, docs/rtc.md: exact on BACKEND=cpu, the Jacobian term dropped on
+/// BACKEND=cuda; not with PIPELINE).
 pub fn run(node: DoraNode, events: EventStream) -> Result<()> {
     let (kind, precision) = backend_from_env()?;
     let steps: usize = env_or("STEPS", 10)?;
@@ -77,15 +78,8 @@ pub fn run(node: DoraNode, events: EventStream) -> Result<()> {
     if !(rtc_beta.is_finite() && rtc_beta > 0.0) {
         bail!("env RTC_BETA={rtc_beta} must be a positive number");
     }
-    if parts.contains(&GUIDE) {
-        if kind == operators::backend::BackendKind::Cuda {
-            bail!("the `guide` input (real-time chunking) needs BACKEND=cpu: the CUDA backend has no guided denoise yet (docs/rtc.md)");
-        }
-        if pipeline {
-            bail!(
-                "the `guide` input (real-time chunking) runs frames one at a time: unset PIPELINE"
-            );
-        }
+    if parts.contains(&GUIDE) && pipeline {
+        bail!("the `guide` input (real-time chunking) runs frames one at a time: unset PIPELINE");
     }
     let mut runner = backend::load(kind, precision, &ckpt, |_, _| {})?;
     // The first frames should cost what later ones do (no drops while graphs are built);
@@ -93,6 +87,15 @@ pub fn run(node: DoraNode, events: EventStream) -> Result<()> {
     let prompt_len = token_mask.iter().filter(|&&m| m).count().max(1);
     runner.prepare(steps, prompt_len)?;
     eprintln!("policy: {}", runner.describe());
+    if parts.contains(&GUIDE) {
+        match runner.rtc_jacobian() {
+            Some(j) => eprintln!("policy: RTC guidance ({}, beta {rtc_beta})", j.describe()),
+            None => bail!(
+                "the `guide` input (real-time chunking): {} has no guided denoise",
+                runner.describe()
+            ),
+        }
+    }
     let settings = Settings {
         steps,
         seed,

@@ -2,12 +2,14 @@
 //! own stream, ordered by events whose timestamps are the stage times, with two K/V cache
 //! slots so that two frames can be in flight (frame t+1's vision and prefix run while frame t
 //! denoises). A frame allocates nothing and synchronises once: the observation is staged in
-//! pinned buffers, the stages' graphs run, the actions come back.
+//! pinned buffers, the stages' graphs run, the actions come back. A frame guided by real-time
+//! chunking ([`Runner::infer_guided`]) runs alone, through the denoise stage's guided graph
+//! (the Jacobian term dropped: docs/rtc.md).
 
 use std::collections::VecDeque;
 
 use super::device::{guard, CudaResult, PinnedBuffer};
-use super::stages::denoise::Denoise;
+use super::stages::denoise::{Denoise, GuideHost};
 use super::stages::prefix::Prefix;
 use super::stages::vision::Vision;
 use super::stages::{act_type, CacheShape, Engine, KvSlots, Span};
@@ -16,6 +18,7 @@ use crate::checkpoint::Checkpoint;
 use crate::config::Config;
 use crate::observation::Observation;
 use crate::policy::StageTimes;
+use crate::rtc::{self, Jacobian};
 use crate::weights::Loader;
 use crate::{Error, Result};
 
@@ -28,6 +31,9 @@ pub(crate) struct FrameSlot {
     pub(crate) noise: PinnedBuffer,
     pub(crate) state: PinnedBuffer,
     pub(crate) actions: PinnedBuffer,
+    /// A guided frame's mask and target (real-time chunking), [action_horizon, action_dim].
+    pub(crate) guide_weight: PinnedBuffer,
+    pub(crate) guide_target: PinnedBuffer,
     pub(crate) vision: Span,
     pub(crate) prefix: Span,
     pub(crate) denoise: Span,
@@ -44,6 +50,8 @@ impl FrameSlot {
             noise: pin(cfg.action_horizon * cfg.action_dim)?,
             state: pin(cfg.action_dim)?,
             actions: pin(cfg.action_horizon * cfg.action_dim)?,
+            guide_weight: pin(cfg.action_horizon * cfg.action_dim)?,
+            guide_target: pin(cfg.action_horizon * cfg.action_dim)?,
             vision: Span::new(e)?,
             prefix: Span::new(e)?,
             denoise: Span::new(e)?,
@@ -87,6 +95,26 @@ impl FrameSlot {
         }
         Ok(())
     }
+
+    /// Copies a guide's mask and target (each [action_horizon, action_dim]) into pinned
+    /// memory.
+    pub(crate) fn stage_guide(&mut self, weight: &[f32], target: &[f32]) -> Result<()> {
+        self.guide_weight
+            .slice_mut::<f32>(weight.len())?
+            .copy_from_slice(weight);
+        self.guide_target
+            .slice_mut::<f32>(target.len())?
+            .copy_from_slice(target);
+        Ok(())
+    }
+}
+
+/// A guided frame's guide as the device reads it: the mask and target per value and the
+/// guidance weight per step (f32, from [`rtc::Prepared`]).
+struct DeviceGuide {
+    weight: Vec<f32>,
+    target: Vec<f32>,
+    coef: Vec<f32>,
 }
 
 /// The policy on one GPU. Fields drop in order: stages (graphs, buffers, weights) before the
@@ -170,7 +198,8 @@ impl CudaPolicy {
         self.vision.weights.bytes() + self.prefix.weights.bytes() + self.denoise.weights.bytes()
     }
 
-    /// Builds (once per step count) the denoise graph of both cache slots, so that the first
+    /// Builds (once per step count) the denoise graph of both cache slots and the guided
+    /// one of slot 0 (where guided frames, which run alone, denoise), so that the first
     /// timed frame does not pay for the capture.
     pub fn warm_up(&mut self, steps: usize) -> Result<()> {
         if steps == 0 {
@@ -182,6 +211,8 @@ impl CudaPolicy {
                 let cache = self.caches.get(slot)?;
                 self.denoise.prepare(&self.engine, steps, cache)?;
             }
+            let cache = self.caches.get(0)?;
+            self.denoise.prepare_guided(&self.engine, steps, cache)?;
             self.denoise.lane.synchronize()
         })
     }
@@ -280,9 +311,43 @@ impl CudaPolicy {
                 "frames submitted with `submit` are in flight: collect them first".into(),
             ));
         }
-        self.submit_inner(obs, noise, steps)?;
+        self.submit_inner(obs, noise, steps, None)?;
         self.collect_inner()?
             .ok_or_else(|| Error::Cuda("internal: the frame was not in flight".into()))
+    }
+
+    /// One frame guided by real-time chunking toward `guide`, with the Jacobian term dropped
+    /// ([`Jacobian::Dropped`]; CPU twin: `Policy::infer_guided_with`). Runs alone: refused
+    /// while frames are in flight.
+    fn frame_guided(
+        &mut self,
+        obs: &Observation,
+        noise: &[f32],
+        steps: usize,
+        guide: &rtc::Guide,
+    ) -> Result<(Vec<f32>, StageTimes)> {
+        if !self.in_flight.is_empty() {
+            return Err(Error::Input(
+                "frames submitted with `submit` are in flight: collect them before a guided frame"
+                    .into(),
+            ));
+        }
+        let prepared = guide
+            .prepare(self.cfg.action_horizon, self.cfg.action_dim)
+            .map_err(|e| Error::Input(e.to_string()))?
+            .with_jacobian(Jacobian::Dropped);
+        let device = DeviceGuide {
+            weight: prepared.weight_f32(),
+            target: prepared.target_f32(),
+            coef: prepared
+                .schedule(steps)
+                .iter()
+                .map(|s| s.c as f32)
+                .collect(),
+        };
+        self.submit_inner(obs, noise, steps, Some(&device))?;
+        self.collect_inner()?
+            .ok_or_else(|| Error::Cuda("internal: the guided frame was not in flight".into()))
     }
 
     /// Starts a frame without waiting for it (pipelined use): its vision and prefix run on
@@ -291,7 +356,7 @@ impl CudaPolicy {
     /// them oldest first.
     pub fn submit(&mut self, obs: &Observation, noise: &[f32], steps: usize) -> Result<()> {
         guard("submitting a frame", || {
-            self.submit_inner(obs, noise, steps)
+            self.submit_inner(obs, noise, steps, None)
         })
     }
 
@@ -313,7 +378,13 @@ impl CudaPolicy {
         guard("collecting a frame", || self.collect_inner())
     }
 
-    fn submit_inner(&mut self, obs: &Observation, noise: &[f32], steps: usize) -> Result<()> {
+    fn submit_inner(
+        &mut self,
+        obs: &Observation,
+        noise: &[f32],
+        steps: usize,
+        guide: Option<&DeviceGuide>,
+    ) -> Result<()> {
         if self.in_flight.len() >= 2 {
             return Err(Error::Input(
                 "two frames are in flight: collect one before submitting another".into(),
@@ -335,6 +406,9 @@ impl CudaPolicy {
         f.stage_prompt(&ids, img_rows + ids.len())?;
         let state = obs.state.as_deref().filter(|_| !c.pi05);
         f.stage_sampler(noise, state)?;
+        if let Some(g) = guide {
+            f.stage_guide(&g.weight, &g.target)?;
+        }
 
         // Vision rewrites the prefix's input rows: only after the other slot's prefix (the
         // previous frame) has read them.
@@ -371,7 +445,18 @@ impl CudaPolicy {
             state.map(|s| f.state.slice::<f32>(s.len())).transpose()?,
         );
         let actions = f.actions.slice_mut::<f32>(n)?;
-        self.denoise.enqueue(e, sampler, steps, cache, actions)?;
+        match guide {
+            None => self.denoise.enqueue(e, sampler, steps, cache, actions)?,
+            Some(g) => {
+                let host = GuideHost {
+                    weight: f.guide_weight.slice::<f32>(n)?,
+                    target: f.guide_target.slice::<f32>(n)?,
+                    coef: &g.coef,
+                };
+                self.denoise
+                    .enqueue_guided(e, sampler, host, steps, cache, actions)?
+            }
+        }
         f.denoise.record_end(&self.denoise.lane)?;
         self.in_flight.push_back(slot);
         Ok(())
@@ -415,6 +500,24 @@ impl Runner for CudaPolicy {
         steps: usize,
     ) -> Result<(Vec<f32>, StageTimes)> {
         guard("CUDA inference", || self.frame(obs, noise, steps))
+    }
+
+    /// [`Runner::infer`] guided by real-time chunking with the Jacobian term dropped (the
+    /// pull `W (Y - A_hat)` without the VJP through the expert; docs/rtc.md).
+    fn infer_guided(
+        &mut self,
+        obs: &Observation,
+        noise: &[f32],
+        steps: usize,
+        guide: &rtc::Guide,
+    ) -> Result<(Vec<f32>, StageTimes)> {
+        guard("CUDA guided inference", || {
+            self.frame_guided(obs, noise, steps, guide)
+        })
+    }
+
+    fn rtc_jacobian(&self) -> Option<Jacobian> {
+        Some(Jacobian::Dropped)
     }
 
     fn profile_denoise(&mut self, steps: usize) -> Result<Option<String>> {

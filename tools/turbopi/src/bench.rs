@@ -1,6 +1,7 @@
 //! `turbopi bench`: end-to-end latency of the policy on a named workload
 //! (operators::bench::Setting), with random weights built in memory unless a checkpoint is
-//! given. One harness for every backend, so the numbers compare.
+//! given. One harness for every backend, so the numbers compare. `--rtc` also times frames
+//! guided by real-time chunking (exact on the CPU, the Jacobian term dropped on the GPU).
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant, SystemTime};
@@ -8,8 +9,8 @@ use std::time::{Duration, Instant, SystemTime};
 use anyhow::{Context, Result};
 use operators::backend::{self, BackendKind, Precision, Runner};
 use operators::bench::{
-    bench_batches, bench_pipelined, bench_runner_observed, format_batches, BatchReport,
-    BenchReport, Setting,
+    bench_batches, bench_guided, bench_pipelined, bench_runner_observed, format_batches,
+    BatchReport, BenchReport, Setting,
 };
 use operators::checkpoint::Checkpoint;
 use operators::Config;
@@ -34,9 +35,16 @@ pub struct BenchArgs {
     pub seed: u64,
     /// Batch sizes to time besides single frames (`--batch 1,2,4`); none by default.
     pub batch: Vec<usize>,
+    /// Also time frames guided by real-time chunking (`--rtc`): the leftover is the
+    /// unguided chunk's second half, delay 3, beta 5.
+    pub rtc: bool,
     /// Where each timed frame's stage spans go (off by default).
     pub trace: node_common::trace::TraceConfig,
 }
+
+/// What `turbopi bench` measured: single frames, `--batch`'s sizes (empty without it) and
+/// `--rtc`'s guided frames.
+pub type Reports = (BenchReport, Vec<BatchReport>, Option<BenchReport>);
 
 impl Default for BenchArgs {
     fn default() -> Self {
@@ -51,6 +59,7 @@ impl Default for BenchArgs {
             warmup: 10,
             seed: 0,
             batch: vec![],
+            rtc: false,
             trace: Default::default(),
         }
     }
@@ -58,11 +67,11 @@ impl Default for BenchArgs {
 
 /// Loads the policy, runs the benchmark and prints a report; returns the numbers.
 pub fn run(args: &BenchArgs) -> Result<BenchReport> {
-    run_all(args).map(|(r, _)| r)
+    run_all(args).map(|(single, _, _)| single)
 }
 
-/// [`run`], with the batched timings of `--batch` (empty without it).
-pub fn run_all(args: &BenchArgs) -> Result<(BenchReport, Vec<BatchReport>)> {
+/// [`run`], with the batched timings of `--batch` and the guided ones of `--rtc`.
+pub fn run_all(args: &BenchArgs) -> Result<Reports> {
     if let Some(&b) = args
         .batch
         .iter()
@@ -155,9 +164,25 @@ pub fn run_all(args: &BenchArgs) -> Result<(BenchReport, Vec<BatchReport>)> {
         print!("{}", format_batches(&reports));
         reports
     };
+    // Before the guided frames: the census reports the last graph run.
     if let Some(census) = runner.census()? {
         print!("{}", census.report(args.steps, report.denoise_ms));
     }
+    let guided = if args.rtc {
+        let g = bench_guided(
+            runner.as_mut(),
+            &cfg,
+            &obs,
+            &noise,
+            args.steps,
+            args.iters,
+            args.warmup,
+        )?;
+        print!("{}", format_guided(runner.as_ref(), &cfg, &report, &g));
+        Some(g)
+    } else {
+        None
+    };
     if operators::settings::profile()? {
         match runner.profile_denoise(args.steps)? {
             Some(table) => print!("{table}"),
@@ -170,7 +195,37 @@ pub fn run_all(args: &BenchArgs) -> Result<(BenchReport, Vec<BatchReport>)> {
             print!("{table}");
         }
     }
-    Ok((report, batches))
+    Ok((report, batches, guided))
+}
+
+/// The lines of `--rtc`: the guided frames' latency next to the unguided ones'.
+fn format_guided(
+    runner: &dyn Runner,
+    cfg: &Config,
+    plain: &BenchReport,
+    g: &BenchReport,
+) -> String {
+    let how = runner
+        .rtc_jacobian()
+        .map_or("no guidance", |j| j.describe());
+    let h = cfg.action_horizon;
+    format!(
+        "  guided (RTC, {how}; leftover rows {}..{h}, delay {}, beta 5):\n  \
+         end to end (host): p50 {:.2} ms  p99 {:.2} ms  mean {:.2} ms  (unguided p50 {:.2} ms  p99 {:.2} ms: +{:.1}% p50)\n  \
+         stages (mean):     vision {:.2} ms  prefix {:.2} ms  denoise {:.2} ms  (unguided denoise {:.2} ms)\n",
+        h / 2,
+        3.min(h - h / 2),
+        g.p50_ms,
+        g.p99_ms,
+        g.mean_ms,
+        plain.p50_ms,
+        plain.p99_ms,
+        100.0 * (g.p50_ms / plain.p50_ms - 1.0),
+        g.vision_ms,
+        g.prefix_ms,
+        g.denoise_ms,
+        plain.denoise_ms,
+    )
 }
 
 /// A policy of `cfg` with random weights: built on the device for cuda; through a random
@@ -308,10 +363,20 @@ mod tests {
             batch: vec![1, 3],
             ..args.clone()
         };
-        let (_, b) = run_all(&batched).unwrap();
+        let (_, b, _) = run_all(&batched).unwrap();
         let sizes: Vec<usize> = b.iter().map(|r| r.batch).collect();
         assert_eq!(sizes, [1, 3]);
         assert!(b.iter().all(|r| r.iters == 3 && r.frames_per_s > 0.0));
+        // --rtc: guided frames (exact VJP on the CPU) are timed too, and cost more.
+        let rtc = BenchArgs {
+            rtc: true,
+            ..args.clone()
+        };
+        let (single, _, guided) = run_all(&rtc).unwrap();
+        let g = guided.expect("--rtc times guided frames");
+        assert_eq!(g.iters, 3);
+        assert!(g.denoise_ms > single.denoise_ms, "{g:?} vs {single:?}");
+        assert!(run_all(&args).unwrap().2.is_none());
         let too_big = BenchArgs {
             batch: vec![2, 9],
             ..args.clone()

@@ -599,15 +599,17 @@ fn check_env(id: &str, kind: Kind, node: &Node, base: &Path, errors: &mut Vec<St
                     err(format!("env RTC_BETA={v:?} must be a positive number"));
                 }
             }
-            if node.inputs.keys().any(|k| k.to_string() == "guide") {
-                if env.get("BACKEND").map(String::as_str) == Some("cuda") {
-                    err("input `guide` (real-time chunking) needs BACKEND=cpu: the CUDA backend has no guided denoise yet".into());
-                }
-                if env.get("PIPELINE").is_some_and(|p| {
+            // BACKEND=cuda takes a guide too: it guides with the Jacobian term dropped
+            // (docs/rtc.md).
+            if node.inputs.keys().any(|k| k.to_string() == "guide")
+                && env.get("PIPELINE").is_some_and(|p| {
                     operators::settings::parse_bool("PIPELINE", p).unwrap_or(false)
-                }) {
-                    err("input `guide` (real-time chunking) runs frames one at a time: unset PIPELINE".into());
-                }
+                })
+            {
+                err(
+                    "input `guide` (real-time chunking) runs frames one at a time: unset PIPELINE"
+                        .into(),
+                );
             }
             if let Some(d) = env.get("DTYPE") {
                 if d != "f32" && d != "bf16" {

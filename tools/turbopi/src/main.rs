@@ -99,6 +99,10 @@ enum Command {
         /// per-frame latency and frames/s of the backend's batched forward.
         #[arg(long, value_delimiter = ',')]
         batch: Vec<usize>,
+        /// Also time frames guided by real-time chunking (leftover: the unguided chunk's
+        /// second half, delay 3, beta 5): exact VJP on cpu, the Jacobian term dropped on cuda.
+        #[arg(long)]
+        rtc: bool,
         #[command(flatten)]
         trace: spans::TraceArgs,
     },
@@ -239,6 +243,7 @@ fn main() -> ExitCode {
             warmup,
             seed,
             batch,
+            rtc,
             trace,
         } => trace
             .config()
@@ -254,6 +259,7 @@ fn main() -> ExitCode {
                     warmup,
                     seed,
                     batch,
+                    rtc,
                     trace,
                 })
             })

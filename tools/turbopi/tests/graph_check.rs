@@ -41,6 +41,22 @@ fn good_fixture_passes() {
     assert!(text.contains("ok (6 nodes, 5 edges)"), "{text}");
 }
 
+/// Real-time chunking on the GPU (BACKEND cuda with a `guide`, frames one at a time) is
+/// accepted: the GPU guides with the Jacobian term dropped.
+#[test]
+fn rtc_on_cuda_passes() {
+    let (ok, text) = check(&fixture("rtc_cuda.yml"), &[]);
+    assert!(ok, "{text}");
+    // With PIPELINE on, refused for the pipeline alone.
+    let (ok, text) = check(&fixture("bad_rtc.yml"), &[]);
+    assert!(!ok, "{text}");
+    assert!(
+        text.contains("runs frames one at a time: unset PIPELINE"),
+        "{text}"
+    );
+    assert!(!text.contains("BACKEND=cpu"), "{text}");
+}
+
 #[test]
 fn ipc_fixture_with_release_loops_passes() {
     let (ok, text) = check(&fixture("ipc.yml"), &[]);

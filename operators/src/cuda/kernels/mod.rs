@@ -119,7 +119,7 @@ registry! {
     "skinny.cu", Bf16Sm80 => [skinny_gemm],
     "patch.cu", Always => [im2col, patch_embed_finish],
     "embed.cu", Always => [embed_tokens],
-    "euler.cu", Always => [euler_step],
+    "euler.cu", Always => [euler_step, euler_step_guided],
     "fill.cu", Always => [fill_uniform],
 }
 

@@ -3,7 +3,11 @@
 //! it does not depend on the prefix length, which it reads from the slot's info on the
 //! device (attention runs over the padded cache and masks the unused rows). Everything that
 //! depends only on the step grid (pi0's time half of the action-time MLP, pi0.5's adaptive
-//! norm modulations) is computed once per step count. CPU twin: [`crate::policy::Denoiser`].
+//! norm modulations) is computed once per step count. A loop guided by real-time chunking
+//! (Jacobian dropped, docs/rtc.md) is a graph of its own whose Euler steps are
+//! `euler_step_guided`, reading the guide's mask and target from this stage's buffers and the
+//! guidance weight per step from a table of its graph, uploaded before each launch. CPU twin:
+//! [`crate::policy::Denoiser`] (`run`, and `run_guided_with` with the Jacobian dropped).
 
 use std::collections::HashMap;
 use std::fmt::Write as _;
@@ -11,8 +15,10 @@ use std::fmt::Write as _;
 use crate::config::Config;
 use crate::cuda::activation::{add_bias, bias_act, cast, Act, Out};
 use crate::cuda::attention::{score_stride, Mask, Problem, Scratch, Workspace};
-use crate::cuda::device::{timing_event, CudaResult, DType, DeviceBuffer, Lane, View};
-use crate::cuda::euler::euler_step;
+use crate::cuda::device::{
+    timing_event, CudaResult, DType, DeviceBuffer, Lane, PinnedBuffer, View,
+};
+use crate::cuda::euler::{euler_step, euler_step_guided, Guidance};
 use crate::cuda::gemm::{Mat, Op};
 use crate::cuda::mlp::gelu_gate;
 use crate::cuda::residual::add_residual;
@@ -22,7 +28,7 @@ use crate::cuda::runtime::graph::NodeCensus;
 use crate::cuda::runtime::graph::{capture, Graph};
 use crate::cuda::weights::{Arena, DenoiseW, DeviceWeights, GemmaW, HeadsW, Lin, NormW, Planner};
 use crate::policy::time_embedding;
-use crate::{settings, Error, Result};
+use crate::{rtc, settings, Error, Result};
 
 use super::prefix::heads;
 use super::{
@@ -101,6 +107,10 @@ struct Buffers {
     vraw: View,
     inv_freq: View,
     fa: Workspace,
+    /// Real-time chunking's guide of the frame (guided loops only): the mask per value and
+    /// the target, f32 [horizon, action_dim].
+    guide_weight: View,
+    guide_target: View,
 }
 
 fn layout(cfg: &Config, s: &Shape, act: DType, ar: &mut Arena) -> Buffers {
@@ -141,6 +151,8 @@ fn layout(cfg: &Config, s: &Shape, act: DType, ar: &mut Arena) -> Buffers {
         vraw: ar.take(f, h * ad),
         inv_freq: ar.take(f, cfg.head_dim / 2),
         fa,
+        guide_weight: ar.take(f, h * ad),
+        guide_target: ar.take(f, h * ad),
     }
 }
 
@@ -164,18 +176,45 @@ impl TimeTable {
     }
 }
 
-/// The captured loop of one step count and cache slot, with the table it reads.
+/// What a loop's graph is captured for: its step count, cache slot (the K/V pointer) and
+/// whether its Euler steps are guided.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+struct GraphKey {
+    steps: usize,
+    cache: u64,
+    guided: bool,
+}
+
+/// The guidance weight per step of a guided loop: on the device (f32 [steps], what the graph
+/// reads) and its pinned staging.
+struct CoefTable {
+    device: DeviceBuffer,
+    host: PinnedBuffer,
+}
+
+/// The captured loop of one [`GraphKey`], with the tables it reads.
 struct StepGraph {
     graph: Graph,
     table: TimeTable,
+    /// Guided loops only.
+    coef: Option<CoefTable>,
+}
+
+/// The host side of a guided frame's guide: the mask and the target, f32 [horizon,
+/// action_dim] in pinned memory (untouched until the stream has passed the upload), and the
+/// guidance weight per step (any host memory; staged by the stage).
+pub struct GuideHost<'a> {
+    pub weight: &'a [f32],
+    pub target: &'a [f32],
+    pub coef: &'a [f32],
 }
 
 /// The denoise stage: its weights (the expert and the action and time heads), buffers,
 /// stream and graphs.
 pub struct Denoise {
-    graphs: HashMap<(usize, u64), StepGraph>,
+    graphs: HashMap<GraphKey, StepGraph>,
     /// The key of the last loop run.
-    last: Option<(usize, u64)>,
+    last: Option<GraphKey>,
     buf: Buffers,
     _buf: DeviceBuffer,
     pub(crate) weights: DeviceWeights<DenoiseW>,
@@ -216,17 +255,53 @@ impl Denoise {
     /// frame does not pay for it: the time table, an eager run (which makes every GEMM plan
     /// and loads every kernel), then the capture.
     pub fn prepare(&mut self, e: &Engine, steps: usize, cache: CacheSlot) -> Result<()> {
-        let key = (steps, cache.kv.ptr);
-        if !self.graphs.contains_key(&key) {
-            let table = self.time_table(e, steps)?;
-            self.forward(e, steps, &table, cache)?;
-            let graph = capture(
-                &self.lane,
-                || self.forward(e, steps, &table, cache),
-                "denoise loop",
-            )?;
-            self.graphs.insert(key, StepGraph { graph, table });
+        self.prepare_graph(e, Self::key(steps, cache, false), cache)
+    }
+
+    /// [`Denoise::prepare`] of the guided loop (real-time chunking, Jacobian dropped).
+    pub fn prepare_guided(&mut self, e: &Engine, steps: usize, cache: CacheSlot) -> Result<()> {
+        self.prepare_graph(e, Self::key(steps, cache, true), cache)
+    }
+
+    fn key(steps: usize, cache: CacheSlot, guided: bool) -> GraphKey {
+        GraphKey {
+            steps,
+            cache: cache.kv.ptr,
+            guided,
         }
+    }
+
+    fn prepare_graph(&mut self, e: &Engine, key: GraphKey, cache: CacheSlot) -> Result<()> {
+        if self.graphs.contains_key(&key) {
+            return Ok(());
+        }
+        let steps = key.steps;
+        let table = self.time_table(e, steps)?;
+        let coef = if key.guided {
+            let device = DeviceBuffer::alloc(&e.dev, DType::F32, steps)?;
+            // The eager run below reads it before any frame's values are uploaded.
+            self.lane.zero(device.view())?;
+            let host = PinnedBuffer::alloc(&e.dev, steps * std::mem::size_of::<f32>())?;
+            Some(CoefTable { device, host })
+        } else {
+            None
+        };
+        let guide = coef.as_ref().map(|c| Guidance {
+            weight: self.buf.guide_weight,
+            target: self.buf.guide_target,
+            coef: c.device.view(),
+        });
+        self.forward(e, steps, &table, cache, guide)?;
+        let graph = capture(
+            &self.lane,
+            || self.forward(e, steps, &table, cache, guide),
+            if key.guided {
+                "guided denoise loop"
+            } else {
+                "denoise loop"
+            },
+        )?;
+        self.graphs.insert(key, StepGraph { graph, table, coef });
         Ok(())
     }
 
@@ -236,7 +311,34 @@ impl Denoise {
     pub fn enqueue(
         &mut self,
         e: &Engine,
+        sampler: (&[f32], Option<&[f32]>),
+        steps: usize,
+        cache: CacheSlot,
+        actions: &mut [f32],
+    ) -> Result<()> {
+        self.enqueue_with(e, sampler, None, steps, cache, actions)
+    }
+
+    /// [`Denoise::enqueue`] of the guided loop: also uploads the guide's mask and target
+    /// (pinned) and its guidance weight per step (staged here; `coef` holds `steps` values)
+    /// before the launch.
+    pub fn enqueue_guided(
+        &mut self,
+        e: &Engine,
+        sampler: (&[f32], Option<&[f32]>),
+        guide: GuideHost<'_>,
+        steps: usize,
+        cache: CacheSlot,
+        actions: &mut [f32],
+    ) -> Result<()> {
+        self.enqueue_with(e, sampler, Some(guide), steps, cache, actions)
+    }
+
+    fn enqueue_with(
+        &mut self,
+        e: &Engine,
         (noise, state): (&[f32], Option<&[f32]>),
+        guide: Option<GuideHost<'_>>,
         steps: usize,
         cache: CacheSlot,
         actions: &mut [f32],
@@ -245,15 +347,41 @@ impl Denoise {
         if let Some(s) = state.filter(|_| !self.cfg.pi05) {
             self.lane.upload(s, self.buf.state)?;
         }
-        self.prepare(e, steps, cache)?;
-        let key = (steps, cache.kv.ptr);
+        let n = self.action_values();
+        if let Some(g) = &guide {
+            if g.weight.len() != n || g.target.len() != n || g.coef.len() != steps {
+                return Err(Error::Cuda(format!(
+                    "internal: guide of {} weights, {} targets and {} coefficients; expected {n}, {n} and {steps}",
+                    g.weight.len(),
+                    g.target.len(),
+                    g.coef.len()
+                )));
+            }
+            self.lane.upload(g.weight, self.buf.guide_weight)?;
+            self.lane.upload(g.target, self.buf.guide_target)?;
+        }
+        let key = Self::key(steps, cache, guide.is_some());
+        self.prepare_graph(e, key, cache)?;
         let g = self
             .graphs
-            .get(&key)
+            .get_mut(&key)
             .ok_or_else(|| Error::Cuda("internal: denoise graph missing".into()))?;
+        if let Some(guide) = &guide {
+            let table = g
+                .coef
+                .as_mut()
+                .ok_or_else(|| Error::Cuda("internal: guided graph without its table".into()))?;
+            // The previous guided frame's upload from this staging has completed: frames
+            // are collected (synchronised) before the next is enqueued.
+            table
+                .host
+                .slice_mut::<f32>(steps)?
+                .copy_from_slice(guide.coef);
+            self.lane
+                .upload(table.host.slice::<f32>(steps)?, table.device.view())?;
+        }
         g.graph.launch("denoise")?;
         self.last = Some(key);
-        let n = self.action_values();
         self.lane.download(self.buf.xt.at(0, n)?, &mut actions[..n])
     }
 
@@ -445,8 +573,17 @@ impl Denoise {
     }
 
     /// The whole sampler on this stage's stream over `cache`: x = noise; `steps` times
-    /// x += dt·v(x, t). Launches only (no host sync, no allocation): what the graph captures.
-    fn forward(&self, e: &Engine, steps: usize, table: &TimeTable, cache: CacheSlot) -> Result<()> {
+    /// x += dt·v(x, t), or with `guide` the guided step (Jacobian dropped) at the times of
+    /// [`rtc::step_times`]. Launches only (no host sync, no device allocation): what the
+    /// graph captures.
+    fn forward(
+        &self,
+        e: &Engine,
+        steps: usize,
+        table: &TimeTable,
+        cache: CacheSlot,
+        guide: Option<Guidance>,
+    ) -> Result<()> {
         let (k, l) = (&e.kernels, &self.lane);
         let (s, b, wt, cfg) = (&self.shape, &self.buf, &self.weights.w, &self.cfg);
         let hs = heads(cfg);
@@ -467,6 +604,11 @@ impl Denoise {
             add_bias(k, l, b.state_tok, ew, state.bias()?, 1, ew)?;
         }
         let dt = (-1.0f64 / steps as f64) as f32;
+        // The guided step's times: the f64 grid of rtc::sample, as the CPU twin uses it.
+        let times: Vec<f32> = match guide {
+            Some(_) => rtc::step_times(steps).iter().map(|&t| t as f32).collect(),
+            None => Vec::new(),
+        };
         let mask = Mask {
             prefix_len: Some(cache.prefix_len()?),
             prefix_cap: s.max_prefix,
@@ -554,8 +696,22 @@ impl Denoise {
             )?;
             self.mark(e, "gemm action_out")?;
             let bias = wt.action_out.bias()?;
-            euler_step(k, l, b.xt, b.xt_act, b.vraw, bias, dt, h, ad)?;
-            self.mark(e, "euler_step")?;
+            match guide {
+                None => {
+                    euler_step(k, l, b.xt, b.xt_act, b.vraw, bias, dt, h, ad)?;
+                    self.mark(e, "euler_step")?;
+                }
+                Some(g) => {
+                    let t = times
+                        .get(step)
+                        .copied()
+                        .ok_or_else(|| Error::Cuda("internal: a step past the time grid".into()))?;
+                    let consts = (step, t, dt);
+                    let io = (b.xt, b.xt_act, b.vraw, bias);
+                    euler_step_guided(k, l, io, g, consts, h, ad)?;
+                    self.mark(e, "euler_step_guided")?;
+                }
+            }
         }
         Ok(())
     }
@@ -603,7 +759,7 @@ impl Denoise {
         l.synchronize()?;
         let g = self
             .graphs
-            .get(&(steps, cache.kv.ptr))
+            .get(&Self::key(steps, cache, false))
             .ok_or_else(|| Error::Cuda("internal: denoise graph missing".into()))?;
         let (g0, g1) = (timing_event(&e.dev)?, timing_event(&e.dev)?);
         // One replay to warm up, one timed; the eager run queues behind the second.
@@ -612,7 +768,7 @@ impl Denoise {
         g.graph.launch("denoise")?;
         g1.record(&l.stream).cuda("recording a profiling event")?;
         self.marks.start(e, l)?;
-        let run = self.forward(e, steps, &g.table, cache);
+        let run = self.forward(e, steps, &g.table, cache, None);
         let marks = self.marks.take();
         let synced = l.synchronize();
         run?;
