@@ -24,6 +24,7 @@ extern "C" __global__ void euler_step_guided(float* __restrict__ x, act_t* __res
                                              const float* __restrict__ target,
                                              const float* __restrict__ coef, int step, float t,
                                              float dt, int width, int n) {
+  tp_pdl_enter();
   const float c = coef[step];
   for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < n; i += gridDim.x * blockDim.x) {
     float v = __fadd_rn(v_raw[i], bias[i % width]);
