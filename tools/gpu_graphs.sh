@@ -2,7 +2,7 @@
 # On a GPU machine: the same camera stream through graphs/fused_gpu.yml and graphs/split_gpu.yml,
 # their actions compared per `seq` bit for bit, and each graph's peak GPU memory (the sum over
 # its processes, sampled with nvidia-smi every 100 ms). Run from the repository root with the
-# node binaries built with `--features cuda` in target/release (or BIN=dir holding them) and
+# node binaries built with `--features cuda` in target/release and
 # the dora CLI on the PATH.
 #
 #   tools/gpu_graphs.sh [FRAMES=40] [CHECKPOINT=target/checkpoints/pi05]

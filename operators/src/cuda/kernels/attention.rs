@@ -10,7 +10,7 @@ use cudarc::driver::sys;
 
 use super::Kernels;
 use crate::cuda::device::{
-    blocks_for, int, launch, launch_grid, Args, CudaResult, DType, Lane, View,
+    blocks_for, int, launch, launch_grid_in_order, Args, CudaResult, DType, Lane, View,
 };
 use crate::cuda::gemm::{Gemm, Mat, Op};
 use crate::{Error, Result};
@@ -393,7 +393,7 @@ pub fn fused_attention(
         .i32(int(mask.prefix_cap, "prefix cap")?)
         .i32(int(mask.n_state, "state tokens")?)
         .i32(int(mask.group, "group")?);
-    launch_grid(
+    launch_grid_in_order(
         chunk,
         lane,
         "attention_chunk",
@@ -416,7 +416,7 @@ pub fn fused_attention(
         .i64(i64_of(out.ld, "output row stride")?)
         .i64(i64_of(out.s1, "output stride")?)
         .i64(i64_of(out.s2, "output stride")?);
-    launch_grid(
+    launch_grid_in_order(
         combine,
         lane,
         "attention_combine",

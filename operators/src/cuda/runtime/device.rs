@@ -594,7 +594,8 @@ pub(crate) fn launch(
 }
 
 /// A launch of `grid` (x, y, z) blocks of `block` threads with `smem` bytes of dynamic shared
-/// memory. A grid with a zero extent launches nothing.
+/// memory. A grid with a zero extent launches nothing. Inside a recorded graph, after another
+/// turbo-pi kernel, it may start while that kernel drains (`TURBOPI_PDL`).
 pub(crate) fn launch_grid(
     f: &CudaFunction,
     lane: &Lane,
@@ -603,6 +604,32 @@ pub(crate) fn launch_grid(
     block: u32,
     smem: u32,
     args: Args,
+) -> Result<()> {
+    launch_with(f, lane, name, (grid, block, smem), args, true)
+}
+
+/// [`launch_grid`] that never starts before its predecessor has finished: for kernels whose
+/// blocks, resident early, cost more than the launch they hide (measured: the fused attention
+/// of pi0's 51-row expert, docs/benchmarks.md).
+pub(crate) fn launch_grid_in_order(
+    f: &CudaFunction,
+    lane: &Lane,
+    name: &str,
+    grid: (usize, usize, usize),
+    block: u32,
+    smem: u32,
+    args: Args,
+) -> Result<()> {
+    launch_with(f, lane, name, (grid, block, smem), args, false)
+}
+
+fn launch_with(
+    f: &CudaFunction,
+    lane: &Lane,
+    name: &str,
+    (grid, block, smem): ((usize, usize, usize), u32, u32),
+    args: Args,
+    early: bool,
 ) -> Result<()> {
     if grid.0 == 0 || grid.1 == 0 || grid.2 == 0 {
         return Ok(());
@@ -629,7 +656,7 @@ pub(crate) fn launch_grid(
     for (p, s) in ptrs.iter_mut().zip(slots.iter_mut()).take(args.n) {
         *p = (s as *mut u64).cast();
     }
-    let launched = if lane.programmatic() {
+    let launched = if early && lane.programmatic() {
         let mut attr = sys::CUlaunchAttribute {
             id: sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION,
             pad: [0; 4],
