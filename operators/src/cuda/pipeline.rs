@@ -300,18 +300,21 @@ impl CudaPolicy {
         Ok((real, ids))
     }
 
+    /// One frame, run alone (guided toward `guide` when given): refused while frames are in
+    /// flight.
     fn frame(
         &mut self,
         obs: &Observation,
         noise: &[f32],
         steps: usize,
+        guide: Option<&DeviceGuide>,
     ) -> Result<(Vec<f32>, StageTimes)> {
         if !self.in_flight.is_empty() {
             return Err(Error::Input(
                 "frames submitted with `submit` are in flight: collect them first".into(),
             ));
         }
-        self.submit_inner(obs, noise, steps, None)?;
+        self.submit_inner(obs, noise, steps, guide)?;
         self.collect_inner()?
             .ok_or_else(|| Error::Cuda("internal: the frame was not in flight".into()))
     }
@@ -326,12 +329,6 @@ impl CudaPolicy {
         steps: usize,
         guide: &rtc::Guide,
     ) -> Result<(Vec<f32>, StageTimes)> {
-        if !self.in_flight.is_empty() {
-            return Err(Error::Input(
-                "frames submitted with `submit` are in flight: collect them before a guided frame"
-                    .into(),
-            ));
-        }
         let prepared = guide
             .prepare(self.cfg.action_horizon, self.cfg.action_dim)
             .map_err(|e| Error::Input(e.to_string()))?
@@ -345,9 +342,7 @@ impl CudaPolicy {
                 .map(|s| s.c as f32)
                 .collect(),
         };
-        self.submit_inner(obs, noise, steps, Some(&device))?;
-        self.collect_inner()?
-            .ok_or_else(|| Error::Cuda("internal: the guided frame was not in flight".into()))
+        self.frame(obs, noise, steps, Some(&device))
     }
 
     /// Starts a frame without waiting for it (pipelined use): its vision and prefix run on
@@ -499,7 +494,7 @@ impl Runner for CudaPolicy {
         noise: &[f32],
         steps: usize,
     ) -> Result<(Vec<f32>, StageTimes)> {
-        guard("CUDA inference", || self.frame(obs, noise, steps))
+        guard("CUDA inference", || self.frame(obs, noise, steps, None))
     }
 
     /// [`Runner::infer`] guided by real-time chunking with the Jacobian term dropped (the

@@ -413,7 +413,8 @@ mod tests {
     /// The CUDA backend's guidance (Jacobian dropped) on the same setting as
     /// `guided_chunk_matches_the_frozen_prefix`: the f32 loop of `run_guided_with` agrees
     /// with `rtc::sample` of the dropped guidance in f64, and it still pulls the first `d`
-    /// actions onto the leftover, though less tightly than the exact VJP.
+    /// actions onto the leftover (here even closer than the exact VJP: it pushes x straight
+    /// at the target, which says nothing of the rest of the chunk).
     #[test]
     fn dropped_jacobian_guidance_still_pulls_the_frozen_prefix() {
         let cfg = Config::pi05_small();
