@@ -15,9 +15,7 @@ use std::fmt::Write as _;
 use crate::config::Config;
 use crate::cuda::activation::{add_bias, bias_act, cast, Act, Out};
 use crate::cuda::attention::{score_stride, Mask, Problem, Scratch, Workspace};
-use crate::cuda::device::{
-    timing_event, CudaResult, DType, DeviceBuffer, Lane, PinnedBuffer, View,
-};
+use crate::cuda::device::{DType, DeviceBuffer, Lane, PinnedBuffer, View};
 use crate::cuda::euler::{euler_step, euler_step_guided, Guidance};
 use crate::cuda::gemm::{Mat, Op};
 use crate::cuda::mlp::gelu_gate;
@@ -32,7 +30,7 @@ use crate::{rtc, settings, Error, Result};
 
 use super::prefix::heads;
 use super::{
-    allocate, gemma_attention, lin, profile_table, upload_inv_freq, CacheSlot, Engine, Marks,
+    allocate, gemma_attention, lin, profile_stage, upload_inv_freq, CacheSlot, Engine, Marks,
 };
 
 /// The sizes of the sampler, named as the config names them.
@@ -755,29 +753,26 @@ impl Denoise {
     /// (not launch gaps); the graph replay's own time is reported for comparison.
     pub fn profile(&mut self, e: &Engine, steps: usize, cache: CacheSlot) -> Result<String> {
         self.prepare(e, steps, cache)?;
-        let l = &self.lane;
-        l.synchronize()?;
         let g = self
             .graphs
             .get(&Self::key(steps, cache, false))
             .ok_or_else(|| Error::Cuda("internal: denoise graph missing".into()))?;
-        let (g0, g1) = (timing_event(&e.dev)?, timing_event(&e.dev)?);
-        // One replay to warm up, one timed; the eager run queues behind the second.
-        g.graph.launch("denoise")?;
-        g0.record(&l.stream).cuda("recording a profiling event")?;
-        g.graph.launch("denoise")?;
-        g1.record(&l.stream).cuda("recording a profiling event")?;
-        self.marks.start(e, l)?;
-        let run = self.forward(e, steps, &g.table, cache, None);
-        let marks = self.marks.take();
-        let synced = l.synchronize();
-        run?;
-        synced?;
-        let graph_ms = g0.elapsed_ms(&g1).cuda("reading profiling events")?;
         let per = steps as f64;
         let title =
             format!("denoise profile ({steps} steps, eager, events after each op; per step):");
-        let (mut out, total) = profile_table(&title, &marks, per, "step")?;
+        // One replay to warm up, one timed; the eager run queues behind the second.
+        let p = profile_stage(
+            e,
+            &self.lane,
+            (Some(&g.graph), "denoise"),
+            &self.marks,
+            || self.forward(e, steps, &g.table, cache, None),
+            (&title, per, "step"),
+        )?;
+        let (mut out, total) = (p.table, p.total_ms);
+        let graph_ms = p
+            .graph_ms
+            .ok_or_else(|| Error::Cuda("internal: denoise graph not timed".into()))?;
         let _ = writeln!(
             out,
             "  {:<40} {:>8.1} us  (eager, incl. event overhead; whole loop {:.2} ms)",

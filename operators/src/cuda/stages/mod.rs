@@ -24,6 +24,7 @@ use crate::cuda::attention::{self, Mask, Problem, Scratch, Strided, Workspace};
 use crate::cuda::device::{timing_event, CudaResult, DType, Device, DeviceBuffer, Lane, View};
 use crate::cuda::gemm::{Gemm, Mat};
 use crate::cuda::kernels::skinny::{self, Epilogue};
+use crate::cuda::runtime::graph::Graph;
 use crate::cuda::weights::{Arena, Lin};
 use crate::cuda::Kernels;
 use crate::{cpu, settings, Error, Result};
@@ -193,6 +194,53 @@ impl Marks {
     pub(crate) fn take(&self) -> Vec<(&'static str, CudaEvent)> {
         self.0.borrow_mut().take().unwrap_or_default()
     }
+}
+
+/// What a stage profile measured: the table of [`profile_table`], the eager run's total (ms)
+/// and the graph replay's time (ms; None without a graph).
+pub(crate) struct Profile {
+    pub table: String,
+    pub total_ms: f64,
+    pub graph_ms: Option<f32>,
+}
+
+/// Profiles a stage on `lane`: `graph` (when given) replayed twice, the second replay timed;
+/// then `eager` (one run of the same work, calling `marks.mark` after each operation) queued
+/// behind it; the marks as a table of `per` steps or layers of `unit` titled `title`.
+pub(crate) fn profile_stage(
+    e: &Engine,
+    lane: &Lane,
+    (graph, what): (Option<&Graph>, &str),
+    marks: &Marks,
+    eager: impl FnOnce() -> Result<()>,
+    (title, per, unit): (&str, f64, &str),
+) -> Result<Profile> {
+    lane.synchronize()?;
+    let (g0, g1) = (timing_event(&e.dev)?, timing_event(&e.dev)?);
+    if let Some(g) = graph {
+        g.launch(what)?;
+        g0.record(&lane.stream)
+            .cuda("recording a profiling event")?;
+        g.launch(what)?;
+        g1.record(&lane.stream)
+            .cuda("recording a profiling event")?;
+    }
+    marks.start(e, lane)?;
+    let run = eager();
+    let taken = marks.take();
+    let synced = lane.synchronize();
+    run?;
+    synced?;
+    let (table, total_ms) = profile_table(title, &taken, per, unit)?;
+    let graph_ms = match graph {
+        Some(_) => Some(g0.elapsed_ms(&g1).cuda("reading profiling events")?),
+        None => None,
+    };
+    Ok(Profile {
+        table,
+        total_ms,
+        graph_ms,
+    })
 }
 
 /// The device time per kind of operation between `marks` (passed), divided by `per` (steps

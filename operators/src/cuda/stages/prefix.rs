@@ -16,10 +16,9 @@ use crate::cuda::weights::{Arena, DeviceWeights, NormW, Planner, PrefixW};
 use crate::{Error, Result};
 
 use super::{
-    allocate, gemma_attention, lin, profile_table, stage_graphs, upload_inv_freq, CacheSlot,
+    allocate, gemma_attention, lin, profile_stage, stage_graphs, upload_inv_freq, CacheSlot,
     Engine, Marks,
 };
-use crate::cuda::device::{timing_event, CudaResult};
 use crate::cuda::runtime::graph::NodeCensus;
 
 struct Buffers {
@@ -173,30 +172,24 @@ impl Prefix {
         let Some((img_rows, n_ids, cache)) = self.last else {
             return Ok(None);
         };
-        let l = &self.lane;
-        l.synchronize()?;
-        let (g0, g1) = (timing_event(&e.dev)?, timing_event(&e.dev)?);
-        if let Some(g) = self.graphs.last() {
-            g.launch("prefix")?;
-            g0.record(&l.stream).cuda("recording a profiling event")?;
-            g.launch("prefix")?;
-            g1.record(&l.stream).cuda("recording a profiling event")?;
-        }
         let (buf, w, cfg, marks) = (&self.buf, &self.weights.w, &self.cfg, &self.marks);
-        marks.start(e, l)?;
-        let run = forward(e, l, (buf, marks), w, cfg, img_rows, n_ids, cache);
-        let taken = marks.take();
-        let synced = l.synchronize();
-        run?;
-        synced?;
+        let l = &self.lane;
         let layers = cfg.vlm_depth as f64;
         let title = format!(
             "prefix profile ({} real tokens, {} layers, eager, events after each op; per layer):",
             img_rows + n_ids,
             cfg.vlm_depth
         );
-        let (mut out, total) = profile_table(&title, &taken, layers, "layer")?;
-        let graph_ms = g0.elapsed_ms(&g1).unwrap_or(f32::NAN);
+        let p = profile_stage(
+            e,
+            l,
+            (self.graphs.last(), "prefix"),
+            marks,
+            || forward(e, l, (buf, marks), w, cfg, img_rows, n_ids, cache),
+            (&title, layers, "layer"),
+        )?;
+        let (mut out, total) = (p.table, p.total_ms);
+        let graph_ms = p.graph_ms.unwrap_or(f32::NAN);
         out.push_str(&format!(
             "  {:<40} {:>8.1} us  (eager, incl. event overhead; whole prefix {total:.2} ms; graph replay {graph_ms:.2} ms)\n",
             "total",

@@ -8,7 +8,7 @@ use crate::cuda::attention::{
     self, attention, fused_attention, fused_fits, score_stride, Mask, Problem, Scratch, Strided,
     Workspace,
 };
-use crate::cuda::device::{timing_event, CudaResult, DType, DeviceBuffer, Lane, View};
+use crate::cuda::device::{DType, DeviceBuffer, Lane, View};
 use crate::cuda::gemm::Mat;
 use crate::cuda::layer_norm::layer_norm;
 use crate::cuda::patch::{im2col, patch_embed_finish};
@@ -16,7 +16,7 @@ use crate::cuda::runtime::graph::GraphCache;
 use crate::cuda::weights::{Arena, DeviceWeights, Planner, VisionW};
 use crate::Result;
 
-use super::{allocate, lin, profile_table, stage_graphs, Engine, Marks};
+use super::{allocate, lin, profile_stage, stage_graphs, Engine, Marks};
 
 /// The sizes of the vision tower, named as the config names them.
 #[derive(Debug, Clone, Copy)]
@@ -180,15 +180,6 @@ impl Vision {
         let Some((n, out)) = self.last else {
             return Ok(None);
         };
-        let l = &self.lane;
-        l.synchronize()?;
-        let (g0, g1) = (timing_event(&e.dev)?, timing_event(&e.dev)?);
-        if let Some(g) = self.graphs.last() {
-            g.launch("vision")?;
-            g0.record(&l.stream).cuda("recording a profiling event")?;
-            g.launch("vision")?;
-            g1.record(&l.stream).cuda("recording a profiling event")?;
-        }
         let (buf, w, cfg, s, marks) = (
             &self.buf,
             &self.weights.w,
@@ -196,20 +187,23 @@ impl Vision {
             self.shape,
             &self.marks,
         );
-        marks.start(e, l)?;
-        let run = forward(e, l, (buf, marks), w, cfg, &s, n, out);
-        let taken = marks.take();
-        let synced = l.synchronize();
-        run?;
-        synced?;
+        let l = &self.lane;
         let layers = cfg.vision_depth as f64;
         let title = format!(
             "vision profile ({n} cameras, {} tokens, {} layers, eager, events after each op; per layer):",
             n * s.tokens_per_image,
             cfg.vision_depth
         );
-        let (mut out, total) = profile_table(&title, &taken, layers, "layer")?;
-        let graph_ms = g0.elapsed_ms(&g1).unwrap_or(f32::NAN);
+        let p = profile_stage(
+            e,
+            l,
+            (self.graphs.last(), "vision"),
+            marks,
+            || forward(e, l, (buf, marks), w, cfg, &s, n, out),
+            (&title, layers, "layer"),
+        )?;
+        let (mut out, total) = (p.table, p.total_ms);
+        let graph_ms = p.graph_ms.unwrap_or(f32::NAN);
         out.push_str(&format!(
             "  {:<40} {:>8.1} us  (eager, incl. event overhead; whole tower {total:.2} ms; graph replay {graph_ms:.2} ms)\n",
             "total",
