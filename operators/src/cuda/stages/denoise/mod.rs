@@ -17,7 +17,7 @@ use crate::cuda::activation::{add_bias, bias_act, cast, Act, Out};
 use crate::cuda::attention::{score_stride, Mask, Problem, Scratch, Workspace};
 use crate::cuda::device::{DType, DeviceBuffer, Lane, PinnedBuffer, View};
 use crate::cuda::euler::{euler_step, euler_step_guided, Guidance};
-use crate::cuda::gemm::{Mat, Op};
+use crate::cuda::gemm::Mat;
 use crate::cuda::mlp::gelu_gate;
 use crate::cuda::residual::add_residual;
 use crate::cuda::rms_norm::{rms_norm, NormParam};
@@ -25,8 +25,11 @@ use crate::cuda::rope::rope_qkv;
 use crate::cuda::runtime::graph::NodeCensus;
 use crate::cuda::runtime::graph::{capture, Graph};
 use crate::cuda::weights::{Arena, DenoiseW, DeviceWeights, GemmaW, HeadsW, Lin, NormW, Planner};
-use crate::policy::time_embedding;
 use crate::{rtc, settings, Error, Result};
+
+mod time;
+
+use time::TimeTable;
 
 use super::prefix::heads;
 use super::{
@@ -48,8 +51,6 @@ struct Shape {
     /// Rows of each layer's cache: the longest prefix, then the suffix.
     cache_rows: usize,
     layers: usize,
-    /// Adaptive norms of the expert (pi0.5): two per layer and the final one.
-    adaptive_norms: usize,
 }
 
 impl Shape {
@@ -65,7 +66,6 @@ impl Shape {
             max_prefix: c.max_prefix_len(),
             cache_rows: c.max_prefix_len() + suffix,
             layers: c.vlm_depth,
-            adaptive_norms: if c.pi05 { 2 * c.vlm_depth + 1 } else { 0 },
         }
     }
 }
@@ -151,26 +151,6 @@ fn layout(cfg: &Config, s: &Shape, act: DType, ar: &mut Arena) -> Buffers {
         fa,
         guide_weight: ar.take(f, h * ad),
         guide_target: ar.take(f, h * ad),
-    }
-}
-
-/// Per step count: what depends only on the time (pi0: W_t · temb + b of the action-time
-/// MLP; pi0.5: the (scale, shift, gate) of every adaptive norm), precomputed once with the
-/// same kernels the loop would use.
-struct TimeTable {
-    steps: usize,
-    /// pi0: f32 [steps, ew].
-    tb: Option<View>,
-    /// pi0.5: f32 [norms][steps][3 ew].
-    mods: Option<View>,
-    _bufs: Vec<DeviceBuffer>,
-}
-
-impl TimeTable {
-    fn modulation(&self, norm: usize, step: usize, ew: usize) -> Result<View> {
-        self.mods
-            .ok_or_else(|| Error::Cuda("internal: adaptive norm without modulations".into()))?
-            .at((norm * self.steps + step) * 3 * ew, 3 * ew)
     }
 }
 
@@ -274,7 +254,7 @@ impl Denoise {
             return Ok(());
         }
         let steps = key.steps;
-        let table = self.time_table(e, steps)?;
+        let table = TimeTable::build(e, &self.lane, &self.weights.w, self.shape.width, steps)?;
         let coef = if key.guided {
             let device = DeviceBuffer::alloc(&e.dev, DType::F32, steps)?;
             // The eager run below reads it before any frame's values are uploaded.
@@ -381,104 +361,6 @@ impl Denoise {
         g.graph.launch("denoise")?;
         self.last = Some(key);
         self.lane.download(self.buf.xt.at(0, n)?, &mut actions[..n])
-    }
-
-    fn time_table(&self, e: &Engine, steps: usize) -> Result<TimeTable> {
-        let (k, g, l) = (&e.kernels, &e.gemm, &self.lane);
-        let (ew, act) = (self.shape.width, e.act());
-        // The same t sequence as the sampler: t = 1, t += dt in f32.
-        let dt = (-1.0f64 / steps as f64) as f32;
-        let mut temb = Vec::with_capacity(steps * ew);
-        let mut t = 1.0f32;
-        for _ in 0..steps {
-            temb.extend(time_embedding(t, ew));
-            t += dt;
-        }
-        let n = steps * ew;
-        let temb_f = DeviceBuffer::alloc(&e.dev, DType::F32, n)?;
-        let temb_a = DeviceBuffer::alloc(&e.dev, act, n)?;
-        l.upload(&temb, temb_f.view())?;
-        cast(k, l, temb_f.view(), temb_a.view(), n)?;
-        let mut bufs = Vec::new();
-        let (mut tb, mut mods) = (None, None);
-        match &self.weights.w.heads {
-            HeadsW::Pi0 { time_in, .. } => {
-                let out = DeviceBuffer::alloc(&e.dev, DType::F32, n)?;
-                let w_t = Mat {
-                    view: time_in.w.tail(ew)?,
-                    rows: ew,
-                    cols: ew,
-                    ld: 2 * ew,
-                    stride: 0,
-                };
-                g.matmul(
-                    l,
-                    Mat::new(temb_a.view(), steps, ew),
-                    w_t,
-                    Op::Wt,
-                    Mat::new(out.view(), steps, ew),
-                    1.0,
-                    0.0,
-                    1,
-                )?;
-                add_bias(k, l, out.view(), ew, time_in.bias()?, steps, ew)?;
-                tb = Some(out.view());
-                bufs.push(out);
-            }
-            HeadsW::Pi05 { time_in, time_out } => {
-                let c_f = DeviceBuffer::alloc(&e.dev, DType::F32, n)?;
-                let c_a = DeviceBuffer::alloc(&e.dev, act, n)?;
-                let (cf, ca) = (c_f.view(), c_a.view());
-                let silu_to_act = Out {
-                    f32: None,
-                    act: Some(ca),
-                    ld: ew,
-                };
-                e.linear(
-                    l,
-                    Mat::new(temb_a.view(), steps, ew),
-                    lin(time_in),
-                    Mat::new(cf, steps, ew),
-                    0.0,
-                )?;
-                bias_act(k, l, cf, ew, time_in.b, Act::Silu, silu_to_act, steps, ew)?;
-                e.linear(
-                    l,
-                    Mat::new(ca, steps, ew),
-                    lin(time_out),
-                    Mat::new(cf, steps, ew),
-                    0.0,
-                )?;
-                bias_act(k, l, cf, ew, time_out.b, Act::Silu, silu_to_act, steps, ew)?;
-                let norms = adaptive_norms(&self.weights.w.expert)?;
-                if norms.len() != self.shape.adaptive_norms {
-                    return Err(Error::Cuda("internal: adaptive norm count".into()));
-                }
-                let m = DeviceBuffer::alloc(&e.dev, DType::F32, norms.len() * n * 3)?;
-                for (i, dense) in norms.iter().enumerate() {
-                    let dst = m.view().at(i * n * 3, n * 3)?;
-                    e.linear(
-                        l,
-                        Mat::new(ca, steps, ew),
-                        lin(dense),
-                        Mat::new(dst, steps, 3 * ew),
-                        0.0,
-                    )?;
-                    add_bias(k, l, dst, 3 * ew, dense.bias()?, steps, 3 * ew)?;
-                }
-                mods = Some(m.view());
-                bufs.extend([c_f, c_a, m]);
-            }
-        }
-        // `temb` (pageable host memory) must outlive its upload.
-        l.synchronize()?;
-        bufs.extend([temb_f, temb_a]);
-        Ok(TimeTable {
-            steps,
-            tb,
-            mods,
-            _bufs: bufs,
-        })
     }
 
     /// Norm `idx` of the expert at step `step` into `he`; returns the gate of the residual it
@@ -796,24 +678,4 @@ impl Denoise {
         );
         Ok(out)
     }
-}
-
-/// The expert's adaptive norms in table order: per layer input then post-attention, then
-/// the final norm.
-fn adaptive_norms(expert: &GemmaW) -> Result<Vec<Lin>> {
-    let dense = |n: &NormW| match n {
-        NormW::Adaptive(l) => Ok(*l),
-        NormW::Plain(_) => Err(Error::Cuda("internal: plain norm in pi0.5's expert".into())),
-    };
-    let mut out = Vec::with_capacity(2 * expert.layers.len() + 1);
-    for l in &expert.layers {
-        out.push(dense(&l.norm1)?);
-        out.push(dense(&l.norm2)?);
-    }
-    let f = expert
-        .final_norm
-        .as_ref()
-        .ok_or_else(|| Error::Cuda("internal: expert without its final norm".into()))?;
-    out.push(dense(f)?);
-    Ok(out)
 }
