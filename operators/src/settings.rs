@@ -54,7 +54,7 @@ pub struct Setting {
 pub const BOOL_WORDS: &str = "1, 0, true, false, on, off, yes or no";
 
 /// How many settings [`SETTINGS`] holds.
-const COUNT: usize = 15;
+const COUNT: usize = 16;
 
 /// Every process-wide `TURBOPI_*` variable (docs/settings.md lists them with the nodes'
 /// variables; a test keeps both in step with the sources).
@@ -121,6 +121,13 @@ pub static SETTINGS: [Setting; COUNT] = [
         default: "on",
         read_by: ReadBy::CudaBackend,
         meaning: "times cuBLASLt's candidate algorithms once per GEMM shape and keeps the fastest (off: the heuristic's first algorithm)",
+    },
+    Setting {
+        name: "TURBOPI_GEMM_TUNE_COLD",
+        kind: Kind::Flag,
+        default: "on",
+        read_by: ReadBy::CudaBackend,
+        meaning: "the autotuner flushes the L2 cache before each timed run, so weights come from memory as in a frame (off: back-to-back runs with the weights cached; picks of either kind are kept apart)",
     },
     Setting {
         name: "TURBOPI_KERNEL_CACHE",

@@ -13,6 +13,9 @@
 //! fastest. Plans are made by eager runs (the first frame, the warm-up before a graph
 //! capture); a plan first needed while the stream captures takes the heuristic's first
 //! algorithm without timing. `TURBOPI_GEMM_AUTOTUNE=0` always takes the first algorithm.
+//! The timing ([`tune`]) flushes the L2 cache before each run (`TURBOPI_GEMM_TUNE_COLD`), as
+//! a frame finds it: the expert's weights come from memory, not from the cache a back-to-back
+//! rerun of the same product leaves them in.
 //! Timed picks are shared by every handle of the process and kept in the kernel cache for
 //! later processes ([`super::runtime::plans`]): a shape runs the same way everywhere.
 
@@ -22,11 +25,14 @@ use std::ffi::c_void;
 use std::sync::Arc;
 
 use cudarc::cublaslt::{result as lt, sys as lt_sys};
-use cudarc::driver::{result as drv, sys as drv_sys, CudaContext};
+use cudarc::driver::{sys as drv_sys, CudaContext};
 
 use super::device::{CudaResult, DType, Device, Lane, View};
 use super::runtime::plans;
+
+mod tune;
 use crate::{settings, Error, Result};
+use tune::autotune_enabled;
 
 /// A row-major matrix operand: `rows` x `cols` elements with row stride `ld`; in a batched
 /// product, matrix i starts `stride * i` elements after the first.
@@ -141,22 +147,6 @@ impl Alpha {
 /// Heuristic results requested per plan (the candidates the autotuner times).
 pub const CANDIDATES: usize = 8;
 
-/// Timed runs per candidate (after one warm-up run).
-const TIMED_RUNS: usize = 5;
-
-/// Whether plans time the heuristic's candidates (`TURBOPI_GEMM_AUTOTUNE=0` turns it off).
-fn autotune_enabled() -> bool {
-    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *ON.get_or_init(|| {
-        std::env::var("TURBOPI_GEMM_AUTOTUNE")
-            .map(|v| {
-                let v = v.trim();
-                !(v == "0" || v.eq_ignore_ascii_case("off") || v.eq_ignore_ascii_case("false"))
-            })
-            .unwrap_or(true)
-    })
-}
-
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 struct PlanKey {
     m: usize,
@@ -184,26 +174,6 @@ struct Operands {
     beta: f32,
     /// Bytes D spans (the scratch a timing run writes instead of D).
     d_bytes: usize,
-}
-
-/// A device allocation that only lives for one autotuning.
-struct Scratch(u64);
-
-impl Scratch {
-    fn alloc(bytes: usize) -> Result<Scratch> {
-        // SAFETY: the caller bound the context; freed exactly once in Drop.
-        let ptr = unsafe { drv::malloc_sync(bytes.max(256)) }
-            .cuda("allocating the GEMM autotuning scratch")?;
-        Ok(Scratch(ptr))
-    }
-}
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        // SAFETY: allocated by cuMemAlloc in `alloc`, freed only here; the autotuner
-        // synchronised the stream that wrote it.
-        let _ = unsafe { drv::free_sync(self.0) };
-    }
 }
 
 /// cuBLASLt descriptors and the chosen algorithm of one GEMM shape.
@@ -590,17 +560,19 @@ impl Gemm {
         plan.algo = found[0].algo;
         // A pick this process or an earlier one made for the shape wins (if the heuristic
         // still offers it), so that every process runs the shape the same way.
+        // Picks timed with a flushed cache are kept apart from back-to-back ones.
+        let timing = if tune::cold()? { " cold" } else { "" };
         let shape = if keep_deterministic {
-            format!("{key:?}")
+            format!("{key:?}{timing}")
         } else {
-            format!("{key:?} any reduction")
+            format!("{key:?} any reduction{timing}")
         };
         let offered = |data: &plans::Algo| found.iter().find(|c| &c.algo.data == data);
         if let Some(c) = plans::get(&self.device, &shape).and_then(|a| offered(&a)) {
             plan.algo = c.algo;
             return Ok(plan);
         }
-        if found.len() > 1 && autotune_enabled() && !capturing(lane) {
+        if found.len() > 1 && autotune_enabled()? && !capturing(lane) {
             // Any failure of the timing keeps the heuristic's first choice.
             if let Ok(Some(best)) = self.fastest(&plan, &found, ops, lane) {
                 plan.algo = best;
@@ -612,68 +584,6 @@ impl Gemm {
             }
         }
         Ok(plan)
-    }
-
-    /// Times every candidate on the real operands (output to a scratch buffer, so y is
-    /// neither written nor, with beta = 1, accumulated twice) and returns the fastest, or
-    /// None when no candidate ran. Synchronises the lane: never called while capturing.
-    fn fastest(
-        &self,
-        plan: &Plan,
-        found: &[lt_sys::cublasLtMatmulHeuristicResult_t],
-        ops: &Operands,
-        lane: &Lane,
-    ) -> Result<Option<lt_sys::cublasLtMatmulAlgo_t>> {
-        self.ctx
-            .bind_to_thread()
-            .cuda("binding the CUDA context to this thread")?;
-        lane.synchronize()?;
-        let scratch = Scratch::alloc(ops.d_bytes)?;
-        let timed = Operands {
-            d: scratch.0,
-            ..*ops
-        };
-        let ev = |what| {
-            self.ctx
-                .new_event(Some(drv_sys::CUevent_flags::CU_EVENT_DEFAULT))
-                .cuda(what)
-        };
-        let (start, end) = (
-            ev("creating a timing event")?,
-            ev("creating a timing event")?,
-        );
-        let result = (|| -> Result<Option<lt_sys::cublasLtMatmulAlgo_t>> {
-            let mut best: Option<(f32, lt_sys::cublasLtMatmulAlgo_t)> = None;
-            // The candidates are deterministic (see `plan`) unless none was offered or
-            // `TURBOPI_GEMM_DETERMINISTIC` is off.
-            for cand in found {
-                // SAFETY: the candidate was returned by the heuristic for this plan; `timed`
-                // differs from the call's operands only in D, a scratch of D's span and of
-                // at least D's alignment (cuMemAlloc aligns to 256 bytes).
-                if unsafe { self.launch(plan, &cand.algo, &timed, lane) }.is_err() {
-                    continue;
-                }
-                start
-                    .record(&lane.stream)
-                    .cuda("recording a timing event")?;
-                let mut ok = true;
-                for _ in 0..TIMED_RUNS {
-                    // SAFETY: as above.
-                    ok &= unsafe { self.launch(plan, &cand.algo, &timed, lane) }.is_ok();
-                }
-                end.record(&lane.stream).cuda("recording a timing event")?;
-                let ms = start.elapsed_ms(&end).cuda("timing a GEMM candidate")?;
-                if ok && ms.is_finite() && best.is_none_or(|(b, _)| ms < b) {
-                    best = Some((ms, cand.algo));
-                }
-            }
-            Ok(best.map(|(_, a)| a))
-        })();
-        // The scratch is freed on return: nothing may still be writing it.
-        let synced = lane.synchronize();
-        let best = result?;
-        synced?;
-        Ok(best)
     }
 
     /// The heuristic's algorithms for `plan` under `pref` (workspace and alignments), best
@@ -700,7 +610,7 @@ impl Gemm {
         ] {
             set_attr!(lt::set_matmul_pref_attribute, pref, attr, align)?;
         }
-        let want = if autotune_enabled() { CANDIDATES } else { 1 };
+        let want = if autotune_enabled()? { CANDIDATES } else { 1 };
         // SAFETY: an all-zero heuristic result is a valid value of this plain C struct
         // (integers, floats and an opaque byte array); cuBLASLt overwrites the first
         // `count` entries.
