@@ -290,9 +290,10 @@ fn rms_norm_plain_and_adaptive_match_gemma_norm() {
 
 #[test]
 fn gelu_gate_matches_cpu() {
-    for act in ACTS {
+    // 700: one output per thread; 704: eight per thread (16-byte loads in bf16).
+    for (act, mlp) in [700, 704].into_iter().flat_map(|m| ACTS.map(|a| (a, m))) {
         let g = gpu(act);
-        let (rows, mlp) = (9, 700);
+        let rows = 9;
         let (gub, gu) = up(&g, act, &rand_vec(rows * 2 * mlp, 30, -4.0, 4.0));
         let ob = nan(&g, act, rows * mlp);
         gelu_gate(&g.kernels, &g.lane, gub.view(), ob.view(), rows, mlp).unwrap();
@@ -303,7 +304,7 @@ fn gelu_gate_matches_cpu() {
             }
         }
         check(
-            &format!("gelu_gate {act:?}"),
+            &format!("gelu_gate {act:?} mlp {mlp}"),
             &g.download(ob.view()).unwrap(),
             &rounded(act, &want),
             tol(act),
@@ -313,9 +314,12 @@ fn gelu_gate_matches_cpu() {
 
 #[test]
 fn bias_act_matches_cpu() {
-    for act in ACTS {
+    // Strides of 310 and 305: one value per thread; 304 and 308: four (vector loads and
+    // stores).
+    let layouts = [(310, 305), (304, 308)];
+    for (act, (ldx, ldo)) in layouts.into_iter().flat_map(|l| ACTS.map(|a| (a, l))) {
         let g = gpu(act);
-        let (rows, width, ldx, ldo) = (7, 300, 310, 305);
+        let (rows, width) = (7, 300);
         let (xb, x) = up(&g, DType::F32, &rand_vec(rows * ldx, 40, -5.0, 5.0));
         let (bb, b) = up(&g, DType::F32, &rand_vec(width, 41, -1.0, 1.0));
         for (a, f) in [
@@ -357,13 +361,13 @@ fn bias_act_matches_cpu() {
                     .all(|v| v.is_nan()));
             }
             check(
-                &format!("bias_act {a:?} f32 out"),
+                &format!("bias_act {a:?} f32 out, strides {ldx}/{ldo}"),
                 &gf,
                 &want,
                 tol(DType::F32),
             );
             check(
-                &format!("bias_act {a:?} {act:?} out"),
+                &format!("bias_act {a:?} {act:?} out, strides {ldx}/{ldo}"),
                 &ga,
                 &rounded(act, &want),
                 tol(act),

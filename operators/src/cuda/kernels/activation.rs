@@ -53,6 +53,15 @@ pub fn bias_act(
     if let Some(o) = out.act {
         o.need(k.act, span, "bias_act output")?;
     }
+    // Four values per thread in vector loads and stores where every row of every operand,
+    // and the bias, start 16-byte aligned (an act output row: at least 8-byte aligned).
+    let views = [Some(x), bias, out.f32, out.act];
+    let aligned = views.iter().flatten().all(|v| v.ptr % 16 == 0);
+    let vec = if aligned && width % 4 == 0 && ldx % 4 == 0 && out.ld % 4 == 0 {
+        4
+    } else {
+        1
+    };
     let args = Args::new()
         .ptr(x)
         .i32(int(ldx, "ldx")?)
@@ -62,12 +71,13 @@ pub fn bias_act(
         .opt(out.act)
         .i32(int(out.ld, "ldo")?)
         .i32(int(rows, "rows")?)
-        .i32(int(width, "width")?);
+        .i32(int(width, "width")?)
+        .i32(vec as i32);
     launch(
         &k.bias_act,
         lane,
         "bias_act",
-        blocks_for(rows * width, 256),
+        blocks_for(rows * width / vec, 256),
         256,
         args,
     )

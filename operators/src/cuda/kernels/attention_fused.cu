@@ -6,15 +6,6 @@
 // Launcher: attention.rs (`fused_attention`; TP_FA_* are its FUSED_* constants).
 
 #if TP_BF16 && (!defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800)
-__device__ __forceinline__ unsigned tp_bf16_bits(float v) {
-  unsigned int u = __float_as_uint(v);
-  if ((u & 0x7fffffffu) > 0x7f800000u) return (u >> 16) | 0x40u;
-  return (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
-}
-// Two values as a bf16x2 register, the lower column in the low half (mma operand order).
-__device__ __forceinline__ unsigned tp_pack_bf16(float lo, float hi) {
-  return tp_bf16_bits(lo) | (tp_bf16_bits(hi) << 16);
-}
 // D = A B + D for one 16x8x16 tile (A row-major 16x16, B column-major 16x8, f32 accumulate).
 __device__ __forceinline__ void tp_mma_bf16(float* c, unsigned a0, unsigned a1, unsigned a2,
                                             unsigned a3, unsigned b0, unsigned b1) {

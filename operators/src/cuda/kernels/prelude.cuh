@@ -38,15 +38,17 @@ __device__ __forceinline__ float tp_load(const unsigned short* p, long long i) {
 }
 __device__ __forceinline__ void tp_store(float* p, long long i, float v) { p[i] = v; }
 // Round to nearest even, NaN kept quiet: the same rounding as half::bf16::from_f32.
-__device__ __forceinline__ void tp_store(unsigned short* p, long long i, float v) {
+__device__ __forceinline__ unsigned tp_bf16_bits(float v) {
   unsigned int u = __float_as_uint(v);
-  unsigned short r;
-  if ((u & 0x7fffffffu) > 0x7f800000u) {
-    r = (unsigned short)((u >> 16) | 0x40u);
-  } else {
-    r = (unsigned short)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
-  }
-  p[i] = r;
+  if ((u & 0x7fffffffu) > 0x7f800000u) return (u >> 16) | 0x40u;
+  return (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+}
+// Two values as a bf16x2 register, the lower index in the low half (mma operand order).
+__device__ __forceinline__ unsigned tp_pack_bf16(float lo, float hi) {
+  return tp_bf16_bits(lo) | (tp_bf16_bits(hi) << 16);
+}
+__device__ __forceinline__ void tp_store(unsigned short* p, long long i, float v) {
+  p[i] = (unsigned short)tp_bf16_bits(v);
 }
 __device__ __forceinline__ float tp_neg_inf() { return __uint_as_float(0xff800000u); }
 
