@@ -1,6 +1,7 @@
 // Rotary embedding of q|k|v with the scatter to the grouped q and the K/V cache.
 // Launcher: rope.rs.
-// One block per row r < rows. qkv: [rows, (nh + 2 kv) hd]; position of row r = pos0[0] + r.
+// Block (r, c): row r < rows, items c·blockDim.x + threadIdx.x (then every gridDim.y ·
+// blockDim.x further), so that the few rows of the denoise loop still spread over many SMs. qkv: [rows, (nh + 2 kv) hd]; position of row r = pos0[0] + r.
 // q_out: [kv][rows][nh / kv][hd]; k_out, v_out: row out_row0 + r of [_, kv hd].
 extern "C" __global__ void rope_qkv(const act_t* __restrict__ qkv, act_t* __restrict__ q_out,
                                     act_t* __restrict__ k_out, act_t* __restrict__ v_out,
@@ -16,7 +17,7 @@ extern "C" __global__ void rope_qkv(const act_t* __restrict__ qkv, act_t* __rest
   float pos = (float)(pos0[0] + r);
   int n_rot = (nh + kv) * half;
   int total = n_rot + kvw;
-  for (int t = threadIdx.x; t < total; t += blockDim.x) {
+  for (int t = blockIdx.y * blockDim.x + threadIdx.x; t < total; t += gridDim.y * blockDim.x) {
     if (t < n_rot) {
       int h = t / half;
       int j = t - h * half;

@@ -4,7 +4,7 @@
 //! `out_row0..` of the per-layer K/V cache. CPU twin: [`crate::cpu::rope`].
 
 use super::Kernels;
-use crate::cuda::device::{int, launch, Args, DType, Lane, View};
+use crate::cuda::device::{int, launch_grid, Args, DType, Lane, View};
 use crate::{Error, Result};
 
 /// Head geometry of a Gemma attention layer.
@@ -69,5 +69,8 @@ pub fn rope_qkv(
         .i32(int(kv, "kv heads")?)
         .i32(int(hd, "head_dim")?)
         .i32(int(out_row0, "cache row")?);
-    launch(&k.rope_qkv, lane, "rope_qkv", rows, 256, args)
+    // Every rotated pair and copied v value of a row, one per thread.
+    let items = (nh + kv) * (hd / 2) + kv * hd;
+    let grid = (rows, items.div_ceil(256), 1);
+    launch_grid(&k.rope_qkv, lane, "rope_qkv", grid, 256, 0, args)
 }
