@@ -182,9 +182,10 @@ fn gemm_matches_cpu_matmul() {
 
 #[test]
 fn layer_norm_matches_cpu() {
-    for act in ACTS {
+    // 1152: one float4 per thread (288 threads); 1000: 256 threads striding over the row.
+    for (act, width) in [1152, 1000].into_iter().flat_map(|w| ACTS.map(|a| (a, w))) {
         let g = gpu(act);
-        let (rows, width) = (5, 1152);
+        let rows = 5;
         let x0 = rand_vec(rows * width, 10, -2.0, 3.0);
         let (xb, _) = up(&g, DType::F32, &x0);
         let (pb, pre) = up(&g, DType::F32, &rand_vec(width, 11, -0.5, 0.5));
@@ -209,7 +210,7 @@ fn layer_norm_matches_cpu() {
         let x_after = x.clone();
         cpu::layer_norm(&mut x, width, &w, &b, 1e-6);
         check(
-            &format!("layer_norm {act:?}"),
+            &format!("layer_norm {act:?} width {width}"),
             &g.download(yb.view()).unwrap(),
             &rounded(act, &x),
             tol(act),
@@ -225,9 +226,10 @@ fn layer_norm_matches_cpu() {
 
 #[test]
 fn rms_norm_plain_and_adaptive_match_gemma_norm() {
-    for act in ACTS {
+    // 1024: one float4 per thread (256 threads); 1000: 256 threads striding over the row.
+    for (act, width) in [1024, 1000].into_iter().flat_map(|w| ACTS.map(|a| (a, w))) {
         let g = gpu(act);
-        let (rows, width) = (6, 1024);
+        let rows = 6;
         let x = rand_vec(rows * width, 20, -2.0, 2.0);
         let (xb, _) = up(&g, DType::F32, &x);
         // Plain: the device holds 1 + w.
@@ -248,7 +250,7 @@ fn rms_norm_plain_and_adaptive_match_gemma_norm() {
         .unwrap();
         let want = Norm::Plain(w).forward(&x, width, 1e-6, None).x;
         check(
-            &format!("rms_norm {act:?}"),
+            &format!("rms_norm {act:?} width {width}"),
             &g.download(yb.view()).unwrap(),
             &rounded(act, &want),
             tol(act),
@@ -278,7 +280,7 @@ fn rms_norm_plain_and_adaptive_match_gemma_norm() {
         .unwrap();
         let normed = Norm::Adaptive(dense).forward(&x, width, 1e-6, Some(&cond));
         check(
-            &format!("rms_norm adaptive {act:?}"),
+            &format!("rms_norm adaptive {act:?} width {width}"),
             &g.download(yb.view()).unwrap(),
             &rounded(act, &normed.x),
             tol(act),

@@ -50,6 +50,15 @@ __device__ __forceinline__ unsigned tp_pack_bf16(float lo, float hi) {
 __device__ __forceinline__ void tp_store(unsigned short* p, long long i, float v) {
   p[i] = (unsigned short)tp_bf16_bits(v);
 }
+// Four consecutive values from element i (16-byte aligned for f32, 8 for bf16) in one store.
+__device__ __forceinline__ void tp_store4(float* p, long long i, float a, float b, float c,
+                                          float d) {
+  *reinterpret_cast<float4*>(p + i) = make_float4(a, b, c, d);
+}
+__device__ __forceinline__ void tp_store4(unsigned short* p, long long i, float a, float b,
+                                          float c, float d) {
+  *reinterpret_cast<uint2*>(p + i) = make_uint2(tp_pack_bf16(a, b), tp_pack_bf16(c, d));
+}
 __device__ __forceinline__ float tp_neg_inf() { return __uint_as_float(0xff800000u); }
 
 __device__ __forceinline__ float tp_warp_sum(float v) {

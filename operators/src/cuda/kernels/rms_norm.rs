@@ -3,6 +3,7 @@
 //! gate is the third chunk of the same vector, applied by [`super::residual::add_residual`].
 //! CPU twins: [`crate::cpu::rms_normalize`] and [`crate::gemma::Norm::forward`].
 
+use super::layer_norm::one_float4_per_thread;
 use super::Kernels;
 use crate::cuda::device::{int, launch, Args, DType, Lane, View};
 use crate::{Error, Result};
@@ -42,12 +43,21 @@ pub fn rms_norm(
     if width == 0 {
         return Err(Error::Cuda("internal: rms_norm of width 0".into()));
     }
+    let threads = one_float4_per_thread(width, &[Some(x), w1p, modulation, Some(y)]);
     let args = Args::new()
         .ptr(x)
         .opt(w1p)
         .opt(modulation)
         .ptr(y)
         .i32(int(width, "width")?)
-        .f64(eps);
-    launch(&k.rms_norm, lane, "rms_norm", rows, 256, args)
+        .f64(eps)
+        .i32(i32::from(threads.is_some()));
+    launch(
+        &k.rms_norm,
+        lane,
+        "rms_norm",
+        rows,
+        threads.unwrap_or(256),
+        args,
+    )
 }
