@@ -300,6 +300,79 @@ mod tests {
         }
     }
 
+    /// What the two guided-chunk tests share: pi05-small with random weights and a random
+    /// prefix cache, and the previous chunk A (noise seed 1, 10 steps) leaving its actions
+    /// from step [`S`] on as the leftover the next chunk is guided by, with delay [`DELAY`].
+    struct RtcSetting {
+        cfg: Config,
+        _dir: tempfile::TempDir,
+        d: Denoiser,
+        cache: KvCache,
+        leftover: Vec<f32>,
+    }
+
+    const S: usize = 4;
+    const DELAY: usize = 2;
+
+    impl RtcSetting {
+        fn new() -> RtcSetting {
+            let cfg = Config::pi05_small();
+            let dir = tempfile::tempdir().unwrap();
+            let (d, cache) = model(&cfg, dir.path());
+            let mut setting = RtcSetting {
+                cfg,
+                _dir: dir,
+                d,
+                cache,
+                leftover: Vec::new(),
+            };
+            let prev = sample(&mut setting.field(), &wide(&setting.noise(1)), 10, None);
+            setting.leftover = prev[S * setting.cfg.action_dim..]
+                .iter()
+                .map(|&v| v as f32)
+                .collect();
+            setting
+        }
+
+        fn field(&self) -> DenoiserField<'_> {
+            DenoiserField {
+                denoiser: &self.d,
+                cache: &self.cache,
+                state_token: None,
+            }
+        }
+
+        fn noise(&self, seed: u64) -> Vec<f32> {
+            rand_vec(self.cfg.action_horizon * self.cfg.action_dim, seed)
+        }
+
+        fn guide(&self) -> Guide {
+            Guide {
+                prefix: self.leftover.clone(),
+                delay: DELAY,
+                beta: 5.0,
+            }
+        }
+
+        /// The largest distance of the first DELAY actions of `a` from the leftover's.
+        fn prefix_err(&self, a: &[f64]) -> f64 {
+            (0..DELAY * self.cfg.action_dim)
+                .map(|i| (a[i] - f64::from(self.leftover[i])).abs())
+                .fold(0.0, f64::max)
+        }
+    }
+
+    fn wide(v: &[f32]) -> Vec<f64> {
+        v.iter().map(|&v| f64::from(v)).collect()
+    }
+
+    fn max_diff(a: &[f64], b: &[f64]) -> f64 {
+        a.iter()
+            .zip(b)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0.0, f64::max)
+    }
+
     /// The VJP against central finite differences of the velocity (f32 forward, step 1e-2):
     /// relative error below 1e-3 of the gradient's norm, for pi0.5 and pi0, at three times.
     #[test]
@@ -347,54 +420,16 @@ mod tests {
     /// unguided chunk of seed 2 than two unguided chunks (seeds 2 and 3) are to each other.
     #[test]
     fn guided_chunk_matches_the_frozen_prefix() {
-        let cfg = Config::pi05_small();
-        let dir = tempfile::tempdir().unwrap();
-        let (d, cache) = model(&cfg, dir.path());
-        let (h, ad) = (cfg.action_horizon, cfg.action_dim);
-        let (s, delay) = (4usize, 2usize);
-        let mut field = DenoiserField {
-            denoiser: &d,
-            cache: &cache,
-            state_token: None,
-        };
-        let noise = |seed| -> Vec<f64> {
-            rand_vec(h * ad, seed)
-                .iter()
-                .map(|&v| f64::from(v))
-                .collect()
-        };
-        let prev = sample(&mut field, &noise(1), 10, None);
-        let free = sample(&mut field, &noise(2), 10, None);
-        let other = sample(&mut field, &noise(3), 10, None);
-        let leftover: Vec<f32> = prev[s * ad..].iter().map(|&v| v as f32).collect();
-        let guide = Guide {
-            prefix: leftover.clone(),
-            delay,
-            beta: 5.0,
-        }
-        .prepare(h, ad)
-        .unwrap();
-        let guided = sample(&mut field, &noise(2), 10, Some(&guide));
-        let max_diff = |a: &[f64], b: &[f64]| {
-            a.iter()
-                .zip(b)
-                .map(|(a, b)| (a - b).abs())
-                .fold(0.0, f64::max)
-        };
-        let prefix_err = max_diff(
-            &guided[..delay * ad],
-            &leftover[..delay * ad]
-                .iter()
-                .map(|&v| f64::from(v))
-                .collect::<Vec<_>>(),
-        );
-        let free_err = max_diff(
-            &free[..delay * ad],
-            &leftover[..delay * ad]
-                .iter()
-                .map(|&v| f64::from(v))
-                .collect::<Vec<_>>(),
-        );
+        let r = RtcSetting::new();
+        let (h, ad) = (r.cfg.action_horizon, r.cfg.action_dim);
+        let (s, delay) = (S, DELAY);
+        let mut field = r.field();
+        let free = sample(&mut field, &wide(&r.noise(2)), 10, None);
+        let other = sample(&mut field, &wide(&r.noise(3)), 10, None);
+        let guide = r.guide().prepare(h, ad).unwrap();
+        let guided = sample(&mut field, &wide(&r.noise(2)), 10, Some(&guide));
+        let prefix_err = r.prefix_err(&guided);
+        let free_err = r.prefix_err(&free);
         let overlap = h - s;
         let rest_vs_free = max_diff(&guided[overlap * ad..], &free[overlap * ad..]);
         let chunk_to_chunk = max_diff(&free[overlap * ad..], &other[overlap * ad..]);
@@ -417,53 +452,35 @@ mod tests {
     /// at the target, which says nothing of the rest of the chunk).
     #[test]
     fn dropped_jacobian_guidance_still_pulls_the_frozen_prefix() {
-        let cfg = Config::pi05_small();
-        let dir = tempfile::tempdir().unwrap();
-        let (d, cache) = model(&cfg, dir.path());
-        let (h, ad) = (cfg.action_horizon, cfg.action_dim);
-        let (s, delay) = (4usize, 2usize);
-        let mut field = DenoiserField {
-            denoiser: &d,
-            cache: &cache,
-            state_token: None,
-        };
-        let noise = |seed| rand_vec(h * ad, seed);
-        let wide = |v: &[f32]| v.iter().map(|&v| f64::from(v)).collect::<Vec<f64>>();
-        let prev = sample(&mut field, &wide(&noise(1)), 10, None);
-        let leftover: Vec<f32> = prev[s * ad..].iter().map(|&v| v as f32).collect();
-        let guide = Guide {
-            prefix: leftover.clone(),
-            delay,
-            beta: 5.0,
-        };
+        let r = RtcSetting::new();
+        let (h, ad) = (r.cfg.action_horizon, r.cfg.action_dim);
+        let (s, delay) = (S, DELAY);
+        let mut field = r.field();
+        let guide = r.guide();
+        let (d, cache) = (&r.d, &r.cache);
         let dropped = d
-            .run_guided_with(&cache, None, &noise(2), 10, &guide, rtc::Jacobian::Dropped)
+            .run_guided_with(cache, None, &r.noise(2), 10, &guide, rtc::Jacobian::Dropped)
             .unwrap();
         let prepared = |j| guide.prepare(h, ad).unwrap().with_jacobian(j);
         let dropped_f64 = sample(
             &mut field,
-            &wide(&noise(2)),
+            &wide(&r.noise(2)),
             10,
             Some(&prepared(rtc::Jacobian::Dropped)),
         );
         let exact = sample(
             &mut field,
-            &wide(&noise(2)),
+            &wide(&r.noise(2)),
             10,
             Some(&prepared(rtc::Jacobian::Exact)),
         );
-        let free = d.run(&cache, None, &noise(2), 10).unwrap();
-        let err = |a: &[f64]| {
-            (0..delay * ad)
-                .map(|i| (a[i] - f64::from(leftover[i])).abs())
-                .fold(0.0, f64::max)
-        };
-        let (e_dropped, e_exact, e_free) = (err(&wide(&dropped)), err(&exact), err(&wide(&free)));
-        let f32_vs_f64 = wide(&dropped)
-            .iter()
-            .zip(&dropped_f64)
-            .map(|(a, b)| (a - b).abs())
-            .fold(0.0, f64::max);
+        let free = d.run(cache, None, &r.noise(2), 10).unwrap();
+        let (e_dropped, e_exact, e_free) = (
+            r.prefix_err(&wide(&dropped)),
+            r.prefix_err(&exact),
+            r.prefix_err(&wide(&free)),
+        );
+        let f32_vs_f64 = max_diff(&wide(&dropped), &dropped_f64);
         let scale = dropped_f64.iter().fold(0.0f64, |m, v| m.max(v.abs()));
         let msg = format!(
             "RTC on pi05-small (d = {delay}, s = {s}): first d actions vs leftover: Jacobian dropped {e_dropped:.4}, exact {e_exact:.4}, unguided {e_free:.4}; dropped f32 loop vs f64 sample {f32_vs_f64:.2e} (max |action| {scale:.2})"
