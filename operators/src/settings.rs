@@ -54,7 +54,7 @@ pub struct Setting {
 pub const BOOL_WORDS: &str = "1, 0, true, false, on, off, yes or no";
 
 /// How many settings [`SETTINGS`] holds.
-const COUNT: usize = 16;
+const COUNT: usize = 18;
 
 /// Every process-wide `TURBOPI_*` variable (docs/settings.md lists them with the nodes'
 /// variables; a test keeps both in step with the sources).
@@ -93,6 +93,20 @@ pub static SETTINGS: [Setting; COUNT] = [
         default: "on",
         read_by: ReadBy::CudaBackend,
         meaning: "products of at most 16 rows (the action expert's at pi0.5's horizon) in bf16 on turbo-pi's few-row tensor-core kernel, gated residuals included (off: cuBLASLt, for A/B runs)",
+    },
+    Setting {
+        name: "TURBOPI_SKINNY_GEGLU",
+        kind: Kind::Flag,
+        default: "on",
+        read_by: ReadBy::CudaBackend,
+        meaning: "on the few-row kernel, GeGLU in the gate|up product's epilogue: one launch instead of the product and gelu_gate (off: two launches, for A/B runs)",
+    },
+    Setting {
+        name: "TURBOPI_SKINNY_ROPE",
+        kind: Kind::Flag,
+        default: "on",
+        read_by: ReadBy::CudaBackend,
+        meaning: "on the few-row kernel where kernels do not start early (TURBOPI_PDL off, or before sm_90), RoPE and the K/V cache write in the q|k|v product's epilogue: one launch instead of the product and rope_qkv (off: two launches everywhere, for A/B runs)",
     },
     Setting {
         name: "TURBOPI_PDL",

@@ -1628,6 +1628,278 @@ fn skinny_gemm_matches_cpu_linear() {
     assert!(!skinny::linear(&f.kernels, &f.lane, xm, wm, ym, Epilogue::Store).unwrap());
 }
 
+/// Bits of a downloaded buffer, for exact comparisons (NaN poison included).
+fn bits(v: &[f32]) -> Vec<u32> {
+    v.iter().map(|x| x.to_bits()).collect()
+}
+
+/// x [m, K] (row stride ldx, NaN rows past the last) and w [n, K] as bf16, seeded.
+fn skinny_operands(
+    g: &Gpu,
+    (m, n, k, ldx): (usize, usize, usize, usize),
+    seed: u64,
+) -> (DeviceBuffer, Vec<f32>, DeviceBuffer, Vec<f32>) {
+    let s = 1.0 / (k as f32).sqrt();
+    let mut xv = rand_vec(m * ldx, seed, -1.0, 1.0);
+    xv.extend(std::iter::repeat_n(f32::NAN, 16 * ldx));
+    let (xb, x) = up(g, DType::Bf16, &xv);
+    let (wb, w) = up(
+        g,
+        DType::Bf16,
+        &rand_vec(n * k, seed + 1, -2.0 * s, 2.0 * s),
+    );
+    (xb, x, wb, w)
+}
+
+/// x·wᵀ on the CPU for x [m, K] with row stride ldx, each value rounded to bf16 as a bf16
+/// product output holds it.
+fn cpu_product_bf16(
+    x: &[f32],
+    w: &[f32],
+    (m, n, k, ldx): (usize, usize, usize, usize),
+) -> Vec<f32> {
+    let y0 = vec![0.0; m * n];
+    rounded(
+        DType::Bf16,
+        &cpu_linear_acc(&y0, x, w, (m, n, k), ldx, n, None, 1),
+    )
+}
+
+#[test]
+fn skinny_geglu_equals_product_then_gelu_gate() {
+    // GeGLU in the few-row product's epilogue: the same bits as the product (bf16 out) and
+    // gelu_gate launched one after the other, and the CPU twin within bf16's tolerance. The
+    // expert's shape, odd sizes (1 and 16 rows, mlp 12 and 20, K with a remainder past the
+    // unrolled loop), a padded x; the output starts NaN (every value written) and padding
+    // columns stay NaN.
+    let g = gpu(DType::Bf16);
+    let cases = [
+        (10, 4096, 1024, 0, 0),
+        (16, 12, 96, 8, 3),
+        (1, 4, 32, 0, 0),
+        (9, 20, 2080, 16, 1),
+    ];
+    for (i, &(m, mlp, k, padx, pado)) in cases.iter().enumerate() {
+        let name = format!("skinny geglu [{m}, {mlp}, {k}]");
+        let ldx = k + padx;
+        let (xb, x, wb, w) = skinny_operands(&g, (m, 2 * mlp, k, ldx), 1300 + 10 * i as u64);
+        let xm = Mat::new(xb.view(), m, k).ld(ldx);
+        let wm = Mat::new(wb.view(), 2 * mlp, k);
+        // Two launches: the product into gu, then gelu_gate.
+        let gub = nan(&g, DType::Bf16, m * 2 * mlp);
+        let gum = Mat::new(gub.view(), m, 2 * mlp);
+        assert!(skinny::linear(&g.kernels, &g.lane, xm, wm, gum, Epilogue::Store).unwrap());
+        let two = nan(&g, DType::Bf16, m * mlp);
+        gelu_gate(&g.kernels, &g.lane, gub.view(), two.view(), m, mlp).unwrap();
+        // One launch, into an output with padded rows.
+        let ldo = mlp + pado;
+        let one = nan(&g, DType::Bf16, m * ldo);
+        let om = Mat::new(one.view(), m, mlp).ld(ldo);
+        assert!(
+            skinny::geglu(&g.kernels, &g.lane, xm, wm, om).unwrap(),
+            "{name}: queued"
+        );
+        let (two, one) = (
+            g.download(two.view()).unwrap(),
+            g.download(one.view()).unwrap(),
+        );
+        let dense: Vec<f32> = (0..m)
+            .flat_map(|r| one[r * ldo..r * ldo + mlp].to_vec())
+            .collect();
+        for r in 0..m {
+            for c in mlp..ldo {
+                assert!(
+                    one[r * ldo + c].is_nan(),
+                    "{name}: padding [{r}, {c}] written"
+                );
+            }
+        }
+        assert!(dense.iter().all(|v| !v.is_nan()), "{name}: NaN written");
+        assert_eq!(
+            bits(&dense),
+            bits(&two),
+            "{name}: differs from the two launches"
+        );
+        let gu = cpu_product_bf16(&x, &w, (m, 2 * mlp, k, ldx));
+        let want: Vec<f32> = (0..m * mlp)
+            .map(|i| {
+                let (r, c) = (i / mlp, i % mlp);
+                cpu::gelu_tanh(gu[r * 2 * mlp + c]) * gu[r * 2 * mlp + mlp + c]
+            })
+            .collect();
+        check(
+            &name,
+            &dense,
+            &rounded(DType::Bf16, &want),
+            tol(DType::Bf16),
+        );
+    }
+    // Shapes it does not take: nothing queued, Ok(false).
+    let (xb, _, wb, _) = skinny_operands(&g, (10, 64, 64, 64), 1390);
+    let ob = nan(&g, DType::Bf16, 17 * 64);
+    for (m, mlp, ydt) in [
+        (10, 6, DType::Bf16),
+        (17, 32, DType::Bf16),
+        (10, 32, DType::F32),
+    ] {
+        let xm = Mat::new(xb.view(), m, 64);
+        let wm = Mat::new(wb.view(), 2 * mlp, 64);
+        let out = View {
+            dtype: ydt,
+            ..ob.view()
+        };
+        let om = Mat::new(out, m, mlp);
+        assert!(
+            !skinny::geglu(&g.kernels, &g.lane, xm, wm, om).unwrap(),
+            "geglu [{m}, {mlp}] -> {ydt:?} is not the kernel's"
+        );
+    }
+    assert!(g.download(ob.view()).unwrap().iter().all(|v| v.is_nan()));
+}
+
+#[test]
+fn skinny_rope_equals_product_then_rope_qkv() {
+    // RoPE and the K/V cache write in the q|k|v product's epilogue: the same bits as the
+    // product (bf16 out) and rope_qkv one after the other, over the whole q buffer and both
+    // caches (rows before out_row0 and past the last row stay NaN), and the CPU twin
+    // (cpu::rope of the bf16 product) within bf16's tolerance. pi0.5's expert heads (8 query
+    // heads, 1 KV head of 256) and a small grouped layout (4/2 heads of 16).
+    let g = gpu(DType::Bf16);
+    for (i, &(nh, kv, hd, m, k)) in [(8, 1, 256, 10, 1024), (4, 2, 16, 7, 96), (2, 2, 8, 16, 32)]
+        .iter()
+        .enumerate()
+    {
+        let heads = Heads { nh, kv, hd };
+        let name = format!("skinny rope {nh}/{kv}x{hd}, {m} rows, K {k}");
+        let (pos0, row0, cap) = (37usize, 5usize, 5 + m + 3);
+        let (qkvw, kvw) = (heads.qkv_width(), heads.kv_width());
+        let (xb, x, wb, w) = skinny_operands(&g, (m, qkvw, k, k), 1400 + 10 * i as u64);
+        let xm = Mat::new(xb.view(), m, k);
+        let wm = Mat::new(wb.view(), qkvw, k);
+        let inv = cpu::rope_inv_freq(hd, 10000.0);
+        let (ib, _) = up(&g, DType::F32, &inv);
+        let (pb, _) = up(&g, DType::I32, &[pos0 as f32]);
+        let outs = || {
+            (
+                nan(&g, DType::Bf16, m * nh * hd),
+                nan(&g, DType::Bf16, cap * kvw),
+                nan(&g, DType::Bf16, cap * kvw),
+            )
+        };
+        // Two launches.
+        let qkvb = nan(&g, DType::Bf16, m * qkvw);
+        let qkvm = Mat::new(qkvb.view(), m, qkvw);
+        assert!(skinny::linear(&g.kernels, &g.lane, xm, wm, qkvm, Epilogue::Store).unwrap());
+        let (q2, k2, v2) = outs();
+        let (qv, kv2, vv) = (q2.view(), k2.view(), v2.view());
+        rope_qkv(
+            &g.kernels,
+            &g.lane,
+            qkvb.view(),
+            qv,
+            kv2,
+            vv,
+            ib.view(),
+            pb.view(),
+            m,
+            heads,
+            row0,
+        )
+        .unwrap();
+        // One launch.
+        let (q1, k1, v1) = outs();
+        let out = skinny::RopeOut {
+            q: q1.view(),
+            k: k1.view(),
+            v: v1.view(),
+            inv_freq: ib.view(),
+            pos0: pb.view(),
+            heads,
+            out_row0: row0,
+        };
+        assert!(
+            skinny::rope(&g.kernels, &g.lane, xm, wm, out).unwrap(),
+            "{name}: queued"
+        );
+        for (what, one, two) in [("q", &q1, &q2), ("k", &k1, &k2), ("v", &v1, &v2)] {
+            let (one, two) = (
+                g.download(one.view()).unwrap(),
+                g.download(two.view()).unwrap(),
+            );
+            assert_eq!(
+                bits(&one),
+                bits(&two),
+                "{name}: {what} differs from the two launches"
+            );
+        }
+        // The CPU twin, and nothing written outside the rows.
+        let qkv = cpu_product_bf16(&x, &w, (m, qkvw, k, k));
+        let positions: Vec<usize> = (pos0..pos0 + m).collect();
+        let (mut q, mut kk, mut v) = (vec![], vec![], vec![]);
+        for r in 0..m {
+            let row = &qkv[r * qkvw..(r + 1) * qkvw];
+            q.extend_from_slice(&row[..nh * hd]);
+            kk.extend_from_slice(&row[nh * hd..nh * hd + kvw]);
+            v.extend_from_slice(&row[nh * hd + kvw..]);
+        }
+        cpu::rope(&mut q, nh, hd, &positions, &inv);
+        cpu::rope(&mut kk, kv, hd, &positions, &inv);
+        let got_q = ungroup(&g.download(q1.view()).unwrap(), m, kv, nh / kv, hd);
+        check(
+            &format!("{name} q"),
+            &got_q,
+            &rounded(DType::Bf16, &q),
+            tol(DType::Bf16),
+        );
+        let got_k = g.download(k1.view()).unwrap();
+        let got_v = g.download(v1.view()).unwrap();
+        let rows = row0 * kvw..(row0 + m) * kvw;
+        check(
+            &format!("{name} k"),
+            &got_k[rows.clone()],
+            &rounded(DType::Bf16, &kk),
+            tol(DType::Bf16),
+        );
+        check(&format!("{name} v"), &got_v[rows], &v, tol(DType::Bf16));
+        for cache in [&got_k, &got_v] {
+            assert!(
+                cache[..row0 * kvw].iter().all(|x| x.is_nan()),
+                "{name}: wrote before row0"
+            );
+            assert!(
+                cache[(row0 + m) * kvw..].iter().all(|x| x.is_nan()),
+                "{name}: wrote past the rows"
+            );
+        }
+    }
+    // A head_dim that is not a multiple of 8 is not the kernel's (the caller runs rope_qkv).
+    let heads = Heads {
+        nh: 2,
+        kv: 1,
+        hd: 12,
+    };
+    let (xb, _, wb, _) = skinny_operands(&g, (4, heads.qkv_width(), 32, 32), 1490);
+    let (ib, _) = up(&g, DType::F32, &cpu::rope_inv_freq(12, 10000.0));
+    let (pb, _) = up(&g, DType::I32, &[0.0]);
+    let qb = nan(&g, DType::Bf16, 4 * 24);
+    let cb = nan(&g, DType::Bf16, 4 * 12);
+    let out = skinny::RopeOut {
+        q: qb.view(),
+        k: cb.view(),
+        v: cb.view(),
+        inv_freq: ib.view(),
+        pos0: pb.view(),
+        heads,
+        out_row0: 0,
+    };
+    let (xm, wm) = (
+        Mat::new(xb.view(), 4, 32),
+        Mat::new(wb.view(), heads.qkv_width(), 32),
+    );
+    assert!(!skinny::rope(&g.kernels, &g.lane, xm, wm, out).unwrap());
+    assert!(g.download(qb.view()).unwrap().iter().all(|v| v.is_nan()));
+}
+
 /// A recorded chain of dependent kernels (each reads what the previous one wrote, over many
 /// blocks) replays to the values of the same launches run one after another: on sm_90 and
 /// newer the graph's launches are programmatic (they start while their predecessor drains and

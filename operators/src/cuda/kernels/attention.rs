@@ -10,7 +10,7 @@ use cudarc::driver::sys;
 
 use super::Kernels;
 use crate::cuda::device::{
-    blocks_for, int, launch, launch_grid, launch_grid_in_order, Args, CudaResult, DType, Lane, View,
+    blocks_for, int, launch, launch_with, Args, CudaResult, DType, Lane, View,
 };
 use crate::cuda::gemm::{Gemm, Mat, Op};
 use crate::{Error, Result};
@@ -402,20 +402,9 @@ pub fn fused_attention(
     // A small grid (pi0.5's expert at a 10-token horizon: 2 row tiles x 12 key chunks) may
     // start while its predecessor drains; larger ones launch in order, since their blocks,
     // resident early with their shared memory, hold SMs the predecessor still needs.
-    let launch_chunks = if grid.0 * grid.1 * grid.2 <= EARLY_BLOCKS {
-        launch_grid
-    } else {
-        launch_grid_in_order
-    };
-    launch_chunks(
-        chunk,
-        lane,
-        "attention_chunk",
-        grid,
-        FUSED_THREADS as u32,
-        smem as u32,
-        args,
-    )?;
+    let early = grid.0 * grid.1 * grid.2 <= EARLY_BLOCKS;
+    let shape = (grid, FUSED_THREADS as u32, smem as u32);
+    launch_with(chunk, lane, "attention_chunk", shape, args, early)?;
     if splits == 1 {
         return Ok(());
     }
@@ -430,13 +419,6 @@ pub fn fused_attention(
         .i64(i64_of(out.ld, "output row stride")?)
         .i64(i64_of(out.s1, "output stride")?)
         .i64(i64_of(out.s2, "output stride")?);
-    launch_chunks(
-        combine,
-        lane,
-        "attention_combine",
-        (p.rows, batch, 1),
-        128,
-        0,
-        args,
-    )
+    let shape = ((p.rows, batch, 1), 128, 0);
+    launch_with(combine, lane, "attention_combine", shape, args, early)
 }

@@ -116,7 +116,7 @@ registry! {
     "rope.cu", Always => [rope_qkv],
     "attention.cu", Always => [softmax_masked, unpermute_heads],
     "attention_fused.cu", Bf16Sm80 => [attention_chunk, attention_combine],
-    "skinny.cu", Bf16Sm80 => [skinny_gemm],
+    "skinny.cu", Bf16Sm80 => [skinny_gemm, skinny_gemm_geglu, skinny_gemm_rope],
     "patch.cu", Always => [im2col, patch_embed_finish],
     "embed.cu", Always => [embed_tokens],
     "euler.cu", Always => [euler_step, euler_step_guided],
@@ -159,6 +159,7 @@ pub fn defines(act: DType) -> Vec<(&'static str, String)> {
         ("TP_FA_MAX_SPLITS", FUSED_MAX_SPLITS.to_string()),
         ("TP_SK_UNROLL", skinny::UNROLL.to_string()),
         ("TP_SK_WARPS", skinny::WARPS.to_string()),
+        ("TP_SK_TILES", skinny::TILES.to_string()),
     ]
 }
 

@@ -4,7 +4,11 @@
 // memory busy: a block owns 8 output columns and its warps split K; the warps'
 // partial sums are added in a fixed order (replays and split stages agree bit for bit).
 // Compiled only into the bf16 program. Launcher: skinny.rs; CPU twin: cpu::Linear::forward
-// followed by cpu::add_residual (with the gate).
+// followed by cpu::add_residual (with the gate). Two more entry points put the next operation
+// of the denoise loop in the epilogue (one launch instead of two, and no round trip through
+// memory): GeGLU after the gate|up product, RoPE and the K/V cache write after q|k|v. Their
+// blocks take pairs of weight rows (gate and up, the two halves of a rotated pair), so that
+// each output's operands are in the block that writes it.
 //
 // The dot product is the same whatever order its terms come in, so the K index is permuted
 // within each 32-wide chunk: lane (g, t) loads the 8 contiguous values 8t..8t+7 of a weight row
@@ -35,60 +39,119 @@ __device__ __forceinline__ uint4 tp_sk_row(const unsigned short* p, bool in) {
   return in ? *reinterpret_cast<const uint4*>(p) : make_uint4(0u, 0u, 0u, 0u);
 }
 
-// Y[m, n] for m < M (M <= 16), n < N (N a multiple of 8), over K (a multiple of 32): Y = acc;
-// with `add`, Y += acc; with `gate` (f32 [N]), Y += gate[n] · acc. X [M, K] (row stride ldx),
-// W [N, K] (row stride ldw), both with 16-byte aligned rows; Y f32 (y_f32) or bf16, row stride
-// ldy. Block b: columns 8b..8b+7; warp w of the block's blockDim.x / 32 (at most TP_SK_WARPS):
-// K range [w·kslice, (w+1)·kslice). Each lane keeps TP_SK_UNROLL 16-byte weight loads in flight.
-extern "C" __global__ void __launch_bounds__(TP_SK_WARPS * 32) skinny_gemm(
-    const unsigned short* __restrict__ X, long long ldx, const unsigned short* __restrict__ W,
-    long long ldw, void* __restrict__ Y, long long ldy, int y_f32,
-    const float* __restrict__ gate, int add, int M, int N, int K, int kslice) {
-  __shared__ float red[TP_SK_WARPS][4][32];
+// Weight row of fragment column n (0..7) of block b. pair_half 0: rows 8b..8b+7. Else the
+// block takes four pairs of rows (c, pair_half + c) of one span of 2 · pair_half rows, so that
+// an epilogue sees both halves of each pair: span b / (pair_half / 4), rows 4 (b mod
+// (pair_half / 4)) + c for n = c < 4 and pair_half more for n = c + 4.
+__device__ __forceinline__ long long tp_sk_wrow(int b, int n, int pair_half) {
+  if (pair_half == 0) return 8LL * b + n;
+  const int per = pair_half >> 2, span = b / per, j = b - span * per;
+  return 2LL * pair_half * span + 4 * j + (n < 4 ? n : pair_half + n - 4);
+}
+
+// The block's partial products into red ([warp · T + tile][fragment value][lane]) for x [M, K]
+// (M <= 16, row stride ldx) against T tiles of 8 weight rows each (W [_, K], row stride ldw;
+// both with 16-byte aligned rows, K a multiple of 32): tile i of block b is tile T·b + i of
+// tp_sk_wrow; tiles at or past n_tiles are skipped. Each x fragment loaded serves all T tiles
+// (x is read from L2 once per 8·T columns). Warp w of blockDim.x / 32 (at most TP_SK_WARPS)
+// sums K range [w·kslice, (w+1)·kslice); each lane keeps TP_SK_UNROLL · T 16-byte weight loads
+// in flight. `after_wait()` runs right after the wait for the previous kernel, before the
+// products: an epilogue's own loads issued there are in flight while the products run. Ends
+// with __syncthreads.
+template <int T, class AfterWait>
+__device__ __forceinline__ void tp_sk_accumulate(const unsigned short* __restrict__ X,
+                                                 long long ldx,
+                                                 const unsigned short* __restrict__ W,
+                                                 long long ldw, int pair_half, int n_tiles,
+                                                 int M, int K, int kslice,
+                                                 float (*red)[4][32], AfterWait after_wait) {
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
-  const int warps = blockDim.x >> 5;
-  const int n0 = blockIdx.x * 8;
   const int kb = warp * kslice, ke = min(K, kb + kslice);
-  const unsigned short* wrow = W + (long long)(n0 + g) * ldw + 8 * t;
+  const unsigned short* wrow[T];
+  bool live[T];
+#pragma unroll
+  for (int i = 0; i < T; ++i) {
+    const int tile = blockIdx.x * T + i;
+    live[i] = tile < n_tiles;
+    wrow[i] = W + (live[i] ? tp_sk_wrow(tile, g, pair_half) * ldw + 8 * t : 0);
+  }
   const bool in_a = g < M, in_b = g + 8 < M;
   const unsigned short* xa = X + (long long)g * ldx + 8 * t;
   const unsigned short* xb = X + (long long)(g + 8) * ldx + 8 * t;
-  float c[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+  float c[T][4];
+#pragma unroll
+  for (int i = 0; i < T; ++i) c[i][0] = c[i][1] = c[i][2] = c[i][3] = 0.0f;
 
-  // TP_SK_UNROLL chunks of weights in flight per lane (fewer at the end of the slice), then
-  // their products. The weights are constant: the first chunks are requested before waiting
-  // for the previous kernel (programmatic dependent launch), whose output x may be.
-  uint4 w[TP_SK_UNROLL];
+  // TP_SK_UNROLL chunks of weights per tile in flight per lane (fewer at the end of the
+  // slice), then their products. The weights are constant: the first chunks are requested
+  // before waiting for the previous kernel (programmatic dependent launch), whose output x
+  // may be.
+  uint4 w[TP_SK_UNROLL][T];
 #pragma unroll
   for (int u = 0; u < TP_SK_UNROLL; ++u)
-    w[u] = kb + 32 * u < ke ? tp_sk_stream(wrow + kb + 32 * u) : make_uint4(0u, 0u, 0u, 0u);
+#pragma unroll
+    for (int i = 0; i < T; ++i)
+      w[u][i] = live[i] && kb + 32 * u < ke ? tp_sk_stream(wrow[i] + kb + 32 * u)
+                                            : make_uint4(0u, 0u, 0u, 0u);
   tp_pdl_enter();
+  after_wait();
   for (int k = kb; k < ke; k += 32 * TP_SK_UNROLL) {
     if (k != kb) {
 #pragma unroll
       for (int u = 0; u < TP_SK_UNROLL; ++u)
-        w[u] = k + 32 * u < ke ? tp_sk_stream(wrow + k + 32 * u) : make_uint4(0u, 0u, 0u, 0u);
+#pragma unroll
+        for (int i = 0; i < T; ++i)
+          w[u][i] = live[i] && k + 32 * u < ke ? tp_sk_stream(wrow[i] + k + 32 * u)
+                                               : make_uint4(0u, 0u, 0u, 0u);
     }
 #pragma unroll
     for (int u = 0; u < TP_SK_UNROLL; ++u) {
       if (k + 32 * u < ke) {
         const uint4 a = tp_sk_row(xa + k + 32 * u, in_a), b = tp_sk_row(xb + k + 32 * u, in_b);
-        tp_sk_mma(c, a.x, b.x, a.y, b.y, w[u].x, w[u].y);
-        tp_sk_mma(c, a.z, b.z, a.w, b.w, w[u].z, w[u].w);
+#pragma unroll
+        for (int i = 0; i < T; ++i) {
+          tp_sk_mma(c[i], a.x, b.x, a.y, b.y, w[u][i].x, w[u][i].y);
+          tp_sk_mma(c[i], a.z, b.z, a.w, b.w, w[u][i].z, w[u][i].w);
+        }
       }
     }
   }
 #pragma unroll
-  for (int j = 0; j < 4; ++j) red[warp][j][lane] = c[j];
+  for (int i = 0; i < T; ++i)
+#pragma unroll
+    for (int j = 0; j < 4; ++j) red[warp * T + i][j][lane] = c[i][j];
   __syncthreads();
-  // One thread per output value (lane L = (g, t), fragment value j): row g + 8 (j >> 1),
-  // column n0 + 2t + (j & 1); the warps' sums added in warp order.
-  for (int e = threadIdx.x; e < 128; e += blockDim.x) {
-    const int L = e >> 2, j = e & 3;
-    const int row = (L >> 2) + 8 * (j >> 1), col = n0 + 2 * (L & 3) + (j & 1);
-    if (row >= M) continue;
-    float s = 0.0f;
-    for (int w = 0; w < warps; ++w) s += red[w][j][L];
+}
+
+// Output (row, fragment column n) of tile i of the block's T: the warps' partial sums added in
+// warp order. The m16n8 fragment holds (row g, columns 2t, 2t+1) in values 0, 1 and row g + 8
+// in 2, 3 of lane (g, t).
+__device__ __forceinline__ float tp_sk_sum(float (*red)[4][32], int T, int i, int row, int n) {
+  const int lane = (row & 7) * 4 + (n >> 1), j = ((row >> 3) << 1) + (n & 1);
+  float s = 0.0f;
+  for (int w = 0; w < (int)(blockDim.x >> 5); ++w) s += red[w * T + i][j][lane];
+  return s;
+}
+
+// v as a bf16 output holds it.
+__device__ __forceinline__ float tp_sk_bf16(float v) {
+  return __uint_as_float(tp_bf16_bits(v) << 16);
+}
+
+// Y[m, n] for m < M, n < N (N a multiple of 8), columns 8·TP_SK_TILES·b .. in block b (8 per
+// tile): Y = x·Wᵀ; with `add`, Y += x·Wᵀ; with `gate` (f32 [N]), Y += gate[n] · (x·Wᵀ). Y f32
+// (y_f32) or bf16, row stride ldy.
+extern "C" __global__ void __launch_bounds__(TP_SK_WARPS * 32) skinny_gemm(
+    const unsigned short* __restrict__ X, long long ldx, const unsigned short* __restrict__ W,
+    long long ldw, void* __restrict__ Y, long long ldy, int y_f32,
+    const float* __restrict__ gate, int add, int M, int N, int K, int kslice) {
+  __shared__ float red[TP_SK_WARPS * TP_SK_TILES][4][32];
+  tp_sk_accumulate<TP_SK_TILES>(X, ldx, W, ldw, 0, N >> 3, M, K, kslice, red, [] {});
+  for (int e = threadIdx.x; e < 128 * TP_SK_TILES; e += blockDim.x) {
+    const int i = e >> 7, row = (e & 127) >> 3, n = e & 7;
+    const int col = (blockIdx.x * TP_SK_TILES + i) * 8 + n;
+    if (row >= M || col >= N) continue;
+    float s = tp_sk_sum(red, TP_SK_TILES, i, row, n);
     const long long at = (long long)row * ldy + col;
     if (gate != 0) s *= gate[col];
     if (y_f32) {
@@ -99,5 +162,104 @@ extern "C" __global__ void __launch_bounds__(TP_SK_WARPS * 32) skinny_gemm(
       tp_store(y, at, (add || gate != 0) ? tp_load(y, at) + s : s);
     }
   }
+}
+
+// GeGLU in the epilogue of the gate|up product: out[m, c] = gelu_tanh(gate) · up with gate =
+// (x·Wᵀ)[m, c] and up = (x·Wᵀ)[m, mlp + c], each rounded to bf16 first, as the product's bf16
+// output and gelu_gate would see them (the same bits as those two launches). W [2 mlp, K]
+// (gate rows, then up rows; mlp a multiple of 4); block b: c = 4b..4b+3. out bf16, row stride
+// ldo. CPU twin: cpu::Linear::forward, then cpu::gelu_tanh(gate) · up.
+// The epilogues are calls, not inlined: inlined, the compiler hoists their address
+// arithmetic above the product loop, and the registers it keeps live there cost occupancy.
+__device__ __noinline__ void tp_sk_geglu_out(float (*red)[4][32], unsigned short* out,
+                                             long long ldo, int M) {
+  for (int e = threadIdx.x; e < 64; e += blockDim.x) {
+    const int row = e >> 2, c = e & 3;
+    if (row >= M) continue;
+    const float gt = tp_sk_bf16(tp_sk_sum(red, 1, 0, row, c));
+    const float up = tp_sk_bf16(tp_sk_sum(red, 1, 0, row, c + 4));
+    tp_store(out, (long long)row * ldo + 4 * blockIdx.x + c, tp_gelu_tanh(gt) * up);
+  }
+}
+
+extern "C" __global__ void __launch_bounds__(TP_SK_WARPS * 32) skinny_gemm_geglu(
+    const unsigned short* __restrict__ X, long long ldx, const unsigned short* __restrict__ W,
+    long long ldw, unsigned short* __restrict__ out, long long ldo, int M, int mlp, int K,
+    int kslice) {
+  __shared__ float red[TP_SK_WARPS][4][32];
+  tp_sk_accumulate<1>(X, ldx, W, ldw, mlp, mlp >> 2, M, K, kslice, red, [] {});
+  tp_sk_geglu_out(red, out, ldo, M);
+}
+
+// RoPE in the epilogue of the fused q|k|v product (W [(nh + 2 kv) hd, K], hd a multiple of 8):
+// rope_qkv's rotation and scatter of the product's bf16-rounded values (the same bits as the
+// product and rope_qkv launched one after the other). Block b: head b / (hd / 8), pairs
+// (j, j + hd/2) for j = 4 (b mod (hd / 8)) + 0..3. Row m's position is pos0[0] + m; q goes to
+// q_out [kv][M][nh / kv][hd], k and v to row out_row0 + m of k_out, v_out ([_, kv hd]).
+// CPU twin: cpu::Linear::forward, then cpu::rope on q and k.
+struct TpSkRope {
+  unsigned short* q_out;
+  unsigned short* k_out;
+  unsigned short* v_out;
+  int M, nh, kv, hd, out_row0;
+};
+
+// freq: inv_freq of this thread's pair (the same for each of its outputs: they are 32 apart);
+// pos0: the first row's position.
+__device__ __noinline__ void tp_sk_rope_out(float (*red)[4][32], TpSkRope p, float freq,
+                                            int pos0) {
+  const int half = p.hd >> 1;
+  const int per = half >> 2, h = blockIdx.x / per, j0 = 4 * (blockIdx.x - h * per);
+  const int group = p.nh / p.kv, kvw = p.kv * p.hd;
+  for (int e = threadIdx.x; e < 64; e += blockDim.x) {
+    const int row = e >> 2, j = j0 + (e & 3);
+    if (row >= p.M) continue;
+    const float a = tp_sk_bf16(tp_sk_sum(red, 1, 0, row, e & 3));
+    const float b = tp_sk_bf16(tp_sk_sum(red, 1, 0, row, (e & 3) + 4));
+    if (h < p.nh + p.kv) {
+      const float pos = (float)(pos0 + row);
+      const float angle = freq * pos;
+      const float c = cosf(angle);
+      const float s = sinf(angle);
+      const float o1 = a * c - b * s;
+      const float o2 = b * c + a * s;
+      if (h < p.nh) {
+        const int gq = h / group, jj = h - gq * group;
+        const long long base = (((long long)gq * p.M + row) * group + jj) * p.hd;
+        tp_store(p.q_out, base + j, o1);
+        tp_store(p.q_out, base + j + half, o2);
+      } else {
+        const long long base =
+            (long long)(p.out_row0 + row) * kvw + (long long)(h - p.nh) * p.hd;
+        tp_store(p.k_out, base + j, o1);
+        tp_store(p.k_out, base + j + half, o2);
+      }
+    } else {
+      const long long base =
+          (long long)(p.out_row0 + row) * kvw + (long long)(h - p.nh - p.kv) * p.hd;
+      tp_store(p.v_out, base + j, a);
+      tp_store(p.v_out, base + j + half, b);
+    }
+  }
+}
+
+extern "C" __global__ void __launch_bounds__(TP_SK_WARPS * 32) skinny_gemm_rope(
+    const unsigned short* __restrict__ X, long long ldx, const unsigned short* __restrict__ W,
+    long long ldw, unsigned short* __restrict__ q_out, unsigned short* __restrict__ k_out,
+    unsigned short* __restrict__ v_out, const float* __restrict__ inv_freq,
+    const int* __restrict__ pos0, int M, int nh, int kv, int hd, int out_row0, int K,
+    int kslice) {
+  __shared__ float red[TP_SK_WARPS][4][32];
+  const int half = hd >> 1, per = half >> 2, h = blockIdx.x / per;
+  // inv_freq is constant (uploaded once, like the weights): read before the wait. The
+  // position comes from the prefix stage: read right after it, in flight during the products.
+  const bool rotates = threadIdx.x < 64 && h < nh + kv;
+  const float freq = rotates ? inv_freq[4 * (blockIdx.x - h * per) + (threadIdx.x & 3)] : 0.0f;
+  int p0 = 0;
+  tp_sk_accumulate<1>(X, ldx, W, ldw, half, (nh + 2 * kv) * hd >> 3, M, K, kslice, red,
+                      [&] {
+                        if (rotates) p0 = pos0[0];
+                      });
+  tp_sk_rope_out(red, TpSkRope{q_out, k_out, v_out, M, nh, kv, hd, out_row0}, freq, p0);
 }
 #endif

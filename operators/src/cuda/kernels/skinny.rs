@@ -7,20 +7,33 @@
 //! elsewhere, or for a shape it does not take, [`linear`] answers `Ok(false)` having queued
 //! nothing and the caller runs cuBLASLt. CPU twin: [`crate::cpu::Linear::forward`], then
 //! [`crate::cpu::add_residual`] (with the gate) when adding.
+//!
+//! [`geglu`] and [`rope`] put the operation after the product in its epilogue (GeGLU after
+//! gate|up; RoPE with the scatter to q and the K/V cache after q|k|v): the same bits as the
+//! product and [`super::mlp::gelu_gate`] or [`super::rope::rope_qkv`] one after the other,
+//! in one launch. They answer `Ok(false)` the same way.
 
+use super::rope::Heads;
 use super::Kernels;
 use crate::cuda::device::{int, launch, Args, DType, Lane, View};
 use crate::cuda::gemm::Mat;
 use crate::{Error, Result};
+use cudarc::driver::CudaFunction;
 
 /// The most rows of x the kernel takes (one m16 tile of the tensor cores; pi0's 51 rows
 /// would re-read x from L2 for every 8 columns and run slower than cuBLASLt).
 pub const MAX_ROWS: usize = 16;
 /// The most warps per block (`TP_SK_WARPS`), each summing one slice of K.
 pub const WARPS: usize = 16;
-/// 16-byte weight loads each lane keeps in flight (`TP_SK_UNROLL`): a warp's slice of K is
-/// 32 · UNROLL long where K allows.
+/// 16-byte weight loads each lane keeps in flight per tile (`TP_SK_UNROLL`): a warp's slice
+/// of K is 32 · UNROLL long where K allows. (Measured on an H200, libero denoise: 2, 4 and 8
+/// give 8.35, 8.02 and 8.56 ms.)
 pub const UNROLL: usize = 4;
+/// Tiles of 8 output columns per block of the plain product (`TP_SK_TILES`): each x
+/// fragment a warp loads serves all of them, so x is read from L2 once per 8 · TILES
+/// columns. (Measured on an H200, libero denoise: 1 tile 8.02 ms; 2 tiles 8.70 ms, 8.50 ms
+/// with UNROLL 2; 4 tiles with UNROLL 2 9.29 ms: x's reads from L2 are not what limits it.)
+pub const TILES: usize = 1;
 
 /// What becomes of y.
 #[derive(Debug, Clone, Copy)]
@@ -36,18 +49,24 @@ pub enum Epilogue {
 /// Whether the kernel takes y = x·wᵀ with these operands: x and w bf16 with 16-byte aligned
 /// rows, K a multiple of 32, N a multiple of 8, 1..=[`MAX_ROWS`] rows, y f32 or bf16.
 pub fn fits(k: &Kernels, x: &Mat, w: &Mat, y: &Mat) -> bool {
-    let aligned = |m: &Mat| m.view.ptr % 16 == 0 && m.ld % 8 == 0;
     k.skinny_gemm.is_some()
-        && x.view.dtype == DType::Bf16
-        && w.view.dtype == DType::Bf16
+        && operands_fit(x, w)
+        && w.rows % 8 == 0
         && matches!(y.view.dtype, DType::F32 | DType::Bf16)
+        && y.rows == x.rows
+        && y.cols == w.rows
+}
+
+/// What every entry point needs of x and w: bf16 with 16-byte aligned rows, K a multiple of
+/// 32, 1..=[`MAX_ROWS`] rows of x, at least one weight row.
+fn operands_fit(x: &Mat, w: &Mat) -> bool {
+    let aligned = |m: &Mat| m.view.ptr % 16 == 0 && m.ld % 8 == 0;
+    x.view.dtype == DType::Bf16
+        && w.view.dtype == DType::Bf16
         && (1..=MAX_ROWS).contains(&x.rows)
         && x.cols == w.cols
         && x.cols % 32 == 0
-        && w.rows % 8 == 0
         && w.rows > 0
-        && y.rows == x.rows
-        && y.cols == w.rows
         && aligned(x)
         && aligned(w)
 }
@@ -61,6 +80,48 @@ fn span(m: &Mat) -> usize {
     }
 }
 
+/// Checks the row strides and spans of the operands `mats` before a launch.
+fn need_all(mats: &[(&Mat, &str)]) -> Result<()> {
+    for (m, what) in mats {
+        if m.ld < m.cols {
+            return Err(Error::Cuda(format!(
+                "internal: {what}: row stride {} < {} columns",
+                m.ld, m.cols
+            )));
+        }
+        m.view.need(m.view.dtype, span(m), what)?;
+    }
+    Ok(())
+}
+
+/// Launches `f` over `blocks` blocks of 8 output columns with the arguments x, w, those
+/// `own` adds (the entry point's own, rows included), K and the warps' K slice. As many warps as K has slices of
+/// 32 · UNROLL (1 to WARPS), K split evenly among them: each lane then has its whole slice
+/// in flight at once where K allows. (Measured on an H200 against one warp per chunk, up to
+/// 16, and against two slices per warp: the expert's step 0.96 ms against 1.04 and 0.98.)
+fn launch_product(
+    f: &CudaFunction,
+    lane: &Lane,
+    name: &str,
+    (x, w): (&Mat, &Mat),
+    blocks: usize,
+    own: impl FnOnce(Args) -> Result<Args>,
+) -> Result<()> {
+    let kdim = x.cols;
+    let chunks = kdim / 32;
+    let warps = chunks.div_ceil(UNROLL).clamp(1, WARPS);
+    let kslice = chunks.div_ceil(warps) * 32;
+    let args = Args::new()
+        .ptr(x.view)
+        .i64(x.ld as i64)
+        .ptr(w.view)
+        .i64(w.ld as i64);
+    let args = own(args)?
+        .i32(int(kdim, "inner dimension")?)
+        .i32(int(kslice, "K slice")?);
+    launch(f, lane, name, blocks, (warps * 32) as u32, args)
+}
+
 /// y (x.rows × w.rows) from x [rows, K] and the Linear weight w [N, K] (see [`Epilogue`]), on
 /// `lane`. Ok(false), with nothing queued, when [`fits`] says no.
 pub fn linear(k: &Kernels, lane: &Lane, x: Mat, w: Mat, y: Mat, epi: Epilogue) -> Result<bool> {
@@ -70,19 +131,11 @@ pub fn linear(k: &Kernels, lane: &Lane, x: Mat, w: Mat, y: Mat, epi: Epilogue) -
     if !fits(k, &x, &w, &y) {
         return Ok(false);
     }
-    for (m, what) in [
+    need_all(&[
         (&x, "skinny gemm x"),
         (&w, "skinny gemm w"),
         (&y, "skinny gemm y"),
-    ] {
-        if m.ld < m.cols {
-            return Err(Error::Cuda(format!(
-                "internal: {what}: row stride {} < {} columns",
-                m.ld, m.cols
-            )));
-        }
-        m.view.need(m.view.dtype, span(m), what)?;
-    }
+    ])?;
     let (add, gate) = match epi {
         Epilogue::Store => (0, None),
         Epilogue::Add => (1, None),
@@ -91,35 +144,110 @@ pub fn linear(k: &Kernels, lane: &Lane, x: Mat, w: Mat, y: Mat, epi: Epilogue) -
             (0, Some(g))
         }
     };
-    let kdim = x.cols;
-    // As many warps as K has slices of 32 · UNROLL (1 to WARPS), K split evenly among them:
-    // each lane then has its whole slice in flight at once where K allows. (Measured on an
-    // H200 against one warp per chunk, up to 16, and against two slices per warp: the
-    // expert's step 0.96 ms against 1.04 and 0.98.)
-    let chunks = kdim / 32;
-    let warps = chunks.div_ceil(UNROLL).clamp(1, WARPS);
-    let kslice = chunks.div_ceil(warps) * 32;
-    let args = Args::new()
-        .ptr(x.view)
-        .i64(x.ld as i64)
-        .ptr(w.view)
-        .i64(w.ld as i64)
-        .ptr(y.view)
-        .i64(y.ld as i64)
-        .i32(i32::from(y.view.dtype == DType::F32))
-        .opt(gate)
-        .i32(add)
-        .i32(int(x.rows, "rows")?)
-        .i32(int(w.rows, "columns")?)
-        .i32(int(kdim, "inner dimension")?)
-        .i32(int(kslice, "K slice")?);
-    launch(
-        f,
-        lane,
-        "skinny_gemm",
-        w.rows / 8,
-        (warps * 32) as u32,
-        args,
+    let blocks = (w.rows / 8).div_ceil(TILES);
+    launch_product(f, lane, "skinny_gemm", (&x, &w), blocks, |a| {
+        Ok(a.ptr(y.view)
+            .i64(y.ld as i64)
+            .i32(i32::from(y.view.dtype == DType::F32))
+            .opt(gate)
+            .i32(add)
+            .i32(int(x.rows, "rows")?)
+            .i32(int(w.rows, "columns")?))
+    })?;
+    Ok(true)
+}
+
+/// out [rows, mlp] = gelu_tanh(gate) · up of the gate|up product x·wᵀ (w [2·mlp, K]: the gate
+/// rows, then the up rows; out bf16, mlp = out.cols a multiple of 4), in one launch.
+/// Ok(false), nothing queued, where the kernel does not take the operands.
+pub fn geglu(k: &Kernels, lane: &Lane, x: Mat, w: Mat, out: Mat) -> Result<bool> {
+    let Some(f) = k.skinny_gemm_geglu.as_ref() else {
+        return Ok(false);
+    };
+    let mlp = out.cols;
+    let takes = operands_fit(&x, &w)
+        && out.view.dtype == DType::Bf16
+        && mlp % 4 == 0
+        && w.rows == 2 * mlp
+        && out.rows == x.rows;
+    if !takes {
+        return Ok(false);
+    }
+    need_all(&[
+        (&x, "skinny geglu x"),
+        (&w, "skinny geglu w"),
+        (&out, "skinny geglu output"),
+    ])?;
+    launch_product(f, lane, "skinny_gemm_geglu", (&x, &w), mlp / 4, |a| {
+        Ok(a.ptr(out.view)
+            .i64(out.ld as i64)
+            .i32(int(x.rows, "rows")?)
+            .i32(int(mlp, "mlp")?))
+    })?;
+    Ok(true)
+}
+
+/// Where [`rope`] writes: as [`super::rope::rope_qkv`] does, q grouped to `q`
+/// ([kv][rows][group][hd]), k (rotated) and v to rows `out_row0..` of the caches `k`, `v`
+/// ([cap, kv·hd]), at positions `pos0[0] + r` (`pos0`: device i32) with `inv_freq` (f32
+/// [hd/2]). The kernel reads `inv_freq` before it waits for the launch before it (like the
+/// weights): it must not be written by that launch.
+#[derive(Debug, Clone, Copy)]
+pub struct RopeOut {
+    pub q: View,
+    pub k: View,
+    pub v: View,
+    pub inv_freq: View,
+    pub pos0: View,
+    pub heads: Heads,
+    pub out_row0: usize,
+}
+
+/// The q|k|v product x·wᵀ (w [qkv_width, K]) with RoPE and the scatter of
+/// [`super::rope::rope_qkv`] in its epilogue: one launch, nothing in between in memory.
+/// Ok(false), nothing queued, where the kernel does not take the operands (head_dim a
+/// multiple of 8 here).
+pub fn rope(k: &Kernels, lane: &Lane, x: Mat, w: Mat, out: RopeOut) -> Result<bool> {
+    let Some(f) = k.skinny_gemm_rope.as_ref() else {
+        return Ok(false);
+    };
+    let Heads { nh, kv, hd } = out.heads;
+    let takes = operands_fit(&x, &w)
+        && kv > 0
+        && nh % kv == 0
+        && hd % 8 == 0
+        && w.rows == out.heads.qkv_width();
+    if !takes {
+        return Ok(false);
+    }
+    need_all(&[(&x, "skinny rope x"), (&w, "skinny rope w")])?;
+    let (rows, kvw) = (x.rows, out.heads.kv_width());
+    out.q
+        .need(DType::Bf16, rows * nh * hd, "skinny rope q output")?;
+    out.k.need(
+        DType::Bf16,
+        (out.out_row0 + rows) * kvw,
+        "skinny rope k cache",
     )?;
+    out.v.need(
+        DType::Bf16,
+        (out.out_row0 + rows) * kvw,
+        "skinny rope v cache",
+    )?;
+    out.inv_freq
+        .need(DType::F32, hd / 2, "skinny rope inv_freq")?;
+    out.pos0.need(DType::I32, 1, "skinny rope position")?;
+    launch_product(f, lane, "skinny_gemm_rope", (&x, &w), w.rows / 8, |a| {
+        Ok(a.ptr(out.q)
+            .ptr(out.k)
+            .ptr(out.v)
+            .ptr(out.inv_freq)
+            .ptr(out.pos0)
+            .i32(int(rows, "rows")?)
+            .i32(int(nh, "heads")?)
+            .i32(int(kv, "kv heads")?)
+            .i32(int(hd, "head_dim")?)
+            .i32(int(out.out_row0, "cache row")?))
+    })?;
     Ok(true)
 }

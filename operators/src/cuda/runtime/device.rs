@@ -426,6 +426,12 @@ impl Lane {
         self.after_own_kernel.store(false, Ordering::Relaxed);
     }
 
+    /// Whether kernels recorded on this lane may start while their predecessor drains
+    /// (`TURBOPI_PDL` on, sm_90 or newer).
+    pub(crate) fn pdl(&self) -> bool {
+        self.pdl
+    }
+
     /// Whether the next kernel launch may depend programmatically on the previous one.
     fn programmatic(&self) -> bool {
         self.pdl
@@ -608,22 +614,11 @@ pub(crate) fn launch_grid(
     launch_with(f, lane, name, (grid, block, smem), args, true)
 }
 
-/// [`launch_grid`] that never starts before its predecessor has finished: for kernels whose
-/// blocks, resident early, cost more than the launch they hide (measured: the fused attention
-/// of pi0's 51-row expert, docs/benchmarks.md).
-pub(crate) fn launch_grid_in_order(
-    f: &CudaFunction,
-    lane: &Lane,
-    name: &str,
-    grid: (usize, usize, usize),
-    block: u32,
-    smem: u32,
-    args: Args,
-) -> Result<()> {
-    launch_with(f, lane, name, (grid, block, smem), args, false)
-}
-
-fn launch_with(
+/// [`launch_grid`] with the early start chosen by the caller: `early` false never starts
+/// before the predecessor has finished, for kernels whose blocks, resident early, cost more
+/// than the launch they hide (measured: the fused attention of pi0's 51-row expert,
+/// docs/benchmarks.md).
+pub(crate) fn launch_with(
     f: &CudaFunction,
     lane: &Lane,
     name: &str,

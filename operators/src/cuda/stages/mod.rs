@@ -36,6 +36,11 @@ pub struct Engine {
     pub gemm: Gemm,
     /// Few-row products on [`skinny`] where it takes them (`TURBOPI_SKINNY_GEMM`, default on).
     pub skinny: bool,
+    /// With `skinny`: GeGLU in its epilogue (`TURBOPI_SKINNY_GEGLU`, default on).
+    pub skinny_geglu: bool,
+    /// With `skinny`: RoPE and the K/V cache write in its epilogue where kernels do not
+    /// start early (`TURBOPI_SKINNY_ROPE`, default on; see [`Engine::linear_rope`]).
+    pub skinny_rope: bool,
     pub dev: Device,
 }
 
@@ -46,10 +51,14 @@ impl Engine {
         let kernels = Kernels::load(&dev, act_type(precision))?;
         let gemm = Gemm::new(&dev)?;
         let skinny = settings::flag("TURBOPI_SKINNY_GEMM", true)?;
+        let skinny_geglu = skinny && settings::flag("TURBOPI_SKINNY_GEGLU", true)?;
+        let skinny_rope = skinny && settings::flag("TURBOPI_SKINNY_ROPE", true)?;
         Ok(Engine {
             kernels,
             gemm,
             skinny,
+            skinny_geglu,
+            skinny_rope,
             dev,
         })
     }
@@ -80,6 +89,31 @@ impl Engine {
             return Ok(true);
         }
         self.gemm.linear_gated(lane, x, w, y, gate)
+    }
+
+    /// out = gelu_tanh(gate) · up of the gate|up product x·wᵀ in one launch on the few-row
+    /// kernel ([`skinny::geglu`]); Ok(false), nothing queued, where it does not take the
+    /// shape or the epilogue is off (the caller then runs the product and `gelu_gate`).
+    pub fn linear_geglu(&self, lane: &Lane, x: Mat, w: Mat, out: Mat) -> Result<bool> {
+        if !self.skinny_geglu {
+            return Ok(false);
+        }
+        skinny::geglu(&self.kernels, lane, x, w, out)
+    }
+
+    /// The q|k|v product x·wᵀ with RoPE and the scatter to q and the K/V cache in one launch
+    /// on the few-row kernel ([`skinny::rope`]), on lanes whose kernels do not start early
+    /// (PDL off, or before sm_90). Measured on an H200 (docs/benchmarks.md): without PDL the
+    /// one launch is faster than the product and `rope_qkv`; with PDL it is slower (likely
+    /// because `rope_qkv` then overlaps its neighbours, while the rotation in the epilogue
+    /// runs after the product).
+    /// Ok(false), nothing queued, where it does not apply or does not take the shape (the
+    /// caller then runs the product and `rope_qkv`).
+    pub fn linear_rope(&self, lane: &Lane, x: Mat, w: Mat, out: skinny::RopeOut) -> Result<bool> {
+        if !self.skinny_rope || lane.pdl() {
+            return Ok(false);
+        }
+        skinny::rope(&self.kernels, lane, x, w, out)
     }
 
     /// The activation type (f32 or bf16).

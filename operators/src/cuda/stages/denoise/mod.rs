@@ -18,6 +18,7 @@ use crate::cuda::attention::{score_stride, Mask, Problem, Scratch, Workspace};
 use crate::cuda::device::{DType, DeviceBuffer, Lane, PinnedBuffer, View};
 use crate::cuda::euler::{euler_step, euler_step_guided, Guidance};
 use crate::cuda::gemm::Mat;
+use crate::cuda::kernels::skinny::RopeOut;
 use crate::cuda::mlp::gelu_gate;
 use crate::cuda::residual::add_residual;
 use crate::cuda::rms_norm::{rms_norm, NormParam};
@@ -510,30 +511,40 @@ impl Denoise {
             for (li, lw) in expert.layers.iter().enumerate() {
                 let gate = self.expert_norm(e, &lw.norm1, (2 * li, step), table)?;
                 self.mark(e, "rms_norm")?;
-                e.linear(
-                    l,
-                    Mat::new(b.he, n, ew),
-                    lin(&lw.qkv),
-                    Mat::new(b.qkv, n, hs.qkv_width()),
-                    0.0,
-                )?;
-                self.mark(e, "gemm qkv")?;
                 let (kc, vc) = cache.layer(li)?;
                 let pos0 = cache.prefix_len()?;
-                rope_qkv(
-                    k,
-                    l,
-                    b.qkv,
-                    b.q,
-                    kc,
-                    vc,
-                    b.inv_freq,
+                let he = Mat::new(b.he, n, ew);
+                let rope_out = RopeOut {
+                    q: b.q,
+                    k: kc,
+                    v: vc,
+                    inv_freq: b.inv_freq,
                     pos0,
-                    n,
-                    hs,
-                    s.max_prefix,
-                )?;
-                self.mark(e, "rope_qkv")?;
+                    heads: hs,
+                    out_row0: s.max_prefix,
+                };
+                if e.linear_rope(l, he, lin(&lw.qkv), rope_out)? {
+                    self.mark(e, "gemm qkv + rope")?;
+                } else {
+                    let qkv = Mat::new(b.qkv, n, hs.qkv_width());
+                    e.linear(l, he, lin(&lw.qkv), qkv, 0.0)?;
+                    self.mark(e, "gemm qkv")?;
+                    let (io, freq) = ((b.qkv, b.q, kc, vc), b.inv_freq);
+                    rope_qkv(
+                        k,
+                        l,
+                        io.0,
+                        io.1,
+                        io.2,
+                        io.3,
+                        freq,
+                        pos0,
+                        n,
+                        hs,
+                        s.max_prefix,
+                    )?;
+                    self.mark(e, "rope_qkv")?;
+                }
                 gemma_attention(
                     e,
                     cfg,
@@ -551,16 +562,16 @@ impl Denoise {
                 self.mark(e, "gemm o + residual")?;
                 let gate = self.expert_norm(e, &lw.norm2, (2 * li + 1, step), table)?;
                 self.mark(e, "rms_norm")?;
-                e.linear(
-                    l,
-                    Mat::new(b.he, n, ew),
-                    lin(&lw.gu),
-                    Mat::new(b.gu, n, 2 * s.mlp),
-                    0.0,
-                )?;
-                self.mark(e, "gemm gate|up")?;
-                gelu_gate(k, l, b.gu, b.m, n, s.mlp)?;
-                self.mark(e, "gelu_gate")?;
+                let he = Mat::new(b.he, n, ew);
+                let m = Mat::new(b.m, n, s.mlp);
+                if e.linear_geglu(l, he, lin(&lw.gu), m)? {
+                    self.mark(e, "gemm gate|up + gelu_gate")?;
+                } else {
+                    e.linear(l, he, lin(&lw.gu), Mat::new(b.gu, n, 2 * s.mlp), 0.0)?;
+                    self.mark(e, "gemm gate|up")?;
+                    gelu_gate(k, l, b.gu, b.m, n, s.mlp)?;
+                    self.mark(e, "gelu_gate")?;
+                }
                 self.expert_residual(e, Mat::new(b.m, n, s.mlp), &lw.down, gate)?;
                 self.mark(e, "gemm down + residual")?;
             }
