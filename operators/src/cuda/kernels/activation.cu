@@ -25,15 +25,8 @@ extern "C" __global__ void bias_act(const float* x, int ldx, const float* bias, 
       const float4 xv = *reinterpret_cast<const float4*>(x + r * ldx + c);
       const float v0 = tp_bias_act1(xv.x, bias, c, act), v1 = tp_bias_act1(xv.y, bias, c + 1, act);
       const float v2 = tp_bias_act1(xv.z, bias, c + 2, act), v3 = tp_bias_act1(xv.w, bias, c + 3, act);
-      if (out_f32 != 0) *reinterpret_cast<float4*>(out_f32 + r * ldo + c) = make_float4(v0, v1, v2, v3);
-      if (out_act != 0) {
-#if TP_BF16
-        *reinterpret_cast<uint2*>(out_act + r * ldo + c) =
-            make_uint2(tp_pack_bf16(v0, v1), tp_pack_bf16(v2, v3));
-#else
-        *reinterpret_cast<float4*>(out_act + r * ldo + c) = make_float4(v0, v1, v2, v3);
-#endif
-      }
+      if (out_f32 != 0) tp_store4(out_f32, r * ldo + c, v0, v1, v2, v3);
+      if (out_act != 0) tp_store4(out_act, r * ldo + c, v0, v1, v2, v3);
       continue;
     }
     for (int j = 0; j < vec; ++j) {
