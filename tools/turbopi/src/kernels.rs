@@ -23,6 +23,10 @@ pub enum KernelsCommand {
         /// Dtypes of the programs, comma-separated: f32, bf16.
         #[arg(long, value_delimiter = ',', default_value = "f32,bf16", value_parser = parse_dtype)]
         dtype: Vec<Precision>,
+        /// Also write each cubin to DIR as `turbopi-<arch>-<dtype>.cubin` (for
+        /// `cuobjdump --dump-resource-usage`, or to look at the machine code).
+        #[arg(long, value_name = "DIR")]
+        out: Option<std::path::PathBuf>,
     },
 }
 
@@ -65,13 +69,18 @@ fn parse_dtype(s: &str) -> std::result::Result<Precision, String> {
 
 pub fn run(cmd: KernelsCommand) -> Result<()> {
     match cmd {
-        KernelsCommand::Compile { arch, dtype } => compile(&arch, &dtype),
+        KernelsCommand::Compile { arch, dtype, out } => compile(&arch, &dtype, out.as_deref()),
     }
 }
 
 #[cfg(feature = "cuda")]
-fn compile(archs: &[Arch], dtypes: &[Precision]) -> Result<()> {
+fn compile(archs: &[Arch], dtypes: &[Precision], out: Option<&std::path::Path>) -> Result<()> {
+    use anyhow::Context as _;
     use operators::cuda::{compile, DType};
+    if let Some(dir) = out {
+        std::fs::create_dir_all(dir)
+            .with_context(|| format!("creating the cubin directory {}", dir.display()))?;
+    }
     if !compile::nvrtc_present() {
         bail!(
             "NVRTC not found: `turbopi kernels compile` loads libnvrtc.so.13 at run time \
@@ -87,7 +96,14 @@ fn compile(archs: &[Arch], dtypes: &[Precision]) -> Result<()> {
             };
             let what = format!("{:<7} {name:<5}", arch.to_string());
             match compile::compile_kernels(act, (arch.major, arch.minor)) {
-                Ok(cubin) => println!("{what} ok      cubin {} bytes", cubin.len()),
+                Ok(cubin) => {
+                    println!("{what} ok      cubin {} bytes", cubin.len());
+                    if let Some(dir) = out {
+                        let path = dir.join(format!("turbopi-{arch}-{name}.cubin"));
+                        std::fs::write(&path, &cubin)
+                            .with_context(|| format!("writing {}", path.display()))?;
+                    }
+                }
                 Err(e) => {
                     failed += 1;
                     println!("{what} FAILED");
@@ -108,7 +124,7 @@ fn compile(archs: &[Arch], dtypes: &[Precision]) -> Result<()> {
 }
 
 #[cfg(not(feature = "cuda"))]
-fn compile(_: &[Arch], _: &[Precision]) -> Result<()> {
+fn compile(_: &[Arch], _: &[Precision], _: Option<&std::path::Path>) -> Result<()> {
     bail!("CUDA support is not built in: rebuild with `cargo build --release --features cuda`")
 }
 
