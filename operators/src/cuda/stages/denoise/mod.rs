@@ -529,20 +529,8 @@ impl Denoise {
                     let qkv = Mat::new(b.qkv, n, hs.qkv_width());
                     e.linear(l, he, lin(&lw.qkv), qkv, 0.0)?;
                     self.mark(e, "gemm qkv")?;
-                    let (io, freq) = ((b.qkv, b.q, kc, vc), b.inv_freq);
-                    rope_qkv(
-                        k,
-                        l,
-                        io.0,
-                        io.1,
-                        io.2,
-                        io.3,
-                        freq,
-                        pos0,
-                        n,
-                        hs,
-                        s.max_prefix,
-                    )?;
+                    let cap = s.max_prefix;
+                    rope_qkv(k, l, b.qkv, b.q, kc, vc, b.inv_freq, pos0, n, hs, cap)?;
                     self.mark(e, "rope_qkv")?;
                 }
                 gemma_attention(
