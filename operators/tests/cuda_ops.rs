@@ -443,6 +443,54 @@ fn group_rows(v: &[f32], rows: usize, kv: usize, group: usize, hd: usize) -> Vec
     out
 }
 
+/// rope_qkv's outputs in `q` (grouped), `k` and `v` (cache rows row0..row0 + rows) against
+/// cpu::rope of `qkv` [rows, qkv_width] at positions pos0..; v, a copy of qkv's v, within
+/// `v_tol`; the caches outside those rows still NaN.
+fn check_rope_outputs(
+    g: &Gpu,
+    (name, act): (&str, DType),
+    qkv: &[f32],
+    (qb, kb, vb): (&DeviceBuffer, &DeviceBuffer, &DeviceBuffer),
+    (rows, heads, pos0, row0): (usize, Heads, usize, usize),
+    inv: &[f32],
+    v_tol: (f32, f32),
+) {
+    let Heads { nh, kv, hd } = heads;
+    let (qkvw, kvw) = (heads.qkv_width(), heads.kv_width());
+    let positions: Vec<usize> = (pos0..pos0 + rows).collect();
+    let (mut q, mut k, mut v) = (vec![], vec![], vec![]);
+    for r in 0..rows {
+        let row = &qkv[r * qkvw..(r + 1) * qkvw];
+        q.extend_from_slice(&row[..nh * hd]);
+        k.extend_from_slice(&row[nh * hd..nh * hd + kvw]);
+        v.extend_from_slice(&row[nh * hd + kvw..]);
+    }
+    cpu::rope(&mut q, nh, hd, &positions, inv);
+    cpu::rope(&mut k, kv, hd, &positions, inv);
+    let got_q = ungroup(&g.download(qb.view()).unwrap(), rows, kv, nh / kv, hd);
+    check(&format!("{name} q"), &got_q, &rounded(act, &q), tol(act));
+    let got_k = g.download(kb.view()).unwrap();
+    let got_v = g.download(vb.view()).unwrap();
+    let written = row0 * kvw..(row0 + rows) * kvw;
+    check(
+        &format!("{name} k"),
+        &got_k[written.clone()],
+        &rounded(act, &k),
+        tol(act),
+    );
+    check(&format!("{name} v"), &got_v[written], &v, v_tol);
+    for cache in [&got_k, &got_v] {
+        assert!(
+            cache[..row0 * kvw].iter().all(|x| x.is_nan()),
+            "{name}: wrote before row0"
+        );
+        assert!(
+            cache[(row0 + rows) * kvw..].iter().all(|x| x.is_nan()),
+            "{name}: wrote past the rows"
+        );
+    }
+}
+
 #[test]
 fn rope_qkv_matches_cpu_rope() {
     for act in ACTS {
@@ -473,43 +521,10 @@ fn rope_qkv_matches_cpu_rope() {
                 row0,
             )
             .unwrap();
-            let positions: Vec<usize> = (pos0..pos0 + rows).collect();
-            let (mut q, mut k, mut v) = (vec![], vec![], vec![]);
-            for r in 0..rows {
-                let row = &qkv[r * qkvw..(r + 1) * qkvw];
-                q.extend_from_slice(&row[..nh * hd]);
-                k.extend_from_slice(&row[nh * hd..nh * hd + kvw]);
-                v.extend_from_slice(&row[nh * hd + kvw..]);
-            }
-            cpu::rope(&mut q, nh, hd, &positions, &inv);
-            cpu::rope(&mut k, kv, hd, &positions, &inv);
             let name = format!("rope {nh}/{kv}x{hd} {act:?}");
-            let got_q = ungroup(&g.download(qb.view()).unwrap(), rows, kv, nh / kv, hd);
-            check(&format!("{name} q"), &got_q, &rounded(act, &q), tol(act));
-            let got_k = g.download(kb.view()).unwrap();
-            let got_v = g.download(vb.view()).unwrap();
-            check(
-                &format!("{name} k"),
-                &got_k[row0 * kvw..(row0 + rows) * kvw],
-                &rounded(act, &k),
-                tol(act),
-            );
-            check(
-                &format!("{name} v"),
-                &got_v[row0 * kvw..(row0 + rows) * kvw],
-                &v,
-                (0.0, 0.0),
-            );
-            for cache in [&got_k, &got_v] {
-                assert!(
-                    cache[..row0 * kvw].iter().all(|x| x.is_nan()),
-                    "{name}: wrote before row0"
-                );
-                assert!(
-                    cache[(row0 + rows) * kvw..].iter().all(|x| x.is_nan()),
-                    "{name}: wrote past the rows"
-                );
-            }
+            let outs = (&qb, &kb, &vb);
+            let at = (rows, heads, pos0, row0);
+            check_rope_outputs(&g, (&name, act), &qkv, outs, at, &inv, (0.0, 0.0));
         }
     }
 }
@@ -1834,43 +1849,9 @@ fn skinny_rope_equals_product_then_rope_qkv() {
         }
         // The CPU twin, and nothing written outside the rows.
         let qkv = cpu_product_bf16(&x, &w, (m, qkvw, k, k));
-        let positions: Vec<usize> = (pos0..pos0 + m).collect();
-        let (mut q, mut kk, mut v) = (vec![], vec![], vec![]);
-        for r in 0..m {
-            let row = &qkv[r * qkvw..(r + 1) * qkvw];
-            q.extend_from_slice(&row[..nh * hd]);
-            kk.extend_from_slice(&row[nh * hd..nh * hd + kvw]);
-            v.extend_from_slice(&row[nh * hd + kvw..]);
-        }
-        cpu::rope(&mut q, nh, hd, &positions, &inv);
-        cpu::rope(&mut kk, kv, hd, &positions, &inv);
-        let got_q = ungroup(&g.download(q1.view()).unwrap(), m, kv, nh / kv, hd);
-        check(
-            &format!("{name} q"),
-            &got_q,
-            &rounded(DType::Bf16, &q),
-            tol(DType::Bf16),
-        );
-        let got_k = g.download(k1.view()).unwrap();
-        let got_v = g.download(v1.view()).unwrap();
-        let rows = row0 * kvw..(row0 + m) * kvw;
-        check(
-            &format!("{name} k"),
-            &got_k[rows.clone()],
-            &rounded(DType::Bf16, &kk),
-            tol(DType::Bf16),
-        );
-        check(&format!("{name} v"), &got_v[rows], &v, tol(DType::Bf16));
-        for cache in [&got_k, &got_v] {
-            assert!(
-                cache[..row0 * kvw].iter().all(|x| x.is_nan()),
-                "{name}: wrote before row0"
-            );
-            assert!(
-                cache[(row0 + m) * kvw..].iter().all(|x| x.is_nan()),
-                "{name}: wrote past the rows"
-            );
-        }
+        let (outs, at) = ((&q1, &k1, &v1), (m, heads, pos0, row0));
+        let bf = DType::Bf16;
+        check_rope_outputs(&g, (&name, bf), &qkv, outs, at, &inv, tol(bf));
     }
     // A head_dim that is not a multiple of 8 is not the kernel's (the caller runs rope_qkv).
     let heads = Heads {
