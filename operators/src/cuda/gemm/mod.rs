@@ -73,7 +73,8 @@ impl Mat {
         (batch - 1) * self.stride + (self.rows - 1) * self.ld + self.cols
     }
 
-    fn check(&self, batch: usize, what: &str) -> Result<()> {
+    /// That the row stride covers the columns and `batch` matrices lie inside the view.
+    pub(crate) fn check(&self, batch: usize, what: &str) -> Result<()> {
         if self.ld < self.cols {
             return Err(Error::Cuda(format!(
                 "internal: {what}: row stride {} < {} columns",

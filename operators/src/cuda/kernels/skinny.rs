@@ -17,7 +17,7 @@ use super::rope::Heads;
 use super::Kernels;
 use crate::cuda::device::{int, launch, Args, DType, Lane, View};
 use crate::cuda::gemm::Mat;
-use crate::{Error, Result};
+use crate::Result;
 use cudarc::driver::CudaFunction;
 
 /// The most rows of x the kernel takes (one m16 tile of the tensor cores; pi0's 51 rows
@@ -71,27 +71,9 @@ fn operands_fit(x: &Mat, w: &Mat) -> bool {
         && aligned(w)
 }
 
-/// Elements a [rows, cols] operand with row stride ld spans.
-fn span(m: &Mat) -> usize {
-    if m.rows == 0 || m.cols == 0 {
-        0
-    } else {
-        (m.rows - 1) * m.ld + m.cols
-    }
-}
-
 /// Checks the row strides and spans of the operands `mats` before a launch.
 fn need_all(mats: &[(&Mat, &str)]) -> Result<()> {
-    for (m, what) in mats {
-        if m.ld < m.cols {
-            return Err(Error::Cuda(format!(
-                "internal: {what}: row stride {} < {} columns",
-                m.ld, m.cols
-            )));
-        }
-        m.view.need(m.view.dtype, span(m), what)?;
-    }
-    Ok(())
+    mats.iter().try_for_each(|(m, what)| m.check(1, what))
 }
 
 /// Launches `f` over `blocks` blocks with the arguments x, w, those `own` adds (the entry
