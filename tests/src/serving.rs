@@ -114,10 +114,10 @@ pub struct Served {
 }
 
 impl Served {
-    /// `turbopi serve` of `graphs/GRAPH` (serve.yml, or serve_split.yml: `--split`) serving
-    /// `ck` for `robot` on a free local port, its output in `log`, with the `TURBOPI_*`
-    /// settings `env` (as its flags); returns once it has said where it serves, checking that
-    /// `/healthz` then answers.
+    /// `turbopi serve` of `graphs/GRAPH` (serve.yml, serve_split.yml: `--split`, or
+    /// serve_in_process.yml: `--in-process`) serving `ck` for `robot` on a free local port,
+    /// its output in `log`, with the `TURBOPI_*` settings `env` (as its flags); returns once
+    /// it has said where it serves, checking that `/healthz` then answers.
     pub fn start(
         graph: &str,
         ck: &Path,
@@ -138,6 +138,9 @@ impl Served {
             "serve.yml" => {}
             "serve_split.yml" => {
                 cmd.arg("--split");
+            }
+            "serve_in_process.yml" => {
+                cmd.arg("--in-process");
             }
             other => panic!("no turbopi serve flag for graph {other}"),
         }

@@ -4,7 +4,8 @@
 //!   observations to a pi0, and `graphs/serve_split.yml` (one process per stage) serving the
 //!   same DROID frames: openpi-client's `WebsocketClientPolicy` gets actions of the robot's
 //!   shape, and each equals `turbopi infer --openpi` on the same packed observation with the
-//!   frame's seed, bit for bit;
+//!   frame's seed, bit for bit; `graphs/serve_in_process.yml` (the policy in the server's
+//!   process) gives serve.yml's DROID answers bit for bit;
 //! - malformed and hostile requests each get an error text and close code 1011 while a
 //!   well-formed client on another connection keeps being served (tools/openpi/hostile.py);
 //! - every graph runs under `turbopi serve`, and SIGINT to it stops the dataflow without
@@ -12,7 +13,8 @@
 //! - several openpi-clients at once (tools/openpi/load.py): the policy runs their requests in
 //!   batches (`policy_timing.batch_size` > 1 seen), every answer equals `turbopi infer
 //!   --openpi` on its own observation with its frame's seed, bit for bit, every frame seq is
-//!   answered once, and bad requests sent meanwhile fail only their own clients (1011);
+//!   answered once, and bad requests sent meanwhile fail only their own clients (1011); the
+//!   same against serve_in_process.yml;
 //! - a checkpoint whose config.json is what openpi's converter writes (variant names only,
 //!   here openpi's `dummy` test model) is inspected and runs as it comes; a wrong variant or
 //!   size is refused, naming the field.
@@ -115,7 +117,7 @@ fn openpi_clients_against_the_served_dataflow() {
     // LIBERO on pi0.5: quantile norm stats, the discrete-state prompt, a pre-tokenized prompt,
     // images of other sizes and layouts; then the hostile requests on the same server.
     let pi05 = checkpoint(dir, "pi05-small", 11);
-    for graph in ["serve.yml", "serve_split.yml"] {
+    for graph in ["serve.yml", "serve_split.yml", "serve_in_process.yml"] {
         let out = Command::new(bin("turbopi"))
             .args(["graph", "check"])
             .arg(root().join("graphs").join(graph))
@@ -173,10 +175,28 @@ fn openpi_clients_against_the_served_dataflow() {
     let split = dir.join("split");
     client_check(&served, "droid", &py, &split);
     served.stop();
-    for i in 0..FRAMES {
-        let a = npy::read_f64(&droid.join(format!("frame{i}.actions.npy"))).unwrap();
-        let b = npy::read_f64(&split.join(format!("frame{i}.actions.npy"))).unwrap();
-        assert_eq!(a, b, "serve_split.yml frame {i} differs from serve.yml");
+
+    // The policy in the server's process: the same answers, no dataflow hop.
+    let served = Served::start(
+        "serve_in_process.yml",
+        &pi0,
+        "droid",
+        dir.join("in_process.log"),
+        &limit,
+    );
+    let in_process = dir.join("in_process");
+    client_check(&served, "droid", &py, &in_process);
+    let log = served.stop();
+    assert!(log.contains("the policy in this process (cpu f32"), "{log}");
+    for (graph, frames) in [
+        ("serve_split.yml", &split),
+        ("serve_in_process.yml", &in_process),
+    ] {
+        for i in 0..FRAMES {
+            let a = npy::read_f64(&droid.join(format!("frame{i}.actions.npy"))).unwrap();
+            let b = npy::read_f64(&frames.join(format!("frame{i}.actions.npy"))).unwrap();
+            assert_eq!(a, b, "{graph} frame {i} differs from serve.yml");
+        }
     }
 }
 
@@ -185,6 +205,16 @@ fn openpi_clients_against_the_served_dataflow() {
 /// enough that requests arriving together share a batch.
 #[test]
 fn concurrent_clients_are_batched_and_get_their_own_actions() {
+    concurrent_clients("serve.yml");
+}
+
+/// The same against the policy in the server's process (serve_in_process.yml).
+#[test]
+fn concurrent_clients_of_the_in_process_policy() {
+    concurrent_clients("serve_in_process.yml");
+}
+
+fn concurrent_clients(graph: &str) {
     const CLIENTS: usize = 4;
     const REQUESTS: usize = 3;
     for b in ["openpi-server", "policy", "turbopi"] {
@@ -200,7 +230,7 @@ fn concurrent_clients_are_batched_and_get_their_own_actions() {
         ("TURBOPI_BATCH_WINDOW_MS", "250".to_string()),
         ("TURBOPI_SEED", "100".to_string()),
     ];
-    let served = Served::start("serve.yml", &ck, "libero", dir.join("load.log"), &env);
+    let served = Served::start(graph, &ck, "libero", dir.join("load.log"), &env);
     let out = dir.join("load");
     let report = dir.join("load.json");
     let status = python("load.py", &py)
@@ -223,7 +253,7 @@ fn concurrent_clients_are_batched_and_get_their_own_actions() {
         .unwrap();
     assert!(
         status.success(),
-        "load.py failed; server log:\n{}",
+        "load.py failed ({graph}); server log:\n{}",
         served.log_text()
     );
     let log = served.stop();
@@ -258,7 +288,7 @@ fn concurrent_clients_are_batched_and_get_their_own_actions() {
         );
         assert_eq!(
             got, want,
-            "{file} (frame {frame}, batch of {}) differs from turbopi infer on its own",
+            "{graph}: {file} (frame {frame}, batch of {}) differs from turbopi infer on its own",
             q["batch_size"]
         );
     }

@@ -42,6 +42,9 @@ use tokio_tungstenite::tungstenite::protocol::{CloseFrame, Role, WebSocketConfig
 use tokio_tungstenite::tungstenite::{Bytes, Error as WsError, Message};
 use tokio_tungstenite::WebSocketStream;
 
+mod in_process;
+pub use in_process::{InProcess, PolicyPlace};
+
 /// Close code of a failed request (openpi's server: `CloseCode.INTERNAL_ERROR`).
 pub const CLOSE_INTERNAL_ERROR: u16 = 1011;
 
@@ -618,14 +621,19 @@ fn on_rejected(
 
 pub fn run(node: DoraNode, events: EventStream) -> Result<()> {
     let (transforms, settings, cfg) = settings_from_env()?;
-    run_with(transforms, settings, cfg, node, events)
+    let policy = match PolicyPlace::from_env()? {
+        PolicyPlace::Dataflow => None,
+        PolicyPlace::InProcess => Some(InProcess::from_env()?),
+    };
+    run_with(transforms, settings, cfg, policy, node, events)
 }
 
-/// Serves until the dataflow stops.
+/// Serves until the dataflow stops: through the dataflow, or with `policy` in this process.
 pub fn run_with(
     transforms: Transforms,
     settings: ServerSettings,
     cfg: Config,
+    policy: Option<InProcess>,
     node: DoraNode,
     mut events: EventStream,
 ) -> Result<()> {
@@ -649,13 +657,23 @@ pub fn run_with(
         let _ = stop_rx.await;
     });
     let server = rt.spawn(async move { server.await });
+    let place = match &policy {
+        Some(p) => format!("the policy in this process ({})", p.describe()),
+        None => "the policy in the dataflow".to_string(),
+    };
     eprintln!(
-        "openpi-server: serving {robot} observations on ws://{addr} (GET /healthz), {} model",
+        "openpi-server: serving {robot} observations on ws://{addr} (GET /healthz), {} model, {place}",
         if cfg.pi05 { "pi0.5" } else { "pi0" }
     );
     let forwarder = {
         let (hub, cfg) = (hub.clone(), cfg.clone());
-        std::thread::spawn(move || forward_frames(node, rx, hub, cfg))
+        std::thread::spawn(move || match policy {
+            Some(p) => p.serve(rx, hub),
+            None => {
+                forward_frames(node, rx, hub, cfg);
+                String::new()
+            }
+        })
     };
     while let Some(event) = events.recv() {
         match event {
@@ -683,10 +701,11 @@ pub fn run_with(
         let _ = tokio::time::timeout(Duration::from_secs(2), server).await;
     });
     rt.shutdown_timeout(Duration::from_secs(1));
-    if forwarder.join().is_err() {
-        eprintln!("openpi-server: the dataflow sender panicked");
-    }
-    eprintln!("openpi-server: {served} requests served, {failed} failed");
+    let batches = forwarder.join().unwrap_or_else(|_| {
+        eprintln!("openpi-server: the thread answering frames panicked");
+        String::new()
+    });
+    eprintln!("openpi-server: {served} requests served, {failed} failed{batches}");
     Ok(())
 }
 

@@ -177,6 +177,27 @@ pub struct ModelInput {
     pub truncated_prompt: bool,
 }
 
+impl ModelInput {
+    /// The policy's observation of these inputs: each camera's pixels mapped to [-1, 1] as
+    /// the dataflow's policy node maps its `images` message (the image is already the
+    /// model's size), the state given as is. The same values whichever path the frame takes.
+    pub fn observation(self, image_size: usize) -> crate::Observation {
+        let s = image_size;
+        crate::Observation {
+            images: self
+                .images
+                .chunks_exact(s * s * 3)
+                .flat_map(|c| crate::image::to_model_input(c, s, s, s))
+                .collect(),
+            image_masks: self.image_masks,
+            tokens: self.tokens,
+            token_mask: self.token_mask,
+            state: Some(self.state),
+            noise: None,
+        }
+    }
+}
+
 /// What the output transforms need from the input side: the normalised, padded state.
 #[derive(Debug, Clone)]
 pub struct FrameContext {

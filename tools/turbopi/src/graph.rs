@@ -277,8 +277,13 @@ fn check_descriptor(desc: &Descriptor, base: &Path) -> Report {
             }
         }
         if let Some(kind) = kind {
+            // A server with the policy in its own process gets no actions from the dataflow.
+            let answers_itself = kind == Kind::OpenpiServer && in_process(node);
             for (name, _, required) in kind.inputs() {
-                if *required && !node.inputs.keys().any(|k| k.to_string() == *name) {
+                if *required
+                    && !answers_itself
+                    && !node.inputs.keys().any(|k| k.to_string() == *name)
+                {
                     errors.push(format!("node `{id}`: missing input `{name}`"));
                 }
             }
@@ -364,6 +369,11 @@ fn transport_of(node: &Node) -> Option<String> {
     env_of(node, "TRANSPORT")
 }
 
+/// An openpi-server that runs the policy itself (`POLICY: in-process`).
+fn in_process(node: &Node) -> bool {
+    env_of(node, "POLICY").as_deref() == Some("in-process")
+}
+
 fn backend_of(node: &Node) -> String {
     env_of(node, "BACKEND").unwrap_or_else(|| "cpu".into())
 }
@@ -406,7 +416,9 @@ fn check_env(id: &str, kind: Kind, node: &Node, base: &Path, errors: &mut Vec<St
                 Err(e) => err(format!("env CHECKPOINT={v:?}: {e}")),
             },
         }
-        if let (Some(b), false) = (env.get("BACKEND"), kind == Kind::OpenpiServer) {
+        // The server reads BACKEND only when it runs the policy itself.
+        let reads_backend = kind != Kind::OpenpiServer || in_process(node);
+        if let (Some(b), true) = (env.get("BACKEND"), reads_backend) {
             if b != "cpu" && b != "cuda" {
                 err(format!("env BACKEND={b:?} must be `cpu` or `cuda`"));
             }
@@ -693,7 +705,22 @@ fn check_env(id: &str, kind: Kind, node: &Node, base: &Path, errors: &mut Vec<St
                     err(format!("env NORM_STATS={v:?} does not exist"));
                 }
             }
-            for wanted in ["images", "tokens"] {
+            let in_process = match env.get("POLICY").map(String::as_str) {
+                None | Some("dataflow") => false,
+                Some("in-process") => true,
+                Some(p) => {
+                    err(format!(
+                        "env POLICY={p:?} must be `dataflow` or `in-process`"
+                    ));
+                    false
+                }
+            };
+            if in_process {
+                positive("STEPS", &mut err);
+                uint("SEED", &mut err);
+                check_in_process_policy(&env, node, &mut err);
+            }
+            for wanted in ["images", "tokens"].into_iter().filter(|_| !in_process) {
                 if !node.outputs.iter().any(|o| o.to_string() == wanted) {
                     err(format!(
                         "output `{wanted}` must be declared (the frames and prompts it sends)"
@@ -702,6 +729,35 @@ fn check_env(id: &str, kind: Kind, node: &Node, base: &Path, errors: &mut Vec<St
             }
         }
         _ => {}
+    }
+}
+
+/// An openpi-server with `POLICY: in-process`: the policy node's settings it reads (besides
+/// BACKEND, STEPS and SEED), and no `actions` from the dataflow (its frames never go out).
+fn check_in_process_policy(
+    env: &BTreeMap<String, String>,
+    node: &Node,
+    err: &mut dyn FnMut(String),
+) {
+    if let Some(d) = env.get("DTYPE") {
+        if d != "f32" && d != "bf16" {
+            err(format!("env DTYPE={d:?} must be `f32` or `bf16`"));
+        }
+    }
+    if let Some(Err(e)) = env
+        .get("MAX_BATCH")
+        .map(|v| node_common::parse_max_batch(v))
+    {
+        err(e);
+    }
+    if let Some(Err(e)) = env
+        .get("BATCH_WINDOW_MS")
+        .map(|v| node_common::parse_batch_window_ms(v))
+    {
+        err(e);
+    }
+    if node.inputs.keys().any(|k| k.to_string() == "actions") {
+        err("input `actions` is wired, but with POLICY=in-process the server answers its requests itself (its frames never enter the dataflow): remove the input or set POLICY=dataflow".into());
     }
 }
 

@@ -109,19 +109,7 @@ impl OpenpiArgs {
                 cfg.max_token_len
             );
         }
-        let s = cfg.image_size;
-        let observation = Observation {
-            images: input
-                .images
-                .chunks_exact(s * s * 3)
-                .flat_map(|c| operators::image::to_model_input(c, s, s, s))
-                .collect(),
-            image_masks: input.image_masks,
-            tokens: input.tokens,
-            token_mask: input.token_mask,
-            state: Some(input.state),
-            noise: None,
-        };
+        let observation = input.observation(cfg.image_size);
         Ok(Some(Frame {
             observation,
             transforms,

@@ -1,5 +1,5 @@
 //! `turbopi serve`: openpi's websocket policy server for one checkpoint, in one command. It
-//! runs `graphs/serve.yml` (or `serve_split.yml`) under `dora run` with the `TURBOPI_*`
+//! runs `graphs/serve.yml` (or `serve_split.yml`, `serve_in_process.yml`) under `dora run` with the `TURBOPI_*`
 //! variables the graph reads, says where it serves once `/healthz` answers, and on SIGINT or
 //! SIGTERM stops the dataflow and makes sure that no process it started outlives it.
 
@@ -37,8 +37,12 @@ pub struct ServeArgs {
     #[arg(long, default_value = "0.0.0.0")]
     pub host: String,
     /// The model stages in their own processes (graphs/serve_split.yml).
-    #[arg(long)]
+    #[arg(long, conflicts_with = "in_process")]
     pub split: bool,
+    /// The model in the server's own process (graphs/serve_in_process.yml): same answers,
+    /// no dataflow hop per request.
+    #[arg(long)]
+    pub in_process: bool,
     /// Noise seed: frame `seq` uses SEED + seq.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
@@ -126,6 +130,8 @@ pub fn run(args: &ServeArgs) -> Result<()> {
             .with_context(|| format!("--graph {}", g.display()))?,
         None => default_graph(if args.split {
             "serve_split.yml"
+        } else if args.in_process {
+            "serve_in_process.yml"
         } else {
             "serve.yml"
         })?,
@@ -179,6 +185,8 @@ pub fn run(args: &ServeArgs) -> Result<()> {
         args.backend,
         if args.split {
             "one process per stage"
+        } else if args.in_process {
+            "the policy in the server's process"
         } else {
             "fused policy"
         },

@@ -230,6 +230,17 @@ fn bad_fixtures_fail_naming_node_and_input() {
                 "node `policy`: env BATCH_WINDOW_MS=\"-1\" must be a number of milliseconds from 0 to 10000",
             ],
         ),
+        (
+            "bad_in_process.yml",
+            &[
+                "node `openpi-server`: env BACKEND=\"tpu\" must be `cpu` or `cuda`",
+                "node `openpi-server`: env STEPS=\"0\" must be a positive integer",
+                "node `openpi-server`: env MAX_BATCH=\"9\" must be a whole number from 1 to 8",
+                "node `openpi-server`: input `actions` is wired, but with POLICY=in-process",
+                "node `server-b`: env POLICY=\"nearby\" must be `dataflow` or `in-process`",
+                "node `server-b`: missing input `actions`",
+            ],
+        ),
     ];
     for (file, needles) in cases {
         let (ok, text) = check(&fixture(file), &[]);
@@ -295,7 +306,7 @@ fn shipped_graphs_pass() {
     }
     // The openpi server graphs: a loop by design (server -> policy -> server), per-frame
     // prompts instead of PROMPT.
-    for g in ["serve.yml", "serve_split.yml"] {
+    for g in ["serve.yml", "serve_split.yml", "serve_in_process.yml"] {
         let (ok, text) = check(
             &root().join("graphs").join(g),
             &[("TURBOPI_CHECKPOINT", &small)],
