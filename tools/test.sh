@@ -36,6 +36,6 @@ cargo test --release --workspace
 # The CUDA backend and the GPU paths of the nodes build without a GPU or toolkit (cudarc loads
 # the libraries at run time): lint them, and run what can be tested without a GPU (GEMM pick
 # sharing, weight layouts, the kernel registry; the IPC slot accounting runs above).
-cuda_features=operators/cuda,policy/cuda,vision/cuda,prefix/cuda,denoise/cuda,turbopi/cuda
+cuda_features=operators/cuda,policy/cuda,vision/cuda,prefix/cuda,denoise/cuda,turbopi/cuda,openpi-server/cuda
 cargo clippy --release --workspace --all-targets --features "$cuda_features" -- -D warnings
 cargo test --release -p operators --features cuda --lib

@@ -508,10 +508,9 @@ pub fn model_images(
         &[Dim::Is(n), Dim::Is(s), Dim::Is(s), Dim::Is(3)],
     )?;
     let masks = image_masks("images", md, n)?;
-    let pixels = px
-        .chunks_exact(s * s * 3)
-        .flat_map(|c| operators::image::to_model_input(c, s, s, s))
-        .collect();
+    // `expect_tensor` checked the shape: every camera is the model's size.
+    let mut pixels = Vec::with_capacity(px.len());
+    operators::image::extend_unit(&mut pixels, px);
     Ok((pixels, masks))
 }
 

@@ -182,13 +182,12 @@ impl ModelInput {
     /// the dataflow's policy node maps its `images` message (the image is already the
     /// model's size), the state given as is. The same values whichever path the frame takes.
     pub fn observation(self, image_size: usize) -> crate::Observation {
-        let s = image_size;
+        // Every camera is the model's size: the pixels map one to one.
+        let n = self.images.len() / (image_size * image_size * 3) * (image_size * image_size * 3);
+        let mut images = Vec::with_capacity(n);
+        crate::image::extend_unit(&mut images, &self.images[..n]);
         crate::Observation {
-            images: self
-                .images
-                .chunks_exact(s * s * 3)
-                .flat_map(|c| crate::image::to_model_input(c, s, s, s))
-                .collect(),
+            images,
             image_masks: self.image_masks,
             tokens: self.tokens,
             token_mask: self.token_mask,

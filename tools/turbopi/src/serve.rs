@@ -322,7 +322,7 @@ fn check_node_binaries(graph: &Path) -> Result<()> {
                 "{}: node `{id}`: {} is missing: build the nodes with `cargo build --release --workspace`{}",
                 graph.display(),
                 exe.display(),
-                " (and `-p policy -p vision -p prefix -p denoise --features cuda` for --backend cuda)"
+                " (and `-p policy -p vision -p prefix -p denoise -p openpi-server --features cuda` for --backend cuda)"
             );
         }
     }
