@@ -8,11 +8,14 @@
 //! with timed waits, or a watchdog that must speak up on time, cannot afford that; this wait
 //! builds nothing when the time is up.
 
+use std::future::Future;
 use std::pin::pin;
-use std::time::Duration;
+use std::sync::Arc;
+use std::task::{Context, Poll, Wake, Waker};
+use std::thread::{self, Thread};
+use std::time::{Duration, Instant};
 
 use dora_node_api::{Event, EventStream};
-use futures_util::future::{select, Either};
 
 /// What a timed wait got.
 #[derive(Debug)]
@@ -24,17 +27,38 @@ pub enum Waited {
     Closed,
 }
 
+/// Wakes the thread that waits (unpark): the deadline is kept by that thread's own
+/// `park_timeout`, so it depends on no timer thread elsewhere in the process.
+struct Unpark(Thread);
+
+impl Wake for Unpark {
+    fn wake(self: Arc<Self>) {
+        self.0.unpark();
+    }
+    fn wake_by_ref(self: &Arc<Self>) {
+        self.0.unpark();
+    }
+}
+
 /// The next event, or [`Waited::TimedOut`] once `wait` has passed without one. Nothing is
 /// lost on a timeout: the event not yet received stays queued for the next call (the same
 /// cancellation dora's own `recv_timeout` relies on).
 pub fn recv_within(events: &mut EventStream, wait: Duration) -> Waited {
-    futures_executor::block_on(async {
-        match select(futures_timer::Delay::new(wait), pin!(events.recv_async())).await {
-            Either::Left(_) => Waited::TimedOut,
-            Either::Right((Some(event), _)) => Waited::Event(event),
-            Either::Right((None, _)) => Waited::Closed,
+    let deadline = Instant::now() + wait;
+    let waker = Waker::from(Arc::new(Unpark(thread::current())));
+    let mut cx = Context::from_waker(&waker);
+    let mut next = pin!(events.recv_async());
+    loop {
+        if let Poll::Ready(event) = next.as_mut().poll(&mut cx) {
+            return event.map_or(Waited::Closed, Waited::Event);
         }
-    })
+        let now = Instant::now();
+        if now >= deadline {
+            return Waited::TimedOut;
+        }
+        // Returns early when the stream wakes us (or spuriously): poll again either way.
+        thread::park_timeout(deadline - now);
+    }
 }
 
 /// [`recv_within`] `wait`, or with no deadline (`None`) the next event whenever it comes.
