@@ -38,7 +38,20 @@ pub fn to_model_input(pixels: &[u8], height: usize, width: usize, size: usize) -
 /// (3 x 224 x 224 x 3 values) take a fraction of the time an element-by-element collect
 /// takes.
 pub fn extend_unit(out: &mut Vec<f32>, pixels: &[u8]) {
-    out.extend(pixels.iter().map(|&x| x as f32 / 255.0 * 2.0 - 1.0));
+    out.extend(pixels.iter().map(|&x| unit(x)));
+}
+
+/// [`extend_unit`] into `out` (as many values as both have).
+pub fn unit_into(out: &mut [f32], pixels: &[u8]) {
+    for (o, &x) in out.iter_mut().zip(pixels) {
+        *o = unit(x);
+    }
+}
+
+/// The model's value of a pixel byte.
+#[inline]
+fn unit(x: u8) -> f32 {
+    x as f32 / 255.0 * 2.0 - 1.0
 }
 
 /// openpi's `resize_with_pad_torch` for an f32 HWC image with `c` channels: keeps the aspect

@@ -16,7 +16,7 @@ use super::stages::{act_type, CacheShape, Engine, KvSlots, Span};
 use crate::backend::{Precision, Runner};
 use crate::checkpoint::Checkpoint;
 use crate::config::Config;
-use crate::observation::Observation;
+use crate::observation::{Observation, Pixels};
 use crate::policy::StageTimes;
 use crate::rtc::{self, Jacobian};
 use crate::weights::Loader;
@@ -70,6 +70,23 @@ impl FrameSlot {
         let px = self.pixels.slice_mut::<f32>(n)?;
         for (dst, &i) in px.chunks_exact_mut(per_image).zip(real) {
             dst.copy_from_slice(&images[i * per_image..(i + 1) * per_image]);
+        }
+        Ok(n)
+    }
+
+    /// [`FrameSlot::stage_images`] of camera bytes: each value mapped to [-1, 1] straight into
+    /// the pinned pixels ([`crate::image::unit_into`], the bits of every other path), with no
+    /// f32 copy of the frame on the way.
+    pub(crate) fn stage_bytes(
+        &mut self,
+        images: &[u8],
+        real: &[usize],
+        per_image: usize,
+    ) -> Result<usize> {
+        let n = real.len() * per_image;
+        let px = self.pixels.slice_mut::<f32>(n)?;
+        for (dst, &i) in px.chunks_exact_mut(per_image).zip(real) {
+            crate::image::unit_into(dst, &images[i * per_image..(i + 1) * per_image]);
         }
         Ok(n)
     }
@@ -413,7 +430,10 @@ impl CudaPolicy {
             .cuda("ordering vision after the previous prefix")?;
         let rows = self.prefix.input_rows(img_rows)?;
         // Staged before the start event: the stage's time is device time, not host copies.
-        let staged = f.stage_images(&obs.images, &real, per_image)?;
+        let staged = match &obs.images {
+            Pixels::Unit(v) => f.stage_images(v, &real, per_image)?,
+            Pixels::Bytes(b) => f.stage_bytes(b, &real, per_image)?,
+        };
         let pixels = f.pixels.slice::<f32>(staged)?;
         f.vision
             .start
