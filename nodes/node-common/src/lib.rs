@@ -513,6 +513,18 @@ pub fn model_images(
     Ok((operators::Pixels::Bytes(px.to_vec()), masks))
 }
 
+/// "batches: 40 of 1, 3 of 2" from the count of batches run of each size (index = size),
+/// for a node's summary line; None when none ran.
+pub fn batches_summary(sizes: &[u64]) -> Option<String> {
+    let sizes: Vec<String> = sizes
+        .iter()
+        .enumerate()
+        .filter(|(_, &n)| n > 0)
+        .map(|(size, n)| format!("{n} of {size}"))
+        .collect();
+    (!sizes.is_empty()).then(|| format!("batches: {}", sizes.join(", ")))
+}
+
 /// `image_masks` metadata for a message.
 pub fn masks_param(masks: &[bool]) -> Parameter {
     Parameter::ListInt(masks.iter().map(|&m| m as i64).collect())

@@ -106,18 +106,9 @@ impl InProcess {
             }
             self.run(batch, &hub);
         }
-        let sizes: Vec<String> = self
-            .sizes
-            .iter()
-            .enumerate()
-            .filter(|(_, &n)| n > 0)
-            .map(|(size, n)| format!("{n} of {size}"))
-            .collect();
-        if sizes.is_empty() {
-            String::new()
-        } else {
-            format!(", batches: {}", sizes.join(", "))
-        }
+        node_common::batches_summary(&self.sizes)
+            .map(|b| format!(", {b}"))
+            .unwrap_or_default()
     }
 
     fn run(&mut self, batch: Vec<Frame>, hub: &Hub) {

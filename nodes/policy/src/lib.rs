@@ -333,22 +333,15 @@ impl Stage for Batched<'_> {
     }
 
     fn summary(&self) -> String {
-        let sizes: Vec<String> = self
-            .sizes
-            .iter()
-            .enumerate()
-            .filter(|(_, &n)| n > 0)
-            .map(|(size, n)| format!("{n} of {size}"))
-            .collect();
         let guided = if self.guided > 0 {
             format!(", {} guided (RTC)", self.guided)
         } else {
             String::new()
         };
-        if sizes.is_empty() {
-            return guided;
+        match node_common::batches_summary(&self.sizes) {
+            Some(b) => format!(", {b}{guided}"),
+            None => guided,
         }
-        format!(", batches: {}{guided}", sizes.join(", "))
     }
 }
 

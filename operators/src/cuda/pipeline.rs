@@ -66,12 +66,7 @@ impl FrameSlot {
         real: &[usize],
         per_image: usize,
     ) -> Result<usize> {
-        let n = real.len() * per_image;
-        let px = self.pixels.slice_mut::<f32>(n)?;
-        for (dst, &i) in px.chunks_exact_mut(per_image).zip(real) {
-            dst.copy_from_slice(&images[i * per_image..(i + 1) * per_image]);
-        }
-        Ok(n)
+        self.stage_with(images, real, per_image, <[f32]>::copy_from_slice)
     }
 
     /// [`FrameSlot::stage_images`] of camera bytes: each value mapped to [-1, 1] straight into
@@ -83,10 +78,21 @@ impl FrameSlot {
         real: &[usize],
         per_image: usize,
     ) -> Result<usize> {
+        self.stage_with(images, real, per_image, crate::image::unit_into)
+    }
+
+    /// The real cameras of `images` into the pinned pixels, each camera written by `put`.
+    fn stage_with<T>(
+        &mut self,
+        images: &[T],
+        real: &[usize],
+        per_image: usize,
+        put: impl Fn(&mut [f32], &[T]),
+    ) -> Result<usize> {
         let n = real.len() * per_image;
         let px = self.pixels.slice_mut::<f32>(n)?;
         for (dst, &i) in px.chunks_exact_mut(per_image).zip(real) {
-            crate::image::unit_into(dst, &images[i * per_image..(i + 1) * per_image]);
+            put(dst, &images[i * per_image..(i + 1) * per_image]);
         }
         Ok(n)
     }
