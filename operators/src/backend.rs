@@ -39,6 +39,20 @@ pub enum Precision {
     F32,
     /// bf16 weights and activations with f32 accumulation, norms and softmax.
     Bf16,
+    /// The large linear layers' weights in FP8 E4M3 (per output channel), quantised at
+    /// load; the vision tower's and the prefix's activations too (per token). On the CPU
+    /// backend an emulation in f32 arithmetic ([`crate::fp8`]).
+    Fp8,
+}
+
+impl Precision {
+    pub fn name(self) -> &'static str {
+        match self {
+            Precision::F32 => "f32",
+            Precision::Bf16 => "bf16",
+            Precision::Fp8 => "fp8",
+        }
+    }
 }
 
 impl FromStr for Precision {
@@ -47,8 +61,9 @@ impl FromStr for Precision {
         match s {
             "f32" => Ok(Precision::F32),
             "bf16" => Ok(Precision::Bf16),
+            "fp8" => Ok(Precision::Fp8),
             other => Err(Error::Input(format!(
-                "unknown dtype `{other}`; expected `f32` or `bf16`"
+                "unknown dtype `{other}`; expected `f32`, `bf16` or `fp8`"
             ))),
         }
     }
@@ -184,11 +199,20 @@ impl Runner for Policy {
         Some(crate::rtc::Jacobian::Exact)
     }
     fn describe(&self) -> String {
-        "cpu f32".into()
+        describe_cpu(self.vision.precision())
     }
 }
 
-/// Loads the policy of `ckpt` on `kind`. The CPU backend is f32 only.
+/// "cpu f32", or "cpu fp8 (emulated)".
+fn describe_cpu(precision: &str) -> String {
+    if precision == "fp8" {
+        "cpu fp8 (emulated)".into()
+    } else {
+        format!("cpu {precision}")
+    }
+}
+
+/// Loads the policy of `ckpt` on `kind`. The CPU backend computes in f32, or emulates fp8.
 pub fn load(
     kind: BackendKind,
     precision: Precision,
@@ -197,8 +221,12 @@ pub fn load(
 ) -> Result<Box<dyn Runner>> {
     match kind {
         BackendKind::Cpu => {
-            cpu_only(precision)?;
-            Ok(Box::new(Policy::load(ckpt, progress)?))
+            let fp8 = cpu_fp8(precision)?;
+            let mut policy = Policy::load(ckpt, progress)?;
+            if fp8 {
+                policy.quantise_fp8();
+            }
+            Ok(Box::new(policy))
         }
         BackendKind::Cuda => load_cuda(precision, ckpt, progress),
     }
@@ -271,7 +299,7 @@ impl VisionStage for VisionEncoder {
         self.run(pixels, masks)
     }
     fn describe(&self) -> String {
-        "cpu f32".into()
+        describe_cpu(self.precision())
     }
 }
 
@@ -285,7 +313,7 @@ impl PrefixStage for PrefixEncoder {
         self.run(images, tokens, token_mask)
     }
     fn describe(&self) -> String {
-        "cpu f32".into()
+        describe_cpu(self.precision())
     }
 }
 
@@ -300,17 +328,22 @@ impl DenoiseStage for Denoiser {
         self.run(cache, state, noise, steps)
     }
     fn describe(&self) -> String {
-        "cpu f32".into()
+        describe_cpu(self.precision())
     }
 }
 
-fn cpu_only(precision: Precision) -> Result<()> {
-    if precision != Precision::F32 {
-        return Err(Error::Input(
-            "the cpu backend computes in f32 only; use dtype f32 (--dtype f32, DTYPE: f32)".into(),
-        ));
+/// Whether the CPU backend emulates fp8 for `precision` (it computes in f32 otherwise, and
+/// has no bf16).
+fn cpu_fp8(precision: Precision) -> Result<bool> {
+    match precision {
+        Precision::F32 => Ok(false),
+        Precision::Fp8 => Ok(true),
+        Precision::Bf16 => Err(Error::Input(
+            "the cpu backend computes in f32 (or emulates fp8); bf16 runs on cuda: use dtype \
+             f32 (--dtype f32, DTYPE: f32) or the cuda backend"
+                .into(),
+        )),
     }
-    Ok(())
 }
 
 /// The vision stage of `ckpt` on `kind` (on CUDA: its own weights only).
@@ -321,9 +354,12 @@ pub fn load_vision(
 ) -> Result<Box<dyn VisionStage>> {
     match kind {
         BackendKind::Cpu => {
-            cpu_only(precision)?;
-            let ld = &mut Loader::new(ckpt, |_, _| {});
-            Ok(Box::new(VisionEncoder::load(ckpt, ld)?))
+            let fp8 = cpu_fp8(precision)?;
+            let mut stage = VisionEncoder::load(ckpt, &mut Loader::new(ckpt, |_, _| {}))?;
+            if fp8 {
+                stage.quantise_fp8();
+            }
+            Ok(Box::new(stage))
         }
         BackendKind::Cuda => cuda_stages::vision(precision, ckpt),
     }
@@ -337,9 +373,12 @@ pub fn load_prefix(
 ) -> Result<Box<dyn PrefixStage>> {
     match kind {
         BackendKind::Cpu => {
-            cpu_only(precision)?;
-            let ld = &mut Loader::new(ckpt, |_, _| {});
-            Ok(Box::new(PrefixEncoder::load(ckpt, ld)?))
+            let fp8 = cpu_fp8(precision)?;
+            let mut stage = PrefixEncoder::load(ckpt, &mut Loader::new(ckpt, |_, _| {}))?;
+            if fp8 {
+                stage.quantise_fp8();
+            }
+            Ok(Box::new(stage))
         }
         BackendKind::Cuda => cuda_stages::prefix(precision, ckpt),
     }
@@ -353,9 +392,12 @@ pub fn load_denoise(
 ) -> Result<Box<dyn DenoiseStage>> {
     match kind {
         BackendKind::Cpu => {
-            cpu_only(precision)?;
-            let ld = &mut Loader::new(ckpt, |_, _| {});
-            Ok(Box::new(Denoiser::load(ckpt, ld)?))
+            let fp8 = cpu_fp8(precision)?;
+            let mut stage = Denoiser::load(ckpt, &mut Loader::new(ckpt, |_, _| {}))?;
+            if fp8 {
+                stage.quantise_fp8();
+            }
+            Ok(Box::new(stage))
         }
         BackendKind::Cuda => cuda_stages::denoise(precision, ckpt),
     }

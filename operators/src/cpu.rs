@@ -115,9 +115,28 @@ pub struct Linear {
     pub bias: Option<Vec<f32>>,
     pub n_in: usize,
     pub n_out: usize,
+    /// FP8 emulation ([`Linear::quantise_fp8`]); `None` is plain f32.
+    pub fp8: Option<Fp8>,
+}
+
+/// How a [`Linear`] emulates FP8 (`--dtype fp8` on the CPU backend): its weights hold their
+/// E4M3 values (per output channel, [`crate::fp8::round_rows`]); with `activations`, each
+/// input row is rounded the same way before the product, as an FP8 GEMM sees it. The
+/// product then is an f32 sum of exact products, as on FP8 tensor cores with f32
+/// accumulation (up to the order of the additions).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Fp8 {
+    pub activations: bool,
 }
 
 impl Linear {
+    /// Quantises the weights to FP8 E4M3 per output channel, for good: the f32 values are
+    /// replaced by their FP8 values.
+    pub fn quantise_fp8(&mut self, activations: bool) {
+        crate::fp8::round_rows(&mut self.weight, self.n_in);
+        self.fp8 = Some(Fp8 { activations });
+    }
+
     /// y[rows, out] = x[rows, in] @ W^T + b.
     pub fn forward(&self, x: &[f32], rows: usize) -> Vec<f32> {
         assert_eq!(
@@ -126,6 +145,16 @@ impl Linear {
             "linear: input is not [rows, {}]",
             self.n_in
         );
+        let rounded;
+        let x = match self.fp8 {
+            Some(Fp8 { activations: true }) => {
+                let mut r = x.to_vec();
+                crate::fp8::round_rows(&mut r, self.n_in);
+                rounded = r;
+                &rounded[..]
+            }
+            _ => x,
+        };
         let mut y = vec![0.0; rows * self.n_out];
         let w = MatRef::new(&self.weight, self.n_out, self.n_in).t();
         matmul_into(
@@ -382,6 +411,7 @@ mod tests {
             bias: Some(vec![0.5; n]),
             n_in: k,
             n_out: n,
+            fp8: None,
         };
         let y = lin.forward(&a, m);
         for (g, w) in y.iter().zip(&want) {
@@ -429,6 +459,7 @@ mod tests {
                 bias: Some(rand_vec(n, 200 + seed as u64)),
                 n_in: k,
                 n_out: n,
+                fp8: None,
             };
             let x = rand_vec(rows * k, 300 + seed as u64);
             let got = lin.forward_blocks(&x, blocks);

@@ -104,6 +104,29 @@ pub struct Gemma {
 }
 
 impl Gemma {
+    /// Quantises every layer's projections and MLP to FP8 ([`Linear::quantise_fp8`]); the
+    /// norms (pi0.5's adaptive norms with their time-conditioned dense layers) stay f32.
+    pub fn quantise_fp8(&mut self, activations: bool) {
+        for l in &mut self.layers {
+            for lin in [
+                &mut l.q,
+                &mut l.k,
+                &mut l.v,
+                &mut l.o,
+                &mut l.gate,
+                &mut l.up,
+                &mut l.down,
+            ] {
+                lin.quantise_fp8(activations);
+            }
+        }
+    }
+
+    /// Whether [`Gemma::quantise_fp8`] ran.
+    pub fn is_fp8(&self) -> bool {
+        self.layers.first().is_some_and(|l| l.q.fp8.is_some())
+    }
+
     pub fn load(
         ckpt: &Checkpoint,
         ld: &mut Loader,

@@ -1,6 +1,7 @@
 //! turbo-pi operators: the model's configuration, checkpoint loading, the f32 CPU reference
 //! backend and the stage operators (vision, prefix, denoise) of pi0 and pi0.5.
 
+pub mod accuracy;
 pub mod backend;
 pub mod bench;
 pub mod checkpoint;
@@ -10,6 +11,7 @@ pub mod cpu;
 pub mod cuda;
 pub mod decode;
 pub mod error;
+pub mod fp8;
 pub mod fsio;
 pub mod gemma;
 pub mod image;

@@ -28,6 +28,20 @@ pub struct VisionEncoder {
 }
 
 impl VisionEncoder {
+    /// FP8 emulation of the vision tower: weights and activations ([`Siglip::quantise_fp8`]).
+    pub fn quantise_fp8(&mut self) {
+        self.siglip.quantise_fp8();
+    }
+
+    /// "f32", or "fp8" once quantised.
+    pub fn precision(&self) -> &'static str {
+        if self.siglip.is_fp8() {
+            "fp8"
+        } else {
+            "f32"
+        }
+    }
+
     pub fn load(ckpt: &Checkpoint, ld: &mut Loader) -> Result<Self> {
         Ok(VisionEncoder {
             cfg: ckpt.config.clone(),
@@ -108,6 +122,22 @@ pub struct PrefixEncoder {
 }
 
 impl PrefixEncoder {
+    /// FP8 emulation of Gemma 2B: weights and activations. The prefix's GEMMs have hundreds
+    /// of rows and are bound by arithmetic, which FP8 tensor cores double only when both
+    /// operands are FP8. The embedding table stays f32.
+    pub fn quantise_fp8(&mut self) {
+        self.gemma.quantise_fp8(true);
+    }
+
+    /// "f32", or "fp8" once quantised.
+    pub fn precision(&self) -> &'static str {
+        if self.gemma.is_fp8() {
+            "fp8"
+        } else {
+            "f32"
+        }
+    }
+
     pub fn load(ckpt: &Checkpoint, ld: &mut Loader) -> Result<Self> {
         let c = &ckpt.config;
         Ok(PrefixEncoder {
@@ -210,6 +240,23 @@ pub struct Denoiser {
 }
 
 impl Denoiser {
+    /// FP8 emulation of the action expert: weights only. Its GEMMs have 10-51 rows and are
+    /// bound by reading the weights, which FP8 halves whatever the activations are; rounding
+    /// the activations too would cost accuracy and buy no time. The action and time
+    /// projections and the adaptive norms stay f32.
+    pub fn quantise_fp8(&mut self) {
+        self.expert.quantise_fp8(false);
+    }
+
+    /// "f32", or "fp8" once quantised.
+    pub fn precision(&self) -> &'static str {
+        if self.expert.is_fp8() {
+            "fp8"
+        } else {
+            "f32"
+        }
+    }
+
     pub fn load(ckpt: &Checkpoint, ld: &mut Loader) -> Result<Self> {
         let c = &ckpt.config;
         let (ew, ad) = (c.expert_width, c.action_dim);
@@ -460,6 +507,14 @@ impl Policy {
             prefix: PrefixEncoder::load(ckpt, &mut ld)?,
             denoise: Denoiser::load(ckpt, &mut ld)?,
         })
+    }
+
+    /// FP8 emulation of every stage ([`crate::fp8`]): what `--dtype fp8` computes, in f32
+    /// arithmetic on FP8 values.
+    pub fn quantise_fp8(&mut self) {
+        self.vision.quantise_fp8();
+        self.prefix.quantise_fp8();
+        self.denoise.quantise_fp8();
     }
 
     /// Runs all stages on `obs` with the given noise [action_horizon, action_dim].

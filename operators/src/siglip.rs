@@ -34,6 +34,25 @@ pub struct Siglip {
 }
 
 impl Siglip {
+    /// Quantises the encoder layers' projections and MLPs and the projector to FP8, weights
+    /// and activations ([`Linear::quantise_fp8`]). The patch embedding (the camera's pixels)
+    /// and the LayerNorms stay f32.
+    pub fn quantise_fp8(&mut self) {
+        for l in &mut self.layers {
+            for lin in [
+                &mut l.q, &mut l.k, &mut l.v, &mut l.out, &mut l.fc1, &mut l.fc2,
+            ] {
+                lin.quantise_fp8(true);
+            }
+        }
+        self.projector.quantise_fp8(true);
+    }
+
+    /// Whether [`Siglip::quantise_fp8`] ran.
+    pub fn is_fp8(&self) -> bool {
+        self.projector.fp8.is_some()
+    }
+
     pub fn load(ckpt: &Checkpoint, ld: &mut Loader) -> Result<Self> {
         let cfg = ckpt.config.clone();
         let (vw, p) = (cfg.vision_width, cfg.patch_size);
@@ -49,6 +68,7 @@ impl Siglip {
             bias: Some(ld.tensor(ckpt, &patch_key.bias(), &[vw])?),
             n_in: 3 * p * p,
             n_out: vw,
+            fp8: None,
         };
         let position = ld.tensor(
             ckpt,

@@ -49,6 +49,7 @@ impl<'a> Loader<'a> {
             bias,
             n_in,
             n_out,
+            fp8: None,
         })
     }
 }

@@ -262,6 +262,7 @@ fn rms_norm_plain_and_adaptive_match_gemma_norm() {
             bias: Some(rand_vec(3 * width, 23, -0.1, 0.1)),
             n_in: width,
             n_out: 3 * width,
+            fp8: None,
         };
         let cond = rand_vec(width, 24, -1.0, 1.0);
         let modulation = dense.forward(&cond, 1);
@@ -1132,6 +1133,7 @@ fn patch_embedding_matches_cpu() {
             bias: Some(b),
             n_in: pk,
             n_out: vw,
+            fp8: None,
         };
         let mut want = lin.forward(&patches, n * t);
         for tok in want.chunks_exact_mut(t * vw) {
@@ -1368,6 +1370,7 @@ fn cpu_linear_acc(
         bias: None,
         n_in: k,
         n_out: n,
+        fp8: None,
     };
     let prod = lin.forward(&xd, m);
     let mut dense: Vec<f32> = (0..m)

@@ -22,7 +22,7 @@ pub struct BenchArgs {
     pub setting: String,
     /// `cpu` or `cuda`.
     pub backend: String,
-    /// `f32` or `bf16`; defaults to bf16 on cuda and f32 on cpu.
+    /// `f32`, `bf16` or `fp8`; defaults to bf16 on cuda and f32 on cpu.
     pub dtype: Option<String>,
     /// A checkpoint to load instead of random weights (its config replaces the setting's).
     pub checkpoint: Option<PathBuf>,
@@ -98,19 +98,7 @@ pub fn run_all(args: &BenchArgs) -> Result<Reports> {
             (runner, ckpt.config.clone())
         }
         None => {
-            let cfg = match &args.preset {
-                Some(p) => {
-                    let base = Config::preset(p)?;
-                    match setting {
-                        Setting::Libero => Config {
-                            action_horizon: base.action_horizon.min(10),
-                            ..base
-                        },
-                        Setting::Pi0 => base,
-                    }
-                }
-                None => setting.config(),
-            };
+            let cfg = model_config(setting, args.preset.as_deref())?;
             (random_runner(kind, precision, &cfg, args.seed)?, cfg)
         }
     };
@@ -230,6 +218,24 @@ fn format_guided(
 
 /// A policy of `cfg` with random weights: built on the device for cuda; through a random
 /// checkpoint in a temporary directory for cpu (the CPU backend loads only checkpoints).
+/// The model of random weights for `setting`: `preset`'s (the `libero` setting keeps its
+/// horizon of 10 at most), or the setting's full-size model.
+pub fn model_config(setting: Setting, preset: Option<&str>) -> Result<Config> {
+    Ok(match preset {
+        Some(p) => {
+            let base = Config::preset(p)?;
+            match setting {
+                Setting::Libero => Config {
+                    action_horizon: base.action_horizon.min(10),
+                    ..base
+                },
+                Setting::Pi0 => base,
+            }
+        }
+        None => setting.config(),
+    })
+}
+
 fn random_runner(
     kind: BackendKind,
     precision: Precision,

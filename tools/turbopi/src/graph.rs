@@ -623,11 +623,7 @@ fn check_env(id: &str, kind: Kind, node: &Node, base: &Path, errors: &mut Vec<St
                         .into(),
                 );
             }
-            if let Some(d) = env.get("DTYPE") {
-                if d != "f32" && d != "bf16" {
-                    err(format!("env DTYPE={d:?} must be `f32` or `bf16`"));
-                }
-            }
+            check_dtype(&env, &mut err);
         }
         Kind::Postprocess => {
             positive("ACTION_DIM", &mut err);
@@ -732,6 +728,15 @@ fn check_env(id: &str, kind: Kind, node: &Node, base: &Path, errors: &mut Vec<St
     }
 }
 
+/// `DTYPE`, where set, is a precision the nodes know (`f32`, `bf16`, `fp8`).
+fn check_dtype(env: &BTreeMap<String, String>, err: &mut dyn FnMut(String)) {
+    if let Some(d) = env.get("DTYPE") {
+        if let Err(e) = d.parse::<operators::backend::Precision>() {
+            err(format!("env DTYPE={d:?}: {e}"));
+        }
+    }
+}
+
 /// An openpi-server with `POLICY: in-process`: the policy node's settings it reads (besides
 /// BACKEND, STEPS and SEED), and no `actions` from the dataflow (its frames never go out).
 fn check_in_process_policy(
@@ -739,11 +744,7 @@ fn check_in_process_policy(
     node: &Node,
     err: &mut dyn FnMut(String),
 ) {
-    if let Some(d) = env.get("DTYPE") {
-        if d != "f32" && d != "bf16" {
-            err(format!("env DTYPE={d:?} must be `f32` or `bf16`"));
-        }
-    }
+    check_dtype(env, err);
     if let Some(Err(e)) = env
         .get("MAX_BATCH")
         .map(|v| node_common::parse_max_batch(v))

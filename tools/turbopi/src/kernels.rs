@@ -62,9 +62,15 @@ pub fn parse_arch(s: &str) -> std::result::Result<Arch, String> {
 }
 
 fn parse_dtype(s: &str) -> std::result::Result<Precision, String> {
-    s.trim()
-        .parse()
-        .map_err(|e: operators::Error| e.to_string())
+    match s.trim().parse() {
+        Ok(Precision::Fp8) => Err(
+            "fp8 has no kernel program of its own: its norms, attention and activations are \
+             the bf16 program's (--dtype bf16)"
+                .into(),
+        ),
+        Ok(p) => Ok(p),
+        Err(e) => Err(e.to_string()),
+    }
 }
 
 pub fn run(cmd: KernelsCommand) -> Result<()> {
@@ -92,7 +98,7 @@ fn compile(archs: &[Arch], dtypes: &[Precision], out: Option<&std::path::Path>) 
         for &p in dtypes {
             let (act, name) = match p {
                 Precision::F32 => (DType::F32, "f32"),
-                Precision::Bf16 => (DType::Bf16, "bf16"),
+                Precision::Bf16 | Precision::Fp8 => (DType::Bf16, "bf16"),
             };
             let what = format!("{:<7} {name:<5}", arch.to_string());
             match compile::compile_kernels(act, (arch.major, arch.minor)) {

@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::{Instant, SystemTime};
 
+mod accuracy;
 mod bench;
 mod kernels;
 mod openpi;
@@ -60,7 +61,8 @@ enum Command {
         /// cpu (f32 reference) or cuda (needs a build with --features cuda).
         #[arg(long, default_value = "cpu")]
         backend: String,
-        /// Arithmetic: f32, or bf16 (cuda only). Defaults to f32 on cpu and bf16 on cuda.
+        /// Arithmetic: f32, bf16 (cuda only) or fp8 (emulated on cpu). Defaults to f32 on cpu
+        /// and bf16 on cuda.
         #[arg(long)]
         dtype: Option<String>,
         #[command(flatten)]
@@ -84,7 +86,7 @@ enum Command {
         setting: String,
         #[arg(long, default_value = "cuda")]
         backend: String,
-        /// f32 or bf16 (default bf16 on cuda, f32 on cpu).
+        /// f32, bf16 (cuda) or fp8 (emulated on cpu); default bf16 on cuda, f32 on cpu.
         #[arg(long)]
         dtype: Option<String>,
         #[arg(long, default_value_t = 10)]
@@ -106,6 +108,9 @@ enum Command {
         #[command(flatten)]
         trace: spans::TraceArgs,
     },
+    /// Compare the actions of one checkpoint in two precisions (fp8 against f32 by default)
+    /// over the same observations and noise: cosine and largest difference per chunk.
+    Accuracy(accuracy::AccuracyArgs),
     /// Check dora dataflow graphs.
     #[command(subcommand)]
     Graph(GraphCommand),
@@ -232,6 +237,7 @@ fn main() -> ExitCode {
         Command::Kernels(cmd) => kernels::run(cmd),
         Command::Serve(args) => serve::run(&args),
         Command::Tokenize(args) => tokenize::run(&args),
+        Command::Accuracy(args) => accuracy::run(&args),
         Command::Bench {
             checkpoint,
             preset,

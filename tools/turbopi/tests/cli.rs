@@ -459,7 +459,8 @@ fn kernels_compile_checks_its_arguments() {
     for (flag, value, why) in [
         ("--arch", "sm_90,sm_9x", "sm_<major><minor>"),
         ("--arch", "90", "sm_<major><minor>"),
-        ("--dtype", "f16", "expected `f32` or `bf16`"),
+        ("--dtype", "f16", "expected `f32`, `bf16` or `fp8`"),
+        ("--dtype", "fp8", "the bf16 program's"),
     ] {
         let mut args = vec!["kernels", "compile", "--arch", "sm_90"];
         if flag == "--arch" {
@@ -496,4 +497,72 @@ fn kernels_compile_reports_per_arch_and_dtype_or_says_what_is_missing() {
         assert!(stderr.contains("NVRTC not found"), "{stdout}{stderr}");
     }
     assert!(!stderr.contains("panicked"), "{stderr}");
+}
+
+/// `turbopi accuracy` on one checkpoint: fp8 (emulated) against f32 over three
+/// observations, a table line per observation and the fp8 bar's verdict; f32 against itself
+/// is exact; a precision the backend lacks is named.
+#[test]
+fn accuracy_compares_two_precisions_chunk_by_chunk() {
+    let tmp = tempfile::tempdir().unwrap();
+    let ck = tmp.path().join("ck");
+    random_checkpoint(&ck, "pi05-small");
+    let run = |extra: &[&str]| {
+        let mut args = vec!["accuracy", "--checkpoint", s(&ck), "--observations", "3"];
+        args.extend(extra);
+        let out = turbopi(&args);
+        let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        stdout
+    };
+    let fp8 = run(&[]);
+    assert!(fp8.contains("cpu fp8 (emulated) against cpu f32"), "{fp8}");
+    let rows: Vec<&str> = fp8
+        .lines()
+        .filter(|l| l.trim_start().starts_with(|c: char| c.is_ascii_digit()))
+        .collect();
+    assert_eq!(rows.len(), 3, "{fp8}");
+    // Columns: obs, cosine, max |diff|, max |ref|, relative. FP8 moves every chunk a little.
+    for row in &rows {
+        let cols: Vec<f64> = row.split_whitespace().map(|v| v.parse().unwrap()).collect();
+        assert!(cols[1] > 0.99 && cols[1] < 1.0, "{row}");
+        assert!(cols[2] > 0.0, "{row}");
+    }
+    assert!(
+        fp8.contains("fp8 bar (cosine >= 0.999, relative <= 5e-2):"),
+        "{fp8}"
+    );
+
+    let same = run(&["--dtype", "f32"]);
+    assert!(same.contains("worst: cosine 1.0000000"), "{same}");
+    assert!(same.contains("relative 0.000e0 "), "{same}");
+    assert!(!same.contains("fp8 bar"), "{same}");
+
+    let err = fails(&["accuracy", "--checkpoint", s(&ck), "--dtype", "bf16"]);
+    assert!(err.contains("bf16 runs on cuda"), "{err}");
+    let err = fails(&["accuracy", "--checkpoint", s(&ck), "--against", "fp4"]);
+    assert!(err.contains("unknown dtype `fp4`"), "{err}");
+
+    // `infer --dtype fp8` on the cpu says what ran.
+    let out = turbopi(&[
+        "infer",
+        "--checkpoint",
+        s(&ck),
+        "--observation",
+        s(&ck.join("observation")),
+        "--steps",
+        "2",
+        "--dtype",
+        "fp8",
+        "--out",
+        s(&tmp.path().join("a.npy")),
+    ]);
+    let text =
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{text}");
+    assert!(text.contains("cpu fp8 (emulated)"), "{text}");
 }

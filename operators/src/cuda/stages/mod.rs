@@ -48,6 +48,9 @@ impl Engine {
     /// Opens device `TURBOPI_CUDA_DEVICE` (default 0) with the kernels of `precision`.
     pub fn open(precision: Precision) -> Result<Engine> {
         let dev = Device::open(settings::cuda_device()?)?;
+        if precision == Precision::Fp8 {
+            return Err(fp8_refusal(&dev));
+        }
         let kernels = Kernels::load(&dev, act_type(precision))?;
         let gemm = Gemm::new(&dev)?;
         let skinny = settings::flag("TURBOPI_SKINNY_GEMM", true)?;
@@ -136,10 +139,7 @@ impl Engine {
     }
 
     pub fn describe(&self, precision: Precision) -> String {
-        let p = match precision {
-            Precision::F32 => "f32",
-            Precision::Bf16 => "bf16",
-        };
+        let p = precision.name();
         format!(
             "cuda {p} on {} (sm_{}{})",
             self.dev.name, self.dev.cc.0, self.dev.cc.1
@@ -147,11 +147,32 @@ impl Engine {
     }
 }
 
+/// The type of the activations outside FP8 GEMMs.
 pub fn act_type(precision: Precision) -> DType {
     match precision {
         Precision::F32 => DType::F32,
-        Precision::Bf16 => DType::Bf16,
+        Precision::Bf16 | Precision::Fp8 => DType::Bf16,
     }
+}
+
+/// Why `--dtype fp8` does not run on `dev`: a card without FP8 tensor cores (before
+/// sm_89) is named with its compute capability; on one with them, the FP8 GEMMs are not
+/// in this backend yet, and the CPU backend's emulation is where fp8 runs today.
+fn fp8_refusal(dev: &Device) -> crate::Error {
+    let (major, minor) = dev.cc;
+    if (major, minor) < (8, 9) {
+        return crate::Error::Input(format!(
+            "dtype fp8 needs FP8 tensor cores (compute capability 8.9 or newer: Ada, Hopper, \
+             Blackwell); {} is sm_{major}{minor}: use dtype bf16",
+            dev.name
+        ));
+    }
+    crate::Error::Input(format!(
+        "dtype fp8 does not run on the cuda backend yet ({} sm_{major}{minor}): use dtype \
+         bf16, or the cpu backend's fp8 emulation (--backend cpu --dtype fp8) to see what \
+         fp8 does to the actions",
+        dev.name
+    ))
 }
 
 /// Whether vision and prefix are captured as graphs after their first run

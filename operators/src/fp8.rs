@@ -1,0 +1,212 @@
+//! FP8 E4M3 (the "fn" variant NVIDIA's tensor cores use: no infinities, one NaN code per
+//! sign, largest finite 448) and the scaling `--dtype fp8` applies: weights per output
+//! channel at load, activations per row (token) as they enter a linear layer. The CPU
+//! backend uses these to emulate FP8 arithmetic (f32 sums of products of E4M3 values, which
+//! f32 holds exactly); the CUDA kernels that quantise on the GPU are checked against them.
+
+/// The largest finite E4M3 value; a scale maps a row's largest magnitude to it.
+pub const E4M3_MAX: f32 = 448.0;
+
+/// The code of the largest finite magnitude (0x7E) and of NaN (0x7F), before the sign bit.
+const MAX_CODE: u8 = 0x7E;
+const NAN_CODE: u8 = 0x7F;
+
+/// `x` as E4M3: round to nearest, ties to even, magnitudes beyond the largest finite value
+/// saturate to it (NVIDIA's `__NV_SATFINITE`), NaN stays NaN, the sign of zero is kept.
+pub fn encode(x: f32) -> u8 {
+    let sign = if x.is_sign_negative() { 0x80 } else { 0 };
+    if x.is_nan() {
+        return sign | NAN_CODE;
+    }
+    let a = x.abs();
+    if a >= E4M3_MAX {
+        return sign | MAX_CODE;
+    }
+    // Below the smallest normal (2^-6) the grid is uniform with step 2^-9; rounding up to 8
+    // steps gives code 0x08, the smallest normal, so the codes join without a seam.
+    if a < 2f32.powi(-6) {
+        return sign | (a * 512.0).round_ties_even() as u8;
+    }
+    // a is a normal f32 here: its exponent is the E4M3 exponent, its top three mantissa bits
+    // (rounded) the E4M3 mantissa. Scaling by powers of two is exact, so is the rounding.
+    let e = ((a.to_bits() >> 23) & 0xFF) as i32 - 127;
+    let steps = ((a / 2f32.powi(e) - 1.0) * 8.0).round_ties_even() as i32;
+    let (e, steps) = if steps == 8 { (e + 1, 0) } else { (e, steps) };
+    // a < 448 rounds at most to 448 (0x7E), so the code stays finite.
+    let code = (((e + 7) << 3) | steps) as u8;
+    sign | code.min(MAX_CODE)
+}
+
+/// The value of an E4M3 code (NaN for 0x7F and 0xFF).
+pub fn decode(code: u8) -> f32 {
+    let sign = if code & 0x80 != 0 { -1.0 } else { 1.0 };
+    let bits = code & 0x7F;
+    if bits == NAN_CODE {
+        return f32::NAN;
+    }
+    let (e, m) = ((bits >> 3) as i32, (bits & 7) as f32);
+    let magnitude = if e == 0 {
+        m * 2f32.powi(-9)
+    } else {
+        (1.0 + m / 8.0) * 2f32.powi(e - 7)
+    };
+    sign * magnitude
+}
+
+/// `x` rounded to the E4M3 grid (the value of its code).
+pub fn round(x: f32) -> f32 {
+    decode(encode(x))
+}
+
+/// The scale that maps magnitude `amax` onto [`E4M3_MAX`]; 1 for a row of zeros (or of
+/// values too small to scale), so such a row stays zeros.
+pub fn scale_for(amax: f32) -> f32 {
+    let s = amax / E4M3_MAX;
+    if s.is_normal() {
+        s
+    } else {
+        1.0
+    }
+}
+
+/// Rounds each row of `width` values in place to its FP8 value: scale s = max |row| / 448,
+/// x -> s * E4M3(x / s). What a weight row (an output channel) keeps after quantisation,
+/// and what an activation row (a token) carries into an FP8 GEMM.
+pub fn round_rows(values: &mut [f32], width: usize) {
+    use rayon::prelude::*;
+    if width == 0 {
+        return;
+    }
+    let round_row = |row: &mut [f32]| {
+        let amax = row.iter().fold(0f32, |m, v| m.max(v.abs()));
+        let s = scale_for(amax);
+        for v in row.iter_mut() {
+            *v = s * round(*v / s);
+        }
+    };
+    // Rows are independent: a weight matrix's channels on all cores, an activation's few
+    // tokens on this one.
+    if values.len() >= 1 << 16 {
+        values.par_chunks_exact_mut(width).for_each(round_row);
+    } else {
+        values.chunks_exact_mut(width).for_each(round_row);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::{Rng, SeedableRng};
+
+    /// Every finite code's value, found by brute force: the oracle for rounding.
+    fn finite_values() -> Vec<(u8, f32)> {
+        (0..=255u8)
+            .filter(|c| c & 0x7F != NAN_CODE)
+            .map(|c| (c, decode(c)))
+            .collect()
+    }
+
+    /// The nearest finite E4M3 value of `x` by search, ties to the even code.
+    fn nearest(x: f32, table: &[(u8, f32)]) -> f32 {
+        let mut best: Option<(f64, u8, f32)> = None;
+        for &(c, v) in table {
+            let d = (x as f64 - v as f64).abs();
+            let better = match best {
+                None => true,
+                Some((bd, bc, _)) => d < bd || (d == bd && c & 1 == 0 && bc & 1 == 1),
+            };
+            if better {
+                best = Some((d, c, v));
+            }
+        }
+        best.map_or(f32::NAN, |(_, _, v)| v)
+    }
+
+    #[test]
+    fn the_grid_is_e4m3fn() {
+        assert_eq!(decode(0x7E), 448.0);
+        assert_eq!(decode(0xFE), -448.0);
+        assert_eq!(decode(0x08), 2f32.powi(-6), "smallest normal");
+        assert_eq!(decode(0x01), 2f32.powi(-9), "smallest subnormal");
+        assert_eq!(decode(0x38), 1.0);
+        assert_eq!(decode(0x39), 1.125);
+        assert!(decode(0x7F).is_nan() && decode(0xFF).is_nan());
+        let finite = finite_values();
+        assert_eq!(finite.len(), 254);
+        // Every finite code encodes back to itself (both zeros included).
+        for (c, v) in finite {
+            assert_eq!(encode(v), c, "code {c:#04x} value {v}");
+        }
+    }
+
+    #[test]
+    fn encoding_rounds_to_nearest_even_and_saturates() {
+        let table = finite_values();
+        // Midpoints between neighbours go to the even code; just off them, to the nearer.
+        let mut positives: Vec<f32> = table.iter().map(|&(_, v)| v).filter(|v| *v > 0.0).collect();
+        positives.sort_by(f32::total_cmp);
+        for pair in positives.windows(2) {
+            let mid = (pair[0] + pair[1]) / 2.0;
+            for x in [mid, mid.next_down(), mid.next_up(), -mid] {
+                assert_eq!(round(x), nearest(x, &table), "x = {x:e}");
+            }
+        }
+        // Random magnitudes over the whole range and beyond it.
+        let mut rng = rand::rngs::StdRng::seed_from_u64(3);
+        for _ in 0..20_000 {
+            let x = rng.random_range(-12.0f32..9.5).exp2() * if rng.random() { 1.0 } else { -1.0 };
+            let want = if x.abs() >= 448.0 {
+                448f32.copysign(x)
+            } else {
+                nearest(x, &table)
+            };
+            // (== takes -0 for 0: the oracle does not know signed zeros, checked below.)
+            assert_eq!(round(x), want, "x = {x:e}");
+            assert_eq!(round(x).is_sign_negative(), x < 0.0, "x = {x:e}");
+        }
+        assert_eq!(round(1e30), 448.0);
+        assert_eq!(round(f32::NEG_INFINITY), -448.0);
+        assert_eq!(
+            round(464.0),
+            448.0,
+            "the midpoint to the NaN code saturates"
+        );
+        assert!(round(f32::NAN).is_nan());
+        assert_eq!(encode(-0.0), 0x80);
+        assert_eq!(
+            encode(2f32.powi(-11)),
+            0x00,
+            "a quarter step rounds to zero"
+        );
+    }
+
+    #[test]
+    fn rows_are_scaled_each_to_its_own_largest_value() {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(5);
+        let width = 37;
+        let mut x: Vec<f32> = (0..4 * width)
+            .map(|_| rng.random_range(-1.0..1.0))
+            .collect();
+        x[width..2 * width].iter_mut().for_each(|v| *v *= 1e4); // a loud row
+        x[2 * width..3 * width].fill(0.0); // a silent one
+        let before = x.clone();
+        round_rows(&mut x, width);
+        for (r, (row, orig)) in x.chunks(width).zip(before.chunks(width)).enumerate() {
+            let amax = orig.iter().fold(0f32, |m, v| m.max(v.abs()));
+            // The largest value survives exactly; every value within half an E4M3 step
+            // (2^-4 relative to its binade) of the scaled grid.
+            for (q, o) in row.iter().zip(orig) {
+                if o.abs() == amax {
+                    assert!((q - o).abs() <= amax * 1e-6, "row {r}: {q} vs {o}");
+                }
+                let tol = (o.abs() / 16.0).max(scale_for(amax) * 2f32.powi(-10));
+                assert!((q - o).abs() <= tol, "row {r}: {q} vs {o}");
+            }
+        }
+        assert!(x[2 * width..3 * width].iter().all(|&v| v == 0.0));
+        // A row's result does not depend on the rows beside it.
+        let mut alone = before[width..2 * width].to_vec();
+        round_rows(&mut alone, width);
+        assert_eq!(alone, x[width..2 * width]);
+    }
+}
