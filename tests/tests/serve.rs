@@ -188,6 +188,31 @@ fn openpi_clients_against_the_served_dataflow() {
     client_check(&served, "droid", &py, &in_process);
     let log = served.stop();
     assert!(log.contains("the policy in this process (cpu f32"), "{log}");
+    // The policy's host wall time comes with its stage times, and holds them, where one
+    // call ran the frame (the policy node, the in-process policy); the split graph's
+    // stages are three nodes, so no call is the frame's.
+    for (graph, frames, has_wall) in [
+        ("serve.yml", &droid, true),
+        ("serve_split.yml", &split, false),
+        ("serve_in_process.yml", &in_process, true),
+    ] {
+        let summary: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(frames.join("summary.json")).unwrap())
+                .unwrap();
+        for f in summary["frames"].as_array().unwrap() {
+            let timing = &f["policy_timing"];
+            match (timing["infer_ms"].as_f64(), timing["wall_ms"].as_f64()) {
+                (Some(stages), Some(wall)) if has_wall => {
+                    assert!(
+                        wall >= stages,
+                        "{graph}: wall {wall} ms < stages {stages} ms"
+                    )
+                }
+                (Some(_), None) if !has_wall => {}
+                _ => panic!("{graph}: policy_timing {timing}"),
+            }
+        }
+    }
     for (graph, frames) in [
         ("serve_split.yml", &split),
         ("serve_in_process.yml", &in_process),

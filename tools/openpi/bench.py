@@ -4,7 +4,10 @@
 One openpi-client WebsocketClientPolicy sends LIBERO observations (two 224x224 cameras, a
 state, a prompt) back to back. Per request:
   * round trip: the client's wall time around `infer()` (packing, websocket, server, unpacking);
-  * policy: `policy_timing.infer_ms`, the policy node's own time for the frame;
+  * policy: `policy_timing.infer_ms`, the policy node's own time for the frame (the sum of its
+    stage times: device time on the GPU);
+  * policy_wall: `policy_timing.wall_ms`, the host's wall time of the policy's call that ran the
+    frame (with the backend's host work: staging, launches, waits, copies back);
   * added: round trip - policy, everything the serving path costs (msgpack both ways, the
     websocket, openpi's transforms, two dora messages, the output transforms);
   * dataflow: `server_timing.dataflow_ms`, frame into the dataflow until its actions came back.
@@ -47,7 +50,14 @@ def main() -> None:
     for i in range(16):
         obs = observations.libero(4 * i)
         frames.append(obs)
-    series: dict[str, list[float]] = {"round_trip": [], "policy": [], "added": [], "dataflow": [], "server": []}
+    series: dict[str, list[float]] = {
+        "round_trip": [],
+        "policy": [],
+        "policy_wall": [],
+        "added": [],
+        "dataflow": [],
+        "server": [],
+    }
     for i in range(args.warmup + args.requests):
         obs = frames[i % len(frames)]
         t0 = time.perf_counter()
@@ -59,7 +69,9 @@ def main() -> None:
         series["round_trip"].append(rtt)
         series["policy"].append(p)
         series["added"].append(rtt - p)
-        # Servers other than turbo-pi's may not report these.
+        # Servers other than turbo-pi's (and pipelined policies) may not report these.
+        if "wall_ms" in r["policy_timing"]:
+            series["policy_wall"].append(r["policy_timing"]["wall_ms"])
         if "dataflow_ms" in r["server_timing"]:
             series["dataflow"].append(r["server_timing"]["dataflow_ms"])
         series["server"].append(r["server_timing"]["infer_ms"])

@@ -127,7 +127,10 @@ impl InProcess {
         let refused = |seq: u64, e: &dyn std::fmt::Display| {
             format!("the policy rejected this observation (frame {seq}, in-process policy): {e}")
         };
-        match self.runner.infer_batch(&rows, self.steps) {
+        let started = std::time::Instant::now();
+        let ran = self.runner.infer_batch(&rows, self.steps);
+        let wall_ms = started.elapsed().as_secs_f64() * 1e3;
+        match ran {
             Ok(out) => {
                 if let Some(count) = self.sizes.get_mut(n) {
                     *count += 1;
@@ -139,6 +142,7 @@ impl InProcess {
                         .map(|actions| Reply {
                             actions,
                             policy_ms: Some(policy_ms),
+                            wall_ms: Some(wall_ms),
                             batch_size: Some(n as i64),
                         })
                         .map_err(|e| refused(seq, &e));

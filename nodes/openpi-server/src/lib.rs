@@ -151,8 +151,12 @@ pub struct Frame {
 pub struct Reply {
     /// [action_horizon, action_dim], normalised.
     pub actions: Vec<f32>,
-    /// The policy's own time for the frame, when it reports one (`infer_ms` metadata).
+    /// The policy's own time for the frame, when it reports one (`infer_ms` metadata): the
+    /// sum of its stage times (device time on the GPU).
     pub policy_ms: Option<f64>,
+    /// The host's wall time of the policy's call that ran the frame (its whole batch's),
+    /// when it reports one (`wall_ms` metadata).
+    pub wall_ms: Option<f64>,
     /// How many frames the policy ran together with this one, itself included
     /// (`batch_size` metadata); None when the policy does not say (one at a time).
     pub batch_size: Option<i64>,
@@ -319,6 +323,10 @@ impl Hub {
                     Out::Int(reply.batch_size.unwrap_or(1)),
                 ),
             ];
+            let mut policy = policy;
+            if let Some(w) = reply.wall_ms {
+                policy.push(("wall_ms".to_string(), Out::Float(w)));
+            }
             Ok(hub
                 .transforms
                 .response(
@@ -580,6 +588,10 @@ fn on_actions(
         Some(Parameter::Float(v)) => Some(*v),
         _ => None,
     };
+    let wall_ms = match md.get("wall_ms") {
+        Some(Parameter::Float(v)) => Some(*v),
+        _ => None,
+    };
     let batch_size = match md.get("batch_size") {
         Some(Parameter::Integer(b)) if *b >= 1 => Some(*b),
         _ => None,
@@ -589,6 +601,7 @@ fn on_actions(
         Ok(Reply {
             actions: a.to_vec(),
             policy_ms,
+            wall_ms,
             batch_size,
         }),
     ) {
@@ -813,6 +826,7 @@ mod tests {
                 let reply = Reply {
                     actions: vec![f.seq as f32 / 100.0; n],
                     policy_ms: Some(1.5),
+                    wall_ms: Some(1.75),
                     batch_size: Some(2),
                 };
                 h.complete(f.seq, Ok(reply));
@@ -881,6 +895,8 @@ mod tests {
             assert_eq!(a.to_f64("a").unwrap(), want);
             let policy = v.get("policy_timing").and_then(|t| t.get("infer_ms"));
             assert_eq!(policy, Some(&Value::Float(1.5)));
+            let wall = v.get("policy_timing").and_then(|t| t.get("wall_ms"));
+            assert_eq!(wall, Some(&Value::Float(1.75)));
             let batch = v.get("policy_timing").and_then(|t| t.get("batch_size"));
             assert_eq!(batch, Some(&Value::Int(2)));
             let server = v.get("server_timing").unwrap();

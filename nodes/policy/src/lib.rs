@@ -115,8 +115,16 @@ pub fn run(node: DoraNode, events: EventStream) -> Result<()> {
     run_with(&ckpt.config, runner.as_mut(), &settings, node, events)
 }
 
+/// How a frame ran: when it finished, with how many frames (itself included), and the host's
+/// wall time of the call that ran them (None for pipelined frames, which overlap).
+struct Ran {
+    done: SystemTime,
+    batch: usize,
+    wall: Option<Duration>,
+}
+
 /// Sends one frame's actions [action_horizon, action_dim], after tracing its three stages
-/// (back to back from the backend's stage times, the last ending at `done`); the actions
+/// (back to back from the backend's stage times, the last ending at `ran.done`); the actions
 /// carry the denoise span.
 fn send_actions(
     cx: &mut Cx,
@@ -124,9 +132,9 @@ fn send_actions(
     settings: &Settings,
     meta: FrameMeta,
     (actions, times): (Vec<f32>, StageTimes),
-    done: SystemTime,
-    batch: usize,
+    ran: Ran,
 ) -> Result<()> {
+    let Ran { done, batch, wall } = ran;
     let denoise =
         cx.tracer
             .record_stages(meta.seq, meta.trace, &times, done, settings.gpu_stage_times);
@@ -138,6 +146,15 @@ fn send_actions(
         "infer_ms".into(),
         dora_node_api::Parameter::Float(infer.as_secs_f64() * 1e3),
     );
+    // The host's wall time of the call that ran it (the whole batch's): beside the stage
+    // times, it shows the backend's host work (staging, launches, waits, copies back).
+    // Pipelined frames overlap, so no call is theirs alone: not sent.
+    if let Some(wall) = wall {
+        md.insert(
+            "wall_ms".into(),
+            dora_node_api::Parameter::Float(wall.as_secs_f64() * 1e3),
+        );
+    }
     // The frames run together with this one (itself included).
     md.insert(
         "batch_size".into(),
@@ -256,7 +273,9 @@ impl Batched<'_> {
             .iter()
             .map(|(_, obs, noise)| BatchRow { obs, noise })
             .collect();
+        let started = Instant::now();
         let result = self.runner.infer_batch(&rows, self.settings.steps);
+        let wall = Some(started.elapsed());
         let done = SystemTime::now();
         let n = batch.len();
         match result {
@@ -267,7 +286,12 @@ impl Batched<'_> {
                 for ((meta, ..), actions) in batch.into_iter().zip(out.actions) {
                     let sent = match actions {
                         Ok(a) => {
-                            send_actions(cx, self.cfg, self.settings, meta, (a, out.times), done, n)
+                            let ran = Ran {
+                                done,
+                                batch: n,
+                                wall,
+                            };
+                            send_actions(cx, self.cfg, self.settings, meta, (a, out.times), ran)
                         }
                         Err(e) => Err(e.into()),
                     };
@@ -292,15 +316,22 @@ impl Stage for Batched<'_> {
         // A guided frame runs alone, after the frames that came before it.
         if let Some(guide) = frame_guide(&frame, self.cfg, self.settings.rtc_beta)? {
             self.run_batch(cx);
+            let started = Instant::now();
             let out = self
                 .runner
                 .infer_guided(&obs, &noise, self.settings.steps, &guide)?;
+            let wall = Some(started.elapsed());
             self.guided += 1;
             if let Some(count) = self.sizes.get_mut(1) {
                 *count += 1;
             }
             let done = SystemTime::now();
-            return send_actions(cx, self.cfg, self.settings, frame.meta(), out, done, 1);
+            let ran = Ran {
+                done,
+                batch: 1,
+                wall,
+            };
+            return send_actions(cx, self.cfg, self.settings, frame.meta(), out, ran);
         }
         self.opened.get_or_insert_with(Instant::now);
         self.waiting.push((frame.meta(), obs, noise));
@@ -408,8 +439,11 @@ impl Pipelined<'_> {
                 self.settings,
                 meta,
                 done,
-                SystemTime::now(),
-                1,
+                Ran {
+                    done: SystemTime::now(),
+                    batch: 1,
+                    wall: None,
+                },
             ),
             Ok(None) => Err(eyre!("internal: frame {} was not in flight", meta.seq)),
             Err(e) => Err(e.into()),
