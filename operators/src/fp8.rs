@@ -24,18 +24,23 @@ pub fn encode(x: f32) -> u8 {
     }
     // Below the smallest normal (2^-6) the grid is uniform with step 2^-9; rounding up to 8
     // steps gives code 0x08, the smallest normal, so the codes join without a seam.
-    if a < 2f32.powi(-6) {
+    if a < MIN_NORMAL {
         return sign | (a * 512.0).round_ties_even() as u8;
     }
     // a is a normal f32 here: its exponent is the E4M3 exponent, its top three mantissa bits
-    // (rounded) the E4M3 mantissa. Scaling by powers of two is exact, so is the rounding.
-    let e = ((a.to_bits() >> 23) & 0xFF) as i32 - 127;
-    let steps = ((a / 2f32.powi(e) - 1.0) * 8.0).round_ties_even() as i32;
-    let (e, steps) = if steps == 8 { (e + 1, 0) } else { (e, steps) };
+    // (rounded to nearest even on the 20 below) the E4M3 mantissa. A carry out of the
+    // mantissa lands in the exponent, as it should.
+    let bits = a.to_bits();
+    let e = (bits >> 23) as i32 - 127;
+    let (keep, rest) = ((bits >> 20) & 7, bits & 0xF_FFFF);
+    let up = rest > 0x8_0000 || (rest == 0x8_0000 && keep & 1 == 1);
+    let code = ((((e + 7) as u32) << 3) | keep) + up as u32;
     // a < 448 rounds at most to 448 (0x7E), so the code stays finite.
-    let code = (((e + 7) << 3) | steps) as u8;
-    sign | code.min(MAX_CODE)
+    sign | (code as u8).min(MAX_CODE)
 }
+
+/// 2^-6, the smallest normal E4M3 magnitude.
+const MIN_NORMAL: f32 = 0.015625;
 
 /// The value of an E4M3 code (NaN for 0x7F and 0xFF).
 pub fn decode(code: u8) -> f32 {
@@ -44,11 +49,12 @@ pub fn decode(code: u8) -> f32 {
     if bits == NAN_CODE {
         return f32::NAN;
     }
-    let (e, m) = ((bits >> 3) as i32, (bits & 7) as f32);
+    let (e, m) = ((bits >> 3) as u32, (bits & 7) as u32);
     let magnitude = if e == 0 {
-        m * 2f32.powi(-9)
+        m as f32 / 512.0
     } else {
-        (1.0 + m / 8.0) * 2f32.powi(e - 7)
+        // Exponent e - 7 and mantissa m / 8 placed in an f32's fields.
+        f32::from_bits(((e + 120) << 23) | (m << 20))
     };
     sign * magnitude
 }
@@ -131,6 +137,18 @@ mod tests {
         assert_eq!(decode(0x38), 1.0);
         assert_eq!(decode(0x39), 1.125);
         assert!(decode(0x7F).is_nan() && decode(0xFF).is_nan());
+        // Within each binade eight equal steps of an eighth of its base; below the smallest
+        // normal, steps of 2^-9 from zero.
+        for c in 0u8..0x7E {
+            let step = decode(c + 1) - decode(c);
+            let want = if c < 0x08 {
+                2f32.powi(-9)
+            } else {
+                decode(c & !7) / 8.0
+            };
+            assert_eq!(step, want, "code {c:#04x}");
+            assert_eq!(decode(c | 0x80), -decode(c));
+        }
         let finite = finite_values();
         assert_eq!(finite.len(), 254);
         // Every finite code encodes back to itself (both zeros included).
