@@ -84,8 +84,7 @@ pub fn round_rows(values: &mut [f32], width: usize) {
         return;
     }
     let round_row = |row: &mut [f32]| {
-        let amax = row.iter().fold(0f32, |m, v| m.max(v.abs()));
-        let s = scale_for(amax);
+        let s = row_scale(row);
         for v in row.iter_mut() {
             *v = s * round(*v / s);
         }
@@ -97,6 +96,28 @@ pub fn round_rows(values: &mut [f32], width: usize) {
     } else {
         values.chunks_exact_mut(width).for_each(round_row);
     }
+}
+
+/// A row's scale: max |row| / 448 ([`scale_for`]; NaNs are passed over, as `fmaxf` does).
+fn row_scale(row: &[f32]) -> f32 {
+    scale_for(row.iter().fold(0f32, |m, v| m.max(v.abs())))
+}
+
+/// The E4M3 codes of rows of `width` values and each row's scale, as an FP8 GEMM's operand
+/// holds them: row r's value c is `scales[r] * decode(codes[r * width + c])`, the value
+/// [`round_rows`] gives it. The CPU twin of the GPU's quantisation.
+pub fn quantise_rows(values: &[f32], width: usize) -> (Vec<u8>, Vec<f32>) {
+    if width == 0 {
+        return (vec![], vec![]);
+    }
+    let mut codes = Vec::with_capacity(values.len());
+    let mut scales = Vec::with_capacity(values.len() / width);
+    for row in values.chunks_exact(width) {
+        let s = row_scale(row);
+        codes.extend(row.iter().map(|v| encode(v / s)));
+        scales.push(s);
+    }
+    (codes, scales)
 }
 
 #[cfg(test)]
@@ -222,6 +243,13 @@ mod tests {
             }
         }
         assert!(x[2 * width..3 * width].iter().all(|&v| v == 0.0));
+        // The codes and scales hold those values exactly.
+        let (codes, scales) = quantise_rows(&before, width);
+        assert_eq!((codes.len(), scales.len()), (before.len(), 4));
+        for (i, (&c, &q)) in codes.iter().zip(&x).enumerate() {
+            assert_eq!((scales[i / width] * decode(c)).to_bits(), q.to_bits(), "value {i}");
+        }
+        assert_eq!(scales[2], 1.0, "a row of zeros keeps scale 1");
         // A row's result does not depend on the rows beside it.
         let mut alone = before[width..2 * width].to_vec();
         round_rows(&mut alone, width);
