@@ -247,7 +247,11 @@ mod tests {
         let (codes, scales) = quantise_rows(&before, width);
         assert_eq!((codes.len(), scales.len()), (before.len(), 4));
         for (i, (&c, &q)) in codes.iter().zip(&x).enumerate() {
-            assert_eq!((scales[i / width] * decode(c)).to_bits(), q.to_bits(), "value {i}");
+            assert_eq!(
+                (scales[i / width] * decode(c)).to_bits(),
+                q.to_bits(),
+                "value {i}"
+            );
         }
         assert_eq!(scales[2], 1.0, "a row of zeros keeps scale 1");
         // A row's result does not depend on the rows beside it.
