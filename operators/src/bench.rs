@@ -118,8 +118,30 @@ impl Setting {
     /// A synthetic observation of the setting for `cfg`: random pixels, the setting's camera
     /// masks, a right-padded prompt of random ids, a random state.
     pub fn observation(self, cfg: &Config, seed: u64) -> Observation {
+        self.observation_at(cfg, seed, self.shape(cfg).1)
+    }
+
+    /// [`Setting::observation`] with `real_tokens` real prompt tokens instead of the
+    /// setting's (openpi's LIBERO prompt with the discretised state is longer than the
+    /// setting's 20, for one); an error naming the range outside 1..=max_token_len.
+    pub fn observation_with_prompt(
+        self,
+        cfg: &Config,
+        seed: u64,
+        real_tokens: usize,
+    ) -> Result<Observation> {
+        if real_tokens == 0 || real_tokens > cfg.max_token_len {
+            return Err(Error::Input(format!(
+                "{real_tokens} prompt tokens: the model takes 1 to {} (max_token_len)",
+                cfg.max_token_len
+            )));
+        }
+        Ok(self.observation_at(cfg, seed, real_tokens))
+    }
+
+    fn observation_at(self, cfg: &Config, seed: u64, real_tokens: usize) -> Observation {
         let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
-        let (real_images, real_tokens) = self.shape(cfg);
+        let real_images = self.shape(cfg).0;
         let n = cfg.num_images * cfg.image_size * cfg.image_size * 3;
         // Camera bytes, as the dataflow and the openpi server hand them to the policy.
         let images = crate::Pixels::Bytes((0..n).map(|_| rng.random::<u8>()).collect());
@@ -454,6 +476,19 @@ mod tests {
         assert_eq!(obs.token_mask.iter().filter(|&&m| m).count(), 48);
         assert_eq!(obs.noise.as_ref().map(Vec::len), Some(50 * 32));
         assert!("nope".parse::<Setting>().is_err());
+        let cfg = Setting::Libero.config();
+        let long = Setting::Libero
+            .observation_with_prompt(&cfg, 1, 64)
+            .unwrap();
+        assert_eq!(long.token_mask.iter().filter(|&&m| m).count(), 64);
+        assert_eq!(long.images, Setting::Libero.observation(&cfg, 1).images);
+        for bad in [0, 201] {
+            let err = Setting::Libero
+                .observation_with_prompt(&cfg, 1, bad)
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains("1 to 200 (max_token_len)"), "{err}");
+        }
     }
 
     #[test]

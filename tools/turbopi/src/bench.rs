@@ -29,6 +29,8 @@ pub struct BenchArgs {
     /// A named preset for the random weights (the setting's model when absent); the
     /// `libero` setting keeps its horizon of 10.
     pub preset: Option<String>,
+    /// Real prompt tokens instead of the setting's (`--prompt-tokens`).
+    pub prompt_tokens: Option<usize>,
     pub steps: usize,
     pub iters: usize,
     pub warmup: usize,
@@ -54,6 +56,7 @@ impl Default for BenchArgs {
             dtype: None,
             checkpoint: None,
             preset: None,
+            prompt_tokens: None,
             steps: 10,
             iters: 100,
             warmup: 10,
@@ -103,7 +106,12 @@ pub fn run_all(args: &BenchArgs) -> Result<Reports> {
         }
     };
     let setup = t0.elapsed();
-    let obs = setting.observation(&cfg, args.seed);
+    let obs = match args.prompt_tokens {
+        Some(n) => setting
+            .observation_with_prompt(&cfg, args.seed, n)
+            .context("--prompt-tokens")?,
+        None => setting.observation(&cfg, args.seed),
+    };
     let noise = obs
         .noise
         .clone()
@@ -124,7 +132,15 @@ pub fn run_all(args: &BenchArgs) -> Result<Reports> {
     )?;
     print!(
         "{}",
-        format_report(setting, &cfg, args, &runner.describe(), setup, &report)
+        format_report(
+            setting,
+            &cfg,
+            &obs,
+            args,
+            &runner.describe(),
+            setup,
+            &report
+        )
     );
     // Overlapped frames (backends that support it): throughput against 1 / mean latency.
     if let Some(fps) = bench_pipelined(runner.as_mut(), &obs, &noise, args.steps, args.iters)? {
@@ -289,8 +305,7 @@ fn cuda_random(_: &Config, _: Precision, _: u64) -> Result<Box<dyn Runner>> {
     )
 }
 
-fn describe_setting(setting: Setting, cfg: &Config) -> String {
-    let obs = setting.observation(cfg, 0);
+fn describe_setting(setting: Setting, cfg: &Config, obs: &operators::Observation) -> String {
     let real_images = obs.image_masks.iter().filter(|&&m| m).count();
     let real_tokens = obs.token_mask.iter().filter(|&&m| m).count();
     format!(
@@ -307,6 +322,7 @@ fn describe_setting(setting: Setting, cfg: &Config) -> String {
 pub fn format_report(
     setting: Setting,
     cfg: &Config,
+    obs: &operators::Observation,
     args: &BenchArgs,
     runner: &str,
     setup: Duration,
@@ -321,7 +337,7 @@ pub fn format_report(
         "bench {}\n  {runner}, {weights}, {} steps; setup {:.1} s; {} frames after {} warm-up\n  \
          end to end (host): p50 {:.2} ms  p90 {:.2} ms  p99 {:.2} ms  mean {:.2} ms  min {:.2} ms  max {:.2} ms\n  \
          stages (mean):     vision {:.2} ms  prefix {:.2} ms  denoise {:.2} ms\n",
-        describe_setting(setting, cfg),
+        describe_setting(setting, cfg, obs),
         args.steps,
         setup.as_secs_f64(),
         r.iters,
@@ -389,6 +405,21 @@ mod tests {
         };
         let e = run_all(&too_big).unwrap_err().to_string();
         assert!(e.contains("--batch 9: batch sizes are 1 to 8"), "{e}");
+        // --prompt-tokens within the model's prompt, and named when outside it.
+        let longer = BenchArgs {
+            prompt_tokens: Some(5),
+            ..args.clone()
+        };
+        assert_eq!(run(&longer).unwrap().iters, 3);
+        let too_long = BenchArgs {
+            prompt_tokens: Some(10_000),
+            ..args.clone()
+        };
+        let e = format!("{:#}", run(&too_long).unwrap_err());
+        assert!(
+            e.contains("--prompt-tokens: 10000 prompt tokens: the model takes 1 to"),
+            "{e}"
+        );
         let bad = BenchArgs {
             setting: "nope".into(),
             ..args

@@ -84,6 +84,10 @@ enum Command {
         /// cameras, 48 tokens, horizon 50).
         #[arg(long, default_value = "libero")]
         setting: String,
+        /// Real prompt tokens instead of the setting's (1 to the model's max_token_len), e.g.
+        /// the length of the prompts a server sees.
+        #[arg(long)]
+        prompt_tokens: Option<usize>,
         #[arg(long, default_value = "cuda")]
         backend: String,
         /// f32, bf16 (cuda) or fp8 (emulated on cpu); default bf16 on cuda, f32 on cpu.
@@ -242,6 +246,7 @@ fn main() -> ExitCode {
             checkpoint,
             preset,
             setting,
+            prompt_tokens,
             backend,
             dtype,
             steps,
@@ -260,6 +265,7 @@ fn main() -> ExitCode {
                     dtype,
                     checkpoint,
                     preset,
+                    prompt_tokens,
                     steps,
                     iters,
                     warmup,
