@@ -30,7 +30,13 @@ pub struct VisionEncoder {
 impl VisionEncoder {
     /// FP8 emulation of the vision tower: weights and activations ([`Siglip::quantise_fp8`]).
     pub fn quantise_fp8(&mut self) {
-        self.siglip.quantise_fp8();
+        self.siglip.quantise_fp8(true);
+    }
+
+    /// FP8 weights only, activations kept (W8A16): what the activations' rounding costs,
+    /// measured against [`VisionEncoder::quantise_fp8`] (the `fp8_parts` example).
+    pub fn quantise_fp8_weights(&mut self) {
+        self.siglip.quantise_fp8(false);
     }
 
     /// "f32", or "fp8" once quantised.
@@ -127,6 +133,11 @@ impl PrefixEncoder {
     /// operands are FP8. The embedding table stays f32.
     pub fn quantise_fp8(&mut self) {
         self.gemma.quantise_fp8(true);
+    }
+
+    /// FP8 weights only, activations kept (W8A16), as [`VisionEncoder::quantise_fp8_weights`].
+    pub fn quantise_fp8_weights(&mut self) {
+        self.gemma.quantise_fp8(false);
     }
 
     /// "f32", or "fp8" once quantised.

@@ -34,18 +34,18 @@ pub struct Siglip {
 }
 
 impl Siglip {
-    /// Quantises the encoder layers' projections and MLPs and the projector to FP8, weights
-    /// and activations ([`Linear::quantise_fp8`]). The patch embedding (the camera's pixels)
-    /// and the LayerNorms stay f32.
-    pub fn quantise_fp8(&mut self) {
+    /// Quantises the encoder layers' projections and MLPs and the projector to FP8: their
+    /// weights, and with `activations` their inputs ([`Linear::quantise_fp8`]). The patch
+    /// embedding (the camera's pixels) and the LayerNorms stay f32.
+    pub fn quantise_fp8(&mut self, activations: bool) {
         for l in &mut self.layers {
             for lin in [
                 &mut l.q, &mut l.k, &mut l.v, &mut l.out, &mut l.fc1, &mut l.fc2,
             ] {
-                lin.quantise_fp8(true);
+                lin.quantise_fp8(activations);
             }
         }
-        self.projector.quantise_fp8(true);
+        self.projector.quantise_fp8(activations);
     }
 
     /// Whether [`Siglip::quantise_fp8`] ran.
