@@ -245,9 +245,7 @@ fn load_cuda(
 
 #[cfg(not(feature = "cuda"))]
 fn load_cuda(_: Precision, _: &Checkpoint, _: impl FnMut(u64, u64)) -> Result<Box<dyn Runner>> {
-    Err(Error::Input(
-        "CUDA support is not built in: rebuild with `cargo build --release --features cuda`".into(),
-    ))
+    Err(Error::Input(NO_CUDA.into()))
 }
 
 /// One stage of the policy in a process of its own (the split graph's nodes): the vision
@@ -331,6 +329,20 @@ impl DenoiseStage for Denoiser {
         describe_cpu(self.precision())
     }
 }
+
+/// Whether `kind` can run `precision` at all, as far as can be told without loading a model
+/// or opening a GPU (the CPU has no bf16; a build without the `cuda` feature has no CUDA):
+/// the error [`load`] would give, before minutes of other work.
+pub fn check(kind: BackendKind, precision: Precision) -> Result<()> {
+    match kind {
+        BackendKind::Cpu => cpu_fp8(precision).map(|_| ()),
+        BackendKind::Cuda if cfg!(feature = "cuda") => Ok(()),
+        BackendKind::Cuda => Err(Error::Input(NO_CUDA.into())),
+    }
+}
+
+const NO_CUDA: &str =
+    "CUDA support is not built in: rebuild with `cargo build --release --features cuda`";
 
 /// Whether the CPU backend emulates fp8 for `precision` (it computes in f32 otherwise, and
 /// has no bf16).

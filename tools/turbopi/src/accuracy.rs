@@ -100,6 +100,8 @@ pub fn run(args: &AccuracyArgs) -> Result<()> {
         .parse()?;
     let precision: Precision = args.dtype.parse()?;
     let against: Precision = args.against.parse()?;
+    backend::check(against_kind, against).context("the reference (--against)")?;
+    backend::check(kind, precision).context("the precision under test (--dtype)")?;
 
     // The weights: the checkpoint, or random ones written once for both sides.
     let scratch;

@@ -542,8 +542,14 @@ fn accuracy_compares_two_precisions_chunk_by_chunk() {
     assert!(same.contains("relative 0.000e0 "), "{same}");
     assert!(!same.contains("fp8 bar"), "{same}");
 
+    // Refused before either side runs: no random weights written, nothing loaded.
     let err = fails(&["accuracy", "--checkpoint", s(&ck), "--dtype", "bf16"]);
+    assert!(err.contains("the precision under test (--dtype)"), "{err}");
     assert!(err.contains("bf16 runs on cuda"), "{err}");
+    assert!(
+        !err.contains("reference:"),
+        "the reference ran first: {err}"
+    );
     let err = fails(&["accuracy", "--checkpoint", s(&ck), "--against", "fp4"]);
     assert!(err.contains("unknown dtype `fp4`"), "{err}");
 
