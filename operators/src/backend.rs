@@ -46,6 +46,15 @@ pub enum Precision {
 }
 
 impl Precision {
+    /// What the CPU backend computes in: f32, or the fp8 emulation once quantised.
+    pub fn cpu(fp8: bool) -> Precision {
+        if fp8 {
+            Precision::Fp8
+        } else {
+            Precision::F32
+        }
+    }
+
     pub fn name(self) -> &'static str {
         match self {
             Precision::F32 => "f32",
@@ -204,11 +213,10 @@ impl Runner for Policy {
 }
 
 /// "cpu f32", or "cpu fp8 (emulated)".
-fn describe_cpu(precision: &str) -> String {
-    if precision == "fp8" {
-        "cpu fp8 (emulated)".into()
-    } else {
-        format!("cpu {precision}")
+fn describe_cpu(precision: Precision) -> String {
+    match precision {
+        Precision::Fp8 => "cpu fp8 (emulated)".into(),
+        p => format!("cpu {}", p.name()),
     }
 }
 

@@ -3,6 +3,7 @@
 
 use std::time::{Duration, Instant};
 
+use crate::backend::Precision;
 use crate::checkpoint::{Checkpoint, EMBED, EXPERT, VLM};
 use crate::config::Config;
 use crate::cpu::{self, Linear};
@@ -39,13 +40,9 @@ impl VisionEncoder {
         self.siglip.quantise_fp8(false);
     }
 
-    /// "f32", or "fp8" once quantised.
-    pub fn precision(&self) -> &'static str {
-        if self.siglip.is_fp8() {
-            "fp8"
-        } else {
-            "f32"
-        }
+    /// F32, or Fp8 once quantised.
+    pub fn precision(&self) -> Precision {
+        Precision::cpu(self.siglip.is_fp8())
     }
 
     pub fn load(ckpt: &Checkpoint, ld: &mut Loader) -> Result<Self> {
@@ -140,13 +137,9 @@ impl PrefixEncoder {
         self.gemma.quantise_fp8(false);
     }
 
-    /// "f32", or "fp8" once quantised.
-    pub fn precision(&self) -> &'static str {
-        if self.gemma.is_fp8() {
-            "fp8"
-        } else {
-            "f32"
-        }
+    /// F32, or Fp8 once quantised.
+    pub fn precision(&self) -> Precision {
+        Precision::cpu(self.gemma.is_fp8())
     }
 
     pub fn load(ckpt: &Checkpoint, ld: &mut Loader) -> Result<Self> {
@@ -259,13 +252,9 @@ impl Denoiser {
         self.expert.quantise_fp8(false);
     }
 
-    /// "f32", or "fp8" once quantised.
-    pub fn precision(&self) -> &'static str {
-        if self.expert.is_fp8() {
-            "fp8"
-        } else {
-            "f32"
-        }
+    /// F32, or Fp8 once quantised.
+    pub fn precision(&self) -> Precision {
+        Precision::cpu(self.expert.is_fp8())
     }
 
     pub fn load(ckpt: &Checkpoint, ld: &mut Loader) -> Result<Self> {
