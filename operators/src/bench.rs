@@ -121,9 +121,8 @@ impl Setting {
         let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
         let (real_images, real_tokens) = self.shape(cfg);
         let n = cfg.num_images * cfg.image_size * cfg.image_size * 3;
-        let images = (0..n)
-            .map(|_| f32::from(rng.random::<u8>()) / 255.0 * 2.0 - 1.0)
-            .collect();
+        // Camera bytes, as the dataflow and the openpi server hand them to the policy.
+        let images = crate::Pixels::Bytes((0..n).map(|_| rng.random::<u8>()).collect());
         let image_masks = (0..cfg.num_images).map(|i| i < real_images).collect();
         let l = cfg.max_token_len;
         let vocab = cfg.vocab_size.min(i32::MAX as usize) as i32;
@@ -448,7 +447,7 @@ mod tests {
         assert_eq!(obs.image_masks, vec![true, true, false]);
         assert_eq!(obs.tokens.len(), 200);
         assert_eq!(obs.token_mask.iter().filter(|&&m| m).count(), 20);
-        assert!(obs.images.iter().all(|v| (-1.0..=1.0).contains(v)));
+        assert!(obs.images.unit().iter().all(|v| (-1.0..=1.0).contains(v)));
         let cfg = Setting::Pi0.config();
         let obs = Setting::Pi0.observation(&cfg, 1);
         assert_eq!(obs.image_masks, vec![true; 3]);

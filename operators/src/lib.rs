@@ -30,7 +30,7 @@ pub mod weights;
 
 pub use config::Config;
 pub use error::{Error, Result};
-pub use observation::Observation;
+pub use observation::{Observation, Pixels};
 pub use policy::{
     BatchOutput, BatchRow, Denoiser, ImageEmbeddings, Policy, PrefixEncoder, StageTimes,
     VisionEncoder, MAX_BATCH,

@@ -1,6 +1,7 @@
 //! The observation directory (images, masks, prompt tokens, state, optional noise), checked
 //! against the config and turned into model inputs.
 
+use std::borrow::Cow;
 use std::path::Path;
 
 use rand::{Rng, SeedableRng};
@@ -9,11 +10,60 @@ use rand_distr::StandardNormal;
 use crate::config::Config;
 use crate::{image, npy, Error, Result};
 
+/// A frame's cameras, [num_images, image_size, image_size, 3] (HWC RGB).
+#[derive(Debug, Clone, PartialEq)]
+pub enum Pixels {
+    /// In the model's range [-1, 1].
+    Unit(Vec<f32>),
+    /// As cameras give them. The model's value of x is x/255*2-1 ([`image::extend_unit`]),
+    /// computed where the image is used: the CUDA backend uploads these bytes (a quarter of
+    /// the f32 values) and maps them on the GPU, with the same bits.
+    Bytes(Vec<u8>),
+}
+
+impl Pixels {
+    /// Values (one per channel of each pixel).
+    pub fn len(&self) -> usize {
+        match self {
+            Pixels::Unit(v) => v.len(),
+            Pixels::Bytes(b) => b.len(),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The values in [-1, 1], mapped here for [`Pixels::Bytes`].
+    pub fn unit(&self) -> Cow<'_, [f32]> {
+        match self {
+            Pixels::Unit(v) => Cow::Borrowed(v),
+            Pixels::Bytes(b) => {
+                let mut v = Vec::with_capacity(b.len());
+                image::extend_unit(&mut v, b);
+                Cow::Owned(v)
+            }
+        }
+    }
+}
+
+impl From<Vec<f32>> for Pixels {
+    fn from(v: Vec<f32>) -> Self {
+        Pixels::Unit(v)
+    }
+}
+
+impl From<Vec<u8>> for Pixels {
+    fn from(b: Vec<u8>) -> Self {
+        Pixels::Bytes(b)
+    }
+}
+
 /// One frame's model inputs.
 #[derive(Debug, Clone)]
 pub struct Observation {
-    /// [num_images, image_size, image_size, 3], in [-1, 1].
-    pub images: Vec<f32>,
+    /// [num_images, image_size, image_size, 3].
+    pub images: Pixels,
     pub image_masks: Vec<bool>,
     pub tokens: Vec<i32>,
     pub token_mask: Vec<bool>,
@@ -96,7 +146,7 @@ impl Observation {
         };
 
         Ok(Observation {
-            images,
+            images: Pixels::Unit(images),
             image_masks: masks.data,
             tokens,
             token_mask,

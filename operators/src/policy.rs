@@ -35,18 +35,19 @@ impl VisionEncoder {
         })
     }
 
-    /// The cameras of one observation that are not masked, after checking its sizes.
-    pub fn real_images(&self, pixels: &[f32], masks: &[bool]) -> Result<Vec<usize>> {
+    /// The cameras of one observation (`values` pixel values) that are not masked, after
+    /// checking its sizes.
+    pub fn real_images(&self, values: usize, masks: &[bool]) -> Result<Vec<usize>> {
         let c = &self.cfg;
         let per_image = c.image_size * c.image_size * 3;
-        if masks.len() != c.num_images || pixels.len() != c.num_images * per_image {
+        if masks.len() != c.num_images || values != c.num_images * per_image {
             return Err(Error::Input(format!(
                 "vision: expected {} images of {}x{}x3 and {} masks, got {} values and {} masks",
                 c.num_images,
                 c.image_size,
                 c.image_size,
                 c.num_images,
-                pixels.len(),
+                values,
                 masks.len()
             )));
         }
@@ -69,7 +70,7 @@ impl VisionEncoder {
         let mut counts = Vec::with_capacity(inputs.len());
         let mut batch = Vec::new();
         for (pixels, masks) in inputs {
-            let real = self.real_images(pixels, masks)?;
+            let real = self.real_images(pixels.len(), masks)?;
             for &i in &real {
                 batch.extend_from_slice(&pixels[i * per_image..(i + 1) * per_image]);
             }
@@ -472,7 +473,7 @@ impl Policy {
         let real_tokens = obs.token_mask.iter().filter(|&&m| m).count();
         crate::observation::check_visible(real_images, real_tokens)?;
         let t0 = Instant::now();
-        let emb = self.vision.run(&obs.images, &obs.image_masks)?;
+        let emb = self.vision.run(&obs.images.unit(), &obs.image_masks)?;
         let t1 = Instant::now();
         let cache = self.prefix.run(&emb, &obs.tokens, &obs.token_mask)?;
         let t2 = Instant::now();
@@ -512,9 +513,11 @@ impl Policy {
             }
         }
         let t0 = Instant::now();
+        let pixels: Vec<_> = live.iter().map(|&i| rows[i].obs.images.unit()).collect();
         let inputs: Vec<(&[f32], &[bool])> = live
             .iter()
-            .map(|&i| (&rows[i].obs.images[..], &rows[i].obs.image_masks[..]))
+            .zip(&pixels)
+            .map(|(&i, px)| (&px[..], &rows[i].obs.image_masks[..]))
             .collect();
         let embeddings = self.vision.run_batch(&inputs)?;
         let t1 = Instant::now();
@@ -566,7 +569,7 @@ impl Policy {
         let obs = row.obs;
         let real_images = self
             .vision
-            .real_images(&obs.images, &obs.image_masks)?
+            .real_images(obs.images.len(), &obs.image_masks)?
             .len();
         check_prompt(&self.config, &obs.tokens, &obs.token_mask)?;
         let real_tokens = obs.token_mask.iter().filter(|&&m| m).count();

@@ -8,7 +8,7 @@ use std::path::PathBuf;
 use operators::backend::Runner;
 use operators::checkpoint::Checkpoint;
 use operators::observation::noise_from_seed;
-use operators::{BatchRow, Config, Observation, Policy, StageTimes, MAX_BATCH};
+use operators::{BatchRow, Config, Observation, Pixels, Policy, StageTimes, MAX_BATCH};
 use rand::{Rng, SeedableRng};
 
 const STEPS: usize = 3;
@@ -47,7 +47,7 @@ fn observation(cfg: &Config, i: usize) -> Observation {
         .map(|_| rng.random_range(-1.0f32..1.0))
         .collect();
     Observation {
-        images,
+        images: images.into(),
         image_masks,
         tokens,
         token_mask,
@@ -207,7 +207,7 @@ fn the_default_batch_runs_rows_one_after_another() {
     let obs: Vec<Observation> = (0..3).map(|i| observation(&cfg, i)).collect();
     let noise: Vec<Vec<f32>> = (0..3).map(|i| noise_from_seed(&cfg, i)).collect();
     let mut bad = obs[1].clone();
-    bad.images.pop();
+    bad.images = Pixels::Unit(bad.images.unit()[1..].to_vec());
     let rows = [
         BatchRow {
             obs: &obs[0],

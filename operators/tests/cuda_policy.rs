@@ -14,7 +14,7 @@ use operators::bench::Setting;
 use operators::checkpoint::{Checkpoint, WriteDtype};
 use operators::cuda::CudaPolicy;
 use operators::rtc::{Guide, Jacobian};
-use operators::{npy, observation, random, Config, Error, Observation, Policy};
+use operators::{npy, observation, random, Config, Error, Observation, Pixels, Policy};
 
 const GOLDEN_TOLERANCE: f32 = 1e-4;
 /// bf16 against the CPU, relative to the largest |action|.
@@ -138,6 +138,39 @@ fn bf16_matches_cpu_on_golden_models() {
     }
 }
 
+/// Cameras handed over as bytes (as the dataflow and the openpi server hand them) are
+/// uploaded as bytes and mapped to [-1, 1] on the GPU: the same actions, bit for bit, as the
+/// same cameras mapped on the host, in f32 and bf16, and with the pipelined runner.
+#[test]
+fn camera_bytes_give_the_actions_of_their_values() {
+    for case in golden_cases() {
+        let (ckpt, obs, noise) = load(&case);
+        let n = obs.images.len();
+        let bytes: Vec<u8> = (0..n).map(|i| (i * 37 % 256) as u8).collect();
+        let as_bytes = Observation {
+            images: Pixels::Bytes(bytes),
+            ..obs.clone()
+        };
+        let as_values = Observation {
+            images: Pixels::Unit(as_bytes.images.unit().into_owned()),
+            ..obs.clone()
+        };
+        for precision in [Precision::F32, Precision::Bf16] {
+            let mut p = cuda(&ckpt, precision);
+            let (a, _) = p.infer(&as_values, &noise, 3).unwrap();
+            let (b, _) = p.infer(&as_bytes, &noise, 3).unwrap();
+            assert_eq!(a, b, "{}: {precision:?}", case.display());
+            let (c, _) = p.infer(&obs, &noise, 3).unwrap();
+            assert_ne!(a, c, "{}: other cameras, other actions", case.display());
+            p.submit(&as_bytes, &noise, 3).unwrap();
+            p.submit(&as_values, &noise, 3).unwrap();
+            let (d, _) = p.collect().unwrap().unwrap();
+            let (e, _) = p.collect().unwrap().unwrap();
+            assert_eq!((&d, &e), (&a, &a), "{}: pipelined", case.display());
+        }
+    }
+}
+
 #[test]
 fn split_stages_match_the_fused_policy() {
     // What the split graph does: one stage per process there, each loading only its own
@@ -158,7 +191,8 @@ fn split_stages_match_the_fused_policy() {
             assert!(whole > 0);
             for steps in [10, 3] {
                 let (want, _) = fused.infer(&obs, &noise, steps).unwrap();
-                let emb = VisionStage::encode(&mut v, &obs.images, &obs.image_masks).unwrap();
+                let emb =
+                    VisionStage::encode(&mut v, &obs.images.unit(), &obs.image_masks).unwrap();
                 let cache =
                     PrefixStage::encode(&mut p, &emb, &obs.tokens, &obs.token_mask).unwrap();
                 let got = d
@@ -203,7 +237,7 @@ fn split_stages_match_the_fused_policy() {
             &mut operators::weights::Loader::new(&ckpt, |_, _| {}),
         )
         .unwrap();
-        let emb = VisionStage::encode(&mut v, &obs.images, &obs.image_masks).unwrap();
+        let emb = VisionStage::encode(&mut v, &obs.images.unit(), &obs.image_masks).unwrap();
         let cache = PrefixStage::encode(&mut p, &emb, &obs.tokens, &obs.token_mask).unwrap();
         let got = d.sample(&cache, obs.state.as_deref(), &noise, 10).unwrap();
         let (err, _, scale) = diff(&got, &want);
@@ -283,9 +317,13 @@ fn variant(obs: &Observation) -> Observation {
     for (i, m) in o.token_mask.iter_mut().enumerate() {
         *m = i < keep;
     }
-    for v in o.images.iter_mut().step_by(7) {
-        *v = -*v;
-    }
+    let values = o.images.unit().into_owned();
+    let flipped = values.iter().enumerate();
+    o.images = Pixels::Unit(
+        flipped
+            .map(|(i, &v)| if i % 7 == 0 { -v } else { v })
+            .collect(),
+    );
     o
 }
 

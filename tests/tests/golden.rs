@@ -71,7 +71,7 @@ fn nothing_visible_is_refused_and_partly_visible_is_served() {
     // The split stages: vision over no camera gives no tokens, the prefix refuses.
     let emb = policy
         .vision
-        .run(&blind.images, &blind.image_masks)
+        .run(&blind.images.unit(), &blind.image_masks)
         .unwrap();
     assert_eq!((emb.real_images, emb.tokens.len()), (0, 0));
     let e = policy

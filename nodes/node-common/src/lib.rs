@@ -493,12 +493,13 @@ pub fn image_masks(input: &str, md: &MetadataParameters, n: usize) -> Result<Vec
 }
 
 /// The model inputs of an `images` message (u8 [num_images, image_size, image_size, 3] with
-/// `image_masks`): pixels mapped to [-1, 1] as the observation path maps them, and the masks.
+/// `image_masks`): the cameras' bytes (the backend maps them to [-1, 1]: on the GPU for
+/// the CUDA backend) and the masks.
 pub fn model_images(
     md: &MetadataParameters,
     data: &DoraArray,
     cfg: &operators::Config,
-) -> Result<(Vec<f32>, Vec<bool>)> {
+) -> Result<(operators::Pixels, Vec<bool>)> {
     let (n, s) = (cfg.num_images, cfg.image_size);
     let (_, px) = expect_tensor::<u8>(
         "images",
@@ -509,9 +510,7 @@ pub fn model_images(
     )?;
     let masks = image_masks("images", md, n)?;
     // `expect_tensor` checked the shape: every camera is the model's size.
-    let mut pixels = Vec::with_capacity(px.len());
-    operators::image::extend_unit(&mut pixels, px);
-    Ok((pixels, masks))
+    Ok((operators::Pixels::Bytes(px.to_vec()), masks))
 }
 
 /// `image_masks` metadata for a message.

@@ -122,12 +122,11 @@ impl InProcess {
 
     fn run(&mut self, batch: Vec<Frame>, hub: &Hub) {
         let n = batch.len();
-        let size = self.cfg.image_size;
         let (seqs, inputs): (Vec<u64>, Vec<_>) = batch
             .into_iter()
             .map(|f| {
                 let noise = noise_from_seed(&self.cfg, self.seed.wrapping_add(f.seq));
-                (f.seq, (f.input.observation(size), noise))
+                (f.seq, (f.input.observation(), noise))
             })
             .unzip();
         let rows: Vec<BatchRow> = inputs

@@ -591,7 +591,8 @@ mod tests {
             images: px
                 .chunks_exact(s * s * 3)
                 .flat_map(|c| image::to_model_input(c, s, s, s))
-                .collect(),
+                .collect::<Vec<f32>>()
+                .into(),
             image_masks: vec![true, true, false],
             tokens,
             token_mask,
@@ -713,7 +714,8 @@ mod tests {
                 images: px(seq)
                     .chunks_exact(s * s * 3)
                     .flat_map(|c| image::to_model_input(c, s, s, s))
-                    .collect(),
+                    .collect::<Vec<f32>>()
+                    .into(),
                 image_masks: vec![true, true, false],
                 tokens: prompt(seq),
                 token_mask: mask.iter().map(|&m| m != 0).collect(),
@@ -849,7 +851,8 @@ mod tests {
                 images: px(seq)
                     .chunks_exact(s * s * 3)
                     .flat_map(|c| image::to_model_input(c, s, s, s))
-                    .collect(),
+                    .collect::<Vec<f32>>()
+                    .into(),
                 image_masks: masks(seq).iter().map(|&m| m != 0).collect(),
                 tokens: ids,
                 token_mask: mask.iter().map(|&m| m != 0).collect(),
@@ -1033,7 +1036,8 @@ mod tests {
             images: px
                 .chunks_exact(s * s * 3)
                 .flat_map(|c| image::to_model_input(c, s, s, s))
-                .collect(),
+                .collect::<Vec<f32>>()
+                .into(),
             image_masks: vec![true, true, false],
             tokens,
             token_mask,

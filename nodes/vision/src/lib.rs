@@ -52,7 +52,7 @@ impl Stage for HostOut<'_> {
         let part = images(&frame)?;
         let (mut span, meta) = cx.start_span(frame.meta());
         let (pixels, masks) = model_images(&part.metadata, &part.data, cfg)?;
-        let emb = self.encoder.encode(&pixels, &masks)?;
+        let emb = self.encoder.encode(&pixels.unit(), &masks)?;
         if let Some(gpu) = self.encoder.gpu_time() {
             span.set_gpu(gpu);
         }
@@ -152,6 +152,7 @@ mod cuda {
             let (mut span, meta) = cx.start_span(frame.meta());
             let (pixels, masks) = model_images(&part.metadata, &part.data, cfg)?;
             let real: Vec<f32> = pixels
+                .unit()
                 .chunks_exact(per_image)
                 .zip(&masks)
                 .filter(|(_, &m)| m)

@@ -178,16 +178,12 @@ pub struct ModelInput {
 }
 
 impl ModelInput {
-    /// The policy's observation of these inputs: each camera's pixels mapped to [-1, 1] as
-    /// the dataflow's policy node maps its `images` message (the image is already the
-    /// model's size), the state given as is. The same values whichever path the frame takes.
-    pub fn observation(self, image_size: usize) -> crate::Observation {
-        // Every camera is the model's size: the pixels map one to one.
-        let n = self.images.len() / (image_size * image_size * 3) * (image_size * image_size * 3);
-        let mut images = Vec::with_capacity(n);
-        crate::image::extend_unit(&mut images, &self.images[..n]);
+    /// The policy's observation of these inputs: the cameras' bytes as they are (each
+    /// camera is already the model's size; the backend maps them to [-1, 1] as the dataflow's
+    /// policy node does), the state as given. The same values whichever path the frame takes.
+    pub fn observation(self) -> crate::Observation {
         crate::Observation {
-            images,
+            images: crate::Pixels::Bytes(self.images),
             image_masks: self.image_masks,
             tokens: self.tokens,
             token_mask: self.token_mask,

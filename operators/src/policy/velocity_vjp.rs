@@ -181,7 +181,7 @@ impl Policy {
         let real_tokens = obs.token_mask.iter().filter(|&&m| m).count();
         crate::observation::check_visible(real_images, real_tokens)?;
         let t0 = Instant::now();
-        let emb = self.vision.run(&obs.images, &obs.image_masks)?;
+        let emb = self.vision.run(&obs.images.unit(), &obs.image_masks)?;
         let t1 = Instant::now();
         let cache = self.prefix.run(&emb, &obs.tokens, &obs.token_mask)?;
         let t2 = Instant::now();

@@ -109,7 +109,7 @@ impl OpenpiArgs {
                 cfg.max_token_len
             );
         }
-        let observation = input.observation(cfg.image_size);
+        let observation = input.observation();
         Ok(Some(Frame {
             observation,
             transforms,
