@@ -16,8 +16,8 @@ pub enum Pixels {
     /// In the model's range [-1, 1].
     Unit(Vec<f32>),
     /// As cameras give them. The model's value of x is x/255*2-1 ([`image::extend_unit`]),
-    /// computed where the image is used: the CUDA backend maps them straight into its pinned
-    /// upload buffer, with no f32 copy of the frame on the way.
+    /// computed where the image is used: the CUDA backend uploads these bytes (a quarter of
+    /// the f32 values) and maps them on the GPU, with the same bits.
     Bytes(Vec<u8>),
 }
 

@@ -16,7 +16,7 @@ use operators::cuda::embed::embed_tokens;
 use operators::cuda::euler::{euler_step, euler_step_guided, Guidance};
 use operators::cuda::layer_norm::layer_norm;
 use operators::cuda::mlp::gelu_gate;
-use operators::cuda::patch::{im2col, patch_embed_finish};
+use operators::cuda::patch::{im2col, patch_embed_finish, unit_pixels};
 use operators::cuda::residual::add_residual;
 use operators::cuda::rms_norm::{rms_norm, NormParam};
 use operators::cuda::rope::{rope_qkv, Heads};
@@ -1192,6 +1192,39 @@ fn embed_tokens_matches_cpu() {
             &want,
             (0.0, 0.0),
         );
+    }
+}
+
+/// Camera bytes to [-1, 1] on the GPU: bit for bit the CPU's `image::extend_unit`, for every
+/// byte value, at an odd length, nothing written past it (the output poisoned with NaN
+/// first); nothing launched for no values; too short a view refused.
+#[test]
+fn unit_pixels_matches_cpu_bit_for_bit() {
+    for act in ACTS {
+        let g = gpu(act);
+        let n = 3 * 7 * 5 * 3 + 256 + 1;
+        // 131 is odd, so any 256 consecutive i give every byte value.
+        let bytes: Vec<u8> = (0..n).map(|i| ((i * 131 + 7) % 256) as u8).collect();
+        let as_f32: Vec<f32> = bytes.iter().map(|&b| f32::from(b)).collect();
+        let src = g.upload(DType::U8, &as_f32).unwrap();
+        let dst = nan(&g, DType::F32, n + 5);
+        unit_pixels(&g.kernels, &g.lane, src.view(), dst.view(), n).unwrap();
+        let got = g.download(dst.view()).unwrap();
+        let mut want = Vec::new();
+        operators::image::extend_unit(&mut want, &bytes);
+        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        assert_eq!(bits(&got[..n]), bits(&want), "{act:?}");
+        assert!(
+            got[n..].iter().all(|v| v.is_nan()),
+            "{act:?}: written past n"
+        );
+        let empty = nan(&g, DType::F32, 4);
+        unit_pixels(&g.kernels, &g.lane, src.view(), empty.view(), 0).unwrap();
+        assert!(g.download(empty.view()).unwrap().iter().all(|v| v.is_nan()));
+        let e = unit_pixels(&g.kernels, &g.lane, src.view(), dst.view(), n + 6).unwrap_err();
+        assert!(e.to_string().contains("camera bytes"), "{e}");
+        let e = unit_pixels(&g.kernels, &g.lane, dst.view(), dst.view(), 4).unwrap_err();
+        assert!(e.to_string().contains("expected U8"), "{e}");
     }
 }
 

@@ -138,9 +138,9 @@ fn bf16_matches_cpu_on_golden_models() {
     }
 }
 
-/// Cameras handed over as bytes (as the dataflow and the openpi server hand them), mapped
-/// to [-1, 1] straight into the pinned upload buffer: the same actions, bit for bit, as the
-/// same cameras handed over as values, in f32 and bf16, and with the pipelined runner.
+/// Cameras handed over as bytes (as the dataflow and the openpi server hand them) are
+/// uploaded as bytes and mapped to [-1, 1] on the GPU: the same actions, bit for bit, as the
+/// same cameras mapped on the host, in f32 and bf16, and with the pipelined runner.
 #[test]
 fn camera_bytes_give_the_actions_of_their_values() {
     for case in golden_cases() {

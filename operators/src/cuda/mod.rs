@@ -84,7 +84,10 @@ impl Gpu {
                 let ints: Vec<i32> = data.iter().map(|&v| v as i32).collect();
                 self.lane.upload(&ints, buf.view())?;
             }
-            DType::U8 => return Err(Error::Cuda("upload of u8 data is not supported".into())),
+            DType::U8 => {
+                let bytes: Vec<u8> = data.iter().map(|&v| v as u8).collect();
+                self.lane.upload(&bytes, buf.view())?;
+            }
         }
         // The host vectors above must outlive the copies.
         self.lane.synchronize()?;

@@ -8,10 +8,10 @@
 
 use std::collections::VecDeque;
 
-use super::device::{guard, CudaResult, PinnedBuffer};
+use super::device::{guard, CudaResult, PinnedBuffer, Pod};
 use super::stages::denoise::{Denoise, GuideHost};
 use super::stages::prefix::Prefix;
-use super::stages::vision::Vision;
+use super::stages::vision::{Staged, Vision};
 use super::stages::{act_type, CacheShape, Engine, KvSlots, Span};
 use crate::backend::{Precision, Runner};
 use crate::checkpoint::Checkpoint;
@@ -39,6 +39,21 @@ pub(crate) struct FrameSlot {
     pub(crate) denoise: Span,
 }
 
+/// What [`FrameSlot::stage_images`] staged: how many values, and as what.
+#[derive(Clone, Copy)]
+pub(crate) enum StagedAs {
+    Unit(usize),
+    Bytes(usize),
+}
+
+/// `images` as the staging copy reads them.
+pub(crate) fn staged_of(images: &Pixels) -> Staged<'_> {
+    match images {
+        Pixels::Unit(v) => Staged::Unit(v),
+        Pixels::Bytes(b) => Staged::Bytes(b),
+    }
+}
+
 impl FrameSlot {
     pub(crate) fn new(e: &Engine, cfg: &Config) -> Result<FrameSlot> {
         let f = std::mem::size_of::<f32>();
@@ -59,42 +74,38 @@ impl FrameSlot {
     }
 
     /// Copies the real cameras of `images` ([num_images, size, size, 3]) into the pinned
-    /// pixels; returns how many values they are (read them with `pixels.slice`).
+    /// pixels, as they come (values in [-1, 1], or bytes); returns what it staged (read it
+    /// with [`FrameSlot::staged`]).
     pub(crate) fn stage_images(
         &mut self,
-        images: &[f32],
+        images: Staged,
         real: &[usize],
         per_image: usize,
-    ) -> Result<usize> {
-        self.stage_with(images, real, per_image, <[f32]>::copy_from_slice)
-    }
-
-    /// [`FrameSlot::stage_images`] of camera bytes: each value mapped to [-1, 1] straight into
-    /// the pinned pixels ([`crate::image::unit_into`], the bits of every other path), with no
-    /// f32 copy of the frame on the way.
-    pub(crate) fn stage_bytes(
-        &mut self,
-        images: &[u8],
-        real: &[usize],
-        per_image: usize,
-    ) -> Result<usize> {
-        self.stage_with(images, real, per_image, crate::image::unit_into)
-    }
-
-    /// The real cameras of `images` into the pinned pixels, each camera written by `put`.
-    fn stage_with<T>(
-        &mut self,
-        images: &[T],
-        real: &[usize],
-        per_image: usize,
-        put: impl Fn(&mut [f32], &[T]),
-    ) -> Result<usize> {
-        let n = real.len() * per_image;
-        let px = self.pixels.slice_mut::<f32>(n)?;
-        for (dst, &i) in px.chunks_exact_mut(per_image).zip(real) {
-            put(dst, &images[i * per_image..(i + 1) * per_image]);
+    ) -> Result<StagedAs> {
+        fn copy<T: Pod>(dst: &mut [T], src: &[T], real: &[usize], per_image: usize) {
+            for (d, &i) in dst.chunks_exact_mut(per_image).zip(real) {
+                d.copy_from_slice(&src[i * per_image..(i + 1) * per_image]);
+            }
         }
-        Ok(n)
+        let n = real.len() * per_image;
+        Ok(match images {
+            Staged::Unit(v) => {
+                copy(self.pixels.slice_mut::<f32>(n)?, v, real, per_image);
+                StagedAs::Unit(n)
+            }
+            Staged::Bytes(b) => {
+                copy(self.pixels.slice_mut::<u8>(n)?, b, real, per_image);
+                StagedAs::Bytes(n)
+            }
+        })
+    }
+
+    /// The pinned pixels [`FrameSlot::stage_images`] wrote.
+    pub(crate) fn staged(&self, s: StagedAs) -> Result<Staged<'_>> {
+        Ok(match s {
+            StagedAs::Unit(n) => Staged::Unit(self.pixels.slice::<f32>(n)?),
+            StagedAs::Bytes(n) => Staged::Bytes(self.pixels.slice::<u8>(n)?),
+        })
     }
 
     /// Copies the prompt ids and the cache info [P, 0, 0, 0] (P: prefix length) into pinned
@@ -259,8 +270,8 @@ impl CudaPolicy {
                 let real: Vec<usize> = (0..n).collect();
                 let px = vec![0.0f32; n * per_image];
                 let f = &mut self.frames[0];
-                let staged = f.stage_images(&px, &real, per_image)?;
-                let pinned = f.pixels.slice::<f32>(staged)?;
+                let staged = f.stage_images(Staged::Unit(&px), &real, per_image)?;
+                let pinned = f.staged(staged)?;
                 self.vision.enqueue(&self.engine, pinned, n, out_rows)?;
                 self.vision.lane.synchronize()?;
             }
@@ -436,11 +447,8 @@ impl CudaPolicy {
             .cuda("ordering vision after the previous prefix")?;
         let rows = self.prefix.input_rows(img_rows)?;
         // Staged before the start event: the stage's time is device time, not host copies.
-        let staged = match &obs.images {
-            Pixels::Unit(v) => f.stage_images(v, &real, per_image)?,
-            Pixels::Bytes(b) => f.stage_bytes(b, &real, per_image)?,
-        };
-        let pixels = f.pixels.slice::<f32>(staged)?;
+        let staged = f.stage_images(staged_of(&obs.images), &real, per_image)?;
+        let pixels = f.staged(staged)?;
         f.vision
             .start
             .record(&lv.stream)

@@ -10,7 +10,7 @@ use super::ipc::{Importer, Remote, Ring};
 use super::pipeline::FrameSlot;
 use super::stages::denoise::Denoise;
 use super::stages::prefix::Prefix;
-use super::stages::vision::Vision;
+use super::stages::vision::{Staged, Vision};
 use super::stages::{act_type, allocate, CacheShape, CacheSlot, Engine, KvSlots};
 use crate::backend::{self, Precision};
 use crate::checkpoint::Checkpoint;
@@ -126,8 +126,10 @@ impl CudaVision {
         let real: Vec<usize> = (0..n).collect();
         let per_image = self.stage.pixel_values(1);
         // Staged before the start event: the stage's time is device time, not host copies.
-        let staged = self.frame.stage_images(images, &real, per_image)?;
-        let pixels = self.frame.pixels.slice::<f32>(staged)?;
+        let staged = self
+            .frame
+            .stage_images(Staged::Unit(images), &real, per_image)?;
+        let pixels = self.frame.staged(staged)?;
         self.frame
             .vision
             .start

@@ -117,7 +117,7 @@ registry! {
     "attention.cu", Always => [softmax_masked, unpermute_heads],
     "attention_fused.cu", Bf16Sm80 => [attention_chunk, attention_combine],
     "skinny.cu", Bf16Sm80 => [skinny_gemm, skinny_gemm_geglu, skinny_gemm_rope],
-    "patch.cu", Always => [im2col, patch_embed_finish],
+    "patch.cu", Always => [unit_pixels, im2col, patch_embed_finish],
     "embed.cu", Always => [embed_tokens],
     "euler.cu", Always => [euler_step, euler_step_guided],
     "fill.cu", Always => [fill_uniform],

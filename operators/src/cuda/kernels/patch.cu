@@ -1,4 +1,16 @@
 // SigLIP's patch embedding: im2col and the bias + position epilogue. Launchers: patch.rs.
+
+// Camera bytes to the model's range: dst[i] = src[i] / 255 * 2 - 1, each operation rounded
+// to f32 on its own (no contraction into an fma), as the CPU's image::extend_unit computes it.
+extern "C" __global__ void unit_pixels(const unsigned char* __restrict__ src,
+                                       float* __restrict__ dst, long long n) {
+  tp_pdl_enter();
+  for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n;
+       i += (long long)gridDim.x * blockDim.x) {
+    dst[i] = __fsub_rn(__fmul_rn(__fdiv_rn((float)src[i], 255.0f), 2.0f), 1.0f);
+  }
+}
+
 // pixels: f32 [n, size, size, 3] (HWC, 3 = TP_IMAGE_CHANNELS); patches: [n * grid^2, 3 p p],
 // patch (gy, gx) of image i at row i * grid^2 + gy * grid + gx, column (ch * p + ky) * p + kx.
 extern "C" __global__ void im2col(const float* __restrict__ pixels, act_t* __restrict__ patches,

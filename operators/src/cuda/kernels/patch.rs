@@ -1,6 +1,7 @@
 //! SigLIP's patch embedding: im2col of the HWC image into rows of (channel, ky, kx) patches
 //! for one GEMM with the Conv2d weight, then bias and learned position embedding. CPU twin:
-//! the im2col loop and patch Linear of [`crate::siglip::Siglip::forward`].
+//! the im2col loop and patch Linear of [`crate::siglip::Siglip::forward`]. Before them, camera
+//! bytes to the model's range (`unit_pixels`; CPU twin [`crate::image::extend_unit`]).
 
 use super::Kernels;
 use crate::cuda::device::{blocks_for, int, launch, Args, DType, Lane, View};
@@ -8,6 +9,25 @@ use crate::Result;
 
 /// Channels of an input image (RGB, HWC; TP_IMAGE_CHANNELS in patch.cu).
 pub const CHANNELS: usize = 3;
+
+/// pixels [n] (f32, in [-1, 1]) from camera bytes [n] (u8): x/255*2-1, the bits of the CPU's
+/// [`crate::image::extend_unit`].
+pub fn unit_pixels(k: &Kernels, lane: &Lane, bytes: View, pixels: View, n: usize) -> Result<()> {
+    bytes.need(DType::U8, n, "camera bytes")?;
+    pixels.need(DType::F32, n, "pixels")?;
+    if n == 0 {
+        return Ok(());
+    }
+    let args = Args::new().ptr(bytes).ptr(pixels).i64(n as i64);
+    launch(
+        &k.unit_pixels,
+        lane,
+        "unit_pixels",
+        blocks_for(n, 256),
+        256,
+        args,
+    )
+}
 
 /// patches [n * (size/p)^2, 3 p p] (act) from pixels [n, size, size, 3] (f32).
 pub fn im2col(

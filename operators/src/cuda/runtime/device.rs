@@ -309,6 +309,7 @@ pub(crate) trait Pod: Copy + Default {}
 impl Pod for f32 {}
 impl Pod for i32 {}
 impl Pod for u16 {}
+impl Pod for u8 {}
 
 impl PinnedBuffer {
     pub fn alloc(dev: &Device, bytes: usize) -> Result<PinnedBuffer> {

@@ -11,12 +11,20 @@ use crate::cuda::attention::{
 use crate::cuda::device::{DType, DeviceBuffer, Lane, View};
 use crate::cuda::gemm::Mat;
 use crate::cuda::layer_norm::layer_norm;
-use crate::cuda::patch::{im2col, patch_embed_finish};
+use crate::cuda::patch::{im2col, patch_embed_finish, unit_pixels};
 use crate::cuda::runtime::graph::GraphCache;
 use crate::cuda::weights::{Arena, DeviceWeights, Planner, VisionW};
 use crate::Result;
 
 use super::{allocate, lin, profile_stage, stage_graphs, Engine, Marks};
+
+/// A frame's real cameras in pinned memory, ready to upload: in [-1, 1], or as bytes that
+/// the GPU maps (a quarter of the upload).
+#[derive(Clone, Copy)]
+pub enum Staged<'a> {
+    Unit(&'a [f32]),
+    Bytes(&'a [u8]),
+}
 
 /// The sizes of the vision tower, named as the config names them.
 #[derive(Debug, Clone, Copy)]
@@ -66,6 +74,9 @@ impl Shape {
 struct Buffers {
     /// f32 [cameras, size, size, 3] in [-1, 1]: the real cameras, first to last.
     pixels: View,
+    /// u8 [cameras, size, size, 3]: the real cameras as bytes, when they come so
+    /// ([`crate::Pixels::Bytes`]), mapped into `pixels` on the GPU.
+    bytes: View,
     patches: View,
     x: View,
     h: View,
@@ -95,6 +106,7 @@ fn layout(s: &Shape, act: DType, ar: &mut Arena) -> Buffers {
     let t = s.tokens_per_image;
     Buffers {
         pixels: ar.take(f, s.cameras * s.image_size * s.image_size * 3),
+        bytes: ar.take(DType::U8, s.cameras * s.image_size * s.image_size * 3),
         patches: ar.take(act, rows * s.patch_values),
         x: ar.take(f, rows * s.width),
         h: ar.take(act, rows * s.width),
@@ -155,13 +167,26 @@ impl Vision {
     }
 
     /// On this stage's stream: uploads `pixels` (pinned, [n, size, size, 3]; untouched until
-    /// the stream has passed this point) and runs the tower for `n` cameras into `out` (f32,
-    /// rows(n) x vlm_width), from its graph after the first run for this shape.
-    pub fn enqueue(&mut self, e: &Engine, pixels: &[f32], n: usize, out: View) -> Result<()> {
+    /// the stream has passed this point; bytes are mapped to [-1, 1] on the GPU) and runs the
+    /// tower for `n` cameras into `out` (f32, rows(n) x vlm_width), from its graph after the
+    /// first run for this shape.
+    pub fn enqueue(&mut self, e: &Engine, pixels: Staged, n: usize, out: View) -> Result<()> {
         if n == 0 {
             return Ok(());
         }
-        self.lane.upload(pixels, self.buf.pixels)?;
+        match pixels {
+            Staged::Unit(v) => self.lane.upload(v, self.buf.pixels)?,
+            Staged::Bytes(b) => {
+                self.lane.upload(b, self.buf.bytes)?;
+                unit_pixels(
+                    &e.kernels,
+                    &self.lane,
+                    self.buf.bytes,
+                    self.buf.pixels,
+                    b.len(),
+                )?;
+            }
+        }
         let capture = stage_graphs()?;
         let out = out.at(0, self.rows(n) * self.shape.out_width)?;
         self.last = Some((n, out));
