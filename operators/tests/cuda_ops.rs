@@ -14,6 +14,7 @@ use operators::cuda::attention::{
 };
 use operators::cuda::embed::embed_tokens;
 use operators::cuda::euler::{euler_step, euler_step_guided, Guidance};
+use operators::cuda::fp8::quantise_e4m3;
 use operators::cuda::layer_norm::layer_norm;
 use operators::cuda::mlp::gelu_gate;
 use operators::cuda::patch::{im2col, patch_embed_finish, unit_pixels};
@@ -1994,4 +1995,67 @@ fn programmatic_launches_in_a_graph_keep_the_order() {
         "chain of {links} launches: {} programmatic edges",
         census.programmatic
     );
+}
+
+/// FP8 quantisation per row against fp8::quantise_rows, codes and scales bit for bit, in both
+/// programs (bf16 inputs rounded as the device holds them): odd widths, a row of zeros, a row
+/// of tiny values (scale 1), a loud row, a NaN; the output row stride wider than the row,
+/// its gaps left as poisoned.
+#[test]
+fn quantise_e4m3_matches_cpu_bit_for_bit() {
+    for act in ACTS {
+        let g = gpu(act);
+        for (rows, width) in [(1, 1), (3, 7), (6, 1000), (9, 2051)] {
+            let mut x = rand_vec(rows * width, 60 + width as u64, -3.0, 3.0);
+            if rows >= 6 {
+                x[width..2 * width].fill(0.0);
+                x[2 * width..3 * width].iter_mut().for_each(|v| *v *= 1e-38);
+                x[3 * width..4 * width].iter_mut().for_each(|v| *v *= 1e4);
+                x[4 * width + width / 2] = f32::NAN;
+            }
+            let (xb, held) = up(&g, act, &x);
+            let ldq = width + 5;
+            let q = g.dev.alloc(DType::U8, (rows - 1) * ldq + width).unwrap();
+            g.lane.poison(q.view()).unwrap();
+            let scale = nan(&g, DType::F32, rows);
+            quantise_e4m3(
+                &g.kernels,
+                &g.lane,
+                xb.view(),
+                width,
+                q.view(),
+                ldq,
+                scale.view(),
+                rows,
+                width,
+            )
+            .unwrap();
+            let codes = g.download_bytes(q.view()).unwrap();
+            let scales = g.download(scale.view()).unwrap();
+            let (want_codes, want_scales) = operators::fp8::quantise_rows(&held, width);
+            let what = format!("{act:?} {rows}x{width}");
+            let bits = |v: &[f32]| v.iter().map(|s| s.to_bits()).collect::<Vec<_>>();
+            assert_eq!(bits(&scales), bits(&want_scales), "{what}: scales");
+            for r in 0..rows {
+                let got = &codes[r * ldq..r * ldq + width];
+                let want = &want_codes[r * width..(r + 1) * width];
+                if let Some(c) = (0..width).find(|&c| got[c] != want[c]) {
+                    panic!(
+                        "{what}: row {r} col {c}: code {:#04x}, want {:#04x} (x = {:e})",
+                        got[c],
+                        want[c],
+                        held[r * width + c]
+                    );
+                }
+                if r + 1 < rows {
+                    assert!(
+                        codes[r * ldq + width..(r + 1) * ldq]
+                            .iter()
+                            .all(|&b| b == 0xFF),
+                        "{what}: row {r}: the gap after the row was written"
+                    );
+                }
+            }
+        }
+    }
 }

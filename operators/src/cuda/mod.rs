@@ -25,7 +25,8 @@ pub use gemm::{Gemm, Mat, Op};
 pub use kernels::Kernels;
 // The kernel families at their former paths (cuda::rms_norm, ...).
 pub use kernels::{
-    activation, attention, embed, euler, layer_norm, mlp, patch, residual, rms_norm, rope, skinny,
+    activation, attention, embed, euler, fp8, layer_norm, mlp, patch, residual, rms_norm, rope,
+    skinny,
 };
 pub use pipeline::CudaPolicy;
 pub use split::{CudaDenoise, CudaPrefix, CudaVision};
@@ -125,6 +126,20 @@ impl Gpu {
             }
             DType::U8 => Err(Error::Cuda("download of u8 data is not supported".into())),
         }
+    }
+
+    /// The bytes of a u8 buffer `v` (waits for the stream): FP8 codes, camera bytes.
+    pub fn download_bytes(&self, v: View) -> Result<Vec<u8>> {
+        self.lane.synchronize()?;
+        if v.dtype != DType::U8 {
+            return Err(Error::Cuda(format!(
+                "internal: download_bytes of a {:?} buffer",
+                v.dtype
+            )));
+        }
+        let mut out = vec![0u8; v.len];
+        download_sync(v, &mut out)?;
+        Ok(out)
     }
 
     pub fn synchronize(&self) -> Result<()> {

@@ -8,6 +8,7 @@ pub mod activation;
 pub mod attention;
 pub mod embed;
 pub mod euler;
+pub mod fp8;
 pub mod layer_norm;
 pub mod mlp;
 pub mod patch;
@@ -121,6 +122,7 @@ registry! {
     "embed.cu", Always => [embed_tokens],
     "euler.cu", Always => [euler_step, euler_step_guided],
     "fill.cu", Always => [fill_uniform],
+    "fp8.cu", Always => [quantise_e4m3],
 }
 
 impl Kernels {
