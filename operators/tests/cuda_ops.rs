@@ -20,7 +20,7 @@ use operators::cuda::mlp::gelu_gate;
 use operators::cuda::patch::{im2col, patch_embed_finish, unit_pixels};
 use operators::cuda::residual::add_residual;
 use operators::cuda::rms_norm::{rms_norm, NormParam};
-use operators::cuda::rope::{rope_qkv, Heads};
+use operators::cuda::rope::{rope_qkv, rope_qkv_batch, Heads, RowBatch};
 use operators::cuda::skinny::{self, Epilogue};
 use operators::cuda::weights::fill_uniform;
 use operators::cuda::{DType, DeviceBuffer, Gpu, Mat, Op, View};
@@ -532,6 +532,158 @@ fn rope_qkv_matches_cpu_rope() {
 }
 
 #[test]
+fn rope_qkv_batch_equals_each_sequence_alone() {
+    // Three sequences of 5 rows in one launch, each at its own first position (read 3 i32
+    // apart) writing its own cache (caches `stride` elements apart, with a gap between them
+    // that stays poisoned): the bits of each sequence's rope_qkv alone.
+    for act in ACTS {
+        let g = gpu(act);
+        for (nh, kv, hd) in [(4, 2, 16), (8, 1, 256)] {
+            let heads = Heads { nh, kv, hd };
+            let (per, seqs, row0, cap) = (5, 3, 4usize, 12usize);
+            let (kvw, qkvw) = (heads.kv_width(), heads.qkv_width());
+            let stride = cap * kvw + 3 * hd;
+            let cache_len = (seqs - 1) * stride + cap * kvw;
+            let (qkvb, _) = up(&g, act, &rand_vec(seqs * per * qkvw, 61, -1.0, 1.0));
+            let inv = cpu::rope_inv_freq(hd, 10000.0);
+            let (ib, _) = up(&g, DType::F32, &inv);
+            let firsts = [9.0f32, -1.0, -1.0, 0.0, -1.0, -1.0, 31.0];
+            let (pb, _) = up(&g, DType::I32, &firsts);
+            let (qb, kb, vb) = (
+                nan(&g, act, seqs * per * nh * hd),
+                nan(&g, act, cache_len),
+                nan(&g, act, cache_len),
+            );
+            let batch = RowBatch {
+                n: seqs,
+                per,
+                kv_stride: stride,
+                prefix_stride: 3,
+            };
+            let io = (qkvb.view(), qb.view(), kb.view(), vb.view());
+            rope_qkv_batch(&g.kernels, &g.lane, io, ib.view(), pb.view(), batch, heads, row0)
+                .unwrap();
+            let (q_all, k_all, v_all) = (
+                g.download(qb.view()).unwrap(),
+                g.download(kb.view()).unwrap(),
+                g.download(vb.view()).unwrap(),
+            );
+            for b in 0..seqs {
+                let (q1, k1, v1) = (
+                    nan(&g, act, per * nh * hd),
+                    nan(&g, act, cap * kvw),
+                    nan(&g, act, cap * kvw),
+                );
+                rope_qkv(
+                    &g.kernels,
+                    &g.lane,
+                    qkvb.view().at(b * per * qkvw, per * qkvw).unwrap(),
+                    q1.view(),
+                    k1.view(),
+                    v1.view(),
+                    ib.view(),
+                    pb.view().at(3 * b, 1).unwrap(),
+                    per,
+                    heads,
+                    row0,
+                )
+                .unwrap();
+                let name = format!("rope batch {nh}/{kv}x{hd} {act:?}, sequence {b}");
+                let q_seq = per * nh * hd;
+                let got_q = &q_all[b * q_seq..(b + 1) * q_seq];
+                assert_eq!(bits(got_q), bits(&g.download(q1.view()).unwrap()), "{name}: q");
+                let c = b * stride..b * stride + cap * kvw;
+                let got_k = &k_all[c.clone()];
+                assert_eq!(bits(got_k), bits(&g.download(k1.view()).unwrap()), "{name}: k");
+                let got_v = &v_all[c];
+                assert_eq!(bits(got_v), bits(&g.download(v1.view()).unwrap()), "{name}: v");
+            }
+            for b in 0..seqs - 1 {
+                let gap = b * stride + cap * kvw..(b + 1) * stride;
+                assert!(k_all[gap.clone()].iter().all(|x| x.is_nan()), "k gap {b} written");
+                assert!(v_all[gap].iter().all(|x| x.is_nan()), "v gap {b} written");
+            }
+        }
+    }
+}
+
+#[test]
+fn fused_attention_batch_equals_each_sequence_alone() {
+    // The expert's queries of three sequences, each over its own cache (`stride` elements
+    // apart) with its own prefix length (read 3 i32 apart: 97, 0 and the whole cap), in one
+    // launch: the bits of each sequence's attention alone.
+    let g = gpu(DType::Bf16);
+    let act = DType::Bf16;
+    for (nh, kv, hd, s_rows, n_state) in [(8, 1, 256, 10, 0), (4, 2, 64, 11, 1)] {
+        let (seqs, cap) = (3, 130);
+        let group = nh / kv;
+        let kvw = kv * hd;
+        let keys = cap + s_rows;
+        let stride = keys * kvw + 8 * hd;
+        let gr = s_rows * group;
+        let q_seq = kv * gr * hd;
+        let (qb, _) = up(&g, act, &rand_vec(seqs * q_seq, 290, -1.0, 1.0));
+        let cache_len = (seqs - 1) * stride + keys * kvw;
+        let (kb, _) = up(&g, act, &rand_vec(cache_len, 291, -2.0, 2.0));
+        let (vb, _) = up(&g, act, &rand_vec(cache_len, 292, -1.0, 1.0));
+        let (lb, _) = up(&g, DType::I32, &[97.0, -1.0, -1.0, 0.0, -1.0, -1.0, cap as f32]);
+        let run = |n2: usize, q: View, (k, v): (View, View), plen: View, out: View| {
+            let prob = Problem {
+                rows: gr,
+                keys,
+                hd,
+                n1: kv,
+                n2,
+            };
+            let (_p, _s, work) = workspace(&g, &prob);
+            let fq = Strided {
+                view: q,
+                ld: hd,
+                s1: gr * hd,
+                s2: q_seq,
+            };
+            let fk = Strided {
+                view: k,
+                ld: kvw,
+                s1: hd,
+                s2: stride,
+            };
+            let fv = Strided { view: v, ..fk };
+            let fo = Strided { view: out, ..fq };
+            assert!(fused_fits(&g.kernels, &prob, &fq, (&fk, &fv), &fo));
+            let mask = Mask {
+                prefix_len: Some(plen),
+                prefix_stride: 3,
+                prefix_cap: cap,
+                n_state,
+                group,
+            };
+            let scale = attention::scale(hd);
+            fused_attention(&g.kernels, &g.lane, &prob, fq, (fk, fv), fo, scale, &mask, work)
+                .unwrap();
+            g.download(out).unwrap()
+        };
+        let out = nan(&g, act, seqs * q_seq);
+        let all = run(seqs, qb.view(), (kb.view(), vb.view()), lb.view(), out.view());
+        for b in 0..seqs {
+            let one = nan(&g, act, q_seq);
+            let kv_b = (
+                kb.view().at(b * stride, keys * kvw).unwrap(),
+                vb.view().at(b * stride, keys * kvw).unwrap(),
+            );
+            let q_b = qb.view().at(b * q_seq, q_seq).unwrap();
+            let alone = run(1, q_b, kv_b, lb.view().at(3 * b, 1).unwrap(), one.view());
+            assert!(alone.iter().all(|x| x.is_finite()), "sequence {b} alone");
+            assert_eq!(
+                bits(&all[b * q_seq..(b + 1) * q_seq]),
+                bits(&alone),
+                "attention batch {nh}/{kv}x{hd}, sequence {b}"
+            );
+        }
+    }
+}
+
+#[test]
 fn softmax_masked_matches_cpu() {
     for act in ACTS {
         let g = gpu(act);
@@ -548,6 +700,7 @@ fn softmax_masked_matches_cpu() {
             let pb = nan(&g, act, rows * ld);
             let mask = Mask {
                 prefix_len: Some(lb.view()),
+                prefix_stride: 0,
                 prefix_cap: cap,
                 n_state,
                 group,
@@ -596,6 +749,7 @@ fn softmax_masked_matches_cpu() {
         let pb = nan(&g, act, 8);
         let mask = Mask {
             prefix_len: Some(lb.view()),
+            prefix_stride: 0,
             prefix_cap: 8,
             n_state: 0,
             group: 1,
@@ -721,6 +875,7 @@ fn attention_grouped_with_padded_cache_matches_cpu() {
             };
             let mask = Mask {
                 prefix_len: Some(lb.view()),
+                prefix_stride: 0,
                 prefix_cap: cap,
                 n_state,
                 group,
@@ -848,6 +1003,7 @@ fn fused_attention_matches_cpu_on_the_expert_layout() {
         );
         let mask = Mask {
             prefix_len: Some(lb.view()),
+            prefix_stride: 0,
             prefix_cap: cap,
             n_state,
             group,
@@ -926,6 +1082,7 @@ fn fused_attention_rows_that_see_nothing_are_zero() {
     };
     let mask = Mask {
         prefix_len: Some(lb.view()),
+        prefix_stride: 0,
         prefix_cap: keys,
         n_state: 0,
         group: 1,

@@ -14,7 +14,10 @@ use operators::bench::Setting;
 use operators::checkpoint::{Checkpoint, WriteDtype};
 use operators::cuda::CudaPolicy;
 use operators::rtc::{Guide, Jacobian};
-use operators::{npy, observation, random, Config, Error, Observation, Pixels, Policy};
+use operators::policy::BatchRow;
+use operators::{
+    npy, observation, random, Config, Error, Observation, Pixels, Policy, MAX_BATCH,
+};
 
 const GOLDEN_TOLERANCE: f32 = 1e-4;
 /// bf16 against the CPU, relative to the largest |action|.
@@ -303,6 +306,84 @@ fn pipelined_frames_match_one_at_a_time() {
     }
 }
 
+#[test]
+fn batched_rows_match_single_rows() {
+    // Rows of different prefix lengths, cameras and noise in one batch (each row's vision and
+    // prefix into its own K/V cache, one denoise loop over all): each row's actions are those
+    // of the row run alone, within the tolerance of its precision (the batch's products have
+    // other shapes, so other kernels and summation orders); a bad row fails alone; a frame
+    // run alone afterwards is unchanged, bit for bit.
+    for case in golden_cases() {
+        let (ckpt, obs, noise) = load(&case);
+        let other = variant(&obs);
+        let flipped: Vec<f32> = noise.iter().map(|v| -v).collect();
+        let mut bad = obs.clone();
+        bad.image_masks.pop();
+        let good = [
+            (&obs, &noise),
+            (&other, &flipped),
+            (&obs, &flipped),
+            (&other, &noise),
+        ];
+        for (precision, tolerance) in [
+            (Precision::F32, GOLDEN_TOLERANCE),
+            (Precision::Bf16, BF16_TOLERANCE),
+        ] {
+            let mut p = cuda(&ckpt, precision);
+            let want: Vec<Vec<f32>> = good
+                .iter()
+                .map(|(o, n)| p.infer(o, n, 10).unwrap().0)
+                .collect();
+            // Three good rows around a bad one; then every slot, the good rows over and over.
+            let mut rows: Vec<BatchRow> = good[..3]
+                .iter()
+                .map(|(o, n)| BatchRow { obs: o, noise: n })
+                .collect();
+            rows.insert(2, BatchRow { obs: &bad, noise: &noise });
+            let expect: Vec<Option<usize>> = vec![Some(0), Some(1), None, Some(2)];
+            let full: Vec<usize> = (0..MAX_BATCH).map(|i| i % good.len()).collect();
+            let full_rows: Vec<BatchRow> = full
+                .iter()
+                .map(|&i| BatchRow { obs: good[i].0, noise: good[i].1 })
+                .collect();
+            let full_expect: Vec<Option<usize>> = full.iter().map(|&i| Some(i)).collect();
+            for (rows, expect) in [(&rows, &expect), (&full_rows, &full_expect)] {
+                let out = p.infer_batch(rows, 10).unwrap();
+                assert_eq!(out.actions.len(), rows.len());
+                let mut worst = 0.0f32;
+                for (r, (got, want_i)) in out.actions.iter().zip(expect.iter()).enumerate() {
+                    match want_i {
+                        None => {
+                            let e = got.as_ref().unwrap_err();
+                            assert!(e.to_string().contains("vision: expected"), "row {r}: {e}");
+                        }
+                        Some(i) => {
+                            let got = got.as_ref().unwrap_or_else(|e| panic!("row {r}: {e}"));
+                            let (err, at, scale) = diff(got, &want[*i]);
+                            worst = worst.max(err / scale);
+                            assert!(
+                                err <= tolerance * scale,
+                                "{} {precision:?}: batch of {}, row {r}: error {err:e} at {at} > {tolerance} x {scale}",
+                                case.display(),
+                                rows.len()
+                            );
+                        }
+                    }
+                }
+                assert!(out.times.denoise > std::time::Duration::ZERO);
+                println!(
+                    "{} {precision:?}: batch of {} rows, worst relative error {worst:.2e}; times {:?}",
+                    case.display(),
+                    rows.len(),
+                    out.times
+                );
+            }
+            let again = p.infer(&obs, &noise, 10).unwrap().0;
+            assert_eq!(again, want[0], "{} {precision:?}: a frame after batches", case.display());
+        }
+    }
+}
+
 /// Another observation of the same model: one more camera masked (or unmasked) and a
 /// different number of real tokens, so the prefix length changes.
 fn variant(obs: &Observation) -> Observation {
@@ -493,6 +574,21 @@ fn full_size(cfg: Config, seed: u64) {
             got[at],
             want[at]
         );
+        // A batch of the same observation with two noises: each row within the precision's
+        // tolerance of the row run alone.
+        let flipped: Vec<f32> = noise.iter().map(|v| -v).collect();
+        let alone = policy.infer(&obs, &flipped, steps).unwrap().0;
+        let rows = [
+            BatchRow { obs: &obs, noise: &noise },
+            BatchRow { obs: &obs, noise: &flipped },
+        ];
+        let out = policy.infer_batch(&rows, steps).unwrap();
+        for (r, (b, single)) in out.actions.iter().zip([&got, &alone]).enumerate() {
+            let b = b.as_ref().unwrap_or_else(|e| panic!("batch row {r}: {e}"));
+            let (err, at, scale) = diff(b, single);
+            println!("batch of 2, row {r}: max abs err {err:.3e} against the row alone (rel {:.2e}); batch {:?}", err / scale, out.times);
+            assert!(err <= tolerance * scale, "{precision:?}: batch row {r} error {err:e} at {at} > {tolerance} x {scale}");
+        }
     }
 }
 

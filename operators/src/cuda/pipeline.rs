@@ -12,8 +12,10 @@ use super::device::{guard, CudaResult, PinnedBuffer, Pod};
 use super::stages::denoise::{Denoise, GuideHost};
 use super::stages::prefix::Prefix;
 use super::stages::vision::{Staged, Vision};
-use super::stages::{act_type, CacheShape, Engine, KvSlots, Span};
+use super::stages::{act_type, CacheShape, CacheSlot, Engine, KvSlots, Span};
 use crate::backend::{Precision, Runner};
+use crate::policy::{check_batch, BatchOutput, BatchRow};
+use crate::MAX_BATCH;
 use crate::checkpoint::Checkpoint;
 use crate::config::Config;
 use crate::observation::{Observation, Pixels};
@@ -143,6 +145,30 @@ impl FrameSlot {
     }
 }
 
+/// What a batch run together holds beyond its rows' frame slots: every row's noise and
+/// (pi0) state, and its actions, one row after another (pinned), and the timing events of its
+/// one denoise loop.
+pub(crate) struct BatchSlot {
+    noise: PinnedBuffer,
+    state: PinnedBuffer,
+    actions: PinnedBuffer,
+    denoise: Span,
+}
+
+impl BatchSlot {
+    fn new(e: &Engine, cfg: &Config) -> Result<BatchSlot> {
+        let f = std::mem::size_of::<f32>();
+        let chunk = cfg.action_horizon * cfg.action_dim;
+        let pin = |values: usize| PinnedBuffer::alloc(&e.dev, (MAX_BATCH * values).max(1) * f);
+        Ok(BatchSlot {
+            noise: pin(chunk)?,
+            state: pin(cfg.action_dim)?,
+            actions: pin(chunk)?,
+            denoise: Span::new(e)?,
+        })
+    }
+}
+
 /// A guided frame's guide as the device reads it: the mask and target per value and the
 /// guidance weight per step (f32, from [`rtc::Prepared`]).
 struct DeviceGuide {
@@ -157,8 +183,10 @@ pub struct CudaPolicy {
     vision: Vision,
     prefix: Prefix,
     denoise: Denoise,
+    /// One slot per row of the largest batch (at least two: pipelined frames use 0 and 1).
     caches: KvSlots,
     frames: [FrameSlot; 2],
+    batch: BatchSlot,
     /// Frames submitted and not yet collected (their slots, oldest first).
     in_flight: VecDeque<usize>,
     cfg: Config,
@@ -208,14 +236,16 @@ impl CudaPolicy {
         let prefix = Prefix::new(&engine, cfg)?;
         let denoise = Denoise::new(&engine, cfg)?;
         let shape = CacheShape::of(cfg, act_type(precision));
-        let caches = KvSlots::new(&engine, &prefix.lane, shape, 2)?;
+        let caches = KvSlots::new(&engine, &prefix.lane, shape, MAX_BATCH.max(2))?;
         let frames = [FrameSlot::new(&engine, cfg)?, FrameSlot::new(&engine, cfg)?];
+        let batch = BatchSlot::new(&engine, cfg)?;
         Ok(CudaPolicy {
             vision,
             prefix,
             denoise,
             caches,
             frames,
+            batch,
             in_flight: VecDeque::new(),
             cfg: cfg.clone(),
             precision,
@@ -247,6 +277,10 @@ impl CudaPolicy {
             }
             let cache = self.caches.get(0)?;
             self.denoise.prepare_guided(&self.engine, steps, cache)?;
+            for n in 2..=MAX_BATCH {
+                let caches = self.caches.batch(n)?;
+                self.denoise.prepare_batch(&self.engine, steps, caches)?;
+            }
             self.denoise.lane.synchronize()
         })
     }
@@ -276,11 +310,11 @@ impl CudaPolicy {
                 self.vision.lane.synchronize()?;
             }
             let ids = vec![0i32; prompt_tokens];
-            for slot in 0..2 {
+            for slot in 0..self.caches.len() {
                 let cache = self.caches.get(slot)?;
                 for n in 0..=c.num_images {
                     let img_rows = self.vision.rows(n);
-                    let f = &mut self.frames[slot];
+                    let f = &mut self.frames[slot % 2];
                     f.stage_prompt(&ids, img_rows + ids.len())?;
                     let (ids, info) = (f.ids.slice::<i32>(ids.len())?, f.info.slice::<i32>(4)?);
                     self.prefix
@@ -425,45 +459,17 @@ impl CudaPolicy {
             Some(&busy) => busy ^ 1,
             None => 0,
         };
-        let c = &self.cfg;
-        let per_image = c.image_size * c.image_size * 3;
-        let img_rows = self.vision.rows(real.len());
         let cache = self.caches.get(slot)?;
+        self.enqueue_context(slot, obs, (&real, &ids), cache)?;
+        let c = &self.cfg;
         let e = &self.engine;
-        let [f0, f1] = &mut self.frames;
-        let (f, other) = if slot == 0 { (f0, &*f1) } else { (f1, &*f0) };
-        f.stage_prompt(&ids, img_rows + ids.len())?;
+        let f = &mut self.frames[slot];
         let state = obs.state.as_deref().filter(|_| !c.pi05);
         f.stage_sampler(noise, state)?;
         if let Some(g) = guide {
             f.stage_guide(&g.weight, &g.target)?;
         }
-
-        // Vision rewrites the prefix's input rows: only after the other slot's prefix (the
-        // previous frame) has read them.
-        let (lv, lp, ld) = (&self.vision.lane, &self.prefix.lane, &self.denoise.lane);
-        lv.stream
-            .wait(&other.prefix.end)
-            .cuda("ordering vision after the previous prefix")?;
-        let rows = self.prefix.input_rows(img_rows)?;
-        // Staged before the start event: the stage's time is device time, not host copies.
-        let staged = f.stage_images(staged_of(&obs.images), &real, per_image)?;
-        let pixels = f.staged(staged)?;
-        f.vision
-            .start
-            .record(&lv.stream)
-            .cuda("recording a stage's start")?;
-        self.vision.enqueue(e, pixels, real.len(), rows)?;
-        let lv = &self.vision.lane;
-        f.vision.record_end(lv)?;
-        lp.stream
-            .wait(&f.vision.end)
-            .cuda("ordering prefix after vision")?;
-        f.prefix.record_start(lp)?;
-        let (pids, info) = (f.ids.slice::<i32>(ids.len())?, f.info.slice::<i32>(4)?);
-        self.prefix.enqueue(e, pids, info, img_rows, cache)?;
-        let lp = &self.prefix.lane;
-        f.prefix.record_end(lp)?;
+        let ld = &self.denoise.lane;
         ld.stream
             .wait(&f.prefix.end)
             .cuda("ordering denoise after prefix")?;
@@ -489,6 +495,118 @@ impl CudaPolicy {
         f.denoise.record_end(&self.denoise.lane)?;
         self.in_flight.push_back(slot);
         Ok(())
+    }
+
+    /// Stages `obs`'s cameras and prompt (`real`, `ids`: what [`CudaPolicy::check_inputs`]
+    /// gave) in frame slot `slot` and queues its vision and prefix, which fills `cache`. The
+    /// vision waits for the other frame slot's prefix (which reads the rows it writes); the
+    /// caller makes sure frame slot `slot`'s pinned inputs are no longer read.
+    fn enqueue_context(
+        &mut self,
+        slot: usize,
+        obs: &Observation,
+        (real, ids): (&[usize], &[i32]),
+        cache: CacheSlot,
+    ) -> Result<()> {
+        let c = &self.cfg;
+        let per_image = c.image_size * c.image_size * 3;
+        let img_rows = self.vision.rows(real.len());
+        let e = &self.engine;
+        let [f0, f1] = &mut self.frames;
+        let (f, other) = if slot == 0 { (f0, &*f1) } else { (f1, &*f0) };
+        f.stage_prompt(ids, img_rows + ids.len())?;
+        // Vision rewrites the prefix's input rows: only after the other slot's prefix (the
+        // previous frame) has read them.
+        let (lv, lp) = (&self.vision.lane, &self.prefix.lane);
+        lv.stream
+            .wait(&other.prefix.end)
+            .cuda("ordering vision after the previous prefix")?;
+        let rows = self.prefix.input_rows(img_rows)?;
+        // Staged before the start event: the stage's time is device time, not host copies.
+        let staged = f.stage_images(staged_of(&obs.images), real, per_image)?;
+        let pixels = f.staged(staged)?;
+        f.vision
+            .start
+            .record(&lv.stream)
+            .cuda("recording a stage's start")?;
+        self.vision.enqueue(e, pixels, real.len(), rows)?;
+        f.vision.record_end(&self.vision.lane)?;
+        lp.stream
+            .wait(&f.vision.end)
+            .cuda("ordering prefix after vision")?;
+        f.prefix.record_start(lp)?;
+        let (pids, info) = (f.ids.slice::<i32>(ids.len())?, f.info.slice::<i32>(4)?);
+        self.prefix.enqueue(e, pids, info, img_rows, cache)?;
+        f.prefix.record_end(&self.prefix.lane)
+    }
+
+    /// The rows of a batch that passed their checks (index into the batch, cameras, prompt
+    /// ids), at least two: each row's vision and prefix in turn into K/V cache slot j (row j),
+    /// alternating between the two frame slots, then one denoise loop over every cache. The
+    /// stage times are the rows' vision and prefix times summed and the loop's time.
+    fn batch_frames(
+        &mut self,
+        rows: &[BatchRow<'_>],
+        good: &[(usize, Vec<usize>, Vec<i32>)],
+        steps: usize,
+    ) -> Result<(Vec<Vec<f32>>, StageTimes)> {
+        self.engine.dev.bind()?;
+        let caches = self.caches.batch(good.len())?;
+        let mut times = StageTimes::default();
+        let context_times = |f: &FrameSlot, t: &mut StageTimes| -> Result<()> {
+            t.vision += f.vision.elapsed()?;
+            t.prefix += f.prefix.elapsed()?;
+            Ok(())
+        };
+        for (j, (i, real, ids)) in good.iter().enumerate() {
+            let slot = j % 2;
+            if j >= 2 {
+                // Row j - 2's prefix has read the slot's pinned inputs.
+                let f = &self.frames[slot];
+                f.prefix.end.synchronize().cuda("running a batch's prefix")?;
+                context_times(f, &mut times)?;
+            }
+            let cache = self.caches.get(j)?;
+            self.enqueue_context(slot, rows[*i].obs, (real, ids), cache)?;
+        }
+        let c = &self.cfg;
+        let (chunk, ad) = (c.action_horizon * c.action_dim, c.action_dim);
+        let n = good.len();
+        let b = &mut self.batch;
+        let noise = b.noise.slice_mut::<f32>(n * chunk)?;
+        for ((_, row), dst) in good.iter().map(|g| (g, &rows[g.0])).zip(noise.chunks_exact_mut(chunk)) {
+            dst.copy_from_slice(row.noise);
+        }
+        let states = if c.pi05 {
+            None
+        } else {
+            let states = b.state.slice_mut::<f32>(n * ad)?;
+            for ((i, _, _), dst) in good.iter().zip(states.chunks_exact_mut(ad)) {
+                let state = rows[*i].obs.state.as_deref().ok_or_else(|| {
+                    Error::Cuda("internal: a checked pi0 row without its state".into())
+                })?;
+                dst.copy_from_slice(state);
+            }
+            Some(b.state.slice::<f32>(n * ad)?)
+        };
+        let ld = &self.denoise.lane;
+        let last = &self.frames[(n - 1) % 2];
+        ld.stream
+            .wait(&last.prefix.end)
+            .cuda("ordering denoise after prefix")?;
+        b.denoise.record_start(ld)?;
+        let sampler = (b.noise.slice::<f32>(n * chunk)?, states);
+        let actions = b.actions.slice_mut::<f32>(n * chunk)?;
+        self.denoise
+            .enqueue_batch(&self.engine, sampler, steps, caches, actions)?;
+        b.denoise.record_end(&self.denoise.lane)?;
+        b.denoise.end.synchronize().cuda("running a batch")?;
+        for j in n.saturating_sub(2)..n {
+            context_times(&self.frames[j % 2], &mut times)?;
+        }
+        times.denoise = b.denoise.elapsed()?;
+        let actions = b.actions.slice::<f32>(n * chunk)?;
+        Ok((actions.chunks_exact(chunk).map(<[f32]>::to_vec).collect(), times))
     }
 
     fn collect_inner(&mut self) -> Result<Option<(Vec<f32>, StageTimes)>> {
@@ -518,7 +636,56 @@ impl Drop for CudaPolicy {
     }
 }
 
+impl CudaPolicy {
+    /// [`Runner::infer_batch`]: each row checked alone (a bad row fails alone); a batch of
+    /// one good row is [`Runner::infer`]; more run as [`CudaPolicy::batch_frames`].
+    fn batch_inner(&mut self, rows: &[BatchRow<'_>], steps: usize) -> Result<BatchOutput> {
+        check_batch(rows.len())?;
+        if !self.in_flight.is_empty() {
+            return Err(Error::Input(
+                "frames submitted with `submit` are in flight: collect them first".into(),
+            ));
+        }
+        let mut answers: Vec<Option<Result<Vec<f32>>>> = rows.iter().map(|_| None).collect();
+        let mut good = Vec::with_capacity(rows.len());
+        for (i, row) in rows.iter().enumerate() {
+            match self.check_inputs(row.obs, row.noise, steps) {
+                Ok((real, ids)) => good.push((i, real, ids)),
+                Err(e) => answers[i] = Some(Err(e)),
+            }
+        }
+        let times = match good.as_slice() {
+            [] => StageTimes::default(),
+            [(i, _, _)] => {
+                let (actions, times) = self.frame(rows[*i].obs, rows[*i].noise, steps, None)?;
+                answers[*i] = Some(Ok(actions));
+                times
+            }
+            _ => {
+                let (actions, times) = self.batch_frames(rows, &good, steps)?;
+                for ((i, _, _), a) in good.iter().zip(actions) {
+                    answers[*i] = Some(Ok(a));
+                }
+                times
+            }
+        };
+        let actions = answers
+            .into_iter()
+            .map(|a| a.unwrap_or_else(|| Err(Error::Cuda("internal: a batch row without its answer".into()))))
+            .collect();
+        Ok(BatchOutput { actions, times })
+    }
+}
+
 impl Runner for CudaPolicy {
+    /// The rows of up to [`MAX_BATCH`] observations in one forward where it pays: each row's
+    /// vision and prefix in turn (each into its own K/V cache), then one denoise loop over
+    /// every row (the expert's weights read once per step for all of them); a row that fails
+    /// its checks fails alone.
+    fn infer_batch(&mut self, rows: &[BatchRow<'_>], steps: usize) -> Result<BatchOutput> {
+        guard("CUDA batched inference", || self.batch_inner(rows, steps))
+    }
+
     /// One frame: uploads the observation, runs vision, prefix and the denoise graph, and
     /// downloads the actions; no device allocation except the first time a step count is
     /// used (its time table and graph).

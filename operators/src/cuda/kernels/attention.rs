@@ -20,6 +20,9 @@ use crate::{Error, Result};
 pub struct Mask {
     /// Device i32: how many of the first `prefix_cap` keys are valid; None: all of them.
     pub prefix_len: Option<View>,
+    /// i32 between the prefix lengths of consecutive problems of the fused attention's inner
+    /// batch (the sequences of a batch, each over its own cache); 0: one length for all.
+    pub prefix_stride: usize,
     pub prefix_cap: usize,
     /// Suffix keys every query sees (pi0's state token); later suffix keys are seen only by
     /// queries at or after `n_state` (block-causal).
@@ -33,6 +36,7 @@ impl Mask {
     pub fn full(keys: usize) -> Mask {
         Mask {
             prefix_len: None,
+            prefix_stride: 0,
             prefix_cap: keys,
             n_state: 0,
             group: 1,
@@ -69,6 +73,11 @@ pub fn softmax_masked(
     }
     if rows_per_batch == 0 || mask.group == 0 {
         return Err(Error::Cuda("internal: softmax grouping".into()));
+    }
+    if mask.prefix_stride != 0 {
+        return Err(Error::Cuda(
+            "internal: softmax with a prefix length per sequence (one sequence at a time)".into(),
+        ));
     }
     let args = Args::new()
         .ptr(s)
@@ -354,7 +363,8 @@ pub fn fused_attention(
     out.view
         .need(act, p.span(&out, p.hd, p.rows), "attention output")?;
     if let Some(pl) = mask.prefix_len {
-        pl.need(DType::I32, 1, "attention prefix length")?;
+        let n = (p.n2 - 1) * mask.prefix_stride + 1;
+        pl.need(DType::I32, n, "attention prefix length")?;
     }
     if mask.group == 0 {
         return Err(Error::Cuda("internal: attention grouping".into()));
@@ -397,7 +407,8 @@ pub fn fused_attention(
         .f32(scale)
         .i32(int(mask.prefix_cap, "prefix cap")?)
         .i32(int(mask.n_state, "state tokens")?)
-        .i32(int(mask.group, "group")?);
+        .i32(int(mask.group, "group")?)
+        .i32(int(mask.prefix_stride, "prefix length stride")?);
     let grid = (p.rows.div_ceil(FUSED_ROWS), splits, batch);
     // A small grid (pi0.5's expert at a 10-token horizon: 2 row tiles x 12 key chunks) may
     // start while its predecessor drains; larger ones launch in order, since their blocks,

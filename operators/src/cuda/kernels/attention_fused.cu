@@ -53,7 +53,9 @@ __device__ __forceinline__ void tp_fa_stage(unsigned short* dst, int ld,
 }
 
 // Problem b of gridDim.z = n1 * nb2 sits at offset (b / nb2) * s1 + (b % nb2) * s2 of each
-// operand; rows are `ld` apart. Q, O: [rows, hd] per problem; K, V: [keys, hd] (same layout).
+// operand, and reads its prefix length at prefix_len[(b % nb2) * plen_stride] (the rows of a
+// batch over their own caches); rows are `ld` apart. Q, O: [rows, hd] per problem; K, V:
+// [keys, hd] (same layout).
 // Block (x, y, z): query rows 64x .. 64x + 63 (16 per warp) against keys 64y .. 64y + 63,
 // staged in shared memory by cp.async (V arrives while S is computed), fragments read with
 // ldmatrix. The mask is softmax_masked's. With one chunk (gridDim.y == 1) the block writes O;
@@ -67,7 +69,7 @@ extern "C" __global__ void __launch_bounds__(TP_FA_THREADS) attention_chunk(
     long long q_ld, long long q_s1, long long q_s2,
     long long kv_ld, long long kv_s1, long long kv_s2,
     long long o_ld, long long o_s1, long long o_s2,
-    float scale, int prefix_cap, int n_state, int group) {
+    float scale, int prefix_cap, int n_state, int group, int plen_stride) {
   tp_pdl_enter();
   extern __shared__ __align__(16) unsigned short tp_fa_smem[];
   const int ld = hdp + TP_FA_PAD;  // padded rows: conflict-free ldmatrix
@@ -115,7 +117,7 @@ extern "C" __global__ void __launch_bounds__(TP_FA_THREADS) attention_chunk(
   }
 
   // Masked softmax over the chunk; each row lives in the 4 lanes of a quad.
-  const int plen = prefix_len != 0 ? prefix_len[0] : prefix_cap;
+  const int plen = prefix_len != 0 ? prefix_len[(long long)b2 * plen_stride] : prefix_cap;
   const bool late_a = ra / group >= n_state, late_b = rb / group >= n_state;
   float ma = tp_neg_inf(), mb = tp_neg_inf();
 #pragma unroll

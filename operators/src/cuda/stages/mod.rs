@@ -23,6 +23,7 @@ use crate::config::Config;
 use crate::cuda::attention::{self, Mask, Problem, Scratch, Strided, Workspace};
 use crate::cuda::device::{timing_event, CudaResult, DType, Device, DeviceBuffer, Lane, View};
 use crate::cuda::gemm::{Gemm, Mat};
+use crate::cuda::kernels::rope::RowBatch;
 use crate::cuda::kernels::skinny::{self, Epilogue};
 use crate::cuda::runtime::graph::Graph;
 use crate::cuda::weights::{Arena, Lin};
@@ -426,6 +427,65 @@ impl CacheSlot {
     }
 }
 
+/// The K/V caches of a batch's sequences: slot 0's, and the next `n - 1` slots of the same
+/// allocation, each `kv_stride` elements (and its info `info_stride` i32) after the one
+/// before ([`KvSlots::batch`] checks that they are).
+#[derive(Debug, Clone, Copy)]
+pub struct CacheBatch {
+    pub first: CacheSlot,
+    pub n: usize,
+    pub kv_stride: usize,
+    pub info_stride: usize,
+}
+
+impl CacheBatch {
+    /// One cache.
+    pub fn one(slot: CacheSlot) -> CacheBatch {
+        CacheBatch {
+            first: slot,
+            n: 1,
+            kv_stride: 0,
+            info_stride: 0,
+        }
+    }
+
+    /// The sequences of `per` rows each over these caches.
+    pub fn rows(&self, per: usize) -> RowBatch {
+        RowBatch {
+            n: self.n,
+            per,
+            kv_stride: self.kv_stride,
+            prefix_stride: self.info_stride,
+        }
+    }
+
+    /// Layer `layer`'s K and V caches of the first sequence, as views that span every
+    /// sequence's (within the slots' allocation, as [`KvSlots::batch`] checked).
+    pub fn layer(&self, layer: usize) -> Result<(View, View)> {
+        let (k, v) = self.first.layer(layer)?;
+        let more = (self.n - 1) * self.kv_stride;
+        Ok((
+            View {
+                len: k.len + more,
+                ..k
+            },
+            View {
+                len: v.len + more,
+                ..v
+            },
+        ))
+    }
+
+    /// The first sequence's prefix length, as a view that spans every sequence's.
+    pub fn prefix_lens(&self) -> Result<View> {
+        let p = self.first.prefix_len()?;
+        Ok(View {
+            len: p.len + (self.n - 1) * self.info_stride,
+            ..p
+        })
+    }
+}
+
 /// `n` K/V caches in one allocation (two in the pipelined policy: frame t's denoise reads one
 /// while frame t+1's prefix fills the other). Rows past a frame's prefix are read (with
 /// probability 0) by the padded attention, so they start at zero and stay finite.
@@ -454,6 +514,56 @@ impl KvSlots {
             .copied()
             .ok_or_else(|| Error::Cuda(format!("internal: K/V cache slot {i}")))
     }
+
+    /// Slots `0..n` as the caches of a batch's `n` sequences: an error unless they lie at one
+    /// stride (they do: one layout, one allocation).
+    pub fn batch(&self, n: usize) -> Result<CacheBatch> {
+        let first = self.get(0)?;
+        if n == 0 || n > self.slots.len() {
+            return Err(Error::Cuda(format!(
+                "internal: a batch of {n} over {} K/V cache slots",
+                self.slots.len()
+            )));
+        }
+        if n == 1 {
+            return Ok(CacheBatch::one(first));
+        }
+        let second = self.get(1)?;
+        let stride = |a: View, b: View| -> Option<usize> {
+            let bytes = b.ptr.checked_sub(a.ptr)?;
+            let size = a.dtype.size() as u64;
+            (bytes % size == 0).then(|| usize::try_from(bytes / size).ok())?
+        };
+        let (kv_stride, info_stride) = stride(first.kv, second.kv)
+            .zip(stride(first.info, second.info))
+            .ok_or_else(|| Error::Cuda("internal: K/V cache slots out of order".into()))?;
+        let at = |base: View, i: usize, stride: usize| {
+            base.ptr + (i * stride * base.dtype.size()) as u64
+        };
+        let uniform = self.slots[..n].iter().enumerate().all(|(i, s)| {
+            s.kv.ptr == at(first.kv, i, kv_stride) && s.info.ptr == at(first.info, i, info_stride)
+        });
+        if !uniform {
+            return Err(Error::Cuda(
+                "internal: K/V cache slots not at one stride".into(),
+            ));
+        }
+        Ok(CacheBatch {
+            first,
+            n,
+            kv_stride,
+            info_stride,
+        })
+    }
+
+    /// How many slots there are.
+    pub fn len(&self) -> usize {
+        self.slots.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.slots.is_empty()
+    }
 }
 
 /// RoPE's inverse frequencies (f32 [head_dim / 2]) uploaded into `view`.
@@ -467,16 +577,20 @@ pub(crate) fn lin(l: &Lin) -> Mat {
     Mat::new(l.w, l.n_out, l.n_in)
 }
 
-/// The attention of a Gemma (prefix or expert): `rows` queries in the grouped layout in `q`
-/// over the first `keys` rows of a layer's K/V cache, on the tensor cores when a workspace is
-/// given and the problem fits, else as GEMMs; the result lands in `att` [rows, nh * hd]
-/// (through `att_g` when heads must be unpermuted).
+/// The attention of a Gemma (prefix or expert): the queries of `rows` (one sequence, or a
+/// batch's sequences each over its own cache) in the grouped layout in `q` ([sequence][kv]
+/// [rows][group][hd]) over the first `keys` rows of a layer's K/V cache, on the tensor cores
+/// when a workspace is given and the problem fits (one launch for every sequence), else as
+/// GEMMs (a sequence at a time); the result lands in `att` [rows, nh * hd] (through `att_g`
+/// when heads must be unpermuted). `kc` and `vc` are sequence 0's caches, spanning the
+/// others; `mask.prefix_len` is sequence 0's length, and the others' follow at
+/// `rows.prefix_stride`.
 #[allow(clippy::too_many_arguments)]
 pub fn gemma_attention(
     e: &Engine,
     cfg: &Config,
     l: &Lane,
-    (rows, keys): (usize, usize),
+    (rows, keys): (RowBatch, usize),
     q: View,
     (kc, vc): (View, View),
     mask: Mask,
@@ -487,9 +601,15 @@ pub fn gemma_attention(
     let (kv, hd) = (cfg.num_kv_heads, cfg.head_dim);
     let group = cfg.num_heads / kv;
     let kv_width = kv * hd;
-    let gr = rows * group;
+    let gr = rows.per * group;
+    // One sequence's queries (and grouped outputs), and its output rows.
+    let (q_seq, att_seq) = (kv * gr * hd, rows.per * cfg.num_heads * hd);
     // With one KV head the grouped layout is already [rows, nh * hd].
     let out = if kv == 1 { att } else { att_g };
+    let mask = Mask {
+        prefix_stride: rows.prefix_stride,
+        ..mask
+    };
     let fused = match fa {
         Some(work) => {
             let prob = Problem {
@@ -497,19 +617,19 @@ pub fn gemma_attention(
                 keys,
                 hd,
                 n1: kv,
-                n2: 1,
+                n2: rows.n,
             };
             let fq = Strided {
                 view: q,
                 ld: hd,
                 s1: gr * hd,
-                s2: 0,
+                s2: q_seq,
             };
             let fk = Strided {
                 view: kc,
                 ld: kv_width,
                 s1: hd,
-                s2: 0,
+                s2: rows.kv_stride,
             };
             let fv = Strided { view: vc, ..fk };
             let fo = Strided { view: out, ..fq };
@@ -531,31 +651,48 @@ pub fn gemma_attention(
         }
         None => false,
     };
-    if !fused {
-        let km = Mat {
-            view: kc,
-            rows: keys,
-            cols: hd,
-            ld: kv_width,
-            stride: hd,
-        };
-        let vm = Mat { view: vc, ..km };
-        attention::attention(
-            &e.kernels,
-            &e.gemm,
-            l,
-            Mat::new(q, gr, hd),
-            km,
-            vm,
-            Mat::new(out, gr, hd),
-            kv,
-            attention::scale(hd),
-            &mask,
-            scratch,
-        )?;
-    }
-    if kv > 1 {
-        attention::unpermute_heads(&e.kernels, l, att_g, att, rows, kv, group, hd)?;
+    for b in 0..rows.n {
+        let (qb, ob) = (q.at(b * q_seq, q_seq)?, out.at(b * q_seq, q_seq)?);
+        if !fused {
+            let cache = kc.len - (rows.n - 1) * rows.kv_stride;
+            let km = Mat {
+                view: kc.at(b * rows.kv_stride, cache)?,
+                rows: keys,
+                cols: hd,
+                ld: kv_width,
+                stride: hd,
+            };
+            let vm = Mat {
+                view: vc.at(b * rows.kv_stride, cache)?,
+                ..km
+            };
+            let prefix_len = match mask.prefix_len {
+                Some(pl) => Some(pl.at(b * rows.prefix_stride, 1)?),
+                None => None,
+            };
+            let mask = Mask {
+                prefix_len,
+                prefix_stride: 0,
+                ..mask
+            };
+            attention::attention(
+                &e.kernels,
+                &e.gemm,
+                l,
+                Mat::new(qb, gr, hd),
+                km,
+                vm,
+                Mat::new(ob, gr, hd),
+                kv,
+                attention::scale(hd),
+                &mask,
+                scratch,
+            )?;
+        }
+        if kv > 1 {
+            let ab = att.at(b * att_seq, att_seq)?;
+            attention::unpermute_heads(&e.kernels, l, ob, ab, rows.per, kv, group, hd)?;
+        }
     }
     Ok(())
 }

@@ -10,7 +10,7 @@ use crate::cuda::embed::embed_tokens;
 use crate::cuda::gemm::Mat;
 use crate::cuda::mlp::gelu_gate;
 use crate::cuda::rms_norm::{rms_norm, NormParam};
-use crate::cuda::rope::{rope_qkv, Heads};
+use crate::cuda::rope::{rope_qkv, Heads, RowBatch};
 use crate::cuda::runtime::graph::GraphCache;
 use crate::cuda::weights::{Arena, DeviceWeights, NormW, Planner, PrefixW};
 use crate::{Error, Result};
@@ -239,6 +239,7 @@ fn forward(
     };
     let mask = Mask {
         prefix_len: None,
+        prefix_stride: 0,
         prefix_cap: p,
         n_state: 0,
         group: hs.group(),
@@ -282,7 +283,7 @@ fn forward(
                 e,
                 cfg,
                 l,
-                (p, p),
+                (RowBatch::one(p), p),
                 b.q,
                 (kc, vc),
                 mask,

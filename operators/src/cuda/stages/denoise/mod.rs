@@ -22,7 +22,7 @@ use crate::cuda::kernels::skinny::RopeOut;
 use crate::cuda::mlp::gelu_gate;
 use crate::cuda::residual::add_residual;
 use crate::cuda::rms_norm::{rms_norm, NormParam};
-use crate::cuda::rope::rope_qkv;
+use crate::cuda::rope::rope_qkv_batch;
 use crate::cuda::runtime::graph::NodeCensus;
 use crate::cuda::runtime::graph::{capture, Graph};
 use crate::cuda::weights::{Arena, DenoiseW, DeviceWeights, GemmaW, HeadsW, Lin, NormW, Planner};
@@ -34,8 +34,10 @@ use time::TimeTable;
 
 use super::prefix::heads;
 use super::{
-    allocate, gemma_attention, lin, profile_stage, upload_inv_freq, CacheSlot, Engine, Marks,
+    allocate, gemma_attention, lin, profile_stage, upload_inv_freq, CacheBatch, CacheSlot, Engine,
+    Marks,
 };
+use crate::MAX_BATCH;
 
 /// The sizes of the sampler, named as the config names them.
 #[derive(Debug, Clone, Copy)]
@@ -71,15 +73,16 @@ impl Shape {
     }
 }
 
-/// The expert's queries over the whole cache, for the tensor-core attention.
-fn problem(cfg: &Config, s: &Shape) -> Problem {
+/// The expert's queries of `batch` sequences over their whole caches, for the tensor-core
+/// attention.
+fn problem(cfg: &Config, s: &Shape, batch: usize) -> Problem {
     let hs = heads(cfg);
     Problem {
         rows: s.suffix * hs.group(),
         keys: s.cache_rows,
         hd: hs.hd,
         n1: hs.kv,
-        n2: 1,
+        n2: batch,
     }
 }
 
@@ -112,14 +115,17 @@ struct Buffers {
     guide_target: View,
 }
 
+/// The buffers of a loop over up to [`MAX_BATCH`] sequences (the attention's GEMM scratch,
+/// used a sequence at a time, holds one).
 fn layout(cfg: &Config, s: &Shape, act: DType, ar: &mut Arena) -> Buffers {
     let f = DType::F32;
     let hs = heads(cfg);
     let qw = hs.nh * hs.hd;
-    let (h, ad, ew) = (s.horizon, s.action_dim, s.width);
+    let mb = MAX_BATCH;
+    let (h, ad, ew, n) = (mb * s.horizon, s.action_dim, s.width, mb * s.suffix);
     // Only the bf16 kernels have the fused attention.
     let (part, stats) = if act == DType::Bf16 {
-        problem(cfg, s).workspace()
+        problem(cfg, s, mb).workspace()
     } else {
         (0, 0)
     };
@@ -129,38 +135,39 @@ fn layout(cfg: &Config, s: &Shape, act: DType, ar: &mut Arena) -> Buffers {
     };
     Buffers {
         noise: ar.take(f, h * ad),
-        state: ar.take(f, ad),
+        state: ar.take(f, mb * ad),
         xt: ar.take(f, h * ad),
         xt_act: ar.take(act, h * ad),
-        state_act: ar.take(act, ad),
-        state_tok: ar.take(f, ew),
+        state_act: ar.take(act, mb * ad),
+        state_tok: ar.take(f, mb * ew),
         a: ar.take(f, h * ew),
         a_act: ar.take(act, h * ew),
-        xe: ar.take(f, s.suffix * ew),
-        he: ar.take(act, s.suffix * ew),
-        qkv: ar.take(act, s.suffix * hs.qkv_width()),
-        q: ar.take(act, s.suffix * qw),
+        xe: ar.take(f, n * ew),
+        he: ar.take(act, n * ew),
+        qkv: ar.take(act, n * hs.qkv_width()),
+        q: ar.take(act, n * qw),
         scores: ar.take(f, hs.nh * s.suffix * score_stride(s.cache_rows)),
         probs: ar.take(act, hs.nh * s.suffix * score_stride(s.cache_rows)),
-        att_g: ar.take(act, s.suffix * qw),
-        att: ar.take(act, s.suffix * qw),
-        tmp: ar.take(f, s.suffix * ew),
-        gu: ar.take(act, s.suffix * 2 * s.mlp),
-        m: ar.take(act, s.suffix * s.mlp),
+        att_g: ar.take(act, n * qw),
+        att: ar.take(act, n * qw),
+        tmp: ar.take(f, n * ew),
+        gu: ar.take(act, n * 2 * s.mlp),
+        m: ar.take(act, n * s.mlp),
         vraw: ar.take(f, h * ad),
         inv_freq: ar.take(f, cfg.head_dim / 2),
         fa,
-        guide_weight: ar.take(f, h * ad),
-        guide_target: ar.take(f, h * ad),
+        guide_weight: ar.take(f, s.horizon * ad),
+        guide_target: ar.take(f, s.horizon * ad),
     }
 }
 
-/// What a loop's graph is captured for: its step count, cache slot (the K/V pointer) and
-/// whether its Euler steps are guided.
+/// What a loop's graph is captured for: its step count, first cache slot (the K/V pointer),
+/// batch size and whether its Euler steps are guided.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 struct GraphKey {
     steps: usize,
     cache: u64,
+    batch: usize,
     guided: bool,
 }
 
@@ -234,23 +241,37 @@ impl Denoise {
     /// frame does not pay for it: the time table, an eager run (which makes every GEMM plan
     /// and loads every kernel), then the capture.
     pub fn prepare(&mut self, e: &Engine, steps: usize, cache: CacheSlot) -> Result<()> {
-        self.prepare_graph(e, Self::key(steps, cache, false), cache)
+        self.prepare_batch(e, steps, CacheBatch::one(cache))
+    }
+
+    /// [`Denoise::prepare`] of the loop over a batch's caches.
+    pub fn prepare_batch(&mut self, e: &Engine, steps: usize, caches: CacheBatch) -> Result<()> {
+        self.prepare_graph(e, Self::key(steps, caches, false), caches)
     }
 
     /// [`Denoise::prepare`] of the guided loop (real-time chunking, Jacobian dropped).
     pub fn prepare_guided(&mut self, e: &Engine, steps: usize, cache: CacheSlot) -> Result<()> {
+        let cache = CacheBatch::one(cache);
         self.prepare_graph(e, Self::key(steps, cache, true), cache)
     }
 
-    fn key(steps: usize, cache: CacheSlot, guided: bool) -> GraphKey {
+    fn key(steps: usize, caches: CacheBatch, guided: bool) -> GraphKey {
         GraphKey {
             steps,
-            cache: cache.kv.ptr,
+            cache: caches.first.kv.ptr,
+            batch: caches.n,
             guided,
         }
     }
 
-    fn prepare_graph(&mut self, e: &Engine, key: GraphKey, cache: CacheSlot) -> Result<()> {
+    fn prepare_graph(&mut self, e: &Engine, key: GraphKey, caches: CacheBatch) -> Result<()> {
+        if caches.n == 0 || caches.n > MAX_BATCH || (key.guided && caches.n != 1) {
+            return Err(Error::Cuda(format!(
+                "internal: a denoise loop over {} sequences{}",
+                caches.n,
+                if key.guided { ", guided" } else { "" }
+            )));
+        }
         if self.graphs.contains_key(&key) {
             return Ok(());
         }
@@ -270,10 +291,10 @@ impl Denoise {
             target: self.buf.guide_target,
             coef: c.device.view(),
         });
-        self.forward(e, steps, &table, cache, guide)?;
+        self.forward(e, steps, &table, caches, guide)?;
         let graph = capture(
             &self.lane,
-            || self.forward(e, steps, &table, cache, guide),
+            || self.forward(e, steps, &table, caches, guide),
             if key.guided {
                 "guided denoise loop"
             } else {
@@ -295,7 +316,21 @@ impl Denoise {
         cache: CacheSlot,
         actions: &mut [f32],
     ) -> Result<()> {
-        self.enqueue_with(e, sampler, None, steps, cache, actions)
+        self.enqueue_with(e, sampler, None, steps, CacheBatch::one(cache), actions)
+    }
+
+    /// [`Denoise::enqueue`] of a batch: one loop over the sequences of `caches`, whose
+    /// noise (and pi0 states) are `sampler`'s, one sequence after another, as are the
+    /// actions it downloads.
+    pub fn enqueue_batch(
+        &mut self,
+        e: &Engine,
+        sampler: (&[f32], Option<&[f32]>),
+        steps: usize,
+        caches: CacheBatch,
+        actions: &mut [f32],
+    ) -> Result<()> {
+        self.enqueue_with(e, sampler, None, steps, caches, actions)
     }
 
     /// [`Denoise::enqueue`] of the guided loop: also uploads the guide's mask and target
@@ -310,6 +345,7 @@ impl Denoise {
         cache: CacheSlot,
         actions: &mut [f32],
     ) -> Result<()> {
+        let cache = CacheBatch::one(cache);
         self.enqueue_with(e, sampler, Some(guide), steps, cache, actions)
     }
 
@@ -319,14 +355,30 @@ impl Denoise {
         (noise, state): (&[f32], Option<&[f32]>),
         guide: Option<GuideHost<'_>>,
         steps: usize,
-        cache: CacheSlot,
+        caches: CacheBatch,
         actions: &mut [f32],
     ) -> Result<()> {
-        self.lane.upload(noise, self.buf.noise)?;
-        if let Some(s) = state.filter(|_| !self.cfg.pi05) {
-            self.lane.upload(s, self.buf.state)?;
+        let n = caches.n * self.action_values();
+        let ad = self.shape.action_dim;
+        let states = state.filter(|_| !self.cfg.pi05);
+        if caches.n > MAX_BATCH
+            || noise.len() != n
+            || actions.len() < n
+            || states.is_some_and(|s| s.len() != caches.n * ad)
+        {
+            return Err(Error::Cuda(format!(
+                "internal: a denoise loop over {} sequences with {} noise values, {} state \
+                 values and room for {} actions",
+                caches.n,
+                noise.len(),
+                states.map_or(0, <[f32]>::len),
+                actions.len()
+            )));
         }
-        let n = self.action_values();
+        self.lane.upload(noise, self.buf.noise.at(0, n)?)?;
+        if let Some(s) = states {
+            self.lane.upload(s, self.buf.state.at(0, s.len())?)?;
+        }
         if let Some(g) = &guide {
             if g.weight.len() != n || g.target.len() != n || g.coef.len() != steps {
                 return Err(Error::Cuda(format!(
@@ -339,8 +391,8 @@ impl Denoise {
             self.lane.upload(g.weight, self.buf.guide_weight)?;
             self.lane.upload(g.target, self.buf.guide_target)?;
         }
-        let key = Self::key(steps, cache, guide.is_some());
-        self.prepare_graph(e, key, cache)?;
+        let key = Self::key(steps, caches, guide.is_some());
+        self.prepare_graph(e, key, caches)?;
         let g = self
             .graphs
             .get_mut(&key)
@@ -370,7 +422,7 @@ impl Denoise {
         &self,
         e: &Engine,
         norm: &NormW,
-        (idx, step): (usize, usize),
+        (idx, step, rows): (usize, usize, usize),
         table: &TimeTable,
     ) -> Result<Option<View>> {
         let (s, b, l) = (&self.shape, &self.buf, &self.lane);
@@ -378,13 +430,13 @@ impl Denoise {
         match norm {
             NormW::Plain(w) => {
                 let param = NormParam::OnePlus(*w);
-                rms_norm(&e.kernels, l, b.xe, param, b.he, s.suffix, s.width, eps)?;
+                rms_norm(&e.kernels, l, b.xe, param, b.he, rows, s.width, eps)?;
                 Ok(None)
             }
             NormW::Adaptive(_) => {
                 let m = table.modulation(idx, step, s.width)?;
                 let param = NormParam::Modulation(m);
-                rms_norm(&e.kernels, l, b.xe, param, b.he, s.suffix, s.width, eps)?;
+                rms_norm(&e.kernels, l, b.xe, param, b.he, rows, s.width, eps)?;
                 Ok(Some(m.at(2 * s.width, s.width)?))
             }
         }
@@ -395,7 +447,7 @@ impl Denoise {
     /// off), else the product into `tmp` and a gated add.
     fn expert_residual(&self, e: &Engine, x: Mat, w: &Lin, gate: Option<View>) -> Result<()> {
         let (s, b, l) = (&self.shape, &self.buf, &self.lane);
-        let xe = Mat::new(b.xe, s.suffix, s.width);
+        let xe = Mat::new(b.xe, x.rows, s.width);
         match gate {
             None => e.linear(l, x, lin(w), xe, 1.0),
             Some(gate) => {
@@ -404,17 +456,18 @@ impl Denoise {
                 {
                     return Ok(());
                 }
-                e.linear(l, x, lin(w), Mat::new(b.tmp, s.suffix, s.width), 0.0)?;
-                add_residual(&e.kernels, l, b.xe, b.tmp, Some(gate), s.suffix, s.width)
+                e.linear(l, x, lin(w), Mat::new(b.tmp, x.rows, s.width), 0.0)?;
+                add_residual(&e.kernels, l, b.xe, b.tmp, Some(gate), x.rows, s.width)
             }
         }
     }
 
-    /// The suffix tokens of step `step` into `xe`.
-    fn suffix_tokens(&self, e: &Engine, step: usize, table: &TimeTable) -> Result<()> {
+    /// The suffix tokens of step `step` of `seqs` sequences into `xe`, one sequence's after
+    /// another's.
+    fn suffix_tokens(&self, e: &Engine, step: usize, seqs: usize, table: &TimeTable) -> Result<()> {
         let (k, l) = (&e.kernels, &self.lane);
         let (s, b, wt) = (&self.shape, &self.buf, &self.weights.w);
-        let (h, ew) = (s.horizon, s.width);
+        let (h, ew) = (seqs * s.horizon, s.width);
         let x_act = Mat::new(b.xt_act, h, s.action_dim);
         match &wt.heads {
             HeadsW::Pi0 {
@@ -435,16 +488,21 @@ impl Denoise {
                     .ok_or_else(|| Error::Cuda("internal: pi0 time table missing".into()))?
                     .at(step * ew, ew)?;
                 bias_act(k, l, b.a, ew, Some(tb), Act::Silu, to_act, h, ew)?;
-                let rows = b.xe.rows(1, h, ew)?;
-                e.linear(
-                    l,
-                    Mat::new(b.a_act, h, ew),
-                    lin(time_out),
-                    Mat::new(rows, h, ew),
-                    0.0,
-                )?;
-                add_bias(k, l, rows, ew, time_out.bias()?, h, ew)?;
-                l.copy(b.state_tok, b.xe.at(0, ew)?)
+                // Each sequence's tokens: its state token, then its action tokens.
+                let (ho, n) = (s.horizon, s.suffix);
+                for q in 0..seqs {
+                    let rows = b.xe.rows(q * n + 1, ho, ew)?;
+                    e.linear(
+                        l,
+                        Mat::new(b.a_act.rows(q * ho, ho, ew)?, ho, ew),
+                        lin(time_out),
+                        Mat::new(rows, ho, ew),
+                        0.0,
+                    )?;
+                    add_bias(k, l, rows, ew, time_out.bias()?, ho, ew)?;
+                    l.copy(b.state_tok.rows(q, 1, ew)?, b.xe.rows(q * n, 1, ew)?)?;
+                }
+                Ok(())
             }
             HeadsW::Pi05 { .. } => {
                 e.linear(l, x_act, lin(&wt.action_in), Mat::new(b.xe, h, ew), 0.0)?;
@@ -462,27 +520,29 @@ impl Denoise {
         e: &Engine,
         steps: usize,
         table: &TimeTable,
-        cache: CacheSlot,
+        caches: CacheBatch,
         guide: Option<Guidance>,
     ) -> Result<()> {
         let (k, l) = (&e.kernels, &self.lane);
         let (s, b, wt, cfg) = (&self.shape, &self.buf, &self.weights.w, &self.cfg);
         let hs = heads(cfg);
-        let (h, ad, ew, n) = (s.horizon, s.action_dim, s.width, s.suffix);
+        let seqs = caches.n;
+        // Rows of every sequence: actions (h), suffix tokens (n).
+        let (h, ad, ew, n) = (seqs * s.horizon, s.action_dim, s.width, seqs * s.suffix);
         let qw = hs.nh * hs.hd;
-        l.copy(b.noise, b.xt)?;
+        l.copy(b.noise.at(0, h * ad)?, b.xt)?;
         cast(k, l, b.xt, b.xt_act, h * ad)?;
         self.mark(e, "setup (noise, state token)")?;
         if let HeadsW::Pi0 { state, .. } = &wt.heads {
-            cast(k, l, b.state, b.state_act, ad)?;
+            cast(k, l, b.state, b.state_act, seqs * ad)?;
             e.linear(
                 l,
-                Mat::new(b.state_act, 1, ad),
+                Mat::new(b.state_act, seqs, ad),
                 lin(state),
-                Mat::new(b.state_tok, 1, ew),
+                Mat::new(b.state_tok, seqs, ew),
                 0.0,
             )?;
-            add_bias(k, l, b.state_tok, ew, state.bias()?, 1, ew)?;
+            add_bias(k, l, b.state_tok, ew, state.bias()?, seqs, ew)?;
         }
         let dt = (-1.0f64 / steps as f64) as f32;
         // The guided step's times: the f64 grid of rtc::sample, as the CPU twin uses it.
@@ -491,7 +551,8 @@ impl Denoise {
             None => Vec::new(),
         };
         let mask = Mask {
-            prefix_len: Some(cache.prefix_len()?),
+            prefix_len: Some(caches.prefix_lens()?),
+            prefix_stride: caches.info_stride,
             prefix_cap: s.max_prefix,
             n_state: s.first_action,
             group: hs.group(),
@@ -506,14 +567,15 @@ impl Denoise {
             .as_ref()
             .ok_or_else(|| Error::Cuda("internal: expert without its final norm".into()))?;
         for step in 0..steps {
-            self.suffix_tokens(e, step, table)?;
+            self.suffix_tokens(e, step, seqs, table)?;
             self.mark(e, "suffix tokens (action_in / time MLP)")?;
             for (li, lw) in expert.layers.iter().enumerate() {
-                let gate = self.expert_norm(e, &lw.norm1, (2 * li, step), table)?;
+                let gate = self.expert_norm(e, &lw.norm1, (2 * li, step, n), table)?;
                 self.mark(e, "rms_norm")?;
-                let (kc, vc) = cache.layer(li)?;
-                let pos0 = cache.prefix_len()?;
+                let (kc, vc) = caches.layer(li)?;
+                let pos0 = caches.prefix_lens()?;
                 let he = Mat::new(b.he, n, ew);
+                let rows = caches.rows(s.suffix);
                 let rope_out = RopeOut {
                     q: b.q,
                     k: kc,
@@ -523,21 +585,22 @@ impl Denoise {
                     heads: hs,
                     out_row0: s.max_prefix,
                 };
-                if e.linear_rope(l, he, lin(&lw.qkv), rope_out)? {
+                // The epilogue writes one sequence's cache.
+                if seqs == 1 && e.linear_rope(l, he, lin(&lw.qkv), rope_out)? {
                     self.mark(e, "gemm qkv + rope")?;
                 } else {
                     let qkv = Mat::new(b.qkv, n, hs.qkv_width());
                     e.linear(l, he, lin(&lw.qkv), qkv, 0.0)?;
                     self.mark(e, "gemm qkv")?;
-                    let cap = s.max_prefix;
-                    rope_qkv(k, l, b.qkv, b.q, kc, vc, b.inv_freq, pos0, n, hs, cap)?;
+                    let (cap, io) = (s.max_prefix, (b.qkv, b.q, kc, vc));
+                    rope_qkv_batch(k, l, io, b.inv_freq, pos0, rows, hs, cap)?;
                     self.mark(e, "rope_qkv")?;
                 }
                 gemma_attention(
                     e,
                     cfg,
                     l,
-                    (n, s.cache_rows),
+                    (rows, s.cache_rows),
                     b.q,
                     (kc, vc),
                     mask,
@@ -548,7 +611,7 @@ impl Denoise {
                 self.mark(e, "attention")?;
                 self.expert_residual(e, Mat::new(b.att, n, qw), &lw.o, gate)?;
                 self.mark(e, "gemm o + residual")?;
-                let gate = self.expert_norm(e, &lw.norm2, (2 * li + 1, step), table)?;
+                let gate = self.expert_norm(e, &lw.norm2, (2 * li + 1, step, n), table)?;
                 self.mark(e, "rms_norm")?;
                 let he = Mat::new(b.he, n, ew);
                 let m = Mat::new(b.m, n, s.mlp);
@@ -563,16 +626,27 @@ impl Denoise {
                 self.expert_residual(e, Mat::new(b.m, n, s.mlp), &lw.down, gate)?;
                 self.mark(e, "gemm down + residual")?;
             }
-            self.expert_norm(e, final_norm, (2 * s.layers, step), table)?;
+            self.expert_norm(e, final_norm, (2 * s.layers, step, n), table)?;
             self.mark(e, "rms_norm")?;
-            let actions = b.he.rows(s.first_action, h, ew)?;
-            e.linear(
-                l,
-                Mat::new(actions, h, ew),
-                lin(&wt.action_out),
-                Mat::new(b.vraw, h, ad),
-                0.0,
-            )?;
+            // Each sequence's action tokens follow its state token (pi0); pi0.5's are all
+            // its tokens, so one product takes every sequence's.
+            let (ho, per) = (s.horizon, s.suffix);
+            let parts = if s.first_action == 0 {
+                vec![(0, 0, h)]
+            } else {
+                (0..seqs)
+                    .map(|q| (q * per + s.first_action, q * ho, ho))
+                    .collect()
+            };
+            for (src, dst, rows) in parts {
+                e.linear(
+                    l,
+                    Mat::new(b.he.rows(src, rows, ew)?, rows, ew),
+                    lin(&wt.action_out),
+                    Mat::new(b.vraw.rows(dst, rows, ad)?, rows, ad),
+                    0.0,
+                )?;
+            }
             self.mark(e, "gemm action_out")?;
             let bias = wt.action_out.bias()?;
             match guide {
@@ -636,7 +710,7 @@ impl Denoise {
         self.prepare(e, steps, cache)?;
         let g = self
             .graphs
-            .get(&Self::key(steps, cache, false))
+            .get(&Self::key(steps, CacheBatch::one(cache), false))
             .ok_or_else(|| Error::Cuda("internal: denoise graph missing".into()))?;
         let per = steps as f64;
         let title =
@@ -647,7 +721,7 @@ impl Denoise {
             &self.lane,
             (Some(&g.graph), "denoise"),
             &self.marks,
-            || self.forward(e, steps, &g.table, cache, None),
+            || self.forward(e, steps, &g.table, CacheBatch::one(cache), None),
             (&title, per, "step"),
         )?;
         let (mut out, total) = (p.table, p.total_ms);
