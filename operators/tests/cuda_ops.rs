@@ -561,8 +561,17 @@ fn rope_qkv_batch_equals_each_sequence_alone() {
                 prefix_stride: 3,
             };
             let io = (qkvb.view(), qb.view(), kb.view(), vb.view());
-            rope_qkv_batch(&g.kernels, &g.lane, io, ib.view(), pb.view(), batch, heads, row0)
-                .unwrap();
+            rope_qkv_batch(
+                &g.kernels,
+                &g.lane,
+                io,
+                ib.view(),
+                pb.view(),
+                batch,
+                heads,
+                row0,
+            )
+            .unwrap();
             let (q_all, k_all, v_all) = (
                 g.download(qb.view()).unwrap(),
                 g.download(kb.view()).unwrap(),
@@ -591,16 +600,31 @@ fn rope_qkv_batch_equals_each_sequence_alone() {
                 let name = format!("rope batch {nh}/{kv}x{hd} {act:?}, sequence {b}");
                 let q_seq = per * nh * hd;
                 let got_q = &q_all[b * q_seq..(b + 1) * q_seq];
-                assert_eq!(bits(got_q), bits(&g.download(q1.view()).unwrap()), "{name}: q");
+                assert_eq!(
+                    bits(got_q),
+                    bits(&g.download(q1.view()).unwrap()),
+                    "{name}: q"
+                );
                 let c = b * stride..b * stride + cap * kvw;
                 let got_k = &k_all[c.clone()];
-                assert_eq!(bits(got_k), bits(&g.download(k1.view()).unwrap()), "{name}: k");
+                assert_eq!(
+                    bits(got_k),
+                    bits(&g.download(k1.view()).unwrap()),
+                    "{name}: k"
+                );
                 let got_v = &v_all[c];
-                assert_eq!(bits(got_v), bits(&g.download(v1.view()).unwrap()), "{name}: v");
+                assert_eq!(
+                    bits(got_v),
+                    bits(&g.download(v1.view()).unwrap()),
+                    "{name}: v"
+                );
             }
             for b in 0..seqs - 1 {
                 let gap = b * stride + cap * kvw..(b + 1) * stride;
-                assert!(k_all[gap.clone()].iter().all(|x| x.is_nan()), "k gap {b} written");
+                assert!(
+                    k_all[gap.clone()].iter().all(|x| x.is_nan()),
+                    "k gap {b} written"
+                );
                 assert!(v_all[gap].iter().all(|x| x.is_nan()), "v gap {b} written");
             }
         }
@@ -626,7 +650,11 @@ fn fused_attention_batch_equals_each_sequence_alone() {
         let cache_len = (seqs - 1) * stride + keys * kvw;
         let (kb, _) = up(&g, act, &rand_vec(cache_len, 291, -2.0, 2.0));
         let (vb, _) = up(&g, act, &rand_vec(cache_len, 292, -1.0, 1.0));
-        let (lb, _) = up(&g, DType::I32, &[97.0, -1.0, -1.0, 0.0, -1.0, -1.0, cap as f32]);
+        let (lb, _) = up(
+            &g,
+            DType::I32,
+            &[97.0, -1.0, -1.0, 0.0, -1.0, -1.0, cap as f32],
+        );
         let run = |n2: usize, q: View, (k, v): (View, View), plen: View, out: View| {
             let prob = Problem {
                 rows: gr,
@@ -659,12 +687,28 @@ fn fused_attention_batch_equals_each_sequence_alone() {
                 group,
             };
             let scale = attention::scale(hd);
-            fused_attention(&g.kernels, &g.lane, &prob, fq, (fk, fv), fo, scale, &mask, work)
-                .unwrap();
+            fused_attention(
+                &g.kernels,
+                &g.lane,
+                &prob,
+                fq,
+                (fk, fv),
+                fo,
+                scale,
+                &mask,
+                work,
+            )
+            .unwrap();
             g.download(out).unwrap()
         };
         let out = nan(&g, act, seqs * q_seq);
-        let all = run(seqs, qb.view(), (kb.view(), vb.view()), lb.view(), out.view());
+        let all = run(
+            seqs,
+            qb.view(),
+            (kb.view(), vb.view()),
+            lb.view(),
+            out.view(),
+        );
         for b in 0..seqs {
             let one = nan(&g, act, q_seq);
             let kv_b = (

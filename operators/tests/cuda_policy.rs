@@ -13,11 +13,9 @@ use operators::backend::{Precision, Runner};
 use operators::bench::Setting;
 use operators::checkpoint::{Checkpoint, WriteDtype};
 use operators::cuda::CudaPolicy;
-use operators::rtc::{Guide, Jacobian};
 use operators::policy::BatchRow;
-use operators::{
-    npy, observation, random, Config, Error, Observation, Pixels, Policy, MAX_BATCH,
-};
+use operators::rtc::{Guide, Jacobian};
+use operators::{npy, observation, random, Config, Error, Observation, Pixels, Policy, MAX_BATCH};
 
 const GOLDEN_TOLERANCE: f32 = 1e-4;
 /// bf16 against the CPU, relative to the largest |action|.
@@ -339,12 +337,21 @@ fn batched_rows_match_single_rows() {
                 .iter()
                 .map(|(o, n)| BatchRow { obs: o, noise: n })
                 .collect();
-            rows.insert(2, BatchRow { obs: &bad, noise: &noise });
+            rows.insert(
+                2,
+                BatchRow {
+                    obs: &bad,
+                    noise: &noise,
+                },
+            );
             let expect: Vec<Option<usize>> = vec![Some(0), Some(1), None, Some(2)];
             let full: Vec<usize> = (0..MAX_BATCH).map(|i| i % good.len()).collect();
             let full_rows: Vec<BatchRow> = full
                 .iter()
-                .map(|&i| BatchRow { obs: good[i].0, noise: good[i].1 })
+                .map(|&i| BatchRow {
+                    obs: good[i].0,
+                    noise: good[i].1,
+                })
                 .collect();
             let full_expect: Vec<Option<usize>> = full.iter().map(|&i| Some(i)).collect();
             for (rows, expect) in [(&rows, &expect), (&full_rows, &full_expect)] {
@@ -379,7 +386,12 @@ fn batched_rows_match_single_rows() {
                 );
             }
             let again = p.infer(&obs, &noise, 10).unwrap().0;
-            assert_eq!(again, want[0], "{} {precision:?}: a frame after batches", case.display());
+            assert_eq!(
+                again,
+                want[0],
+                "{} {precision:?}: a frame after batches",
+                case.display()
+            );
         }
     }
 }
@@ -579,15 +591,24 @@ fn full_size(cfg: Config, seed: u64) {
         let flipped: Vec<f32> = noise.iter().map(|v| -v).collect();
         let alone = policy.infer(&obs, &flipped, steps).unwrap().0;
         let rows = [
-            BatchRow { obs: &obs, noise: &noise },
-            BatchRow { obs: &obs, noise: &flipped },
+            BatchRow {
+                obs: &obs,
+                noise: &noise,
+            },
+            BatchRow {
+                obs: &obs,
+                noise: &flipped,
+            },
         ];
         let out = policy.infer_batch(&rows, steps).unwrap();
         for (r, (b, single)) in out.actions.iter().zip([&got, &alone]).enumerate() {
             let b = b.as_ref().unwrap_or_else(|e| panic!("batch row {r}: {e}"));
             let (err, at, scale) = diff(b, single);
             println!("batch of 2, row {r}: max abs err {err:.3e} against the row alone (rel {:.2e}); batch {:?}", err / scale, out.times);
-            assert!(err <= tolerance * scale, "{precision:?}: batch row {r} error {err:e} at {at} > {tolerance} x {scale}");
+            assert!(
+                err <= tolerance * scale,
+                "{precision:?}: batch row {r} error {err:e} at {at} > {tolerance} x {scale}"
+            );
         }
     }
 }

@@ -14,14 +14,14 @@ use super::stages::prefix::Prefix;
 use super::stages::vision::{Staged, Vision};
 use super::stages::{act_type, CacheShape, CacheSlot, Engine, KvSlots, Span};
 use crate::backend::{Precision, Runner};
-use crate::policy::{check_batch, BatchOutput, BatchRow};
-use crate::MAX_BATCH;
 use crate::checkpoint::Checkpoint;
 use crate::config::Config;
 use crate::observation::{Observation, Pixels};
 use crate::policy::StageTimes;
+use crate::policy::{check_batch, BatchOutput, BatchRow};
 use crate::rtc::{self, Jacobian};
 use crate::weights::Loader;
+use crate::MAX_BATCH;
 use crate::{Error, Result};
 
 /// What one frame in flight holds: its staged inputs and actions (pinned) and the timing
@@ -563,7 +563,10 @@ impl CudaPolicy {
             if j >= 2 {
                 // Row j - 2's prefix has read the slot's pinned inputs.
                 let f = &self.frames[slot];
-                f.prefix.end.synchronize().cuda("running a batch's prefix")?;
+                f.prefix
+                    .end
+                    .synchronize()
+                    .cuda("running a batch's prefix")?;
                 context_times(f, &mut times)?;
             }
             let cache = self.caches.get(j)?;
@@ -574,7 +577,11 @@ impl CudaPolicy {
         let n = good.len();
         let b = &mut self.batch;
         let noise = b.noise.slice_mut::<f32>(n * chunk)?;
-        for ((_, row), dst) in good.iter().map(|g| (g, &rows[g.0])).zip(noise.chunks_exact_mut(chunk)) {
+        for ((_, row), dst) in good
+            .iter()
+            .map(|g| (g, &rows[g.0]))
+            .zip(noise.chunks_exact_mut(chunk))
+        {
             dst.copy_from_slice(row.noise);
         }
         let states = if c.pi05 {
@@ -606,7 +613,10 @@ impl CudaPolicy {
         }
         times.denoise = b.denoise.elapsed()?;
         let actions = b.actions.slice::<f32>(n * chunk)?;
-        Ok((actions.chunks_exact(chunk).map(<[f32]>::to_vec).collect(), times))
+        Ok((
+            actions.chunks_exact(chunk).map(<[f32]>::to_vec).collect(),
+            times,
+        ))
     }
 
     fn collect_inner(&mut self) -> Result<Option<(Vec<f32>, StageTimes)>> {
@@ -671,7 +681,13 @@ impl CudaPolicy {
         };
         let actions = answers
             .into_iter()
-            .map(|a| a.unwrap_or_else(|| Err(Error::Cuda("internal: a batch row without its answer".into()))))
+            .map(|a| {
+                a.unwrap_or_else(|| {
+                    Err(Error::Cuda(
+                        "internal: a batch row without its answer".into(),
+                    ))
+                })
+            })
             .collect();
         Ok(BatchOutput { actions, times })
     }

@@ -79,7 +79,16 @@ pub fn rope_qkv(
     out_row0: usize,
 ) -> Result<()> {
     let io = (qkv, q_out, k_out, v_out);
-    rope_qkv_batch(k, lane, io, inv_freq, pos0, RowBatch::one(rows), heads, out_row0)
+    rope_qkv_batch(
+        k,
+        lane,
+        io,
+        inv_freq,
+        pos0,
+        RowBatch::one(rows),
+        heads,
+        out_row0,
+    )
 }
 
 /// [`rope_qkv`] of the sequences of `batch` in one launch: sequence b's rows at positions
@@ -113,7 +122,11 @@ pub fn rope_qkv_batch(
     k_out.need(k.act, cache, "rope k cache")?;
     v_out.need(k.act, cache, "rope v cache")?;
     inv_freq.need(DType::F32, hd / 2, "rope inv_freq")?;
-    pos0.need(DType::I32, batch.span(batch.prefix_stride, 1), "rope position")?;
+    pos0.need(
+        DType::I32,
+        batch.span(batch.prefix_stride, 1),
+        "rope position",
+    )?;
     let cache_stride = i64::try_from(batch.kv_stride)
         .map_err(|_| Error::Cuda("internal: rope cache stride too large".into()))?;
     let args = Args::new()
