@@ -93,9 +93,9 @@ pub trait Runner: Send {
     /// error (a bad row fails alone; too many rows fail the call), with the stage times of
     /// the whole batch. Row i's actions are those of [`Runner::infer`] on row i: bit for bit
     /// on the CPU backend, whose override ([`Policy::infer_batch`]) runs each stage once over
-    /// all rows. This default, which the CUDA backend uses today, runs the rows one after
-    /// another through [`Runner::infer`] (no batched GPU forward yet; the stage times are
-    /// the rows' sums).
+    /// all rows; within the precision's tolerance on the CUDA backend, whose override runs
+    /// one denoise loop over all rows. This default runs the rows one after another through
+    /// [`Runner::infer`] (the stage times are the rows' sums).
     fn infer_batch(&mut self, rows: &[BatchRow<'_>], steps: usize) -> Result<BatchOutput> {
         check_batch(rows.len())?;
         let mut out = BatchOutput {
