@@ -306,8 +306,9 @@ fn pipelined_frames_match_one_at_a_time() {
 
 #[test]
 fn batched_rows_match_single_rows() {
-    // Rows of different prefix lengths, cameras and noise in one batch (each row's vision and
-    // prefix into its own K/V cache, one denoise loop over all): each row's actions are those
+    // Rows of different prefix lengths, cameras (values or bytes) and noise in one batch (one
+    // vision run over every row's cameras, each row's prefix into its own K/V cache, one
+    // denoise loop over all): each row's actions are those
     // of the row run alone, within the tolerance of its precision (the batch's products have
     // other shapes, so other kernels and summation orders); a bad row fails alone; a frame
     // run alone afterwards is unchanged, bit for bit.
@@ -317,11 +318,19 @@ fn batched_rows_match_single_rows() {
         let flipped: Vec<f32> = noise.iter().map(|v| -v).collect();
         let mut bad = obs.clone();
         bad.image_masks.pop();
+        // Cameras as bytes too: a batch of bytes only uploads bytes, a mixed one values.
+        let n = obs.images.len();
+        let as_bytes = Observation {
+            images: Pixels::Bytes((0..n).map(|i| (i * 37 % 256) as u8).collect()),
+            ..other.clone()
+        };
         let good = [
             (&obs, &noise),
             (&other, &flipped),
             (&obs, &flipped),
             (&other, &noise),
+            (&as_bytes, &noise),
+            (&as_bytes, &flipped),
         ];
         for (precision, tolerance) in [
             (Precision::F32, GOLDEN_TOLERANCE),
@@ -354,7 +363,17 @@ fn batched_rows_match_single_rows() {
                 })
                 .collect();
             let full_expect: Vec<Option<usize>> = full.iter().map(|&i| Some(i)).collect();
-            for (rows, expect) in [(&rows, &expect), (&full_rows, &full_expect)] {
+            let bytes_rows: Vec<BatchRow> = good[4..]
+                .iter()
+                .map(|(o, n)| BatchRow { obs: o, noise: n })
+                .collect();
+            let bytes_expect = vec![Some(4), Some(5)];
+            let batches = [
+                (&rows, &expect),
+                (&full_rows, &full_expect),
+                (&bytes_rows, &bytes_expect),
+            ];
+            for (rows, expect) in batches {
                 let out = p.infer_batch(rows, 10).unwrap();
                 assert_eq!(out.actions.len(), rows.len());
                 let mut worst = 0.0f32;

@@ -8,7 +8,7 @@
 
 use std::collections::VecDeque;
 
-use super::device::{guard, CudaResult, PinnedBuffer, Pod};
+use super::device::{guard, CudaResult, DType, DeviceBuffer, PinnedBuffer, Pod};
 use super::stages::denoise::{Denoise, GuideHost};
 use super::stages::prefix::Prefix;
 use super::stages::vision::{Staged, Vision};
@@ -145,13 +145,17 @@ impl FrameSlot {
     }
 }
 
-/// What a batch run together holds beyond its rows' frame slots: every row's noise and
-/// (pi0) state, and its actions, one row after another (pinned), and the timing events of its
-/// one denoise loop.
+/// What a batch run together holds beyond its rows' frame slots: every row's real cameras,
+/// noise and (pi0) state, and its actions, one row after another (pinned); the image rows of
+/// every row, which one vision run writes and each row's prefix copies from (device); and
+/// the timing events of its one vision run and one denoise loop.
 pub(crate) struct BatchSlot {
+    pixels: PinnedBuffer,
     noise: PinnedBuffer,
     state: PinnedBuffer,
     actions: PinnedBuffer,
+    image_rows: DeviceBuffer,
+    vision: Span,
     denoise: Span,
 }
 
@@ -160,11 +164,62 @@ impl BatchSlot {
         let f = std::mem::size_of::<f32>();
         let chunk = cfg.action_horizon * cfg.action_dim;
         let pin = |values: usize| PinnedBuffer::alloc(&e.dev, (MAX_BATCH * values).max(1) * f);
+        let cameras = cfg.num_images * cfg.image_size * cfg.image_size * 3;
+        let rows = MAX_BATCH * cfg.num_images * cfg.tokens_per_image() * cfg.vlm_width;
         Ok(BatchSlot {
+            pixels: pin(cameras)?,
             noise: pin(chunk)?,
             state: pin(cfg.action_dim)?,
             actions: pin(chunk)?,
+            image_rows: DeviceBuffer::alloc(&e.dev, DType::F32, rows.max(1))?,
+            vision: Span::new(e)?,
             denoise: Span::new(e)?,
+        })
+    }
+
+    /// Every row's real cameras (`real`: the cameras of row j of `rows`), one after another,
+    /// into the pinned pixels: as bytes when every row's come as bytes, else as values in
+    /// [-1, 1] (bytes mapped on the host, [`crate::image::unit_into`]); returns what it staged
+    /// (read it with [`BatchSlot::staged`]) and how many cameras.
+    fn stage_images(
+        &mut self,
+        obs: &[&Observation],
+        real: &[&[usize]],
+        per_image: usize,
+    ) -> Result<(StagedAs, usize)> {
+        let cameras: usize = real.iter().map(|r| r.len()).sum();
+        let n = cameras * per_image;
+        let bytes = obs.iter().all(|o| matches!(o.images, Pixels::Bytes(_)));
+        if bytes {
+            let dst = self.pixels.slice_mut::<u8>(n)?;
+            let mut at = dst.chunks_exact_mut(per_image);
+            for (o, cams) in obs.iter().zip(real) {
+                if let Pixels::Bytes(b) = &o.images {
+                    for (&i, d) in cams.iter().zip(at.by_ref()) {
+                        d.copy_from_slice(&b[i * per_image..(i + 1) * per_image]);
+                    }
+                }
+            }
+            return Ok((StagedAs::Bytes(n), cameras));
+        }
+        let dst = self.pixels.slice_mut::<f32>(n)?;
+        let mut at = dst.chunks_exact_mut(per_image);
+        for (o, cams) in obs.iter().zip(real) {
+            for (&i, d) in cams.iter().zip(at.by_ref()) {
+                let r = i * per_image..(i + 1) * per_image;
+                match &o.images {
+                    Pixels::Unit(v) => d.copy_from_slice(&v[r]),
+                    Pixels::Bytes(b) => crate::image::unit_into(d, &b[r]),
+                }
+            }
+        }
+        Ok((StagedAs::Unit(n), cameras))
+    }
+
+    fn staged(&self, s: StagedAs) -> Result<Staged<'_>> {
+        Ok(match s {
+            StagedAs::Unit(n) => Staged::Unit(self.pixels.slice::<f32>(n)?),
+            StagedAs::Bytes(n) => Staged::Bytes(self.pixels.slice::<u8>(n)?),
         })
     }
 }
@@ -232,7 +287,7 @@ impl CudaPolicy {
 
     fn build(cfg: &Config, precision: Precision) -> Result<CudaPolicy> {
         let engine = Engine::open(precision)?;
-        let vision = Vision::new(&engine, cfg)?;
+        let vision = Vision::with_capacity(&engine, cfg, MAX_BATCH * cfg.num_images)?;
         let prefix = Prefix::new(&engine, cfg)?;
         let denoise = Denoise::new(&engine, cfg)?;
         let shape = CacheShape::of(cfg, act_type(precision));
@@ -307,6 +362,16 @@ impl CudaPolicy {
                 let staged = f.stage_images(Staged::Unit(&px), &real, per_image)?;
                 let pinned = f.staged(staged)?;
                 self.vision.enqueue(&self.engine, pinned, n, out_rows)?;
+                self.vision.lane.synchronize()?;
+            }
+            // A batch's vision runs every row's cameras at once, into the batch's image rows.
+            let batch_rows = self.batch.image_rows.view();
+            for n in 1..=MAX_BATCH * c.num_images {
+                let px = self.batch.pixels.slice_mut::<f32>(n * per_image)?;
+                px.fill(0.0);
+                let pinned = Staged::Unit(self.batch.pixels.slice::<f32>(n * per_image)?);
+                let out = batch_rows.at(0, self.vision.rows(n) * c.vlm_width)?;
+                self.vision.enqueue(&self.engine, pinned, n, out)?;
                 self.vision.lane.synchronize()?;
             }
             let ids = vec![0i32; prompt_tokens];
@@ -541,9 +606,11 @@ impl CudaPolicy {
     }
 
     /// The rows of a batch that passed their checks (index into the batch, cameras, prompt
-    /// ids), at least two: each row's vision and prefix in turn into K/V cache slot j (row j),
-    /// alternating between the two frame slots, then one denoise loop over every cache. The
-    /// stage times are the rows' vision and prefix times summed and the loop's time.
+    /// ids), at least two: one vision run over every row's cameras, then each row's prefix in
+    /// turn (its image rows copied into the prefix's input) into K/V cache slot j (row j),
+    /// the prompts staged alternately in the two frame slots, then one denoise loop over every
+    /// cache. The stage times are the vision run's, the rows' prefix times summed, and the
+    /// loop's.
     fn batch_frames(
         &mut self,
         rows: &[BatchRow<'_>],
@@ -552,25 +619,45 @@ impl CudaPolicy {
     ) -> Result<(Vec<Vec<f32>>, StageTimes)> {
         self.engine.dev.bind()?;
         let caches = self.caches.batch(good.len())?;
+        let c = &self.cfg;
+        let per_image = c.image_size * c.image_size * 3;
+        let width = c.vlm_width;
+        let obs: Vec<&Observation> = good.iter().map(|g| rows[g.0].obs).collect();
+        let real: Vec<&[usize]> = good.iter().map(|g| g.1.as_slice()).collect();
+        let e = &self.engine;
+        let b = &mut self.batch;
+        let (staged, cameras) = b.stage_images(&obs, &real, per_image)?;
+        let lv = &self.vision.lane;
+        b.vision.record_start(lv)?;
+        let image_rows = b.image_rows.view().at(0, self.vision.rows(cameras) * width)?;
+        self.vision.enqueue(e, b.staged(staged)?, cameras, image_rows)?;
+        b.vision.record_end(&self.vision.lane)?;
         let mut times = StageTimes::default();
-        let context_times = |f: &FrameSlot, t: &mut StageTimes| -> Result<()> {
-            t.vision += f.vision.elapsed()?;
-            t.prefix += f.prefix.elapsed()?;
-            Ok(())
-        };
-        for (j, (i, real, ids)) in good.iter().enumerate() {
+        let mut first_row = 0;
+        for (j, (_, real, ids)) in good.iter().enumerate() {
             let slot = j % 2;
+            let f = &mut self.frames[slot];
             if j >= 2 {
-                // Row j - 2's prefix has read the slot's pinned inputs.
-                let f = &self.frames[slot];
-                f.prefix
-                    .end
-                    .synchronize()
-                    .cuda("running a batch's prefix")?;
-                context_times(f, &mut times)?;
+                // Row j - 2's prefix has read the slot's pinned prompt.
+                f.prefix.end.synchronize().cuda("running a batch's prefix")?;
+                times.prefix += f.prefix.elapsed()?;
             }
+            let img_rows = self.vision.rows(real.len());
+            f.stage_prompt(ids, img_rows + ids.len())?;
+            let lp = &self.prefix.lane;
+            lp.stream
+                .wait(&b.vision.end)
+                .cuda("ordering a batch's prefix after its vision")?;
+            f.prefix.record_start(lp)?;
+            if img_rows > 0 {
+                let from = b.image_rows.view().at(first_row * width, img_rows * width)?;
+                lp.copy(from, self.prefix.input_rows(img_rows)?)?;
+            }
+            first_row += img_rows;
+            let (pids, info) = (f.ids.slice::<i32>(ids.len())?, f.info.slice::<i32>(4)?);
             let cache = self.caches.get(j)?;
-            self.enqueue_context(slot, rows[*i].obs, (real, ids), cache)?;
+            self.prefix.enqueue(e, pids, info, img_rows, cache)?;
+            f.prefix.record_end(&self.prefix.lane)?;
         }
         let c = &self.cfg;
         let (chunk, ad) = (c.action_horizon * c.action_dim, c.action_dim);
@@ -609,8 +696,9 @@ impl CudaPolicy {
         b.denoise.record_end(&self.denoise.lane)?;
         b.denoise.end.synchronize().cuda("running a batch")?;
         for j in n.saturating_sub(2)..n {
-            context_times(&self.frames[j % 2], &mut times)?;
+            times.prefix += self.frames[j % 2].prefix.elapsed()?;
         }
+        times.vision = b.vision.elapsed()?;
         times.denoise = b.denoise.elapsed()?;
         let actions = b.actions.slice::<f32>(n * chunk)?;
         Ok((

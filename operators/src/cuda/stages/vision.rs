@@ -29,6 +29,7 @@ pub enum Staged<'a> {
 /// The sizes of the vision tower, named as the config names them.
 #[derive(Debug, Clone, Copy)]
 struct Shape {
+    /// The most cameras one run takes (a frame's, or every frame's of a batch).
     cameras: usize,
     image_size: usize,
     patch_size: usize,
@@ -138,7 +139,16 @@ pub struct Vision {
 impl Vision {
     /// The stage of `cfg` with its weights laid out (not yet filled) and its buffers.
     pub fn new(e: &Engine, cfg: &Config) -> Result<Vision> {
-        let shape = Shape::of(cfg);
+        Self::with_capacity(e, cfg, cfg.num_images)
+    }
+
+    /// The stage with buffers for runs of up to `cameras` cameras (every camera of a batch's
+    /// frames in one run).
+    pub fn with_capacity(e: &Engine, cfg: &Config, cameras: usize) -> Result<Vision> {
+        let shape = Shape {
+            cameras: cameras.max(cfg.num_images),
+            ..Shape::of(cfg)
+        };
         let lane = e.lane(2)?;
         let weights = DeviceWeights::allocate(&e.dev, e.act(), |p: &mut Planner| p.vision(cfg))?;
         let act = e.act();
@@ -173,6 +183,12 @@ impl Vision {
     pub fn enqueue(&mut self, e: &Engine, pixels: Staged, n: usize, out: View) -> Result<()> {
         if n == 0 {
             return Ok(());
+        }
+        if n > self.shape.cameras {
+            return Err(crate::Error::Cuda(format!(
+                "internal: {n} cameras in one vision run, at most {}",
+                self.shape.cameras
+            )));
         }
         match pixels {
             Staged::Unit(v) => self.lane.upload(v, self.buf.pixels)?,
