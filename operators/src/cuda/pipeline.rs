@@ -629,8 +629,12 @@ impl CudaPolicy {
         let (staged, cameras) = b.stage_images(&obs, &real, per_image)?;
         let lv = &self.vision.lane;
         b.vision.record_start(lv)?;
-        let image_rows = b.image_rows.view().at(0, self.vision.rows(cameras) * width)?;
-        self.vision.enqueue(e, b.staged(staged)?, cameras, image_rows)?;
+        let image_rows = b
+            .image_rows
+            .view()
+            .at(0, self.vision.rows(cameras) * width)?;
+        self.vision
+            .enqueue(e, b.staged(staged)?, cameras, image_rows)?;
         b.vision.record_end(&self.vision.lane)?;
         let mut times = StageTimes::default();
         let mut first_row = 0;
@@ -639,7 +643,10 @@ impl CudaPolicy {
             let f = &mut self.frames[slot];
             if j >= 2 {
                 // Row j - 2's prefix has read the slot's pinned prompt.
-                f.prefix.end.synchronize().cuda("running a batch's prefix")?;
+                f.prefix
+                    .end
+                    .synchronize()
+                    .cuda("running a batch's prefix")?;
                 times.prefix += f.prefix.elapsed()?;
             }
             let img_rows = self.vision.rows(real.len());
@@ -650,7 +657,10 @@ impl CudaPolicy {
                 .cuda("ordering a batch's prefix after its vision")?;
             f.prefix.record_start(lp)?;
             if img_rows > 0 {
-                let from = b.image_rows.view().at(first_row * width, img_rows * width)?;
+                let from = b
+                    .image_rows
+                    .view()
+                    .at(first_row * width, img_rows * width)?;
                 lp.copy(from, self.prefix.input_rows(img_rows)?)?;
             }
             first_row += img_rows;

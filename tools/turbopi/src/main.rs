@@ -153,8 +153,13 @@ enum CheckpointCommand {
     Random {
         /// One of: pi0, pi05, pi0-small, pi05-small, pi0-dummy, pi05-dummy (openpi's test
         /// model: tiny Gemmas, the full SigLIP).
+        #[arg(long, required_unless_present = "setting", conflicts_with = "setting")]
+        preset: Option<String>,
+        /// Instead of a preset, the model of a `turbopi bench` setting: libero (pi0.5 with
+        /// openpi's LIBERO action horizon, 10) or pi0, so that a served checkpoint runs what
+        /// `turbopi bench --setting` times.
         #[arg(long)]
-        preset: String,
+        setting: Option<String>,
         #[arg(long, value_enum, default_value_t = DtypeArg::F32)]
         dtype: DtypeArg,
         #[arg(long, default_value_t = 0)]
@@ -229,11 +234,13 @@ fn main() -> ExitCode {
         ),
         Command::Checkpoint(CheckpointCommand::Random {
             preset,
+            setting,
             dtype,
             seed,
             out,
             config_schema,
-        }) => random(&preset, dtype, seed, &out, config_schema),
+        }) => random_model(preset.as_deref(), setting.as_deref())
+            .and_then(|model| random(model, dtype, seed, &out, config_schema)),
         Command::Checkpoint(CheckpointCommand::Inspect { dir }) => inspect(&dir),
         Command::Graph(GraphCommand::Check { file }) => graph_check(&file),
         Command::Graph(GraphCommand::Plan { file, dot }) => graph_plan(&file, dot.as_deref()),
@@ -450,12 +457,30 @@ fn graph_check(file: &Path) -> Result<()> {
     bail!("{}: {} problem(s)", file.display(), report.errors.len())
 }
 
-fn random(preset: &str, dtype: DtypeArg, seed: u64, out: &Path, schema: SchemaArg) -> Result<()> {
-    let cfg = Config::preset(preset)?;
+/// The config of `checkpoint random`'s `--preset` or `--setting` (exactly one), and how to
+/// name it.
+fn random_model(preset: Option<&str>, setting: Option<&str>) -> Result<(Config, String)> {
+    match (preset, setting) {
+        (Some(p), None) => Ok((Config::preset(p)?, format!("preset {p}"))),
+        (None, Some(s)) => {
+            let setting: operators::bench::Setting = s.parse()?;
+            Ok((setting.config(), format!("setting {s}")))
+        }
+        _ => bail!("give one of --preset and --setting"),
+    }
+}
+
+fn random(
+    (cfg, preset): (Config, String),
+    dtype: DtypeArg,
+    seed: u64,
+    out: &Path,
+    schema: SchemaArg,
+) -> Result<()> {
     // Before any weights are written: a preset openpi's schema cannot express fails here.
     let config_json = schema.render(&cfg, dtype).with_context(|| {
         format!(
-            "preset {preset} in the {} schema",
+            "{preset} in the {} schema",
             match schema {
                 SchemaArg::TurboPi => "turbo-pi",
                 SchemaArg::Openpi => "openpi",
@@ -489,7 +514,7 @@ fn random(preset: &str, dtype: DtypeArg, seed: u64, out: &Path, schema: SchemaAr
     let obs_dir = out.join("observation");
     write_sample(&obs_dir, &cfg, seed)?;
     println!(
-        "wrote {} ({} parameters, preset {preset}) and a sample observation in {}",
+        "wrote {} ({} parameters, {preset}) and a sample observation in {}",
         out.display(),
         total,
         obs_dir.display()
@@ -587,4 +612,46 @@ fn inspect(dir: &Path) -> Result<()> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn random_checkpoints_take_a_preset_or_a_bench_setting() {
+        let (cfg, name) = random_model(None, Some("libero")).unwrap();
+        assert!(cfg.pi05);
+        assert_eq!(cfg.action_horizon, 10, "openpi's LIBERO horizon");
+        assert_eq!(name, "setting libero");
+        // openpi's schema carries the horizon (its pi05_libero config).
+        let json = SchemaArg::Openpi.render(&cfg, DtypeArg::Bf16).unwrap();
+        let v: serde_json::Value = serde_json::from_str(&json).unwrap();
+        assert_eq!(v["action_horizon"], 10, "{json}");
+        let (preset, _) = random_model(Some("pi05"), None).unwrap();
+        assert_eq!(preset.action_horizon, 50);
+        let (pi0, _) = random_model(None, Some("pi0")).unwrap();
+        assert!(!pi0.pi05);
+        let e = random_model(None, Some("droid")).unwrap_err().to_string();
+        assert!(e.contains("unknown bench setting `droid`"), "{e}");
+        let e = random_model(Some("pi05"), Some("libero"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("one of --preset and --setting"), "{e}");
+        // clap refuses both, and neither, before any weights are written.
+        let both = [
+            "turbopi",
+            "checkpoint",
+            "random",
+            "--preset",
+            "pi05",
+            "--setting",
+            "libero",
+            "--out",
+            "x",
+        ];
+        assert!(Cli::try_parse_from(both).is_err());
+        let neither = ["turbopi", "checkpoint", "random", "--out", "x"];
+        assert!(Cli::try_parse_from(neither).is_err());
+    }
 }
