@@ -4,7 +4,10 @@
 //! denoises). A frame allocates nothing and synchronises once: the observation is staged in
 //! pinned buffers, the stages' graphs run, the actions come back. A frame guided by real-time
 //! chunking ([`Runner::infer_guided`]) runs alone, through the denoise stage's guided graph
-//! (the Jacobian term dropped: docs/rtc.md).
+//! (the Jacobian term dropped: docs/rtc.md). A batch ([`Runner::infer_batch`]) runs alone
+//! too: one vision run over every row's cameras, each row's prefix into its own cache slot
+//! (one per row of the largest batch; the first two are the pipelined frames'), one denoise
+//! loop over all of them.
 
 use std::collections::VecDeque;
 
