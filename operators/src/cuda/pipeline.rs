@@ -51,16 +51,6 @@ pub(crate) enum StagedAs {
     Bytes(usize),
 }
 
-impl StagedAs {
-    /// What was staged, read back from the pinned `pixels` it was staged in.
-    fn read(self, pixels: &PinnedBuffer) -> Result<Staged<'_>> {
-        Ok(match self {
-            StagedAs::Unit(n) => Staged::Unit(pixels.slice::<f32>(n)?),
-            StagedAs::Bytes(n) => Staged::Bytes(pixels.slice::<u8>(n)?),
-        })
-    }
-}
-
 /// `images` as the staging copy reads them.
 pub(crate) fn staged_of(images: &Pixels) -> Staged<'_> {
     match images {
@@ -117,7 +107,10 @@ impl FrameSlot {
 
     /// The pinned pixels [`FrameSlot::stage_images`] wrote.
     pub(crate) fn staged(&self, s: StagedAs) -> Result<Staged<'_>> {
-        s.read(&self.pixels)
+        Ok(match s {
+            StagedAs::Unit(n) => Staged::Unit(self.pixels.slice::<f32>(n)?),
+            StagedAs::Bytes(n) => Staged::Bytes(self.pixels.slice::<u8>(n)?),
+        })
     }
 
     /// Copies the prompt ids and the cache info [P, 0, 0, 0] (P: prefix length) into pinned
@@ -227,7 +220,10 @@ impl BatchSlot {
     }
 
     fn staged(&self, s: StagedAs) -> Result<Staged<'_>> {
-        s.read(&self.pixels)
+        Ok(match s {
+            StagedAs::Unit(n) => Staged::Unit(self.pixels.slice::<f32>(n)?),
+            StagedAs::Bytes(n) => Staged::Bytes(self.pixels.slice::<u8>(n)?),
+        })
     }
 }
 
