@@ -82,6 +82,20 @@ pub fn parse_batch_window_ms(value: &str) -> std::result::Result<std::time::Dura
     }
 }
 
+/// The most `SPIN_US` takes: 100 ms.
+pub const MAX_SPIN_US: u64 = 100_000;
+
+/// `SPIN_US` (the in-process policy's look for the next request before its thread sleeps):
+/// whole microseconds from 0 to [`MAX_SPIN_US`].
+pub fn parse_spin_us(value: &str) -> std::result::Result<std::time::Duration, String> {
+    match value.trim().parse::<u64>() {
+        Ok(us) if us <= MAX_SPIN_US => Ok(std::time::Duration::from_micros(us)),
+        _ => Err(format!(
+            "env SPIN_US={value:?} must be a whole number of microseconds from 0 to {MAX_SPIN_US}"
+        )),
+    }
+}
+
 /// `MAX_BATCH` (default [`operators::MAX_BATCH`]) and `BATCH_WINDOW_MS` (default 0) from the
 /// environment.
 pub fn batching_from_env() -> Result<(usize, std::time::Duration)> {
@@ -407,6 +421,23 @@ pub fn kv_from_tensor(shape: &[usize], data: &[f32]) -> Result<KvCache> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn spin_us_takes_whole_microseconds_up_to_its_limit() {
+        assert_eq!(parse_spin_us("0"), Ok(std::time::Duration::ZERO));
+        assert_eq!(
+            parse_spin_us(" 3000 "),
+            Ok(std::time::Duration::from_micros(3000))
+        );
+        assert!(parse_spin_us("100000").is_ok());
+        for bad in ["100001", "-1", "1.5", "", "fast"] {
+            let e = parse_spin_us(bad).unwrap_err();
+            assert!(
+                e.contains("SPIN_US") && e.contains(&format!("{bad:?}")),
+                "{e}"
+            );
+        }
+    }
     use dora_node_api::IntoArrow;
 
     #[test]

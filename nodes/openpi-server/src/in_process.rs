@@ -19,6 +19,29 @@ use operators::{BatchRow, Config, MAX_BATCH};
 
 use crate::{Frame, Hub, Reply};
 
+/// The next frame of `rx`, None once it closes. With a `spin`, the thread keeps looking for
+/// one (yielding its core to any thread that wants it) for that long before it sleeps: a
+/// frame that comes within it starts at once, where waking a sleeping thread costs tens to
+/// hundreds of microseconds (more where idle cores sleep deeply). A client in a closed loop
+/// sends its next observation about a millisecond after its last answer; a spin a little
+/// longer than that saves the wake-up on every request, for the CPU time of the spin.
+fn next_frame(rx: &mpsc::Receiver<Frame>, spin: Duration) -> Option<Frame> {
+    if !spin.is_zero() {
+        let until = Instant::now() + spin;
+        loop {
+            match rx.try_recv() {
+                Ok(f) => return Some(f),
+                Err(mpsc::TryRecvError::Disconnected) => return None,
+                Err(mpsc::TryRecvError::Empty) if Instant::now() < until => {
+                    std::thread::yield_now()
+                }
+                Err(mpsc::TryRecvError::Empty) => break,
+            }
+        }
+    }
+    rx.recv().ok()
+}
+
 /// Where the server's frames are answered (env `POLICY`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum PolicyPlace {
@@ -47,13 +70,16 @@ pub struct InProcess {
     seed: u64,
     max_batch: usize,
     window: Duration,
+    /// How long the thread looks for the next frame before it sleeps (env `SPIN_US`).
+    spin: Duration,
     /// Batches run, by size (index 0 unused).
     sizes: [u64; MAX_BATCH + 1],
 }
 
 impl InProcess {
     /// Loads the model of env `CHECKPOINT` on `BACKEND` / `DTYPE`, with `STEPS` (10), `SEED`
-    /// (0), `MAX_BATCH` (8) and `BATCH_WINDOW_MS` (0), as the `policy` node reads them.
+    /// (0), `MAX_BATCH` (8) and `BATCH_WINDOW_MS` (0), as the `policy` node reads them, and
+    /// `SPIN_US` (0: see [`next_frame`]).
     pub fn from_env() -> Result<Self> {
         let (kind, precision) = backend_from_env()?;
         let steps: usize = env_or("STEPS", 10)?;
@@ -62,6 +88,10 @@ impl InProcess {
         }
         let seed: u64 = env_or("SEED", 0)?;
         let (max_batch, window) = batching_from_env()?;
+        let spin = match node_common::env_opt::<String>("SPIN_US")? {
+            Some(v) => node_common::parse_spin_us(&v).map_err(|e| eyre::eyre!(e))?,
+            None => Duration::ZERO,
+        };
         let ckpt = checkpoint_from_env()?;
         let mut runner = operators::backend::load(kind, precision, &ckpt, |_, _| {})
             .wrap_err("POLICY=in-process: loading the policy")?;
@@ -75,6 +105,7 @@ impl InProcess {
             seed,
             max_batch,
             window,
+            spin,
             sizes: [0; MAX_BATCH + 1],
         })
     }
@@ -89,7 +120,7 @@ impl InProcess {
     /// and each request gets its own actions or its own error. Returns the summary's tail,
     /// e.g. ", batches: 40 of 1, 3 of 2".
     pub fn serve(mut self, rx: mpsc::Receiver<Frame>, hub: Arc<Hub>) -> String {
-        while let Ok(first) = rx.recv() {
+        while let Some(first) = next_frame(&rx, self.spin) {
             let opened = Instant::now();
             let mut batch = vec![first];
             while batch.len() < self.max_batch {

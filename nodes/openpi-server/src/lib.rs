@@ -21,6 +21,7 @@ use axum::extract::{ConnectInfo, Request, State};
 use axum::http::{header, HeaderValue, Method, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
+use axum::serve::ListenerExt;
 use axum::Router;
 use dora_node_api::dora_core::config::DataId;
 use dora_node_api::{DoraNode, Event, EventStream, Parameter};
@@ -236,10 +237,8 @@ impl Hub {
     }
 
     /// One request: observation bytes to response bytes, or the message of the error text
-    /// frame. Decoding and the transforms run on tokio's blocking pool: they take
-    /// milliseconds of CPU per request, far more for a big message (two 40 MB float16 images:
-    /// about 0.3 s), and on the async threads they would hold up `/healthz` and every other
-    /// connection.
+    /// frame. Decoding, the transforms and the reply's encoding run where the request's task
+    /// stands, with this worker's other tasks handed to another thread ([`on_worker`]).
     async fn serve(
         self: &Arc<Self>,
         bytes: Bytes,
@@ -247,7 +246,7 @@ impl Hub {
     ) -> Result<Vec<u8>, String> {
         let start = Instant::now();
         let hub = Arc::clone(self);
-        let (input, ctx) = off_executor(move || {
+        let (input, ctx) = on_worker(move || {
             let obs = decode(&bytes, hub.settings.limits).map_err(|e| e.to_string())?;
             hub.transforms
                 .inputs(&obs)
@@ -301,7 +300,7 @@ impl Hub {
         };
         let dataflow_ms = ms(sent.elapsed());
         let hub = Arc::clone(self);
-        off_executor(move || {
+        on_worker(move || {
             let actions = hub
                 .transforms
                 .outputs(&reply.actions, &ctx)
@@ -342,15 +341,31 @@ impl Hub {
     }
 }
 
-/// Runs `work` on tokio's blocking pool; a panic in it fails the request, not the server.
-async fn off_executor<T: Send + 'static>(
+/// Runs `work` off the async threads' turn: a big message (two 40 MB float16 images take
+/// about 0.3 s to decode) must hold up neither `/healthz` nor other connections. On the
+/// server's multi-threaded runtime it runs right here, on the request task's thread, after
+/// tokio has handed this worker's other tasks to another thread (`block_in_place`): a usual
+/// request (a few hundred KB, tens of microseconds of work) then pays no trip to the blocking
+/// pool and back, which is two thread wake-ups on the round trip's path each time. On a
+/// single-threaded runtime it goes to the blocking pool. A panic in `work` fails the request,
+/// not the server.
+async fn on_worker<T: Send + 'static>(
     work: impl FnOnce() -> Result<T, String> + Send + 'static,
 ) -> Result<T, String> {
+    const PANICKED: &str =
+        "internal error: the request's transforms panicked (a bug: please report it)";
+    let flavor = tokio::runtime::Handle::try_current().map(|h| h.runtime_flavor());
+    if let Ok(tokio::runtime::RuntimeFlavor::MultiThread) = flavor {
+        return tokio::task::block_in_place(|| {
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(work))
+                .unwrap_or_else(|_| Err(PANICKED.into()))
+        });
+    }
     tokio::task::spawn_blocking(work)
         .await
         .map_err(|e| -> String {
             if e.is_panic() {
-                "internal error: the request's transforms panicked (a bug: please report it)".into()
+                PANICKED.into()
             } else {
                 "the server is stopping".into()
             }
@@ -359,6 +374,19 @@ async fn off_executor<T: Send + 'static>(
 
 fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1e3
+}
+
+/// `listener` with Nagle's algorithm off on every connection: a reply goes out when it is
+/// written, not when the client's acknowledgement of the previous bytes comes back.
+pub fn with_nodelay(
+    listener: tokio::net::TcpListener,
+) -> axum::serve::TapIo<tokio::net::TcpListener, fn(&mut tokio::net::TcpStream)> {
+    fn nodelay(tcp: &mut tokio::net::TcpStream) {
+        if let Err(e) = tcp.set_nodelay(true) {
+            eprintln!("openpi-server: cannot turn Nagle's algorithm off on a connection: {e}");
+        }
+    }
+    listener.tap_io(nodelay as fn(&mut tokio::net::TcpStream))
 }
 
 /// The HTTP side: `GET /healthz` answers `OK`, every other path upgrades to openpi's
@@ -663,7 +691,7 @@ pub fn run_with(
     let hub = Hub::new(transforms, settings, tx);
     let (stop_tx, stop_rx) = oneshot::channel::<()>();
     let server = axum::serve(
-        listener,
+        with_nodelay(listener),
         app(hub.clone()).into_make_service_with_connect_info::<SocketAddr>(),
     )
     .with_graceful_shutdown(async {
@@ -834,7 +862,7 @@ mod tests {
         });
         tokio::spawn(async move {
             axum::serve(
-                listener,
+                with_nodelay(listener),
                 app(hub).into_make_service_with_connect_info::<SocketAddr>(),
             )
             .await
@@ -1037,17 +1065,37 @@ mod tests {
     }
 
     /// Slow requests (big float16 images) and a huge prompt in flight on a server whose
-    /// runtime has a single thread: /healthz and another client are still answered promptly,
-    /// because decoding and the transforms run off the async threads, and the huge prompt is
-    /// refused without being tokenized.
+    /// runtime has a single async thread, multi-threaded (as the server's own, where the work
+    /// runs on the request's thread after its other tasks have moved) or not (where it goes
+    /// to the blocking pool): /healthz and another client are still answered promptly, and
+    /// the huge prompt is refused without being tokenized.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn slow_requests_do_not_stall_healthz_or_other_clients() {
-        let (ready_tx, ready_rx) = oneshot::channel();
-        std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread()
+        slow_requests_on(|| {
+            tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(1)
                 .enable_all()
                 .build()
-                .unwrap();
+        })
+        .await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn slow_requests_do_not_stall_a_single_threaded_server() {
+        slow_requests_on(|| {
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+        })
+        .await;
+    }
+
+    async fn slow_requests_on(
+        runtime: impl FnOnce() -> std::io::Result<tokio::runtime::Runtime> + Send + 'static,
+    ) {
+        let (ready_tx, ready_rx) = oneshot::channel();
+        std::thread::spawn(move || {
+            let rt = runtime().unwrap();
             rt.block_on(async {
                 let (port, twin, dir) = server_with(96 << 20).await;
                 let _ = ready_tx.send((port, twin));

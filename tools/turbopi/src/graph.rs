@@ -757,6 +757,9 @@ fn check_in_process_policy(
     {
         err(e);
     }
+    if let Some(Err(e)) = env.get("SPIN_US").map(|v| node_common::parse_spin_us(v)) {
+        err(e);
+    }
     if node.inputs.keys().any(|k| k.to_string() == "actions") {
         err("input `actions` is wired, but with POLICY=in-process the server answers its requests itself (its frames never enter the dataflow): remove the input or set POLICY=dataflow".into());
     }

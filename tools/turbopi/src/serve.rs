@@ -87,6 +87,12 @@ pub struct ServeArgs {
     /// requests already waiting).
     #[arg(long)]
     pub batch_window_ms: Option<String>,
+    /// With --in-process: microseconds the policy's thread keeps looking for the next
+    /// request before it sleeps (default 0: it sleeps at once). A client in a closed loop
+    /// sends again about a millisecond after its answer; a spin past that saves a thread
+    /// wake-up per request for the CPU time of the spin.
+    #[arg(long)]
+    pub spin_us: Option<String>,
     /// Seconds to wait for `/healthz` after starting (loading a full-size model on the CPU
     /// takes a while).
     #[arg(long, default_value_t = 900)]
@@ -107,6 +113,12 @@ pub fn run(args: &ServeArgs) -> Result<()> {
     }
     if let Some(v) = &args.batch_window_ms {
         node_common::parse_batch_window_ms(v).map_err(|e| anyhow!("--batch-window-ms: {e}"))?;
+    }
+    if let Some(v) = &args.spin_us {
+        node_common::parse_spin_us(v).map_err(|e| anyhow!("--spin-us: {e}"))?;
+        if !args.in_process && args.graph.is_none() {
+            bail!("--spin-us sets the in-process policy's thread: add --in-process");
+        }
     }
     let ckpt_dir = checkpoint_dir(&args.checkpoint)?;
     let ckpt = Checkpoint::open(&ckpt_dir)
@@ -167,6 +179,7 @@ pub fn run(args: &ServeArgs) -> Result<()> {
         ),
         ("TURBOPI_MAX_BATCH", args.max_batch.clone()),
         ("TURBOPI_BATCH_WINDOW_MS", args.batch_window_ms.clone()),
+        ("TURBOPI_SPIN_US", args.spin_us.clone()),
         // The graphs do not pass these to the server: under `dora run` every node inherits
         // this environment, and only openpi-server reads them.
         ("ASSETS", args.assets.as_deref().map(path_text)),

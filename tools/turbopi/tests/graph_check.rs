@@ -237,6 +237,7 @@ fn bad_fixtures_fail_naming_node_and_input() {
                 "node `openpi-server`: env STEPS=\"0\" must be a positive integer",
                 "node `openpi-server`: env MAX_BATCH=\"9\" must be a whole number from 1 to 8",
                 "node `openpi-server`: env DTYPE=\"fp16\": unknown dtype `fp16`; expected `f32`, `bf16` or `fp8`",
+                "node `openpi-server`: env SPIN_US=\"2.5\" must be a whole number of microseconds from 0 to 100000",
                 "node `openpi-server`: input `actions` is wired, but with POLICY=in-process",
                 "node `server-b`: env POLICY=\"nearby\" must be `dataflow` or `in-process`",
                 "node `server-b`: missing input `actions`",
