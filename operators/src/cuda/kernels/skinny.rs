@@ -34,6 +34,9 @@ pub const UNROLL: usize = 4;
 /// columns. (Measured on an H200, libero denoise: 1 tile 8.02 ms; 2 tiles 8.70 ms, 8.50 ms
 /// with UNROLL 2; 4 tiles with UNROLL 2 9.29 ms: x's reads from L2 are not what limits it.)
 pub const TILES: usize = 1;
+/// Values of K a warp covers per 16-byte load of each of its rows (8 per lane, four lanes
+/// per row).
+const CHUNK_BF16: usize = 32;
 
 /// What becomes of y.
 #[derive(Debug, Clone, Copy)]
@@ -76,23 +79,31 @@ fn need_all(mats: &[(&Mat, &str)]) -> Result<()> {
     mats.iter().try_for_each(|(m, what)| m.check(1, what))
 }
 
-/// Launches `f` over `blocks` blocks with the arguments x, w, those `own` adds (the entry
-/// point's own, rows included), K and the warps' K slice. As many warps as K has slices of
-/// 32 · UNROLL (1 to WARPS), K split evenly among them: each lane then has its whole slice
-/// in flight at once where K allows. (Measured on an H200 against one warp per chunk, up to
+/// How the warps of a block split K, read in chunks of `chunk` values (a warp's 16-byte load
+/// per row: 32 for bf16): (warps, K slice of each). As many warps as K has runs of UNROLL
+/// chunks (1 to [`WARPS`]), the chunks split evenly among them, each slice a whole number of
+/// chunks: each lane then has its whole slice in flight at once where K allows. (Measured on an H200 for bf16, against one warp per chunk, up to
 /// 16, and against two slices per warp: the expert's step 0.96 ms against 1.04 and 0.98.)
-fn launch_product(
+/// A slice past K (more warps than slices need) reads nothing and adds zeros.
+pub fn split_k(kdim: usize, chunk: usize) -> (usize, usize) {
+    let chunks = kdim.div_ceil(chunk);
+    let warps = chunks.div_ceil(UNROLL).clamp(1, WARPS);
+    (warps, chunks.div_ceil(warps) * chunk)
+}
+
+/// Launches `f` over `blocks` blocks with the arguments x, w, those `own` adds (the entry
+/// point's own, rows included), K and the warps' K slice ([`split_k`] in chunks of `chunk`).
+fn launch_chunked(
     f: &CudaFunction,
     lane: &Lane,
     name: &str,
     (x, w): (&Mat, &Mat),
     blocks: usize,
+    chunk: usize,
     own: impl FnOnce(Args) -> Result<Args>,
 ) -> Result<()> {
     let kdim = x.cols;
-    let chunks = kdim / 32;
-    let warps = chunks.div_ceil(UNROLL).clamp(1, WARPS);
-    let kslice = chunks.div_ceil(warps) * 32;
+    let (warps, kslice) = split_k(kdim, chunk);
     let args = Args::new()
         .ptr(x.view)
         .i64(x.ld as i64)
@@ -102,6 +113,18 @@ fn launch_product(
         .i32(int(kdim, "inner dimension")?)
         .i32(int(kslice, "K slice")?);
     launch(f, lane, name, blocks, (warps * 32) as u32, args)
+}
+
+/// [`launch_chunked`] for bf16 weights.
+fn launch_product(
+    f: &CudaFunction,
+    lane: &Lane,
+    name: &str,
+    xw: (&Mat, &Mat),
+    blocks: usize,
+    own: impl FnOnce(Args) -> Result<Args>,
+) -> Result<()> {
+    launch_chunked(f, lane, name, xw, blocks, CHUNK_BF16, own)
 }
 
 /// y (x.rows × w.rows) from x [rows, K] and the Linear weight w [N, K] (see [`Epilogue`]), on
@@ -232,4 +255,31 @@ pub fn rope(k: &Kernels, lane: &Lane, x: Mat, w: Mat, out: RopeOut) -> Result<bo
             .i32(int(out.out_row0, "cache row")?))
     })?;
     Ok(true)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The warps' slices cover K exactly once, in whole chunks, in order: every value of K
+    /// is summed by one warp (the kernels read a chunk only where it starts before K).
+    #[test]
+    fn warps_split_k_into_whole_chunks() {
+        for chunk in [CHUNK_BF16] {
+            for kdim in (32..=20_000).step_by(32) {
+                let (warps, kslice) = split_k(kdim, chunk);
+                let what = format!("K {kdim} in chunks of {chunk}");
+                assert!((1..=WARPS).contains(&warps), "{what}: {warps} warps");
+                assert_eq!(kslice % chunk, 0, "{what}: slice {kslice}");
+                assert!(warps * kslice >= kdim, "{what}: K not covered");
+                // At most UNROLL chunks per warp while WARPS warps are enough.
+                if kdim.div_ceil(chunk) <= UNROLL * WARPS {
+                    assert!(kslice <= UNROLL * chunk, "{what}: slice {kslice}");
+                }
+            }
+        }
+        // The expert's shapes: K 1024 (q|k|v, gate|up), 4096 (down).
+        assert_eq!(split_k(1024, CHUNK_BF16), (8, 128));
+        assert_eq!(split_k(4096, CHUNK_BF16), (16, 256));
+    }
 }
