@@ -2260,3 +2260,436 @@ fn quantise_e4m3_matches_cpu_bit_for_bit() {
         }
     }
 }
+
+/// E4M3 codes [rows, width] uploaded with row stride `ld` bytes, the gaps filled with the
+/// NaN code 0x7F (read, it would show as ±480 in a product).
+fn up_codes(g: &Gpu, codes: &[u8], width: usize, ld: usize) -> DeviceBuffer {
+    let rows = codes.len() / width;
+    let mut padded = vec![0x7Fu8; rows * ld];
+    for (r, row) in codes.chunks_exact(width).enumerate() {
+        padded[r * ld..r * ld + width].copy_from_slice(row);
+    }
+    let as_f32: Vec<f32> = padded.iter().map(|&b| f32::from(b)).collect();
+    g.upload(DType::U8, &as_f32).unwrap()
+}
+
+/// The value the FP8 kernel gives code `c` before its scale: fp8::decode's, except that the
+/// NaN codes (which no quantiser writes) come out as ±480 (skinny.cu says why).
+fn fp8_kernel_value(c: u8) -> f32 {
+    if c & 0x7F == 0x7F {
+        if c & 0x80 != 0 {
+            -480.0
+        } else {
+            480.0
+        }
+    } else {
+        operators::fp8::decode(c)
+    }
+}
+
+#[test]
+fn skinny_fp8_converts_every_code_exactly() {
+    // Bit for bit: x rows that pick one k each (x[m, k0 + m] = ±2^(m-8), a power of two, so
+    // every product is exact on both sides) give y[m, n] = x · E4M3(code[n, k0 + m]) ·
+    // scale[n], the same single f32 rounding on the CPU. Code[n, k] = (7n + k) mod 256: each
+    // k sees all 256 codes (subnormals, both zeros, ±448, the NaN codes), and 16 launches
+    // with k0 = 0, 16, .., 240 see every k: the K permutation and the conversion together.
+    let g = gpu(DType::Bf16);
+    let (m, n, k) = (16, 256, 256);
+    let codes: Vec<u8> = (0..n * k)
+        .map(|i| ((7 * (i / k) + i % k) % 256) as u8)
+        .collect();
+    let mut scales = rand_vec(n, 1700, 1e-3, 4.0);
+    scales[0] = 1.0;
+    let wb = up_codes(&g, &codes, k, k);
+    let (sb, scales) = up(&g, DType::F32, &scales);
+    let yb = nan(&g, DType::F32, m * n);
+    let pick = |r: usize| {
+        let v = 2f32.powi(r as i32 - 8);
+        if r % 2 == 1 {
+            -v
+        } else {
+            v
+        }
+    };
+    for k0 in (0..k).step_by(m) {
+        let mut xv = vec![0.0f32; m * k];
+        for r in 0..m {
+            xv[r * k + k0 + r] = pick(r);
+        }
+        let (xb, _) = up(&g, DType::Bf16, &xv);
+        g.lane.poison(yb.view()).unwrap();
+        let (xm, wm, ym) = (
+            Mat::new(xb.view(), m, k),
+            Mat::new(wb.view(), n, k),
+            Mat::new(yb.view(), m, n),
+        );
+        assert!(
+            skinny::linear_fp8(&g.kernels, &g.lane, xm, wm, sb.view(), ym, Epilogue::Store)
+                .unwrap(),
+            "queued"
+        );
+        let got = g.download(yb.view()).unwrap();
+        for r in 0..m {
+            for c in 0..n {
+                let code = codes[c * k + k0 + r];
+                let want = (pick(r) * fp8_kernel_value(code)) * scales[c];
+                // == is bit equality here, but for the sign of zero (an exact zero sum is +0).
+                assert!(
+                    got[r * n + c] == want,
+                    "k {} code {code:#04x} scale {}: got {:e}, want {want:e}",
+                    k0 + r,
+                    scales[c],
+                    got[r * n + c]
+                );
+            }
+        }
+    }
+}
+
+/// Paddings of row strides (x's, the codes', y's), in elements.
+type Pads = (usize, usize, usize);
+
+#[test]
+fn skinny_fp8_matches_the_cpu_fp8_linear() {
+    // W8A16 against the CPU backend's `--dtype fp8` emulation of the same layer: W quantised
+    // per output channel by fp8::quantise_rows (the codes and scales the kernel reads), and
+    // cpu::Linear::quantise_fp8(false) (the weights the CPU then multiplies by: scale ·
+    // E4M3, to the bit). The expected value is that twin's product (then its residual or gated
+    // residual), evaluated in f64 so that the tolerance only has to cover the kernel's
+    // roundings; it is a bound per value, derived in `fp8_bound`.
+    //
+    // Shapes: the expert's (q|k|v, down with its gate, gate|up) at 10 rows; 1, 3 and 16 rows;
+    // K from 32 to 16384, K = 32, 96, 160 and 2080 ending halfway through a 64-wide chunk;
+    // padded row strides. x's row stride padding and its rows past the last are NaN, the
+    // codes' padding the NaN code (never read, or the result shows it); row 1 of x is zeros
+    // (its outputs are exactly zero, or y0); weight row 2 is zeros (scale 1), row 3 spans 20
+    // binades (E4M3 subnormals). A stored y starts all NaN (every value written); y's padding
+    // columns are NaN and stay so.
+    let g = gpu(DType::Bf16);
+    // (rows, N, K, padding of x's, the codes' and y's row strides, epilogue, y's type)
+    let cases: [(usize, usize, usize, Pads, &str, DType); 11] = [
+        (10, 2560, 1024, (0, 0, 0), "store", DType::Bf16),
+        (10, 1024, 4096, (0, 0, 0), "gated", DType::F32),
+        (10, 8192, 1024, (0, 0, 0), "store", DType::Bf16),
+        (1, 1024, 2048, (8, 16, 1), "add", DType::F32),
+        (3, 256, 16384, (0, 0, 0), "store", DType::F32),
+        (3, 40, 16384, (8, 32, 2), "gated", DType::Bf16),
+        (16, 72, 2080, (8, 32, 3), "gated", DType::F32),
+        (16, 16, 96, (0, 0, 0), "store", DType::F32),
+        (16, 8, 32, (24, 16, 0), "store", DType::Bf16),
+        (10, 24, 160, (16, 16, 5), "add", DType::Bf16),
+        (1, 8, 32, (0, 0, 1), "store", DType::F32),
+    ];
+    for (i, &(m, n, k, (padx, padw, pady), mode, ydt)) in cases.iter().enumerate() {
+        let name = format!("skinny fp8 gemm [{m}, {n}, {k}] {mode} -> {ydt:?}");
+        let seed = 1800 + 10 * i as u64;
+        let (ldx, ldw, ldy) = (k + padx, k + padw, n + pady);
+        let mut xv = rand_vec(m * ldx, seed, -1.0, 1.0);
+        for r in 0..m {
+            xv[r * ldx + k..(r + 1) * ldx].fill(f32::NAN);
+        }
+        if m >= 3 {
+            xv[ldx..ldx + k].fill(0.0);
+        }
+        xv.extend(std::iter::repeat_n(f32::NAN, 16 * ldx));
+        let (xb, x) = up(&g, DType::Bf16, &xv);
+        let s = 1.0 / (k as f32).sqrt();
+        let mut w = rand_vec(n * k, seed + 1, -s, s);
+        if n >= 4 {
+            w[2 * k..3 * k].fill(0.0);
+            let mut rng = rand::rngs::StdRng::seed_from_u64(seed + 4);
+            for v in &mut w[3 * k..4 * k] {
+                *v = s
+                    * rng.random_range(-20.0f32..0.0).exp2()
+                    * if rng.random() { 1.0 } else { -1.0 };
+            }
+        }
+        let (codes, scales) = operators::fp8::quantise_rows(&w, k);
+        let mut twin = Linear {
+            weight: w,
+            bias: None,
+            n_in: k,
+            n_out: n,
+            fp8: None,
+        };
+        twin.quantise_fp8(false);
+        for (j, (&c, &q)) in codes.iter().zip(&twin.weight).enumerate() {
+            let held = scales[j / k] * operators::fp8::decode(c);
+            assert_eq!(held.to_bits(), q.to_bits(), "{name}: weight {j}");
+        }
+        if n >= 4 {
+            assert!(
+                codes[3 * k..4 * k]
+                    .iter()
+                    .any(|&c| c & 0x78 == 0 && c & 7 != 0),
+                "{name}: no subnormal code"
+            );
+        }
+        let wb = up_codes(&g, &codes, k, ldw);
+        let (sb, _) = up(&g, DType::F32, &scales);
+        let (gb, gate) = up(&g, DType::F32, &rand_vec(n, seed + 2, -2.0, 2.0));
+        let mut y0 = rounded(ydt, &rand_vec(m * ldy, seed + 3, -1.0, 1.0));
+        for r in 0..m {
+            y0[r * ldy + n..(r + 1) * ldy].fill(f32::NAN);
+        }
+        let (yb, _) = up(&g, ydt, &y0);
+        let (epi, gate_ref) = match mode {
+            "store" => {
+                g.lane.poison(yb.view()).unwrap();
+                (Epilogue::Store, None)
+            }
+            "add" => (Epilogue::Add, None),
+            _ => (Epilogue::Gated(gb.view()), Some(&gate[..])),
+        };
+        let (xm, wm, ym) = (
+            Mat::new(xb.view(), m, k).ld(ldx),
+            Mat::new(wb.view(), n, k).ld(ldw),
+            Mat::new(yb.view(), m, n).ld(ldy),
+        );
+        assert!(skinny::fits_fp8(&g.kernels, &xm, &wm, &ym), "{name}: fits");
+        assert!(
+            skinny::linear_fp8(&g.kernels, &g.lane, xm, wm, sb.view(), ym, epi).unwrap(),
+            "{name}: queued"
+        );
+        let got = g.download(yb.view()).unwrap();
+        let (mut dense, mut want, mut bound) = (vec![], vec![], vec![]);
+        for r in 0..m {
+            for c in 0..n {
+                let (mut exact, mut sum_abs) = (0f64, 0f64);
+                for j in 0..k {
+                    let p = f64::from(x[r * ldx + j]) * f64::from(twin.weight[c * k + j]);
+                    exact += p;
+                    sum_abs += p.abs();
+                }
+                let gv = gate_ref.map_or(1.0, |g| f64::from(g[c]));
+                let base = if mode == "store" {
+                    0.0
+                } else {
+                    f64::from(y0[r * ldy + c])
+                };
+                let v = base + gv * exact;
+                dense.push(got[r * ldy + c]);
+                want.push(v);
+                bound.push(fp8_bound(k, sum_abs * gv.abs(), base, v, ydt));
+            }
+            for c in n..ldy {
+                assert!(
+                    got[r * ldy + c].is_nan(),
+                    "{name}: padding [{r}, {c}] written"
+                );
+            }
+        }
+        if m >= 3 {
+            for c in 0..n {
+                let (got, base) = (
+                    dense[n + c],
+                    if mode == "store" { 0.0 } else { y0[ldy + c] },
+                );
+                assert_eq!(got, base, "{name}: the zero row, column {c}");
+            }
+        }
+        check_bound(&name, &dense, &want, &bound);
+    }
+}
+
+/// How far the FP8 kernel's value may be from the exact one `want` (= base + gate · Σ x w
+/// over K terms whose magnitudes add up to `sum_abs`, the gate's magnitude included), for a
+/// y of type `ydt`. With u = 2^-24 (f32's unit roundoff):
+/// - the twin's weights are scale · E4M3 rounded to f32 (≤ u |w| each), the kernel's are
+///   exact: ≤ u · sum_abs;
+/// - each warp adds its slice in one f32 accumulator, kslice / 16 tensor-core steps of 16
+///   exact products each. NVIDIA documents neither how a step aligns its terms nor how it
+///   rounds, so take the worst: the 16 products aligned to the step's largest magnitude
+///   (the accumulator's included) and truncated there, then the sum truncated to f32: < 17
+///   ulp of that magnitude, itself ≤ sum_abs, per step; an ulp is ≤ 2u of it;
+/// - then up to WARPS rounded additions of the warps' sums, the scale and gate products and
+///   the addition of base: ≤ u each of magnitudes ≤ sum_abs, |base| and |want| (+ the bound);
+/// - a bf16 y finally rounds to bf16: half an ulp, ≤ 2^-8 of the magnitude.
+fn fp8_bound(k: usize, sum_abs: f64, base: f64, want: f64, ydt: DType) -> f64 {
+    let u = 2f64.powi(-24);
+    let (_, kslice) = skinny::split_k(k, skinny::CHUNK_FP8);
+    let steps = (kslice / 16) as f64;
+    let f32_err = 17.0 * 2.0 * u * steps * sum_abs
+        + u * (skinny::WARPS as f64 + 3.0) * sum_abs
+        + u * (base.abs() + want.abs());
+    match ydt {
+        DType::Bf16 => f32_err + 2f64.powi(-8) * (want.abs() + f32_err),
+        _ => f32_err,
+    }
+}
+
+/// Asserts |got - want| <= bound everywhere; prints the largest error as a share of its
+/// bound and the first mismatches.
+fn check_bound(name: &str, got: &[f32], want: &[f64], bound: &[f64]) {
+    assert_eq!(got.len(), want.len(), "{name}: length");
+    let err = |i: usize| (f64::from(got[i]) - want[i]).abs();
+    // NaN fails: the comparison is false for it.
+    let bad: Vec<usize> = (0..got.len())
+        .filter(|&i| {
+            let ok = err(i) <= bound[i];
+            !ok
+        })
+        .collect();
+    let worst = (0..got.len())
+        .filter(|&i| bound[i] > 0.0)
+        .map(|i| err(i) / bound[i])
+        .fold(0.0f64, f64::max);
+    println!(
+        "{name}: {} values, largest error {worst:.3} of its bound",
+        got.len()
+    );
+    if !bad.is_empty() {
+        for &i in bad.iter().take(10) {
+            println!(
+                "  [{i}] got {} want {} bound {:.3e}",
+                got[i], want[i], bound[i]
+            );
+        }
+        panic!(
+            "{name}: {} of {} values outside their bound",
+            bad.len(),
+            got.len()
+        );
+    }
+}
+
+#[test]
+fn skinny_fp8_replays_give_the_same_bits() {
+    // The warps' sums are added in a fixed order: a second launch on the same inputs gives
+    // the same bits (16 warps at K 4096 and 16384; a bf16 y; a gated add from the same y0).
+    let g = gpu(DType::Bf16);
+    for (i, &(m, n, k, mode, ydt)) in [
+        (10, 1024, 4096, "store", DType::F32),
+        (3, 256, 16384, "store", DType::F32),
+        (10, 2560, 1024, "store", DType::Bf16),
+        (10, 1024, 4096, "gated", DType::F32),
+    ]
+    .iter()
+    .enumerate()
+    {
+        let name = format!("skinny fp8 gemm [{m}, {n}, {k}] {mode} -> {ydt:?}");
+        let seed = 1900 + 10 * i as u64;
+        let s = 1.0 / (k as f32).sqrt();
+        let (xb, _) = up(&g, DType::Bf16, &rand_vec(m * k, seed, -1.0, 1.0));
+        let (codes, scales) = operators::fp8::quantise_rows(&rand_vec(n * k, seed + 1, -s, s), k);
+        let wb = up_codes(&g, &codes, k, k);
+        let (sb, _) = up(&g, DType::F32, &scales);
+        let (gb, _) = up(&g, DType::F32, &rand_vec(n, seed + 2, -2.0, 2.0));
+        let y0 = rand_vec(m * n, seed + 3, -1.0, 1.0);
+        let epi = if mode == "store" {
+            Epilogue::Store
+        } else {
+            Epilogue::Gated(gb.view())
+        };
+        let (xm, wm) = (Mat::new(xb.view(), m, k), Mat::new(wb.view(), n, k));
+        let mut runs = vec![];
+        for _ in 0..2 {
+            // A fresh y each run: all NaN for a store, y0 for the gated add.
+            let yb = if mode == "store" {
+                nan(&g, ydt, m * n)
+            } else {
+                up(&g, ydt, &y0).0
+            };
+            let ym = Mat::new(yb.view(), m, n);
+            assert!(skinny::linear_fp8(&g.kernels, &g.lane, xm, wm, sb.view(), ym, epi).unwrap());
+            runs.push(bits(&g.download(yb.view()).unwrap()));
+        }
+        assert!(
+            runs[0].iter().all(|&b| !f32::from_bits(b).is_nan()),
+            "{name}: NaN written"
+        );
+        assert_eq!(runs[0], runs[1], "{name}: a second run differs");
+    }
+}
+
+#[test]
+fn skinny_fp8_refuses_what_it_does_not_take() {
+    // Shapes past the kernel's limits answer Ok(false) and queue nothing (y stays NaN);
+    // operands that do not make one product, codes that are not u8 and short scales or
+    // gates are errors naming the operand. The f32 program has no such kernel.
+    let g = gpu(DType::Bf16);
+    let (xb, _) = up(&g, DType::Bf16, &rand_vec(32 * 128, 1, -1.0, 1.0));
+    let wb = up_codes(&g, &[0x38u8; 64 * 128], 128, 128);
+    let (sb, _) = up(&g, DType::F32, &[1.0; 64]);
+    let yb = nan(&g, DType::F32, 32 * 64);
+    let mats = |(m, n, k): (usize, usize, usize)| {
+        (
+            Mat::new(xb.view(), m, k),
+            Mat::new(wb.view(), n, k),
+            Mat::new(yb.view(), m, n),
+        )
+    };
+    let run = |x: Mat, w: Mat, scales: View, y: Mat, epi: Epilogue| {
+        skinny::linear_fp8(&g.kernels, &g.lane, x, w, scales, y, epi)
+    };
+    for (what, (m, n, k)) in [
+        ("17 rows", (17, 8, 32)),
+        ("N not a multiple of 8", (10, 12, 32)),
+        ("K not a multiple of 32", (10, 8, 48)),
+    ] {
+        let (xm, wm, ym) = mats((m, n, k));
+        assert!(
+            !run(xm, wm, sb.view(), ym, Epilogue::Store).unwrap(),
+            "{what}"
+        );
+    }
+    let (xm, wm, ym) = mats((10, 8, 32));
+    let odd = Mat::new(wb.view(), 8, 32).ld(40);
+    assert!(
+        !run(xm, odd, sb.view(), ym, Epilogue::Store).unwrap(),
+        "codes' row stride 40"
+    );
+    let shifted = Mat::new(xb.view().tail(4).unwrap(), 10, 32);
+    assert!(
+        !run(shifted, wm, sb.view(), ym, Epilogue::Store).unwrap(),
+        "x not 16-byte aligned"
+    );
+    let y_u8 = g.dev.alloc(DType::U8, 80).unwrap();
+    let ym_u8 = Mat::new(y_u8.view(), 10, 8);
+    assert!(
+        !run(xm, wm, sb.view(), ym_u8, Epilogue::Store).unwrap(),
+        "a u8 y"
+    );
+
+    let err = |r: operators::Result<bool>| r.unwrap_err().to_string();
+    let bf16_w = Mat::new(xb.view(), 8, 32);
+    assert!(err(run(xm, bf16_w, sb.view(), ym, Epilogue::Store)).contains("U8"));
+    let e = err(run(
+        xm,
+        Mat::new(wb.view(), 8, 64),
+        sb.view(),
+        ym,
+        Epilogue::Store,
+    ));
+    assert!(e.contains("x has 32 columns"), "{e}");
+    let e = err(run(
+        xm,
+        wm,
+        sb.view(),
+        Mat::new(yb.view(), 10, 16),
+        Epilogue::Store,
+    ));
+    assert!(e.contains("y is [10, 16]"), "{e}");
+    let short = sb.view().at(0, 4).unwrap();
+    assert!(err(run(xm, wm, short, ym, Epilogue::Store)).contains("scales"));
+    assert!(err(run(xm, wm, sb.view(), ym, Epilogue::Gated(short))).contains("gate"));
+    assert!(
+        g.download(yb.view()).unwrap().iter().all(|v| v.is_nan()),
+        "y was written"
+    );
+
+    let f = gpu(DType::F32);
+    let (xb, _) = up(&f, DType::Bf16, &rand_vec(10 * 32, 1, -1.0, 1.0));
+    let wb = up_codes(&f, &[0x38u8; 8 * 32], 32, 32);
+    let (sb, _) = up(&f, DType::F32, &[1.0; 8]);
+    let yb = nan(&f, DType::F32, 80);
+    let (xm, wm, ym) = (
+        Mat::new(xb.view(), 10, 32),
+        Mat::new(wb.view(), 8, 32),
+        Mat::new(yb.view(), 10, 8),
+    );
+    assert!(
+        !skinny::linear_fp8(&f.kernels, &f.lane, xm, wm, sb.view(), ym, Epilogue::Store).unwrap()
+    );
+}

@@ -117,7 +117,7 @@ registry! {
     "rope.cu", Always => [rope_qkv],
     "attention.cu", Always => [softmax_masked, unpermute_heads],
     "attention_fused.cu", Bf16Sm80 => [attention_chunk, attention_combine],
-    "skinny.cu", Bf16Sm80 => [skinny_gemm, skinny_gemm_geglu, skinny_gemm_rope],
+    "skinny.cu", Bf16Sm80 => [skinny_gemm, skinny_gemm_geglu, skinny_gemm_rope, skinny_gemm_fp8],
     "patch.cu", Always => [unit_pixels, im2col, patch_embed_finish],
     "embed.cu", Always => [embed_tokens],
     "euler.cu", Always => [euler_step, euler_step_guided],

@@ -8,7 +8,9 @@
 // of the denoise loop in the epilogue (one launch instead of two, and no round trip through
 // memory): GeGLU after the gate|up product, RoPE and the K/V cache write after q|k|v. Their
 // blocks take pairs of weight rows (gate and up, the two halves of a rotated pair), so that
-// each output's operands are in the block that writes it.
+// each output's operands are in the block that writes it. A fourth, `skinny_gemm_fp8`, takes
+// the weights as FP8 E4M3 codes with a scale per output channel (W8A16: half the bytes per
+// weight, the activations stay bf16); it is described at its own code, below.
 //
 // The dot product is the same whatever order its terms come in, so the K index is permuted
 // within each 32-wide chunk: lane (g, t) loads the 8 contiguous values 8t..8t+7 of a weight row
@@ -261,5 +263,177 @@ extern "C" __global__ void __launch_bounds__(TP_SK_WARPS * 32) skinny_gemm_rope(
                         if (rotates) p0 = pos0[0];
                       });
   tp_sk_rope_out(red, TpSkRope{q_out, k_out, v_out, M, nh, kv, hd, out_row0}, freq, p0);
+}
+
+// ---- W8A16: FP8 E4M3 weights (the batch-1 denoise loop reads half the bytes) ----
+// skinny_gemm_fp8 is skinny_gemm with the weights as E4M3 codes (u8 [N, K], one row per
+// output channel) and an f32 scale per row, as fp8::quantise_rows and the quantise_e4m3
+// kernel store them: y[m, n] = scale[n] · Σ_k x[m, k] · E4M3(code[n, k]). Each code is
+// converted to bf16 in registers, exactly, and the products run on the same bf16 tensor
+// cores with f32 sums; the scale is applied once per output, in the epilogue. CPU twin:
+// cpu::Linear::quantise_fp8(false) (weights rounded to scale · E4M3 per channel, what
+// `--dtype fp8` runs on the CPU) then cpu::Linear::forward and cpu::add_residual.
+//
+// The K permutation, in chunks of 64 (a 16-byte load holds 16 codes, four lanes one row):
+// lane (g, t) loads codes 16t..16t+15 of the chunk of weight row g (one 16-byte load) and
+// the same 16 values of rows g and g + 8 of x (two 16-byte loads each). Word q (0..3) of the
+// weight load holds codes 4q..4q+3; instruction q of the chunk's four m16n8k16 takes the
+// lane's k pairs (2t, 2t+1) and (2t+8, 2t+9) from values 16t+4q+{0,1} and 16t+4q+{2,3},
+// for x (x registers 2q and 2q+1 of the lane's eight bf16x2) and for the converted weights
+// alike.
+// Each value k of the chunk is thus paired with its own weight: the product is x·Wᵀ's.
+
+// The weight load of skinny_gemm for codes: past L1, not volatile.
+__device__ __forceinline__ uint4 tp_sk8_stream(const unsigned char* p) {
+  uint4 v;
+  asm("ld.global.nc.L1::no_allocate.v4.u32 {%0,%1,%2,%3}, [%4];\n"
+      : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+      : "l"(p));
+  return v;
+}
+
+// bf16x2 v times 2^120 (and -0.0, which keeps the sign of a zero product), one rounding.
+__device__ __forceinline__ unsigned tp_sk8_times_2p120(unsigned v) {
+  unsigned d;
+  asm("fma.rn.bf16x2 %0, %1, %2, %3;\n" : "=r"(d) : "r"(v), "r"(0x7B807B80u), "r"(0x80008000u));
+  return d;
+}
+
+// Four E4M3 codes (byte j of w is code j) as two bf16x2 of their exact values: codes 0, 1
+// in .x and 2, 3 in .y, the lower index in the low half (mma operand order).
+//
+// Exact, subnormals included: a code's 7 magnitude bits written at bits 4..10 of a bf16,
+// its sign at bit 15, put E4M3's 4-bit exponent field in the low four bits of bf16's 8-bit
+// one and its 3 mantissa bits at the top of bf16's 7. That bf16 is the code's value times
+// 2^(7 - 127) = 2^-120 for every code: for normals (exponent field e > 0) 2^(e-127) (1 + m/8)
+// against E4M3's 2^(e-7) (1 + m/8), and for subnormals (e = 0) bf16's 2^-126 (m/8) against
+// E4M3's 2^-6 (m/8), the same ratio, because both formats' subnormals continue their
+// smallest binade the same way. One bf16x2 multiply-add by 2^120 then gives the value: the
+// product is exact (at most 4 significant bits, magnitude 2^-9..448, inside bf16's normal
+// range), and bf16 arithmetic takes subnormal inputs as they are (PTX has no flush-to-zero
+// form of fma.bf16x2). The 2^120 goes here, not into the per-channel scale: with it left in,
+// the products would be ~2^-120 and the f32 sums would lose them as subnormals.
+// No sm_89 conversion instruction is used, so sm_80..sm_87 compile it too.
+//
+// The bits reach their place with whole-word operations: mag = the codes without their
+// signs; sgn = each code's sign moved to bit 3 of its byte; one byte permute per pair puts
+// code j's mag in the low byte and its sgn in the high byte of a half (sign at bit 11,
+// magnitude at bits 0..6), and a shift by 4 moves both home (bits 15 and 4..10) without
+// crossing into the other half. 9 instructions per 4 codes, the two fma included.
+//
+// NaN codes (0x7F, 0xFF; the quantisers never write them: they saturate at ±448) come out
+// as ±480, the value of that bit pattern read as a finite number, not NaN.
+__device__ __forceinline__ uint2 tp_sk8_bf16x4(unsigned w) {
+  const unsigned mag = w & 0x7F7F7F7Fu;
+  const unsigned sgn = (w >> 4) & 0x08080808u;
+  // Bytes (low to high): mag 0, sgn 0, mag 1, sgn 1; then the same for codes 2 and 3.
+  const unsigned lo = __byte_perm(mag, sgn, 0x5140) << 4;
+  const unsigned hi = __byte_perm(mag, sgn, 0x7362) << 4;
+  return make_uint2(tp_sk8_times_2p120(lo), tp_sk8_times_2p120(hi));
+}
+
+// tp_sk_accumulate for E4M3 weights (W [_, K] codes, row stride ldw bytes, 16-byte aligned
+// rows; x as there; K a multiple of 32): the block's partial products, unscaled, into red,
+// for tiles T·b .. T·b + T - 1 of 8 weight rows (those at or past n_tiles skipped). Warp w
+// sums K range [w·kslice, (w+1)·kslice), kslice a multiple of 64, in chunks of 64 (see the
+// permutation above); a chunk that K ends halfway through (K mod 64 = 32) is read by lanes
+// t = 0, 1 only, the others feed zeros. Each lane keeps TP_SK_UNROLL · T 16-byte weight
+// loads in flight; the first are requested before the wait for the previous kernel. Ends
+// with __syncthreads.
+template <int T>
+__device__ __forceinline__ void tp_sk8_accumulate(const unsigned short* __restrict__ X,
+                                                  long long ldx,
+                                                  const unsigned char* __restrict__ W,
+                                                  long long ldw, int n_tiles, int M, int K,
+                                                  int kslice, float (*red)[4][32]) {
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+  const int kb = warp * kslice, ke = min(K, kb + kslice);
+  const unsigned char* wrow[T];
+  bool live[T];
+#pragma unroll
+  for (int i = 0; i < T; ++i) {
+    const int tile = blockIdx.x * T + i;
+    live[i] = tile < n_tiles;
+    wrow[i] = W + (live[i] ? (8LL * tile + g) * ldw + 16 * t : 0);
+  }
+  const bool in_a = g < M, in_b = g + 8 < M;
+  const unsigned short* xa = X + (long long)g * ldx + 16 * t;
+  const unsigned short* xb = X + (long long)(g + 8) * ldx + 16 * t;
+  float c[T][4];
+#pragma unroll
+  for (int i = 0; i < T; ++i) c[i][0] = c[i][1] = c[i][2] = c[i][3] = 0.0f;
+
+  // This lane's 16 values of the chunk at k exist where k + 16t < ke (k a multiple of 64,
+  // ke of 32).
+  uint4 w[TP_SK_UNROLL][T];
+#pragma unroll
+  for (int u = 0; u < TP_SK_UNROLL; ++u)
+#pragma unroll
+    for (int i = 0; i < T; ++i)
+      w[u][i] = live[i] && kb + 64 * u + 16 * t < ke ? tp_sk8_stream(wrow[i] + kb + 64 * u)
+                                                     : make_uint4(0u, 0u, 0u, 0u);
+  tp_pdl_enter();
+  for (int k = kb; k < ke; k += 64 * TP_SK_UNROLL) {
+    if (k != kb) {
+#pragma unroll
+      for (int u = 0; u < TP_SK_UNROLL; ++u)
+#pragma unroll
+        for (int i = 0; i < T; ++i)
+          w[u][i] = live[i] && k + 64 * u + 16 * t < ke ? tp_sk8_stream(wrow[i] + k + 64 * u)
+                                                        : make_uint4(0u, 0u, 0u, 0u);
+    }
+#pragma unroll
+    for (int u = 0; u < TP_SK_UNROLL; ++u) {
+      const int kc = k + 64 * u;
+      if (kc < ke) {
+        const bool mine = kc + 16 * t < ke;
+        const uint4 a0 = tp_sk_row(xa + kc, in_a && mine);
+        const uint4 a1 = tp_sk_row(xa + kc + 8, in_a && mine);
+        const uint4 b0 = tp_sk_row(xb + kc, in_b && mine);
+        const uint4 b1 = tp_sk_row(xb + kc + 8, in_b && mine);
+#pragma unroll
+        for (int i = 0; i < T; ++i) {
+          const uint2 q0 = tp_sk8_bf16x4(w[u][i].x), q1 = tp_sk8_bf16x4(w[u][i].y);
+          const uint2 q2 = tp_sk8_bf16x4(w[u][i].z), q3 = tp_sk8_bf16x4(w[u][i].w);
+          tp_sk_mma(c[i], a0.x, b0.x, a0.y, b0.y, q0.x, q0.y);
+          tp_sk_mma(c[i], a0.z, b0.z, a0.w, b0.w, q1.x, q1.y);
+          tp_sk_mma(c[i], a1.x, b1.x, a1.y, b1.y, q2.x, q2.y);
+          tp_sk_mma(c[i], a1.z, b1.z, a1.w, b1.w, q3.x, q3.y);
+        }
+      }
+    }
+  }
+#pragma unroll
+  for (int i = 0; i < T; ++i)
+#pragma unroll
+    for (int j = 0; j < 4; ++j) red[warp * T + i][j][lane] = c[i][j];
+  __syncthreads();
+}
+
+// Y[m, n] for m < M, n < N (N a multiple of 8), as skinny_gemm, of x and the E4M3 weights
+// (codes W, f32 scale [N]): Y = scale ⊙ (x·Wᵀ); with `add`, Y += that; with `gate` (f32
+// [N]), Y += gate[n] · scale[n] · (x·Wᵀ)[m, n]. The warps' sums are added in warp order,
+// then scaled: replays give the same bits.
+extern "C" __global__ void __launch_bounds__(TP_SK_WARPS * 32) skinny_gemm_fp8(
+    const unsigned short* __restrict__ X, long long ldx, const unsigned char* __restrict__ W,
+    long long ldw, const float* __restrict__ scale, void* __restrict__ Y, long long ldy,
+    int y_f32, const float* __restrict__ gate, int add, int M, int N, int K, int kslice) {
+  __shared__ float red[TP_SK_WARPS * TP_SK_TILES][4][32];
+  tp_sk8_accumulate<TP_SK_TILES>(X, ldx, W, ldw, N >> 3, M, K, kslice, red);
+  for (int e = threadIdx.x; e < 128 * TP_SK_TILES; e += blockDim.x) {
+    const int i = e >> 7, row = (e & 127) >> 3, n = e & 7;
+    const int col = (blockIdx.x * TP_SK_TILES + i) * 8 + n;
+    if (row >= M || col >= N) continue;
+    float s = tp_sk_sum(red, TP_SK_TILES, i, row, n) * scale[col];
+    const long long at = (long long)row * ldy + col;
+    if (gate != 0) s *= gate[col];
+    if (y_f32) {
+      float* y = reinterpret_cast<float*>(Y);
+      y[at] = (add || gate != 0) ? y[at] + s : s;
+    } else {
+      unsigned short* y = reinterpret_cast<unsigned short*>(Y);
+      tp_store(y, at, (add || gate != 0) ? tp_load(y, at) + s : s);
+    }
+  }
 }
 #endif

@@ -12,12 +12,18 @@
 //! gate|up; RoPE with the scatter to q and the K/V cache after q|k|v): the same bits as the
 //! product and [`super::mlp::gelu_gate`] or [`super::rope::rope_qkv`] one after the other,
 //! in one launch. They answer `Ok(false)` the same way.
+//!
+//! [`linear_fp8`] is [`linear`] with FP8 E4M3 weights (W8A16: codes and a scale per output
+//! channel, as [`crate::fp8::quantise_rows`] and [`super::fp8::quantise_e4m3`] store them;
+//! the activations stay bf16): half the weight bytes of the batch-1 denoise loop. CPU twin:
+//! [`crate::cpu::Linear::quantise_fp8`] (without activations), then
+//! [`crate::cpu::Linear::forward`] and [`crate::cpu::add_residual`].
 
 use super::rope::Heads;
 use super::Kernels;
 use crate::cuda::device::{int, launch, Args, DType, Lane, View};
 use crate::cuda::gemm::Mat;
-use crate::Result;
+use crate::{Error, Result};
 use cudarc::driver::CudaFunction;
 
 /// The most rows of x the kernel takes (one m16 tile of the tensor cores; pi0's 51 rows
@@ -34,6 +40,10 @@ pub const UNROLL: usize = 4;
 /// columns. (Measured on an H200, libero denoise: 1 tile 8.02 ms; 2 tiles 8.70 ms, 8.50 ms
 /// with UNROLL 2; 4 tiles with UNROLL 2 9.29 ms: x's reads from L2 are not what limits it.)
 pub const TILES: usize = 1;
+/// Values of K a warp covers per 16-byte load of each of its rows: 32 for bf16 weights
+/// (8 per lane, four lanes per row), 64 for FP8 codes (16 per lane, four lanes per row).
+const CHUNK_BF16: usize = 32;
+pub const CHUNK_FP8: usize = 64;
 
 /// What becomes of y.
 #[derive(Debug, Clone, Copy)]
@@ -76,23 +86,32 @@ fn need_all(mats: &[(&Mat, &str)]) -> Result<()> {
     mats.iter().try_for_each(|(m, what)| m.check(1, what))
 }
 
-/// Launches `f` over `blocks` blocks with the arguments x, w, those `own` adds (the entry
-/// point's own, rows included), K and the warps' K slice. As many warps as K has slices of
-/// 32 · UNROLL (1 to WARPS), K split evenly among them: each lane then has its whole slice
-/// in flight at once where K allows. (Measured on an H200 against one warp per chunk, up to
+/// How the warps of a block split K, read in chunks of `chunk` values (a warp's 16-byte load
+/// per row: 32 for bf16, [`CHUNK_FP8`] for FP8 codes): (warps, K slice of each). As many
+/// warps as K has runs of UNROLL chunks (1 to [`WARPS`]), the chunks split evenly among
+/// them, each slice a whole number of chunks: each lane then has its whole slice in flight
+/// at once where K allows. (Measured on an H200 for bf16, against one warp per chunk, up to
 /// 16, and against two slices per warp: the expert's step 0.96 ms against 1.04 and 0.98.)
-fn launch_product(
+/// A slice past K (more warps than slices need) reads nothing and adds zeros.
+pub fn split_k(kdim: usize, chunk: usize) -> (usize, usize) {
+    let chunks = kdim.div_ceil(chunk);
+    let warps = chunks.div_ceil(UNROLL).clamp(1, WARPS);
+    (warps, chunks.div_ceil(warps) * chunk)
+}
+
+/// Launches `f` over `blocks` blocks with the arguments x, w, those `own` adds (the entry
+/// point's own, rows included), K and the warps' K slice ([`split_k`] in chunks of `chunk`).
+fn launch_chunked(
     f: &CudaFunction,
     lane: &Lane,
     name: &str,
     (x, w): (&Mat, &Mat),
     blocks: usize,
+    chunk: usize,
     own: impl FnOnce(Args) -> Result<Args>,
 ) -> Result<()> {
     let kdim = x.cols;
-    let chunks = kdim / 32;
-    let warps = chunks.div_ceil(UNROLL).clamp(1, WARPS);
-    let kslice = chunks.div_ceil(warps) * 32;
+    let (warps, kslice) = split_k(kdim, chunk);
     let args = Args::new()
         .ptr(x.view)
         .i64(x.ld as i64)
@@ -102,6 +121,18 @@ fn launch_product(
         .i32(int(kdim, "inner dimension")?)
         .i32(int(kslice, "K slice")?);
     launch(f, lane, name, blocks, (warps * 32) as u32, args)
+}
+
+/// [`launch_chunked`] for bf16 weights.
+fn launch_product(
+    f: &CudaFunction,
+    lane: &Lane,
+    name: &str,
+    xw: (&Mat, &Mat),
+    blocks: usize,
+    own: impl FnOnce(Args) -> Result<Args>,
+) -> Result<()> {
+    launch_chunked(f, lane, name, xw, blocks, CHUNK_BF16, own)
 }
 
 /// y (x.rows × w.rows) from x [rows, K] and the Linear weight w [N, K] (see [`Epilogue`]), on
@@ -232,4 +263,205 @@ pub fn rope(k: &Kernels, lane: &Lane, x: Mat, w: Mat, out: RopeOut) -> Result<bo
             .i32(int(out.out_row0, "cache row")?))
     })?;
     Ok(true)
+}
+
+/// Whether [`linear_fp8`] takes y = scale ⊙ (x·wᵀ) with these operands: the kernel is in the
+/// program (bf16, sm_80 or newer), x bf16 with 16-byte aligned rows and 1..=[`MAX_ROWS`]
+/// rows, w u8 E4M3 codes [N, K] with 16-byte aligned rows, K a positive multiple of 32, N a
+/// multiple of 8, y f32 or bf16 [rows, N].
+pub fn fits_fp8(k: &Kernels, x: &Mat, w: &Mat, y: &Mat) -> bool {
+    k.skinny_gemm_fp8.is_some()
+        && x.view.dtype == DType::Bf16
+        && w.view.dtype == DType::U8
+        && (1..=MAX_ROWS).contains(&x.rows)
+        && x.cols == w.cols
+        && x.cols > 0
+        && x.cols % 32 == 0
+        && w.rows > 0
+        && w.rows % 8 == 0
+        && x.view.ptr % 16 == 0
+        && x.ld % 8 == 0
+        && w.view.ptr % 16 == 0
+        && w.ld % 16 == 0
+        && matches!(y.view.dtype, DType::F32 | DType::Bf16)
+        && y.rows == x.rows
+        && y.cols == w.rows
+}
+
+/// What no shape can excuse: codes that are not u8, and x, w and y that do not make one
+/// product (x [rows, K], w [N, K], y [rows, N]).
+fn fp8_operands_agree(x: &Mat, w: &Mat, y: &Mat) -> Result<()> {
+    let bad = |what: String| Err(Error::Cuda(format!("internal: skinny fp8 gemm: {what}")));
+    if w.view.dtype != DType::U8 {
+        return bad(format!(
+            "the weight codes are {:?}, expected U8 (E4M3 codes)",
+            w.view.dtype
+        ));
+    }
+    if x.cols != w.cols {
+        return bad(format!(
+            "x has {} columns but the weight codes have {} (K)",
+            x.cols, w.cols
+        ));
+    }
+    if (y.rows, y.cols) != (x.rows, w.rows) {
+        return bad(format!(
+            "y is [{}, {}], expected [{}, {}] (x's rows, the weight's rows)",
+            y.rows, y.cols, x.rows, w.rows
+        ));
+    }
+    Ok(())
+}
+
+/// y (x.rows × w.rows) from x [rows, K] (bf16) and FP8 E4M3 weights: `w` the codes [N, K]
+/// (u8, row stride `w.ld` bytes) and `scales` f32 [N], weight (n, k) being
+/// `scales[n] · E4M3(w[n, k])` as [`crate::fp8::quantise_rows`] and
+/// [`super::fp8::quantise_e4m3`] write them; see [`Epilogue`] for what becomes of y. On
+/// `lane`. Ok(false), with nothing queued, where [`fits_fp8`] says no (the caller then
+/// takes another path); an error, nothing queued, for codes that are not u8, operands that
+/// do not make one product, and scales, gate or spans that are too short.
+pub fn linear_fp8(
+    k: &Kernels,
+    lane: &Lane,
+    x: Mat,
+    w: Mat,
+    scales: View,
+    y: Mat,
+    epi: Epilogue,
+) -> Result<bool> {
+    let Some(f) = k.skinny_gemm_fp8.as_ref() else {
+        return Ok(false);
+    };
+    fp8_operands_agree(&x, &w, &y)?;
+    if !fits_fp8(k, &x, &w, &y) {
+        return Ok(false);
+    }
+    need_all(&[
+        (&x, "skinny fp8 gemm x"),
+        (&w, "skinny fp8 gemm weight codes"),
+        (&y, "skinny fp8 gemm y"),
+    ])?;
+    scales.need(DType::F32, w.rows, "skinny fp8 gemm scales")?;
+    let (add, gate) = match epi {
+        Epilogue::Store => (0, None),
+        Epilogue::Add => (1, None),
+        Epilogue::Gated(g) => {
+            g.need(DType::F32, w.rows, "skinny fp8 gemm gate")?;
+            (0, Some(g))
+        }
+    };
+    let blocks = (w.rows / 8).div_ceil(TILES);
+    launch_chunked(
+        f,
+        lane,
+        "skinny_gemm_fp8",
+        (&x, &w),
+        blocks,
+        CHUNK_FP8,
+        |a| {
+            Ok(a.ptr(scales)
+                .ptr(y.view)
+                .i64(y.ld as i64)
+                .i32(i32::from(y.view.dtype == DType::F32))
+                .opt(gate)
+                .i32(add)
+                .i32(int(x.rows, "rows")?)
+                .i32(int(w.rows, "columns")?))
+        },
+    )?;
+    Ok(true)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The warps' slices cover K exactly once, in whole chunks, in order: every value of K
+    /// is summed by one warp (the kernels read a chunk only where it starts before K).
+    #[test]
+    fn warps_split_k_into_whole_chunks() {
+        for chunk in [CHUNK_BF16, CHUNK_FP8] {
+            for kdim in (32..=20_000).step_by(32) {
+                let (warps, kslice) = split_k(kdim, chunk);
+                let what = format!("K {kdim} in chunks of {chunk}");
+                assert!((1..=WARPS).contains(&warps), "{what}: {warps} warps");
+                assert_eq!(kslice % chunk, 0, "{what}: slice {kslice}");
+                assert!(warps * kslice >= kdim, "{what}: K not covered");
+                // At most UNROLL chunks per warp while WARPS warps are enough.
+                if kdim.div_ceil(chunk) <= UNROLL * WARPS {
+                    assert!(kslice <= UNROLL * chunk, "{what}: slice {kslice}");
+                }
+            }
+        }
+        // The expert's shapes: K 1024 (q|k|v, gate|up), 4096 (down); K 16384 (the prefix's down).
+        assert_eq!(split_k(1024, CHUNK_BF16), (8, 128));
+        assert_eq!(split_k(4096, CHUNK_BF16), (16, 256));
+        assert_eq!(split_k(1024, CHUNK_FP8), (4, 256));
+        assert_eq!(split_k(4096, CHUNK_FP8), (16, 256));
+        assert_eq!(split_k(16384, CHUNK_FP8), (16, 1024));
+        // A chunk that K ends halfway through: one warp, two chunks.
+        assert_eq!(split_k(96, CHUNK_FP8), (1, 128));
+    }
+
+    /// PTX's prmt.b32 in its default mode with selectors below 8 (CUDA's `__byte_perm`):
+    /// byte i of the result is byte `s >> 4i & 7` of b:a (a's bytes 0..3, then b's).
+    fn byte_perm(a: u32, b: u32, s: u32) -> u32 {
+        let bytes = (u64::from(b) << 32 | u64::from(a)).to_le_bytes();
+        (0..4).fold(0, |r, i| {
+            r | u32::from(bytes[(s >> (4 * i) & 7) as usize]) << (8 * i)
+        })
+    }
+
+    /// `tp_sk8_bf16x4` of skinny.cu, operation for operation: four codes as the bf16 bits
+    /// of their values times 2^-120 (before the multiply by 2^120).
+    fn bf16x4_before_scaling(w: u32) -> [u16; 4] {
+        let mag = w & 0x7F7F_7F7F;
+        let sgn = (w >> 4) & 0x0808_0808;
+        let lo = byte_perm(mag, sgn, 0x5140) << 4;
+        let hi = byte_perm(mag, sgn, 0x7362) << 4;
+        [lo as u16, (lo >> 16) as u16, hi as u16, (hi >> 16) as u16]
+    }
+
+    /// The conversion in the FP8 kernel is exact for every code, in every byte of a word: the
+    /// bits it builds, read as a bf16 (an f32 with 16 zero bits below, subnormals included)
+    /// and multiplied by 2^120 (exact, and what the kernel's bf16 multiply-add by 2^120
+    /// computes), are the code's E4M3 value; the NaN codes give ±480 (skinny.cu says so).
+    #[test]
+    fn fp8_codes_convert_to_their_exact_values() {
+        let source = super::super::FILES
+            .iter()
+            .find(|f| f.path == "kernels/skinny.cu")
+            .map(|f| f.source)
+            .unwrap_or_default();
+        for line in [
+            "const unsigned mag = w & 0x7F7F7F7Fu;",
+            "const unsigned sgn = (w >> 4) & 0x08080808u;",
+            "const unsigned lo = __byte_perm(mag, sgn, 0x5140) << 4;",
+            "const unsigned hi = __byte_perm(mag, sgn, 0x7362) << 4;",
+            "\"r\"(0x7B807B80u), \"r\"(0x80008000u)",
+        ] {
+            assert!(source.contains(line), "skinny.cu no longer has `{line}`");
+        }
+        let two_120 = 2f32.powi(120);
+        for code in 0..=255u8 {
+            let want = match code {
+                0x7F => 480.0,
+                0xFF => -480.0,
+                c => crate::fp8::decode(c),
+            };
+            for byte in 0..4 {
+                // The code in one byte, its neighbours all ones (their bits must not leak).
+                let w = !(0xFFu32 << (8 * byte)) | u32::from(code) << (8 * byte);
+                let bits = bf16x4_before_scaling(w)[byte];
+                let got = f32::from_bits(u32::from(bits) << 16) * two_120;
+                assert_eq!(
+                    got.to_bits(),
+                    want.to_bits(),
+                    "code {code:#04x} in byte {byte}: {got:e}, want {want:e}"
+                );
+            }
+        }
+        // 2^120 as the kernel writes it: bf16 bits 0x7B80, twice.
+        assert_eq!(f32::from_bits(0x7B80 << 16), two_120);
+    }
 }
