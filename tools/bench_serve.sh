@@ -6,6 +6,11 @@
 #
 #   tools/bench_serve.sh [GRAPH=graphs/serve.yml] [REQUESTS=300] [PRESET=pi05-small]
 #
+# With env SETTING=libero (or pi0) the checkpoint is `turbopi bench --setting`'s model instead
+# of PRESET's (what `turbopi bench` times), and CKPT_DTYPE=bf16 writes its weights in bf16
+# (default f32). The graph reads the TURBOPI_* variables of the
+# environment (TURBOPI_BACKEND=cuda, TURBOPI_SPIN_US, ...).
+#
 # Writes the checkpoint (with a small tokenizer and LIBERO norm stats) to
 # target/serve/checkpoint, installs openpi-client 0.1.2 into target/python/openpi-client when
 # missing, and needs the dora CLI and a release build (`cargo build --release --workspace`).
@@ -18,7 +23,13 @@ preset=${3:-pi05-small}
 [[ "$requests" =~ ^[0-9]+$ ]] || { echo "bench_serve: \"$requests\" is not a number" >&2; exit 2; }
 ck=target/serve/checkpoint
 rm -rf "$ck"
-./target/release/turbopi checkpoint random --preset "$preset" --out "$ck" >/dev/null
+if [ -n "${SETTING:-}" ]; then
+  model=(--setting "$SETTING")
+  preset="setting $SETTING"
+else
+  model=(--preset "$preset")
+fi
+./target/release/turbopi checkpoint random "${model[@]}" --dtype "${CKPT_DTYPE:-f32}" --out "$ck" >/dev/null
 python3 tools/openpi/fixtures.py "$ck" >/dev/null
 openpi_client=target/python/openpi-client
 if ! PYTHONPATH=$openpi_client python3 -c "import openpi_client.websocket_client_policy" 2>/dev/null; then

@@ -33,7 +33,7 @@ use node_common::reject::{parse_rejection, REJECTED};
 use node_common::{env_flag, env_opt, env_or, expect_tensor, masks_param, now_ns, Dim, FrameMeta};
 use operators::openpi::assets::{locate, openpi_cache_dir_from_env, AssetSearch};
 use operators::openpi::msgpack::{decode, Limits, Out};
-use operators::openpi::{parse_delta_mask, Robot, Settings, Transforms};
+use operators::openpi::{parse_delta_mask, FrameContext, Robot, Settings, Transforms};
 use operators::Config;
 use tokio::io::AsyncReadExt;
 use tokio::sync::oneshot;
@@ -163,6 +163,43 @@ pub struct Reply {
     pub batch_size: Option<i64>,
 }
 
+/// How a request's frame ended, as its task learns it.
+enum Outcome {
+    /// The actions, for the task to answer with.
+    Reply(Reply),
+    /// Answered by the thread that completed the frame.
+    Answered(Answered),
+}
+
+/// A request's answer, written to its socket.
+enum Answered {
+    /// On its way to the client; the server's time for the request, ms.
+    Sent { total_ms: f64 },
+    /// Sending it failed: the connection is gone.
+    Lost(String),
+}
+
+/// A request waiting for its frame: its task, and what the thread that completes the frame
+/// needs to answer the client itself.
+struct Waiter {
+    tx: oneshot::Sender<Result<Outcome, String>>,
+    answer: Answer,
+}
+
+/// What answering a request takes: its socket (the runtime's, to write on), its transforms'
+/// context and its times.
+struct Answer {
+    ws: Arc<tokio::sync::Mutex<Socket>>,
+    rt: tokio::runtime::Handle,
+    ctx: FrameContext,
+    seq: u64,
+    /// When the request was read.
+    start: Instant,
+    /// When its frame went to the policy.
+    sent: Instant,
+    prev_total_ms: Option<f64>,
+}
+
 /// The state the connections share: the transforms, the way into the dataflow and the
 /// requests waiting for their actions.
 pub struct Hub {
@@ -171,7 +208,7 @@ pub struct Hub {
     metadata: Vec<u8>,
     /// None once the dataflow stops (closing the channel ends the sending thread).
     to_dataflow: Mutex<Option<mpsc::Sender<Frame>>>,
-    pending: Mutex<HashMap<u64, oneshot::Sender<Result<Reply, String>>>>,
+    pending: Mutex<HashMap<u64, Waiter>>,
     next_seq: AtomicU64,
     in_flight: tokio::sync::Semaphore,
     warned_truncation: std::sync::atomic::AtomicBool,
@@ -199,14 +236,90 @@ impl Hub {
         })
     }
 
-    /// Hands the dataflow's answer for `seq` to the request waiting for it; false when none
-    /// waits (it timed out, or the frame was not ours).
+    /// Answers the request waiting for frame `seq` with the dataflow's actions or error;
+    /// false when none waits (it timed out, or the frame was not ours).
+    ///
+    /// Called from a thread outside the server's runtime (the policy's, the dataflow's
+    /// events'), it answers the client itself: the output transforms, the reply's encoding
+    /// and the socket write run right here, so the actions go out without waiting for the
+    /// request's task to be woken; the task then only learns that they went. Inside the
+    /// runtime it leaves that to the task.
     pub fn complete(&self, seq: u64, reply: Result<Reply, String>) -> bool {
         let waiter = self.pending.lock().ok().and_then(|mut p| p.remove(&seq));
-        match waiter {
-            Some(w) => w.send(reply).is_ok(),
-            None => false,
+        let Some(Waiter { tx, answer }) = waiter else {
+            return false;
+        };
+        let outcome = match reply {
+            Err(e) => Err(e),
+            Ok(r) if tokio::runtime::Handle::try_current().is_err() => self.answer(answer, &r),
+            Ok(r) => Ok(Outcome::Reply(r)),
+        };
+        tx.send(outcome).is_ok()
+    }
+
+    /// Sends the client of `a` its answer: `reply` through the output transforms.
+    fn answer(&self, a: Answer, reply: &Reply) -> Result<Outcome, String> {
+        self.answer_with(a, reply).map(Outcome::Answered)
+    }
+
+    fn answer_with(&self, a: Answer, reply: &Reply) -> Result<Answered, String> {
+        let dataflow_ms = ms(a.sent.elapsed());
+        let bytes = self.response(reply, &a.ctx, a.seq, a.start, dataflow_ms, a.prev_total_ms)?;
+        let sent =
+            a.rt.block_on(async { a.ws.lock().await.send(Message::Binary(bytes.into())).await });
+        Ok(match sent {
+            Ok(()) => Answered::Sent {
+                total_ms: ms(a.start.elapsed()),
+            },
+            Err(e) => Answered::Lost(e.to_string()),
+        })
+    }
+
+    /// The reply to a request: its actions through the output transforms, with openpi's
+    /// timing maps.
+    fn response(
+        &self,
+        reply: &Reply,
+        ctx: &FrameContext,
+        seq: u64,
+        start: Instant,
+        dataflow_ms: f64,
+        prev_total_ms: Option<f64>,
+    ) -> Result<Vec<u8>, String> {
+        let actions = self
+            .transforms
+            .outputs(&reply.actions, ctx)
+            .map_err(|e| format!("frame {seq}: {e}"))?;
+        let mut server = vec![("infer_ms".to_string(), Out::Float(ms(start.elapsed())))];
+        if let Some(p) = prev_total_ms {
+            server.push(("prev_total_ms".to_string(), Out::Float(p)));
         }
+        server.push(("dataflow_ms".to_string(), Out::Float(dataflow_ms)));
+        // The frame's seq: its noise seed is the policy's SEED + seq.
+        server.push(("frame".to_string(), Out::Int(seq as i64)));
+        let mut policy = vec![
+            (
+                "infer_ms".to_string(),
+                Out::Float(reply.policy_ms.unwrap_or(dataflow_ms)),
+            ),
+            (
+                "batch_size".to_string(),
+                Out::Int(reply.batch_size.unwrap_or(1)),
+            ),
+        ];
+        if let Some(w) = reply.wall_ms {
+            policy.push(("wall_ms".to_string(), Out::Float(w)));
+        }
+        Ok(self
+            .transforms
+            .response(
+                &actions,
+                vec![
+                    ("policy_timing".to_string(), Out::Map(policy)),
+                    ("server_timing".to_string(), Out::Map(server)),
+                ],
+            )
+            .encode())
     }
 
     /// Stops taking requests: fails every waiting one and closes the way into the dataflow.
@@ -224,7 +337,7 @@ impl Hub {
             Err(_) => return,
         };
         for (_, w) in waiters {
-            let _ = w.send(Err(why.to_string()));
+            let _ = w.tx.send(Err(why.to_string()));
         }
     }
 
@@ -236,15 +349,17 @@ impl Hub {
         )
     }
 
-    /// One request: observation bytes to response bytes, or the message of the error text
-    /// frame. Decoding, the transforms and the reply's encoding run where the request's task
-    /// stands, with this worker's other tasks handed to another thread ([`on_worker`]).
+    /// One request, read at `start` from the socket `ws`: answered (by whoever completes its
+    /// frame, see [`Hub::complete`]), or the message of the error text frame. Decoding, the
+    /// transforms and the reply's encoding run where the request's task stands, with this
+    /// worker's other tasks handed to another thread ([`on_worker`]).
     async fn serve(
         self: &Arc<Self>,
         bytes: Bytes,
+        start: Instant,
         prev_total_ms: Option<f64>,
-    ) -> Result<Vec<u8>, String> {
-        let start = Instant::now();
+        ws: &Arc<tokio::sync::Mutex<Socket>>,
+    ) -> Result<Answered, String> {
         let hub = Arc::clone(self);
         let (input, ctx) = on_worker(move || {
             let obs = decode(&bytes, hub.settings.limits).map_err(|e| e.to_string())?;
@@ -276,10 +391,19 @@ impl Hub {
                 return Err("the dataflow has stopped".into());
             };
             let seq = self.next_seq.fetch_add(1, Ordering::Relaxed);
+            let answer = Answer {
+                ws: Arc::clone(ws),
+                rt: tokio::runtime::Handle::current(),
+                ctx: ctx.clone(),
+                seq,
+                start,
+                sent,
+                prev_total_ms,
+            };
             self.pending
                 .lock()
                 .map_err(|_| "internal: request table poisoned".to_string())?
-                .insert(seq, tx);
+                .insert(seq, Waiter { tx, answer });
             if to_dataflow.send(Frame { seq, input }).is_err() {
                 self.complete(seq, Err(String::new()));
                 return Err("the dataflow has stopped".into());
@@ -287,7 +411,8 @@ impl Hub {
             seq
         };
         let reply = match tokio::time::timeout(self.settings.request_timeout, rx).await {
-            Ok(Ok(Ok(r))) => r,
+            Ok(Ok(Ok(Outcome::Reply(r)))) => r,
+            Ok(Ok(Ok(Outcome::Answered(done)))) => return Ok(done),
             Ok(Ok(Err(e))) => return Err(e),
             Ok(Err(_)) => return Err("the dataflow has stopped".into()),
             Err(_) => {
@@ -298,46 +423,19 @@ impl Hub {
                 ));
             }
         };
+        // Completed from inside the runtime: this task answers.
         let dataflow_ms = ms(sent.elapsed());
         let hub = Arc::clone(self);
-        on_worker(move || {
-            let actions = hub
-                .transforms
-                .outputs(&reply.actions, &ctx)
-                .map_err(|e| format!("frame {seq}: {e}"))?;
-            let mut server = vec![("infer_ms".to_string(), Out::Float(ms(start.elapsed())))];
-            if let Some(p) = prev_total_ms {
-                server.push(("prev_total_ms".to_string(), Out::Float(p)));
-            }
-            server.push(("dataflow_ms".to_string(), Out::Float(dataflow_ms)));
-            // The frame's seq: its noise seed is the policy's SEED + seq.
-            server.push(("frame".to_string(), Out::Int(seq as i64)));
-            let policy = vec![
-                (
-                    "infer_ms".to_string(),
-                    Out::Float(reply.policy_ms.unwrap_or(dataflow_ms)),
-                ),
-                (
-                    "batch_size".to_string(),
-                    Out::Int(reply.batch_size.unwrap_or(1)),
-                ),
-            ];
-            let mut policy = policy;
-            if let Some(w) = reply.wall_ms {
-                policy.push(("wall_ms".to_string(), Out::Float(w)));
-            }
-            Ok(hub
-                .transforms
-                .response(
-                    &actions,
-                    vec![
-                        ("policy_timing".to_string(), Out::Map(policy)),
-                        ("server_timing".to_string(), Out::Map(server)),
-                    ],
-                )
-                .encode())
+        let bytes =
+            on_worker(move || hub.response(&reply, &ctx, seq, start, dataflow_ms, prev_total_ms))
+                .await?;
+        let sent = ws.lock().await.send(Message::Binary(bytes.into())).await;
+        Ok(match sent {
+            Ok(()) => Answered::Sent {
+                total_ms: ms(start.elapsed()),
+            },
+            Err(e) => Answered::Lost(e.to_string()),
         })
-        .await
     }
 }
 
@@ -463,10 +561,15 @@ async fn upgrade(
 
 type Socket = WebSocketStream<TokioIo<hyper::upgrade::Upgraded>>;
 
-/// One client: the metadata, then request after request until it leaves or one fails.
-async fn connection(mut ws: Socket, peer: SocketAddr, hub: Arc<Hub>) {
+/// One client: the metadata, then request after request until it leaves or one fails. The
+/// socket is shared with the thread that completes a request's frame, which writes the
+/// answer (one request is in flight per client, so they never wait for each other).
+async fn connection(ws: Socket, peer: SocketAddr, hub: Arc<Hub>) {
     eprintln!("openpi-server: connection from {peer} opened");
+    let ws = Arc::new(tokio::sync::Mutex::new(ws));
     if ws
+        .lock()
+        .await
         .send(Message::Binary(hub.metadata.clone().into()))
         .await
         .is_err()
@@ -475,7 +578,8 @@ async fn connection(mut ws: Socket, peer: SocketAddr, hub: Arc<Hub>) {
     }
     let mut prev_total_ms = None;
     loop {
-        let msg = match ws.next().await {
+        let next = ws.lock().await.next().await;
+        let msg = match next {
             None | Some(Ok(Message::Close(_))) => break,
             Some(Ok(m)) => m,
             Some(Err(WsError::Capacity(e))) => {
@@ -483,7 +587,7 @@ async fn connection(mut ws: Socket, peer: SocketAddr, hub: Arc<Hub>) {
                     "message too large: {e} (the limit is {} bytes, env MAX_MESSAGE_MB)",
                     hub.settings.max_message_bytes
                 );
-                fail(ws, peer, &hub, why, true).await;
+                fail(&mut *ws.lock().await, peer, &hub, why, true).await;
                 return;
             }
             // The connection broke (e.g. the client left without a closing handshake):
@@ -498,22 +602,23 @@ async fn connection(mut ws: Socket, peer: SocketAddr, hub: Arc<Hub>) {
             Message::Binary(b) => b,
             Message::Text(_) => {
                 let why = "expected a binary msgpack observation, got a text frame".to_string();
-                fail(ws, peer, &hub, why, false).await;
+                fail(&mut *ws.lock().await, peer, &hub, why, false).await;
                 return;
             }
             // Pings are answered by the websocket layer.
             _ => continue,
         };
-        match hub.serve(bytes, prev_total_ms).await {
-            Ok(resp) => {
-                if ws.send(Message::Binary(resp.into())).await.is_err() {
-                    break;
-                }
+        match hub.serve(bytes, start, prev_total_ms, &ws).await {
+            Ok(Answered::Sent { total_ms }) => {
                 hub.served.fetch_add(1, Ordering::Relaxed);
-                prev_total_ms = Some(ms(start.elapsed()));
+                prev_total_ms = Some(total_ms);
+            }
+            Ok(Answered::Lost(e)) => {
+                eprintln!("openpi-server: connection from {peer} ended: {e}");
+                return;
             }
             Err(why) => {
-                fail(ws, peer, &hub, why, false).await;
+                fail(&mut *ws.lock().await, peer, &hub, why, false).await;
                 return;
             }
         }
@@ -525,7 +630,7 @@ async fn connection(mut ws: Socket, peer: SocketAddr, hub: Arc<Hub>) {
 /// the client still sends (its close reply; after an oversized message, the unread rest of
 /// it, straight off the socket) until it closes or for 2 s: closing with unread bytes would
 /// reset the connection, and the client could lose the error text and close code.
-async fn fail(mut ws: Socket, peer: SocketAddr, hub: &Hub, why: String, raw_drain: bool) {
+async fn fail(ws: &mut Socket, peer: SocketAddr, hub: &Hub, why: String, raw_drain: bool) {
     hub.failed.fetch_add(1, Ordering::Relaxed);
     eprintln!("openpi-server: {peer}: {why}; closing with {CLOSE_INTERNAL_ERROR}");
     let _ = ws
@@ -795,14 +900,18 @@ mod tests {
 
     /// [`server`] taking messages up to `max_message_bytes`.
     async fn server_with(max_message_bytes: usize) -> (u16, Transforms, tempfile::TempDir) {
-        server_rejecting(max_message_bytes, false).await
+        server_rejecting(max_message_bytes, false, false).await
     }
 
     /// [`server_with`] whose dataflow, with `reject_odd`, refuses every odd frame on a
-    /// `rejected` message (as a stage node sends it) instead of answering it.
+    /// `rejected` message (as a stage node sends it) instead of answering it. Its frames are
+    /// completed from a thread outside the server's runtime (which then writes the answers
+    /// itself), or with `in_runtime` from one inside it (which leaves that to the requests'
+    /// tasks).
     async fn server_rejecting(
         max_message_bytes: usize,
         reject_odd: bool,
+        in_runtime: bool,
     ) -> (u16, Transforms, tempfile::TempDir) {
         let dir = tempfile::tempdir().unwrap();
         let stats = dir.path().join("norm_stats.json");
@@ -832,7 +941,9 @@ mod tests {
         );
         let h = hub.clone();
         let n = cfg.action_horizon * cfg.action_dim;
+        let rt = tokio::runtime::Handle::current();
         std::thread::spawn(move || {
+            let _inside = in_runtime.then(|| rt.enter());
             for f in rx {
                 assert_eq!(f.input.images.len(), 3 * 32 * 32 * 3);
                 if reject_odd && f.seq % 2 == 1 {
@@ -902,7 +1013,18 @@ mod tests {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn serves_actions_and_answers_bad_requests_with_1011() {
-        let (port, twin, _dir) = server().await;
+        serves_and_refuses(false).await;
+    }
+
+    /// The same, with the frames completed inside the server's runtime: the requests' tasks
+    /// write the answers.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn tasks_answer_frames_completed_inside_the_runtime() {
+        serves_and_refuses(true).await;
+    }
+
+    async fn serves_and_refuses(in_runtime: bool) {
+        let (port, twin, _dir) = server_rejecting(1 << 20, false, in_runtime).await;
         let mut ws = connect(port).await;
         for seq in 0..2u64 {
             let obs = observation(Some("pick up the cup"));
@@ -972,7 +1094,7 @@ mod tests {
     /// long before the request timeout; the other clients go on being served.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_rejected_frame_is_answered_at_once() {
-        let (port, _, _dir) = server_rejecting(1 << 20, true).await;
+        let (port, _, _dir) = server_rejecting(1 << 20, true, false).await;
         let mut ws = connect(port).await;
         ws.send(Message::Binary(observation(Some("go")).into()))
             .await

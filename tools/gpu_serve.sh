@@ -1,0 +1,55 @@
+#!/usr/bin/env bash
+# On a GPU machine without a Rust toolchain or internet: what serving adds over the policy,
+# one client (tools/bench_serve.sh: openpi-client's round trip − `policy_timing.infer_ms`),
+# with the policy in the server's process on the CUDA backend, for each SPIN_US given, in
+# turn, ROUNDS times; then the client's floor (tools/openpi/echo_server.py). Run from the
+# repository root after tools/gpu_build.sh --wheels on the build machine (and, if packed,
+# `tar xJf .gpu/pack.tar.xz -C .gpu`).
+#
+#   tools/gpu_serve.sh [REQUESTS=300] [ROUNDS=2] [SPIN_US values...=0 3000]
+#
+# The model is `turbopi bench --setting libero`'s (full-size pi0.5, action horizon 10, random
+# bf16 weights), so that the policy's own time compares with `turbopi bench` (env SETTING,
+# CKPT_DTYPE and TURBOPI_BACKEND override it, as tools/bench_serve.sh reads them). Logs and
+# tables go to $GPU_SERVE_OUT (default .gpu/serve-out).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+requests=${1:-300}
+rounds=${2:-2}
+shift $(($# < 2 ? $# : 2))
+spins=("$@")
+[ ${#spins[@]} -gt 0 ] || spins=(0 3000)
+out=${GPU_SERVE_OUT:-.gpu/serve-out}
+mkdir -p "$out" target/release
+for f in .gpu/bin/turbopi .gpu/serve/openpi-server .gpu/serve/policy; do
+    [ -x "$f" ] || { echo "gpu_serve: $f missing (run tools/gpu_build.sh on the build machine)" >&2; exit 2; }
+done
+cp -f .gpu/bin/turbopi .gpu/serve/openpi-server .gpu/serve/policy target/release/
+if ! command -v dora >/dev/null; then
+    python3 -m pip install --quiet --no-index --no-deps .gpu/whl/dora_rs_cli-1.1.0-*.whl
+    export PATH=$HOME/.local/bin:$PATH
+fi
+openpi_client=target/python/openpi-client
+if ! PYTHONPATH=$openpi_client python3 -c "import openpi_client.websocket_client_policy" 2>/dev/null; then
+    python3 -m pip install --quiet --no-index --find-links .gpu/whl --target "$openpi_client" \
+        openpi-client==0.1.2 typing_extensions
+fi
+if command -v nvidia-smi >/dev/null; then
+    nvidia-smi --query-gpu=name,driver_version,clocks.max.sm --format=csv,noheader | tee "$out/gpu.txt"
+fi
+export TURBOPI_BACKEND=${TURBOPI_BACKEND:-cuda} SETTING=${SETTING-libero} CKPT_DTYPE=${CKPT_DTYPE:-bf16}
+for r in $(seq "$rounds"); do
+    for s in "${spins[@]}"; do
+        echo "== round $r, SPIN_US=$s"
+        TURBOPI_SPIN_US=$s tools/bench_serve.sh graphs/serve_in_process.yml "$requests" \
+            2>&1 | tee "$out/in_process_spin${s}_round$r.txt" | grep -E "round_trip|policy|added|dataflow|server"
+    done
+done
+echo "== the client's floor: echo_server.py, bench.py --requests $requests"
+port=$(python3 -c "import socket; s=socket.socket(); s.bind(('127.0.0.1', 0)); print(s.getsockname()[1])")
+PYTHONPATH=$openpi_client python3 tools/openpi/echo_server.py --port "$port" --horizon 10 &
+echo_pid=$!
+trap 'kill $echo_pid 2>/dev/null || true' EXIT
+sleep 2
+PYTHONPATH=$openpi_client python3 tools/openpi/bench.py --port "$port" --requests "$requests" |
+    tee "$out/echo.txt"
