@@ -9,7 +9,8 @@
 #
 #   tools/gpu_build.sh [--wheels] [--pack]
 #     --wheels  also download, for a GPU machine without internet (Python 3.12, x86_64), the
-#               dora CLI's wheel and openpi-client's with its dependencies into .gpu/whl
+#               dora CLI's wheel, openpi-client's and websockets' into .gpu/whl (about 28
+#               MB; numpy and msgpack are taken from the machine)
 #     --pack    also pack bin/ and serve/ into .gpu/pack.tar.xz (unpack there with
 #               `tar xJf .gpu/pack.tar.xz -C .gpu`)
 set -euo pipefail
@@ -59,8 +60,11 @@ if [ "$wheels" = 1 ]; then
     rm -rf .gpu/whl
     pip_target=(--only-binary=:all: --python-version 3.12 --platform manylinux2014_x86_64
         --platform manylinux_2_17_x86_64 --platform manylinux_2_28_x86_64 -d .gpu/whl)
-    python3 -m pip download --quiet --no-deps "${pip_target[@]}" dora-rs-cli==1.1.0
-    python3 -m pip download --quiet "${pip_target[@]}" openpi-client==0.1.2 typing_extensions
+    # openpi-client's websocket policy imports msgpack, numpy, websockets and
+    # typing_extensions only. The lent GPU machines' image has numpy, msgpack and
+    # typing_extensions; what travels is limited (64 MiB), so only the rest goes.
+    python3 -m pip download --quiet --no-deps "${pip_target[@]}" dora-rs-cli==1.1.0 \
+        openpi-client==0.1.2 typing_extensions websockets
 fi
 if [ "$pack" = 1 ]; then
     tar -C .gpu -cf - bin serve | xz -T2 --lzma2=preset=9,dict=256MiB >.gpu/pack.tar.xz

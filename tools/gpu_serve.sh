@@ -31,8 +31,10 @@ if ! command -v dora >/dev/null; then
 fi
 openpi_client=target/python/openpi-client
 if ! PYTHONPATH=$openpi_client python3 -c "import openpi_client.websocket_client_policy" 2>/dev/null; then
-    python3 -m pip install --quiet --no-index --find-links .gpu/whl --target "$openpi_client" \
-        openpi-client==0.1.2 typing_extensions
+    # The wheels tools/gpu_build.sh --wheels fetched; numpy and msgpack come from the machine
+    # where they are not among them.
+    python3 -m pip install --quiet --no-index --no-deps --target "$openpi_client" \
+        $(ls .gpu/whl/*.whl | grep -v dora_rs_cli)
 fi
 if command -v nvidia-smi >/dev/null; then
     nvidia-smi --query-gpu=name,driver_version,clocks.max.sm --format=csv,noheader | tee "$out/gpu.txt"

@@ -56,6 +56,21 @@ pub enum Epilogue {
     Gated(View),
 }
 
+impl Epilogue {
+    /// The kernels' `add` flag and gate pointer, the gate checked to hold `n_out` f32
+    /// (`what` names it in the error).
+    fn args(self, n_out: usize, what: &str) -> Result<(i32, Option<View>)> {
+        Ok(match self {
+            Epilogue::Store => (0, None),
+            Epilogue::Add => (1, None),
+            Epilogue::Gated(g) => {
+                g.need(DType::F32, n_out, what)?;
+                (0, Some(g))
+            }
+        })
+    }
+}
+
 /// Whether the kernel takes y = x·wᵀ with these operands: x and w bf16 with 16-byte aligned
 /// rows, K a multiple of 32, N a multiple of 8, 1..=[`MAX_ROWS`] rows, y f32 or bf16.
 pub fn fits(k: &Kernels, x: &Mat, w: &Mat, y: &Mat) -> bool {
@@ -149,14 +164,7 @@ pub fn linear(k: &Kernels, lane: &Lane, x: Mat, w: Mat, y: Mat, epi: Epilogue) -
         (&w, "skinny gemm w"),
         (&y, "skinny gemm y"),
     ])?;
-    let (add, gate) = match epi {
-        Epilogue::Store => (0, None),
-        Epilogue::Add => (1, None),
-        Epilogue::Gated(g) => {
-            g.need(DType::F32, w.rows, "skinny gemm gate")?;
-            (0, Some(g))
-        }
-    };
+    let (add, gate) = epi.args(w.rows, "skinny gemm gate")?;
     let blocks = (w.rows / 8).div_ceil(TILES);
     launch_product(f, lane, "skinny_gemm", (&x, &w), blocks, |a| {
         Ok(a.ptr(y.view)
@@ -342,14 +350,7 @@ pub fn linear_fp8(
         (&y, "skinny fp8 gemm y"),
     ])?;
     scales.need(DType::F32, w.rows, "skinny fp8 gemm scales")?;
-    let (add, gate) = match epi {
-        Epilogue::Store => (0, None),
-        Epilogue::Add => (1, None),
-        Epilogue::Gated(g) => {
-            g.need(DType::F32, w.rows, "skinny fp8 gemm gate")?;
-            (0, Some(g))
-        }
-    };
+    let (add, gate) = epi.args(w.rows, "skinny fp8 gemm gate")?;
     let blocks = (w.rows / 8).div_ceil(TILES);
     launch_chunked(
         f,
