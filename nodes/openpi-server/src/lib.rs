@@ -13,8 +13,10 @@
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use axum::extract::{ConnectInfo, Request, State};
@@ -26,7 +28,7 @@ use axum::Router;
 use dora_node_api::dora_core::config::DataId;
 use dora_node_api::{DoraNode, Event, EventStream, Parameter};
 use eyre::{bail, eyre, Result, WrapErr};
-use futures_util::{SinkExt, StreamExt};
+use futures_util::{Sink, SinkExt, StreamExt};
 use hyper_util::rt::TokioIo;
 use node_common::prompt::tokens_params;
 use node_common::reject::{parse_rejection, REJECTED};
@@ -167,8 +169,12 @@ pub struct Reply {
 enum Outcome {
     /// The actions, for the task to answer with.
     Reply(Reply),
-    /// Answered by the thread that completed the frame.
-    Answered(Answered),
+    /// The answer, written to the socket by the thread that completed the frame: all of it
+    /// (the server's time for the request, ms), or None with the rest waiting in the
+    /// websocket's buffer for the task to flush.
+    Written(Option<f64>),
+    /// Writing the answer failed: the connection is gone.
+    Lost(String),
 }
 
 /// A request's answer, written to its socket.
@@ -242,8 +248,9 @@ impl Hub {
     /// Called from a thread outside the server's runtime (the policy's, the dataflow's
     /// events'), it answers the client itself: the output transforms, the reply's encoding
     /// and the socket write run right here, so the actions go out without waiting for the
-    /// request's task to be woken; the task then only learns that they went. Inside the
-    /// runtime it leaves that to the task.
+    /// request's task to be woken; the task then only learns that they went. It never waits
+    /// for a client: where the socket is busy or backed up, or the write does not finish at
+    /// once, the task takes over. Inside the runtime it leaves the answer to the task.
     pub fn complete(&self, seq: u64, reply: Result<Reply, String>) -> bool {
         let waiter = self.pending.lock().ok().and_then(|mut p| p.remove(&seq));
         let Some(Waiter { tx, answer }) = waiter else {
@@ -251,27 +258,36 @@ impl Hub {
         };
         let outcome = match reply {
             Err(e) => Err(e),
-            Ok(r) if tokio::runtime::Handle::try_current().is_err() => self.answer(answer, &r),
+            Ok(r) if tokio::runtime::Handle::try_current().is_err() => self.answer(answer, r),
             Ok(r) => Ok(Outcome::Reply(r)),
         };
         tx.send(outcome).is_ok()
     }
 
-    /// Sends the client of `a` its answer: `reply` through the output transforms.
-    fn answer(&self, a: Answer, reply: &Reply) -> Result<Outcome, String> {
-        self.answer_with(a, reply).map(Outcome::Answered)
-    }
-
-    fn answer_with(&self, a: Answer, reply: &Reply) -> Result<Answered, String> {
+    /// Writes the answer of `a` to its socket, as far as that goes without waiting (see
+    /// [`Hub::complete`]).
+    fn answer(&self, a: Answer, reply: Reply) -> Result<Outcome, String> {
+        let Ok(mut ws) = a.ws.try_lock() else {
+            return Ok(Outcome::Reply(reply));
+        };
+        // Polled once, in the runtime's context, with a waker that nobody wakes: Pending
+        // leaves the rest to the task, whose own polls register its waker.
+        let _in_runtime = a.rt.enter();
+        let mut cx = Context::from_waker(futures_util::task::noop_waker_ref());
+        match Pin::new(&mut *ws).poll_ready(&mut cx) {
+            Poll::Ready(Ok(())) => {}
+            Poll::Ready(Err(e)) => return Ok(Outcome::Lost(e.to_string())),
+            Poll::Pending => return Ok(Outcome::Reply(reply)),
+        }
         let dataflow_ms = ms(a.sent.elapsed());
-        let bytes = self.response(reply, &a.ctx, a.seq, a.start, dataflow_ms, a.prev_total_ms)?;
-        let sent =
-            a.rt.block_on(async { a.ws.lock().await.send(Message::Binary(bytes.into())).await });
-        Ok(match sent {
-            Ok(()) => Answered::Sent {
-                total_ms: ms(a.start.elapsed()),
-            },
-            Err(e) => Answered::Lost(e.to_string()),
+        let bytes = self.response(&reply, &a.ctx, a.seq, a.start, dataflow_ms, a.prev_total_ms)?;
+        if let Err(e) = Pin::new(&mut *ws).start_send(Message::Binary(bytes.into())) {
+            return Ok(Outcome::Lost(e.to_string()));
+        }
+        Ok(match Pin::new(&mut *ws).poll_flush(&mut cx) {
+            Poll::Ready(Ok(())) => Outcome::Written(Some(ms(a.start.elapsed()))),
+            Poll::Ready(Err(e)) => Outcome::Lost(e.to_string()),
+            Poll::Pending => Outcome::Written(None),
         })
     }
 
@@ -412,7 +428,17 @@ impl Hub {
         };
         let reply = match tokio::time::timeout(self.settings.request_timeout, rx).await {
             Ok(Ok(Ok(Outcome::Reply(r)))) => r,
-            Ok(Ok(Ok(Outcome::Answered(done)))) => return Ok(done),
+            Ok(Ok(Ok(Outcome::Written(Some(total_ms))))) => return Ok(Answered::Sent { total_ms }),
+            Ok(Ok(Ok(Outcome::Written(None)))) => {
+                let flushed = ws.lock().await.flush().await;
+                return Ok(match flushed {
+                    Ok(()) => Answered::Sent {
+                        total_ms: ms(start.elapsed()),
+                    },
+                    Err(e) => Answered::Lost(e.to_string()),
+                });
+            }
+            Ok(Ok(Ok(Outcome::Lost(e)))) => return Ok(Answered::Lost(e)),
             Ok(Ok(Err(e))) => return Err(e),
             Ok(Err(_)) => return Err("the dataflow has stopped".into()),
             Err(_) => {
@@ -997,6 +1023,66 @@ mod tests {
         let meta = decode(&meta, Limits::default()).unwrap();
         assert_eq!(meta.get("robot"), Some(&Value::Str("libero")));
         ws
+    }
+
+    /// A client that sends and never reads its answers fills its socket: the thread that
+    /// completes the frames must not wait for it (its write is left to the request's task),
+    /// or every other client would wait too.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_client_that_does_not_read_stalls_no_one_else() {
+        let (port, _, _dir) = server().await;
+        let small = {
+            let m = vec![
+                ("observation/image".to_string(), image(32, 32)),
+                ("observation/wrist_image".to_string(), image(32, 32)),
+                (
+                    "observation/state".to_string(),
+                    Out::f64_array(vec![8], &[0.1; 8]),
+                ),
+                ("prompt".to_string(), Out::Str("go".into())),
+            ];
+            Out::Map(m).encode()
+        };
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.set_recv_buffer_size(4096).unwrap();
+        let tcp = socket.connect(([127, 0, 0, 1], port).into()).await.unwrap();
+        let req = format!("ws://127.0.0.1:{port}/")
+            .into_client_request()
+            .unwrap();
+        let (mut deaf, _) = tokio_tungstenite::client_async(req, tcp).await.unwrap();
+        // Requests until one cannot be sent within a second: the server stopped reading this
+        // client, its answers backed up.
+        let t = Instant::now();
+        let mut sent = 0;
+        while tokio::time::timeout(
+            Duration::from_secs(1),
+            deaf.send(Message::Binary(small.clone().into())),
+        )
+        .await
+        .is_ok()
+        {
+            sent += 1;
+            assert!(
+                sent < 200_000,
+                "the server kept reading a client that never reads"
+            );
+        }
+        eprintln!(
+            "a client that never reads backed up after {sent} requests, {:?}",
+            t.elapsed()
+        );
+        let mut other = connect(port).await;
+        let t = Instant::now();
+        other
+            .send(Message::Binary(observation(Some("go")).into()))
+            .await
+            .unwrap();
+        let answer = tokio::time::timeout(Duration::from_secs(5), other.next()).await;
+        assert!(
+            matches!(answer, Ok(Some(Ok(Message::Binary(_))))),
+            "another client got {answer:?} after {:?}",
+            t.elapsed()
+        );
     }
 
     /// The error text, then close code 1011.
