@@ -421,6 +421,7 @@ pub fn kv_from_tensor(shape: &[usize], data: &[f32]) -> Result<KvCache> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use dora_node_api::IntoArrow;
 
     #[test]
     fn spin_us_takes_whole_microseconds_up_to_its_limit() {
@@ -438,7 +439,6 @@ mod tests {
             );
         }
     }
-    use dora_node_api::IntoArrow;
 
     #[test]
     fn seq_gaps_count_missing_frames() {

@@ -169,12 +169,11 @@ pub struct Reply {
 enum Outcome {
     /// The actions, for the task to answer with.
     Reply(Reply),
-    /// The answer, written to the socket by the thread that completed the frame: all of it
-    /// (the server's time for the request, ms), or None with the rest waiting in the
-    /// websocket's buffer for the task to flush.
-    Written(Option<f64>),
-    /// Writing the answer failed: the connection is gone.
-    Lost(String),
+    /// The answer, written by the thread that completed the frame, with the rest waiting in
+    /// the websocket's buffer for the task to flush.
+    Unflushed,
+    /// Answered by the thread that completed the frame.
+    Done(Answered),
 }
 
 /// A request's answer, written to its socket.
@@ -183,6 +182,18 @@ enum Answered {
     Sent { total_ms: f64 },
     /// Sending it failed: the connection is gone.
     Lost(String),
+}
+
+impl Answered {
+    /// The answer to the request read at `start`, by how writing it ended.
+    fn by(written: Result<(), WsError>, start: Instant) -> Answered {
+        match written {
+            Ok(()) => Answered::Sent {
+                total_ms: ms(start.elapsed()),
+            },
+            Err(e) => Answered::Lost(e.to_string()),
+        }
+    }
 }
 
 /// A request waiting for its frame: its task, and what the thread that completes the frame
@@ -276,18 +287,17 @@ impl Hub {
         let mut cx = Context::from_waker(futures_util::task::noop_waker_ref());
         match Pin::new(&mut *ws).poll_ready(&mut cx) {
             Poll::Ready(Ok(())) => {}
-            Poll::Ready(Err(e)) => return Ok(Outcome::Lost(e.to_string())),
+            Poll::Ready(Err(e)) => return Ok(Outcome::Done(Answered::Lost(e.to_string()))),
             Poll::Pending => return Ok(Outcome::Reply(reply)),
         }
         let dataflow_ms = ms(a.sent.elapsed());
         let bytes = self.response(&reply, &a.ctx, a.seq, a.start, dataflow_ms, a.prev_total_ms)?;
         if let Err(e) = Pin::new(&mut *ws).start_send(Message::Binary(bytes.into())) {
-            return Ok(Outcome::Lost(e.to_string()));
+            return Ok(Outcome::Done(Answered::Lost(e.to_string())));
         }
         Ok(match Pin::new(&mut *ws).poll_flush(&mut cx) {
-            Poll::Ready(Ok(())) => Outcome::Written(Some(ms(a.start.elapsed()))),
-            Poll::Ready(Err(e)) => Outcome::Lost(e.to_string()),
-            Poll::Pending => Outcome::Written(None),
+            Poll::Ready(flushed) => Outcome::Done(Answered::by(flushed, a.start)),
+            Poll::Pending => Outcome::Unflushed,
         })
     }
 
@@ -428,17 +438,11 @@ impl Hub {
         };
         let reply = match tokio::time::timeout(self.settings.request_timeout, rx).await {
             Ok(Ok(Ok(Outcome::Reply(r)))) => r,
-            Ok(Ok(Ok(Outcome::Written(Some(total_ms))))) => return Ok(Answered::Sent { total_ms }),
-            Ok(Ok(Ok(Outcome::Written(None)))) => {
+            Ok(Ok(Ok(Outcome::Unflushed))) => {
                 let flushed = ws.lock().await.flush().await;
-                return Ok(match flushed {
-                    Ok(()) => Answered::Sent {
-                        total_ms: ms(start.elapsed()),
-                    },
-                    Err(e) => Answered::Lost(e.to_string()),
-                });
+                return Ok(Answered::by(flushed, start));
             }
-            Ok(Ok(Ok(Outcome::Lost(e)))) => return Ok(Answered::Lost(e)),
+            Ok(Ok(Ok(Outcome::Done(answered)))) => return Ok(answered),
             Ok(Ok(Err(e))) => return Err(e),
             Ok(Err(_)) => return Err("the dataflow has stopped".into()),
             Err(_) => {
@@ -456,12 +460,7 @@ impl Hub {
             on_worker(move || hub.response(&reply, &ctx, seq, start, dataflow_ms, prev_total_ms))
                 .await?;
         let sent = ws.lock().await.send(Message::Binary(bytes.into())).await;
-        Ok(match sent {
-            Ok(()) => Answered::Sent {
-                total_ms: ms(start.elapsed()),
-            },
-            Err(e) => Answered::Lost(e.to_string()),
-        })
+        Ok(Answered::by(sent, start))
     }
 }
 
