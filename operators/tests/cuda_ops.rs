@@ -829,6 +829,7 @@ fn attention_multi_head_matches_cpu() {
             cols: hd,
             ld: 3 * w,
             stride: hd,
+            fp8: None,
         };
         let k = Mat {
             view: qkvb.view().tail(w).unwrap(),
@@ -844,6 +845,7 @@ fn attention_multi_head_matches_cpu() {
             cols: hd,
             ld: w,
             stride: hd,
+            fp8: None,
         };
         attention(
             &g.kernels,
@@ -912,6 +914,7 @@ fn attention_grouped_with_padded_cache_matches_cpu() {
                 cols: hd,
                 ld: kvw,
                 stride: hd,
+                fp8: None,
             };
             let vm = Mat {
                 view: vb.view(),
@@ -2692,4 +2695,136 @@ fn skinny_fp8_refuses_what_it_does_not_take() {
     assert!(
         !skinny::linear_fp8(&f.kernels, &f.lane, xm, wm, sb.view(), ym, Epilogue::Store).unwrap()
     );
+}
+
+#[test]
+fn fp8_gemm_matches_the_cpu_w8a8_product() {
+    // W8A8 on cuBLASLt (`Gemm::linear_fp8`, what the vision tower's and Gemma 2B's products
+    // run with `--dtype fp8`): x quantised per row on the GPU (`quantise_e4m3`, checked bit
+    // for bit elsewhere), W per output channel by fp8::quantise_rows, both scale vectors
+    // applied by cuBLASLt. The expected value is the sum of the exact products of the codes'
+    // values times both scales, in f64, from the codes and scales the GPU holds: the test
+    // checks the product alone, within `lt_fp8_bound`.
+    //
+    // Shapes: the stages' (SigLIP q|k|v and fc2, Gemma q|k|v, gate|up and down at a libero
+    // prefix), a few rows, odd row counts; y f32 (the residual streams, add) and bf16 (q|k|v,
+    // gate|up). Row 1 of x is zeros (scale 1, codes 0: its outputs are exactly 0 or y0);
+    // weight row 2 is zeros. A stored y starts all NaN.
+    let g = gpu(DType::Bf16);
+    // (rows, N, K, epilogue, y's type)
+    let cases: [(usize, usize, usize, &str, DType); 8] = [
+        (512, 3456, 1152, "store", DType::F32),
+        (512, 1152, 4304, "add", DType::F32),
+        (532, 2560, 2048, "store", DType::Bf16),
+        (532, 2048, 16384, "add", DType::F32),
+        (37, 32768, 2048, "store", DType::Bf16),
+        (3, 64, 32, "store", DType::F32),
+        (1, 16, 64, "add", DType::F32),
+        (17, 128, 96, "store", DType::Bf16),
+    ];
+    for (i, &(m, n, k, mode, ydt)) in cases.iter().enumerate() {
+        let name = format!("cuBLASLt fp8 gemm [{m}, {n}, {k}] {mode} -> {ydt:?}");
+        let seed = 2900 + 10 * i as u64;
+        let mut xv = rand_vec(m * k, seed, -1.0, 1.0);
+        if m >= 3 {
+            xv[k..2 * k].fill(0.0);
+        }
+        let (xb, _) = up(&g, DType::Bf16, &xv);
+        let xq = nan(&g, DType::U8, m * k);
+        let xs = nan(&g, DType::F32, m);
+        quantise_e4m3(
+            &g.kernels,
+            &g.lane,
+            xb.view(),
+            k,
+            xq.view(),
+            k,
+            xs.view(),
+            m,
+            k,
+        )
+        .unwrap();
+        let x_codes = g.download_bytes(xq.view()).unwrap();
+        let x_scales = g.download(xs.view()).unwrap();
+        let s = 1.0 / (k as f32).sqrt();
+        let mut w = rand_vec(n * k, seed + 1, -s, s);
+        if n >= 3 {
+            w[2 * k..3 * k].fill(0.0);
+        }
+        let (w_codes, w_scales) = operators::fp8::quantise_rows(&w, k);
+        let wb = up_codes(&g, &w_codes, k, k);
+        let (wsb, _) = up(&g, DType::F32, &w_scales);
+        let y0 = rounded(ydt, &rand_vec(m * n, seed + 3, -1.0, 1.0));
+        let (yb, _) = up(&g, ydt, &y0);
+        let beta = if mode == "store" {
+            g.lane.poison(yb.view()).unwrap();
+            0.0
+        } else {
+            1.0
+        };
+        g.gemm
+            .linear_fp8(
+                &g.lane,
+                Mat::new(xq.view(), m, k),
+                xs.view(),
+                Mat::new(wb.view(), n, k),
+                wsb.view(),
+                Mat::new(yb.view(), m, n),
+                beta,
+            )
+            .unwrap_or_else(|e| panic!("{name}: {e}"));
+        let got = g.download(yb.view()).unwrap();
+        let xval: Vec<f64> = x_codes
+            .iter()
+            .map(|&c| f64::from(operators::fp8::decode(c)))
+            .collect();
+        let wval: Vec<f64> = w_codes
+            .iter()
+            .map(|&c| f64::from(operators::fp8::decode(c)))
+            .collect();
+        let (mut want, mut bound) = (Vec::with_capacity(m * n), Vec::with_capacity(m * n));
+        for r in 0..m {
+            let xr = &xval[r * k..(r + 1) * k];
+            for c in 0..n {
+                let wr = &wval[c * k..(c + 1) * k];
+                let (mut exact, mut sum_abs) = (0f64, 0f64);
+                for (a, b) in xr.iter().zip(wr) {
+                    exact += a * b;
+                    sum_abs += (a * b).abs();
+                }
+                let sc = f64::from(x_scales[r]) * f64::from(w_scales[c]);
+                let base = if mode == "store" {
+                    0.0
+                } else {
+                    f64::from(y0[r * n + c])
+                };
+                let v = base + sc * exact;
+                want.push(v);
+                bound.push(lt_fp8_bound(sum_abs * sc, base, v, ydt));
+            }
+        }
+        if m >= 3 {
+            for c in 0..n {
+                let base = if mode == "store" { 0.0 } else { y0[n + c] };
+                assert_eq!(got[n + c], base, "{name}: the zero row, column {c}");
+            }
+        }
+        check_bound(&name, &got, &want, &bound);
+    }
+}
+
+/// How far cuBLASLt's FP8 product may be from the exact `want` (= base + Σ of products whose
+/// magnitudes add up to `sum_abs`, both scales included). The products of two E4M3 values
+/// are exact; Hopper's FP8 tensor cores add them with fewer bits than f32 keeps (NVIDIA does
+/// not document how many; cuBLASLt, without fast accumulation, moves the partial sums into
+/// f32 at intervals), so allow 2^-10 of `sum_abs` for the sums, f32 roundings of the scales,
+/// beta and the addition, and a bf16 y's final rounding. A wrong layout, scale or row errs
+/// by the size of the values themselves, far outside this.
+fn lt_fp8_bound(sum_abs: f64, base: f64, want: f64, ydt: DType) -> f64 {
+    let u = 2f64.powi(-24);
+    let f32_err = 2f64.powi(-10) * sum_abs + 4.0 * u * (sum_abs + base.abs() + want.abs());
+    match ydt {
+        DType::Bf16 => f32_err + 2f64.powi(-8) * (want.abs() + f32_err),
+        _ => f32_err,
+    }
 }

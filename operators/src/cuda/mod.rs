@@ -21,7 +21,7 @@ pub mod stages;
 pub mod weights;
 
 pub use device::{DType, Device, DeviceBuffer, Lane, View};
-pub use gemm::{Gemm, Mat, Op};
+pub use gemm::{Fp8, Gemm, Mat, Op};
 pub use kernels::Kernels;
 // The kernel families at their former paths (cuda::rms_norm, ...).
 pub use kernels::{

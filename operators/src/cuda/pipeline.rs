@@ -280,7 +280,7 @@ impl CudaPolicy {
         guard("building a random-weight policy on the GPU", || {
             cfg.validate()?;
             let p = Self::build(cfg, precision)?;
-            let k = &p.engine.kernels;
+            let k = (&p.engine.dev, &p.engine.kernels);
             p.vision.weights.fill_random(k, &p.vision.lane, seed)?;
             p.prefix.weights.fill_random(k, &p.prefix.lane, seed)?;
             p.denoise.weights.fill_random(k, &p.denoise.lane, seed)?;

@@ -6,11 +6,18 @@
 //! position embedding stay f32. Projections that read the same input are fused into one
 //! matrix (SigLIP q|k|v, Gemma q|k|v and gate|up), and Gemma's RMSNorm weights are stored as
 //! 1 + w, which is what the CPU multiplies by.
+//!
+//! With `--dtype fp8` the large linear layers (SigLIP's and Gemma 2B's projections and MLPs,
+//! the projector, the action expert's projections and MLP) are stored as E4M3 codes with an
+//! f32 scale per output channel, quantised at load on the host from the checkpoint's values
+//! with [`crate::fp8::quantise_rows`] (the CPU emulation's weights, bit for bit), or on the
+//! device for random weights. docs/fp8.md has the scheme.
 
 use rayon::prelude::*;
 
 use super::compile::Kernels;
-use super::device::{blocks_for, launch, Args, DType, Device, Lane, View};
+use super::device::{blocks_for, launch, Args, DType, Device, DeviceBuffer, Lane, View};
+use super::gemm::{Fp8, Mat};
 use crate::checkpoint::Checkpoint;
 use crate::config::Config;
 use crate::keys::{self, Param, EMBED, EXPERT, PROJECTOR, VLM};
@@ -58,6 +65,8 @@ enum Store {
     F32,
     /// f32, 1 + w (Gemma's RMSNorm weight).
     OnePlus,
+    /// E4M3 codes (u8), each row's scale in the piece's `fp8` scales.
+    Fp8,
 }
 
 /// One region of the weight buffer and the checkpoint tensors stacked into it (rows of the
@@ -66,18 +75,30 @@ struct Piece {
     view: View,
     store: Store,
     sources: Vec<(String, Vec<usize>)>,
+    /// [`Store::Fp8`]: f32 [rows], one scale per row of the stacked tensors.
+    scales: Option<View>,
 }
 
-/// A Linear: weight [n_out, n_in] (act), optional f32 bias [n_out].
+/// A Linear: weight [n_out, n_in] (act, or E4M3 codes with `fp8`'s scales), optional f32
+/// bias [n_out].
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Lin {
     pub w: View,
     pub b: Option<View>,
     pub n_out: usize,
     pub n_in: usize,
+    pub fp8: Option<Fp8>,
 }
 
 impl Lin {
+    /// The weight as a GEMM operand (with its FP8 scales, if any).
+    pub(crate) fn mat(&self) -> Mat {
+        Mat {
+            fp8: self.fp8,
+            ..Mat::new(self.w, self.n_out, self.n_in)
+        }
+    }
+
     pub(crate) fn bias(&self) -> Result<View> {
         self.b
             .ok_or_else(|| Error::Cuda("internal: Linear without its bias".into()))
@@ -161,6 +182,8 @@ pub(crate) struct DenoiseW {
 pub(crate) struct Planner {
     arena: Arena,
     act: DType,
+    /// The large linear layers in FP8 (`--dtype fp8`).
+    fp8: bool,
     pieces: Vec<Piece>,
 }
 
@@ -170,16 +193,21 @@ impl Planner {
             .iter()
             .map(|(_, s)| s.iter().product::<usize>())
             .sum();
-        let dtype = if store == Store::Act {
-            self.act
-        } else {
-            DType::F32
+        let dtype = match store {
+            Store::Act => self.act,
+            Store::Fp8 => DType::U8,
+            Store::F32 | Store::OnePlus => DType::F32,
         };
         let view = self.arena.take(dtype, len);
+        let scales = (store == Store::Fp8).then(|| {
+            let rows = sources.iter().map(|(_, s)| s[0]).sum();
+            self.arena.take(DType::F32, rows)
+        });
         self.pieces.push(Piece {
             view,
             store,
             sources,
+            scales,
         });
         view
     }
@@ -188,15 +216,50 @@ impl Planner {
         self.piece(Store::F32, vec![(key, vec![n])])
     }
 
-    /// Linears `keys[i]` ([outs[i], n_in] each) stacked into one [sum(outs), n_in].
+    /// Linears `keys[i]` ([outs[i], n_in] each) stacked into one [sum(outs), n_in], in the
+    /// activation type.
     fn fused(&mut self, keys: &[&Param], outs: &[usize], n_in: usize, bias: bool) -> Lin {
+        self.stacked(keys, outs, n_in, bias, None)
+    }
+
+    /// As [`Planner::fused`] for a large linear layer: in FP8 when the planner's layers are
+    /// (`acts`: whether its inputs are quantised too, see [`Fp8::acts`]).
+    fn large(
+        &mut self,
+        keys: &[&Param],
+        outs: &[usize],
+        n_in: usize,
+        bias: bool,
+        acts: bool,
+    ) -> Lin {
+        let fp8 = self.fp8.then_some(acts);
+        self.stacked(keys, outs, n_in, bias, fp8)
+    }
+
+    fn stacked(
+        &mut self,
+        keys: &[&Param],
+        outs: &[usize],
+        n_in: usize,
+        bias: bool,
+        fp8_acts: Option<bool>,
+    ) -> Lin {
+        let store = if fp8_acts.is_some() {
+            Store::Fp8
+        } else {
+            Store::Act
+        };
         let w = self.piece(
-            Store::Act,
+            store,
             keys.iter()
                 .zip(outs)
                 .map(|(k, &o)| (k.weight(), vec![o, n_in]))
                 .collect(),
         );
+        let fp8 = match (fp8_acts, self.pieces.last().and_then(|p| p.scales)) {
+            (Some(acts), Some(scales)) => Some(Fp8 { scales, acts }),
+            _ => None,
+        };
         let b = bias.then(|| {
             self.piece(
                 Store::F32,
@@ -211,6 +274,7 @@ impl Planner {
             b,
             n_out: outs.iter().sum(),
             n_in,
+            fp8,
         }
     }
 
@@ -226,6 +290,8 @@ impl Planner {
         }
     }
 
+    /// A Gemma's layers; `acts`: whether its FP8 layers quantise their inputs.
+    #[allow(clippy::too_many_arguments)]
     fn gemma(
         &mut self,
         cfg: &Config,
@@ -234,6 +300,7 @@ impl Planner {
         mlp: usize,
         adaptive: bool,
         final_norm: bool,
+        acts: bool,
     ) -> GemmaW {
         let (nh, kv, hd) = (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim);
         let layers = (0..cfg.vlm_depth)
@@ -241,16 +308,17 @@ impl Planner {
                 let l = keys::gemma::layer(root, i);
                 GemmaLayerW {
                     norm1: self.norm(&l.input_layernorm, width, adaptive),
-                    qkv: self.fused(
+                    qkv: self.large(
                         &[&l.q, &l.k, &l.v],
                         &[nh * hd, kv * hd, kv * hd],
                         width,
                         false,
+                        acts,
                     ),
-                    o: self.linear(&l.o, width, nh * hd, false),
+                    o: self.large(&[&l.o], &[width], nh * hd, false, acts),
                     norm2: self.norm(&l.post_attention_layernorm, width, adaptive),
-                    gu: self.fused(&[&l.gate, &l.up], &[mlp, mlp], width, false),
-                    down: self.linear(&l.down, width, mlp, false),
+                    gu: self.large(&[&l.gate, &l.up], &[mlp, mlp], width, false, acts),
+                    down: self.large(&[&l.down], &[width], mlp, false, acts),
                 }
             })
             .collect();
@@ -278,25 +346,32 @@ impl Planner {
                 VisionLayerW {
                     ln1_w: p.vector(l.layer_norm1.weight(), vw),
                     ln1_b: p.vector(l.layer_norm1.bias(), vw),
-                    qkv: p.fused(&[&l.q, &l.k, &l.v], &[vw, vw, vw], vw, true),
-                    out: p.linear(&l.out, vw, vw, true),
+                    qkv: p.large(&[&l.q, &l.k, &l.v], &[vw, vw, vw], vw, true, true),
+                    out: p.large(&[&l.out], &[vw], vw, true, true),
                     ln2_w: p.vector(l.layer_norm2.weight(), vw),
                     ln2_b: p.vector(l.layer_norm2.bias(), vw),
-                    fc1: p.linear(&l.fc1, cfg.vision_mlp_dim, vw, true),
-                    fc2: p.linear(&l.fc2, vw, cfg.vision_mlp_dim, true),
+                    fc1: p.large(&[&l.fc1], &[cfg.vision_mlp_dim], vw, true, true),
+                    fc2: p.large(&[&l.fc2], &[vw], cfg.vision_mlp_dim, true, true),
                 }
             })
             .collect();
         let post = keys::siglip::post_layernorm();
         let post_w = p.vector(post.weight(), vw);
         let post_b = p.vector(post.bias(), vw);
-        let proj = p.linear(&Param(PROJECTOR.into()), cfg.vlm_width, vw, true);
+        let proj = p.large(
+            &[&Param(PROJECTOR.into())],
+            &[cfg.vlm_width],
+            vw,
+            true,
+            true,
+        );
         VisionW {
             patch: Lin {
                 w: patch_w,
                 b: Some(patch_b),
                 n_out: vw,
                 n_in: 3 * ps * ps,
+                fp8: None,
             },
             pos,
             layers,
@@ -312,7 +387,7 @@ impl Planner {
             Store::Act,
             vec![(EMBED.to_string(), vec![cfg.vocab_size, cfg.vlm_width])],
         );
-        let gemma = self.gemma(cfg, VLM, cfg.vlm_width, cfg.vlm_mlp_dim, false, false);
+        let gemma = self.gemma(cfg, VLM, cfg.vlm_width, cfg.vlm_mlp_dim, false, false, true);
         PrefixW { embed, gemma }
     }
 
@@ -326,6 +401,7 @@ impl Planner {
             cfg.expert_mlp_dim,
             cfg.pi05,
             true,
+            false,
         );
         let (ew, ad) = (cfg.expert_width, cfg.action_dim);
         use keys::heads;
@@ -354,13 +430,14 @@ impl Planner {
 
 /// The layout of `plan`'s weights in `arena`, the pieces to fill and the bytes used.
 fn lay_out<W>(
-    act: DType,
+    (act, fp8): (DType, bool),
     arena: Arena,
     plan: impl Fn(&mut Planner) -> W,
 ) -> (W, Vec<Piece>, usize) {
     let mut p = Planner {
         arena,
         act,
+        fp8,
         pieces: Vec::new(),
     };
     let w = plan(&mut p);
@@ -376,13 +453,14 @@ pub(crate) struct DeviceWeights<W> {
 }
 
 impl<W> DeviceWeights<W> {
-    /// One allocation for the weights `plan` lays out (in the activation type `act`).
+    /// One allocation for the weights `plan` lays out (in the activation type `act`; the
+    /// large linear layers in FP8 with `fp8`).
     pub(crate) fn allocate(
         dev: &Device,
-        act: DType,
+        (act, fp8): (DType, bool),
         plan: impl Fn(&mut Planner) -> W,
     ) -> Result<DeviceWeights<W>> {
-        let (_, _, bytes) = lay_out(act, Arena::sizing(), &plan);
+        let (_, _, bytes) = lay_out((act, fp8), Arena::sizing(), &plan);
         let (free, _) = dev.memory()?;
         if bytes > free {
             return Err(Error::Cuda(format!(
@@ -392,7 +470,7 @@ impl<W> DeviceWeights<W> {
             )));
         }
         let buf = super::device::DeviceBuffer::alloc(dev, DType::U8, bytes.max(1))?;
-        let (w, pieces, used) = lay_out(act, Arena::at(buf.view().ptr), &plan);
+        let (w, pieces, used) = lay_out((act, fp8), Arena::at(buf.view().ptr), &plan);
         debug_assert_eq!(used, bytes);
         Ok(DeviceWeights {
             w,
@@ -403,7 +481,10 @@ impl<W> DeviceWeights<W> {
 
     /// Total bytes of the weights on the device.
     pub(crate) fn bytes(&self) -> usize {
-        self.pieces.iter().map(|p| p.view.bytes()).sum()
+        self.pieces
+            .iter()
+            .map(|p| p.view.bytes() + p.scales.map_or(0, |s| s.bytes()))
+            .sum()
     }
 
     /// Fills every piece from `ckpt` through `ld` (which reports progress).
@@ -414,6 +495,14 @@ impl<W> DeviceWeights<W> {
                 let values = ld.tensor(ckpt, key, shape)?;
                 let dst = piece.view.at(off, values.len())?;
                 off += values.len();
+                if let (Store::Fp8, Some(scales)) = (piece.store, piece.scales) {
+                    let width = shape.iter().skip(1).product::<usize>();
+                    let (codes, s) = quantise_parallel(&values, width);
+                    let row = (off - values.len()) / width.max(1);
+                    lane.upload_now(&codes, dst)?;
+                    lane.upload_now(&s, scales.at(row, s.len())?)?;
+                    continue;
+                }
                 match (piece.store, dst.dtype) {
                     (Store::Act, DType::Bf16) => {
                         let bits: Vec<u16> = values
@@ -437,7 +526,15 @@ impl<W> DeviceWeights<W> {
     /// Fills every piece with uniform values of the scale `random::write_random_checkpoint`
     /// uses (other values: the generator differs), on the device. Each tensor's values
     /// depend only on `seed` and its key, whichever stage or layout holds it.
-    pub(crate) fn fill_random(&self, k: &Kernels, lane: &Lane, seed: u64) -> Result<()> {
+    /// FP8 layers are filled in the activation type first, then quantised on the device.
+    pub(crate) fn fill_random(
+        &self,
+        (dev, k): (&Device, &Kernels),
+        lane: &Lane,
+        seed: u64,
+    ) -> Result<()> {
+        // The activation-type values of FP8 layers, alive until the stream has passed.
+        let mut staging: Vec<DeviceBuffer> = Vec::new();
         for piece in &self.pieces {
             let mut off = 0;
             for (key, shape) in &piece.sources {
@@ -449,11 +546,55 @@ impl<W> DeviceWeights<W> {
                     centre += 1.0;
                 }
                 let s = seed ^ key_hash(key);
-                fill_uniform(k, lane, dst, s, centre - bound, centre + bound)?;
+                let (lo, hi) = (centre - bound, centre + bound);
+                let (Store::Fp8, Some(scales)) = (piece.store, piece.scales) else {
+                    fill_uniform(k, lane, dst, s, lo, hi)?;
+                    continue;
+                };
+                let width = shape.iter().skip(1).product::<usize>();
+                let rows = n / width.max(1);
+                let values = DeviceBuffer::alloc(dev, k.act, n)?;
+                fill_uniform(k, lane, values.view(), s, lo, hi)?;
+                let row = (off - n) / width.max(1);
+                let scales = scales.at(row, rows)?;
+                super::fp8::quantise_e4m3(
+                    k,
+                    lane,
+                    values.view(),
+                    width,
+                    dst,
+                    width,
+                    scales,
+                    rows,
+                    width,
+                )?;
+                staging.push(values);
             }
         }
-        lane.synchronize()
+        let done = lane.synchronize();
+        drop(staging);
+        done
     }
+}
+
+/// [`crate::fp8::quantise_rows`] over blocks of rows on every core: the same codes and
+/// scales, so that loading a full-size checkpoint in FP8 stays within seconds.
+fn quantise_parallel(values: &[f32], width: usize) -> (Vec<u8>, Vec<f32>) {
+    if width == 0 {
+        return (Vec::new(), Vec::new());
+    }
+    let rows_per_block = (1usize << 16).div_ceil(width).max(1);
+    let parts: Vec<(Vec<u8>, Vec<f32>)> = values
+        .par_chunks(rows_per_block * width)
+        .map(|block| crate::fp8::quantise_rows(block, width))
+        .collect();
+    let mut codes = Vec::with_capacity(values.len());
+    let mut scales = Vec::with_capacity(values.len() / width);
+    for (c, s) in parts {
+        codes.extend_from_slice(&c);
+        scales.extend_from_slice(&s);
+    }
+    (codes, scales)
 }
 
 /// FNV-1a of a tensor key (stable across builds), to seed its random values.
@@ -501,12 +642,16 @@ mod tests {
     #[test]
     fn layout_covers_every_tensor_once_and_is_aligned() {
         for cfg in [Config::pi0_small(), Config::pi05_small()] {
-            for act in [DType::F32, DType::Bf16] {
+            for (act, fp8) in [
+                (DType::F32, false),
+                (DType::Bf16, false),
+                (DType::Bf16, true),
+            ] {
                 let mut pieces = Vec::new();
                 let mut bytes = 0;
                 let mut arena = Arena::sizing();
                 for stage in 0..3 {
-                    let (_, p, used) = lay_out(act, arena, |pl: &mut Planner| match stage {
+                    let (_, p, used) = lay_out((act, fp8), arena, |pl: &mut Planner| match stage {
                         0 => drop(pl.vision(&cfg)),
                         1 => drop(pl.prefix(&cfg)),
                         _ => drop(pl.denoise(&cfg)),
@@ -535,13 +680,54 @@ mod tests {
                 }
                 let mut end = 0u64;
                 for p in &pieces {
-                    assert_eq!(p.view.ptr % 256, 0);
-                    assert!(p.view.ptr >= end, "pieces overlap");
-                    end = p.view.ptr + p.view.bytes() as u64;
+                    for v in std::iter::once(p.view).chain(p.scales) {
+                        assert_eq!(v.ptr % 256, 0);
+                        assert!(v.ptr >= end, "pieces overlap");
+                        end = v.ptr + v.bytes() as u64;
+                    }
                 }
                 assert!(end as usize <= bytes);
+                // In FP8: the projections and MLPs of SigLIP and both Gemmas and the
+                // projector, as codes with a scale per row; nothing else.
+                let quantised: Vec<&Piece> =
+                    pieces.iter().filter(|p| p.store == Store::Fp8).collect();
+                let tensors: usize = quantised.iter().map(|p| p.sources.len()).sum();
+                let want = if fp8 {
+                    cfg.vision_depth * 6 + 1 + 2 * cfg.vlm_depth * 7
+                } else {
+                    0
+                };
+                assert_eq!(tensors, want, "FP8 tensors (fp8 {fp8})");
+                for p in &quantised {
+                    assert_eq!(p.view.dtype, DType::U8);
+                    let rows: usize = p.sources.iter().map(|(_, s)| s[0]).sum();
+                    let scales = p.scales.expect("an FP8 piece has scales");
+                    assert_eq!((scales.dtype, scales.len), (DType::F32, rows));
+                    for (key, shape) in &p.sources {
+                        assert!(
+                            key.ends_with("weight") && shape.len() == 2,
+                            "{key} {shape:?}"
+                        );
+                    }
+                }
             }
         }
+    }
+
+    #[test]
+    fn parallel_quantisation_gives_the_serial_codes_and_scales() {
+        let width = 1000;
+        let values: Vec<f32> = (0..300 * width)
+            .map(|i| ((i as f32) * 0.618).sin() * (1.0 + (i / width) as f32))
+            .collect();
+        let (codes, scales) = quantise_parallel(&values, width);
+        let (want_codes, want_scales) = crate::fp8::quantise_rows(&values, width);
+        assert_eq!(codes, want_codes);
+        assert_eq!(scales.len(), 300);
+        for (a, b) in scales.iter().zip(&want_scales) {
+            assert_eq!(a.to_bits(), b.to_bits());
+        }
+        assert_eq!(quantise_parallel(&[], 0), (vec![], vec![]));
     }
 
     #[test]

@@ -31,7 +31,7 @@ pub struct AccuracyArgs {
     /// The backend of the precision under test.
     #[arg(long, default_value = "cpu")]
     pub backend: String,
-    /// The precision under test: f32, bf16 (cuda) or fp8 (emulated on cpu).
+    /// The precision under test: f32, bf16 (cuda) or fp8 (cuda: sm_89+; cpu: emulated).
     #[arg(long, default_value = "fp8")]
     pub dtype: String,
     /// The reference precision.

@@ -64,8 +64,8 @@ pub fn parse_arch(s: &str) -> std::result::Result<Arch, String> {
 fn parse_dtype(s: &str) -> std::result::Result<Precision, String> {
     match s.trim().parse() {
         Ok(Precision::Fp8) => Err(
-            "fp8 has no kernel program of its own: its norms, attention and activations are \
-             the bf16 program's (--dtype bf16)"
+            "fp8 has no kernel program of its own: its norms, attention and activations, its \
+             quantisation and few-row FP8 product are the bf16 program's (--dtype bf16)"
                 .into(),
         ),
         Ok(p) => Ok(p),

@@ -61,8 +61,8 @@ enum Command {
         /// cpu (f32 reference) or cuda (needs a build with --features cuda).
         #[arg(long, default_value = "cpu")]
         backend: String,
-        /// Arithmetic: f32, bf16 (cuda only) or fp8 (emulated on cpu). Defaults to f32 on cpu
-        /// and bf16 on cuda.
+        /// Arithmetic: f32, bf16 (cuda only) or fp8 (cuda: FP8 tensor cores, sm_89+; cpu:
+        /// emulated). Defaults to f32 on cpu and bf16 on cuda.
         #[arg(long)]
         dtype: Option<String>,
         #[command(flatten)]
@@ -90,7 +90,8 @@ enum Command {
         prompt_tokens: Option<usize>,
         #[arg(long, default_value = "cuda")]
         backend: String,
-        /// f32, bf16 (cuda) or fp8 (emulated on cpu); default bf16 on cuda, f32 on cpu.
+        /// f32, bf16 (cuda) or fp8 (cuda: sm_89+; cpu: emulated); default bf16 on cuda, f32 on
+        /// cpu.
         #[arg(long)]
         dtype: Option<String>,
         #[arg(long, default_value_t = 10)]

@@ -35,7 +35,8 @@ use crate::{settings, Error, Result};
 use tune::autotune_enabled;
 
 /// A row-major matrix operand: `rows` x `cols` elements with row stride `ld`; in a batched
-/// product, matrix i starts `stride * i` elements after the first.
+/// product, matrix i starts `stride * i` elements after the first. A Linear's weight in FP8
+/// (`--dtype fp8`) holds E4M3 codes (u8) and carries its scales in `fp8`.
 #[derive(Debug, Clone, Copy)]
 pub struct Mat {
     pub view: View,
@@ -43,6 +44,17 @@ pub struct Mat {
     pub cols: usize,
     pub ld: usize,
     pub stride: usize,
+    pub fp8: Option<Fp8>,
+}
+
+/// What an FP8 weight operand carries besides its codes.
+#[derive(Debug, Clone, Copy)]
+pub struct Fp8 {
+    /// f32 [rows]: row n of the weight is `scales[n]` times its E4M3 codes.
+    pub scales: View,
+    /// Whether the inputs it meets are quantised too (W8A8 on FP8 tensor cores: the vision
+    /// tower and Gemma 2B) or stay bf16 (W8A16: the action expert). See docs/fp8.md.
+    pub acts: bool,
 }
 
 impl Mat {
@@ -54,6 +66,7 @@ impl Mat {
             cols,
             ld: cols,
             stride: rows * cols,
+            fp8: None,
         }
     }
 
@@ -101,10 +114,12 @@ pub enum Op {
     N,
 }
 
+/// cuBLASLt's type of an operand; u8 operands are FP8 E4M3 codes ([`Gemm::linear_fp8`]).
 fn lt_type(d: DType) -> Result<lt_sys::cudaDataType> {
     match d {
         DType::F32 => Ok(lt_sys::cudaDataType::CUDA_R_32F),
         DType::Bf16 => Ok(lt_sys::cudaDataType::CUDA_R_16BF),
+        DType::U8 => Ok(lt_sys::cudaDataType::CUDA_R_8F_E4M3),
         other => Err(Error::Cuda(format!(
             "internal: GEMM operand of type {other:?}"
         ))),
@@ -121,11 +136,14 @@ fn alignment(ptr: u64, stride_bytes: u64, batch: usize) -> u32 {
 }
 
 /// How alpha reaches cuBLASLt: a host scalar, or a device f32 vector with one value per row
-/// of D (per column of the row-major y), beta a host scalar.
+/// of D (per column of the row-major y), beta a host scalar; or, for FP8 operands, alpha a
+/// host scalar and each operand scaled by a device f32 vector over its outer dimension
+/// (cuBLASLt's outer-vector scaling: one scale per weight row and one per input row).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 enum Scale {
     Host,
     RowVector,
+    OuterVectors,
 }
 
 /// alpha as passed to one call.
@@ -173,6 +191,9 @@ struct Operands {
     d: u64,
     alpha: Alpha,
     beta: f32,
+    /// FP8 products: the device addresses of A's scales (one per weight row) and B's (one
+    /// per input row), bound to the descriptor before each call.
+    scales: Option<(u64, u64)>,
     /// Bytes D spans (the scratch a timing run writes instead of D).
     d_bytes: usize,
 }
@@ -311,6 +332,55 @@ impl Gemm {
         self.matmul(lane, x, w, Op::Wt, y, 1.0, beta, 1)
     }
 
+    /// y = diag(x_scales)·(x·wᵀ)·diag(w_scales) + beta·y on FP8 tensor cores: `x` [M, K] and
+    /// `w` [N, K] hold E4M3 codes (u8; row r of x stands for `x_scales[r]` times its codes,
+    /// row n of w for `w_scales[n]` times its codes, as [`crate::fp8::quantise_rows`] and
+    /// [`crate::cuda::fp8::quantise_e4m3`] write them), products accumulate in f32 and y is
+    /// f32 or bf16. Both scale vectors are applied by cuBLASLt (outer-vector scaling, CUDA
+    /// 12.9 and newer, sm_90 and newer); an error names the shape where no algorithm takes
+    /// them. CPU twin: [`crate::cpu::Linear::forward`] on an FP8-quantised layer with
+    /// its activations quantised.
+    #[allow(clippy::too_many_arguments)]
+    pub fn linear_fp8(
+        &self,
+        lane: &Lane,
+        x: Mat,
+        x_scales: View,
+        w: Mat,
+        w_scales: View,
+        y: Mat,
+        beta: f32,
+    ) -> Result<()> {
+        if x.view.dtype != DType::U8 || w.view.dtype != DType::U8 {
+            return Err(Error::Cuda(format!(
+                "internal: FP8 GEMM operands of types {:?} and {:?}, expected u8 codes",
+                x.view.dtype, w.view.dtype
+            )));
+        }
+        let Some((mut key, mut ops)) = self.prepare(x, w, Op::Wt, y, Alpha::Host(1.0), beta, 1)?
+        else {
+            return Ok(());
+        };
+        x_scales.need(DType::F32, x.rows, "FP8 GEMM input scales")?;
+        w_scales.need(DType::F32, w.rows, "FP8 GEMM weight scales")?;
+        key.scale = Scale::OuterVectors;
+        ops.scales = Some((w_scales.ptr, x_scales.ptr));
+        let mut plans = self.plans.borrow_mut();
+        let plan = match plans.entry(key) {
+            std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+            std::collections::hash_map::Entry::Vacant(e) => e.insert(self.plan(&key, lane, &ops)?),
+        };
+        // SAFETY: the plan was made for this key (shapes, strides, FP8 types, alignment,
+        // outer-vector scales), `prepare` checked every matrix against its view and the
+        // scale vectors hold N and M f32 values (checked above).
+        unsafe { self.launch(plan, &plan.algo, &ops, lane) }.map_err(|e| {
+            Error::Cuda(format!(
+                "cublasLtMatmul (FP8) y[{}, {}] = x[{}, {}] . wT (-> {:?}): {e}",
+                key.m, key.n, key.m, key.k, y.view.dtype
+            ))
+        })
+    }
+
     /// y[r, c] += gate[c] · (x·wᵀ)[r, c] as one cuBLASLt call: alpha is the device vector
     /// `gate` (f32 [n_out]), one value per row of the transposed D, i.e. per column of y.
     /// Returns Ok(false), having queued nothing, when cuBLASLt offers no algorithm for this
@@ -419,6 +489,7 @@ impl Gemm {
             d: y.view.ptr,
             alpha,
             beta,
+            scales: None,
             d_bytes: y.span(batch) * y.view.dtype.size(),
         };
         Ok(Some((key, ops)))
@@ -444,6 +515,25 @@ impl Gemm {
             }
             Alpha::Rows(p) => p as *const c_void,
         };
+        if let Some((a_scales, b_scales)) = ops.scales {
+            use lt_sys::cublasLtMatmulDescAttributes_t as D;
+            for (attr, ptr) in [
+                (D::CUBLASLT_MATMUL_DESC_A_SCALE_POINTER, a_scales),
+                (D::CUBLASLT_MATMUL_DESC_B_SCALE_POINTER, b_scales),
+            ] {
+                let p = ptr as usize as *const c_void;
+                // SAFETY: the descriptor is live (owned by `plan`); the attribute is a device
+                // pointer, passed by address with its size. cuBLASLt reads it at each call.
+                unsafe {
+                    lt::set_matmul_desc_attribute(
+                        plan.desc,
+                        attr,
+                        (&p as *const *const c_void).cast(),
+                        std::mem::size_of_val(&p),
+                    )
+                }?;
+            }
+        }
         lane.foreign_work();
         // SAFETY: per this function's contract; the workspace belongs to this lane and is
         // only used by work on its stream; alpha (host mode) and beta are host f32 values
@@ -501,6 +591,17 @@ impl Gemm {
             lt_sys::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_TRANSB,
             0i32
         )?;
+        if key.scale == Scale::OuterVectors {
+            let outer =
+                lt_sys::cublasLtMatmulMatrixScale_t::CUBLASLT_MATMUL_MATRIX_SCALE_OUTER_VEC_32F
+                    as i32;
+            for attr in [
+                lt_sys::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_A_SCALE_MODE,
+                lt_sys::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_B_SCALE_MODE,
+            ] {
+                set_attr!(lt::set_matmul_desc_attribute, plan.desc, attr, outer)?;
+            }
+        }
         if key.scale == Scale::RowVector {
             set_attr!(
                 lt::set_matmul_desc_attribute,

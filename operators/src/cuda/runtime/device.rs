@@ -375,6 +375,19 @@ pub struct Lane {
     /// The last work queued on this lane was one of turbo-pi's kernels (each waits for its
     /// predecessor with `tp_pdl_wait`); copies and cuBLASLt calls clear it.
     after_own_kernel: AtomicBool,
+    /// Where the inputs of W8A8 products are quantised (`--dtype fp8`), set by the stage
+    /// that owns the lane and its buffers.
+    fp8_scratch: std::sync::OnceLock<Fp8Scratch>,
+}
+
+/// A stage's room for one product's input quantised to FP8: codes and one scale per row.
+/// Work on one lane runs in stream order, so one per lane suffices.
+#[derive(Debug, Clone, Copy)]
+pub struct Fp8Scratch {
+    /// u8, at least rows x K of the largest product.
+    pub codes: View,
+    /// f32, at least its rows.
+    pub scales: View,
 }
 
 impl Lane {
@@ -408,7 +421,21 @@ impl Lane {
             pdl: dev.cc.0 >= 9 && settings::flag("TURBOPI_PDL", true)?,
             recording: AtomicBool::new(false),
             after_own_kernel: AtomicBool::new(false),
+            fp8_scratch: std::sync::OnceLock::new(),
         })
+    }
+
+    /// Gives this lane its FP8 input scratch (once; the caller keeps the memory alive as
+    /// long as the lane).
+    pub(crate) fn attach_fp8_scratch(&self, scratch: Fp8Scratch) -> Result<()> {
+        self.fp8_scratch
+            .set(scratch)
+            .map_err(|_| Error::Cuda("internal: a lane's FP8 scratch set twice".into()))
+    }
+
+    /// This lane's FP8 input scratch, if its stage has one.
+    pub(crate) fn fp8_scratch(&self) -> Option<Fp8Scratch> {
+        self.fp8_scratch.get().copied()
     }
 
     /// Marks the start (`true`) or end of a graph recording on this lane. While recording,

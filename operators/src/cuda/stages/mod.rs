@@ -22,7 +22,8 @@ use crate::backend::Precision;
 use crate::config::Config;
 use crate::cuda::attention::{self, Mask, Problem, Scratch, Strided, Workspace};
 use crate::cuda::device::{timing_event, CudaResult, DType, Device, DeviceBuffer, Lane, View};
-use crate::cuda::gemm::{Gemm, Mat};
+use crate::cuda::gemm::{Fp8, Gemm, Mat};
+use crate::cuda::kernels::fp8;
 use crate::cuda::kernels::rope::RowBatch;
 use crate::cuda::kernels::skinny::{self, Epilogue};
 use crate::cuda::runtime::graph::Graph;
@@ -42,6 +43,8 @@ pub struct Engine {
     /// With `skinny`: RoPE and the K/V cache write in its epilogue where kernels do not
     /// start early (`TURBOPI_SKINNY_ROPE`, default on; see [`Engine::linear_rope`]).
     pub skinny_rope: bool,
+    /// The large linear layers' weights are FP8 (`--dtype fp8`, docs/fp8.md).
+    pub fp8: bool,
     pub dev: Device,
 }
 
@@ -49,7 +52,8 @@ impl Engine {
     /// Opens device `TURBOPI_CUDA_DEVICE` (default 0) with the kernels of `precision`.
     pub fn open(precision: Precision) -> Result<Engine> {
         let dev = Device::open(settings::cuda_device()?)?;
-        if precision == Precision::Fp8 {
+        let fp8 = precision == Precision::Fp8;
+        if fp8 && dev.cc < (8, 9) {
             return Err(fp8_refusal(&dev));
         }
         let kernels = Kernels::load(&dev, act_type(precision))?;
@@ -63,12 +67,20 @@ impl Engine {
             skinny,
             skinny_geglu,
             skinny_rope,
+            fp8,
             dev,
         })
     }
 
+    /// What the stages' weights are laid out in: the activation type, and whether the large
+    /// linear layers are FP8.
+    pub fn weight_types(&self) -> (DType, bool) {
+        (self.act(), self.fp8)
+    }
+
     /// y = x·wᵀ + beta·y for a Linear weight `w` [n_out, n_in]: on the few-row kernel
-    /// ([`skinny`]) where it takes the shape and beta is 0 or 1, else on cuBLASLt.
+    /// ([`skinny`]) where it takes the shape and beta is 0 or 1, else on cuBLASLt; FP8
+    /// weights as [`Engine::linear_fp8`] runs them.
     pub fn linear(&self, lane: &Lane, x: Mat, w: Mat, y: Mat, beta: f32) -> Result<()> {
         let epi = if beta == 0.0 {
             Some(Epilogue::Store)
@@ -77,6 +89,11 @@ impl Engine {
         } else {
             None
         };
+        if let Some(f) = w.fp8 {
+            let epi =
+                epi.ok_or_else(|| Error::Cuda(format!("internal: FP8 product with beta {beta}")))?;
+            return self.linear_fp8(lane, x, (w, f), y, epi);
+        }
         if let Some(epi) = epi.filter(|_| self.skinny) {
             if skinny::linear(&self.kernels, lane, x, w, y, epi)? {
                 return Ok(());
@@ -89,6 +106,10 @@ impl Engine {
     /// shape, else cuBLASLt's per-row alpha ([`Gemm::linear_gated`]); Ok(false), nothing
     /// queued, when neither can.
     pub fn linear_gated(&self, lane: &Lane, x: Mat, w: Mat, y: Mat, gate: View) -> Result<bool> {
+        if let Some(f) = w.fp8 {
+            self.linear_fp8(lane, x, (w, f), y, Epilogue::Gated(gate))?;
+            return Ok(true);
+        }
         if self.skinny && skinny::linear(&self.kernels, lane, x, w, y, Epilogue::Gated(gate))? {
             return Ok(true);
         }
@@ -99,7 +120,7 @@ impl Engine {
     /// kernel ([`skinny::geglu`]); Ok(false), nothing queued, where it does not take the
     /// shape or the epilogue is off (the caller then runs the product and `gelu_gate`).
     pub fn linear_geglu(&self, lane: &Lane, x: Mat, w: Mat, out: Mat) -> Result<bool> {
-        if !self.skinny_geglu {
+        if !self.skinny_geglu || w.fp8.is_some() {
             return Ok(false);
         }
         skinny::geglu(&self.kernels, lane, x, w, out)
@@ -114,10 +135,82 @@ impl Engine {
     /// Ok(false), nothing queued, where it does not apply or does not take the shape (the
     /// caller then runs the product and `rope_qkv`).
     pub fn linear_rope(&self, lane: &Lane, x: Mat, w: Mat, out: skinny::RopeOut) -> Result<bool> {
-        if !self.skinny_rope || lane.pdl() {
+        if !self.skinny_rope || lane.pdl() || w.fp8.is_some() {
             return Ok(false);
         }
         skinny::rope(&self.kernels, lane, x, w, out)
+    }
+
+    /// y = x·wᵀ + beta·y for the large products of the vision tower and the prefix (hundreds
+    /// of rows): on cuBLASLt, or as [`Engine::linear_fp8`] runs FP8 weights. (The few-row
+    /// kernel is not tried: a prefix of a few prompt tokens keeps cuBLASLt's numerics.)
+    pub fn product(&self, lane: &Lane, x: Mat, w: Mat, y: Mat, beta: f32) -> Result<()> {
+        match w.fp8 {
+            Some(_) => self.linear(lane, x, w, y, beta),
+            None => self.gemm.linear(lane, x, w, y, beta),
+        }
+    }
+
+    /// A product with FP8 weights `w` (codes, and the scales and kind in `f`):
+    /// - W8A16 (the expert, `f.acts` false): the few-row FP8 kernel on x in bf16, 16 rows
+    ///   per launch (each row's result is the same whatever the batch), with `epi`;
+    /// - W8A8 (`f.acts`): x quantised per row into the lane's FP8 scratch, then cuBLASLt's
+    ///   FP8 GEMM with both scale vectors; `epi` Store or Add.
+    ///
+    /// CPU twin: [`crate::cpu::Linear::forward`] on the layer quantised by
+    /// [`crate::cpu::Linear::quantise_fp8`].
+    pub fn linear_fp8(
+        &self,
+        lane: &Lane,
+        x: Mat,
+        (w, f): (Mat, Fp8),
+        y: Mat,
+        epi: Epilogue,
+    ) -> Result<()> {
+        if !f.acts {
+            let mut r0 = 0;
+            while r0 < x.rows {
+                let n = (x.rows - r0).min(skinny::MAX_ROWS);
+                let xs = Mat {
+                    view: x.view.tail(r0 * x.ld)?,
+                    rows: n,
+                    ..x
+                };
+                let ys = Mat {
+                    view: y.view.tail(r0 * y.ld)?,
+                    rows: n,
+                    ..y
+                };
+                if !skinny::linear_fp8(&self.kernels, lane, xs, w, f.scales, ys, epi)? {
+                    return Err(Error::Cuda(format!(
+                        "fp8: the few-row FP8 kernel does not take x [{}, {}] ({:?}, ld {}) times \
+                         weights [{}, {}] (ld {}) into {:?}: it needs bf16 inputs, K a multiple \
+                         of 32, N a multiple of 8 and 16-byte aligned rows",
+                        x.rows, x.cols, x.view.dtype, x.ld, w.rows, w.cols, w.ld, y.view.dtype
+                    )));
+                }
+                r0 += n;
+            }
+            return Ok(());
+        }
+        let beta = match epi {
+            Epilogue::Store => 0.0,
+            Epilogue::Add => 1.0,
+            Epilogue::Gated(_) => {
+                return Err(Error::Cuda(
+                    "internal: a gated product with FP8 inputs".into(),
+                ))
+            }
+        };
+        let scratch = lane.fp8_scratch().ok_or_else(|| {
+            Error::Cuda("internal: an FP8 product on a lane without FP8 scratch".into())
+        })?;
+        let (rows, k) = (x.rows, x.cols);
+        let codes = scratch.codes.at(0, rows * k)?;
+        let scales = scratch.scales.at(0, rows)?;
+        fp8::quantise_e4m3(&self.kernels, lane, x.view, x.ld, codes, k, scales, rows, k)?;
+        self.gemm
+            .linear_fp8(lane, Mat::new(codes, rows, k), scales, w, f.scales, y, beta)
     }
 
     /// The activation type (f32 or bf16).
@@ -156,22 +249,13 @@ pub fn act_type(precision: Precision) -> DType {
     }
 }
 
-/// Why `--dtype fp8` does not run on `dev`: a card without FP8 tensor cores (before
-/// sm_89) is named with its compute capability; on one with them, the FP8 GEMMs are not
-/// in this backend yet, and the CPU backend's emulation is where fp8 runs today.
+/// Why `--dtype fp8` does not run on `dev`, a card without FP8 tensor cores (before
+/// sm_89), named with its compute capability.
 fn fp8_refusal(dev: &Device) -> crate::Error {
     let (major, minor) = dev.cc;
-    if (major, minor) < (8, 9) {
-        return crate::Error::Input(format!(
-            "dtype fp8 needs FP8 tensor cores (compute capability 8.9 or newer: Ada, Hopper, \
-             Blackwell); {} is sm_{major}{minor}: use dtype bf16",
-            dev.name
-        ));
-    }
     crate::Error::Input(format!(
-        "dtype fp8 does not run on the cuda backend yet ({} sm_{major}{minor}): use dtype \
-         bf16, or the cpu backend's fp8 emulation (--backend cpu --dtype fp8) to see what \
-         fp8 does to the actions",
+        "dtype fp8 needs FP8 tensor cores (compute capability 8.9 or newer: Ada, Hopper, \
+         Blackwell); {} is sm_{major}{minor}: use dtype bf16",
         dev.name
     ))
 }
@@ -572,9 +656,9 @@ pub fn upload_inv_freq(cfg: &Config, lane: &Lane, view: View) -> Result<()> {
     lane.upload_now(&inv_freq, view)
 }
 
-/// A Linear as a GEMM operand.
+/// A Linear as a GEMM operand (with its FP8 scales, if any).
 pub(crate) fn lin(l: &Lin) -> Mat {
-    Mat::new(l.w, l.n_out, l.n_in)
+    l.mat()
 }
 
 /// The attention of a Gemma (prefix or expert): the queries of `rows` (one sequence, or a
@@ -661,6 +745,7 @@ pub fn gemma_attention(
                 cols: hd,
                 ld: kv_width,
                 stride: hd,
+                fp8: None,
             };
             let vm = Mat {
                 view: vc.at(b * rows.kv_stride, cache)?,

@@ -5,7 +5,7 @@
 
 use crate::config::Config;
 use crate::cuda::attention::{score_stride, Mask, Scratch};
-use crate::cuda::device::{DType, DeviceBuffer, Lane, View};
+use crate::cuda::device::{DType, DeviceBuffer, Fp8Scratch, Lane, View};
 use crate::cuda::embed::embed_tokens;
 use crate::cuda::gemm::Mat;
 use crate::cuda::mlp::gelu_gate;
@@ -36,9 +36,11 @@ struct Buffers {
     gu: View,
     m: View,
     inv_freq: View,
+    /// `--dtype fp8`: where each product's input is quantised.
+    fp8: Option<Fp8Scratch>,
 }
 
-fn layout(cfg: &Config, act: DType, ar: &mut Arena) -> Buffers {
+fn layout(cfg: &Config, (act, fp8): (DType, bool), ar: &mut Arena) -> Buffers {
     let f = DType::F32;
     let heads = heads(cfg);
     let (p, w, mlp) = (cfg.max_prefix_len(), cfg.vlm_width, cfg.vlm_mlp_dim);
@@ -56,6 +58,10 @@ fn layout(cfg: &Config, act: DType, ar: &mut Arena) -> Buffers {
         gu: ar.take(act, p * 2 * mlp),
         m: ar.take(act, p * mlp),
         inv_freq: ar.take(f, cfg.head_dim / 2),
+        fp8: fp8.then(|| Fp8Scratch {
+            codes: ar.take(DType::U8, p * w.max(qw).max(mlp)),
+            scales: ar.take(f, p),
+        }),
     }
 }
 
@@ -85,9 +91,13 @@ pub struct Prefix {
 impl Prefix {
     pub fn new(e: &Engine, cfg: &Config) -> Result<Prefix> {
         let lane = e.lane(1)?;
-        let weights = DeviceWeights::allocate(&e.dev, e.act(), |p: &mut Planner| p.prefix(cfg))?;
-        let act = e.act();
-        let (buf, alloc) = allocate(&e.dev, &lane, |ar| layout(cfg, act, ar))?;
+        let weights =
+            DeviceWeights::allocate(&e.dev, e.weight_types(), |p: &mut Planner| p.prefix(cfg))?;
+        let types = e.weight_types();
+        let (buf, alloc) = allocate(&e.dev, &lane, |ar| layout(cfg, types, ar))?;
+        if let Some(s) = buf.fp8 {
+            lane.attach_fp8_scratch(s)?;
+        }
         upload_inv_freq(cfg, &lane, buf.inv_freq)?;
         Ok(Prefix {
             graphs: GraphCache::new("prefix"),
@@ -212,7 +222,7 @@ fn forward(
     n_tok: usize,
     cache: CacheSlot,
 ) -> Result<()> {
-    let (k, g) = (&e.kernels, &e.gemm);
+    let k = &e.kernels;
     let eps = cfg.rms_norm_eps;
     let (w, mlp) = (cfg.vlm_width, cfg.vlm_mlp_dim);
     let p = img_rows + n_tok;
@@ -254,7 +264,7 @@ fn forward(
     for (li, lw) in layers.iter().enumerate() {
         rms_norm(k, l, b.x, plain(&lw.norm1)?, b.h, p, w, eps)?;
         mark("rms_norm")?;
-        g.linear(
+        e.product(
             l,
             Mat::new(b.h, p, w),
             lin(&lw.qkv),
@@ -292,7 +302,7 @@ fn forward(
                 (b.att_g, b.att),
             )?;
             mark("attention")?;
-            g.linear(
+            e.product(
                 l,
                 Mat::new(b.att, p, qw),
                 lin(&lw.o),
@@ -302,7 +312,7 @@ fn forward(
             mark("gemm o + residual")?;
             rms_norm(k, l, b.x, plain(&lw.norm2)?, b.h, p, w, eps)?;
             mark("rms_norm")?;
-            g.linear(
+            e.product(
                 l,
                 Mat::new(b.h, p, w),
                 lin(&lw.gu),
@@ -312,7 +322,7 @@ fn forward(
             mark("gemm gate|up")?;
             gelu_gate(k, l, b.gu, b.m, p, mlp)?;
             mark("gelu_gate")?;
-            g.linear(
+            e.product(
                 l,
                 Mat::new(b.m, p, mlp),
                 lin(&lw.down),

@@ -8,7 +8,7 @@ use crate::cuda::attention::{
     self, attention, fused_attention, fused_fits, score_stride, Mask, Problem, Scratch, Strided,
     Workspace,
 };
-use crate::cuda::device::{DType, DeviceBuffer, Lane, View};
+use crate::cuda::device::{DType, DeviceBuffer, Fp8Scratch, Lane, View};
 use crate::cuda::gemm::Mat;
 use crate::cuda::layer_norm::layer_norm;
 use crate::cuda::patch::{im2col, patch_embed_finish, unit_pixels};
@@ -89,9 +89,11 @@ struct Buffers {
     att: View,
     m: View,
     fa: Workspace,
+    /// `--dtype fp8`: where each product's input is quantised.
+    fp8: Option<Fp8Scratch>,
 }
 
-fn layout(s: &Shape, act: DType, ar: &mut Arena) -> Buffers {
+fn layout(s: &Shape, (act, fp8): (DType, bool), ar: &mut Arena) -> Buffers {
     let f = DType::F32;
     let rows = s.cameras * s.tokens_per_image;
     // Only the bf16 kernels have the fused attention.
@@ -118,6 +120,10 @@ fn layout(s: &Shape, act: DType, ar: &mut Arena) -> Buffers {
         att: ar.take(act, rows * s.width),
         m: ar.take(act, rows * s.mlp),
         fa,
+        fp8: fp8.then(|| Fp8Scratch {
+            codes: ar.take(DType::U8, rows * s.width.max(s.mlp)),
+            scales: ar.take(f, rows),
+        }),
     }
 }
 
@@ -150,9 +156,13 @@ impl Vision {
             ..Shape::of(cfg)
         };
         let lane = e.lane(2)?;
-        let weights = DeviceWeights::allocate(&e.dev, e.act(), |p: &mut Planner| p.vision(cfg))?;
-        let act = e.act();
-        let (buf, alloc) = allocate(&e.dev, &lane, |ar| layout(&shape, act, ar))?;
+        let weights =
+            DeviceWeights::allocate(&e.dev, e.weight_types(), |p: &mut Planner| p.vision(cfg))?;
+        let types = e.weight_types();
+        let (buf, alloc) = allocate(&e.dev, &lane, |ar| layout(&shape, types, ar))?;
+        if let Some(s) = buf.fp8 {
+            lane.attach_fp8_scratch(s)?;
+        }
         Ok(Vision {
             graphs: GraphCache::new("vision"),
             buf,
@@ -298,7 +308,7 @@ fn forward(
     for lw in &w.layers {
         layer_norm(k, l, b.x, pending, lw.ln1_w, lw.ln1_b, b.h, rows, vw, eps)?;
         mark("layer_norm")?;
-        g.linear(
+        e.product(
             l,
             Mat::new(b.h, rows, vw),
             lin(&lw.qkv),
@@ -339,6 +349,7 @@ fn forward(
                 cols: s.head_dim,
                 ld: qkvw,
                 stride: s.head_dim,
+                fp8: None,
             };
             let kk = Mat {
                 view: base.tail(vw)?,
@@ -354,6 +365,7 @@ fn forward(
                 cols: s.head_dim,
                 ld: vw,
                 stride: s.head_dim,
+                fp8: None,
             };
             attention(
                 k,
@@ -370,7 +382,7 @@ fn forward(
             )?;
         }
         mark("attention")?;
-        g.linear(
+        e.product(
             l,
             Mat::new(b.att, rows, vw),
             lin(&lw.out),
@@ -380,7 +392,7 @@ fn forward(
         mark("gemm out + residual")?;
         layer_norm(k, l, b.x, lw.out.b, lw.ln2_w, lw.ln2_b, b.h, rows, vw, eps)?;
         mark("layer_norm")?;
-        g.linear(
+        e.product(
             l,
             Mat::new(b.h, rows, vw),
             lin(&lw.fc1),
@@ -405,7 +417,7 @@ fn forward(
             s.mlp,
         )?;
         mark("bias + gelu")?;
-        g.linear(
+        e.product(
             l,
             Mat::new(b.m, rows, s.mlp),
             lin(&lw.fc2),
@@ -416,7 +428,7 @@ fn forward(
         pending = lw.fc2.b;
     }
     layer_norm(k, l, b.x, pending, w.post_w, w.post_b, b.h, rows, vw, eps)?;
-    g.linear(
+    e.product(
         l,
         Mat::new(b.h, rows, vw),
         lin(&w.proj),

@@ -215,7 +215,8 @@ impl Denoise {
     pub fn new(e: &Engine, cfg: &Config) -> Result<Denoise> {
         let shape = Shape::of(cfg);
         let lane = e.lane(0)?;
-        let weights = DeviceWeights::allocate(&e.dev, e.act(), |p: &mut Planner| p.denoise(cfg))?;
+        let weights =
+            DeviceWeights::allocate(&e.dev, e.weight_types(), |p: &mut Planner| p.denoise(cfg))?;
         let act = e.act();
         let (buf, alloc) = allocate(&e.dev, &lane, |ar| layout(cfg, &shape, act, ar))?;
         upload_inv_freq(cfg, &lane, buf.inv_freq)?;

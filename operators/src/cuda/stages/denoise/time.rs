@@ -66,6 +66,7 @@ impl TimeTable {
                     cols: ew,
                     ld: 2 * ew,
                     stride: 0,
+                    fp8: None,
                 };
                 g.matmul(
                     l,
