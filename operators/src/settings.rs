@@ -54,7 +54,7 @@ pub struct Setting {
 pub const BOOL_WORDS: &str = "1, 0, true, false, on, off, yes or no";
 
 /// How many settings [`SETTINGS`] holds.
-const COUNT: usize = 18;
+const COUNT: usize = 19;
 
 /// Every process-wide `TURBOPI_*` variable (docs/settings.md lists them with the nodes'
 /// variables; a test keeps both in step with the sources).
@@ -100,6 +100,13 @@ pub static SETTINGS: [Setting; COUNT] = [
         default: "on",
         read_by: ReadBy::CudaBackend,
         meaning: "on the few-row kernel, GeGLU in the gate|up product's epilogue: one launch instead of the product and gelu_gate (off: two launches, for A/B runs)",
+    },
+    Setting {
+        name: "TURBOPI_LT_EPILOGUES",
+        kind: Kind::Flag,
+        default: "on",
+        read_by: ReadBy::CudaBackend,
+        meaning: "bf16: the vision tower's q|k|v bias and fc1's bias and tanh-GELU in cuBLASLt's GEMM epilogue, one launch each instead of the product and bias_act, where cuBLASLt offers an algorithm (off: two launches, for A/B runs)",
     },
     Setting {
         name: "TURBOPI_SKINNY_ROPE",

@@ -2828,3 +2828,91 @@ fn lt_fp8_bound(sum_abs: f64, base: f64, want: f64, ydt: DType) -> f64 {
         _ => f32_err,
     }
 }
+
+#[test]
+fn lt_bias_epilogues_match_the_cpu_linear() {
+    // The vision tower's q|k|v (+ bias) and fc1 (+ bias, tanh-GELU) as one cuBLASLt call
+    // each (`Gemm::linear_bias`), bf16 out, against the CPU's Linear with its bias and
+    // gelu_tanh on the same (bf16-rounded) operands, and against the two-launch path it
+    // replaces (the product in f32, then bias_act) within bf16's rounding. A stored y starts
+    // all NaN; the call is asked twice (the second from the plan cache).
+    let g = gpu(DType::Bf16);
+    let cases: [(usize, usize, usize, bool); 5] = [
+        (512, 3456, 1152, false),
+        (512, 4304, 1152, true),
+        (768, 4304, 1152, true),
+        (37, 200, 64, true),
+        (5, 24, 40, false),
+    ];
+    for (i, &(m, n, k, gelu)) in cases.iter().enumerate() {
+        let name = format!("cuBLASLt bias epilogue [{m}, {n}, {k}] gelu {gelu}");
+        let seed = 3100 + 10 * i as u64;
+        let s = 1.0 / (k as f32).sqrt();
+        let (xb, x) = up(&g, DType::Bf16, &rand_vec(m * k, seed, -2.0, 2.0));
+        let (wb, w) = up(&g, DType::Bf16, &rand_vec(n * k, seed + 1, -s, s));
+        let (bb, bias) = up(&g, DType::F32, &rand_vec(n, seed + 2, -1.0, 1.0));
+        let lin = Linear {
+            weight: w,
+            bias: Some(bias),
+            n_in: k,
+            n_out: n,
+            fp8: None,
+        };
+        let mut want = lin.forward(&x, m);
+        if gelu {
+            want.iter_mut().for_each(|v| *v = cpu::gelu_tanh(*v));
+        }
+        let epi = if gelu {
+            operators::cuda::gemm::LtEpilogue::GeluBias
+        } else {
+            operators::cuda::gemm::LtEpilogue::Bias
+        };
+        let (xm, wm) = (Mat::new(xb.view(), m, k), Mat::new(wb.view(), n, k));
+        for round in 0..2 {
+            let yb = nan(&g, DType::Bf16, m * n);
+            let ran = g
+                .gemm
+                .linear_bias(&g.lane, xm, wm, Mat::new(yb.view(), m, n), bb.view(), epi)
+                .unwrap();
+            assert!(ran, "{name}: cuBLASLt offered no algorithm (round {round})");
+            let got = g.download(yb.view()).unwrap();
+            check(
+                &format!("{name} round {round}"),
+                &got,
+                &want,
+                tol(DType::Bf16),
+            );
+        }
+        // The path it replaces, on the same operands.
+        let pre = nan(&g, DType::F32, m * n);
+        g.gemm
+            .linear(&g.lane, xm, wm, Mat::new(pre.view(), m, n), 0.0)
+            .unwrap();
+        let old = nan(&g, DType::Bf16, m * n);
+        let act = if gelu { Act::GeluTanh } else { Act::None };
+        let out = Out {
+            f32: None,
+            act: Some(old.view()),
+            ld: n,
+        };
+        bias_act(
+            &g.kernels,
+            &g.lane,
+            pre.view(),
+            n,
+            Some(bb.view()),
+            act,
+            out,
+            m,
+            n,
+        )
+        .unwrap();
+        let old = g.download(old.view()).unwrap();
+        check(
+            &format!("{name} against bias_act"),
+            &old,
+            &want,
+            tol(DType::Bf16),
+        );
+    }
+}

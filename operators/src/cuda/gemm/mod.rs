@@ -180,6 +180,17 @@ struct PlanKey {
     strides: (usize, usize, usize),
     align: (u32, u32, u32),
     scale: Scale,
+    epilogue: LtEpilogue,
+}
+
+/// What cuBLASLt applies to each output before it is stored: nothing, the bias of its
+/// output channel (an f32 vector, one value per row of D: per column of the row-major y),
+/// or that bias then tanh-GELU.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum LtEpilogue {
+    None,
+    Bias,
+    GeluBias,
 }
 
 /// The device addresses of one call: A = b, B = x, C = the y read (beta), D = the y written.
@@ -194,6 +205,8 @@ struct Operands {
     /// FP8 products: the device addresses of A's scales (one per weight row) and B's (one
     /// per input row), bound to the descriptor before each call.
     scales: Option<(u64, u64)>,
+    /// With a bias epilogue: the device address of the f32 bias, bound before each call.
+    bias: Option<u64>,
     /// Bytes D spans (the scratch a timing run writes instead of D).
     d_bytes: usize,
 }
@@ -284,8 +297,8 @@ impl Gemm {
         self.plans.borrow().len()
     }
 
-    /// Gated (row-scaled) shapes that cuBLASLt could not run, so their callers fell back to
-    /// a GEMM and a gated add.
+    /// Gated (row-scaled) or bias-epilogue shapes that cuBLASLt could not run, so their
+    /// callers fell back to a GEMM and a separate kernel.
     pub fn gated_fallbacks(&self) -> usize {
         self.unsupported.borrow().len()
     }
@@ -381,16 +394,34 @@ impl Gemm {
         })
     }
 
-    /// y[r, c] += gate[c] · (x·wᵀ)[r, c] as one cuBLASLt call: alpha is the device vector
-    /// `gate` (f32 [n_out]), one value per row of the transposed D, i.e. per column of y.
-    /// Returns Ok(false), having queued nothing, when cuBLASLt offers no algorithm for this
-    /// pointer mode and shape; the caller then computes the product and adds it gated
-    /// itself. CPU twin: [`crate::cpu::add_residual`] with a gate after a Linear.
-    pub fn linear_gated(&self, lane: &Lane, x: Mat, w: Mat, y: Mat, gate: View) -> Result<bool> {
-        gate.need(DType::F32, w.rows, "gated GEMM gate")?;
-        let Some((key, ops)) = self.prepare(x, w, Op::Wt, y, Alpha::Rows(gate.ptr), 1.0, 1)? else {
+    /// y = x·wᵀ + bias (then tanh-GELU with `epi` GeluBias) as one cuBLASLt call, the bias
+    /// (f32 [n_out]) and the activation applied to the f32 sums before y (f32 or bf16) is
+    /// stored. Returns Ok(false), having queued nothing, where cuBLASLt offers no algorithm
+    /// for it; the caller then stores the product and runs
+    /// [`crate::cuda::activation::bias_act`]. CPU twin: [`crate::cpu::Linear::forward`]
+    /// (then [`crate::cpu::gelu_tanh`]).
+    pub fn linear_bias(
+        &self,
+        lane: &Lane,
+        x: Mat,
+        w: Mat,
+        y: Mat,
+        bias: View,
+        epi: LtEpilogue,
+    ) -> Result<bool> {
+        bias.need(DType::F32, w.rows, "GEMM bias")?;
+        let Some((mut key, mut ops)) = self.prepare(x, w, Op::Wt, y, Alpha::Host(1.0), 0.0, 1)?
+        else {
             return Ok(true);
         };
+        key.epilogue = epi;
+        ops.bias = (epi != LtEpilogue::None).then_some(bias.ptr);
+        self.run_or_refuse(key, ops, lane)
+    }
+
+    /// Runs the plan of `key` on `ops`, or Ok(false) with nothing queued where cuBLASLt
+    /// has no plan for it or refuses the call (remembered: later calls fall back at once).
+    fn run_or_refuse(&self, key: PlanKey, ops: Operands, lane: &Lane) -> Result<bool> {
         if self.unsupported.borrow().contains(&key) {
             return Ok(false);
         }
@@ -408,18 +439,32 @@ impl Gemm {
         }
         let plan = plans
             .get(&key)
-            .ok_or_else(|| Error::Cuda("internal: gated GEMM plan missing".into()))?;
-        // SAFETY: as in `matmul`; `gate` holds n_out f32 values (checked above).
+            .ok_or_else(|| Error::Cuda("internal: GEMM plan missing".into()))?;
+        // SAFETY: the plan was made for this key; `prepare` checked every matrix against its
+        // view, and the caller checked the vectors `ops` points at (gate, bias).
         match unsafe { self.launch(plan, &plan.algo, &ops, lane) } {
             Ok(()) => Ok(true),
             // Rejected before anything was queued (cuBLASLt checks its arguments on the
-            // host): remember it and let the caller take the two-launch path.
+            // host): remember it and let the caller take the longer path.
             Err(_) => {
                 plans.remove(&key);
                 self.unsupported.borrow_mut().insert(key);
                 Ok(false)
             }
         }
+    }
+
+    /// y[r, c] += gate[c] · (x·wᵀ)[r, c] as one cuBLASLt call: alpha is the device vector
+    /// `gate` (f32 [n_out]), one value per row of the transposed D, i.e. per column of y.
+    /// Returns Ok(false), having queued nothing, when cuBLASLt offers no algorithm for this
+    /// pointer mode and shape; the caller then computes the product and adds it gated
+    /// itself. CPU twin: [`crate::cpu::add_residual`] with a gate after a Linear.
+    pub fn linear_gated(&self, lane: &Lane, x: Mat, w: Mat, y: Mat, gate: View) -> Result<bool> {
+        gate.need(DType::F32, w.rows, "gated GEMM gate")?;
+        let Some((key, ops)) = self.prepare(x, w, Op::Wt, y, Alpha::Rows(gate.ptr), 1.0, 1)? else {
+            return Ok(true);
+        };
+        self.run_or_refuse(key, ops, lane)
     }
 
     /// Checks the operands of y = alpha·x·op(b) + beta·y and returns the plan key and the
@@ -481,6 +526,7 @@ impl Gemm {
                 alignment(y.view.ptr, y.stride as u64 * es(y.view), batch),
             ),
             scale: alpha.scale(),
+            epilogue: LtEpilogue::None,
         };
         let ops = Operands {
             a: b.view.ptr,
@@ -490,6 +536,7 @@ impl Gemm {
             alpha,
             beta,
             scales: None,
+            bias: None,
             d_bytes: y.span(batch) * y.view.dtype.size(),
         };
         Ok(Some((key, ops)))
@@ -515,6 +562,19 @@ impl Gemm {
             }
             Alpha::Rows(p) => p as *const c_void,
         };
+        if let Some(bias) = ops.bias {
+            let p = bias as usize as *const c_void;
+            // SAFETY: the descriptor is live (owned by `plan`); the attribute is a device
+            // pointer, passed by address with its size. cuBLASLt reads it at each call.
+            unsafe {
+                lt::set_matmul_desc_attribute(
+                    plan.desc,
+                    lt_sys::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_BIAS_POINTER,
+                    (&p as *const *const c_void).cast(),
+                    std::mem::size_of_val(&p),
+                )
+            }?;
+        }
         if let Some((a_scales, b_scales)) = ops.scales {
             use lt_sys::cublasLtMatmulDescAttributes_t as D;
             for (attr, ptr) in [
@@ -591,6 +651,25 @@ impl Gemm {
             lt_sys::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_TRANSB,
             0i32
         )?;
+        if key.epilogue != LtEpilogue::None {
+            use lt_sys::cublasLtEpilogue_t as E;
+            let epi = match key.epilogue {
+                LtEpilogue::GeluBias => E::CUBLASLT_EPILOGUE_GELU_BIAS,
+                _ => E::CUBLASLT_EPILOGUE_BIAS,
+            };
+            set_attr!(
+                lt::set_matmul_desc_attribute,
+                plan.desc,
+                lt_sys::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_EPILOGUE,
+                epi as u32
+            )?;
+            set_attr!(
+                lt::set_matmul_desc_attribute,
+                plan.desc,
+                lt_sys::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_BIAS_DATA_TYPE,
+                lt_sys::cudaDataType::CUDA_R_32F as i32
+            )?;
+        }
         if key.scale == Scale::OuterVectors {
             let outer =
                 lt_sys::cublasLtMatmulMatrixScale_t::CUBLASLT_MATMUL_MATRIX_SCALE_OUTER_VEC_32F

@@ -22,7 +22,7 @@ use crate::backend::Precision;
 use crate::config::Config;
 use crate::cuda::attention::{self, Mask, Problem, Scratch, Strided, Workspace};
 use crate::cuda::device::{timing_event, CudaResult, DType, Device, DeviceBuffer, Lane, View};
-use crate::cuda::gemm::{Fp8, Gemm, Mat};
+use crate::cuda::gemm::{Fp8, Gemm, LtEpilogue, Mat};
 use crate::cuda::kernels::fp8;
 use crate::cuda::kernels::rope::RowBatch;
 use crate::cuda::kernels::skinny::{self, Epilogue};
@@ -45,6 +45,9 @@ pub struct Engine {
     pub skinny_rope: bool,
     /// The large linear layers' weights are FP8 (`--dtype fp8`, docs/fp8.md).
     pub fp8: bool,
+    /// bf16: the vision tower's biases (and fc1's GELU) in cuBLASLt's epilogue where it
+    /// offers one (`TURBOPI_LT_EPILOGUES`, default on; see [`Engine::linear_bias`]).
+    pub lt_epilogues: bool,
     pub dev: Device,
 }
 
@@ -61,6 +64,7 @@ impl Engine {
         let skinny = settings::flag("TURBOPI_SKINNY_GEMM", true)?;
         let skinny_geglu = skinny && settings::flag("TURBOPI_SKINNY_GEGLU", true)?;
         let skinny_rope = skinny && settings::flag("TURBOPI_SKINNY_ROPE", true)?;
+        let lt_epilogues = settings::flag("TURBOPI_LT_EPILOGUES", true)?;
         Ok(Engine {
             kernels,
             gemm,
@@ -68,6 +72,7 @@ impl Engine {
             skinny_geglu,
             skinny_rope,
             fp8,
+            lt_epilogues,
             dev,
         })
     }
@@ -149,6 +154,29 @@ impl Engine {
             Some(_) => self.linear(lane, x, w, y, beta),
             None => self.gemm.linear(lane, x, w, y, beta),
         }
+    }
+
+    /// y (act) = x·wᵀ + bias, then tanh-GELU with `gelu`, in one cuBLASLt call where the
+    /// epilogues are on, the activations bf16, the weights not FP8 and cuBLASLt offers an
+    /// algorithm ([`Gemm::linear_bias`]); Ok(false), nothing queued, otherwise (the caller
+    /// then stores the product in f32 and runs `bias_act`).
+    pub fn linear_bias(
+        &self,
+        lane: &Lane,
+        x: Mat,
+        w: Mat,
+        y: Mat,
+        (bias, gelu): (View, bool),
+    ) -> Result<bool> {
+        if !self.lt_epilogues || self.act() != DType::Bf16 || w.fp8.is_some() {
+            return Ok(false);
+        }
+        let epi = if gelu {
+            LtEpilogue::GeluBias
+        } else {
+            LtEpilogue::Bias
+        };
+        self.gemm.linear_bias(lane, x, w, y, bias, epi)
     }
 
     /// A product with FP8 weights `w` (codes, and the scales and kind in `f`):

@@ -308,21 +308,21 @@ fn forward(
     for lw in &w.layers {
         layer_norm(k, l, b.x, pending, lw.ln1_w, lw.ln1_b, b.h, rows, vw, eps)?;
         mark("layer_norm")?;
-        e.product(
-            l,
-            Mat::new(b.h, rows, vw),
-            lin(&lw.qkv),
-            Mat::new(b.pre, rows, qkvw),
-            0.0,
-        )?;
-        mark("gemm qkv")?;
-        let to_qkv = Out {
-            f32: None,
-            act: Some(b.qkv),
-            ld: qkvw,
-        };
-        bias_act(k, l, b.pre, qkvw, lw.qkv.b, Act::None, to_qkv, rows, qkvw)?;
-        mark("bias qkv")?;
+        let h = Mat::new(b.h, rows, vw);
+        let qkv_out = Mat::new(b.qkv, rows, qkvw);
+        if e.linear_bias(l, h, lin(&lw.qkv), qkv_out, (lw.qkv.bias()?, false))? {
+            mark("gemm qkv + bias")?;
+        } else {
+            e.product(l, h, lin(&lw.qkv), Mat::new(b.pre, rows, qkvw), 0.0)?;
+            mark("gemm qkv")?;
+            let to_qkv = Out {
+                f32: None,
+                act: Some(b.qkv),
+                ld: qkvw,
+            };
+            bias_act(k, l, b.pre, qkvw, lw.qkv.b, Act::None, to_qkv, rows, qkvw)?;
+            mark("bias qkv")?;
+        }
         // Every camera and head at once on the tensor cores, else per camera as GEMMs.
         let prob = s.problem(n);
         let at = |view: View, ld: usize| Strided {
@@ -392,31 +392,30 @@ fn forward(
         mark("gemm out + residual")?;
         layer_norm(k, l, b.x, lw.out.b, lw.ln2_w, lw.ln2_b, b.h, rows, vw, eps)?;
         mark("layer_norm")?;
-        e.product(
-            l,
-            Mat::new(b.h, rows, vw),
-            lin(&lw.fc1),
-            Mat::new(b.pre, rows, s.mlp),
-            0.0,
-        )?;
-        mark("gemm fc1")?;
-        let to_m = Out {
-            f32: None,
-            act: Some(b.m),
-            ld: s.mlp,
-        };
-        bias_act(
-            k,
-            l,
-            b.pre,
-            s.mlp,
-            lw.fc1.b,
-            Act::GeluTanh,
-            to_m,
-            rows,
-            s.mlp,
-        )?;
-        mark("bias + gelu")?;
+        let m_out = Mat::new(b.m, rows, s.mlp);
+        if e.linear_bias(l, h, lin(&lw.fc1), m_out, (lw.fc1.bias()?, true))? {
+            mark("gemm fc1 + bias + gelu")?;
+        } else {
+            e.product(l, h, lin(&lw.fc1), Mat::new(b.pre, rows, s.mlp), 0.0)?;
+            mark("gemm fc1")?;
+            let to_m = Out {
+                f32: None,
+                act: Some(b.m),
+                ld: s.mlp,
+            };
+            bias_act(
+                k,
+                l,
+                b.pre,
+                s.mlp,
+                lw.fc1.b,
+                Act::GeluTanh,
+                to_m,
+                rows,
+                s.mlp,
+            )?;
+            mark("bias + gelu")?;
+        }
         e.product(
             l,
             Mat::new(b.m, rows, s.mlp),

@@ -745,7 +745,7 @@ impl Denoise {
         );
         let _ = writeln!(
             out,
-            "  gemm plans {}, of which autotuned {}; gated residual shapes on the two-launch fallback: {}",
+            "  gemm plans {}, of which autotuned {}; shapes cuBLASLt refused (gated residual or bias epilogue, run as two launches): {}",
             e.gemm.plan_count(),
             e.gemm.tuned_count(),
             e.gemm.gated_fallbacks()
