@@ -1,0 +1,88 @@
+#!/usr/bin/env bash
+# One round of GPU measurements, for a machine without a Rust toolchain or internet, in parts
+# that each fit one device call (at most 10 minutes). Run from the repository root after
+# tools/gpu_build.sh [--wheels] [--pack] on the build machine (and, if packed,
+# `tar xJf .gpu/pack.tar.xz -C .gpu`).
+#
+#   tools/gpu_round.sh tests      cuda_ops and cuda_policy (tools/gpu_tests.sh), then the
+#                                 kernel set compiled for sm_87, sm_90, sm_100 and sm_110
+#   tools/gpu_round.sh bench      turbopi bench, libero and pi0: bf16, bf16 with
+#                                 TURBOPI_LT_EPILOGUES=0, fp8; two interleaved rounds; then
+#                                 TURBOPI_PROFILE=1 for libero in bf16 and fp8
+#   tools/gpu_round.sh accuracy   turbopi accuracy --backend cuda --dtype fp8 --against bf16:
+#                                 full-size libero and pi0 (20 observations each), and every
+#                                 golden model
+#   tools/gpu_round.sh serve      tools/gpu_serve.sh 300 2 0 3000
+#
+# Everything printed is also written to $GPU_ROUND_OUT (default .gpu/round-out)/<part>.txt.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+part=${1:-}
+out=${GPU_ROUND_OUT:-.gpu/round-out}
+mkdir -p "$out"
+tp=.gpu/bin/turbopi
+[ -x "$tp" ] || { echo "gpu_round: $tp missing (run tools/gpu_build.sh on the build machine)" >&2; exit 2; }
+export TURBOPI_GOLDEN=${TURBOPI_GOLDEN:-$PWD/tests/golden}
+
+tests() {
+    tools/gpu_tests.sh .gpu/bin
+    "$tp" kernels compile --arch sm_87,sm_90,sm_100,sm_110
+}
+
+bench_one() {
+    local setting=$1 label=$2
+    shift 2
+    echo "== $setting, $label"
+    env "$@" "$tp" bench --setting "$setting" --backend cuda --steps 10 --iters 200 \
+        $( [ "$label" = fp8 ] && echo --dtype fp8 ) 2>&1
+}
+
+bench() {
+    for round in 1 2; do
+        for setting in libero pi0; do
+            bench_one "$setting" bf16 TURBOPI_LT_EPILOGUES=1
+            bench_one "$setting" "bf16, TURBOPI_LT_EPILOGUES=0" TURBOPI_LT_EPILOGUES=0
+            bench_one "$setting" fp8 TURBOPI_LT_EPILOGUES=1
+        done
+    done
+    for dtype in bf16 fp8; do
+        echo "== profile, libero, $dtype"
+        TURBOPI_PROFILE=1 "$tp" bench --setting libero --backend cuda --steps 10 --iters 50 \
+            --dtype "$dtype" 2>&1
+    done
+}
+
+accuracy() {
+    for setting in libero pi0; do
+        echo "== accuracy, full-size random weights, $setting"
+        "$tp" accuracy --setting "$setting" --backend cuda --dtype fp8 --against bf16 \
+            --observations 20 2>&1
+    done
+    for case in "$TURBOPI_GOLDEN"/*/; do
+        [ -d "$case/checkpoint" ] || continue
+        name=$(basename "$case")
+        setting=libero
+        [ "$name" = pi0_small ] && setting=pi0
+        echo "== accuracy, golden $name (--setting $setting)"
+        "$tp" accuracy --checkpoint "$case/checkpoint" --setting "$setting" --backend cuda \
+            --dtype fp8 --against bf16 --observations 20 2>&1
+    done
+}
+
+serve() {
+    tools/gpu_serve.sh 300 2 0 3000
+}
+
+case "$part" in
+    tests | bench | accuracy | serve)
+        if command -v nvidia-smi >/dev/null; then
+            nvidia-smi --query-gpu=name,driver_version,clocks.max.sm --format=csv,noheader
+        fi
+        "$part" 2>&1 | tee "$out/$part.txt"
+        exit "${PIPESTATUS[0]}"
+        ;;
+    *)
+        echo "usage: tools/gpu_round.sh tests|bench|accuracy|serve" >&2
+        exit 2
+        ;;
+esac
