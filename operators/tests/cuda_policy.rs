@@ -194,16 +194,7 @@ fn fp8_matches_the_cpu_emulation_on_golden_models() {
         let flipped: Vec<f32> = noise.iter().map(|v| -v).collect();
         let (alone, _) = policy.infer(&obs, &flipped, 10).unwrap();
         let (first, _) = policy.infer(&obs, &noise, 10).unwrap();
-        let rows = [
-            BatchRow {
-                obs: &obs,
-                noise: &noise,
-            },
-            BatchRow {
-                obs: &obs,
-                noise: &flipped,
-            },
-        ];
+        let rows = two_noises(&obs, &noise, &flipped);
         let out = policy.infer_batch(&rows, 10).unwrap();
         for (r, (b, single)) in out.actions.iter().zip([&first, &alone]).enumerate() {
             let b = b.as_ref().unwrap_or_else(|e| panic!("batch row {r}: {e}"));
@@ -681,6 +672,11 @@ fn bench_settings_run_on_random_device_weights() {
     }
 }
 
+/// A batch of one observation with two noises.
+fn two_noises<'a>(obs: &'a Observation, a: &'a [f32], b: &'a [f32]) -> [BatchRow<'a>; 2] {
+    [BatchRow { obs, noise: a }, BatchRow { obs, noise: b }]
+}
+
 /// Full-size model with random bf16 weights: CPU f32 against CUDA f32 and bf16.
 fn full_size(cfg: Config, seed: u64) {
     // Fail before spending minutes on the checkpoint when there is no GPU.
@@ -732,16 +728,7 @@ fn full_size(cfg: Config, seed: u64) {
         // tolerance of the row run alone.
         let flipped: Vec<f32> = noise.iter().map(|v| -v).collect();
         let alone = policy.infer(&obs, &flipped, steps).unwrap().0;
-        let rows = [
-            BatchRow {
-                obs: &obs,
-                noise: &noise,
-            },
-            BatchRow {
-                obs: &obs,
-                noise: &flipped,
-            },
-        ];
+        let rows = two_noises(&obs, &noise, &flipped);
         let out = policy.infer_batch(&rows, steps).unwrap();
         for (r, (b, single)) in out.actions.iter().zip([&got, &alone]).enumerate() {
             let b = b.as_ref().unwrap_or_else(|e| panic!("batch row {r}: {e}"));

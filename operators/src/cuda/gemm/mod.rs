@@ -325,19 +325,33 @@ impl Gemm {
         let Some((key, ops)) = self.prepare(x, b, op, y, Alpha::Host(alpha), beta, batch)? else {
             return Ok(());
         };
+        self.run(key, ops, lane, &|| {
+            format!(
+                "cublasLtMatmul y[{}, {}] = x[{}, {}] . {op:?} ({:?} -> {:?}, batch {batch})",
+                key.m, key.n, key.m, key.k, x.view.dtype, y.view.dtype
+            )
+        })
+    }
+
+    /// Queues the plan of `key` (made now, at the shape's first call) on `ops`; a refusal by
+    /// cuBLASLt is an error that names the product (`what`).
+    fn run(
+        &self,
+        key: PlanKey,
+        ops: Operands,
+        lane: &Lane,
+        what: &dyn Fn() -> String,
+    ) -> Result<()> {
         let mut plans = self.plans.borrow_mut();
         let plan = match plans.entry(key) {
             std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
             std::collections::hash_map::Entry::Vacant(e) => e.insert(self.plan(&key, lane, &ops)?),
         };
         // SAFETY: the plan was made for this key (shapes, strides, types, alignment, scale
-        // mode) and `prepare` checked every matrix against its view.
-        unsafe { self.launch(plan, &plan.algo, &ops, lane) }.map_err(|e| {
-            Error::Cuda(format!(
-                "cublasLtMatmul y[{}, {}] = x[{}, {}] . {op:?} ({:?} -> {:?}, batch {batch}): {e}",
-                key.m, key.n, key.m, key.k, x.view.dtype, y.view.dtype
-            ))
-        })
+        // mode, epilogue); `prepare` checked every matrix against its view, and the callers
+        // checked the vectors `ops` points at (scales, gate, bias).
+        unsafe { self.launch(plan, &plan.algo, &ops, lane) }
+            .map_err(|e| Error::Cuda(format!("{}: {e}", what())))
     }
 
     /// y = x·wᵀ (+ beta·y) for a Linear weight `w` [n_out, n_in].
@@ -378,19 +392,11 @@ impl Gemm {
         w_scales.need(DType::F32, w.rows, "FP8 GEMM weight scales")?;
         key.scale = Scale::OuterVectors;
         ops.scales = Some((w_scales.ptr, x_scales.ptr));
-        let mut plans = self.plans.borrow_mut();
-        let plan = match plans.entry(key) {
-            std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
-            std::collections::hash_map::Entry::Vacant(e) => e.insert(self.plan(&key, lane, &ops)?),
-        };
-        // SAFETY: the plan was made for this key (shapes, strides, FP8 types, alignment,
-        // outer-vector scales), `prepare` checked every matrix against its view and the
-        // scale vectors hold N and M f32 values (checked above).
-        unsafe { self.launch(plan, &plan.algo, &ops, lane) }.map_err(|e| {
-            Error::Cuda(format!(
-                "cublasLtMatmul (FP8) y[{}, {}] = x[{}, {}] . wT (-> {:?}): {e}",
+        self.run(key, ops, lane, &|| {
+            format!(
+                "cublasLtMatmul (FP8, outer-vector scales) y[{}, {}] = x[{}, {}] . wT (-> {:?})",
                 key.m, key.n, key.m, key.k, y.view.dtype
-            ))
+            )
         })
     }
 
