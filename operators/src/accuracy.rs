@@ -197,4 +197,50 @@ mod tests {
             "fp8 changed nothing: {all:?}"
         );
     }
+
+    /// FP8 in the expert alone: the vision tower and the prefix stay f32 (their stages say
+    /// so), the description names the stage, and the actions move (the expert's weights
+    /// changed), but not as they do with every stage in FP8.
+    #[test]
+    fn fp8_of_some_stages_leaves_the_others_f32() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../tests/golden/pi05_small/checkpoint");
+        let ckpt = Checkpoint::open(&dir).unwrap();
+        let cfg = ckpt.config.clone();
+        let obs: Vec<_> = (0..3)
+            .map(|i| Setting::Libero.observation(&cfg, 60 + i))
+            .collect();
+        let run = |stages: Option<crate::fp8::Stages>| {
+            let mut p = Policy::load(&ckpt, |_, _| {}).unwrap();
+            if let Some(s) = stages {
+                p.quantise_fp8_stages(s);
+            }
+            let described = crate::backend::Runner::describe(&p);
+            (
+                p.fp8_stages(),
+                described,
+                actions_of(&mut p, &obs, 10).unwrap(),
+            )
+        };
+        let expert = crate::fp8::Stages {
+            expert: true,
+            ..crate::fp8::Stages::NONE
+        };
+        let (_, _, reference) = run(None);
+        let (stages, described, got) = run(Some(expert));
+        assert_eq!(stages, expert);
+        assert_eq!(described, "cpu fp8 (emulated; expert only)");
+        let (_, all_described, all) = run(Some(crate::fp8::Stages::ALL));
+        assert_eq!(all_described, "cpu fp8 (emulated)");
+        let worst = |c: &[Vec<f32>]| {
+            reference
+                .iter()
+                .zip(c)
+                .map(|(r, c)| agreement(r, c).unwrap().max_abs)
+                .fold(0.0f64, f64::max)
+        };
+        let (moved_expert, moved_all) = (worst(&got), worst(&all));
+        assert!(moved_expert > 0.0, "the expert's FP8 changed nothing");
+        assert!(moved_expert != moved_all, "{moved_expert} {moved_all}");
+    }
 }

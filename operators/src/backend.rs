@@ -208,6 +208,10 @@ impl Runner for Policy {
         Some(crate::rtc::Jacobian::Exact)
     }
     fn describe(&self) -> String {
+        let stages = self.fp8_stages();
+        if stages.any() && !stages.is_all() {
+            return format!("cpu fp8 (emulated; {} only)", stages.names());
+        }
         describe_cpu(self.vision.precision())
     }
 }
@@ -232,7 +236,7 @@ pub fn load(
             let fp8 = cpu_fp8(precision)?;
             let mut policy = Policy::load(ckpt, progress)?;
             if fp8 {
-                policy.quantise_fp8();
+                policy.quantise_fp8_stages(crate::settings::fp8_stages()?);
             }
             Ok(Box::new(policy))
         }
@@ -374,7 +378,7 @@ pub fn load_vision(
 ) -> Result<Box<dyn VisionStage>> {
     match kind {
         BackendKind::Cpu => {
-            let fp8 = cpu_fp8(precision)?;
+            let fp8 = cpu_fp8(precision)? && crate::settings::fp8_stages()?.vision;
             let mut stage = VisionEncoder::load(ckpt, &mut Loader::new(ckpt, |_, _| {}))?;
             if fp8 {
                 stage.quantise_fp8();
@@ -393,7 +397,7 @@ pub fn load_prefix(
 ) -> Result<Box<dyn PrefixStage>> {
     match kind {
         BackendKind::Cpu => {
-            let fp8 = cpu_fp8(precision)?;
+            let fp8 = cpu_fp8(precision)? && crate::settings::fp8_stages()?.prefix;
             let mut stage = PrefixEncoder::load(ckpt, &mut Loader::new(ckpt, |_, _| {}))?;
             if fp8 {
                 stage.quantise_fp8();
@@ -412,7 +416,7 @@ pub fn load_denoise(
 ) -> Result<Box<dyn DenoiseStage>> {
     match kind {
         BackendKind::Cpu => {
-            let fp8 = cpu_fp8(precision)?;
+            let fp8 = cpu_fp8(precision)? && crate::settings::fp8_stages()?.expert;
             let mut stage = Denoiser::load(ckpt, &mut Loader::new(ckpt, |_, _| {}))?;
             if fp8 {
                 stage.quantise_fp8();

@@ -120,10 +120,115 @@ pub fn quantise_rows(values: &[f32], width: usize) -> (Vec<u8>, Vec<f32>) {
     (codes, scales)
 }
 
+/// Which stages `--dtype fp8` puts in FP8 (`TURBOPI_FP8_STAGES`, default all three): the
+/// vision tower with the projector, Gemma 2B (the prefix), the action expert. The others
+/// keep the backend's base precision (bf16 on cuda, f32 on cpu). The expert alone is the
+/// accuracy-safe choice on the models measured so far (docs/fp8.md).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Stages {
+    pub vision: bool,
+    pub prefix: bool,
+    pub expert: bool,
+}
+
+impl Stages {
+    pub const ALL: Stages = Stages {
+        vision: true,
+        prefix: true,
+        expert: true,
+    };
+    pub const NONE: Stages = Stages {
+        vision: false,
+        prefix: false,
+        expert: false,
+    };
+    /// The names [`Stages::parse`] accepts.
+    pub const NAMES: [&'static str; 3] = ["vision", "prefix", "expert"];
+
+    /// A comma-separated list of [`Stages::NAMES`] (blanks ignored, each at most once), or
+    /// `all`. `name` is the setting's name, for the error.
+    pub fn parse(name: &str, value: &str) -> crate::Result<Stages> {
+        let bad = |why: String| {
+            crate::Error::InvalidConfig(format!(
+                "env {name}={value:?}: {why}; expected `all` or a comma-separated list of \
+                 `vision`, `prefix`, `expert`"
+            ))
+        };
+        if value.trim() == "all" {
+            return Ok(Stages::ALL);
+        }
+        let mut s = Stages::NONE;
+        for word in value.split(',').map(str::trim) {
+            let slot = match word {
+                "vision" => &mut s.vision,
+                "prefix" => &mut s.prefix,
+                "expert" => &mut s.expert,
+                "" => return Err(bad("an empty name".into())),
+                other => return Err(bad(format!("unknown stage `{other}`"))),
+            };
+            if *slot {
+                return Err(bad(format!("`{word}` twice")));
+            }
+            *slot = true;
+        }
+        Ok(s)
+    }
+
+    pub fn any(&self) -> bool {
+        self.vision || self.prefix || self.expert
+    }
+
+    pub fn is_all(&self) -> bool {
+        *self == Stages::ALL
+    }
+
+    /// "vision, prefix, expert", or the ones that are in FP8.
+    pub fn names(&self) -> String {
+        let on = [self.vision, self.prefix, self.expert];
+        let names: Vec<&str> = Self::NAMES
+            .iter()
+            .zip(on)
+            .filter(|(_, on)| *on)
+            .map(|(n, _)| *n)
+            .collect();
+        names.join(", ")
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use rand::{Rng, SeedableRng};
+
+    #[test]
+    fn stages_parse_lists_and_name_what_is_wrong() {
+        let p = |v: &str| Stages::parse("TURBOPI_FP8_STAGES", v);
+        assert_eq!(p("all").unwrap(), Stages::ALL);
+        assert_eq!(p(" vision , prefix,expert ").unwrap(), Stages::ALL);
+        let expert = p("expert").unwrap();
+        assert_eq!(
+            expert,
+            Stages {
+                expert: true,
+                ..Stages::NONE
+            }
+        );
+        assert_eq!(expert.names(), "expert");
+        assert!(!expert.is_all() && expert.any());
+        assert_eq!(p("prefix,vision").unwrap().names(), "vision, prefix");
+        for (v, why) in [
+            ("gemma", "unknown stage `gemma`"),
+            ("expert,,prefix", "an empty name"),
+            ("expert,expert", "`expert` twice"),
+            ("none", "unknown stage `none`"),
+        ] {
+            let e = p(v).unwrap_err().to_string();
+            assert!(
+                e.contains("TURBOPI_FP8_STAGES") && e.contains(why) && e.contains("`vision`"),
+                "{v}: {e}"
+            );
+        }
+    }
 
     /// Every finite code's value, found by brute force: the oracle for rounding.
     fn finite_values() -> Vec<(u8, f32)> {

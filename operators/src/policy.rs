@@ -512,9 +512,30 @@ impl Policy {
     /// FP8 emulation of every stage ([`crate::fp8`]): what `--dtype fp8` computes, in f32
     /// arithmetic on FP8 values.
     pub fn quantise_fp8(&mut self) {
-        self.vision.quantise_fp8();
-        self.prefix.quantise_fp8();
-        self.denoise.quantise_fp8();
+        self.quantise_fp8_stages(crate::fp8::Stages::ALL);
+    }
+
+    /// FP8 emulation of the stages in `stages` (`TURBOPI_FP8_STAGES`); the others stay f32.
+    pub fn quantise_fp8_stages(&mut self, stages: crate::fp8::Stages) {
+        if stages.vision {
+            self.vision.quantise_fp8();
+        }
+        if stages.prefix {
+            self.prefix.quantise_fp8();
+        }
+        if stages.expert {
+            self.denoise.quantise_fp8();
+        }
+    }
+
+    /// The stages emulated in FP8.
+    pub fn fp8_stages(&self) -> crate::fp8::Stages {
+        let fp8 = |p: Precision| p == Precision::Fp8;
+        crate::fp8::Stages {
+            vision: fp8(self.vision.precision()),
+            prefix: fp8(self.prefix.precision()),
+            expert: fp8(self.denoise.precision()),
+        }
     }
 
     /// Runs all stages on `obs` with the given noise [action_horizon, action_dim].

@@ -26,6 +26,8 @@ pub enum Kind {
     Path,
     /// A folder, or a boolean: off disables the feature, on keeps the default folder.
     FlagOrPath,
+    /// A comma-separated list of names.
+    List,
 }
 
 /// Who reads a setting.
@@ -33,6 +35,8 @@ pub enum Kind {
 pub enum ReadBy {
     /// The CUDA backend, in every process that runs it (CLI and nodes alike).
     CudaBackend,
+    /// Both backends, in every process that loads a policy or a stage.
+    Backends,
     /// The `turbopi` CLI.
     Cli,
     /// The test suites.
@@ -54,7 +58,7 @@ pub struct Setting {
 pub const BOOL_WORDS: &str = "1, 0, true, false, on, off, yes or no";
 
 /// How many settings [`SETTINGS`] holds.
-const COUNT: usize = 19;
+const COUNT: usize = 20;
 
 /// Every process-wide `TURBOPI_*` variable (docs/settings.md lists them with the nodes'
 /// variables; a test keeps both in step with the sources).
@@ -100,6 +104,13 @@ pub static SETTINGS: [Setting; COUNT] = [
         default: "on",
         read_by: ReadBy::CudaBackend,
         meaning: "on the few-row kernel, GeGLU in the gate|up product's epilogue: one launch instead of the product and gelu_gate (off: two launches, for A/B runs)",
+    },
+    Setting {
+        name: "TURBOPI_FP8_STAGES",
+        kind: Kind::List,
+        default: "all",
+        read_by: ReadBy::Backends,
+        meaning: "with --dtype fp8 (or DTYPE fp8), the stages whose large linear layers are FP8: `all`, or a comma-separated list of `vision`, `prefix`, `expert`; the others keep bf16 (cuda) or f32 (cpu). Read by both backends",
     },
     Setting {
         name: "TURBOPI_LT_EPILOGUES",
@@ -325,6 +336,15 @@ pub fn kernel_cache() -> Result<Option<PathBuf>> {
             Ok(false) => Ok(None),
             Err(_) => Ok(Some(PathBuf::from(v))),
         },
+    }
+}
+
+/// `TURBOPI_FP8_STAGES`: the stages `--dtype fp8` puts in FP8 (default all).
+pub fn fp8_stages() -> Result<crate::fp8::Stages> {
+    let name = "TURBOPI_FP8_STAGES";
+    match raw(name)? {
+        None => Ok(crate::fp8::Stages::ALL),
+        Some(v) => crate::fp8::Stages::parse(name, &v),
     }
 }
 

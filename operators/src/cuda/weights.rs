@@ -182,8 +182,8 @@ pub(crate) struct DenoiseW {
 pub(crate) struct Planner {
     arena: Arena,
     act: DType,
-    /// The large linear layers in FP8 (`--dtype fp8`).
-    fp8: bool,
+    /// The stages whose large linear layers are FP8 (`--dtype fp8`).
+    fp8: crate::fp8::Stages,
     pieces: Vec<Piece>,
 }
 
@@ -219,24 +219,12 @@ impl Planner {
     /// Linears `keys[i]` ([outs[i], n_in] each) stacked into one [sum(outs), n_in], in the
     /// activation type.
     fn fused(&mut self, keys: &[&Param], outs: &[usize], n_in: usize, bias: bool) -> Lin {
-        self.stacked(keys, outs, n_in, bias, None)
+        self.large(keys, outs, n_in, bias, None)
     }
 
-    /// As [`Planner::fused`] for a large linear layer: in FP8 when the planner's layers are
-    /// (`acts`: whether its inputs are quantised too, see [`Fp8::acts`]).
+    /// As [`Planner::fused`] for a large linear layer: in FP8 with `fp8_acts` (Some: whether
+    /// its inputs are quantised too, see [`Fp8::acts`]), else in the activation type.
     fn large(
-        &mut self,
-        keys: &[&Param],
-        outs: &[usize],
-        n_in: usize,
-        bias: bool,
-        acts: bool,
-    ) -> Lin {
-        let fp8 = self.fp8.then_some(acts);
-        self.stacked(keys, outs, n_in, bias, fp8)
-    }
-
-    fn stacked(
         &mut self,
         keys: &[&Param],
         outs: &[usize],
@@ -290,7 +278,8 @@ impl Planner {
         }
     }
 
-    /// A Gemma's layers; `acts`: whether its FP8 layers quantise their inputs.
+    /// A Gemma's layers; `fp8`: its projections and MLP in FP8 (Some), and whether they
+    /// quantise their inputs.
     #[allow(clippy::too_many_arguments)]
     fn gemma(
         &mut self,
@@ -300,7 +289,7 @@ impl Planner {
         mlp: usize,
         adaptive: bool,
         final_norm: bool,
-        acts: bool,
+        fp8: Option<bool>,
     ) -> GemmaW {
         let (nh, kv, hd) = (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim);
         let layers = (0..cfg.vlm_depth)
@@ -313,12 +302,12 @@ impl Planner {
                         &[nh * hd, kv * hd, kv * hd],
                         width,
                         false,
-                        acts,
+                        fp8,
                     ),
-                    o: self.large(&[&l.o], &[width], nh * hd, false, acts),
+                    o: self.large(&[&l.o], &[width], nh * hd, false, fp8),
                     norm2: self.norm(&l.post_attention_layernorm, width, adaptive),
-                    gu: self.large(&[&l.gate, &l.up], &[mlp, mlp], width, false, acts),
-                    down: self.large(&[&l.down], &[width], mlp, false, acts),
+                    gu: self.large(&[&l.gate, &l.up], &[mlp, mlp], width, false, fp8),
+                    down: self.large(&[&l.down], &[width], mlp, false, fp8),
                 }
             })
             .collect();
@@ -333,6 +322,7 @@ impl Planner {
     pub(crate) fn vision(&mut self, cfg: &Config) -> VisionW {
         let p = self;
         let (vw, ps) = (cfg.vision_width, cfg.patch_size);
+        let q = p.fp8.vision.then_some(true);
         let patch = keys::siglip::patch();
         let patch_w = p.piece(Store::Act, vec![(patch.weight(), vec![vw, 3, ps, ps])]);
         let patch_b = p.vector(patch.bias(), vw);
@@ -346,25 +336,19 @@ impl Planner {
                 VisionLayerW {
                     ln1_w: p.vector(l.layer_norm1.weight(), vw),
                     ln1_b: p.vector(l.layer_norm1.bias(), vw),
-                    qkv: p.large(&[&l.q, &l.k, &l.v], &[vw, vw, vw], vw, true, true),
-                    out: p.large(&[&l.out], &[vw], vw, true, true),
+                    qkv: p.large(&[&l.q, &l.k, &l.v], &[vw, vw, vw], vw, true, q),
+                    out: p.large(&[&l.out], &[vw], vw, true, q),
                     ln2_w: p.vector(l.layer_norm2.weight(), vw),
                     ln2_b: p.vector(l.layer_norm2.bias(), vw),
-                    fc1: p.large(&[&l.fc1], &[cfg.vision_mlp_dim], vw, true, true),
-                    fc2: p.large(&[&l.fc2], &[vw], cfg.vision_mlp_dim, true, true),
+                    fc1: p.large(&[&l.fc1], &[cfg.vision_mlp_dim], vw, true, q),
+                    fc2: p.large(&[&l.fc2], &[vw], cfg.vision_mlp_dim, true, q),
                 }
             })
             .collect();
         let post = keys::siglip::post_layernorm();
         let post_w = p.vector(post.weight(), vw);
         let post_b = p.vector(post.bias(), vw);
-        let proj = p.large(
-            &[&Param(PROJECTOR.into())],
-            &[cfg.vlm_width],
-            vw,
-            true,
-            true,
-        );
+        let proj = p.large(&[&Param(PROJECTOR.into())], &[cfg.vlm_width], vw, true, q);
         VisionW {
             patch: Lin {
                 w: patch_w,
@@ -387,7 +371,8 @@ impl Planner {
             Store::Act,
             vec![(EMBED.to_string(), vec![cfg.vocab_size, cfg.vlm_width])],
         );
-        let gemma = self.gemma(cfg, VLM, cfg.vlm_width, cfg.vlm_mlp_dim, false, false, true);
+        let q = self.fp8.prefix.then_some(true);
+        let gemma = self.gemma(cfg, VLM, cfg.vlm_width, cfg.vlm_mlp_dim, false, false, q);
         PrefixW { embed, gemma }
     }
 
@@ -401,7 +386,7 @@ impl Planner {
             cfg.expert_mlp_dim,
             cfg.pi05,
             true,
-            false,
+            p.fp8.expert.then_some(false),
         );
         let (ew, ad) = (cfg.expert_width, cfg.action_dim);
         use keys::heads;
@@ -430,7 +415,7 @@ impl Planner {
 
 /// The layout of `plan`'s weights in `arena`, the pieces to fill and the bytes used.
 fn lay_out<W>(
-    (act, fp8): (DType, bool),
+    (act, fp8): (DType, crate::fp8::Stages),
     arena: Arena,
     plan: impl Fn(&mut Planner) -> W,
 ) -> (W, Vec<Piece>, usize) {
@@ -457,7 +442,7 @@ impl<W> DeviceWeights<W> {
     /// large linear layers in FP8 with `fp8`).
     pub(crate) fn allocate(
         dev: &Device,
-        (act, fp8): (DType, bool),
+        (act, fp8): (DType, crate::fp8::Stages),
         plan: impl Fn(&mut Planner) -> W,
     ) -> Result<DeviceWeights<W>> {
         let (_, _, bytes) = lay_out((act, fp8), Arena::sizing(), &plan);
@@ -642,10 +627,16 @@ mod tests {
     #[test]
     fn layout_covers_every_tensor_once_and_is_aligned() {
         for cfg in [Config::pi0_small(), Config::pi05_small()] {
+            use crate::fp8::Stages;
+            let expert = Stages {
+                expert: true,
+                ..Stages::NONE
+            };
             for (act, fp8) in [
-                (DType::F32, false),
-                (DType::Bf16, false),
-                (DType::Bf16, true),
+                (DType::F32, Stages::NONE),
+                (DType::Bf16, Stages::NONE),
+                (DType::Bf16, Stages::ALL),
+                (DType::Bf16, expert),
             ] {
                 let mut pieces = Vec::new();
                 let mut bytes = 0;
@@ -692,12 +683,10 @@ mod tests {
                 let quantised: Vec<&Piece> =
                     pieces.iter().filter(|p| p.store == Store::Fp8).collect();
                 let tensors: usize = quantised.iter().map(|p| p.sources.len()).sum();
-                let want = if fp8 {
-                    cfg.vision_depth * 6 + 1 + 2 * cfg.vlm_depth * 7
-                } else {
-                    0
-                };
-                assert_eq!(tensors, want, "FP8 tensors (fp8 {fp8})");
+                let want = usize::from(fp8.vision) * (cfg.vision_depth * 6 + 1)
+                    + usize::from(fp8.prefix) * cfg.vlm_depth * 7
+                    + usize::from(fp8.expert) * cfg.vlm_depth * 7;
+                assert_eq!(tensors, want, "FP8 tensors ({fp8:?})");
                 for p in &quantised {
                     assert_eq!(p.view.dtype, DType::U8);
                     let rows: usize = p.sources.iter().map(|(_, s)| s[0]).sum();

@@ -572,3 +572,39 @@ fn accuracy_compares_two_precisions_chunk_by_chunk() {
     assert!(out.status.success(), "{text}");
     assert!(text.contains("cpu fp8 (emulated)"), "{text}");
 }
+
+/// `TURBOPI_FP8_STAGES` narrows `--dtype fp8` to some stages; the output says which, and a
+/// bad list is refused with the variable and value named.
+#[test]
+fn fp8_stages_narrow_the_emulation_and_bad_lists_are_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let ck = tmp.path().join("ck");
+    random_checkpoint(&ck, "pi05-small");
+    let run = |stages: &str| {
+        Command::new(env!("CARGO_BIN_EXE_turbopi"))
+            .args(["accuracy", "--checkpoint", s(&ck), "--observations", "2"])
+            .env("TURBOPI_FP8_STAGES", stages)
+            .output()
+            .expect("the turbopi binary runs")
+    };
+    let out = run("expert");
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        text.contains("cpu fp8 (emulated; expert only) against cpu f32"),
+        "{text}"
+    );
+    let out = run("vision,gemma");
+    let err = String::from_utf8_lossy(&out.stderr).to_string();
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("TURBOPI_FP8_STAGES=\"vision,gemma\"")
+            && err.contains("unknown stage `gemma`"),
+        "{err}"
+    );
+    assert!(!err.contains("panicked"), "{err}");
+}

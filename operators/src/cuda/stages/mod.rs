@@ -43,8 +43,9 @@ pub struct Engine {
     /// With `skinny`: RoPE and the K/V cache write in its epilogue where kernels do not
     /// start early (`TURBOPI_SKINNY_ROPE`, default on; see [`Engine::linear_rope`]).
     pub skinny_rope: bool,
-    /// The large linear layers' weights are FP8 (`--dtype fp8`, docs/fp8.md).
-    pub fp8: bool,
+    /// The stages whose large linear layers' weights are FP8 (`--dtype fp8` and
+    /// `TURBOPI_FP8_STAGES`, docs/fp8.md); none in f32 and bf16.
+    pub fp8: crate::fp8::Stages,
     /// bf16: the vision tower's biases (and fc1's GELU) in cuBLASLt's epilogue where it
     /// offers one (`TURBOPI_LT_EPILOGUES`, default on; see [`Engine::linear_bias`]).
     pub lt_epilogues: bool,
@@ -55,8 +56,12 @@ impl Engine {
     /// Opens device `TURBOPI_CUDA_DEVICE` (default 0) with the kernels of `precision`.
     pub fn open(precision: Precision) -> Result<Engine> {
         let dev = Device::open(settings::cuda_device()?)?;
-        let fp8 = precision == Precision::Fp8;
-        if fp8 && dev.cc < (8, 9) {
+        let fp8 = if precision == Precision::Fp8 {
+            settings::fp8_stages()?
+        } else {
+            crate::fp8::Stages::NONE
+        };
+        if fp8.any() && dev.cc < (8, 9) {
             return Err(fp8_refusal(&dev));
         }
         let kernels = Kernels::load(&dev, act_type(precision))?;
@@ -77,9 +82,9 @@ impl Engine {
         })
     }
 
-    /// What the stages' weights are laid out in: the activation type, and whether the large
-    /// linear layers are FP8.
-    pub fn weight_types(&self) -> (DType, bool) {
+    /// What the stages' weights are laid out in: the activation type, and the stages whose
+    /// large linear layers are FP8.
+    pub fn weight_types(&self) -> (DType, crate::fp8::Stages) {
         (self.act(), self.fp8)
     }
 
@@ -261,7 +266,11 @@ impl Engine {
     }
 
     pub fn describe(&self, precision: Precision) -> String {
-        let p = precision.name();
+        let p = if self.fp8.any() && !self.fp8.is_all() {
+            format!("{} ({} only)", precision.name(), self.fp8.names())
+        } else {
+            precision.name().to_string()
+        };
         format!(
             "cuda {p} on {} (sm_{}{})",
             self.dev.name, self.dev.cc.0, self.dev.cc.1

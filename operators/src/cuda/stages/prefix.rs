@@ -40,7 +40,7 @@ struct Buffers {
     fp8: Option<Fp8Scratch>,
 }
 
-fn layout(cfg: &Config, (act, fp8): (DType, bool), ar: &mut Arena) -> Buffers {
+fn layout(cfg: &Config, (act, fp8): (DType, crate::fp8::Stages), ar: &mut Arena) -> Buffers {
     let f = DType::F32;
     let heads = heads(cfg);
     let (p, w, mlp) = (cfg.max_prefix_len(), cfg.vlm_width, cfg.vlm_mlp_dim);
@@ -58,7 +58,7 @@ fn layout(cfg: &Config, (act, fp8): (DType, bool), ar: &mut Arena) -> Buffers {
         gu: ar.take(act, p * 2 * mlp),
         m: ar.take(act, p * mlp),
         inv_freq: ar.take(f, cfg.head_dim / 2),
-        fp8: fp8.then(|| Fp8Scratch {
+        fp8: fp8.prefix.then(|| Fp8Scratch {
             codes: ar.take(DType::U8, p * w.max(qw).max(mlp)),
             scales: ar.take(f, p),
         }),

@@ -93,7 +93,7 @@ struct Buffers {
     fp8: Option<Fp8Scratch>,
 }
 
-fn layout(s: &Shape, (act, fp8): (DType, bool), ar: &mut Arena) -> Buffers {
+fn layout(s: &Shape, (act, fp8): (DType, crate::fp8::Stages), ar: &mut Arena) -> Buffers {
     let f = DType::F32;
     let rows = s.cameras * s.tokens_per_image;
     // Only the bf16 kernels have the fused attention.
@@ -120,7 +120,7 @@ fn layout(s: &Shape, (act, fp8): (DType, bool), ar: &mut Arena) -> Buffers {
         att: ar.take(act, rows * s.width),
         m: ar.take(act, rows * s.mlp),
         fa,
-        fp8: fp8.then(|| Fp8Scratch {
+        fp8: fp8.vision.then(|| Fp8Scratch {
             codes: ar.take(DType::U8, rows * s.width.max(s.mlp)),
             scales: ar.take(f, rows),
         }),
