@@ -9,6 +9,8 @@
 #   tools/gpu_round.sh bench      turbopi bench, libero and pi0: bf16, bf16 with
 #                                 TURBOPI_LT_EPILOGUES=0, fp8; two interleaved rounds; then
 #                                 TURBOPI_PROFILE=1 for libero in bf16 and fp8
+#   tools/gpu_round.sh overlap    turbopi bench --setting libero (one-at-a-time and pipelined
+#                                 lines) with TURBOPI_OVERLAP_SMS 0, 100 and 66, two rounds
 #   tools/gpu_round.sh accuracy   turbopi accuracy --backend cuda --dtype fp8 --against bf16:
 #                                 full-size libero and pi0 (20 observations each), and every
 #                                 golden model
@@ -52,6 +54,14 @@ bench() {
     done
 }
 
+overlap() {
+    for round in 1 2; do
+        for sms in 0 100 66; do
+            bench_one libero "bf16, TURBOPI_OVERLAP_SMS=$sms" TURBOPI_OVERLAP_SMS=$sms
+        done
+    done
+}
+
 accuracy() {
     for setting in libero pi0; do
         echo "== accuracy, full-size random weights, $setting"
@@ -74,7 +84,7 @@ serve() {
 }
 
 case "$part" in
-    tests | bench | accuracy | serve)
+    tests | bench | overlap | accuracy | serve)
         if command -v nvidia-smi >/dev/null; then
             nvidia-smi --query-gpu=name,driver_version,clocks.max.sm --format=csv,noheader
         fi
@@ -82,7 +92,7 @@ case "$part" in
         exit "${PIPESTATUS[0]}"
         ;;
     *)
-        echo "usage: tools/gpu_round.sh tests|bench|accuracy|serve" >&2
+        echo "usage: tools/gpu_round.sh tests|bench|overlap|accuracy|serve" >&2
         exit 2
         ;;
 esac

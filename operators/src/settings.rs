@@ -58,7 +58,7 @@ pub struct Setting {
 pub const BOOL_WORDS: &str = "1, 0, true, false, on, off, yes or no";
 
 /// How many settings [`SETTINGS`] holds.
-const COUNT: usize = 20;
+const COUNT: usize = 21;
 
 /// Every process-wide `TURBOPI_*` variable (docs/settings.md lists them with the nodes'
 /// variables; a test keeps both in step with the sources).
@@ -111,6 +111,13 @@ pub static SETTINGS: [Setting; COUNT] = [
         default: "all",
         read_by: ReadBy::Backends,
         meaning: "with --dtype fp8 (or DTYPE fp8), the stages whose large linear layers are FP8: `all`, or a comma-separated list of `vision`, `prefix`, `expert`; the others keep bf16 (cuda) or f32 (cpu). Read by both backends",
+    },
+    Setting {
+        name: "TURBOPI_OVERLAP_SMS",
+        kind: Kind::Count,
+        default: "0",
+        read_by: ReadBy::CudaBackend,
+        meaning: "the SMs the vision and prefix stages' cuBLASLt products may target (0: all): with two frames in flight (PIPELINE, thor_pipelined.yml, the bench's pipelined line) the denoise loop's small kernels then find SMs free instead of waiting behind the next frame's prefix; it slows those stages when frames do not overlap. For A/B runs",
     },
     Setting {
         name: "TURBOPI_LT_EPILOGUES",
@@ -337,6 +344,15 @@ pub fn kernel_cache() -> Result<Option<PathBuf>> {
             Err(_) => Ok(Some(PathBuf::from(v))),
         },
     }
+}
+
+/// `TURBOPI_OVERLAP_SMS`: the SMs the vision and prefix stages' cuBLASLt products may
+/// target, `None` for all (unset or 0).
+pub fn overlap_sms() -> Result<Option<u32>> {
+    let name = "TURBOPI_OVERLAP_SMS";
+    let n = read_count(name, 0)?;
+    let n = u32::try_from(n).map_err(|_| invalid(name, &n.to_string(), "a number of SMs"))?;
+    Ok((n > 0).then_some(n))
 }
 
 /// `TURBOPI_FP8_STAGES`: the stages `--dtype fp8` puts in FP8 (default all).

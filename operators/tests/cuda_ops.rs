@@ -2916,3 +2916,41 @@ fn lt_bias_epilogues_match_the_cpu_linear() {
         );
     }
 }
+
+#[test]
+fn sm_limited_products_match_the_cpu() {
+    // A lane whose cuBLASLt products target 8 SMs (`TURBOPI_OVERLAP_SMS`) computes the same
+    // products (against the CPU linear), under a plan of its own: the same shape on the
+    // unlimited lane makes another plan.
+    let g = gpu(DType::Bf16);
+    let (m, n, k) = (532, 2048, 2048);
+    let s = 1.0 / (k as f32).sqrt();
+    let (xb, x) = up(&g, DType::Bf16, &rand_vec(m * k, 3300, -1.0, 1.0));
+    let (wb, w) = up(&g, DType::Bf16, &rand_vec(n * k, 3301, -s, s));
+    let want = Linear {
+        weight: w,
+        bias: None,
+        n_in: k,
+        n_out: n,
+        fp8: None,
+    }
+    .forward(&x, m);
+    let (xm, wm) = (Mat::new(xb.view(), m, k), Mat::new(wb.view(), n, k));
+    let plans = g.gemm.plan_count();
+    for sms in [8, 0] {
+        g.lane.limit_sms(sms);
+        assert_eq!(g.lane.sm_target(), sms);
+        let yb = nan(&g, DType::F32, m * n);
+        g.gemm
+            .linear(&g.lane, xm, wm, Mat::new(yb.view(), m, n), 0.0)
+            .unwrap();
+        let got = g.download(yb.view()).unwrap();
+        check(
+            &format!("gemm targeting {sms} SMs"),
+            &got,
+            &want,
+            (1e-3, 1e-3),
+        );
+    }
+    assert_eq!(g.gemm.plan_count(), plans + 2, "one plan per SM target");
+}

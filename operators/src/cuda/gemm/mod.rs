@@ -181,6 +181,9 @@ struct PlanKey {
     align: (u32, u32, u32),
     scale: Scale,
     epilogue: LtEpilogue,
+    /// The SMs cuBLASLt may target (`CUBLASLT_MATMUL_DESC_SM_COUNT_TARGET`); 0: all. The
+    /// lane's ([`Lane::sm_target`]).
+    sms: u32,
 }
 
 /// What cuBLASLt applies to each output before it is stored: nothing, the bias of its
@@ -342,6 +345,10 @@ impl Gemm {
         lane: &Lane,
         what: &dyn Fn() -> String,
     ) -> Result<()> {
+        let key = PlanKey {
+            sms: lane.sm_target(),
+            ..key
+        };
         let mut plans = self.plans.borrow_mut();
         let plan = match plans.entry(key) {
             std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
@@ -428,6 +435,10 @@ impl Gemm {
     /// Runs the plan of `key` on `ops`, or Ok(false) with nothing queued where cuBLASLt
     /// has no plan for it or refuses the call (remembered: later calls fall back at once).
     fn run_or_refuse(&self, key: PlanKey, ops: Operands, lane: &Lane) -> Result<bool> {
+        let key = PlanKey {
+            sms: lane.sm_target(),
+            ..key
+        };
         if self.unsupported.borrow().contains(&key) {
             return Ok(false);
         }
@@ -533,6 +544,7 @@ impl Gemm {
             ),
             scale: alpha.scale(),
             epilogue: LtEpilogue::None,
+            sms: 0,
         };
         let ops = Operands {
             a: b.view.ptr,
@@ -657,6 +669,14 @@ impl Gemm {
             lt_sys::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_TRANSB,
             0i32
         )?;
+        if key.sms > 0 {
+            set_attr!(
+                lt::set_matmul_desc_attribute,
+                plan.desc,
+                lt_sys::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_SM_COUNT_TARGET,
+                i32::try_from(key.sms).unwrap_or(i32::MAX)
+            )?;
+        }
         if key.epilogue != LtEpilogue::None {
             use lt_sys::cublasLtEpilogue_t as E;
             let epi = match key.epilogue {

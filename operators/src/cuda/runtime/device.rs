@@ -378,6 +378,8 @@ pub struct Lane {
     /// Where the inputs of W8A8 products are quantised (`--dtype fp8`), set by the stage
     /// that owns the lane and its buffers.
     fp8_scratch: std::sync::OnceLock<Fp8Scratch>,
+    /// The SMs this lane's cuBLASLt products may target (0: all; [`Lane::limit_sms`]).
+    sm_target: std::sync::atomic::AtomicU32,
 }
 
 /// A stage's room for one product's input quantised to FP8: codes and one scale per row.
@@ -422,7 +424,20 @@ impl Lane {
             recording: AtomicBool::new(false),
             after_own_kernel: AtomicBool::new(false),
             fp8_scratch: std::sync::OnceLock::new(),
+            sm_target: std::sync::atomic::AtomicU32::new(0),
         })
+    }
+
+    /// Lets this lane's cuBLASLt products target at most `sms` SMs (0: all), so that work
+    /// on other streams finds SMs free (`TURBOPI_OVERLAP_SMS`). Takes effect for shapes
+    /// planned afterwards.
+    pub fn limit_sms(&self, sms: u32) {
+        self.sm_target.store(sms, Ordering::Relaxed);
+    }
+
+    /// What [`Lane::limit_sms`] set.
+    pub fn sm_target(&self) -> u32 {
+        self.sm_target.load(Ordering::Relaxed)
     }
 
     /// Gives this lane its FP8 input scratch (once; the caller keeps the memory alive as

@@ -91,6 +91,9 @@ pub struct Prefix {
 impl Prefix {
     pub fn new(e: &Engine, cfg: &Config) -> Result<Prefix> {
         let lane = e.lane(1)?;
+        if let Some(sms) = crate::settings::overlap_sms()? {
+            lane.limit_sms(sms);
+        }
         let weights =
             DeviceWeights::allocate(&e.dev, e.weight_types(), |p: &mut Planner| p.prefix(cfg))?;
         let types = e.weight_types();

@@ -156,6 +156,9 @@ impl Vision {
             ..Shape::of(cfg)
         };
         let lane = e.lane(2)?;
+        if let Some(sms) = crate::settings::overlap_sms()? {
+            lane.limit_sms(sms);
+        }
         let weights =
             DeviceWeights::allocate(&e.dev, e.weight_types(), |p: &mut Planner| p.vision(cfg))?;
         let types = e.weight_types();
