@@ -580,37 +580,27 @@ impl Gemm {
             }
             Alpha::Rows(p) => p as *const c_void,
         };
-        if let Some(bias) = ops.bias {
-            let p = bias as usize as *const c_void;
+        use lt_sys::cublasLtMatmulDescAttributes_t as D;
+        let bias = ops.bias.map(|b| (D::CUBLASLT_MATMUL_DESC_BIAS_POINTER, b));
+        let scales = ops.scales.map(|(a, b)| {
+            [
+                (D::CUBLASLT_MATMUL_DESC_A_SCALE_POINTER, a),
+                (D::CUBLASLT_MATMUL_DESC_B_SCALE_POINTER, b),
+            ]
+        });
+        // The device vectors of this call, bound to the descriptor before it.
+        for (attr, ptr) in bias.into_iter().chain(scales.into_iter().flatten()) {
+            let p = ptr as usize as *const c_void;
             // SAFETY: the descriptor is live (owned by `plan`); the attribute is a device
             // pointer, passed by address with its size. cuBLASLt reads it at each call.
             unsafe {
                 lt::set_matmul_desc_attribute(
                     plan.desc,
-                    lt_sys::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_BIAS_POINTER,
+                    attr,
                     (&p as *const *const c_void).cast(),
                     std::mem::size_of_val(&p),
                 )
             }?;
-        }
-        if let Some((a_scales, b_scales)) = ops.scales {
-            use lt_sys::cublasLtMatmulDescAttributes_t as D;
-            for (attr, ptr) in [
-                (D::CUBLASLT_MATMUL_DESC_A_SCALE_POINTER, a_scales),
-                (D::CUBLASLT_MATMUL_DESC_B_SCALE_POINTER, b_scales),
-            ] {
-                let p = ptr as usize as *const c_void;
-                // SAFETY: the descriptor is live (owned by `plan`); the attribute is a device
-                // pointer, passed by address with its size. cuBLASLt reads it at each call.
-                unsafe {
-                    lt::set_matmul_desc_attribute(
-                        plan.desc,
-                        attr,
-                        (&p as *const *const c_void).cast(),
-                        std::mem::size_of_val(&p),
-                    )
-                }?;
-            }
         }
         lane.foreign_work();
         // SAFETY: per this function's contract; the workspace belongs to this lane and is
