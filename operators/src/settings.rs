@@ -28,6 +28,8 @@ pub enum Kind {
     FlagOrPath,
     /// A comma-separated list of names.
     List,
+    /// One of a few words (the meaning names them).
+    Choice,
 }
 
 /// Who reads a setting.
@@ -58,7 +60,7 @@ pub struct Setting {
 pub const BOOL_WORDS: &str = "1, 0, true, false, on, off, yes or no";
 
 /// How many settings [`SETTINGS`] holds.
-const COUNT: usize = 21;
+const COUNT: usize = 23;
 
 /// Every process-wide `TURBOPI_*` variable (docs/settings.md lists them with the nodes'
 /// variables; a test keeps both in step with the sources).
@@ -153,6 +155,20 @@ pub static SETTINGS: [Setting; COUNT] = [
         default: "on",
         read_by: ReadBy::CudaBackend,
         meaning: "the tensor-core flash attention kernel where it applies (off: attention on the GEMM path, for A/B runs)",
+    },
+    Setting {
+        name: "TURBOPI_VISION_ATTENTION",
+        kind: Kind::Choice,
+        default: "flash",
+        read_by: ReadBy::CudaBackend,
+        meaning: "bf16: how the vision tower's attention runs on the tensor cores: `flash` (one block per 64 query rows of a camera's head, an online softmax over every key: one launch, no workspace) or `chunks` (one block per 64 rows and 64 keys, then a launch that combines the chunks; for A/B runs)",
+    },
+    Setting {
+        name: "TURBOPI_PREFIX_ATTENTION",
+        kind: Kind::Choice,
+        default: "flash",
+        read_by: ReadBy::CudaBackend,
+        meaning: "bf16: how the prefix's attention runs: `flash` (the tensor-core kernel with an online softmax, the keys split the fewest ways whose blocks cover every SM), `flash:N` (split N ways, 1 to 64), or `gemm` (two cuBLASLt products around a masked softmax; for A/B runs)",
     },
     Setting {
         name: "TURBOPI_GEMM_AUTOTUNE",
@@ -355,6 +371,68 @@ pub fn overlap_sms() -> Result<Option<u32>> {
     Ok((n > 0).then_some(n))
 }
 
+/// How the vision tower's attention runs ([`vision_attention`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum VisionAttention {
+    /// One block per 64 query rows over every key (online softmax).
+    Flash,
+    /// One block per 64 rows and 64 keys, then a combine.
+    Chunks,
+}
+
+/// `TURBOPI_VISION_ATTENTION` (default `flash`), read now.
+pub fn vision_attention() -> Result<VisionAttention> {
+    let name = "TURBOPI_VISION_ATTENTION";
+    Ok(match raw(name)? {
+        None => VisionAttention::Flash,
+        Some(v) => match parse_choice(name, &v, &["flash", "chunks"])? {
+            "chunks" => VisionAttention::Chunks,
+            _ => VisionAttention::Flash,
+        },
+    })
+}
+
+/// How the prefix's attention runs ([`prefix_attention`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PrefixAttention {
+    /// Two cuBLASLt products around a masked softmax.
+    Gemm,
+    /// The tensor-core kernel with an online softmax, the keys split `splits` ways (`None`:
+    /// the fewest whose blocks cover every SM).
+    Flash { splits: Option<usize> },
+}
+
+/// `TURBOPI_PREFIX_ATTENTION` (default `flash`), read now.
+pub fn prefix_attention() -> Result<PrefixAttention> {
+    let name = "TURBOPI_PREFIX_ATTENTION";
+    match raw(name)? {
+        None => Ok(PrefixAttention::Flash { splits: None }),
+        Some(v) => parse_prefix_attention(name, &v),
+    }
+}
+
+/// A [`PrefixAttention`]: `gemm`, `flash` or `flash:N` (N from 1 to 64); anything else is an
+/// error naming `name` and the accepted forms.
+pub fn parse_prefix_attention(name: &str, v: &str) -> Result<PrefixAttention> {
+    let t = v.trim();
+    let bad = || invalid(name, v, "`flash`, `flash:N` (N from 1 to 64) or `gemm`");
+    match t {
+        "gemm" => Ok(PrefixAttention::Gemm),
+        "flash" => Ok(PrefixAttention::Flash { splits: None }),
+        _ => {
+            let n: usize = t
+                .strip_prefix("flash:")
+                .and_then(|n| n.trim().parse().ok())
+                .ok_or_else(bad)?;
+            if (1..=64).contains(&n) {
+                Ok(PrefixAttention::Flash { splits: Some(n) })
+            } else {
+                Err(bad())
+            }
+        }
+    }
+}
+
 /// `TURBOPI_FP8_STAGES`: the stages `--dtype fp8` puts in FP8 (default all).
 pub fn fp8_stages() -> Result<crate::fp8::Stages> {
     let name = "TURBOPI_FP8_STAGES";
@@ -392,6 +470,29 @@ pub fn fuzz_verbose() -> Result<bool> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn prefix_attention_parses_its_forms_and_names_bad_ones() {
+        let p = |v: &str| parse_prefix_attention("TURBOPI_PREFIX_ATTENTION", v);
+        assert_eq!(p("gemm").unwrap(), PrefixAttention::Gemm);
+        assert_eq!(
+            p(" flash ").unwrap(),
+            PrefixAttention::Flash { splits: None }
+        );
+        assert_eq!(
+            p("flash:3").unwrap(),
+            PrefixAttention::Flash { splits: Some(3) }
+        );
+        for bad in [
+            "flash:0", "flash:65", "flash:", "flash:x", "GEMM", "fused", "2",
+        ] {
+            let e = p(bad).unwrap_err().to_string();
+            assert!(
+                e.contains("TURBOPI_PREFIX_ATTENTION") && e.contains("flash:N"),
+                "{bad}: {e}"
+            );
+        }
+    }
 
     #[test]
     fn booleans_parse_one_way() {

@@ -29,6 +29,10 @@ use rand::{Rng, SeedableRng};
 
 const ACTS: [DType; 2] = [DType::F32, DType::Bf16];
 
+/// Key chunks per block of the fused attention's tests: one (`attention_chunk`), two and
+/// every key in one block (`attention_flash`, with and without the combine).
+const PER_BLOCK: [usize; 3] = [1, 2, Problem::ALL_KEYS];
+
 fn gpu(act: DType) -> Gpu {
     Gpu::new(act).unwrap_or_else(|e| panic!("these tests need a CUDA GPU: {e}"))
 }
@@ -638,7 +642,11 @@ fn fused_attention_batch_equals_each_sequence_alone() {
     // launch: the bits of each sequence's attention alone.
     let g = gpu(DType::Bf16);
     let act = DType::Bf16;
-    for (nh, kv, hd, s_rows, n_state) in [(8, 1, 256, 10, 0), (4, 2, 64, 11, 1)] {
+    let cases = [(8, 1, 256, 10, 0), (4, 2, 64, 11, 1)];
+    for ((nh, kv, hd, s_rows, n_state), per_block) in cases
+        .into_iter()
+        .flat_map(|c| PER_BLOCK.map(move |pb| (c, pb)))
+    {
         let (seqs, cap) = (3, 130);
         let group = nh / kv;
         let kvw = kv * hd;
@@ -662,6 +670,7 @@ fn fused_attention_batch_equals_each_sequence_alone() {
                 hd,
                 n1: kv,
                 n2,
+                per_block,
             };
             let (_p, _s, work) = workspace(&g, &prob);
             let fq = Strided {
@@ -721,7 +730,7 @@ fn fused_attention_batch_equals_each_sequence_alone() {
             assert_eq!(
                 bits(&all[b * q_seq..(b + 1) * q_seq]),
                 bits(&alone),
-                "attention batch {nh}/{kv}x{hd}, sequence {b}"
+                "attention batch {nh}/{kv}x{hd}, {per_block} chunks per block, sequence {b}"
             );
         }
     }
@@ -995,15 +1004,21 @@ fn workspace(g: &Gpu, p: &Problem) -> (DeviceBuffer, DeviceBuffer, Workspace) {
 fn fused_attention_matches_cpu_on_the_expert_layout() {
     // Grouped queries over a K/V cache of `cap` prefix rows (`plen` valid) and the suffix:
     // several key chunks with a partial last one, a single chunk (no combine), GQA, pi0's
-    // block-causal mask and pi0.5's full one.
+    // block-causal mask and pi0.5's full one; and the prefix's layout (Gemma 2B's 8 query
+    // heads over one KV head, every key visible: no prefix slots, all rows after n_state).
     let g = gpu(DType::Bf16);
     let act = DType::Bf16;
-    for (nh, kv, hd, s_rows, cap, plen, n_state) in [
+    let cases = [
         (8, 1, 256, 51, 200, 150, 1),
         (8, 1, 256, 10, 130, 97, 0),
         (4, 2, 64, 11, 30, 21, 1),
         (2, 2, 72, 5, 300, 0, 0),
-    ] {
+        (8, 1, 256, 300, 0, 0, 0),
+    ];
+    for ((nh, kv, hd, s_rows, cap, plen, n_state), per_block) in cases
+        .into_iter()
+        .flat_map(|c| PER_BLOCK.map(move |pb| (c, pb)))
+    {
         let group = nh / kv;
         let kvw = kv * hd;
         let keys = cap + s_rows;
@@ -1022,6 +1037,7 @@ fn fused_attention_matches_cpu_on_the_expert_layout() {
             hd,
             n1: kv,
             n2: 1,
+            per_block,
         };
         let (_p, _s, work) = workspace(&g, &prob);
         let fq = Strided {
@@ -1095,7 +1111,7 @@ fn fused_attention_matches_cpu_on_the_expert_layout() {
             &see,
         );
         check(
-            &format!("fused attention {nh}/{kv}x{hd}, {keys} keys"),
+            &format!("fused attention {nh}/{kv}x{hd}, {keys} keys, {per_block} chunks per block"),
             &g.download(ob.view()).unwrap(),
             &want,
             tol(act),
@@ -1112,41 +1128,48 @@ fn fused_attention_rows_that_see_nothing_are_zero() {
     let (kb, _) = up(&g, act, &rand_vec(keys * hd, 194, -1.0, 1.0));
     let (vb, _) = up(&g, act, &rand_vec(keys * hd, 195, -1.0, 1.0));
     let (lb, _) = up(&g, DType::I32, &[0.0]);
-    let ob = nan(&g, act, rows * hd);
-    let prob = Problem {
-        rows,
-        keys,
-        hd,
-        n1: 1,
-        n2: 1,
-    };
-    let (_p, _s, work) = workspace(&g, &prob);
-    let op = |view: View| Strided {
-        view,
-        ld: hd,
-        s1: 0,
-        s2: 0,
-    };
-    let mask = Mask {
-        prefix_len: Some(lb.view()),
-        prefix_stride: 0,
-        prefix_cap: keys,
-        n_state: 0,
-        group: 1,
-    };
-    fused_attention(
-        &g.kernels,
-        &g.lane,
-        &prob,
-        op(qb.view()),
-        (op(kb.view()), op(vb.view())),
-        op(ob.view()),
-        attention::scale(hd),
-        &mask,
-        work,
-    )
-    .unwrap();
-    assert_eq!(g.download(ob.view()).unwrap(), vec![0.0; rows * hd]);
+    for per_block in PER_BLOCK {
+        let ob = nan(&g, act, rows * hd);
+        let prob = Problem {
+            rows,
+            keys,
+            hd,
+            n1: 1,
+            n2: 1,
+            per_block,
+        };
+        let (_p, _s, work) = workspace(&g, &prob);
+        let op = |view: View| Strided {
+            view,
+            ld: hd,
+            s1: 0,
+            s2: 0,
+        };
+        let mask = Mask {
+            prefix_len: Some(lb.view()),
+            prefix_stride: 0,
+            prefix_cap: keys,
+            n_state: 0,
+            group: 1,
+        };
+        fused_attention(
+            &g.kernels,
+            &g.lane,
+            &prob,
+            op(qb.view()),
+            (op(kb.view()), op(vb.view())),
+            op(ob.view()),
+            attention::scale(hd),
+            &mask,
+            work,
+        )
+        .unwrap();
+        assert_eq!(
+            g.download(ob.view()).unwrap(),
+            vec![0.0; rows * hd],
+            "{per_block} chunks per block"
+        );
+    }
 }
 
 #[test]
@@ -1155,7 +1178,11 @@ fn fused_attention_matches_cpu_on_the_vision_layout() {
     // head_dim 72 (padded to 80 inside the kernel); one chunk and several.
     let g = gpu(DType::Bf16);
     let act = DType::Bf16;
-    for (n_img, t, nh, hd) in [(2, 100, 3, 72), (3, 40, 2, 72), (1, 256, 4, 72)] {
+    let cases = [(2, 100, 3, 72), (3, 40, 2, 72), (1, 256, 4, 72)];
+    for ((n_img, t, nh, hd), per_block) in cases
+        .into_iter()
+        .flat_map(|c| PER_BLOCK.map(move |pb| (c, pb)))
+    {
         let w = nh * hd;
         let (qkvb, qkv) = up(&g, act, &rand_vec(n_img * t * 3 * w, 196, -1.5, 1.5));
         let ob = nan(&g, act, n_img * t * w);
@@ -1165,6 +1192,7 @@ fn fused_attention_matches_cpu_on_the_vision_layout() {
             hd,
             n1: n_img,
             n2: nh,
+            per_block,
         };
         let (_p, _s, work) = workspace(&g, &prob);
         let at = |view: View, ld: usize| Strided {
@@ -1212,7 +1240,9 @@ fn fused_attention_matches_cpu_on_the_vision_layout() {
             ));
         }
         check(
-            &format!("fused attention, {n_img} images x {nh} heads, {t} tokens"),
+            &format!(
+                "fused attention, {n_img} images x {nh} heads, {t} tokens, {per_block} chunks per block"
+            ),
             &got,
             &want,
             tol(act),
@@ -1237,6 +1267,7 @@ fn fused_attention_is_only_offered_where_it_applies() {
         hd,
         n1: 1,
         n2: 1,
+        per_block: 1,
     };
     let v = buf.view();
     let fits = |k: &operators::cuda::Kernels, p: Problem, kv: Strided| {
@@ -1249,6 +1280,18 @@ fn fused_attention_is_only_offered_where_it_applies() {
     assert!(!fits(&g.kernels, prob(60, 10), op(v, 64)));
     assert!(!fits(&g.kernels, prob(264, 10), op(v, 264)));
     assert!(!fits(&g.kernels, prob(64, 64 * 64 + 1), op(v, 64)));
+    // More keys than 64 chunks, two chunks per block: 33 blocks along the keys.
+    let two = Problem {
+        per_block: 2,
+        ..prob(64, 64 * 64 + 1)
+    };
+    assert!(fits(&g.kernels, two, op(v, 64)));
+    let all = Problem {
+        per_block: Problem::ALL_KEYS,
+        ..prob(64, 64 * 64 * 4)
+    };
+    assert!(fits(&g.kernels, all, op(v, 64)));
+    assert!(!fits(&g32.kernels, all, op(v, 64)));
     // K/V rows that are not 16-byte aligned.
     assert!(!fits(&g.kernels, prob(64, 10), op(v, 68)));
     assert!(!fits(&g.kernels, prob(64, 10), op(v.tail(4).unwrap(), 64)));

@@ -223,15 +223,18 @@ const fn fused_smem(hdp: usize) -> usize {
 }
 pub(crate) const FUSED_MAX_SMEM: usize = fused_smem(FUSED_MAX_HD);
 
-/// Lets the chunk kernel (when loaded) take the shared memory of the largest head dimension.
+/// Lets the chunk and flash kernels (when loaded) take the shared memory of the largest head
+/// dimension.
 pub(crate) fn allow_shared_memory(k: &Kernels) -> Result<()> {
-    if let Some(chunk) = &k.attention_chunk {
-        chunk
-            .set_attribute(
-                sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-                FUSED_MAX_SMEM as i32,
-            )
-            .cuda("allowing the attention kernel its shared memory")?;
+    for f in [&k.attention_chunk, &k.attention_flash]
+        .into_iter()
+        .flatten()
+    {
+        f.set_attribute(
+            sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+            FUSED_MAX_SMEM as i32,
+        )
+        .cuda("allowing the attention kernel its shared memory")?;
     }
     Ok(())
 }
@@ -247,7 +250,7 @@ pub struct Strided {
 }
 
 /// The shape of a batched attention: `n1 * n2` problems of `rows` queries over `keys` keys
-/// with head dimension `hd`.
+/// with head dimension `hd`, and how the keys are spread over blocks.
 #[derive(Debug, Clone, Copy)]
 pub struct Problem {
     pub rows: usize,
@@ -255,11 +258,32 @@ pub struct Problem {
     pub hd: usize,
     pub n1: usize,
     pub n2: usize,
+    /// Key chunks of [`FUSED_KEYS`] per block. 1: one chunk per block (flash-decoding:
+    /// `attention_chunk`, the most blocks, for few query rows); more: `attention_flash`, an
+    /// online softmax over that many chunks per block ([`Problem::ALL_KEYS`]: every key in
+    /// one block, no workspace). A function of the problem's shape only, never of the batch,
+    /// so that a row's result does not depend on its neighbours.
+    pub per_block: usize,
 }
 
 impl Problem {
+    /// [`Problem::per_block`] for every key chunk in one block.
+    pub const ALL_KEYS: usize = usize::MAX;
+
+    /// Chunks per block that split the keys `splits` ways (at least one chunk per block).
+    pub fn chunks_for_splits(keys: usize, splits: usize) -> usize {
+        keys.div_ceil(FUSED_KEYS).div_ceil(splits.max(1)).max(1)
+    }
+
+    /// Blocks along the keys (`gridDim.y`).
     fn splits(&self) -> usize {
-        self.keys.div_ceil(FUSED_KEYS)
+        self.keys
+            .div_ceil(FUSED_KEYS)
+            .div_ceil(self.per_block.max(1))
+    }
+
+    fn flash(&self) -> bool {
+        self.per_block > 1
     }
 
     fn rows_pad(&self) -> usize {
@@ -299,8 +323,9 @@ fn fused_enabled() -> bool {
 }
 
 /// Whether [`fused_attention`] can run this problem on these operands: bf16 kernels on an
-/// sm_80+ device, hd a multiple of 8 up to 256, at most 4096 keys, 16-byte aligned K and V
-/// rows and 4-byte aligned Q and O rows (else the GEMM path serves it).
+/// sm_80+ device, hd a multiple of 8 up to 256, at most [`FUSED_MAX_SPLITS`] blocks along
+/// the keys, 16-byte aligned K and V rows and 4-byte aligned Q and O rows (else the GEMM path
+/// serves it).
 pub fn fused_fits(
     k: &Kernels,
     p: &Problem,
@@ -315,6 +340,7 @@ pub fn fused_fits(
     fused_enabled()
         && k.attention_chunk.is_some()
         && k.attention_combine.is_some()
+        && (!p.flash() || k.attention_flash.is_some())
         && k.act == DType::Bf16
         && p.hd % 8 == 0
         && p.hd > 0
@@ -347,7 +373,12 @@ pub fn fused_attention(
             "internal: fused attention on an unsupported problem".into(),
         ));
     }
-    let (Some(chunk), Some(combine)) = (&kern.attention_chunk, &kern.attention_combine) else {
+    let chunk_kernel = if p.flash() {
+        (&kern.attention_flash, "attention_flash")
+    } else {
+        (&kern.attention_chunk, "attention_chunk")
+    };
+    let (Some(chunk), Some(combine)) = (chunk_kernel.0, &kern.attention_combine) else {
         return Err(Error::Cuda("internal: no fused attention kernels".into()));
     };
     if p.rows == 0 || p.n1 == 0 || p.n2 == 0 {
@@ -382,7 +413,7 @@ pub fn fused_attention(
         i64::try_from(v).map_err(|_| Error::Cuda(format!("internal: {what} {v} too large")))
     };
     let batch = p.n1 * p.n2;
-    let args = Args::new()
+    let mut args = Args::new()
         .ptr(q.view)
         .ptr(k.view)
         .ptr(v.view)
@@ -409,13 +440,17 @@ pub fn fused_attention(
         .i32(int(mask.n_state, "state tokens")?)
         .i32(int(mask.group, "group")?)
         .i32(int(mask.prefix_stride, "prefix length stride")?);
+    if p.flash() {
+        let per_block = p.per_block.min(p.keys.div_ceil(FUSED_KEYS)).max(1);
+        args = args.i32(int(per_block, "key chunks per block")?);
+    }
     let grid = (p.rows.div_ceil(FUSED_ROWS), splits, batch);
     // A small grid (pi0.5's expert at a 10-token horizon: 2 row tiles x 12 key chunks) may
     // start while its predecessor drains; larger ones launch in order, since their blocks,
     // resident early with their shared memory, hold SMs the predecessor still needs.
     let early = grid.0 * grid.1 * grid.2 <= EARLY_BLOCKS;
     let shape = (grid, FUSED_THREADS as u32, smem as u32);
-    launch_with(chunk, lane, "attention_chunk", shape, args, early)?;
+    launch_with(chunk, lane, chunk_kernel.1, shape, args, early)?;
     if splits == 1 {
         return Ok(());
     }

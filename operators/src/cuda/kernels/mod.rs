@@ -116,7 +116,7 @@ registry! {
     "residual.cu", Always => [add_residual],
     "rope.cu", Always => [rope_qkv],
     "attention.cu", Always => [softmax_masked, unpermute_heads],
-    "attention_fused.cu", Bf16Sm80 => [attention_chunk, attention_combine],
+    "attention_fused.cu", Bf16Sm80 => [attention_chunk, attention_flash, attention_combine],
     "skinny.cu", Bf16Sm80 => [skinny_gemm, skinny_gemm_geglu, skinny_gemm_rope, skinny_gemm_fp8],
     "patch.cu", Always => [unit_pixels, im2col, patch_embed_finish],
     "embed.cu", Always => [embed_tokens],
@@ -143,7 +143,9 @@ impl Kernels {
 /// shares with Rust. Each is required: the program stops with an `#error` naming a missing
 /// one.
 pub fn defines(act: DType) -> Vec<(&'static str, String)> {
-    use attention::{FUSED_KEYS, FUSED_MAX_SPLITS, FUSED_PAD, FUSED_ROWS, FUSED_THREADS};
+    use attention::{
+        FUSED_KEYS, FUSED_MAX_HD, FUSED_MAX_SPLITS, FUSED_PAD, FUSED_ROWS, FUSED_THREADS,
+    };
     vec![
         ("TP_BF16", u8::from(act == DType::Bf16).to_string()),
         ("TP_GELU_BETA", f32_literal(cpu::GELU_TANH_BETA)),
@@ -159,6 +161,7 @@ pub fn defines(act: DType) -> Vec<(&'static str, String)> {
         ("TP_FA_THREADS", FUSED_THREADS.to_string()),
         ("TP_FA_PAD", FUSED_PAD.to_string()),
         ("TP_FA_MAX_SPLITS", FUSED_MAX_SPLITS.to_string()),
+        ("TP_FA_MAX_HD", FUSED_MAX_HD.to_string()),
         ("TP_SK_UNROLL", skinny::UNROLL.to_string()),
         ("TP_SK_WARPS", skinny::WARPS.to_string()),
         ("TP_SK_TILES", skinny::TILES.to_string()),

@@ -151,6 +151,17 @@ impl Device {
         result::mem_get_info().cuda("querying device memory")
     }
 
+    /// Streaming multiprocessors (1 when the driver does not say).
+    pub fn sm_count(&self) -> usize {
+        use sys::CUdevice_attribute as A;
+        self.ctx
+            .attribute(A::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
+            .ok()
+            .and_then(|n| usize::try_from(n).ok())
+            .filter(|&n| n > 0)
+            .unwrap_or(1)
+    }
+
     /// Peak memory bandwidth in bytes/s: double data rate at the memory clock over the bus
     /// width (None when the driver does not report them).
     pub fn peak_bandwidth(&self) -> Option<f64> {

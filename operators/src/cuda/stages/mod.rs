@@ -49,6 +49,10 @@ pub struct Engine {
     /// bf16: the vision tower's biases (and fc1's GELU) in cuBLASLt's epilogue where it
     /// offers one (`TURBOPI_LT_EPILOGUES`, default on; see [`Engine::linear_bias`]).
     pub lt_epilogues: bool,
+    /// bf16: the vision tower's tensor-core attention (`TURBOPI_VISION_ATTENTION`).
+    pub vision_attention: settings::VisionAttention,
+    /// bf16: the prefix's attention (`TURBOPI_PREFIX_ATTENTION`).
+    pub prefix_attention: settings::PrefixAttention,
     pub dev: Device,
 }
 
@@ -70,6 +74,8 @@ impl Engine {
         let skinny_geglu = skinny && settings::flag("TURBOPI_SKINNY_GEGLU", true)?;
         let skinny_rope = skinny && settings::flag("TURBOPI_SKINNY_ROPE", true)?;
         let lt_epilogues = settings::flag("TURBOPI_LT_EPILOGUES", true)?;
+        let vision_attention = settings::vision_attention()?;
+        let prefix_attention = settings::prefix_attention()?;
         Ok(Engine {
             kernels,
             gemm,
@@ -78,6 +84,8 @@ impl Engine {
             skinny_rope,
             fp8,
             lt_epilogues,
+            vision_attention,
+            prefix_attention,
             dev,
         })
     }
@@ -701,8 +709,8 @@ pub(crate) fn lin(l: &Lin) -> Mat {
 /// The attention of a Gemma (prefix or expert): the queries of `rows` (one sequence, or a
 /// batch's sequences each over its own cache) in the grouped layout in `q` ([sequence][kv]
 /// [rows][group][hd]) over the first `keys` rows of a layer's K/V cache, on the tensor cores
-/// when a workspace is given and the problem fits (one launch for every sequence), else as
-/// GEMMs (a sequence at a time); the result lands in `att` [rows, nh * hd] (through `att_g`
+/// when a workspace and the key chunks per block ([`Problem::per_block`]) are given and the
+/// problem fits (one launch for every sequence), else as GEMMs (a sequence at a time); the result lands in `att` [rows, nh * hd] (through `att_g`
 /// when heads must be unpermuted). `kc` and `vc` are sequence 0's caches, spanning the
 /// others; `mask.prefix_len` is sequence 0's length, and the others' follow at
 /// `rows.prefix_stride`.
@@ -716,7 +724,7 @@ pub fn gemma_attention(
     (kc, vc): (View, View),
     mask: Mask,
     scratch: Scratch,
-    fa: Option<Workspace>,
+    fa: Option<(Workspace, usize)>,
     (att_g, att): (View, View),
 ) -> Result<()> {
     let (kv, hd) = (cfg.num_kv_heads, cfg.head_dim);
@@ -732,13 +740,14 @@ pub fn gemma_attention(
         ..mask
     };
     let fused = match fa {
-        Some(work) => {
+        Some((work, per_block)) => {
             let prob = Problem {
                 rows: gr,
                 keys,
                 hd,
                 n1: kv,
                 n2: rows.n,
+                per_block,
             };
             let fq = Strided {
                 view: q,

@@ -4,7 +4,7 @@
 //! ([`crate::gemma::Gemma::prefix_kv`]).
 
 use crate::config::Config;
-use crate::cuda::attention::{score_stride, Mask, Scratch};
+use crate::cuda::attention::{score_stride, Mask, Problem, Scratch, Workspace, FUSED_ROWS};
 use crate::cuda::device::{DType, DeviceBuffer, Fp8Scratch, Lane, View};
 use crate::cuda::embed::embed_tokens;
 use crate::cuda::gemm::Mat;
@@ -36,11 +36,50 @@ struct Buffers {
     gu: View,
     m: View,
     inv_freq: View,
+    /// The tensor-core attention's partial outputs and statistics, when its keys are split.
+    fa: Workspace,
     /// `--dtype fp8`: where each product's input is quantised.
     fp8: Option<Fp8Scratch>,
 }
 
-fn layout(cfg: &Config, (act, fp8): (DType, crate::fp8::Stages), ar: &mut Arena) -> Buffers {
+/// The prefix attention's tensor-core problem over `p` tokens (the caller still asks
+/// [`crate::cuda::attention::fused_fits`]), or None for the GEMM path
+/// (`TURBOPI_PREFIX_ATTENTION`). Automatic splits: the fewest ways of splitting the keys
+/// whose blocks cover every SM once (the prefix has few blocks of 64 query rows and many
+/// keys; each split beyond one costs its partial outputs' round trip through memory).
+fn attention_problem(e: &Engine, cfg: &Config, p: usize) -> Option<Problem> {
+    let crate::settings::PrefixAttention::Flash { splits } = e.prefix_attention else {
+        return None;
+    };
+    let hs = heads(cfg);
+    let rows = p * hs.group();
+    let blocks = rows.div_ceil(FUSED_ROWS) * hs.kv;
+    let splits = splits.unwrap_or_else(|| e.dev.sm_count().div_ceil(blocks.max(1)));
+    Some(Problem {
+        rows,
+        keys: p,
+        hd: hs.hd,
+        n1: hs.kv,
+        n2: 1,
+        per_block: Problem::chunks_for_splits(p, splits),
+    })
+}
+
+/// f32 elements of the attention workspace that serves every prefix length up to the
+/// config's: (partial outputs, statistics).
+fn attention_workspace(e: &Engine, cfg: &Config) -> (usize, usize) {
+    (1..=cfg.max_prefix_len())
+        .filter_map(|p| attention_problem(e, cfg, p))
+        .map(|prob| prob.workspace())
+        .fold((0, 0), |a, b| (a.0.max(b.0), a.1.max(b.1)))
+}
+
+fn layout(
+    cfg: &Config,
+    (act, fp8): (DType, crate::fp8::Stages),
+    (part, stats): (usize, usize),
+    ar: &mut Arena,
+) -> Buffers {
     let f = DType::F32;
     let heads = heads(cfg);
     let (p, w, mlp) = (cfg.max_prefix_len(), cfg.vlm_width, cfg.vlm_mlp_dim);
@@ -58,6 +97,10 @@ fn layout(cfg: &Config, (act, fp8): (DType, crate::fp8::Stages), ar: &mut Arena)
         gu: ar.take(act, p * 2 * mlp),
         m: ar.take(act, p * mlp),
         inv_freq: ar.take(f, cfg.head_dim / 2),
+        fa: Workspace {
+            part: ar.take(f, part),
+            stats: ar.take(f, stats),
+        },
         fp8: fp8.prefix.then(|| Fp8Scratch {
             codes: ar.take(DType::U8, p * w.max(qw).max(mlp)),
             scales: ar.take(f, p),
@@ -97,7 +140,8 @@ impl Prefix {
         let weights =
             DeviceWeights::allocate(&e.dev, e.weight_types(), |p: &mut Planner| p.prefix(cfg))?;
         let types = e.weight_types();
-        let (buf, alloc) = allocate(&e.dev, &lane, |ar| layout(cfg, types, ar))?;
+        let fa = attention_workspace(e, cfg);
+        let (buf, alloc) = allocate(&e.dev, &lane, |ar| layout(cfg, types, fa, ar))?;
         if let Some(s) = buf.fp8 {
             lane.attach_fp8_scratch(s)?;
         }
@@ -301,7 +345,7 @@ fn forward(
                 (kc, vc),
                 mask,
                 scratch,
-                None,
+                attention_problem(e, cfg, p).map(|prob| (b.fa, prob.per_block)),
                 (b.att_g, b.att),
             )?;
             mark("attention")?;

@@ -14,6 +14,7 @@ use crate::cuda::layer_norm::layer_norm;
 use crate::cuda::patch::{im2col, patch_embed_finish, unit_pixels};
 use crate::cuda::runtime::graph::GraphCache;
 use crate::cuda::weights::{Arena, DeviceWeights, Planner, VisionW};
+use crate::settings::VisionAttention;
 use crate::Result;
 
 use super::{allocate, lin, profile_stage, stage_graphs, Engine, Marks};
@@ -60,14 +61,16 @@ impl Shape {
         }
     }
 
-    /// Every camera and head at once, for the tensor-core attention.
-    fn problem(&self, cameras: usize) -> Problem {
+    /// Every camera and head at once, for the tensor-core attention: one block per key
+    /// chunk (`chunks`, whose workspace is the larger), or every key in one block.
+    fn problem(&self, cameras: usize, chunks: bool) -> Problem {
         Problem {
             rows: self.tokens_per_image,
             keys: self.tokens_per_image,
             hd: self.head_dim,
             n1: cameras,
             n2: self.heads,
+            per_block: if chunks { 1 } else { Problem::ALL_KEYS },
         }
     }
 }
@@ -98,7 +101,7 @@ fn layout(s: &Shape, (act, fp8): (DType, crate::fp8::Stages), ar: &mut Arena) ->
     let rows = s.cameras * s.tokens_per_image;
     // Only the bf16 kernels have the fused attention.
     let (part, stats) = if act == DType::Bf16 {
-        s.problem(s.cameras).workspace()
+        s.problem(s.cameras, true).workspace()
     } else {
         (0, 0)
     };
@@ -327,7 +330,7 @@ fn forward(
             mark("bias qkv")?;
         }
         // Every camera and head at once on the tensor cores, else per camera as GEMMs.
-        let prob = s.problem(n);
+        let prob = s.problem(n, e.vision_attention == VisionAttention::Chunks);
         let at = |view: View, ld: usize| Strided {
             view,
             ld,

@@ -83,6 +83,8 @@ fn problem(cfg: &Config, s: &Shape, batch: usize) -> Problem {
         hd: hs.hd,
         n1: hs.kv,
         n2: batch,
+        // Few query rows: one block per key chunk fills the GPU.
+        per_block: 1,
     }
 }
 
@@ -606,7 +608,7 @@ impl Denoise {
                     (kc, vc),
                     mask,
                     scratch,
-                    Some(b.fa),
+                    Some((b.fa, 1)),
                     (b.att_g, b.att),
                 )?;
                 self.mark(e, "attention")?;
