@@ -111,6 +111,76 @@ __device__ __forceinline__ void tp_fa_row_max(const float (&s)[8][4], float& ma,
   mb = fmaxf(mb, __shfl_xor_sync(0xffffffffu, mb, 2));
 }
 
+// Where a warp's results go: with one block along the keys, O (rows a and b where they are
+// real rows); else the block's normalised partial output and its rows' (max, sum).
+struct TpFaOut {
+  float* part;                 // this block's [rows_pad][hd] partials
+  float* stats;                // this block's [rows_pad][2] (max, sum)
+  unsigned short* o;           // this problem's O
+  long long o_ld;
+  int hd, ra, rb;
+  bool in_a, in_b, split;
+};
+
+// Columns col, col + 1 of rows a (va0, va1) and b (vb0, vb1).
+__device__ __forceinline__ void tp_fa_put(const TpFaOut& w, int col, float va0, float va1,
+                                          float vb0, float vb1) {
+  if (col >= w.hd) return;
+  if (w.split) {
+    *reinterpret_cast<float2*>(w.part + (long long)w.ra * w.hd + col) = make_float2(va0, va1);
+    *reinterpret_cast<float2*>(w.part + (long long)w.rb * w.hd + col) = make_float2(vb0, vb1);
+    return;
+  }
+  if (w.in_a) {
+    tp_store(w.o, (long long)w.ra * w.o_ld + col, va0);
+    tp_store(w.o, (long long)w.ra * w.o_ld + col + 1, va1);
+  }
+  if (w.in_b) {
+    tp_store(w.o, (long long)w.rb * w.o_ld + col, vb0);
+    tp_store(w.o, (long long)w.rb * w.o_ld + col + 1, vb1);
+  }
+}
+
+// The rows' (max, sum) for attention_combine (one lane of the quad writes them).
+__device__ __forceinline__ void tp_fa_put_stats(const TpFaOut& w, int t, float ma, float la,
+                                                float mb, float lb) {
+  if (!w.split || t != 0) return;
+  w.stats[2 * w.ra] = ma;
+  w.stats[2 * w.ra + 1] = la;
+  w.stats[2 * w.rb] = mb;
+  w.stats[2 * w.rb + 1] = lb;
+}
+
+// The output of block (x, y, z) for the warp whose lane holds rows ra and rb.
+__device__ __forceinline__ TpFaOut tp_fa_out(float* part, float* stats, unsigned short* O,
+                                             long long o_off, long long o_ld, int rows, int hd,
+                                             int ra, int rb) {
+  const long long rows_pad = (long long)gridDim.x * TP_FA_ROWS;
+  const long long blk = (long long)blockIdx.z * gridDim.y + blockIdx.y;
+  TpFaOut w;
+  w.part = part + blk * rows_pad * hd;
+  w.stats = stats + blk * rows_pad * 2;
+  w.o = O + o_off;
+  w.o_ld = o_ld;
+  w.hd = hd;
+  w.ra = ra;
+  w.rb = rb;
+  w.in_a = ra < rows;
+  w.in_b = rb < rows;
+  w.split = gridDim.y > 1;
+  return w;
+}
+
+// The parameters of both attention kernels (described at attention_chunk).
+#define TP_FA_PARAMS                                                                         \
+  const unsigned short *__restrict__ Q, const unsigned short *__restrict__ K,               \
+      const unsigned short *__restrict__ V, unsigned short *__restrict__ O,                 \
+      float *__restrict__ part, float *__restrict__ stats,                                  \
+      const int *__restrict__ prefix_len, int rows, int keys, int hd, int hdp, int nb2,     \
+      long long q_ld, long long q_s1, long long q_s2, long long kv_ld, long long kv_s1,     \
+      long long kv_s2, long long o_ld, long long o_s1, long long o_s2, float scale,         \
+      int prefix_cap, int n_state, int group, int plen_stride
+
 // Problem b of gridDim.z = n1 * nb2 sits at offset (b / nb2) * s1 + (b % nb2) * s2 of each
 // operand, and reads its prefix length at prefix_len[(b % nb2) * plen_stride] (the rows of a
 // batch over their own caches); rows are `ld` apart. Q, O: [rows, hd] per problem; K, V:
@@ -120,15 +190,7 @@ __device__ __forceinline__ void tp_fa_row_max(const float (&s)[8][4], float& ma,
 // ldmatrix. The mask is softmax_masked's. With one chunk (gridDim.y == 1) the block writes O;
 // else it writes its normalised partial output to part [b][y][rows_pad][hd] and (max, sum)
 // to stats [b][y][rows_pad][2] for attention_combine.
-extern "C" __global__ void __launch_bounds__(TP_FA_THREADS) attention_chunk(
-    const unsigned short* __restrict__ Q, const unsigned short* __restrict__ K,
-    const unsigned short* __restrict__ V, unsigned short* __restrict__ O,
-    float* __restrict__ part, float* __restrict__ stats, const int* __restrict__ prefix_len,
-    int rows, int keys, int hd, int hdp, int nb2,
-    long long q_ld, long long q_s1, long long q_s2,
-    long long kv_ld, long long kv_s1, long long kv_s2,
-    long long o_ld, long long o_s1, long long o_s2,
-    float scale, int prefix_cap, int n_state, int group, int plen_stride) {
+extern "C" __global__ void __launch_bounds__(TP_FA_THREADS) attention_chunk(TP_FA_PARAMS) {
   tp_pdl_enter();
   extern __shared__ __align__(16) unsigned short tp_fa_smem[];
   const int ld = hdp + TP_FA_PAD;  // padded rows: conflict-free ldmatrix
@@ -137,7 +199,7 @@ extern "C" __global__ void __launch_bounds__(TP_FA_THREADS) attention_chunk(
   unsigned short* sv = sk + TP_FA_KEYS * ld;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
   const int b = blockIdx.z, b1 = b / nb2, b2 = b - b1 * nb2;
-  const int split = blockIdx.y, splits = gridDim.y, j0 = split * TP_FA_KEYS;
+  const int j0 = blockIdx.y * TP_FA_KEYS;
   const int row0 = blockIdx.x * TP_FA_ROWS;
   const unsigned short* q = Q + b1 * q_s1 + b2 * q_s2;
   const unsigned short* kp = K + b1 * kv_s1 + b2 * kv_s2 + (long long)j0 * kv_ld;
@@ -153,7 +215,6 @@ extern "C" __global__ void __launch_bounds__(TP_FA_THREADS) attention_chunk(
 
   const int r0 = row0 + warp * 16;
   const int ra = r0 + g, rb = ra + 8;
-  const bool in_a = ra < rows, in_b = rb < rows;
   // ldmatrix: lane l addresses row (l & 7) of 8x8 matrix (l >> 3).
   const int mi = lane & 7, mm = lane >> 3;
 
@@ -199,9 +260,7 @@ extern "C" __global__ void __launch_bounds__(TP_FA_THREADS) attention_chunk(
   __syncthreads();
   if (r0 >= rows) return;
   // O = P V, 16 output columns (two 16x8 tiles) at a time.
-  const long long rows_pad = (long long)gridDim.x * TP_FA_ROWS;
-  float* pb = part + ((long long)b * splits + split) * rows_pad * hd;
-  unsigned short* o = O + b1 * o_s1 + b2 * o_s2;
+  const TpFaOut out = tp_fa_out(part, stats, O, b1 * o_s1 + b2 * o_s2, o_ld, rows, hd, ra, rb);
   const unsigned vaddr = tp_smem_addr(sv + ((mm & 1) * 8 + mi) * ld + (mm >> 1) * 8);
   for (int np = 0; np < (hdp >> 4); ++np) {
     float acc[2][4] = {{0.0f, 0.0f, 0.0f, 0.0f}, {0.0f, 0.0f, 0.0f, 0.0f}};
@@ -214,30 +273,10 @@ extern "C" __global__ void __launch_bounds__(TP_FA_THREADS) attention_chunk(
     }
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
-      const int c = np * 16 + h * 8 + 2 * t;
-      if (c >= hd) continue;
-      if (splits > 1) {
-        *reinterpret_cast<float2*>(pb + (long long)ra * hd + c) = make_float2(acc[h][0], acc[h][1]);
-        *reinterpret_cast<float2*>(pb + (long long)rb * hd + c) = make_float2(acc[h][2], acc[h][3]);
-      } else {
-        if (in_a) {
-          tp_store(o, (long long)ra * o_ld + c, acc[h][0]);
-          tp_store(o, (long long)ra * o_ld + c + 1, acc[h][1]);
-        }
-        if (in_b) {
-          tp_store(o, (long long)rb * o_ld + c, acc[h][2]);
-          tp_store(o, (long long)rb * o_ld + c + 1, acc[h][3]);
-        }
-      }
+      tp_fa_put(out, np * 16 + h * 8 + 2 * t, acc[h][0], acc[h][1], acc[h][2], acc[h][3]);
     }
   }
-  if (splits > 1 && t == 0) {
-    float* st = stats + ((long long)b * splits + split) * rows_pad * 2;
-    st[2 * ra] = ma;
-    st[2 * ra + 1] = la;
-    st[2 * rb] = mb;
-    st[2 * rb + 1] = lb;
-  }
+  tp_fa_put_stats(out, t, ma, la, mb, lb);
 }
 
 // attention_chunk's problem with an online softmax over `per_block` consecutive key chunks per
@@ -248,15 +287,8 @@ extern "C" __global__ void __launch_bounds__(TP_FA_THREADS) attention_chunk(
 // one's softmax and P V run, its V while the next scores run. Fewer blocks, no workspace when
 // one block takes every chunk (gridDim.y == 1: it writes O); else the same normalised
 // partials and (max, sum) as attention_chunk, for attention_combine.
-extern "C" __global__ void __launch_bounds__(TP_FA_THREADS) attention_flash(
-    const unsigned short* __restrict__ Q, const unsigned short* __restrict__ K,
-    const unsigned short* __restrict__ V, unsigned short* __restrict__ O,
-    float* __restrict__ part, float* __restrict__ stats, const int* __restrict__ prefix_len,
-    int rows, int keys, int hd, int hdp, int nb2,
-    long long q_ld, long long q_s1, long long q_s2,
-    long long kv_ld, long long kv_s1, long long kv_s2,
-    long long o_ld, long long o_s1, long long o_s2,
-    float scale, int prefix_cap, int n_state, int group, int plen_stride, int per_block) {
+extern "C" __global__ void __launch_bounds__(TP_FA_THREADS) attention_flash(TP_FA_PARAMS,
+                                                                            int per_block) {
   tp_pdl_enter();
   extern __shared__ __align__(16) unsigned short tp_fa_smem[];
   const int ld = hdp + TP_FA_PAD;
@@ -265,9 +297,8 @@ extern "C" __global__ void __launch_bounds__(TP_FA_THREADS) attention_flash(
   unsigned short* sv = sk + TP_FA_KEYS * ld;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
   const int b = blockIdx.z, b1 = b / nb2, b2 = b - b1 * nb2;
-  const int split = blockIdx.y, splits = gridDim.y;
   const int chunks = (keys + TP_FA_KEYS - 1) / TP_FA_KEYS;
-  const int c0 = split * per_block, c1 = min(c0 + per_block, chunks);
+  const int c0 = blockIdx.y * per_block, c1 = min(c0 + per_block, chunks);
   const int row0 = blockIdx.x * TP_FA_ROWS;
   const long long step = (long long)TP_FA_KEYS * kv_ld;
   const unsigned short* q = Q + b1 * q_s1 + b2 * q_s2;
@@ -384,41 +415,17 @@ extern "C" __global__ void __launch_bounds__(TP_FA_THREADS) attention_flash(
   lb += __shfl_xor_sync(0xffffffffu, lb, 2);
   if (r0 >= rows) return;
   const float ia = la > 0.0f ? 1.0f / la : 0.0f, ib = lb > 0.0f ? 1.0f / lb : 0.0f;
-  const bool in_a = ra < rows, in_b = rb < rows;
-  const long long rows_pad = (long long)gridDim.x * TP_FA_ROWS;
-  float* pb = part + ((long long)b * splits + split) * rows_pad * hd;
-  unsigned short* o = O + b1 * o_s1 + b2 * o_s2;
+  const TpFaOut out = tp_fa_out(part, stats, O, b1 * o_s1 + b2 * o_s2, o_ld, rows, hd, ra, rb);
 #pragma unroll
   for (int np = 0; np < TP_FA_MAX_HD / 16; ++np) {
     if (np >= nps) continue;
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
-      const int col = np * 16 + h * 8 + 2 * t;
-      if (col >= hd) continue;
-      const float a0 = acc[np][h][0] * ia, a1 = acc[np][h][1] * ia;
-      const float b0 = acc[np][h][2] * ib, b1v = acc[np][h][3] * ib;
-      if (splits > 1) {
-        *reinterpret_cast<float2*>(pb + (long long)ra * hd + col) = make_float2(a0, a1);
-        *reinterpret_cast<float2*>(pb + (long long)rb * hd + col) = make_float2(b0, b1v);
-      } else {
-        if (in_a) {
-          tp_store(o, (long long)ra * o_ld + col, a0);
-          tp_store(o, (long long)ra * o_ld + col + 1, a1);
-        }
-        if (in_b) {
-          tp_store(o, (long long)rb * o_ld + col, b0);
-          tp_store(o, (long long)rb * o_ld + col + 1, b1v);
-        }
-      }
+      tp_fa_put(out, np * 16 + h * 8 + 2 * t, acc[np][h][0] * ia, acc[np][h][1] * ia,
+                acc[np][h][2] * ib, acc[np][h][3] * ib);
     }
   }
-  if (splits > 1 && t == 0) {
-    float* st = stats + ((long long)b * splits + split) * rows_pad * 2;
-    st[2 * ra] = ma;
-    st[2 * ra + 1] = la;
-    st[2 * rb] = mb;
-    st[2 * rb + 1] = lb;
-  }
+  tp_fa_put_stats(out, t, ma, la, mb, lb);
 }
 
 // O row (blockIdx.x) of problem blockIdx.y from the chunks' partial outputs, each weighted by
