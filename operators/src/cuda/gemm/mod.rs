@@ -371,9 +371,10 @@ impl Gemm {
     /// row n of w for `w_scales[n]` times its codes, as [`crate::fp8::quantise_rows`] and
     /// [`crate::cuda::fp8::quantise_e4m3`] write them), products accumulate in f32 and y is
     /// f32 or bf16. Both scale vectors are applied by cuBLASLt (outer-vector scaling, CUDA
-    /// 12.9 and newer, sm_90 and newer); an error names the shape where no algorithm takes
-    /// them. CPU twin: [`crate::cpu::Linear::forward`] on an FP8-quantised layer with
-    /// its activations quantised.
+    /// 12.9 and newer, sm_90 and newer). Returns Ok(false), having queued nothing, where
+    /// cuBLASLt offers no algorithm for this output (remembered, as [`Gemm::linear_bias`]).
+    /// CPU twin: [`crate::cpu::Linear::forward`] on an FP8-quantised layer with its
+    /// activations quantised.
     #[allow(clippy::too_many_arguments)]
     pub fn linear_fp8(
         &self,
@@ -384,7 +385,7 @@ impl Gemm {
         w_scales: View,
         y: Mat,
         beta: f32,
-    ) -> Result<()> {
+    ) -> Result<bool> {
         if x.view.dtype != DType::U8 || w.view.dtype != DType::U8 {
             return Err(Error::Cuda(format!(
                 "internal: FP8 GEMM operands of types {:?} and {:?}, expected u8 codes",
@@ -393,18 +394,13 @@ impl Gemm {
         }
         let Some((mut key, mut ops)) = self.prepare(x, w, Op::Wt, y, Alpha::Host(1.0), beta, 1)?
         else {
-            return Ok(());
+            return Ok(true);
         };
         x_scales.need(DType::F32, x.rows, "FP8 GEMM input scales")?;
         w_scales.need(DType::F32, w.rows, "FP8 GEMM weight scales")?;
         key.scale = Scale::OuterVectors;
         ops.scales = Some((w_scales.ptr, x_scales.ptr));
-        self.run(key, ops, lane, &|| {
-            format!(
-                "cublasLtMatmul (FP8, outer-vector scales) y[{}, {}] = x[{}, {}] . wT (-> {:?})",
-                key.m, key.n, key.m, key.k, y.view.dtype
-            )
-        })
+        self.run_or_refuse(key, ops, lane)
     }
 
     /// y = x·wᵀ + bias (then tanh-GELU with `epi` GeluBias) as one cuBLASLt call, the bias

@@ -113,7 +113,7 @@ registry! {
     "rms_norm.cu", Always => [rms_norm],
     "mlp.cu", Always => [gelu_gate],
     "activation.cu", Always => [bias_act],
-    "residual.cu", Always => [add_residual],
+    "residual.cu", Always => [add_residual, add_act],
     "rope.cu", Always => [rope_qkv],
     "attention.cu", Always => [softmax_masked, unpermute_heads],
     "attention_fused.cu", Bf16Sm80 => [attention_chunk, attention_flash, attention_combine],

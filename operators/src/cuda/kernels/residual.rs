@@ -36,3 +36,12 @@ pub fn add_residual(
         args,
     )
 }
+
+/// x = y (`add` false) or x += y (`add` true), x f32 and y of the activation type, `n`
+/// elements each. CPU twin: [`crate::cpu::add_residual`] (y as the activation type holds it).
+pub fn add_act(k: &Kernels, lane: &Lane, x: View, y: View, add: bool, n: usize) -> Result<()> {
+    x.need(DType::F32, n, "add_act x")?;
+    y.need(k.act, n, "add_act y")?;
+    let args = Args::new().ptr(x).ptr(y).i32(i32::from(add)).i64(n as i64);
+    launch(&k.add_act, lane, "add_act", blocks_for(n, 256), 256, args)
+}

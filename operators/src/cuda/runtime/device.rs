@@ -401,6 +401,9 @@ pub struct Fp8Scratch {
     pub codes: View,
     /// f32, at least its rows.
     pub scales: View,
+    /// The activation type, at least rows x N of the largest product with an f32 output:
+    /// where such a product lands in bf16 when cuBLASLt offers no f32 output for it.
+    pub out: View,
 }
 
 impl Lane {

@@ -23,9 +23,9 @@ use crate::config::Config;
 use crate::cuda::attention::{self, Mask, Problem, Scratch, Strided, Workspace};
 use crate::cuda::device::{timing_event, CudaResult, DType, Device, DeviceBuffer, Lane, View};
 use crate::cuda::gemm::{Fp8, Gemm, LtEpilogue, Mat};
-use crate::cuda::kernels::fp8;
 use crate::cuda::kernels::rope::RowBatch;
 use crate::cuda::kernels::skinny::{self, Epilogue};
+use crate::cuda::kernels::{fp8, residual};
 use crate::cuda::runtime::graph::Graph;
 use crate::cuda::weights::{Arena, Lin};
 use crate::cuda::Kernels;
@@ -250,8 +250,33 @@ impl Engine {
         let codes = scratch.codes.at(0, rows * k)?;
         let scales = scratch.scales.at(0, rows)?;
         fp8::quantise_e4m3(&self.kernels, lane, x.view, x.ld, codes, k, scales, rows, k)?;
-        self.gemm
-            .linear_fp8(lane, Mat::new(codes, rows, k), scales, w, f.scales, y, beta)
+        let xq = Mat::new(codes, rows, k);
+        if self
+            .gemm
+            .linear_fp8(lane, xq, scales, w, f.scales, y, beta)?
+        {
+            return Ok(());
+        }
+        // No FP8 algorithm with outer-vector scales writes this f32 output (or adds into
+        // it): the product lands in the activation type in the scratch, then in y.
+        let n = w.rows;
+        let refused = || {
+            Error::Cuda(format!(
+                "fp8: cuBLASLt offers no E4M3 product with outer-vector scales for x [{rows},                  {k}] times weights [{n}, {k}] into {:?} (beta {beta}) on {}",
+                y.view.dtype, self.dev.name
+            ))
+        };
+        if y.view.dtype != DType::F32 || y.ld != n || y.cols != n {
+            return Err(refused());
+        }
+        let tmp = Mat::new(scratch.out.at(0, rows * n)?, rows, n);
+        if !self
+            .gemm
+            .linear_fp8(lane, xq, scales, w, f.scales, tmp, 0.0)?
+        {
+            return Err(refused());
+        }
+        residual::add_act(&self.kernels, lane, y.view, tmp.view, beta == 1.0, rows * n)
     }
 
     /// The activation type (f32 or bf16).

@@ -104,6 +104,8 @@ fn layout(
         fp8: fp8.prefix.then(|| Fp8Scratch {
             codes: ar.take(DType::U8, p * w.max(qw).max(mlp)),
             scales: ar.take(f, p),
+            // The f32 outputs: o and down, into the residual stream.
+            out: ar.take(act, p * w),
         }),
     }
 }
