@@ -2827,12 +2827,24 @@ fn fp8_gemm_matches_the_cpu_w8a8_product() {
                 DType::F32,
                 "{name}: cuBLASLt must offer the bf16 output"
             );
-            println!("NOTE {name}: no f32 output offered; the bf16 product and add_act instead");
             let tmp = nan(&g, DType::Bf16, m * n);
-            assert!(
-                product(tmp.view(), 0.0),
-                "{name}: the bf16 output refused too"
-            );
+            if !product(tmp.view(), 0.0) {
+                // No W8A8 product with per-row scales on this card (Hopper's cuBLASLt): a
+                // refusal queues nothing, so y is as it was; the engine then keeps the
+                // vision tower and the prefix in bf16 (cuda_policy's fp8 tests).
+                println!("NOTE {name}: cuBLASLt offers no E4M3 product with outer-vector scales");
+                let y = g.download(yb.view()).unwrap();
+                if mode == "store" {
+                    assert!(
+                        y.iter().all(|v| v.is_nan()),
+                        "{name}: a refused call wrote y"
+                    );
+                } else {
+                    assert_eq!(bits(&y), bits(&y0), "{name}: a refused call changed y");
+                }
+                continue;
+            }
+            println!("NOTE {name}: no f32 output offered; the bf16 product and add_act instead");
             add_act(
                 &g.kernels,
                 &g.lane,
@@ -2976,8 +2988,18 @@ fn lt_bias_epilogues_match_the_cpu_linear() {
                 .gemm
                 .linear_bias(&g.lane, xm, wm, Mat::new(yb.view(), m, n), bb.view(), epi)
                 .unwrap();
-            assert!(ran, "{name}: cuBLASLt offered no algorithm (round {round})");
             let got = g.download(yb.view()).unwrap();
+            if !ran {
+                // Hopper's cuBLASLt offers no bias epilogue with an f32 bias into bf16: the
+                // engine then runs the two-launch path, checked below. A refusal writes
+                // nothing.
+                println!("NOTE {name}: no bias epilogue offered (round {round})");
+                assert!(
+                    got.iter().all(|v| v.is_nan()),
+                    "{name}: a refused call wrote y"
+                );
+                continue;
+            }
             check(
                 &format!("{name} round {round}"),
                 &got,

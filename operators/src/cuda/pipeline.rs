@@ -253,6 +253,12 @@ pub struct CudaPolicy {
 }
 
 impl CudaPolicy {
+    /// The stages whose large linear layers run in FP8 (none outside `--dtype fp8`; with it,
+    /// what this card's cuBLASLt allows of `TURBOPI_FP8_STAGES`).
+    pub fn fp8_stages(&self) -> crate::fp8::Stages {
+        self.engine.fp8
+    }
+
     /// Loads `ckpt` onto the GPU (device `TURBOPI_CUDA_DEVICE`, default 0): compiles the
     /// kernels, lays out and uploads every stage's weights, allocates every buffer a frame
     /// needs. `progress(bytes_read, bytes_total)` is called as tensors are read.

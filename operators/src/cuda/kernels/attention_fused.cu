@@ -171,16 +171,6 @@ __device__ __forceinline__ TpFaOut tp_fa_out(float* part, float* stats, unsigned
   return w;
 }
 
-// The parameters of both attention kernels (described at attention_chunk).
-#define TP_FA_PARAMS                                                                         \
-  const unsigned short *__restrict__ Q, const unsigned short *__restrict__ K,               \
-      const unsigned short *__restrict__ V, unsigned short *__restrict__ O,                 \
-      float *__restrict__ part, float *__restrict__ stats,                                  \
-      const int *__restrict__ prefix_len, int rows, int keys, int hd, int hdp, int nb2,     \
-      long long q_ld, long long q_s1, long long q_s2, long long kv_ld, long long kv_s1,     \
-      long long kv_s2, long long o_ld, long long o_s1, long long o_s2, float scale,         \
-      int prefix_cap, int n_state, int group, int plen_stride
-
 // Problem b of gridDim.z = n1 * nb2 sits at offset (b / nb2) * s1 + (b % nb2) * s2 of each
 // operand, and reads its prefix length at prefix_len[(b % nb2) * plen_stride] (the rows of a
 // batch over their own caches); rows are `ld` apart. Q, O: [rows, hd] per problem; K, V:
@@ -190,7 +180,15 @@ __device__ __forceinline__ TpFaOut tp_fa_out(float* part, float* stats, unsigned
 // ldmatrix. The mask is softmax_masked's. With one chunk (gridDim.y == 1) the block writes O;
 // else it writes its normalised partial output to part [b][y][rows_pad][hd] and (max, sum)
 // to stats [b][y][rows_pad][2] for attention_combine.
-extern "C" __global__ void __launch_bounds__(TP_FA_THREADS) attention_chunk(TP_FA_PARAMS) {
+extern "C" __global__ void __launch_bounds__(TP_FA_THREADS) attention_chunk(
+    const unsigned short* __restrict__ Q, const unsigned short* __restrict__ K,
+    const unsigned short* __restrict__ V, unsigned short* __restrict__ O,
+    float* __restrict__ part, float* __restrict__ stats, const int* __restrict__ prefix_len,
+    int rows, int keys, int hd, int hdp, int nb2,
+    long long q_ld, long long q_s1, long long q_s2,
+    long long kv_ld, long long kv_s1, long long kv_s2,
+    long long o_ld, long long o_s1, long long o_s2,
+    float scale, int prefix_cap, int n_state, int group, int plen_stride) {
   tp_pdl_enter();
   extern __shared__ __align__(16) unsigned short tp_fa_smem[];
   const int ld = hdp + TP_FA_PAD;  // padded rows: conflict-free ldmatrix
@@ -287,8 +285,16 @@ extern "C" __global__ void __launch_bounds__(TP_FA_THREADS) attention_chunk(TP_F
 // one's softmax and P V run, its V while the next scores run. Fewer blocks, no workspace when
 // one block takes every chunk (gridDim.y == 1: it writes O); else the same normalised
 // partials and (max, sum) as attention_chunk, for attention_combine.
-extern "C" __global__ void __launch_bounds__(TP_FA_THREADS) attention_flash(TP_FA_PARAMS,
-                                                                            int per_block) {
+// Parameters: attention_chunk's, then per_block.
+extern "C" __global__ void __launch_bounds__(TP_FA_THREADS) attention_flash(
+    const unsigned short* __restrict__ Q, const unsigned short* __restrict__ K,
+    const unsigned short* __restrict__ V, unsigned short* __restrict__ O,
+    float* __restrict__ part, float* __restrict__ stats, const int* __restrict__ prefix_len,
+    int rows, int keys, int hd, int hdp, int nb2,
+    long long q_ld, long long q_s1, long long q_s2,
+    long long kv_ld, long long kv_s1, long long kv_s2,
+    long long o_ld, long long o_s1, long long o_s2,
+    float scale, int prefix_cap, int n_state, int group, int plen_stride, int per_block) {
   tp_pdl_enter();
   extern __shared__ __align__(16) unsigned short tp_fa_smem[];
   const int ld = hdp + TP_FA_PAD;

@@ -53,6 +53,8 @@ pub struct Engine {
     pub vision_attention: settings::VisionAttention,
     /// bf16: the prefix's attention (`TURBOPI_PREFIX_ATTENTION`).
     pub prefix_attention: settings::PrefixAttention,
+    /// Why `--dtype fp8` runs fewer stages in FP8 than asked for, if it does.
+    pub fp8_note: Option<String>,
     pub dev: Device,
 }
 
@@ -60,7 +62,7 @@ impl Engine {
     /// Opens device `TURBOPI_CUDA_DEVICE` (default 0) with the kernels of `precision`.
     pub fn open(precision: Precision) -> Result<Engine> {
         let dev = Device::open(settings::cuda_device()?)?;
-        let fp8 = if precision == Precision::Fp8 {
+        let mut fp8 = if precision == Precision::Fp8 {
             settings::fp8_stages()?
         } else {
             crate::fp8::Stages::NONE
@@ -70,6 +72,27 @@ impl Engine {
         }
         let kernels = Kernels::load(&dev, act_type(precision))?;
         let gemm = Gemm::new(&dev)?;
+        let mut fp8_note = None;
+        if (fp8.vision || fp8.prefix) && !w8a8_offered(&dev, &gemm)? {
+            // The vision tower's and the prefix's W8A8 products need cuBLASLt's FP8 GEMM
+            // with a scale per row of each operand; without it those stages keep bf16.
+            let why = format!(
+                "cuBLASLt has no FP8 GEMM with per-row scales on sm_{}{}",
+                dev.cc.0, dev.cc.1
+            );
+            if settings::raw("TURBOPI_FP8_STAGES")?.is_some() {
+                return Err(Error::Input(format!(
+                    "TURBOPI_FP8_STAGES asks for {} in FP8, but {why} ({}): the vision tower's \
+                     and the prefix's W8A8 products need it; use TURBOPI_FP8_STAGES=expert, or \
+                     leave it unset",
+                    fp8.names(),
+                    dev.name
+                )));
+            }
+            fp8.vision = false;
+            fp8.prefix = false;
+            fp8_note = Some(why);
+        }
         let skinny = settings::flag("TURBOPI_SKINNY_GEMM", true)?;
         let skinny_geglu = skinny && settings::flag("TURBOPI_SKINNY_GEGLU", true)?;
         let skinny_rope = skinny && settings::flag("TURBOPI_SKINNY_ROPE", true)?;
@@ -86,6 +109,7 @@ impl Engine {
             lt_epilogues,
             vision_attention,
             prefix_attention,
+            fp8_note,
             dev,
         })
     }
@@ -299,7 +323,9 @@ impl Engine {
     }
 
     pub fn describe(&self, precision: Precision) -> String {
-        let p = if self.fp8.any() && !self.fp8.is_all() {
+        let p = if let Some(why) = self.fp8_note.as_ref().filter(|_| self.fp8.any()) {
+            format!("{} ({} only: {why})", precision.name(), self.fp8.names())
+        } else if self.fp8.any() && !self.fp8.is_all() {
             format!("{} ({} only)", precision.name(), self.fp8.names())
         } else {
             precision.name().to_string()
@@ -321,6 +347,30 @@ pub fn act_type(precision: Precision) -> DType {
 
 /// Why `--dtype fp8` does not run on `dev`, a card without FP8 tensor cores (before
 /// sm_89), named with its compute capability.
+/// Whether cuBLASLt runs an E4M3 product with outer-vector scales (what the W8A8 stages
+/// need) on `dev`: one small product of their kind, bf16 out. Its operands are never read
+/// back, so they are left uninitialised.
+fn w8a8_offered(dev: &Device, gemm: &Gemm) -> Result<bool> {
+    let lane = Lane::new(dev)?;
+    let (m, n, k) = (64, 256, 256);
+    let x = dev.alloc(DType::U8, m * k)?;
+    let w = dev.alloc(DType::U8, n * k)?;
+    let xs = dev.alloc(DType::F32, m)?;
+    let ws = dev.alloc(DType::F32, n)?;
+    let y = dev.alloc(DType::Bf16, m * n)?;
+    let offered = gemm.linear_fp8(
+        &lane,
+        Mat::new(x.view(), m, k),
+        xs.view(),
+        Mat::new(w.view(), n, k),
+        ws.view(),
+        Mat::new(y.view(), m, n),
+        0.0,
+    )?;
+    lane.synchronize()?;
+    Ok(offered)
+}
+
 fn fp8_refusal(dev: &Device) -> crate::Error {
     let (major, minor) = dev.cc;
     crate::Error::Input(format!(
