@@ -126,7 +126,7 @@ pub static SETTINGS: [Setting; COUNT] = [
         kind: Kind::Flag,
         default: "on",
         read_by: ReadBy::CudaBackend,
-        meaning: "bf16: the vision tower's q|k|v bias and fc1's bias and tanh-GELU in cuBLASLt's GEMM epilogue, one launch each instead of the product and bias_act, where cuBLASLt offers an algorithm (off: two launches, for A/B runs)",
+        meaning: "bf16: the vision tower's q|k|v bias and fc1's bias and tanh-GELU in cuBLASLt's GEMM epilogue, one launch each instead of the product and bias_act, where cuBLASLt offers an algorithm (on an H100 it offers none for an f32 bias into bf16, so both run as two launches there; off: always two launches, for A/B runs)",
     },
     Setting {
         name: "TURBOPI_SKINNY_ROPE",
