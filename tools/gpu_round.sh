@@ -11,6 +11,9 @@
 #                                 TURBOPI_PROFILE=1 for libero in bf16 and fp8
 #   tools/gpu_round.sh overlap    turbopi bench --setting libero (one-at-a-time and pipelined
 #                                 lines) with TURBOPI_OVERLAP_SMS 0, 100 and 66, two rounds
+#   tools/gpu_round.sh attention  turbopi bench --setting libero with the prefix's attention
+#                                 as gemm, flash, flash:1, flash:4, flash:8 and the vision
+#                                 tower's as flash and chunks, two rounds
 #   tools/gpu_round.sh accuracy   turbopi accuracy --backend cuda --dtype fp8 --against bf16:
 #                                 full-size libero and pi0 (20 observations each), and every
 #                                 golden model
@@ -62,6 +65,15 @@ overlap() {
     done
 }
 
+attention() {
+    for round in 1 2; do
+        for v in gemm flash flash:1 flash:4 flash:8; do
+            bench_one libero "bf16, TURBOPI_PREFIX_ATTENTION=$v" TURBOPI_PREFIX_ATTENTION=$v
+        done
+        bench_one libero "bf16, TURBOPI_VISION_ATTENTION=chunks" TURBOPI_VISION_ATTENTION=chunks
+    done
+}
+
 accuracy() {
     for setting in libero pi0; do
         echo "== accuracy, full-size random weights, $setting"
@@ -84,7 +96,7 @@ serve() {
 }
 
 case "$part" in
-    tests | bench | overlap | accuracy | serve)
+    tests | bench | overlap | attention | accuracy | serve)
         if command -v nvidia-smi >/dev/null; then
             nvidia-smi --query-gpu=name,driver_version,clocks.max.sm --format=csv,noheader
         fi
@@ -92,7 +104,7 @@ case "$part" in
         exit "${PIPESTATUS[0]}"
         ;;
     *)
-        echo "usage: tools/gpu_round.sh tests|bench|overlap|accuracy|serve" >&2
+        echo "usage: tools/gpu_round.sh tests|bench|overlap|attention|accuracy|serve" >&2
         exit 2
         ;;
 esac
