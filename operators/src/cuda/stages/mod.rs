@@ -286,7 +286,8 @@ impl Engine {
         let n = w.rows;
         let refused = || {
             Error::Cuda(format!(
-                "fp8: cuBLASLt offers no E4M3 product with outer-vector scales for x [{rows},                  {k}] times weights [{n}, {k}] into {:?} (beta {beta}) on {}",
+                "fp8: cuBLASLt offers no E4M3 product with outer-vector scales for x [{rows}, \
+                 {k}] times weights [{n}, {k}] into {:?} (beta {beta}) on {}",
                 y.view.dtype, self.dev.name
             ))
         };
@@ -345,8 +346,6 @@ pub fn act_type(precision: Precision) -> DType {
     }
 }
 
-/// Why `--dtype fp8` does not run on `dev`, a card without FP8 tensor cores (before
-/// sm_89), named with its compute capability.
 /// Whether cuBLASLt runs an E4M3 product with outer-vector scales (what the W8A8 stages
 /// need) on `dev`: one small product of their kind, bf16 out. Its operands are never read
 /// back, so they are left uninitialised.
@@ -371,6 +370,8 @@ fn w8a8_offered(dev: &Device, gemm: &Gemm) -> Result<bool> {
     Ok(offered)
 }
 
+/// Why `--dtype fp8` does not run on `dev`, a card without FP8 tensor cores (before
+/// sm_89), named with its compute capability.
 fn fp8_refusal(dev: &Device) -> crate::Error {
     let (major, minor) = dev.cc;
     crate::Error::Input(format!(

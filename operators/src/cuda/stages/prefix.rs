@@ -296,6 +296,8 @@ fn forward(
         scores: b.scores,
         probs: b.probs,
     };
+    // The tensor-core attention's workspace and key chunks per block, the same every layer.
+    let fused = attention_problem(e, cfg, p).map(|prob| (b.fa, prob.per_block));
     let mask = Mask {
         prefix_len: None,
         prefix_stride: 0,
@@ -347,7 +349,7 @@ fn forward(
                 (kc, vc),
                 mask,
                 scratch,
-                attention_problem(e, cfg, p).map(|prob| (b.fa, prob.per_block)),
+                fused,
                 (b.att_g, b.att),
             )?;
             mark("attention")?;
