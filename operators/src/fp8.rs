@@ -120,6 +120,21 @@ pub fn quantise_rows(values: &[f32], width: usize) -> (Vec<u8>, Vec<f32>) {
     (codes, scales)
 }
 
+/// y[r, c] = (xs[r]·ws[c])·p[r, c], or y[r, c] plus that with `add`, for `xs.len()` rows of
+/// `ws.len()` columns (y's row stride `ld`, p dense): a product of E4M3 codes taken with unit
+/// scales, brought to the values its operands stand for (the input's row scales `xs`, the
+/// weight's `ws`). The CPU twin of the GPU's `rescale_e4m3`, bit for bit in f32.
+pub fn rescale_product(y: &mut [f32], ld: usize, p: &[f32], xs: &[f32], ws: &[f32], add: bool) {
+    let n = ws.len();
+    for (r, &sx) in xs.iter().enumerate() {
+        let (yr, pr) = (&mut y[r * ld..r * ld + n], &p[r * n..(r + 1) * n]);
+        for ((y, &p), &sw) in yr.iter_mut().zip(pr).zip(ws) {
+            let v = (sx * sw) * p;
+            *y = if add { *y + v } else { v };
+        }
+    }
+}
+
 /// Which stages `--dtype fp8` puts in FP8 (`TURBOPI_FP8_STAGES`, default all three): the
 /// vision tower with the projector, Gemma 2B (the prefix), the action expert. The others
 /// keep the backend's base precision (bf16 on cuda, f32 on cpu). The expert alone is the
@@ -363,5 +378,54 @@ mod tests {
         let mut alone = before[width..2 * width].to_vec();
         round_rows(&mut alone, width);
         assert_eq!(alone, x[width..2 * width]);
+    }
+
+    #[test]
+    fn scales_after_the_product_of_codes_give_the_emulated_product() {
+        // The W8A8 product as Hopper runs it (the sums of the codes' products, then
+        // rescale_product with both row scales) against the CPU emulation's (the rounded
+        // values multiplied), stored into a y with a wider row stride and added to one.
+        let mut rng = rand::rngs::StdRng::seed_from_u64(9);
+        let (m, n, k, ld) = (5, 7, 40, 9);
+        let x: Vec<f32> = (0..m * k).map(|_| rng.random_range(-4.0..4.0)).collect();
+        let w: Vec<f32> = (0..n * k).map(|_| rng.random_range(-0.1..0.1)).collect();
+        let (xc, xs) = quantise_rows(&x, k);
+        let (wc, ws) = quantise_rows(&w, k);
+        let (mut xr, mut wr) = (x.clone(), w.clone());
+        round_rows(&mut xr, k);
+        round_rows(&mut wr, k);
+        let mut p = vec![0f32; m * n];
+        let mut want = vec![0f64; m * n];
+        for r in 0..m {
+            for c in 0..n {
+                let dot = |a: &[f32], b: &[f32]| -> f64 {
+                    a.iter()
+                        .zip(b)
+                        .map(|(&a, &b)| f64::from(a) * f64::from(b))
+                        .sum()
+                };
+                let codes = |cs: &[u8]| cs.iter().map(|&c| decode(c)).collect::<Vec<f32>>();
+                let (xv, wv) = (codes(&xc[r * k..][..k]), codes(&wc[c * k..][..k]));
+                p[r * n + c] = dot(&xv, &wv) as f32;
+                want[r * n + c] = dot(&xr[r * k..][..k], &wr[c * k..][..k]);
+            }
+        }
+        let y0: Vec<f32> = (0..m * ld).map(|_| rng.random_range(-1.0..1.0)).collect();
+        for add in [false, true] {
+            let mut y = y0.clone();
+            rescale_product(&mut y, ld, &p, &xs, &ws, add);
+            for r in 0..m {
+                for c in 0..n {
+                    let base = if add { f64::from(y0[r * ld + c]) } else { 0.0 };
+                    let (got, exact) = (f64::from(y[r * ld + c]), base + want[r * n + c]);
+                    assert!(
+                        (got - exact).abs() <= 1e-5 * (exact.abs() + 1.0),
+                        "add {add}, [{r}, {c}]: {got} vs {exact}"
+                    );
+                }
+                // The columns past n in each row are not y's.
+                assert_eq!(y[r * ld + n..(r + 1) * ld], y0[r * ld + n..(r + 1) * ld]);
+            }
+        }
     }
 }

@@ -14,7 +14,7 @@ use operators::cuda::attention::{
 };
 use operators::cuda::embed::embed_tokens;
 use operators::cuda::euler::{euler_step, euler_step_guided, Guidance};
-use operators::cuda::fp8::quantise_e4m3;
+use operators::cuda::fp8::{self as fp8k, quantise_e4m3, rescale_e4m3, W8a8};
 use operators::cuda::layer_norm::layer_norm;
 use operators::cuda::mlp::gelu_gate;
 use operators::cuda::patch::{im2col, patch_embed_finish, unit_pixels};
@@ -2798,65 +2798,7 @@ fn fp8_gemm_matches_the_cpu_w8a8_product() {
         let wb = up_codes(&g, &w_codes, k, k);
         let (wsb, _) = up(&g, DType::F32, &w_scales);
         let y0 = rounded(ydt, &rand_vec(m * n, seed + 3, -1.0, 1.0));
-        let (yb, _) = up(&g, ydt, &y0);
-        let beta = if mode == "store" {
-            g.lane.poison(yb.view()).unwrap();
-            0.0
-        } else {
-            1.0
-        };
-        let product = |y: View, beta: f32| {
-            g.gemm
-                .linear_fp8(
-                    &g.lane,
-                    Mat::new(xq.view(), m, k),
-                    xs.view(),
-                    Mat::new(wb.view(), n, k),
-                    wsb.view(),
-                    Mat::new(y, m, n),
-                    beta,
-                )
-                .unwrap_or_else(|e| panic!("{name}: {e}"))
-        };
-        // Where cuBLASLt has no f32 output for it, the engine stores the product in bf16
-        // and adds it with add_act (Engine::linear_fp8): that path is checked instead.
-        let mut ydt_sum = ydt;
-        if !product(yb.view(), beta) {
-            assert_eq!(
-                ydt,
-                DType::F32,
-                "{name}: cuBLASLt must offer the bf16 output"
-            );
-            let tmp = nan(&g, DType::Bf16, m * n);
-            if !product(tmp.view(), 0.0) {
-                // No W8A8 product with per-row scales on this card (Hopper's cuBLASLt): a
-                // refusal queues nothing, so y is as it was; the engine then keeps the
-                // vision tower and the prefix in bf16 (cuda_policy's fp8 tests).
-                println!("NOTE {name}: cuBLASLt offers no E4M3 product with outer-vector scales");
-                let y = g.download(yb.view()).unwrap();
-                if mode == "store" {
-                    assert!(
-                        y.iter().all(|v| v.is_nan()),
-                        "{name}: a refused call wrote y"
-                    );
-                } else {
-                    assert_eq!(bits(&y), bits(&y0), "{name}: a refused call changed y");
-                }
-                continue;
-            }
-            println!("NOTE {name}: no f32 output offered; the bf16 product and add_act instead");
-            add_act(
-                &g.kernels,
-                &g.lane,
-                yb.view(),
-                tmp.view(),
-                beta == 1.0,
-                m * n,
-            )
-            .unwrap();
-            ydt_sum = DType::Bf16;
-        }
-        let got = g.download(yb.view()).unwrap();
+        let add = mode == "add";
         let xval: Vec<f64> = x_codes
             .iter()
             .map(|&c| f64::from(operators::fp8::decode(c)))
@@ -2865,50 +2807,202 @@ fn fp8_gemm_matches_the_cpu_w8a8_product() {
             .iter()
             .map(|&c| f64::from(operators::fp8::decode(c)))
             .collect();
-        let (mut want, mut bound) = (Vec::with_capacity(m * n), Vec::with_capacity(m * n));
+        // Exact sums of the codes' products, times both scales; their magnitudes' sums.
+        let (mut product, mut sum_abs) = (Vec::with_capacity(m * n), Vec::with_capacity(m * n));
         for r in 0..m {
             let xr = &xval[r * k..(r + 1) * k];
             for c in 0..n {
                 let wr = &wval[c * k..(c + 1) * k];
-                let (mut exact, mut sum_abs) = (0f64, 0f64);
+                let (mut exact, mut mag) = (0f64, 0f64);
                 for (a, b) in xr.iter().zip(wr) {
                     exact += a * b;
-                    sum_abs += (a * b).abs();
+                    mag += (a * b).abs();
                 }
                 let sc = f64::from(x_scales[r]) * f64::from(w_scales[c]);
-                let base = if mode == "store" {
-                    0.0
-                } else {
-                    f64::from(y0[r * n + c])
-                };
-                let v = base + sc * exact;
-                want.push(v);
-                bound.push(lt_fp8_bound(sum_abs * sc, base, v, ydt_sum));
+                product.push(sc * exact);
+                sum_abs.push(sc * mag);
             }
         }
-        if m >= 3 {
-            for c in 0..n {
-                let base = if mode == "store" { 0.0 } else { y0[n + c] };
-                assert_eq!(got[n + c], base, "{name}: the zero row, column {c}");
+        let xm = (Mat::new(xq.view(), m, k), xs.view());
+        let wm = (Mat::new(wb.view(), n, k), wsb.view());
+        // Each way the product can run: as `w8a8` picks it (what the engine runs), then the
+        // unit-scale product and `rescale_e4m3` through each type, whichever `w8a8` picked.
+        for way in ["w8a8", "rescaled via Bf16", "rescaled via F32"] {
+            let name = format!("{name} {way}");
+            let (yb, _) = up(&g, ydt, &y0);
+            if !add {
+                g.lane.poison(yb.view()).unwrap();
             }
+            let y = Mat::new(yb.view(), m, n);
+            let tmp = nan(&g, DType::F32, m * n);
+            let between = match way {
+                "w8a8" => {
+                    let ran = fp8k::w8a8(&g.kernels, &g.gemm, &g.lane, xm, wm, y, add, tmp.view())
+                        .unwrap_or_else(|e| panic!("{name}: {e}"))
+                        .unwrap_or_else(|| panic!("{name}: cuBLASLt offers no E4M3 product"));
+                    println!("NOTE {name}: {}", ran.describe());
+                    match ran {
+                        W8a8::Scaled => None,
+                        W8a8::ScaledThenAdded => Some(DType::Bf16),
+                        W8a8::Rescaled(dt) => Some(dt),
+                    }
+                }
+                _ => {
+                    let dt = if way.ends_with("Bf16") {
+                        DType::Bf16
+                    } else {
+                        DType::F32
+                    };
+                    let t = Mat::new(tmp.view().as_type(dt).at(0, m * n).unwrap(), m, n);
+                    let offered = g.gemm.product_e4m3(&g.lane, xm.0, wm.0, t).unwrap();
+                    if !offered {
+                        // FP8 tensor cores always write bf16; an f32 output may be missing.
+                        assert_eq!(dt, DType::F32, "{name}: no bf16 output offered");
+                        println!("NOTE {name}: no f32 output offered");
+                        let held = g.download(tmp.view()).unwrap();
+                        assert!(held.iter().all(|v| v.is_nan()), "{name}: a refusal wrote");
+                        continue;
+                    }
+                    rescale_e4m3(&g.kernels, &g.lane, t.view, xs.view(), wsb.view(), y, add)
+                        .unwrap();
+                    Some(dt)
+                }
+            };
+            let got = g.download(yb.view()).unwrap();
+            let (mut want, mut bound) = (Vec::with_capacity(m * n), Vec::with_capacity(m * n));
+            for i in 0..m * n {
+                let base = if add { f64::from(y0[i]) } else { 0.0 };
+                want.push(base + product[i]);
+                bound.push(lt_fp8_bound(sum_abs[i], base, product[i], between, ydt));
+            }
+            if m >= 3 {
+                for c in 0..n {
+                    let base = if add { y0[n + c] } else { 0.0 };
+                    assert_eq!(got[n + c], base, "{name}: the zero row, column {c}");
+                }
+            }
+            check_bound(&name, &got, &want, &bound);
         }
-        check_bound(&name, &got, &want, &bound);
     }
 }
 
-/// How far cuBLASLt's FP8 product may be from the exact `want` (= base + Σ of products whose
-/// magnitudes add up to `sum_abs`, both scales included). The products of two E4M3 values
-/// are exact; Hopper's FP8 tensor cores add them with fewer bits than f32 keeps (NVIDIA does
-/// not document how many; cuBLASLt, without fast accumulation, moves the partial sums into
-/// f32 at intervals), so allow 2^-10 of `sum_abs` for the sums, f32 roundings of the scales,
-/// beta and the addition, and a bf16 y's final rounding. A wrong layout, scale or row errs
-/// by the size of the values themselves, far outside this.
-fn lt_fp8_bound(sum_abs: f64, base: f64, want: f64, ydt: DType) -> f64 {
+/// How far cuBLASLt's FP8 product may be from the exact base + `product` (a Σ of products
+/// whose magnitudes add up to `sum_abs`, both scales included), where the sum passed through
+/// `between` (f32 or bf16) before its scales or the addition, and y is `ydt`. The products of
+/// two E4M3 values are exact; Hopper's FP8 tensor cores add them with fewer bits than f32
+/// keeps (NVIDIA does not document how many; cuBLASLt, without fast accumulation, moves the
+/// partial sums into f32 at intervals), so allow 2^-10 of `sum_abs` for the sums, f32
+/// roundings of the scales, beta and the addition, a bf16 `between`'s rounding of the product
+/// and a bf16 y's final rounding. A wrong layout, scale or row errs by the size of the values
+/// themselves, far outside this.
+fn lt_fp8_bound(sum_abs: f64, base: f64, product: f64, between: Option<DType>, ydt: DType) -> f64 {
     let u = 2f64.powi(-24);
-    let f32_err = 2f64.powi(-10) * sum_abs + 4.0 * u * (sum_abs + base.abs() + want.abs());
+    let want = base + product;
+    let mut err = 2f64.powi(-10) * sum_abs + 6.0 * u * (sum_abs + base.abs() + want.abs());
+    if between == Some(DType::Bf16) {
+        err += 2f64.powi(-8) * (product.abs() + err);
+    }
     match ydt {
-        DType::Bf16 => f32_err + 2f64.powi(-8) * (want.abs() + f32_err),
-        _ => f32_err,
+        DType::Bf16 => err + 2f64.powi(-8) * (want.abs() + err),
+        _ => err,
+    }
+}
+
+#[test]
+fn rescale_e4m3_matches_cpu() {
+    // The scales of an FP8 product taken after cuBLASLt: y = xs[r]·ws[c]·p[r, c], stored
+    // over NaN or added, with y and p each f32 or the activation type, against
+    // fp8::rescale_product bit for bit (the same f32 operations, then the same bf16
+    // rounding). Odd sizes, a y row stride wider than its columns (the gap must stay
+    // untouched), a single row, and no rows at all (nothing written).
+    for act in ACTS {
+        let g = gpu(act);
+        for (i, &(rows, n, ld)) in [
+            (37usize, 129usize, 129usize),
+            (5, 1000, 1003),
+            (1, 7, 9),
+            (0, 64, 64),
+        ]
+        .iter()
+        .enumerate()
+        {
+            for (ydt, pdt, add) in [
+                (DType::F32, DType::F32, true),
+                (DType::F32, act, false),
+                (act, DType::F32, false),
+                (act, act, true),
+                (act, act, false),
+            ] {
+                let name = format!(
+                    "rescale_e4m3 {act:?} [{rows}, {n}] ld {ld} y {ydt:?} p {pdt:?} add {add}"
+                );
+                let seed = 3100 + 10 * i as u64;
+                let (pb, p) = up(&g, pdt, &rand_vec(rows * n, seed, -3000.0, 3000.0));
+                let xs = rand_vec(rows, seed + 1, 1e-4, 2e-2);
+                let ws = rand_vec(n, seed + 2, 1e-5, 1e-3);
+                let (xsb, _) = up(&g, DType::F32, &xs);
+                let (wsb, _) = up(&g, DType::F32, &ws);
+                let y0 = rand_vec((rows * ld).max(1), seed + 3, -1.0, 1.0);
+                let (yb, mut want) = up(&g, ydt, &y0);
+                if !add {
+                    g.lane.poison(yb.view()).unwrap();
+                    want = g.download(yb.view()).unwrap();
+                }
+                let y = Mat::new(yb.view(), rows, n).ld(ld);
+                rescale_e4m3(
+                    &g.kernels,
+                    &g.lane,
+                    pb.view(),
+                    xsb.view(),
+                    wsb.view(),
+                    y,
+                    add,
+                )
+                .unwrap_or_else(|e| panic!("{name}: {e}"));
+                let got = g.download(yb.view()).unwrap();
+                if rows > 0 {
+                    operators::fp8::rescale_product(&mut want, ld, &p, &xs, &ws, add);
+                }
+                // Stored values take y's rounding; the gap between rows keeps what it held.
+                for r in 0..rows {
+                    let row = rounded(ydt, &want[r * ld..r * ld + n]);
+                    want[r * ld..r * ld + n].copy_from_slice(&row);
+                }
+                assert_eq!(bits(&got), bits(&want), "{name}");
+            }
+        }
+        // A p of the wrong type or too short, and scales too short, are refused.
+        let (pb, _) = up(&g, DType::F32, &[1.0; 12]);
+        let (xsb, _) = up(&g, DType::F32, &[1.0; 3]);
+        let (wsb, _) = up(&g, DType::F32, &[1.0; 4]);
+        let yb = nan(&g, DType::F32, 12);
+        let y = Mat::new(yb.view(), 3, 4);
+        let codes = g.upload(DType::U8, &[0.0; 12]).unwrap();
+        assert!(rescale_e4m3(
+            &g.kernels,
+            &g.lane,
+            codes.view(),
+            xsb.view(),
+            wsb.view(),
+            y,
+            false
+        )
+        .is_err());
+        let short = pb.view().at(0, 11).unwrap();
+        assert!(
+            rescale_e4m3(&g.kernels, &g.lane, short, xsb.view(), wsb.view(), y, false).is_err()
+        );
+        let xs_short = xsb.view().at(0, 2).unwrap();
+        assert!(rescale_e4m3(
+            &g.kernels,
+            &g.lane,
+            pb.view(),
+            xs_short,
+            wsb.view(),
+            y,
+            false
+        )
+        .is_err());
     }
 }
 

@@ -403,6 +403,23 @@ impl Gemm {
         self.run_or_refuse(key, ops, lane)
     }
 
+    /// y = x·wᵀ for E4M3 codes `x` [M, K] and `w` [N, K] (u8) with unit scales: the sums of
+    /// the codes' products, accumulated in f32, into y (f32 or bf16), for the caller to scale
+    /// ([`crate::cuda::kernels::fp8::w8a8`], where cuBLASLt has no per-row scales). Returns
+    /// Ok(false), having queued nothing, where cuBLASLt offers no algorithm for it.
+    pub fn product_e4m3(&self, lane: &Lane, x: Mat, w: Mat, y: Mat) -> Result<bool> {
+        if x.view.dtype != DType::U8 || w.view.dtype != DType::U8 {
+            return Err(Error::Cuda(format!(
+                "internal: FP8 GEMM operands of types {:?} and {:?}, expected u8 codes",
+                x.view.dtype, w.view.dtype
+            )));
+        }
+        let Some((key, ops)) = self.prepare(x, w, Op::Wt, y, Alpha::Host(1.0), 0.0, 1)? else {
+            return Ok(true);
+        };
+        self.run_or_refuse(key, ops, lane)
+    }
+
     /// y = x·wᵀ + bias (then tanh-GELU with `epi` GeluBias) as one cuBLASLt call, the bias
     /// (f32 [n_out]) and the activation applied to the f32 sums before y (f32 or bf16) is
     /// stored. Returns Ok(false), having queued nothing, where cuBLASLt offers no algorithm

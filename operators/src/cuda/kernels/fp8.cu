@@ -54,3 +54,42 @@ extern "C" __global__ void quantise_e4m3(const act_t* __restrict__ x, long long 
   unsigned char* qr = q + (long long)r * ldq;
   for (int c = threadIdx.x; c < width; c += blockDim.x) qr[c] = tp_e4m3(tp_load(xr, c) / s);
 }
+
+// y[r, c] = xs[r] * ws[c] * p[r, c], or that added to y[r, c] (add 1): an E4M3 product whose
+// codes were multiplied with unit scales (p, dense [rows, n]) taken to the values it stands
+// for, where cuBLASLt applies no scale per row of its operands (Hopper). y has row stride ldy.
+// One grid-stride loop over the rows x n outputs; P and Y are f32 or act_t.
+template <typename Y, typename P>
+__device__ __forceinline__ void tp_rescale_e4m3(Y* __restrict__ y, long long ldy,
+                                                const P* __restrict__ p,
+                                                const float* __restrict__ xs,
+                                                const float* __restrict__ ws, int n,
+                                                long long total, int add) {
+  for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < total;
+       i += (long long)gridDim.x * blockDim.x) {
+    const long long r = i / n;
+    const int c = (int)(i - r * n);
+    // Rounded operations, so that the bf16 build's --fmad never fuses the add into the
+    // multiplies: the CPU twin's f32 operations, bit for bit.
+    const float v = __fmul_rn(__fmul_rn(xs[r], ws[c]), tp_load(p, i));
+    const long long j = r * ldy + c;
+    tp_store(y, j, add != 0 ? __fadd_rn(tp_load(y, j), v) : v);
+  }
+}
+
+// The launcher's entry: y_f32 / p_f32 say which of f32 and act_t y and p hold.
+extern "C" __global__ void rescale_e4m3(void* y, long long ldy, int y_f32, const void* p,
+                                        int p_f32, const float* __restrict__ xs,
+                                        const float* __restrict__ ws, int rows, int n, int add) {
+  tp_pdl_enter();
+  const long long total = (long long)rows * n;
+  if (y_f32 != 0 && p_f32 != 0) {
+    tp_rescale_e4m3((float*)y, ldy, (const float*)p, xs, ws, n, total, add);
+  } else if (y_f32 != 0) {
+    tp_rescale_e4m3((float*)y, ldy, (const act_t*)p, xs, ws, n, total, add);
+  } else if (p_f32 != 0) {
+    tp_rescale_e4m3((act_t*)y, ldy, (const float*)p, xs, ws, n, total, add);
+  } else {
+    tp_rescale_e4m3((act_t*)y, ldy, (const act_t*)p, xs, ws, n, total, add);
+  }
+}

@@ -122,7 +122,7 @@ registry! {
     "embed.cu", Always => [embed_tokens],
     "euler.cu", Always => [euler_step, euler_step_guided],
     "fill.cu", Always => [fill_uniform],
-    "fp8.cu", Always => [quantise_e4m3],
+    "fp8.cu", Always => [quantise_e4m3, rescale_e4m3],
 }
 
 impl Kernels {

@@ -229,6 +229,16 @@ impl View {
         self.len * self.dtype.size()
     }
 
+    /// The same bytes as elements of `dtype` (as many whole ones as fit): scratch memory
+    /// that one product uses as f32 and another as bf16.
+    pub fn as_type(self, dtype: DType) -> View {
+        View {
+            ptr: self.ptr,
+            len: self.bytes() / dtype.size(),
+            dtype,
+        }
+    }
+
     /// Checks that the view holds at least `len` elements of `dtype`.
     pub(crate) fn need(self, dtype: DType, len: usize, what: &str) -> Result<()> {
         if self.dtype != dtype {
@@ -401,8 +411,9 @@ pub struct Fp8Scratch {
     pub codes: View,
     /// f32, at least its rows.
     pub scales: View,
-    /// The activation type, at least rows x N of the largest product with an f32 output:
-    /// where such a product lands in bf16 when cuBLASLt offers no f32 output for it.
+    /// At least rows x N f32 values of the largest product: where a product of codes lands
+    /// before its scales are applied, as f32 or the activation type
+    /// ([`crate::cuda::kernels::fp8::w8a8`]).
     pub out: View,
 }
 

@@ -23,9 +23,9 @@ use crate::config::Config;
 use crate::cuda::attention::{self, Mask, Problem, Scratch, Strided, Workspace};
 use crate::cuda::device::{timing_event, CudaResult, DType, Device, DeviceBuffer, Lane, View};
 use crate::cuda::gemm::{Fp8, Gemm, LtEpilogue, Mat};
+use crate::cuda::kernels::fp8;
 use crate::cuda::kernels::rope::RowBatch;
 use crate::cuda::kernels::skinny::{self, Epilogue};
-use crate::cuda::kernels::{fp8, residual};
 use crate::cuda::runtime::graph::Graph;
 use crate::cuda::weights::{Arena, Lin};
 use crate::cuda::Kernels;
@@ -55,6 +55,8 @@ pub struct Engine {
     pub prefix_attention: settings::PrefixAttention,
     /// Why `--dtype fp8` runs fewer stages in FP8 than asked for, if it does.
     pub fp8_note: Option<String>,
+    /// How the W8A8 stages' products run on this card, where any stage is W8A8.
+    pub w8a8: Option<fp8::W8a8>,
     pub dev: Device,
 }
 
@@ -73,13 +75,14 @@ impl Engine {
         let kernels = Kernels::load(&dev, act_type(precision))?;
         let gemm = Gemm::new(&dev)?;
         let mut fp8_note = None;
-        if (fp8.vision || fp8.prefix) && !w8a8_offered(&dev, &gemm)? {
-            // The vision tower's and the prefix's W8A8 products need cuBLASLt's FP8 GEMM
-            // with a scale per row of each operand; without it those stages keep bf16.
-            let why = format!(
-                "cuBLASLt has no FP8 GEMM with per-row scales on sm_{}{}",
-                dev.cc.0, dev.cc.1
-            );
+        let mut w8a8 = None;
+        if fp8.vision || fp8.prefix {
+            w8a8 = w8a8_offered(&dev, &kernels, &gemm)?;
+        }
+        if (fp8.vision || fp8.prefix) && w8a8.is_none() {
+            // The vision tower's and the prefix's W8A8 products need cuBLASLt's FP8 GEMM;
+            // without it those stages keep bf16.
+            let why = format!("cuBLASLt has no FP8 GEMM on sm_{}{}", dev.cc.0, dev.cc.1);
             if settings::raw("TURBOPI_FP8_STAGES")?.is_some() {
                 return Err(Error::Input(format!(
                     "TURBOPI_FP8_STAGES asks for {} in FP8, but {why} ({}): the vision tower's \
@@ -110,6 +113,7 @@ impl Engine {
             vision_attention,
             prefix_attention,
             fp8_note,
+            w8a8,
             dev,
         })
     }
@@ -220,7 +224,8 @@ impl Engine {
     /// - W8A16 (the expert, `f.acts` false): the few-row FP8 kernel on x in bf16, 16 rows
     ///   per launch (each row's result is the same whatever the batch), with `epi`;
     /// - W8A8 (`f.acts`): x quantised per row into the lane's FP8 scratch, then cuBLASLt's
-    ///   FP8 GEMM with both scale vectors; `epi` Store or Add.
+    ///   FP8 GEMM with both scale vectors, or of the codes alone and the scales after it
+    ///   ([`fp8::w8a8`]); `epi` Store or Add.
     ///
     /// CPU twin: [`crate::cpu::Linear::forward`] on the layer quantised by
     /// [`crate::cpu::Linear::quantise_fp8`].
@@ -258,9 +263,9 @@ impl Engine {
             }
             return Ok(());
         }
-        let beta = match epi {
-            Epilogue::Store => 0.0,
-            Epilogue::Add => 1.0,
+        let add = match epi {
+            Epilogue::Store => false,
+            Epilogue::Add => true,
             Epilogue::Gated(_) => {
                 return Err(Error::Cuda(
                     "internal: a gated product with FP8 inputs".into(),
@@ -275,33 +280,24 @@ impl Engine {
         let scales = scratch.scales.at(0, rows)?;
         fp8::quantise_e4m3(&self.kernels, lane, x.view, x.ld, codes, k, scales, rows, k)?;
         let xq = Mat::new(codes, rows, k);
-        if self
-            .gemm
-            .linear_fp8(lane, xq, scales, w, f.scales, y, beta)?
-        {
-            return Ok(());
+        let ran = fp8::w8a8(
+            &self.kernels,
+            &self.gemm,
+            lane,
+            (xq, scales),
+            (w, f.scales),
+            y,
+            add,
+            scratch.out,
+        )?;
+        if ran.is_none() {
+            return Err(Error::Cuda(format!(
+                "fp8: cuBLASLt offers no E4M3 product for x [{rows}, {k}] times weights [{}, \
+                 {k}] into {:?} on {}, with scales or without",
+                w.rows, y.view.dtype, self.dev.name
+            )));
         }
-        // No FP8 algorithm with outer-vector scales writes this f32 output (or adds into
-        // it): the product lands in the activation type in the scratch, then in y.
-        let n = w.rows;
-        let refused = || {
-            Error::Cuda(format!(
-                "fp8: cuBLASLt offers no E4M3 product with outer-vector scales for x [{rows}, \
-                 {k}] times weights [{n}, {k}] into {:?} (beta {beta}) on {}",
-                y.view.dtype, self.dev.name
-            ))
-        };
-        if y.view.dtype != DType::F32 || y.ld != n || y.cols != n {
-            return Err(refused());
-        }
-        let tmp = Mat::new(scratch.out.at(0, rows * n)?, rows, n);
-        if !self
-            .gemm
-            .linear_fp8(lane, xq, scales, w, f.scales, tmp, 0.0)?
-        {
-            return Err(refused());
-        }
-        residual::add_act(&self.kernels, lane, y.view, tmp.view, beta == 1.0, rows * n)
+        Ok(())
     }
 
     /// The activation type (f32 or bf16).
@@ -324,12 +320,21 @@ impl Engine {
     }
 
     pub fn describe(&self, precision: Precision) -> String {
-        let p = if let Some(why) = self.fp8_note.as_ref().filter(|_| self.fp8.any()) {
-            format!("{} ({} only: {why})", precision.name(), self.fp8.names())
+        let mut notes = Vec::new();
+        if let Some(why) = self.fp8_note.as_ref().filter(|_| self.fp8.any()) {
+            notes.push(format!("{} only: {why}", self.fp8.names()));
         } else if self.fp8.any() && !self.fp8.is_all() {
-            format!("{} ({} only)", precision.name(), self.fp8.names())
-        } else {
+            notes.push(format!("{} only", self.fp8.names()));
+        }
+        if let Some(how) = self.w8a8.filter(|_| self.fp8.vision || self.fp8.prefix) {
+            if how != fp8::W8a8::Scaled {
+                notes.push(format!("W8A8 {}", how.describe()));
+            }
+        }
+        let p = if notes.is_empty() {
             precision.name().to_string()
+        } else {
+            format!("{} ({})", precision.name(), notes.join("; "))
         };
         format!(
             "cuda {p} on {} (sm_{}{})",
@@ -346,10 +351,10 @@ pub fn act_type(precision: Precision) -> DType {
     }
 }
 
-/// Whether cuBLASLt runs an E4M3 product with outer-vector scales (what the W8A8 stages
-/// need) on `dev`: one small product of their kind, bf16 out. Its operands are never read
-/// back, so they are left uninitialised.
-fn w8a8_offered(dev: &Device, gemm: &Gemm) -> Result<bool> {
+/// How cuBLASLt runs the W8A8 stages' products on `dev` ([`fp8::w8a8`]), or None where it
+/// has no E4M3 product at all: one small product of their kind, bf16 out. Its operands are
+/// never read back, so they are left uninitialised.
+fn w8a8_offered(dev: &Device, kernels: &Kernels, gemm: &Gemm) -> Result<Option<fp8::W8a8>> {
     let lane = Lane::new(dev)?;
     let (m, n, k) = (64, 256, 256);
     let x = dev.alloc(DType::U8, m * k)?;
@@ -357,17 +362,19 @@ fn w8a8_offered(dev: &Device, gemm: &Gemm) -> Result<bool> {
     let xs = dev.alloc(DType::F32, m)?;
     let ws = dev.alloc(DType::F32, n)?;
     let y = dev.alloc(DType::Bf16, m * n)?;
-    let offered = gemm.linear_fp8(
+    let tmp = dev.alloc(DType::F32, m * n)?;
+    let ran = fp8::w8a8(
+        kernels,
+        gemm,
         &lane,
-        Mat::new(x.view(), m, k),
-        xs.view(),
-        Mat::new(w.view(), n, k),
-        ws.view(),
+        (Mat::new(x.view(), m, k), xs.view()),
+        (Mat::new(w.view(), n, k), ws.view()),
         Mat::new(y.view(), m, n),
-        0.0,
+        false,
+        tmp.view(),
     )?;
     lane.synchronize()?;
-    Ok(offered)
+    Ok(ran)
 }
 
 /// Why `--dtype fp8` does not run on `dev`, a card without FP8 tensor cores (before

@@ -104,8 +104,9 @@ fn layout(
         fp8: fp8.prefix.then(|| Fp8Scratch {
             codes: ar.take(DType::U8, p * w.max(qw).max(mlp)),
             scales: ar.take(f, p),
-            // The f32 outputs: o and down, into the residual stream.
-            out: ar.take(act, p * w),
+            // Every product's output before its scales (f32 at most): q|k|v, o,
+            // gate|up, down.
+            out: ar.take(f, p * w.max(heads.qkv_width()).max(2 * mlp)),
         }),
     }
 }

@@ -126,9 +126,9 @@ fn layout(s: &Shape, (act, fp8): (DType, crate::fp8::Stages), ar: &mut Arena) ->
         fp8: fp8.vision.then(|| Fp8Scratch {
             codes: ar.take(DType::U8, rows * s.width.max(s.mlp)),
             scales: ar.take(f, rows),
-            // The f32 outputs: q|k|v and fc1 before their bias, out and fc2 into the
-            // residual stream, the projector into the prefix's input.
-            out: ar.take(act, rows * (3 * s.width).max(s.mlp).max(s.out_width)),
+            // Every product's output before its scales (f32 at most): q|k|v, out, fc1,
+            // fc2, the projector.
+            out: ar.take(f, rows * (3 * s.width).max(s.mlp).max(s.out_width)),
         }),
     }
 }
