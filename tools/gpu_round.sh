@@ -7,7 +7,8 @@
 #   tools/gpu_round.sh tests      cuda_ops and cuda_policy (tools/gpu_tests.sh), then the
 #                                 kernel set compiled for sm_87, sm_90, sm_100 and sm_110
 #   tools/gpu_round.sh bench      turbopi bench, libero and pi0: bf16, bf16 with
-#                                 TURBOPI_LT_EPILOGUES=0, fp8; two interleaved rounds; then
+#                                 TURBOPI_LT_EPILOGUES=0, fp8, fp8 with the expert alone;
+#                                 two interleaved rounds; then
 #                                 TURBOPI_PROFILE=1 for libero in bf16 and fp8
 #   tools/gpu_round.sh overlap    turbopi bench --setting libero (one-at-a-time and pipelined
 #                                 lines) with TURBOPI_OVERLAP_SMS 0, 100 and 66, two rounds
@@ -39,7 +40,7 @@ bench_one() {
     shift 2
     echo "== $setting, $label"
     env "$@" "$tp" bench --setting "$setting" --backend cuda --steps 10 --iters 200 \
-        $( [ "$label" = fp8 ] && echo --dtype fp8 ) 2>&1
+        $( [ "${label%%,*}" = fp8 ] && echo --dtype fp8 ) 2>&1
 }
 
 bench() {
@@ -48,6 +49,7 @@ bench() {
             bench_one "$setting" bf16 TURBOPI_LT_EPILOGUES=1
             bench_one "$setting" "bf16, TURBOPI_LT_EPILOGUES=0" TURBOPI_LT_EPILOGUES=0
             bench_one "$setting" fp8 TURBOPI_LT_EPILOGUES=1
+            bench_one "$setting" "fp8, TURBOPI_FP8_STAGES=expert" TURBOPI_FP8_STAGES=expert
         done
     done
     for dtype in bf16 fp8; do

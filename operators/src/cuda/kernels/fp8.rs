@@ -151,7 +151,8 @@ pub fn w8a8(
         v.need(dt, m * n, "the FP8 product's scratch")?;
         Ok(Mat::new(v.at(0, m * n)?, m, n))
     };
-    if y.view.dtype == DType::F32 && k.act != DType::F32 {
+    // add_act walks y as one dense run of m x n values.
+    if y.view.dtype == DType::F32 && k.act != DType::F32 && y.ld == n {
         let t = dense(k.act)?;
         if gemm.linear_fp8(lane, xq, xs, w, ws, t, 0.0)? {
             residual::add_act(k, lane, y.view, t.view, add, m * n)?;
