@@ -440,7 +440,7 @@ pub fn write_safetensors(
         offset = end;
     }
     let mut header_bytes = serde_json::Value::Object(header).to_string().into_bytes();
-    while header_bytes.len() % 8 != 0 {
+    while !header_bytes.len().is_multiple_of(8) {
         header_bytes.push(b' ');
     }
     let file = File::create(path).map_err(|e| Error::io(path, e))?;

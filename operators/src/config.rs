@@ -466,19 +466,19 @@ impl Config {
                 return fail(format!("field `{name}` must be positive"));
             }
         }
-        if self.image_size % self.patch_size != 0 {
+        if !self.image_size.is_multiple_of(self.patch_size) {
             return fail(format!(
                 "image_size {} is not a multiple of patch_size {}",
                 self.image_size, self.patch_size
             ));
         }
-        if self.vision_width % self.vision_heads != 0 {
+        if !self.vision_width.is_multiple_of(self.vision_heads) {
             return fail(format!(
                 "vision_width {} is not a multiple of vision_heads {}",
                 self.vision_width, self.vision_heads
             ));
         }
-        if self.num_heads % self.num_kv_heads != 0 {
+        if !self.num_heads.is_multiple_of(self.num_kv_heads) {
             return fail(format!(
                 "num_heads {} is not a multiple of num_kv_heads {}",
                 self.num_heads, self.num_kv_heads
@@ -490,10 +490,10 @@ impl Config {
                 self.expert_depth, self.vlm_depth
             ));
         }
-        if self.head_dim % 2 != 0 {
+        if !self.head_dim.is_multiple_of(2) {
             return fail(format!("head_dim {} must be even (RoPE)", self.head_dim));
         }
-        if self.expert_width % 2 != 0 {
+        if !self.expert_width.is_multiple_of(2) {
             return fail(format!(
                 "expert_width {} must be even (sin-cos time embedding)",
                 self.expert_width

@@ -66,7 +66,7 @@ impl PostProcess {
     /// actions [rows, action_dim] -> [rows, robot_dims].
     pub fn run(&self, actions: &[f32]) -> Result<Vec<f32>> {
         let ad = self.action_dim;
-        if actions.len() % ad != 0 {
+        if !actions.len().is_multiple_of(ad) {
             return Err(Error::Input(format!(
                 "postprocess: {} values are not rows of {ad} action dims",
                 actions.len()

@@ -189,7 +189,7 @@ impl Guide {
         if !(self.beta.is_finite() && self.beta > 0.0) {
             return Err(RtcError::Beta(self.beta));
         }
-        if dims == 0 || self.prefix.len() % dims != 0 {
+        if dims == 0 || !self.prefix.len().is_multiple_of(dims) {
             return Err(RtcError::PrefixShape {
                 found: self.prefix.len(),
                 overlap: self.prefix.len() / dims.max(1),

@@ -386,7 +386,7 @@ impl ActionQueue {
         actions: &[f32],
         dims: usize,
     ) -> Result<Merged, QueueError> {
-        if dims == 0 || actions.is_empty() || actions.len() % dims != 0 {
+        if dims == 0 || actions.is_empty() || !actions.len().is_multiple_of(dims) {
             return Err(QueueError::Shape {
                 seq,
                 values: actions.len(),
@@ -536,7 +536,7 @@ mod tests {
 
     fn offset_policy(horizon: usize) -> impl FnMut(&Request) -> Vec<f32> {
         move |r: &Request| {
-            let off = if r.seq % 2 == 0 { 0.3 } else { -0.3 };
+            let off = if r.seq.is_multiple_of(2) { 0.3 } else { -0.3 };
             (0..horizon as u64)
                 .flat_map(|i| trajectory(r.tick + 1 + i).map(|v| v + off))
                 .collect()

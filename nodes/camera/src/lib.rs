@@ -132,7 +132,7 @@ pub fn load_frames(path: &Path, cameras: usize) -> Result<Vec<Frame>> {
         })
         .collect();
     files.sort();
-    if files.is_empty() || files.len() % cameras != 0 {
+    if files.is_empty() || !files.len().is_multiple_of(cameras) {
         bail!(
             "{}: found {} PNG/JPEG files, expected a positive multiple of CAMERAS={cameras}",
             path.display(),

@@ -516,7 +516,7 @@ mod tests {
         fn poll(&mut self, cx: &mut Cx) {
             self.polls += 1;
             // The oldest frame is done after a few polls.
-            if self.polls % 3 == 0 {
+            if self.polls.is_multiple_of(3) {
                 if let Some(meta) = self.queue.pop_front() {
                     if let Err(e) = cx.send("out", meta.params(), vec![meta.seq as f32]) {
                         cx.reject(meta, &e);

@@ -790,7 +790,7 @@ mod tests {
         // Frame 13 shows the model nothing: the node takes it, the policy refuses it.
         let masks = |seq: u64| match seq {
             13 => vec![0i64, 0, 0],
-            _ if seq % 2 == 0 => vec![1, 1, 0],
+            _ if seq.is_multiple_of(2) => vec![1, 1, 0],
             _ => vec![1, 0, 1],
         };
         let images = |seq| TensorInput {

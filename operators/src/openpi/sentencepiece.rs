@@ -697,7 +697,7 @@ impl CharsMap {
                 rest.len()
             ));
         }
-        if trie_len % 4 != 0 || trie_len == 0 {
+        if !trie_len.is_multiple_of(4) || trie_len == 0 {
             return Err(format!(
                 "the trie has {trie_len} bytes, not a positive multiple of 4"
             ));

@@ -46,7 +46,7 @@ impl PeakBound {
 
     /// `fixed` as text: whole MiB as "64 MiB", anything else in bytes.
     fn fixed_text(&self) -> String {
-        if self.fixed % (1 << 20) == 0 {
+        if self.fixed.is_multiple_of(1 << 20) {
             format!("{} MiB", self.fixed >> 20)
         } else {
             format!("{} bytes", self.fixed)

@@ -57,7 +57,11 @@ pub fn bias_act(
     // and the bias, start 16-byte aligned (an act output row: at least 8-byte aligned).
     let views = [Some(x), bias, out.f32, out.act];
     let aligned = views.iter().flatten().all(|v| v.ptr % 16 == 0);
-    let vec = if aligned && width % 4 == 0 && ldx % 4 == 0 && out.ld % 4 == 0 {
+    let vec = if aligned
+        && width.is_multiple_of(4)
+        && ldx.is_multiple_of(4)
+        && out.ld.is_multiple_of(4)
+    {
         4
     } else {
         1

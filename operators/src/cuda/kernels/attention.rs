@@ -334,7 +334,7 @@ pub fn fused_fits(
     out: &Strided,
 ) -> bool {
     let aligned = |op: &Strided, elems: usize| {
-        op.view.ptr % (2 * elems as u64) == 0
+        op.view.ptr.is_multiple_of(2 * elems as u64)
             && [op.ld, op.s1, op.s2].iter().all(|s| s % elems == 0)
     };
     fused_enabled()
@@ -342,7 +342,7 @@ pub fn fused_fits(
         && k.attention_combine.is_some()
         && (!p.flash() || k.attention_flash.is_some())
         && k.act == DType::Bf16
-        && p.hd % 8 == 0
+        && p.hd.is_multiple_of(8)
         && p.hd > 0
         && p.hd <= FUSED_MAX_HD
         && p.splits() <= FUSED_MAX_SPLITS

@@ -55,7 +55,8 @@ pub fn layer_norm(
 /// output 8-byte aligned.
 pub(crate) fn one_float4_per_thread(width: usize, operands: &[Option<View>]) -> Option<u32> {
     let threads = width / 4;
-    let fits = width % 4 == 0 && threads % 32 == 0 && (32..=1024).contains(&threads);
+    let fits =
+        width.is_multiple_of(4) && threads.is_multiple_of(32) && (32..=1024).contains(&threads);
     let aligned = operands.iter().flatten().all(|v| v.ptr % 16 == 0);
     (fits && aligned).then_some(threads as u32)
 }

@@ -76,7 +76,7 @@ impl Epilogue {
 pub fn fits(k: &Kernels, x: &Mat, w: &Mat, y: &Mat) -> bool {
     k.skinny_gemm.is_some()
         && operands_fit(x, w)
-        && w.rows % 8 == 0
+        && w.rows.is_multiple_of(8)
         && matches!(y.view.dtype, DType::F32 | DType::Bf16)
         && y.rows == x.rows
         && y.cols == w.rows
@@ -85,12 +85,12 @@ pub fn fits(k: &Kernels, x: &Mat, w: &Mat, y: &Mat) -> bool {
 /// What every entry point needs of x and w: bf16 with 16-byte aligned rows, K a multiple of
 /// 32, 1..=[`MAX_ROWS`] rows of x, at least one weight row.
 fn operands_fit(x: &Mat, w: &Mat) -> bool {
-    let aligned = |m: &Mat| m.view.ptr % 16 == 0 && m.ld % 8 == 0;
+    let aligned = |m: &Mat| m.view.ptr.is_multiple_of(16) && m.ld.is_multiple_of(8);
     x.view.dtype == DType::Bf16
         && w.view.dtype == DType::Bf16
         && (1..=MAX_ROWS).contains(&x.rows)
         && x.cols == w.cols
-        && x.cols % 32 == 0
+        && x.cols.is_multiple_of(32)
         && w.rows > 0
         && aligned(x)
         && aligned(w)
@@ -188,7 +188,7 @@ pub fn geglu(k: &Kernels, lane: &Lane, x: Mat, w: Mat, out: Mat) -> Result<bool>
     let mlp = out.cols;
     let takes = operands_fit(&x, &w)
         && out.view.dtype == DType::Bf16
-        && mlp % 4 == 0
+        && mlp.is_multiple_of(4)
         && w.rows == 2 * mlp
         && out.rows == x.rows;
     if !takes {
@@ -284,13 +284,13 @@ pub fn fits_fp8(k: &Kernels, x: &Mat, w: &Mat, y: &Mat) -> bool {
         && (1..=MAX_ROWS).contains(&x.rows)
         && x.cols == w.cols
         && x.cols > 0
-        && x.cols % 32 == 0
+        && x.cols.is_multiple_of(32)
         && w.rows > 0
-        && w.rows % 8 == 0
-        && x.view.ptr % 16 == 0
-        && x.ld % 8 == 0
-        && w.view.ptr % 16 == 0
-        && w.ld % 16 == 0
+        && w.rows.is_multiple_of(8)
+        && x.view.ptr.is_multiple_of(16)
+        && x.ld.is_multiple_of(8)
+        && w.view.ptr.is_multiple_of(16)
+        && w.ld.is_multiple_of(16)
         && matches!(y.view.dtype, DType::F32 | DType::Bf16)
         && y.rows == x.rows
         && y.cols == w.rows
