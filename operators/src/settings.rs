@@ -60,7 +60,7 @@ pub struct Setting {
 pub const BOOL_WORDS: &str = "1, 0, true, false, on, off, yes or no";
 
 /// How many settings [`SETTINGS`] holds.
-const COUNT: usize = 23;
+const COUNT: usize = 24;
 
 /// Every process-wide `TURBOPI_*` variable (docs/settings.md lists them with the nodes'
 /// variables; a test keeps both in step with the sources).
@@ -106,6 +106,13 @@ pub static SETTINGS: [Setting; COUNT] = [
         default: "on",
         read_by: ReadBy::CudaBackend,
         meaning: "on the few-row kernel, GeGLU in the gate|up product's epilogue: one launch instead of the product and gelu_gate (off: two launches, for A/B runs)",
+    },
+    Setting {
+        name: "TURBOPI_FP8_GEGLU",
+        kind: Kind::Flag,
+        default: "on",
+        read_by: ReadBy::CudaBackend,
+        meaning: "with --dtype fp8 where cuBLASLt applies no per-row scales to an FP8 product (Hopper), the prefix's gate|up scales applied by gelu_gate as it reads the product: one pass over the product fewer (off: rescale_e4m3 stores it, then gelu_gate reads it, for A/B runs)",
     },
     Setting {
         name: "TURBOPI_FP8_STAGES",

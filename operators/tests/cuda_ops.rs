@@ -16,7 +16,7 @@ use operators::cuda::embed::embed_tokens;
 use operators::cuda::euler::{euler_step, euler_step_guided, Guidance};
 use operators::cuda::fp8::{self as fp8k, quantise_e4m3, rescale_e4m3, W8a8};
 use operators::cuda::layer_norm::layer_norm;
-use operators::cuda::mlp::gelu_gate;
+use operators::cuda::mlp::{gelu_gate, gelu_gate_e4m3};
 use operators::cuda::patch::{im2col, patch_embed_finish, unit_pixels};
 use operators::cuda::residual::{add_act, add_residual};
 use operators::cuda::rms_norm::{rms_norm, NormParam};
@@ -317,6 +317,64 @@ fn gelu_gate_matches_cpu() {
             &rounded(act, &want),
             tol(act),
         );
+    }
+}
+
+#[test]
+fn gelu_gate_e4m3_matches_cpu() {
+    // GeGLU reading an FP8 gate|up product of codes taken with unit scales (the prefix with
+    // `--dtype fp8` on Hopper): each value times its row's and its column's scale, then
+    // gelu(gate)·up, against fp8::rescale_product (in f32, unrounded) then cpu::gelu_tanh.
+    // 700: one output per thread; 704: eight per thread (16-byte loads in bf16). The output
+    // starts all NaN; a scale vector too short is refused.
+    for (act, mlp) in [700, 704].into_iter().flat_map(|m| ACTS.map(|a| (a, m))) {
+        let name = format!("gelu_gate_e4m3 {act:?} mlp {mlp}");
+        let g = gpu(act);
+        let rows = 9;
+        let (gub, gu) = up(&g, act, &rand_vec(rows * 2 * mlp, 31, -3000.0, 3000.0));
+        let xs = rand_vec(rows, 32, 1e-3, 2e-2);
+        let ws = rand_vec(2 * mlp, 33, 1e-5, 1e-4);
+        let (xsb, _) = up(&g, DType::F32, &xs);
+        let (wsb, _) = up(&g, DType::F32, &ws);
+        let ob = nan(&g, act, rows * mlp);
+        gelu_gate_e4m3(
+            &g.kernels,
+            &g.lane,
+            gub.view(),
+            ob.view(),
+            rows,
+            mlp,
+            xsb.view(),
+            wsb.view(),
+        )
+        .unwrap_or_else(|e| panic!("{name}: {e}"));
+        let mut scaled = vec![0.0; rows * 2 * mlp];
+        operators::fp8::rescale_product(&mut scaled, 2 * mlp, &gu, &xs, &ws, false);
+        let mut want = vec![0.0; rows * mlp];
+        for r in 0..rows {
+            for c in 0..mlp {
+                let (gate, upv) = (scaled[r * 2 * mlp + c], scaled[r * 2 * mlp + mlp + c]);
+                want[r * mlp + c] = cpu::gelu_tanh(gate) * upv;
+            }
+        }
+        check(
+            &name,
+            &g.download(ob.view()).unwrap(),
+            &rounded(act, &want),
+            tol(act),
+        );
+        let short = wsb.view().at(0, 2 * mlp - 1).unwrap();
+        let refused = gelu_gate_e4m3(
+            &g.kernels,
+            &g.lane,
+            gub.view(),
+            ob.view(),
+            rows,
+            mlp,
+            xsb.view(),
+            short,
+        );
+        assert!(refused.is_err(), "{name}: short weight scales");
     }
 }
 

@@ -23,9 +23,9 @@ use crate::config::Config;
 use crate::cuda::attention::{self, Mask, Problem, Scratch, Strided, Workspace};
 use crate::cuda::device::{timing_event, CudaResult, DType, Device, DeviceBuffer, Lane, View};
 use crate::cuda::gemm::{Fp8, Gemm, LtEpilogue, Mat};
-use crate::cuda::kernels::fp8;
 use crate::cuda::kernels::rope::RowBatch;
 use crate::cuda::kernels::skinny::{self, Epilogue};
+use crate::cuda::kernels::{fp8, mlp};
 use crate::cuda::runtime::graph::Graph;
 use crate::cuda::weights::{Arena, Lin};
 use crate::cuda::Kernels;
@@ -57,6 +57,9 @@ pub struct Engine {
     pub fp8_note: Option<String>,
     /// How the W8A8 stages' products run on this card, where any stage is W8A8.
     pub w8a8: Option<fp8::W8a8>,
+    /// Where those products' scales come after cuBLASLt: the prefix's gate|up scales applied
+    /// by gelu_gate (`TURBOPI_FP8_GEGLU`, default on; see [`Engine::geglu_w8a8`]).
+    pub fp8_geglu: bool,
     pub dev: Device,
 }
 
@@ -100,6 +103,7 @@ impl Engine {
         let skinny_geglu = skinny && settings::flag("TURBOPI_SKINNY_GEGLU", true)?;
         let skinny_rope = skinny && settings::flag("TURBOPI_SKINNY_ROPE", true)?;
         let lt_epilogues = settings::flag("TURBOPI_LT_EPILOGUES", true)?;
+        let fp8_geglu = settings::flag("TURBOPI_FP8_GEGLU", true)?;
         let vision_attention = settings::vision_attention()?;
         let prefix_attention = settings::prefix_attention()?;
         Ok(Engine {
@@ -114,6 +118,7 @@ impl Engine {
             prefix_attention,
             fp8_note,
             w8a8,
+            fp8_geglu,
             dev,
         })
     }
@@ -170,6 +175,55 @@ impl Engine {
             return Ok(false);
         }
         skinny::geglu(&self.kernels, lane, x, w, out)
+    }
+
+    /// out = gelu_tanh(gate)·up of the gate|up product x·wᵀ for W8A8 weights where their
+    /// scales come after cuBLASLt ([`fp8::W8a8::Rescaled`]): x quantised, cuBLASLt's product
+    /// of the codes into the FP8 scratch in the activation type, then
+    /// [`mlp::gelu_gate_e4m3`] applies the scales as it reads it, one pass over the product
+    /// fewer than [`Engine::linear_fp8`] then `gelu_gate`. Ok(false), nothing queued that
+    /// matters, elsewhere (`TURBOPI_FP8_GEGLU` off, other weights, or the product refused):
+    /// the caller then runs the product and `gelu_gate`.
+    pub fn geglu_w8a8(&self, lane: &Lane, x: Mat, w: Mat, out: Mat) -> Result<bool> {
+        let Some(f) = w.fp8.filter(|f| f.acts) else {
+            return Ok(false);
+        };
+        let rescaled = matches!(self.w8a8, Some(fp8::W8a8::Rescaled(_)));
+        let (rows, k, n) = (x.rows, x.cols, w.rows);
+        if !self.fp8_geglu
+            || !rescaled
+            || self.act() != DType::Bf16
+            || out.ld != out.cols
+            || 2 * out.cols != n
+            || out.rows != rows
+        {
+            return Ok(false);
+        }
+        let scratch = lane.fp8_scratch().ok_or_else(|| {
+            Error::Cuda("internal: an FP8 product on a lane without FP8 scratch".into())
+        })?;
+        let codes = scratch.codes.at(0, rows * k)?;
+        let scales = scratch.scales.at(0, rows)?;
+        fp8::quantise_e4m3(&self.kernels, lane, x.view, x.ld, codes, k, scales, rows, k)?;
+        let gu = Mat::new(scratch.out.as_type(self.act()).at(0, rows * n)?, rows, n);
+        if !self
+            .gemm
+            .product_e4m3(lane, Mat::new(codes, rows, k), w, gu)?
+        {
+            return Ok(false);
+        }
+        let mlp = out.cols;
+        mlp::gelu_gate_e4m3(
+            &self.kernels,
+            lane,
+            gu.view,
+            out.view,
+            rows,
+            mlp,
+            scales,
+            f.scales,
+        )?;
+        Ok(true)
     }
 
     /// The q|k|v product x·wᵀ with RoPE and the scatter to q and the K/V cache in one launch

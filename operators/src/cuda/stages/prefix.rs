@@ -364,16 +364,15 @@ fn forward(
             mark("gemm o + residual")?;
             rms_norm(k, l, b.x, plain(&lw.norm2)?, b.h, p, w, eps)?;
             mark("rms_norm")?;
-            e.product(
-                l,
-                Mat::new(b.h, p, w),
-                lin(&lw.gu),
-                Mat::new(b.gu, p, 2 * mlp),
-                0.0,
-            )?;
-            mark("gemm gate|up")?;
-            gelu_gate(k, l, b.gu, b.m, p, mlp)?;
-            mark("gelu_gate")?;
+            let (h, m) = (Mat::new(b.h, p, w), Mat::new(b.m, p, mlp));
+            if e.geglu_w8a8(l, h, lin(&lw.gu), m)? {
+                mark("gemm gate|up (fp8 codes) + gelu_gate")?;
+            } else {
+                e.product(l, h, lin(&lw.gu), Mat::new(b.gu, p, 2 * mlp), 0.0)?;
+                mark("gemm gate|up")?;
+                gelu_gate(k, l, b.gu, b.m, p, mlp)?;
+                mark("gelu_gate")?;
+            }
             e.product(
                 l,
                 Mat::new(b.m, p, mlp),
