@@ -4,10 +4,7 @@
 # real dora CLI (installed with pip when missing), and print the action sink's summary.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-if ! command -v cargo >/dev/null; then
-  echo "turbo-pi needs a Rust toolchain (https://rustup.rs): cargo was not found" >&2
-  exit 1
-fi
+. tools/need_rust.sh
 if ! command -v dora >/dev/null; then
   echo "installing the dora CLI: pip install dora-rs-cli==1.1.0"
   python3 -m pip install --quiet dora-rs-cli==1.1.0

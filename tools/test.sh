@@ -4,6 +4,7 @@
 # binaries), runs every test, then lints the CUDA code and runs its GPU-free unit tests.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+. tools/need_rust.sh
 cargo --version
 if ! command -v dora >/dev/null; then
   python3 -m pip install --quiet dora-rs-cli==1.1.0
