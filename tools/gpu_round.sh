@@ -8,7 +8,7 @@
 #                                 kernel set compiled for sm_87, sm_90, sm_100 and sm_110
 #   tools/gpu_round.sh bench      turbopi bench, libero and pi0: bf16, bf16 with
 #                                 TURBOPI_LT_EPILOGUES=0, fp8, fp8 with the expert alone,
-#                                 fp8 with TURBOPI_FP8_GEGLU=0;
+#                                 fp8 with TURBOPI_FP8_FOLD=0;
 #                                 two interleaved rounds; then
 #                                 TURBOPI_PROFILE=1 for libero in bf16 and fp8
 #   tools/gpu_round.sh overlap    turbopi bench --setting libero (one-at-a-time and pipelined
@@ -51,7 +51,7 @@ bench() {
             bench_one "$setting" "bf16, TURBOPI_LT_EPILOGUES=0" TURBOPI_LT_EPILOGUES=0
             bench_one "$setting" fp8 TURBOPI_LT_EPILOGUES=1
             bench_one "$setting" "fp8, TURBOPI_FP8_STAGES=expert" TURBOPI_FP8_STAGES=expert
-            bench_one "$setting" "fp8, TURBOPI_FP8_GEGLU=0" TURBOPI_FP8_GEGLU=0
+            bench_one "$setting" "fp8, TURBOPI_FP8_FOLD=0" TURBOPI_FP8_FOLD=0
         done
     done
     for dtype in bf16 fp8; do

@@ -108,11 +108,11 @@ pub static SETTINGS: [Setting; COUNT] = [
         meaning: "on the few-row kernel, GeGLU in the gate|up product's epilogue: one launch instead of the product and gelu_gate (off: two launches, for A/B runs)",
     },
     Setting {
-        name: "TURBOPI_FP8_GEGLU",
+        name: "TURBOPI_FP8_FOLD",
         kind: Kind::Flag,
         default: "on",
         read_by: ReadBy::CudaBackend,
-        meaning: "with --dtype fp8 where cuBLASLt applies no per-row scales to an FP8 product (Hopper), the prefix's gate|up scales applied by gelu_gate as it reads the product: one pass over the product fewer (off: rescale_e4m3 stores it, then gelu_gate reads it, for A/B runs)",
+        meaning: "with --dtype fp8 where cuBLASLt applies no per-row scales to an FP8 product (Hopper), the scales applied by the kernel that reads the product next: gelu_gate for the prefix's gate|up, the bias and GELU pass for the vision tower's q|k|v and fc1; one pass over the product fewer (off: rescale_e4m3 stores each product, then the next kernel reads it, for A/B runs)",
     },
     Setting {
         name: "TURBOPI_FP8_STAGES",

@@ -2922,8 +2922,17 @@ fn fp8_gemm_matches_the_cpu_w8a8_product() {
                         assert!(held.iter().all(|v| v.is_nan()), "{name}: a refusal wrote");
                         continue;
                     }
-                    rescale_e4m3(&g.kernels, &g.lane, t.view, xs.view(), wsb.view(), y, add)
-                        .unwrap();
+                    let scales = (xs.view(), wsb.view());
+                    rescale_e4m3(
+                        &g.kernels,
+                        &g.lane,
+                        t.view,
+                        scales,
+                        y,
+                        add,
+                        (None, Act::None),
+                    )
+                    .unwrap();
                     Some(dt)
                 }
             };
@@ -2985,22 +2994,28 @@ fn rescale_e4m3_matches_cpu() {
         .iter()
         .enumerate()
         {
-            for (ydt, pdt, add) in [
-                (DType::F32, DType::F32, true),
-                (DType::F32, act, false),
-                (act, DType::F32, false),
-                (act, act, true),
-                (act, act, false),
+            // (y's type, p's type, add, with a bias)
+            for (ydt, pdt, add, with_bias) in [
+                (DType::F32, DType::F32, true, false),
+                (DType::F32, act, false, false),
+                (act, DType::F32, false, false),
+                (act, act, true, false),
+                (act, act, false, false),
+                (act, act, false, true),
+                (DType::F32, DType::F32, false, true),
             ] {
                 let name = format!(
-                    "rescale_e4m3 {act:?} [{rows}, {n}] ld {ld} y {ydt:?} p {pdt:?} add {add}"
+                    "rescale_e4m3 {act:?} [{rows}, {n}] ld {ld} y {ydt:?} p {pdt:?} add {add} \
+                     bias {with_bias}"
                 );
                 let seed = 3100 + 10 * i as u64;
                 let (pb, p) = up(&g, pdt, &rand_vec(rows * n, seed, -3000.0, 3000.0));
                 let xs = rand_vec(rows, seed + 1, 1e-4, 2e-2);
                 let ws = rand_vec(n, seed + 2, 1e-5, 1e-3);
+                let bias = rand_vec(n, seed + 4, -0.5, 0.5);
                 let (xsb, _) = up(&g, DType::F32, &xs);
                 let (wsb, _) = up(&g, DType::F32, &ws);
+                let (bb, _) = up(&g, DType::F32, &bias);
                 let y0 = rand_vec((rows * ld).max(1), seed + 3, -1.0, 1.0);
                 let (yb, mut want) = up(&g, ydt, &y0);
                 if !add {
@@ -3008,60 +3023,117 @@ fn rescale_e4m3_matches_cpu() {
                     want = g.download(yb.view()).unwrap();
                 }
                 let y = Mat::new(yb.view(), rows, n).ld(ld);
+                let b = with_bias.then(|| bb.view());
                 rescale_e4m3(
                     &g.kernels,
                     &g.lane,
                     pb.view(),
-                    xsb.view(),
-                    wsb.view(),
+                    (xsb.view(), wsb.view()),
                     y,
                     add,
+                    (b, Act::None),
                 )
                 .unwrap_or_else(|e| panic!("{name}: {e}"));
                 let got = g.download(yb.view()).unwrap();
                 if rows > 0 {
                     operators::fp8::rescale_product(&mut want, ld, &p, &xs, &ws, add);
                 }
-                // Stored values take y's rounding; the gap between rows keeps what it held.
+                // The bias after the scales, in f32; stored values take y's rounding; the gap
+                // between rows keeps what it held.
                 for r in 0..rows {
-                    let row = rounded(ydt, &want[r * ld..r * ld + n]);
-                    want[r * ld..r * ld + n].copy_from_slice(&row);
+                    let row = &mut want[r * ld..r * ld + n];
+                    if with_bias {
+                        row.iter_mut().zip(&bias).for_each(|(v, b)| *v += b);
+                    }
+                    let held = rounded(ydt, row);
+                    row.copy_from_slice(&held);
                 }
                 assert_eq!(bits(&got), bits(&want), "{name}");
             }
         }
-        // A p of the wrong type or too short, and scales too short, are refused.
+        // A p of the wrong type or too short, and scales or a bias too short, are refused.
         let (pb, _) = up(&g, DType::F32, &[1.0; 12]);
         let (xsb, _) = up(&g, DType::F32, &[1.0; 3]);
         let (wsb, _) = up(&g, DType::F32, &[1.0; 4]);
         let yb = nan(&g, DType::F32, 12);
         let y = Mat::new(yb.view(), 3, 4);
         let codes = g.upload(DType::U8, &[0.0; 12]).unwrap();
-        assert!(rescale_e4m3(
-            &g.kernels,
-            &g.lane,
-            codes.view(),
-            xsb.view(),
-            wsb.view(),
-            y,
-            false
-        )
-        .is_err());
-        let short = pb.view().at(0, 11).unwrap();
+        let run = |p: View, xs: View, bias: Option<View>| {
+            rescale_e4m3(
+                &g.kernels,
+                &g.lane,
+                p,
+                (xs, wsb.view()),
+                y,
+                false,
+                (bias, Act::None),
+            )
+        };
+        assert!(run(codes.view(), xsb.view(), None).is_err(), "u8 p");
         assert!(
-            rescale_e4m3(&g.kernels, &g.lane, short, xsb.view(), wsb.view(), y, false).is_err()
+            run(pb.view().at(0, 11).unwrap(), xsb.view(), None).is_err(),
+            "short p"
         );
-        let xs_short = xsb.view().at(0, 2).unwrap();
-        assert!(rescale_e4m3(
-            &g.kernels,
-            &g.lane,
-            pb.view(),
-            xs_short,
-            wsb.view(),
-            y,
-            false
-        )
-        .is_err());
+        assert!(
+            run(pb.view(), xsb.view().at(0, 2).unwrap(), None).is_err(),
+            "short xs"
+        );
+        let short_bias = wsb.view().at(0, 3).unwrap();
+        assert!(
+            run(pb.view(), xsb.view(), Some(short_bias)).is_err(),
+            "short bias"
+        );
+        let held = g.download(yb.view()).unwrap();
+        assert!(held.iter().all(|v| v.is_nan()), "a refused call wrote y");
+    }
+}
+
+#[test]
+fn rescale_e4m3_folds_the_bias_and_gelu() {
+    // The vision tower's q|k|v and fc1 with `--dtype fp8` where the scales come after
+    // cuBLASLt: y = gelu_tanh(xs·ws·p + bias) (and with no activation) into the activation
+    // type, against rescale_product, the bias and cpu::gelu_tanh (within tol: GELU's tanh is
+    // not the CPU's bit for bit). Scaled values of a few units, where GELU bends.
+    for act in ACTS {
+        let g = gpu(act);
+        let (rows, n) = (19, 4304);
+        for a in [Act::GeluTanh, Act::Silu] {
+            let name = format!("rescale_e4m3 {act:?} [{rows}, {n}] {a:?}");
+            let (pb, p) = up(&g, act, &rand_vec(rows * n, 3200, -3000.0, 3000.0));
+            let xs = rand_vec(rows, 3201, 1e-2, 5e-2);
+            let ws = rand_vec(n, 3202, 2e-2, 5e-2);
+            let bias = rand_vec(n, 3203, -1.0, 1.0);
+            let (xsb, _) = up(&g, DType::F32, &xs);
+            let (wsb, _) = up(&g, DType::F32, &ws);
+            let (bb, _) = up(&g, DType::F32, &bias);
+            let yb = nan(&g, act, rows * n);
+            let y = Mat::new(yb.view(), rows, n);
+            rescale_e4m3(
+                &g.kernels,
+                &g.lane,
+                pb.view(),
+                (xsb.view(), wsb.view()),
+                y,
+                false,
+                (Some(bb.view()), a),
+            )
+            .unwrap_or_else(|e| panic!("{name}: {e}"));
+            let mut want = vec![0.0; rows * n];
+            operators::fp8::rescale_product(&mut want, n, &p, &xs, &ws, false);
+            let f = match a {
+                Act::Silu => cpu::silu,
+                _ => cpu::gelu_tanh,
+            };
+            for (i, v) in want.iter_mut().enumerate() {
+                *v = f(*v + bias[i % n]);
+            }
+            check(
+                &name,
+                &g.download(yb.view()).unwrap(),
+                &rounded(act, &want),
+                tol(act),
+            );
+        }
     }
 }
 

@@ -55,23 +55,27 @@ extern "C" __global__ void quantise_e4m3(const act_t* __restrict__ x, long long 
   for (int c = threadIdx.x; c < width; c += blockDim.x) qr[c] = tp_e4m3(tp_load(xr, c) / s);
 }
 
-// y[r, c] = xs[r] * ws[c] * p[r, c], or that added to y[r, c] (add 1): an E4M3 product whose
-// codes were multiplied with unit scales (p, dense [rows, n]) taken to the values it stands
-// for, where cuBLASLt applies no scale per row of its operands (Hopper). y has row stride ldy.
-// One grid-stride loop over the rows x n outputs; P and Y are f32 or act_t.
+// y[r, c] = act(xs[r] * ws[c] * p[r, c] + bias[c]), or that added to y[r, c] (add 1): an
+// E4M3 product whose codes were multiplied with unit scales (p, dense [rows, n]) taken to the
+// values it stands for, where cuBLASLt applies no scale per row of its operands (Hopper),
+// with the bias (null: none) and activation (TP_ACT_*, as bias_act) of the layer folded in.
+// y has row stride ldy. One grid-stride loop over the rows x n outputs; P and Y are f32 or
+// act_t. Rounded operations throughout, so that the bf16 build's --fmad never fuses an add
+// into the multiplies: the CPU twin's f32 operations.
 template <typename Y, typename P>
 __device__ __forceinline__ void tp_rescale_e4m3(Y* __restrict__ y, long long ldy,
                                                 const P* __restrict__ p,
                                                 const float* __restrict__ xs,
-                                                const float* __restrict__ ws, int n,
+                                                const float* __restrict__ ws,
+                                                const float* __restrict__ bias, int act, int n,
                                                 long long total, int add) {
   for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < total;
        i += (long long)gridDim.x * blockDim.x) {
     const long long r = i / n;
     const int c = (int)(i - r * n);
-    // Rounded operations, so that the bf16 build's --fmad never fuses the add into the
-    // multiplies: the CPU twin's f32 operations, bit for bit.
-    const float v = __fmul_rn(__fmul_rn(xs[r], ws[c]), tp_load(p, i));
+    float v = __fmul_rn(__fmul_rn(xs[r], ws[c]), tp_load(p, i));
+    if (bias != 0) v = __fadd_rn(v, bias[c]);
+    v = tp_bias_act1(v, 0, c, act);
     const long long j = r * ldy + c;
     tp_store(y, j, add != 0 ? __fadd_rn(tp_load(y, j), v) : v);
   }
@@ -80,16 +84,18 @@ __device__ __forceinline__ void tp_rescale_e4m3(Y* __restrict__ y, long long ldy
 // The launcher's entry: y_f32 / p_f32 say which of f32 and act_t y and p hold.
 extern "C" __global__ void rescale_e4m3(void* y, long long ldy, int y_f32, const void* p,
                                         int p_f32, const float* __restrict__ xs,
-                                        const float* __restrict__ ws, int rows, int n, int add) {
+                                        const float* __restrict__ ws,
+                                        const float* __restrict__ bias, int act, int rows, int n,
+                                        int add) {
   tp_pdl_enter();
   const long long total = (long long)rows * n;
   if (y_f32 != 0 && p_f32 != 0) {
-    tp_rescale_e4m3((float*)y, ldy, (const float*)p, xs, ws, n, total, add);
+    tp_rescale_e4m3((float*)y, ldy, (const float*)p, xs, ws, bias, act, n, total, add);
   } else if (y_f32 != 0) {
-    tp_rescale_e4m3((float*)y, ldy, (const act_t*)p, xs, ws, n, total, add);
+    tp_rescale_e4m3((float*)y, ldy, (const act_t*)p, xs, ws, bias, act, n, total, add);
   } else if (p_f32 != 0) {
-    tp_rescale_e4m3((act_t*)y, ldy, (const float*)p, xs, ws, n, total, add);
+    tp_rescale_e4m3((act_t*)y, ldy, (const float*)p, xs, ws, bias, act, n, total, add);
   } else {
-    tp_rescale_e4m3((act_t*)y, ldy, (const act_t*)p, xs, ws, n, total, add);
+    tp_rescale_e4m3((act_t*)y, ldy, (const act_t*)p, xs, ws, bias, act, n, total, add);
   }
 }

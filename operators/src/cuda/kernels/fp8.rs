@@ -2,6 +2,7 @@
 //! twin: [`crate::fp8::quantise_rows`], bit for bit); and the W8A8 product on those codes,
 //! with the scales applied by cuBLASLt or after it ([`w8a8`]).
 
+use super::activation::Act;
 use super::{residual, Kernels};
 use crate::cuda::device::{blocks_for, int, launch, Args, DType, Lane, View};
 use crate::cuda::gemm::{Gemm, Mat};
@@ -43,18 +44,21 @@ pub fn quantise_e4m3(
     launch(&k.quantise_e4m3, lane, "quantise_e4m3", rows, THREADS, args)
 }
 
-/// y = diag(xs)·p·diag(ws) (add false) or y + that (add true): `p` [y.rows, y.cols] (dense, f32
-/// or the activation type) holds an E4M3 product of codes taken with unit scales, xs f32
-/// [y.rows] and ws f32 [y.cols] the scales of its input rows and weight rows; y is f32 or the
-/// activation type, row stride `y.ld`. CPU twin: [`crate::fp8::rescale_product`].
+/// y = act(diag(xs)·p·diag(ws) + bias) (add false) or y + that (add true): `p` [y.rows,
+/// y.cols] (dense, f32 or the activation type) holds an E4M3 product of codes taken with unit
+/// scales, xs f32 [y.rows] and ws f32 [y.cols] the scales of its input rows and weight rows,
+/// `bias` (f32 [y.cols]) and `act` the layer's own where it has them (folded in here, as
+/// [`super::activation::bias_act`] would apply them after); y is f32 or the activation type,
+/// row stride `y.ld`. CPU twin: [`crate::fp8::rescale_product`] (then the bias and
+/// [`crate::cpu::gelu_tanh`] or [`crate::cpu::silu`]).
 pub fn rescale_e4m3(
     k: &Kernels,
     lane: &Lane,
     p: View,
-    xs: View,
-    ws: View,
+    (xs, ws): (View, View),
     y: Mat,
     add: bool,
+    (bias, act): (Option<View>, Act),
 ) -> Result<()> {
     let (rows, n) = (y.rows, y.cols);
     if rows == 0 || n == 0 {
@@ -74,6 +78,9 @@ pub fn rescale_e4m3(
     p.need(p.dtype, rows * n, "rescale_e4m3 p")?;
     xs.need(DType::F32, rows, "rescale_e4m3 input scales")?;
     ws.need(DType::F32, n, "rescale_e4m3 weight scales")?;
+    if let Some(b) = bias {
+        b.need(DType::F32, n, "rescale_e4m3 bias")?;
+    }
     y.check(1, "rescale_e4m3 y")?;
     let total = rows * n;
     let args = Args::new()
@@ -84,6 +91,8 @@ pub fn rescale_e4m3(
         .i32(i32::from(p_f32))
         .ptr(xs)
         .ptr(ws)
+        .opt(bias)
+        .i32(act as i32)
         .i32(int(rows, "rows")?)
         .i32(int(n, "columns")?)
         .i32(i32::from(add));
@@ -168,7 +177,7 @@ pub fn w8a8(
     for dt in between {
         let t = dense(dt)?;
         if gemm.product_e4m3(lane, xq, w, t)? {
-            rescale_e4m3(k, lane, t.view, xs, ws, y, add)?;
+            rescale_e4m3(k, lane, t.view, (xs, ws), y, add, (None, Act::None))?;
             return Ok(Some(W8a8::Rescaled(dt)));
         }
     }

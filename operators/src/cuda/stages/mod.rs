@@ -23,6 +23,7 @@ use crate::config::Config;
 use crate::cuda::attention::{self, Mask, Problem, Scratch, Strided, Workspace};
 use crate::cuda::device::{timing_event, CudaResult, DType, Device, DeviceBuffer, Lane, View};
 use crate::cuda::gemm::{Fp8, Gemm, LtEpilogue, Mat};
+use crate::cuda::kernels::activation::Act;
 use crate::cuda::kernels::rope::RowBatch;
 use crate::cuda::kernels::skinny::{self, Epilogue};
 use crate::cuda::kernels::{fp8, mlp};
@@ -57,9 +58,10 @@ pub struct Engine {
     pub fp8_note: Option<String>,
     /// How the W8A8 stages' products run on this card, where any stage is W8A8.
     pub w8a8: Option<fp8::W8a8>,
-    /// Where those products' scales come after cuBLASLt: the prefix's gate|up scales applied
-    /// by gelu_gate (`TURBOPI_FP8_GEGLU`, default on; see [`Engine::geglu_w8a8`]).
-    pub fp8_geglu: bool,
+    /// Where those products' scales come after cuBLASLt: the scales applied by the kernel
+    /// that reads the product next where one does (`TURBOPI_FP8_FOLD`, default on; see
+    /// [`Engine::geglu_w8a8`] and [`Engine::linear_bias`]).
+    pub fp8_fold: bool,
     pub dev: Device,
 }
 
@@ -103,7 +105,7 @@ impl Engine {
         let skinny_geglu = skinny && settings::flag("TURBOPI_SKINNY_GEGLU", true)?;
         let skinny_rope = skinny && settings::flag("TURBOPI_SKINNY_ROPE", true)?;
         let lt_epilogues = settings::flag("TURBOPI_LT_EPILOGUES", true)?;
-        let fp8_geglu = settings::flag("TURBOPI_FP8_GEGLU", true)?;
+        let fp8_fold = settings::flag("TURBOPI_FP8_FOLD", true)?;
         let vision_attention = settings::vision_attention()?;
         let prefix_attention = settings::prefix_attention()?;
         Ok(Engine {
@@ -118,7 +120,7 @@ impl Engine {
             prefix_attention,
             fp8_note,
             w8a8,
-            fp8_geglu,
+            fp8_fold,
             dev,
         })
     }
@@ -177,50 +179,54 @@ impl Engine {
         skinny::geglu(&self.kernels, lane, x, w, out)
     }
 
-    /// out = gelu_tanh(gate)·up of the gate|up product x·wᵀ for W8A8 weights where their
-    /// scales come after cuBLASLt ([`fp8::W8a8::Rescaled`]): x quantised, cuBLASLt's product
-    /// of the codes into the FP8 scratch in the activation type, then
-    /// [`mlp::gelu_gate_e4m3`] applies the scales as it reads it, one pass over the product
-    /// fewer than [`Engine::linear_fp8`] then `gelu_gate`. Ok(false), nothing queued that
-    /// matters, elsewhere (`TURBOPI_FP8_GEGLU` off, other weights, or the product refused):
-    /// the caller then runs the product and `gelu_gate`.
-    pub fn geglu_w8a8(&self, lane: &Lane, x: Mat, w: Mat, out: Mat) -> Result<bool> {
-        let Some(f) = w.fp8.filter(|f| f.acts) else {
-            return Ok(false);
-        };
+    /// For W8A8 weights whose scales come after cuBLASLt ([`fp8::W8a8::Rescaled`]) with
+    /// `TURBOPI_FP8_FOLD` on and bf16 activations: x quantised into the lane's FP8 scratch and
+    /// cuBLASLt's product of the codes with unit scales into the scratch in the activation
+    /// type, for the caller's next kernel to scale as it reads it. Returns that product
+    /// [x.rows, w.rows] and the input's row scales, or None, nothing queued that matters,
+    /// elsewhere (the caller then takes the unfolded path).
+    fn codes_product(&self, lane: &Lane, x: Mat, w: Mat) -> Result<Option<(Mat, View)>> {
         let rescaled = matches!(self.w8a8, Some(fp8::W8a8::Rescaled(_)));
-        let (rows, k, n) = (x.rows, x.cols, w.rows);
-        if !self.fp8_geglu
-            || !rescaled
-            || self.act() != DType::Bf16
-            || out.ld != out.cols
-            || 2 * out.cols != n
-            || out.rows != rows
-        {
-            return Ok(false);
+        let acts = w.fp8.is_some_and(|f| f.acts);
+        if !acts || !rescaled || !self.fp8_fold || self.act() != DType::Bf16 {
+            return Ok(None);
         }
         let scratch = lane.fp8_scratch().ok_or_else(|| {
             Error::Cuda("internal: an FP8 product on a lane without FP8 scratch".into())
         })?;
+        let (rows, k, n) = (x.rows, x.cols, w.rows);
         let codes = scratch.codes.at(0, rows * k)?;
         let scales = scratch.scales.at(0, rows)?;
         fp8::quantise_e4m3(&self.kernels, lane, x.view, x.ld, codes, k, scales, rows, k)?;
-        let gu = Mat::new(scratch.out.as_type(self.act()).at(0, rows * n)?, rows, n);
-        if !self
+        let p = Mat::new(scratch.out.as_type(self.act()).at(0, rows * n)?, rows, n);
+        let offered = self
             .gemm
-            .product_e4m3(lane, Mat::new(codes, rows, k), w, gu)?
-        {
+            .product_e4m3(lane, Mat::new(codes, rows, k), w, p)?;
+        Ok(offered.then_some((p, scales)))
+    }
+
+    /// out = gelu_tanh(gate)·up of the gate|up product x·wᵀ for W8A8 weights where their
+    /// scales come after cuBLASLt: [`Engine::codes_product`], then
+    /// [`mlp::gelu_gate_e4m3`] applies the scales as it reads it, one pass over the product
+    /// fewer than [`Engine::linear_fp8`] then `gelu_gate`. Ok(false), nothing queued that
+    /// matters, elsewhere: the caller then runs the product and `gelu_gate`.
+    pub fn geglu_w8a8(&self, lane: &Lane, x: Mat, w: Mat, out: Mat) -> Result<bool> {
+        let fits = out.ld == out.cols && 2 * out.cols == w.rows && out.rows == x.rows;
+        let (Some(f), true) = (w.fp8, fits) else {
             return Ok(false);
-        }
-        let mlp = out.cols;
+        };
+        let Some((p, xs)) = self.codes_product(lane, x, w)? else {
+            return Ok(false);
+        };
+        let (rows, mlp) = (out.rows, out.cols);
         mlp::gelu_gate_e4m3(
             &self.kernels,
             lane,
-            gu.view,
+            p.view,
             out.view,
             rows,
             mlp,
-            scales,
+            xs,
             f.scales,
         )?;
         Ok(true)
@@ -251,10 +257,12 @@ impl Engine {
         }
     }
 
-    /// y (act) = x·wᵀ + bias, then tanh-GELU with `gelu`, in one cuBLASLt call where the
+    /// y (act) = x·wᵀ + bias, then tanh-GELU with `gelu`: in one cuBLASLt call where the
     /// epilogues are on, the activations bf16, the weights not FP8 and cuBLASLt offers an
-    /// algorithm ([`Gemm::linear_bias`]); Ok(false), nothing queued, otherwise (the caller
-    /// then stores the product in f32 and runs `bias_act`).
+    /// algorithm ([`Gemm::linear_bias`]); for W8A8 weights whose scales come after cuBLASLt,
+    /// its product of the codes then one `rescale_e4m3` with the bias and GELU folded in
+    /// ([`Engine::codes_product`]); Ok(false), nothing queued that matters, otherwise (the
+    /// caller then stores the product in f32 and runs `bias_act`).
     pub fn linear_bias(
         &self,
         lane: &Lane,
@@ -263,7 +271,25 @@ impl Engine {
         y: Mat,
         (bias, gelu): (View, bool),
     ) -> Result<bool> {
-        if !self.lt_epilogues || self.act() != DType::Bf16 || w.fp8.is_some() {
+        if let Some(f) = w.fp8 {
+            // W8A8 whose scales come after cuBLASLt: the scales, the bias and the GELU in
+            // the one pass that follows the product of the codes.
+            let Some((p, xs)) = self.codes_product(lane, x, w)? else {
+                return Ok(false);
+            };
+            let act = if gelu { Act::GeluTanh } else { Act::None };
+            fp8::rescale_e4m3(
+                &self.kernels,
+                lane,
+                p.view,
+                (xs, f.scales),
+                y,
+                false,
+                (Some(bias), act),
+            )?;
+            return Ok(true);
+        }
+        if !self.lt_epilogues || self.act() != DType::Bf16 {
             return Ok(false);
         }
         let epi = if gelu {
