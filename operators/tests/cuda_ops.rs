@@ -16,7 +16,7 @@ use operators::cuda::embed::embed_tokens;
 use operators::cuda::euler::{euler_step, euler_step_guided, Guidance};
 use operators::cuda::fp8::{self as fp8k, quantise_e4m3, rescale_e4m3, W8a8};
 use operators::cuda::layer_norm::layer_norm;
-use operators::cuda::mlp::{gelu_gate, gelu_gate_e4m3};
+use operators::cuda::mlp::gelu_gate;
 use operators::cuda::patch::{im2col, patch_embed_finish, unit_pixels};
 use operators::cuda::residual::{add_act, add_residual};
 use operators::cuda::rms_norm::{rms_norm, NormParam};
@@ -298,84 +298,66 @@ fn rms_norm_plain_and_adaptive_match_gemma_norm() {
 
 #[test]
 fn gelu_gate_matches_cpu() {
-    // 700: one output per thread; 704: eight per thread (16-byte loads in bf16).
+    // 700: one output per thread; 704: eight per thread (16-byte loads in bf16). Plain, and
+    // reading an FP8 gate|up product of codes taken with unit scales (the prefix with
+    // `--dtype fp8` on Hopper): each value times its row's and its column's scale first, as
+    // fp8::rescale_product computes it (in f32, unrounded), with scaled values of a few
+    // units, where gelu is far from linear. The output starts all NaN; a scale vector too
+    // short is refused.
     for (act, mlp) in [700, 704].into_iter().flat_map(|m| ACTS.map(|a| (a, m))) {
         let g = gpu(act);
         let rows = 9;
-        let (gub, gu) = up(&g, act, &rand_vec(rows * 2 * mlp, 30, -4.0, 4.0));
-        let ob = nan(&g, act, rows * mlp);
-        gelu_gate(&g.kernels, &g.lane, gub.view(), ob.view(), rows, mlp).unwrap();
-        let mut want = vec![0.0; rows * mlp];
-        for r in 0..rows {
-            for c in 0..mlp {
-                want[r * mlp + c] = cpu::gelu_tanh(gu[r * 2 * mlp + c]) * gu[r * 2 * mlp + mlp + c];
+        for scaled in [false, true] {
+            let name = format!("gelu_gate {act:?} mlp {mlp} scaled {scaled}");
+            let amp = if scaled { 3000.0 } else { 4.0 };
+            let (gub, gu) = up(&g, act, &rand_vec(rows * 2 * mlp, 30, -amp, amp));
+            let xs = rand_vec(rows, 32, 1e-2, 5e-2);
+            let ws = rand_vec(2 * mlp, 33, 2e-2, 5e-2);
+            let (xsb, _) = up(&g, DType::F32, &xs);
+            let (wsb, _) = up(&g, DType::F32, &ws);
+            let scales = scaled.then(|| (xsb.view(), wsb.view()));
+            let ob = nan(&g, act, rows * mlp);
+            gelu_gate(
+                &g.kernels,
+                &g.lane,
+                (gub.view(), ob.view()),
+                rows,
+                mlp,
+                scales,
+            )
+            .unwrap_or_else(|e| panic!("{name}: {e}"));
+            let mut v = gu.clone();
+            if scaled {
+                operators::fp8::rescale_product(&mut v, 2 * mlp, &gu, &xs, &ws, false);
             }
+            let mut want = vec![0.0; rows * mlp];
+            for r in 0..rows {
+                for c in 0..mlp {
+                    want[r * mlp + c] =
+                        cpu::gelu_tanh(v[r * 2 * mlp + c]) * v[r * 2 * mlp + mlp + c];
+                }
+            }
+            check(
+                &name,
+                &g.download(ob.view()).unwrap(),
+                &rounded(act, &want),
+                tol(act),
+            );
         }
-        check(
-            &format!("gelu_gate {act:?} mlp {mlp}"),
-            &g.download(ob.view()).unwrap(),
-            &rounded(act, &want),
-            tol(act),
-        );
-    }
-}
-
-#[test]
-fn gelu_gate_e4m3_matches_cpu() {
-    // GeGLU reading an FP8 gate|up product of codes taken with unit scales (the prefix with
-    // `--dtype fp8` on Hopper): each value times its row's and its column's scale, then
-    // gelu(gate)·up, against fp8::rescale_product (in f32, unrounded) then cpu::gelu_tanh.
-    // 700: one output per thread; 704: eight per thread (16-byte loads in bf16). The output
-    // starts all NaN; a scale vector too short is refused.
-    for (act, mlp) in [700, 704].into_iter().flat_map(|m| ACTS.map(|a| (a, m))) {
-        let name = format!("gelu_gate_e4m3 {act:?} mlp {mlp}");
-        let g = gpu(act);
-        let rows = 9;
-        let (gub, gu) = up(&g, act, &rand_vec(rows * 2 * mlp, 31, -3000.0, 3000.0));
-        // Scaled values of a few units, where gelu is far from linear.
-        let xs = rand_vec(rows, 32, 1e-2, 5e-2);
-        let ws = rand_vec(2 * mlp, 33, 2e-2, 5e-2);
-        let (xsb, _) = up(&g, DType::F32, &xs);
-        let (wsb, _) = up(&g, DType::F32, &ws);
+        let (gub, _) = up(&g, act, &rand_vec(rows * 2 * mlp, 30, -4.0, 4.0));
         let ob = nan(&g, act, rows * mlp);
-        gelu_gate_e4m3(
+        let (xsb, _) = up(&g, DType::F32, &vec![1.0; rows]);
+        let (wsb, _) = up(&g, DType::F32, &vec![1.0; 2 * mlp - 1]);
+        let short = Some((xsb.view(), wsb.view()));
+        let refused = gelu_gate(
             &g.kernels,
             &g.lane,
-            gub.view(),
-            ob.view(),
+            (gub.view(), ob.view()),
             rows,
             mlp,
-            xsb.view(),
-            wsb.view(),
-        )
-        .unwrap_or_else(|e| panic!("{name}: {e}"));
-        let mut scaled = vec![0.0; rows * 2 * mlp];
-        operators::fp8::rescale_product(&mut scaled, 2 * mlp, &gu, &xs, &ws, false);
-        let mut want = vec![0.0; rows * mlp];
-        for r in 0..rows {
-            for c in 0..mlp {
-                let (gate, upv) = (scaled[r * 2 * mlp + c], scaled[r * 2 * mlp + mlp + c]);
-                want[r * mlp + c] = cpu::gelu_tanh(gate) * upv;
-            }
-        }
-        check(
-            &name,
-            &g.download(ob.view()).unwrap(),
-            &rounded(act, &want),
-            tol(act),
-        );
-        let short = wsb.view().at(0, 2 * mlp - 1).unwrap();
-        let refused = gelu_gate_e4m3(
-            &g.kernels,
-            &g.lane,
-            gub.view(),
-            ob.view(),
-            rows,
-            mlp,
-            xsb.view(),
             short,
         );
-        assert!(refused.is_err(), "{name}: short weight scales");
+        assert!(refused.is_err(), "{act:?} mlp {mlp}: short weight scales");
     }
 }
 
@@ -2048,7 +2030,7 @@ fn skinny_geglu_equals_product_then_gelu_gate() {
         let gum = Mat::new(gub.view(), m, 2 * mlp);
         assert!(skinny::linear(&g.kernels, &g.lane, xm, wm, gum, Epilogue::Store).unwrap());
         let two = nan(&g, DType::Bf16, m * mlp);
-        gelu_gate(&g.kernels, &g.lane, gub.view(), two.view(), m, mlp).unwrap();
+        gelu_gate(&g.kernels, &g.lane, (gub.view(), two.view()), m, mlp, None).unwrap();
         // One launch, into an output with padded rows.
         let ldo = mlp + pado;
         let one = nan(&g, DType::Bf16, m * ldo);

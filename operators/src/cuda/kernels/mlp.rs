@@ -1,45 +1,17 @@
 //! The gated MLP product of Gemma's GeGLU: gelu_tanh(gate) * up, reading the fused
-//! [gate | up] output of one GEMM. CPU twin: [`crate::cpu::gelu_tanh`] as used by
-//! `Gemma::mlp` in [`crate::gemma`].
+//! [gate | up] output of one GEMM (or its FP8 product of codes, scaling it as it reads).
+//! CPU twin: [`crate::cpu::gelu_tanh`] as used by `Gemma::mlp` in [`crate::gemma`].
 
 use super::Kernels;
 use crate::cuda::device::{blocks_for, int, launch, Args, DType, Lane, View};
 use crate::Result;
 
-/// out[rows, mlp] = gelu_tanh(gu[:, :mlp]) * gu[:, mlp:].
+/// out[rows, mlp] = gelu_tanh(gu[:, :mlp]) * gu[:, mlp:]. With `scales` (xs f32 [rows], ws
+/// f32 [2 * mlp]), gu is an FP8 gate|up product of codes taken with unit scales, and each
+/// value is first multiplied by its row's input scale and its column's weight scale, as
+/// [`super::fp8::rescale_e4m3`] would store it, but without storing it (CPU twin:
+/// [`crate::fp8::rescale_product`], then the above on the scaled f32 values).
 pub fn gelu_gate(
-    k: &Kernels,
-    lane: &Lane,
-    gu: View,
-    out: View,
-    rows: usize,
-    mlp: usize,
-) -> Result<()> {
-    run(k, lane, (gu, out), rows, mlp, None)
-}
-
-/// [`gelu_gate`] of an FP8 gate|up product of codes taken with unit scales: each value of
-/// `gu` (the activation type) is first multiplied by its row's input scale `xs` [rows] and
-/// its column's weight scale `ws` [2 * mlp], as [`super::fp8::rescale_e4m3`] would store it,
-/// but without storing it. CPU twin: [`crate::fp8::rescale_product`], then
-/// [`crate::cpu::gelu_tanh`] of the gate times the up (the scaled values kept in f32).
-#[allow(clippy::too_many_arguments)]
-pub fn gelu_gate_e4m3(
-    k: &Kernels,
-    lane: &Lane,
-    gu: View,
-    out: View,
-    rows: usize,
-    mlp: usize,
-    xs: View,
-    ws: View,
-) -> Result<()> {
-    xs.need(DType::F32, rows, "gelu_gate input scales")?;
-    ws.need(DType::F32, 2 * mlp, "gelu_gate weight scales")?;
-    run(k, lane, (gu, out), rows, mlp, Some((xs, ws)))
-}
-
-fn run(
     k: &Kernels,
     lane: &Lane,
     (gu, out): (View, View),
@@ -47,6 +19,10 @@ fn run(
     mlp: usize,
     scales: Option<(View, View)>,
 ) -> Result<()> {
+    if let Some((xs, ws)) = scales {
+        xs.need(DType::F32, rows, "gelu_gate input scales")?;
+        ws.need(DType::F32, 2 * mlp, "gelu_gate weight scales")?;
+    }
     gu.need(k.act, rows * 2 * mlp, "gelu_gate input")?;
     out.need(k.act, rows * mlp, "gelu_gate output")?;
     // 8 outputs per thread (16-byte loads of bf16) where every row starts 16-byte aligned.

@@ -207,7 +207,7 @@ impl Engine {
 
     /// out = gelu_tanh(gate)·up of the gate|up product x·wᵀ for W8A8 weights where their
     /// scales come after cuBLASLt: [`Engine::codes_product`], then
-    /// [`mlp::gelu_gate_e4m3`] applies the scales as it reads it, one pass over the product
+    /// [`mlp::gelu_gate`] applies the scales as it reads it, one pass over the product
     /// fewer than [`Engine::linear_fp8`] then `gelu_gate`. Ok(false), nothing queued that
     /// matters, elsewhere: the caller then runs the product and `gelu_gate`.
     pub fn geglu_w8a8(&self, lane: &Lane, x: Mat, w: Mat, out: Mat) -> Result<bool> {
@@ -219,15 +219,13 @@ impl Engine {
             return Ok(false);
         };
         let (rows, mlp) = (out.rows, out.cols);
-        mlp::gelu_gate_e4m3(
+        mlp::gelu_gate(
             &self.kernels,
             lane,
-            p.view,
-            out.view,
+            (p.view, out.view),
             rows,
             mlp,
-            xs,
-            f.scales,
+            Some((xs, f.scales)),
         )?;
         Ok(true)
     }

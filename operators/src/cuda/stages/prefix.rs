@@ -370,7 +370,7 @@ fn forward(
             } else {
                 e.product(l, h, lin(&lw.gu), Mat::new(b.gu, p, 2 * mlp), 0.0)?;
                 mark("gemm gate|up")?;
-                gelu_gate(k, l, b.gu, b.m, p, mlp)?;
+                gelu_gate(k, l, (b.gu, b.m), p, mlp, None)?;
                 mark("gelu_gate")?;
             }
             e.product(

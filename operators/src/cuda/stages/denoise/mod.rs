@@ -623,7 +623,7 @@ impl Denoise {
                 } else {
                     e.linear(l, he, lin(&lw.gu), Mat::new(b.gu, n, 2 * s.mlp), 0.0)?;
                     self.mark(e, "gemm gate|up")?;
-                    gelu_gate(k, l, b.gu, b.m, n, s.mlp)?;
+                    gelu_gate(k, l, (b.gu, b.m), n, s.mlp, None)?;
                     self.mark(e, "gelu_gate")?;
                 }
                 self.expert_residual(e, Mat::new(b.m, n, s.mlp), &lw.down, gate)?;
