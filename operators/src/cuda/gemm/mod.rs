@@ -126,6 +126,17 @@ fn lt_type(d: DType) -> Result<lt_sys::cudaDataType> {
     }
 }
 
+/// That both operands of an FP8 product hold E4M3 codes (u8).
+fn e4m3_operands(x: Mat, w: Mat) -> Result<()> {
+    if x.view.dtype != DType::U8 || w.view.dtype != DType::U8 {
+        return Err(Error::Cuda(format!(
+            "internal: FP8 GEMM operands of types {:?} and {:?}, expected u8 codes",
+            x.view.dtype, w.view.dtype
+        )));
+    }
+    Ok(())
+}
+
 /// Largest power of two (up to 256) dividing the address of every matrix of the batch.
 fn alignment(ptr: u64, stride_bytes: u64, batch: usize) -> u32 {
     let mut a = ptr | 256;
@@ -386,12 +397,7 @@ impl Gemm {
         y: Mat,
         beta: f32,
     ) -> Result<bool> {
-        if x.view.dtype != DType::U8 || w.view.dtype != DType::U8 {
-            return Err(Error::Cuda(format!(
-                "internal: FP8 GEMM operands of types {:?} and {:?}, expected u8 codes",
-                x.view.dtype, w.view.dtype
-            )));
-        }
+        e4m3_operands(x, w)?;
         let Some((mut key, mut ops)) = self.prepare(x, w, Op::Wt, y, Alpha::Host(1.0), beta, 1)?
         else {
             return Ok(true);
@@ -408,12 +414,7 @@ impl Gemm {
     /// ([`crate::cuda::kernels::fp8::w8a8`], where cuBLASLt has no per-row scales). Returns
     /// Ok(false), having queued nothing, where cuBLASLt offers no algorithm for it.
     pub fn product_e4m3(&self, lane: &Lane, x: Mat, w: Mat, y: Mat) -> Result<bool> {
-        if x.view.dtype != DType::U8 || w.view.dtype != DType::U8 {
-            return Err(Error::Cuda(format!(
-                "internal: FP8 GEMM operands of types {:?} and {:?}, expected u8 codes",
-                x.view.dtype, w.view.dtype
-            )));
-        }
+        e4m3_operands(x, w)?;
         let Some((key, ops)) = self.prepare(x, w, Op::Wt, y, Alpha::Host(1.0), 0.0, 1)? else {
             return Ok(true);
         };

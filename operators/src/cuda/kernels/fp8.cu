@@ -73,7 +73,7 @@ __device__ __forceinline__ void tp_rescale_e4m3(Y* __restrict__ y, long long ldy
        i += (long long)gridDim.x * blockDim.x) {
     const long long r = i / n;
     const int c = (int)(i - r * n);
-    float v = __fmul_rn(__fmul_rn(xs[r], ws[c]), tp_load(p, i));
+    float v = tp_e4m3_value(tp_load(p, i), xs[r], ws[c]);
     if (bias != 0) v = __fadd_rn(v, bias[c]);
     v = tp_bias_act1(v, 0, c, act);
     const long long j = r * ldy + c;

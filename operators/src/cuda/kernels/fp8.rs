@@ -136,8 +136,8 @@ impl W8a8 {
 /// product of the codes with unit scales into `tmp` (at least M x N f32 values) and
 /// [`rescale_e4m3`]. Either way the scales multiply the same sums of exact code products, so
 /// the two agree up to f32 rounding (and one bf16 rounding where the product passes through
-/// the activation type). Returns the way it
-/// ran, or None, having queued nothing, where cuBLASLt offers no FP8 product for it at all.
+/// the activation type). Returns the way it ran, or None, having queued nothing, where
+/// cuBLASLt offers no FP8 product for it at all.
 /// CPU twin: [`crate::cpu::Linear::forward`] on a layer quantised with its activations.
 #[allow(clippy::too_many_arguments)]
 pub fn w8a8(
@@ -170,11 +170,12 @@ pub fn w8a8(
     }
     // The activation type between first: half the bytes of f32 through memory, and its
     // rounding is 2^-9 against the 2^-4 of E4M3's own.
-    let mut between = vec![k.act];
-    if k.act != DType::F32 {
-        between.push(DType::F32);
-    }
-    for dt in between {
+    let between: &[DType] = if k.act == DType::F32 {
+        &[DType::F32]
+    } else {
+        &[k.act, DType::F32]
+    };
+    for &dt in between {
         let t = dense(dt)?;
         if gemm.product_e4m3(lane, xq, w, t)? {
             rescale_e4m3(k, lane, t.view, (xs, ws), y, add, (None, Act::None))?;

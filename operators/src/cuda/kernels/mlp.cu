@@ -3,11 +3,11 @@
 // outputs of one row (8 when mlp is a multiple of 8 and the rows are 16-byte aligned, so
 // that bf16 operands move in 16-byte loads; else 1); `groups` = rows * mlp / vec.
 // With xs non-null, gu is an FP8 product of codes taken with unit scales, and each value is
-// first brought to what it stands for: gu[r, c] * (xs[r] * ws[c]) (ws over all 2 * mlp
-// columns), in rounded operations as rescale_e4m3 computes it.
+// first brought to what it stands for (tp_e4m3_value; ws over all 2 * mlp columns), as
+// rescale_e4m3 computes it.
 __device__ __forceinline__ float tp_gate_scaled(float v, const float* xs, const float* ws,
                                                 long long r, long long c) {
-  return xs == 0 ? v : __fmul_rn(__fmul_rn(xs[r], ws[c]), v);
+  return xs == 0 ? v : tp_e4m3_value(v, xs[r], ws[c]);
 }
 
 extern "C" __global__ void gelu_gate(const act_t* __restrict__ gu, act_t* __restrict__ out,

@@ -32,6 +32,13 @@ __device__ __forceinline__ void tp_pdl_enter() {
   tp_pdl_launch_dependents();
 }
 
+// The value v of an FP8 product of codes taken with unit scales stands for, given its input
+// row's scale sx and its weight row's sw: v * (sx * sw) in rounded operations, so that the
+// bf16 build's --fmad fuses nothing into it (CPU twin: fp8::rescale_product).
+__device__ __forceinline__ float tp_e4m3_value(float v, float sx, float sw) {
+  return __fmul_rn(__fmul_rn(sx, sw), v);
+}
+
 __device__ __forceinline__ float tp_load(const float* p, long long i) { return p[i]; }
 __device__ __forceinline__ float tp_load(const unsigned short* p, long long i) {
   return __uint_as_float(((unsigned int)p[i]) << 16);

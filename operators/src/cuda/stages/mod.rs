@@ -21,7 +21,9 @@ use cudarc::driver::CudaEvent;
 use crate::backend::Precision;
 use crate::config::Config;
 use crate::cuda::attention::{self, Mask, Problem, Scratch, Strided, Workspace};
-use crate::cuda::device::{timing_event, CudaResult, DType, Device, DeviceBuffer, Lane, View};
+use crate::cuda::device::{
+    timing_event, CudaResult, DType, Device, DeviceBuffer, Fp8Scratch, Lane, View,
+};
 use crate::cuda::gemm::{Fp8, Gemm, LtEpilogue, Mat};
 use crate::cuda::kernels::activation::Act;
 use crate::cuda::kernels::rope::RowBatch;
@@ -80,10 +82,11 @@ impl Engine {
         let kernels = Kernels::load(&dev, act_type(precision))?;
         let gemm = Gemm::new(&dev)?;
         let mut fp8_note = None;
-        let mut w8a8 = None;
-        if fp8.vision || fp8.prefix {
-            w8a8 = w8a8_offered(&dev, &kernels, &gemm)?;
-        }
+        let w8a8 = if fp8.vision || fp8.prefix {
+            w8a8_offered(&dev, &kernels, &gemm)?
+        } else {
+            None
+        };
         if (fp8.vision || fp8.prefix) && w8a8.is_none() {
             // The vision tower's and the prefix's W8A8 products need cuBLASLt's FP8 GEMM;
             // without it those stages keep bf16.
@@ -191,18 +194,24 @@ impl Engine {
         if !acts || !rescaled || !self.fp8_fold || self.act() != DType::Bf16 {
             return Ok(None);
         }
+        let (scratch, xq, scales) = self.quantise_input(lane, x)?;
+        let (rows, n) = (x.rows, w.rows);
+        let p = Mat::new(scratch.out.as_type(self.act()).at(0, rows * n)?, rows, n);
+        let offered = self.gemm.product_e4m3(lane, xq, w, p)?;
+        Ok(offered.then_some((p, scales)))
+    }
+
+    /// x quantised per row (`quantise_e4m3`) into the lane's FP8 scratch: the scratch, the
+    /// codes [x.rows, x.cols] and their row scales, for a W8A8 product.
+    fn quantise_input(&self, lane: &Lane, x: Mat) -> Result<(Fp8Scratch, Mat, View)> {
         let scratch = lane.fp8_scratch().ok_or_else(|| {
             Error::Cuda("internal: an FP8 product on a lane without FP8 scratch".into())
         })?;
-        let (rows, k, n) = (x.rows, x.cols, w.rows);
+        let (rows, k) = (x.rows, x.cols);
         let codes = scratch.codes.at(0, rows * k)?;
         let scales = scratch.scales.at(0, rows)?;
         fp8::quantise_e4m3(&self.kernels, lane, x.view, x.ld, codes, k, scales, rows, k)?;
-        let p = Mat::new(scratch.out.as_type(self.act()).at(0, rows * n)?, rows, n);
-        let offered = self
-            .gemm
-            .product_e4m3(lane, Mat::new(codes, rows, k), w, p)?;
-        Ok(offered.then_some((p, scales)))
+        Ok((scratch, Mat::new(codes, rows, k), scales))
     }
 
     /// out = gelu_tanh(gate)·up of the gate|up product x·wᵀ for W8A8 weights where their
@@ -350,14 +359,8 @@ impl Engine {
                 ))
             }
         };
-        let scratch = lane.fp8_scratch().ok_or_else(|| {
-            Error::Cuda("internal: an FP8 product on a lane without FP8 scratch".into())
-        })?;
+        let (scratch, xq, scales) = self.quantise_input(lane, x)?;
         let (rows, k) = (x.rows, x.cols);
-        let codes = scratch.codes.at(0, rows * k)?;
-        let scales = scratch.scales.at(0, rows)?;
-        fp8::quantise_e4m3(&self.kernels, lane, x.view, x.ld, codes, k, scales, rows, k)?;
-        let xq = Mat::new(codes, rows, k);
         let ran = fp8::w8a8(
             &self.kernels,
             &self.gemm,
