@@ -60,7 +60,7 @@ pub struct Setting {
 pub const BOOL_WORDS: &str = "1, 0, true, false, on, off, yes or no";
 
 /// How many settings [`SETTINGS`] holds.
-const COUNT: usize = 24;
+const COUNT: usize = 25;
 
 /// Every process-wide `TURBOPI_*` variable (docs/settings.md lists them with the nodes'
 /// variables; a test keeps both in step with the sources).
@@ -108,6 +108,13 @@ pub static SETTINGS: [Setting; COUNT] = [
         meaning: "on the few-row kernel, GeGLU in the gate|up product's epilogue: one launch instead of the product and gelu_gate (off: two launches, for A/B runs)",
     },
     Setting {
+        name: "TURBOPI_SKINNY_FP8_WIDE",
+        kind: Kind::Flag,
+        default: "on",
+        read_by: ReadBy::CudaBackend,
+        meaning: "with FP8 expert weights, products of 17 to 64 rows (pi0's 51 suffix tokens) in one launch of the few-row FP8 kernel's wide form, which reads the codes once for all rows (off: one launch per 16 rows, each reading every code, for A/B runs)",
+    },
+    Setting {
         name: "TURBOPI_FP8_FOLD",
         kind: Kind::Flag,
         default: "on",
@@ -119,7 +126,7 @@ pub static SETTINGS: [Setting; COUNT] = [
         kind: Kind::List,
         default: "all",
         read_by: ReadBy::Backends,
-        meaning: "with --dtype fp8 (or DTYPE fp8), the stages whose large linear layers are FP8: `all`, or a comma-separated list of `vision`, `prefix`, `expert`; the others keep bf16 (cuda) or f32 (cpu). Read by both backends",
+        meaning: "with --dtype fp8 (or DTYPE fp8), the stages whose large linear layers are FP8: `all`, or a comma-separated list of `vision`, `prefix`, `expert`; the others keep bf16 (cuda) or f32 (cpu). Read by both backends. Unset, the CUDA backend puts the expert alone in FP8 where cuBLASLt applies no per-row scales to FP8 products (Hopper: W8A8 with the scales after it ran slower than bf16 there) and all three elsewhere",
     },
     Setting {
         name: "TURBOPI_OVERLAP_SMS",
@@ -440,13 +447,18 @@ pub fn parse_prefix_attention(name: &str, v: &str) -> Result<PrefixAttention> {
     }
 }
 
-/// `TURBOPI_FP8_STAGES`: the stages `--dtype fp8` puts in FP8 (default all).
+/// `TURBOPI_FP8_STAGES`: the stages `--dtype fp8` puts in FP8 (default all; the CUDA
+/// backend narrows an unset one where W8A8 would run slower: [`fp8_stages_asked`]).
 pub fn fp8_stages() -> Result<crate::fp8::Stages> {
+    Ok(fp8_stages_asked()?.unwrap_or(crate::fp8::Stages::ALL))
+}
+
+/// `TURBOPI_FP8_STAGES` where it is set, None where it is not.
+pub fn fp8_stages_asked() -> Result<Option<crate::fp8::Stages>> {
     let name = "TURBOPI_FP8_STAGES";
-    match raw(name)? {
-        None => Ok(crate::fp8::Stages::ALL),
-        Some(v) => crate::fp8::Stages::parse(name, &v),
-    }
+    raw(name)?
+        .map(|v| crate::fp8::Stages::parse(name, &v))
+        .transpose()
 }
 
 /// `TURBOPI_PROFILE`: `turbopi bench` prints a denoise profile (default off).

@@ -2447,15 +2447,24 @@ fn skinny_fp8_matches_the_cpu_fp8_linear() {
     // roundings; it is a bound per value, derived in `fp8_bound`.
     //
     // Shapes: the expert's (q|k|v, down with its gate, gate|up) at 10 rows; 1, 3 and 16 rows;
-    // K from 32 to 16384, K = 32, 96, 160 and 2080 ending halfway through a 64-wide chunk;
-    // padded row strides. x's row stride padding and its rows past the last are NaN, the
+    // pi0's 51 rows and 17, 33 and 64 on the wide form (one, three and four row tiles);
+    // K from 16 to 16384, K = 32, 96, 160 and 2080 ending halfway through a 64-wide chunk,
+    // 16, 48 and 208 a quarter or three quarters through; padded row strides. x's row stride padding and its rows past the last are NaN, the
     // codes' padding the NaN code (never read, or the result shows it); row 1 of x is zeros
     // (its outputs are exactly zero, or y0); weight row 2 is zeros (scale 1), row 3 spans 20
     // binades (E4M3 subnormals). A stored y starts all NaN (every value written); y's padding
     // columns are NaN and stay so.
     let g = gpu(DType::Bf16);
     // (rows, N, K, padding of x's, the codes' and y's row strides, epilogue, y's type)
-    let cases: [(usize, usize, usize, Pads, &str, DType); 11] = [
+    let cases: [(usize, usize, usize, Pads, &str, DType); 19] = [
+        (51, 2560, 1024, (0, 0, 0), "store", DType::Bf16),
+        (51, 1024, 4096, (0, 0, 0), "gated", DType::F32),
+        (51, 8192, 1024, (0, 0, 0), "store", DType::Bf16),
+        (17, 1024, 2048, (8, 16, 1), "add", DType::F32),
+        (33, 40, 16384, (8, 32, 2), "gated", DType::Bf16),
+        (64, 24, 208, (16, 16, 5), "add", DType::Bf16),
+        (5, 32, 16, (0, 0, 0), "store", DType::F32),
+        (40, 16, 48, (8, 16, 3), "gated", DType::F32),
         (10, 2560, 1024, (0, 0, 0), "store", DType::Bf16),
         (10, 1024, 4096, (0, 0, 0), "gated", DType::F32),
         (10, 8192, 1024, (0, 0, 0), "store", DType::Bf16),
@@ -2558,7 +2567,7 @@ fn skinny_fp8_matches_the_cpu_fp8_linear() {
                 let v = base + gv * exact;
                 dense.push(got[r * ldy + c]);
                 want.push(v);
-                bound.push(fp8_bound(k, sum_abs * gv.abs(), base, v, ydt));
+                bound.push(fp8_bound((m, k), sum_abs * gv.abs(), base, v, ydt));
             }
             for c in n..ldy {
                 assert!(
@@ -2590,15 +2599,15 @@ fn skinny_fp8_matches_the_cpu_fp8_linear() {
 ///   rounds, so take the worst: the 16 products aligned to the step's largest magnitude
 ///   (the accumulator's included) and truncated there, then the sum truncated to f32: < 17
 ///   ulp of that magnitude, itself ≤ sum_abs, per step; an ulp is ≤ 2u of it;
-/// - then up to WARPS rounded additions of the warps' sums, the scale and gate products and
+/// - then one rounded addition per warp of the warps' sums, the scale and gate products and
 ///   the addition of base: ≤ u each of magnitudes ≤ sum_abs, |base| and |want| (+ the bound);
 /// - a bf16 y finally rounds to bf16: half an ulp, ≤ 2^-8 of the magnitude.
-fn fp8_bound(k: usize, sum_abs: f64, base: f64, want: f64, ydt: DType) -> f64 {
+fn fp8_bound((m, k): (usize, usize), sum_abs: f64, base: f64, want: f64, ydt: DType) -> f64 {
     let u = 2f64.powi(-24);
-    let (_, kslice) = skinny::split_k(k, skinny::CHUNK_FP8);
+    let (warps, kslice) = skinny::split_k_fp8(k, m);
     let steps = (kslice / 16) as f64;
     let f32_err = 17.0 * 2.0 * u * steps * sum_abs
-        + u * (skinny::WARPS as f64 + 3.0) * sum_abs
+        + u * (warps as f64 + 3.0) * sum_abs
         + u * (base.abs() + want.abs());
     match ydt {
         DType::Bf16 => f32_err + 2f64.powi(-8) * (want.abs() + f32_err),
@@ -2651,6 +2660,8 @@ fn skinny_fp8_replays_give_the_same_bits() {
         (3, 256, 16384, "store", DType::F32),
         (10, 2560, 1024, "store", DType::Bf16),
         (10, 1024, 4096, "gated", DType::F32),
+        (51, 2560, 1024, "store", DType::Bf16),
+        (51, 1024, 4096, "gated", DType::F32),
     ]
     .iter()
     .enumerate()
@@ -2691,15 +2702,138 @@ fn skinny_fp8_replays_give_the_same_bits() {
 }
 
 #[test]
+fn skinny_fp8_geglu_equals_product_then_gelu_gate() {
+    // GeGLU in the FP8 product's epilogue: the same bits as the FP8 product (bf16 out) and
+    // gelu_gate launched one after the other, and the CPU twin (the weights as
+    // cpu::Linear::quantise_fp8 holds them, the product rounded to bf16, then GeGLU) within
+    // bf16's tolerance. The expert's shape, odd sizes (1 and 16 rows, mlp 12 and 20, K 16
+    // and 2080, ending inside a 64-wide chunk), a padded x; the output starts NaN and its
+    // padding columns stay NaN.
+    let g = gpu(DType::Bf16);
+    let cases = [
+        (10, 4096, 1024, 0, 0),
+        (16, 12, 96, 8, 3),
+        (1, 4, 16, 0, 0),
+        (9, 20, 2080, 16, 1),
+    ];
+    for (i, &(m, mlp, k, padx, pado)) in cases.iter().enumerate() {
+        let name = format!("skinny fp8 geglu [{m}, {mlp}, {k}]");
+        let n = 2 * mlp;
+        let ldx = k + padx;
+        let (xb, x, _, _) = skinny_operands(&g, (m, 8, k, ldx), 2100 + 10 * i as u64);
+        let s = 1.0 / (k as f32).sqrt();
+        let w = rand_vec(n * k, 2101 + 10 * i as u64, -2.0 * s, 2.0 * s);
+        let (codes, scales) = operators::fp8::quantise_rows(&w, k);
+        let mut twin = Linear {
+            weight: w,
+            bias: None,
+            n_in: k,
+            n_out: n,
+            fp8: None,
+        };
+        twin.quantise_fp8(false);
+        let wb = up_codes(&g, &codes, k, k);
+        let (sb, _) = up(&g, DType::F32, &scales);
+        let xm = Mat::new(xb.view(), m, k).ld(ldx);
+        let wm = Mat::new(wb.view(), n, k);
+        // Two launches: the product into gu (bf16), then gelu_gate.
+        let gub = nan(&g, DType::Bf16, m * n);
+        let gum = Mat::new(gub.view(), m, n);
+        assert!(
+            skinny::linear_fp8(&g.kernels, &g.lane, xm, wm, sb.view(), gum, Epilogue::Store)
+                .unwrap()
+        );
+        let two = nan(&g, DType::Bf16, m * mlp);
+        gelu_gate(&g.kernels, &g.lane, (gub.view(), two.view()), m, mlp, None).unwrap();
+        // One launch, into an output with padded rows.
+        let ldo = mlp + pado;
+        let one = nan(&g, DType::Bf16, m * ldo);
+        let om = Mat::new(one.view(), m, mlp).ld(ldo);
+        assert!(
+            skinny::geglu_fp8(&g.kernels, &g.lane, xm, (wm, sb.view()), om).unwrap(),
+            "{name}: queued"
+        );
+        let (two, one) = (
+            g.download(two.view()).unwrap(),
+            g.download(one.view()).unwrap(),
+        );
+        let dense: Vec<f32> = (0..m)
+            .flat_map(|r| one[r * ldo..r * ldo + mlp].to_vec())
+            .collect();
+        for r in 0..m {
+            for c in mlp..ldo {
+                assert!(
+                    one[r * ldo + c].is_nan(),
+                    "{name}: padding [{r}, {c}] written"
+                );
+            }
+        }
+        assert!(dense.iter().all(|v| !v.is_nan()), "{name}: NaN written");
+        assert_eq!(
+            bits(&dense),
+            bits(&two),
+            "{name}: differs from the two launches"
+        );
+        let gu = cpu_product_bf16(&x, &twin.weight, (m, n, k, ldx));
+        let want: Vec<f32> = (0..m * mlp)
+            .map(|i| {
+                let (r, c) = (i / mlp, i % mlp);
+                cpu::gelu_tanh(gu[r * n + c]) * gu[r * n + mlp + c]
+            })
+            .collect();
+        check(
+            &name,
+            &dense,
+            &rounded(DType::Bf16, &want),
+            tol(DType::Bf16),
+        );
+    }
+    // Shapes it does not take: nothing queued, Ok(false); short scales: an error.
+    let (xb, _, _, _) = skinny_operands(&g, (17, 8, 64, 64), 2190);
+    let wb = up_codes(&g, &[0x38u8; 64 * 64], 64, 64);
+    let (sb, _) = up(&g, DType::F32, &[1.0; 64]);
+    let ob = nan(&g, DType::Bf16, 17 * 64);
+    for (m, mlp, ydt) in [
+        (10, 6, DType::Bf16),
+        (17, 32, DType::Bf16),
+        (10, 32, DType::F32),
+    ] {
+        let xm = Mat::new(xb.view(), m, 64);
+        let wm = Mat::new(wb.view(), 2 * mlp, 64);
+        let out = View {
+            dtype: ydt,
+            ..ob.view()
+        };
+        let om = Mat::new(out, m, mlp);
+        assert!(
+            !skinny::geglu_fp8(&g.kernels, &g.lane, xm, (wm, sb.view()), om).unwrap(),
+            "fp8 geglu [{m}, {mlp}] -> {ydt:?} is not the kernel's"
+        );
+    }
+    let short = sb.view().at(0, 16).unwrap();
+    let e = skinny::geglu_fp8(
+        &g.kernels,
+        &g.lane,
+        Mat::new(xb.view(), 10, 64),
+        (Mat::new(wb.view(), 64, 64), short),
+        Mat::new(ob.view(), 10, 32),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("scales"), "{e}");
+    assert!(g.download(ob.view()).unwrap().iter().all(|v| v.is_nan()));
+}
+
+#[test]
 fn skinny_fp8_refuses_what_it_does_not_take() {
     // Shapes past the kernel's limits answer Ok(false) and queue nothing (y stays NaN);
     // operands that do not make one product, codes that are not u8 and short scales or
     // gates are errors naming the operand. The f32 program has no such kernel.
     let g = gpu(DType::Bf16);
-    let (xb, _) = up(&g, DType::Bf16, &rand_vec(32 * 128, 1, -1.0, 1.0));
+    let (xb, _) = up(&g, DType::Bf16, &rand_vec(65 * 128, 1, -1.0, 1.0));
     let wb = up_codes(&g, &[0x38u8; 64 * 128], 128, 128);
     let (sb, _) = up(&g, DType::F32, &[1.0; 64]);
-    let yb = nan(&g, DType::F32, 32 * 64);
+    let yb = nan(&g, DType::F32, 65 * 64);
     let mats = |(m, n, k): (usize, usize, usize)| {
         (
             Mat::new(xb.view(), m, k),
@@ -2711,9 +2845,11 @@ fn skinny_fp8_refuses_what_it_does_not_take() {
         skinny::linear_fp8(&g.kernels, &g.lane, x, w, scales, y, epi)
     };
     for (what, (m, n, k)) in [
-        ("17 rows", (17, 8, 32)),
+        ("65 rows", (65, 8, 32)),
+        ("no rows", (0, 8, 32)),
         ("N not a multiple of 8", (10, 12, 32)),
-        ("K not a multiple of 32", (10, 8, 48)),
+        ("K not a multiple of 16", (10, 8, 40)),
+        ("K not a multiple of 16, wide", (51, 8, 24)),
     ] {
         let (xm, wm, ym) = mats((m, n, k));
         assert!(

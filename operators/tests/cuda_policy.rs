@@ -13,6 +13,7 @@ use operators::backend::{Precision, Runner};
 use operators::bench::Setting;
 use operators::checkpoint::{Checkpoint, WriteDtype};
 use operators::cuda::CudaPolicy;
+use operators::fp8::Stages;
 use operators::policy::BatchRow;
 use operators::rtc::{Guide, Jacobian};
 use operators::{npy, observation, random, Config, Error, Observation, Pixels, Policy, MAX_BATCH};
@@ -154,10 +155,26 @@ fn fp8_matches_the_cpu_emulation_on_golden_models() {
     for case in golden_cases() {
         let (ckpt, obs, noise) = load(&case);
         let mut cpu = Policy::load(&ckpt, |_, _| {}).unwrap();
-        let mut policy = cuda(&ckpt, Precision::Fp8);
-        // The stages this card runs in FP8, emulated the same on the CPU: all three, since
-        // cuBLASLt has E4M3 products on every card with FP8 tensor cores (with the scales
-        // applied by it or after it, `fp8::w8a8`).
+        // Unasked, all three stages, or where cuBLASLt applies no per-row scales (Hopper)
+        // the expert alone, saying why.
+        let auto = cuda(&ckpt, Precision::Fp8);
+        let expert_only = Stages {
+            expert: true,
+            ..Stages::NONE
+        };
+        let d = auto.describe();
+        assert!(
+            auto.fp8_stages().is_all()
+                || (auto.fp8_stages() == expert_only && d.contains("TURBOPI_FP8_STAGES=all")),
+            "{d}"
+        );
+        drop(auto);
+        // Asked for all three: every card with FP8 tensor cores runs them, since cuBLASLt
+        // has E4M3 products there (with the scales applied by it or after it,
+        // `fp8::w8a8`). The CPU emulates the same stages.
+        let mut policy =
+            CudaPolicy::load_with_stages(&ckpt, Precision::Fp8, Some(Stages::ALL), |_, _| {})
+                .unwrap();
         let stages = policy.fp8_stages();
         assert!(stages.is_all(), "{}", policy.describe());
         println!("{}: {}", case.display(), policy.describe());

@@ -267,8 +267,19 @@ impl CudaPolicy {
         precision: Precision,
         progress: impl FnMut(u64, u64),
     ) -> Result<CudaPolicy> {
+        Self::load_with_stages(ckpt, precision, None, progress)
+    }
+
+    /// [`CudaPolicy::load`] with the FP8 stages given, as `TURBOPI_FP8_STAGES` would give
+    /// them (None: that setting; see [`Engine::open_with`]).
+    pub fn load_with_stages(
+        ckpt: &Checkpoint,
+        precision: Precision,
+        stages: Option<crate::fp8::Stages>,
+        progress: impl FnMut(u64, u64),
+    ) -> Result<CudaPolicy> {
         guard("loading the policy on the GPU", move || {
-            let p = Self::build(&ckpt.config, precision)?;
+            let p = Self::build(&ckpt.config, precision, stages)?;
             let mut ld = Loader::new(ckpt, progress);
             p.vision.weights.fill_from(ckpt, &mut ld, &p.vision.lane)?;
             p.prefix.weights.fill_from(ckpt, &mut ld, &p.prefix.lane)?;
@@ -285,7 +296,7 @@ impl CudaPolicy {
     pub fn random(cfg: &Config, precision: Precision, seed: u64) -> Result<CudaPolicy> {
         guard("building a random-weight policy on the GPU", || {
             cfg.validate()?;
-            let p = Self::build(cfg, precision)?;
+            let p = Self::build(cfg, precision, None)?;
             let k = (&p.engine.dev, &p.engine.kernels);
             p.vision.weights.fill_random(k, &p.vision.lane, seed)?;
             p.prefix.weights.fill_random(k, &p.prefix.lane, seed)?;
@@ -294,8 +305,12 @@ impl CudaPolicy {
         })
     }
 
-    fn build(cfg: &Config, precision: Precision) -> Result<CudaPolicy> {
-        let engine = Engine::open(precision)?;
+    fn build(
+        cfg: &Config,
+        precision: Precision,
+        stages: Option<crate::fp8::Stages>,
+    ) -> Result<CudaPolicy> {
+        let engine = Engine::open_with(precision, stages)?;
         let vision = Vision::with_capacity(&engine, cfg, MAX_BATCH * cfg.num_images)?;
         let prefix = Prefix::new(&engine, cfg)?;
         let denoise = Denoise::new(&engine, cfg)?;

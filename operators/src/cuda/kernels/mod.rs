@@ -117,7 +117,14 @@ registry! {
     "rope.cu", Always => [rope_qkv],
     "attention.cu", Always => [softmax_masked, unpermute_heads],
     "attention_fused.cu", Bf16Sm80 => [attention_chunk, attention_flash, attention_combine],
-    "skinny.cu", Bf16Sm80 => [skinny_gemm, skinny_gemm_geglu, skinny_gemm_rope, skinny_gemm_fp8],
+    "skinny.cu", Bf16Sm80 => [
+        skinny_gemm,
+        skinny_gemm_geglu,
+        skinny_gemm_rope,
+        skinny_gemm_fp8,
+        skinny_gemm_fp8_wide,
+        skinny_gemm_fp8_geglu,
+    ],
     "patch.cu", Always => [unit_pixels, im2col, patch_embed_finish],
     "embed.cu", Always => [embed_tokens],
     "euler.cu", Always => [euler_step, euler_step_guided],
@@ -165,6 +172,8 @@ pub fn defines(act: DType) -> Vec<(&'static str, String)> {
         ("TP_SK_UNROLL", skinny::UNROLL.to_string()),
         ("TP_SK_WARPS", skinny::WARPS.to_string()),
         ("TP_SK_TILES", skinny::TILES.to_string()),
+        ("TP_SK8W_WARPS", skinny::WIDE_WARPS.to_string()),
+        ("TP_SK8W_TILES", skinny::WIDE_TILES.to_string()),
     ]
 }
 

@@ -140,6 +140,18 @@ __device__ __forceinline__ float tp_sk_bf16(float v) {
   return __uint_as_float(tp_bf16_bits(v) << 16);
 }
 
+// y[at] = s, or y[at] += s with `accumulate`; y f32 (y_f32) or bf16.
+__device__ __forceinline__ void tp_sk_write(void* __restrict__ Y, long long at, int y_f32, float s,
+                                            bool accumulate) {
+  if (y_f32) {
+    float* y = reinterpret_cast<float*>(Y);
+    y[at] = accumulate ? y[at] + s : s;
+  } else {
+    unsigned short* y = reinterpret_cast<unsigned short*>(Y);
+    tp_store(y, at, accumulate ? tp_load(y, at) + s : s);
+  }
+}
+
 // Y[m, n] for m < M, n < N (N a multiple of 8), columns 8·TP_SK_TILES·b .. in block b (8 per
 // tile): Y = x·Wᵀ; with `add`, Y += x·Wᵀ; with `gate` (f32 [N]), Y += gate[n] · (x·Wᵀ). Y f32
 // (y_f32) or bf16, row stride ldy.
@@ -155,14 +167,7 @@ extern "C" __global__ void __launch_bounds__(TP_SK_WARPS * 32) skinny_gemm(
     if (row >= M || col >= N) continue;
     float s = tp_sk_sum(red, TP_SK_TILES, i, row, n);
     const long long at = (long long)row * ldy + col;
-    if (gate != 0) s *= gate[col];
-    if (y_f32) {
-      float* y = reinterpret_cast<float*>(Y);
-      y[at] = (add || gate != 0) ? y[at] + s : s;
-    } else {
-      unsigned short* y = reinterpret_cast<unsigned short*>(Y);
-      tp_store(y, at, (add || gate != 0) ? tp_load(y, at) + s : s);
-    }
+    tp_sk_write(Y, at, y_f32, gate != 0 ? s * gate[col] : s, add || gate != 0);
   }
 }
 
@@ -173,14 +178,20 @@ extern "C" __global__ void __launch_bounds__(TP_SK_WARPS * 32) skinny_gemm(
 // ldo. CPU twin: cpu::Linear::forward, then cpu::gelu_tanh(gate) · up.
 // The epilogues are calls, not inlined: inlined, the compiler hoists their address
 // arithmetic above the product loop, and the registers it keeps live there cost occupancy.
+// With `scale` (FP8 codes: f32 [2 mlp], gate rows then up rows), each sum is scaled before
+// its bf16 rounding, as skinny_gemm_fp8's bf16 output rounds it.
 __device__ __noinline__ void tp_sk_geglu_out(float (*red)[4][32], unsigned short* out,
-                                             long long ldo, int M) {
+                                             long long ldo, int M, const float* scale,
+                                             int mlp) {
   for (int e = threadIdx.x; e < 64; e += blockDim.x) {
-    const int row = e >> 2, c = e & 3;
+    const int row = e >> 2, c = e & 3, col = 4 * blockIdx.x + c;
     if (row >= M) continue;
-    const float gt = tp_sk_bf16(tp_sk_sum(red, 1, 0, row, c));
-    const float up = tp_sk_bf16(tp_sk_sum(red, 1, 0, row, c + 4));
-    tp_store(out, (long long)row * ldo + 4 * blockIdx.x + c, tp_gelu_tanh(gt) * up);
+    float gt = tp_sk_sum(red, 1, 0, row, c), up = tp_sk_sum(red, 1, 0, row, c + 4);
+    if (scale != 0) {
+      gt *= scale[col];
+      up *= scale[mlp + col];
+    }
+    tp_store(out, (long long)row * ldo + col, tp_gelu_tanh(tp_sk_bf16(gt)) * tp_sk_bf16(up));
   }
 }
 
@@ -190,7 +201,7 @@ extern "C" __global__ void __launch_bounds__(TP_SK_WARPS * 32) skinny_gemm_geglu
     int kslice) {
   __shared__ float red[TP_SK_WARPS][4][32];
   tp_sk_accumulate<1>(X, ldx, W, ldw, mlp, mlp >> 2, M, K, kslice, red, [] {});
-  tp_sk_geglu_out(red, out, ldo, M);
+  tp_sk_geglu_out(red, out, ldo, M, nullptr, mlp);
 }
 
 // RoPE in the epilogue of the fused q|k|v product (W [(nh + 2 kv) hd, K], hd a multiple of 8):
@@ -333,19 +344,23 @@ __device__ __forceinline__ uint2 tp_sk8_bf16x4(unsigned w) {
 }
 
 // tp_sk_accumulate for E4M3 weights (W [_, K] codes, row stride ldw bytes, 16-byte aligned
-// rows; x as there; K a multiple of 32): the block's partial products, unscaled, into red,
-// for tiles T·b .. T·b + T - 1 of 8 weight rows (those at or past n_tiles skipped). Warp w
-// sums K range [w·kslice, (w+1)·kslice), kslice a multiple of 64, in chunks of 64 (see the
-// permutation above); a chunk that K ends halfway through (K mod 64 = 32) is read by lanes
-// t = 0, 1 only, the others feed zeros. Each lane keeps TP_SK_UNROLL · T 16-byte weight
-// loads in flight; the first are requested before the wait for the previous kernel. Ends
-// with __syncthreads.
-template <int T>
+// rows; x as there; K a multiple of 16): the block's partial products, unscaled, into red,
+// for tiles T·b .. T·b + T - 1 of 8 weight rows (tp_sk_wrow with pair_half; those at or
+// past n_tiles skipped), and MT m16 tiles of x's rows (rows 16 mt .. 16 mt + 15; a tile
+// past M is skipped, the whole warp alike): each converted weight fragment feeds all MT.
+// red[(warp · MT + mt) · T + i] holds row tile mt, column tile i. Warp w sums K range
+// [w·kslice, (w+1)·kslice), kslice a multiple of 64, in chunks of 64 (see the permutation
+// above); in a chunk that K ends inside (K mod 64 = 16, 32 or 48) only the lanes t whose
+// 16 values all lie below K load, the others feed zeros. Each lane keeps TP_SK_UNROLL · T
+// 16-byte weight loads in flight; the first are requested before the wait for the previous
+// kernel. Ends with __syncthreads.
+template <int T, int MT>
 __device__ __forceinline__ void tp_sk8_accumulate(const unsigned short* __restrict__ X,
                                                   long long ldx,
                                                   const unsigned char* __restrict__ W,
-                                                  long long ldw, int n_tiles, int M, int K,
-                                                  int kslice, float (*red)[4][32]) {
+                                                  long long ldw, int pair_half, int n_tiles,
+                                                  int M, int K, int kslice,
+                                                  float (*red)[4][32]) {
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
   const int kb = warp * kslice, ke = min(K, kb + kslice);
   const unsigned char* wrow[T];
@@ -354,17 +369,16 @@ __device__ __forceinline__ void tp_sk8_accumulate(const unsigned short* __restri
   for (int i = 0; i < T; ++i) {
     const int tile = blockIdx.x * T + i;
     live[i] = tile < n_tiles;
-    wrow[i] = W + (live[i] ? (8LL * tile + g) * ldw + 16 * t : 0);
+    wrow[i] = W + (live[i] ? tp_sk_wrow(tile, g, pair_half) * ldw + 16 * t : 0);
   }
-  const bool in_a = g < M, in_b = g + 8 < M;
-  const unsigned short* xa = X + (long long)g * ldx + 16 * t;
-  const unsigned short* xb = X + (long long)(g + 8) * ldx + 16 * t;
-  float c[T][4];
+  float c[MT][T][4];
 #pragma unroll
-  for (int i = 0; i < T; ++i) c[i][0] = c[i][1] = c[i][2] = c[i][3] = 0.0f;
+  for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+    for (int i = 0; i < T; ++i) c[mt][i][0] = c[mt][i][1] = c[mt][i][2] = c[mt][i][3] = 0.0f;
 
   // This lane's 16 values of the chunk at k exist where k + 16t < ke (k a multiple of 64,
-  // ke of 32).
+  // ke of 16).
   uint4 w[TP_SK_UNROLL][T];
 #pragma unroll
   for (int u = 0; u < TP_SK_UNROLL; ++u)
@@ -387,53 +401,97 @@ __device__ __forceinline__ void tp_sk8_accumulate(const unsigned short* __restri
       const int kc = k + 64 * u;
       if (kc < ke) {
         const bool mine = kc + 16 * t < ke;
-        const uint4 a0 = tp_sk_row(xa + kc, in_a && mine);
-        const uint4 a1 = tp_sk_row(xa + kc + 8, in_a && mine);
-        const uint4 b0 = tp_sk_row(xb + kc, in_b && mine);
-        const uint4 b1 = tp_sk_row(xb + kc + 8, in_b && mine);
+        uint2 q[T][4];
 #pragma unroll
         for (int i = 0; i < T; ++i) {
-          const uint2 q0 = tp_sk8_bf16x4(w[u][i].x), q1 = tp_sk8_bf16x4(w[u][i].y);
-          const uint2 q2 = tp_sk8_bf16x4(w[u][i].z), q3 = tp_sk8_bf16x4(w[u][i].w);
-          tp_sk_mma(c[i], a0.x, b0.x, a0.y, b0.y, q0.x, q0.y);
-          tp_sk_mma(c[i], a0.z, b0.z, a0.w, b0.w, q1.x, q1.y);
-          tp_sk_mma(c[i], a1.x, b1.x, a1.y, b1.y, q2.x, q2.y);
-          tp_sk_mma(c[i], a1.z, b1.z, a1.w, b1.w, q3.x, q3.y);
+          q[i][0] = tp_sk8_bf16x4(w[u][i].x);
+          q[i][1] = tp_sk8_bf16x4(w[u][i].y);
+          q[i][2] = tp_sk8_bf16x4(w[u][i].z);
+          q[i][3] = tp_sk8_bf16x4(w[u][i].w);
+        }
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt) {
+          if (16 * mt >= M) continue;
+          const int ra = 16 * mt + g;
+          const bool in_a = ra < M && mine, in_b = ra + 8 < M && mine;
+          const unsigned short* xa = X + (long long)ra * ldx + 16 * t + kc;
+          const unsigned short* xb = xa + 8 * ldx;
+          const uint4 a0 = tp_sk_row(xa, in_a), a1 = tp_sk_row(xa + 8, in_a);
+          const uint4 b0 = tp_sk_row(xb, in_b), b1 = tp_sk_row(xb + 8, in_b);
+#pragma unroll
+          for (int i = 0; i < T; ++i) {
+            tp_sk_mma(c[mt][i], a0.x, b0.x, a0.y, b0.y, q[i][0].x, q[i][0].y);
+            tp_sk_mma(c[mt][i], a0.z, b0.z, a0.w, b0.w, q[i][1].x, q[i][1].y);
+            tp_sk_mma(c[mt][i], a1.x, b1.x, a1.y, b1.y, q[i][2].x, q[i][2].y);
+            tp_sk_mma(c[mt][i], a1.z, b1.z, a1.w, b1.w, q[i][3].x, q[i][3].y);
+          }
         }
       }
     }
   }
 #pragma unroll
-  for (int i = 0; i < T; ++i)
+  for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
-    for (int j = 0; j < 4; ++j) red[warp * T + i][j][lane] = c[i][j];
+    for (int i = 0; i < T; ++i)
+#pragma unroll
+      for (int j = 0; j < 4; ++j) red[(warp * MT + mt) * T + i][j][lane] = c[mt][i][j];
   __syncthreads();
 }
 
-// Y[m, n] for m < M, n < N (N a multiple of 8), as skinny_gemm, of x and the E4M3 weights
-// (codes W, f32 scale [N]): Y = scale ⊙ (x·Wᵀ); with `add`, Y += that; with `gate` (f32
-// [N]), Y += gate[n] · scale[n] · (x·Wᵀ)[m, n]. The warps' sums are added in warp order,
-// then scaled: replays give the same bits.
+// The epilogue of the FP8 products: Y[m, n] for m < M, n < N over the block's MT row tiles
+// and T column tiles of red, each sum scaled by scale[n]; then as skinny_gemm's (`add`,
+// `gate`). The warps' sums are added in warp order, then scaled: replays give the same bits.
+template <int T, int MT>
+__device__ __forceinline__ void tp_sk8_out(float (*red)[4][32], const float* __restrict__ scale,
+                                           void* __restrict__ Y, long long ldy, int y_f32,
+                                           const float* __restrict__ gate, int add, int M,
+                                           int N) {
+  for (int e = threadIdx.x; e < 128 * T * MT; e += blockDim.x) {
+    const int row = e / (8 * T), i = (e >> 3) % T, n = e & 7;
+    const int col = (blockIdx.x * T + i) * 8 + n;
+    if (row >= M || col >= N) continue;
+    const float s = tp_sk_sum(red, T * MT, (row >> 4) * T + i, row & 15, n) * scale[col];
+    const long long at = (long long)row * ldy + col;
+    tp_sk_write(Y, at, y_f32, gate != 0 ? s * gate[col] : s, add || gate != 0);
+  }
+}
+
+// Y[m, n] for m < M (at most 16), n < N (N a multiple of 8), as skinny_gemm, of x and the
+// E4M3 weights (codes W, f32 scale [N]): Y = scale ⊙ (x·Wᵀ); with `add`, Y += that; with
+// `gate` (f32 [N]), Y += gate[n] · scale[n] · (x·Wᵀ)[m, n].
 extern "C" __global__ void __launch_bounds__(TP_SK_WARPS * 32) skinny_gemm_fp8(
     const unsigned short* __restrict__ X, long long ldx, const unsigned char* __restrict__ W,
     long long ldw, const float* __restrict__ scale, void* __restrict__ Y, long long ldy,
     int y_f32, const float* __restrict__ gate, int add, int M, int N, int K, int kslice) {
   __shared__ float red[TP_SK_WARPS * TP_SK_TILES][4][32];
-  tp_sk8_accumulate<TP_SK_TILES>(X, ldx, W, ldw, N >> 3, M, K, kslice, red);
-  for (int e = threadIdx.x; e < 128 * TP_SK_TILES; e += blockDim.x) {
-    const int i = e >> 7, row = (e & 127) >> 3, n = e & 7;
-    const int col = (blockIdx.x * TP_SK_TILES + i) * 8 + n;
-    if (row >= M || col >= N) continue;
-    float s = tp_sk_sum(red, TP_SK_TILES, i, row, n) * scale[col];
-    const long long at = (long long)row * ldy + col;
-    if (gate != 0) s *= gate[col];
-    if (y_f32) {
-      float* y = reinterpret_cast<float*>(Y);
-      y[at] = (add || gate != 0) ? y[at] + s : s;
-    } else {
-      unsigned short* y = reinterpret_cast<unsigned short*>(Y);
-      tp_store(y, at, (add || gate != 0) ? tp_load(y, at) + s : s);
-    }
-  }
+  tp_sk8_accumulate<TP_SK_TILES, 1>(X, ldx, W, ldw, 0, N >> 3, M, K, kslice, red);
+  tp_sk8_out<TP_SK_TILES, 1>(red, scale, Y, ldy, y_f32, gate, add, M, N);
+}
+
+// skinny_gemm_fp8 for 17..64 rows of x (pi0's 51 suffix tokens): the weights are read once,
+// each converted fragment feeding four m16 tiles, and each block takes TP_SK8W_TILES tiles
+// of 8 columns, so that x, which every block reads whole, is read from L2 once per
+// 8 · TP_SK8W_TILES columns. At most TP_SK8W_WARPS warps (their partial sums share the
+// block's 48 KB of static shared memory).
+extern "C" __global__ void __launch_bounds__(TP_SK8W_WARPS * 32) skinny_gemm_fp8_wide(
+    const unsigned short* __restrict__ X, long long ldx, const unsigned char* __restrict__ W,
+    long long ldw, const float* __restrict__ scale, void* __restrict__ Y, long long ldy,
+    int y_f32, const float* __restrict__ gate, int add, int M, int N, int K, int kslice) {
+  __shared__ float red[TP_SK8W_WARPS * TP_SK8W_TILES * 4][4][32];
+  tp_sk8_accumulate<TP_SK8W_TILES, 4>(X, ldx, W, ldw, 0, N >> 3, M, K, kslice, red);
+  tp_sk8_out<TP_SK8W_TILES, 4>(red, scale, Y, ldy, y_f32, gate, add, M, N);
+}
+
+// GeGLU in the epilogue of the FP8 gate|up product (W [2 mlp, K] codes, scale f32 [2 mlp]),
+// as skinny_gemm_geglu is for bf16 weights: out[m, c] = gelu_tanh(gate) · up, gate and up
+// each scaled and rounded to bf16 as skinny_gemm_fp8's bf16 output holds them (the same
+// bits as that product and gelu_gate). At most 16 rows.
+extern "C" __global__ void __launch_bounds__(TP_SK_WARPS * 32) skinny_gemm_fp8_geglu(
+    const unsigned short* __restrict__ X, long long ldx, const unsigned char* __restrict__ W,
+    long long ldw, const float* __restrict__ scale, unsigned short* __restrict__ out,
+    long long ldo, int M, int mlp, int K, int kslice) {
+  __shared__ float red[TP_SK_WARPS][4][32];
+  tp_sk8_accumulate<1, 1>(X, ldx, W, ldw, mlp, mlp >> 2, M, K, kslice, red);
+  tp_sk_geglu_out(red, out, ldo, M, scale, mlp);
 }
 #endif

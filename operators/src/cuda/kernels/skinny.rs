@@ -40,6 +40,20 @@ pub const UNROLL: usize = 4;
 /// columns. (Measured on an H200, libero denoise: 1 tile 8.02 ms; 2 tiles 8.70 ms, 8.50 ms
 /// with UNROLL 2; 4 tiles with UNROLL 2 9.29 ms: x's reads from L2 are not what limits it.)
 pub const TILES: usize = 1;
+/// The most rows of x [`linear_fp8`] takes: up to [`MAX_ROWS`] on `skinny_gemm_fp8`, up to
+/// 64 (four m16 tiles) on `skinny_gemm_fp8_wide`, which reads the codes once for all of
+/// them (pi0's 51 suffix tokens).
+pub const MAX_ROWS_FP8: usize = 64;
+/// The most warps per block of `skinny_gemm_fp8_wide` (`TP_SK8W_WARPS`): its partial sums,
+/// 4 row tiles × [`WIDE_TILES`] column tiles per warp, fill 32 KB of shared memory at 8.
+pub const WIDE_WARPS: usize = 8;
+/// Tiles of 8 output columns per block of `skinny_gemm_fp8_wide` (`TP_SK8W_TILES`): every
+/// block reads all of x's rows (up to 64), so x is read from L2 once per 8 · WIDE_TILES
+/// columns.
+pub const WIDE_TILES: usize = 2;
+// The wide form's partial sums fit the 48 KB of shared memory a block may hold statically
+// (4 bytes × 4 × 32 per row tile and column tile of each warp).
+const _: () = assert!(WIDE_WARPS * WIDE_TILES * (MAX_ROWS_FP8 / 16) * 4 * 4 * 32 <= 48 * 1024);
 /// Values of K a warp covers per 16-byte load of each of its rows: 32 for bf16 weights
 /// (8 per lane, four lanes per row), 64 for FP8 codes (16 per lane, four lanes per row).
 const CHUNK_BF16: usize = 32;
@@ -109,24 +123,34 @@ fn need_all(mats: &[(&Mat, &str)]) -> Result<()> {
 /// 16, and against two slices per warp: the expert's step 0.96 ms against 1.04 and 0.98.)
 /// A slice past K (more warps than slices need) reads nothing and adds zeros.
 pub fn split_k(kdim: usize, chunk: usize) -> (usize, usize) {
+    split_k_among(kdim, chunk, WARPS)
+}
+
+/// [`split_k`] over at most `max_warps` warps.
+fn split_k_among(kdim: usize, chunk: usize, max_warps: usize) -> (usize, usize) {
     let chunks = kdim.div_ceil(chunk);
-    let warps = chunks.div_ceil(UNROLL).clamp(1, WARPS);
+    let warps = chunks.div_ceil(UNROLL).clamp(1, max_warps);
     (warps, chunks.div_ceil(warps) * chunk)
 }
 
-/// Launches `f` over `blocks` blocks with the arguments x, w, those `own` adds (the entry
-/// point's own, rows included), K and the warps' K slice ([`split_k`] in chunks of `chunk`).
+/// How [`linear_fp8`] splits K among the warps for x of `rows` rows: (warps, K slice).
+pub fn split_k_fp8(kdim: usize, rows: usize) -> (usize, usize) {
+    let most = if rows > MAX_ROWS { WIDE_WARPS } else { WARPS };
+    split_k_among(kdim, CHUNK_FP8, most)
+}
+
+/// Launches `f` over `blocks` blocks of `warps` warps with the arguments x, w, those `own`
+/// adds (the entry point's own, rows included), K and the warps' K slice `kslice`.
 fn launch_chunked(
     f: &CudaFunction,
     lane: &Lane,
     name: &str,
     (x, w): (&Mat, &Mat),
     blocks: usize,
-    chunk: usize,
+    (warps, kslice): (usize, usize),
     own: impl FnOnce(Args) -> Result<Args>,
 ) -> Result<()> {
     let kdim = x.cols;
-    let (warps, kslice) = split_k(kdim, chunk);
     let args = Args::new()
         .ptr(x.view)
         .i64(x.ld as i64)
@@ -147,7 +171,8 @@ fn launch_product(
     blocks: usize,
     own: impl FnOnce(Args) -> Result<Args>,
 ) -> Result<()> {
-    launch_chunked(f, lane, name, xw, blocks, CHUNK_BF16, own)
+    let split = split_k(xw.0.cols, CHUNK_BF16);
+    launch_chunked(f, lane, name, xw, blocks, split, own)
 }
 
 /// y (x.rows × w.rows) from x [rows, K] and the Linear weight w [N, K] (see [`Epilogue`]), on
@@ -273,24 +298,44 @@ pub fn rope(k: &Kernels, lane: &Lane, x: Mat, w: Mat, out: RopeOut) -> Result<bo
     Ok(true)
 }
 
-/// Whether [`linear_fp8`] takes y = scale ⊙ (x·wᵀ) with these operands: the kernel is in the
-/// program (bf16, sm_80 or newer), x bf16 with 16-byte aligned rows and 1..=[`MAX_ROWS`]
-/// rows, w u8 E4M3 codes [N, K] with 16-byte aligned rows, K a positive multiple of 32, N a
-/// multiple of 8, y f32 or bf16 [rows, N].
-pub fn fits_fp8(k: &Kernels, x: &Mat, w: &Mat, y: &Mat) -> bool {
-    k.skinny_gemm_fp8.is_some()
-        && x.view.dtype == DType::Bf16
+/// The FP8 entry point for x of `rows` rows: `skinny_gemm_fp8` up to [`MAX_ROWS`],
+/// `skinny_gemm_fp8_wide` up to [`MAX_ROWS_FP8`] (where the program has it).
+fn fp8_kernel(k: &Kernels, rows: usize) -> Option<(&CudaFunction, &'static str)> {
+    match rows {
+        1..=MAX_ROWS => k.skinny_gemm_fp8.as_ref().map(|f| (f, "skinny_gemm_fp8")),
+        r if (MAX_ROWS + 1..=MAX_ROWS_FP8).contains(&r) => k
+            .skinny_gemm_fp8_wide
+            .as_ref()
+            .map(|f| (f, "skinny_gemm_fp8_wide")),
+        _ => None,
+    }
+}
+
+/// What the FP8 entry points need of x and the codes: x bf16 with 16-byte aligned rows, w
+/// u8 E4M3 codes [N, K] with 16-byte aligned rows, K a positive multiple of 16, at least one
+/// weight row.
+fn fp8_operands_fit(x: &Mat, w: &Mat) -> bool {
+    x.view.dtype == DType::Bf16
         && w.view.dtype == DType::U8
-        && (1..=MAX_ROWS).contains(&x.rows)
         && x.cols == w.cols
         && x.cols > 0
-        && x.cols.is_multiple_of(32)
+        && x.cols.is_multiple_of(16)
         && w.rows > 0
-        && w.rows.is_multiple_of(8)
         && x.view.ptr.is_multiple_of(16)
         && x.ld.is_multiple_of(8)
         && w.view.ptr.is_multiple_of(16)
         && w.ld.is_multiple_of(16)
+}
+
+/// Whether [`linear_fp8`] takes y = scale ⊙ (x·wᵀ) with these operands: the kernel for x's
+/// rows is in the program (bf16, sm_80 or newer; 1..=[`MAX_ROWS`] rows, or up to
+/// [`MAX_ROWS_FP8`] on the wide entry point), x bf16 with 16-byte aligned rows, w u8 E4M3
+/// codes [N, K] with 16-byte aligned rows, K a positive multiple of 16, N a multiple of 8,
+/// y f32 or bf16 [rows, N].
+pub fn fits_fp8(k: &Kernels, x: &Mat, w: &Mat, y: &Mat) -> bool {
+    fp8_kernel(k, x.rows).is_some()
+        && fp8_operands_fit(x, w)
+        && w.rows.is_multiple_of(8)
         && matches!(y.view.dtype, DType::F32 | DType::Bf16)
         && y.rows == x.rows
         && y.cols == w.rows
@@ -325,9 +370,11 @@ fn fp8_operands_agree(x: &Mat, w: &Mat, y: &Mat) -> Result<()> {
 /// (u8, row stride `w.ld` bytes) and `scales` f32 [N], weight (n, k) being
 /// `scales[n] · E4M3(w[n, k])` as [`crate::fp8::quantise_rows`] and
 /// [`super::fp8::quantise_e4m3`] write them; see [`Epilogue`] for what becomes of y. On
-/// `lane`. Ok(false), with nothing queued, where [`fits_fp8`] says no (the caller then
-/// takes another path); an error, nothing queued, for codes that are not u8, operands that
-/// do not make one product, and scales, gate or spans that are too short.
+/// `lane`; up to [`MAX_ROWS`] rows on `skinny_gemm_fp8`, up to [`MAX_ROWS_FP8`] on
+/// `skinny_gemm_fp8_wide` (the codes read once for all rows). Ok(false), with nothing
+/// queued, where [`fits_fp8`] says no (the caller then takes another path); an error,
+/// nothing queued, for codes that are not u8, operands that do not make one product, and
+/// scales, gate or spans that are too short.
 pub fn linear_fp8(
     k: &Kernels,
     lane: &Lane,
@@ -337,7 +384,7 @@ pub fn linear_fp8(
     y: Mat,
     epi: Epilogue,
 ) -> Result<bool> {
-    let Some(f) = k.skinny_gemm_fp8.as_ref() else {
+    let Some((f, name)) = fp8_kernel(k, x.rows) else {
         return Ok(false);
     };
     fp8_operands_agree(&x, &w, &y)?;
@@ -351,23 +398,67 @@ pub fn linear_fp8(
     ])?;
     scales.need(DType::F32, w.rows, "skinny fp8 gemm scales")?;
     let (add, gate) = epi.args(w.rows, "skinny fp8 gemm gate")?;
-    let blocks = (w.rows / 8).div_ceil(TILES);
+    let tiles = if x.rows > MAX_ROWS { WIDE_TILES } else { TILES };
+    let blocks = (w.rows / 8).div_ceil(tiles);
+    let split = split_k_fp8(x.cols, x.rows);
+    launch_chunked(f, lane, name, (&x, &w), blocks, split, |a| {
+        Ok(a.ptr(scales)
+            .ptr(y.view)
+            .i64(y.ld as i64)
+            .i32(i32::from(y.view.dtype == DType::F32))
+            .opt(gate)
+            .i32(add)
+            .i32(int(x.rows, "rows")?)
+            .i32(int(w.rows, "columns")?))
+    })?;
+    Ok(true)
+}
+
+/// [`geglu`] for FP8 E4M3 weights (codes [2·mlp, K] and `scales` f32 [2·mlp], as
+/// [`linear_fp8`] takes them): out [rows, mlp] = gelu_tanh(gate) · up, each of gate and up
+/// scaled and rounded to bf16 as [`linear_fp8`]'s bf16 y holds it: the same bits as that
+/// product then [`super::mlp::gelu_gate`], in one launch. Up to [`MAX_ROWS`] rows.
+/// Ok(false), nothing queued, where the kernel does not take the operands.
+pub fn geglu_fp8(
+    k: &Kernels,
+    lane: &Lane,
+    x: Mat,
+    (w, scales): (Mat, View),
+    out: Mat,
+) -> Result<bool> {
+    let Some(f) = k.skinny_gemm_fp8_geglu.as_ref() else {
+        return Ok(false);
+    };
+    let mlp = out.cols;
+    let takes = fp8_operands_fit(&x, &w)
+        && (1..=MAX_ROWS).contains(&x.rows)
+        && out.view.dtype == DType::Bf16
+        && mlp.is_multiple_of(4)
+        && w.rows == 2 * mlp
+        && out.rows == x.rows;
+    if !takes {
+        return Ok(false);
+    }
+    need_all(&[
+        (&x, "skinny fp8 geglu x"),
+        (&w, "skinny fp8 geglu weight codes"),
+        (&out, "skinny fp8 geglu output"),
+    ])?;
+    scales.need(DType::F32, w.rows, "skinny fp8 geglu scales")?;
+    let split = split_k_fp8(x.cols, x.rows);
     launch_chunked(
         f,
         lane,
-        "skinny_gemm_fp8",
+        "skinny_gemm_fp8_geglu",
         (&x, &w),
-        blocks,
-        CHUNK_FP8,
+        mlp / 4,
+        split,
         |a| {
             Ok(a.ptr(scales)
-                .ptr(y.view)
-                .i64(y.ld as i64)
-                .i32(i32::from(y.view.dtype == DType::F32))
-                .opt(gate)
-                .i32(add)
+                .ptr(out.view)
+                .i64(out.ld as i64)
                 .i32(int(x.rows, "rows")?)
-                .i32(int(w.rows, "columns")?))
+                .i32(int(mlp, "mlp")?))
         },
     )?;
     Ok(true)
@@ -402,6 +493,12 @@ mod tests {
         assert_eq!(split_k(16384, CHUNK_FP8), (16, 1024));
         // A chunk that K ends halfway through: one warp, two chunks.
         assert_eq!(split_k(96, CHUNK_FP8), (1, 128));
+        // The FP8 kernels: up to 16 rows as split_k; the wide form's at most WIDE_WARPS warps
+        // (pi0's down at 51 rows: 8 warps of 8 chunks, K covered once).
+        assert_eq!(split_k_fp8(4096, 16), split_k(4096, CHUNK_FP8));
+        assert_eq!(split_k_fp8(4096, 51), (WIDE_WARPS, 512));
+        assert_eq!(split_k_fp8(1024, 51), (4, 256));
+        assert_eq!(split_k_fp8(16, 17), (1, 64));
     }
 
     /// PTX's prmt.b32 in its default mode with selectors below 8 (CUDA's `__byte_perm`):

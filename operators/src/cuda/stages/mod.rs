@@ -64,15 +64,33 @@ pub struct Engine {
     /// that reads the product next where one does (`TURBOPI_FP8_FOLD`, default on; see
     /// [`Engine::geglu_w8a8`] and [`Engine::linear_bias`]).
     pub fp8_fold: bool,
+    /// FP8 expert products of 17 to 64 rows in one launch of the few-row FP8 kernel's wide
+    /// form (`TURBOPI_SKINNY_FP8_WIDE`, default on).
+    pub fp8_wide: bool,
     pub dev: Device,
 }
 
 impl Engine {
-    /// Opens device `TURBOPI_CUDA_DEVICE` (default 0) with the kernels of `precision`.
+    /// Opens device `TURBOPI_CUDA_DEVICE` (default 0) with the kernels of `precision`; with
+    /// fp8, the stages `TURBOPI_FP8_STAGES` asks for, or where it is unset those this card
+    /// runs faster in FP8 ([`Engine::open_with`]).
     pub fn open(precision: Precision) -> Result<Engine> {
+        Engine::open_with(precision, None)
+    }
+
+    /// [`Engine::open`] with the FP8 stages given (as `TURBOPI_FP8_STAGES` would give them;
+    /// None: that setting). Where no stages are asked for, all three are FP8, except on a
+    /// card where cuBLASLt applies no per-row scales to an FP8 product (Hopper): there the
+    /// W8A8 products, with their scales applied after cuBLASLt, ran slower than bf16 (H100,
+    /// docs/benchmarks.md), so only the expert is FP8 and the description says why.
+    pub fn open_with(precision: Precision, stages: Option<crate::fp8::Stages>) -> Result<Engine> {
         let dev = Device::open(settings::cuda_device()?)?;
+        let asked = match stages {
+            Some(s) => Some(s),
+            None => settings::fp8_stages_asked()?,
+        };
         let mut fp8 = if precision == Precision::Fp8 {
-            settings::fp8_stages()?
+            asked.unwrap_or(crate::fp8::Stages::ALL)
         } else {
             crate::fp8::Stages::NONE
         };
@@ -91,7 +109,7 @@ impl Engine {
             // The vision tower's and the prefix's W8A8 products need cuBLASLt's FP8 GEMM;
             // without it those stages keep bf16.
             let why = format!("cuBLASLt has no FP8 GEMM on sm_{}{}", dev.cc.0, dev.cc.1);
-            if settings::raw("TURBOPI_FP8_STAGES")?.is_some() {
+            if asked.is_some() {
                 return Err(Error::Input(format!(
                     "TURBOPI_FP8_STAGES asks for {} in FP8, but {why} ({}): the vision tower's \
                      and the prefix's W8A8 products need it; use TURBOPI_FP8_STAGES=expert, or \
@@ -103,12 +121,21 @@ impl Engine {
             fp8.vision = false;
             fp8.prefix = false;
             fp8_note = Some(why);
+        } else if matches!(w8a8, Some(fp8::W8a8::Rescaled(_))) && asked.is_none() {
+            fp8.vision = false;
+            fp8.prefix = false;
+            fp8_note = Some(format!(
+                "cuBLASLt applies no per-row scales to FP8 products on sm_{}{}, and W8A8 with \
+                 them applied after it runs slower than bf16; TURBOPI_FP8_STAGES=all runs it",
+                dev.cc.0, dev.cc.1
+            ));
         }
         let skinny = settings::flag("TURBOPI_SKINNY_GEMM", true)?;
         let skinny_geglu = skinny && settings::flag("TURBOPI_SKINNY_GEGLU", true)?;
         let skinny_rope = skinny && settings::flag("TURBOPI_SKINNY_ROPE", true)?;
         let lt_epilogues = settings::flag("TURBOPI_LT_EPILOGUES", true)?;
         let fp8_fold = settings::flag("TURBOPI_FP8_FOLD", true)?;
+        let fp8_wide = settings::flag("TURBOPI_SKINNY_FP8_WIDE", true)?;
         let vision_attention = settings::vision_attention()?;
         let prefix_attention = settings::prefix_attention()?;
         Ok(Engine {
@@ -124,6 +151,7 @@ impl Engine {
             fp8_note,
             w8a8,
             fp8_fold,
+            fp8_wide,
             dev,
         })
     }
@@ -175,11 +203,16 @@ impl Engine {
     /// out = gelu_tanh(gate) · up of the gate|up product x·wᵀ in one launch on the few-row
     /// kernel ([`skinny::geglu`]); Ok(false), nothing queued, where it does not take the
     /// shape or the epilogue is off (the caller then runs the product and `gelu_gate`).
+    /// W8A16 weights (the expert in FP8) take the FP8 kernel's form ([`skinny::geglu_fp8`]).
     pub fn linear_geglu(&self, lane: &Lane, x: Mat, w: Mat, out: Mat) -> Result<bool> {
-        if !self.skinny_geglu || w.fp8.is_some() {
+        if !self.skinny_geglu {
             return Ok(false);
         }
-        skinny::geglu(&self.kernels, lane, x, w, out)
+        match w.fp8 {
+            None => skinny::geglu(&self.kernels, lane, x, w, out),
+            Some(f) if !f.acts => skinny::geglu_fp8(&self.kernels, lane, x, (w, f.scales), out),
+            Some(_) => Ok(false),
+        }
     }
 
     /// For W8A8 weights whose scales come after cuBLASLt ([`fp8::W8a8::Rescaled`]) with
@@ -308,8 +341,9 @@ impl Engine {
     }
 
     /// A product with FP8 weights `w` (codes, and the scales and kind in `f`):
-    /// - W8A16 (the expert, `f.acts` false): the few-row FP8 kernel on x in bf16, 16 rows
-    ///   per launch (each row's result is the same whatever the batch), with `epi`;
+    /// - W8A16 (the expert, `f.acts` false): the few-row FP8 kernel on x in bf16, up to 64
+    ///   rows per launch (16 with `TURBOPI_SKINNY_FP8_WIDE` off; each row's result is the
+    ///   same whatever the batch), with `epi`;
     /// - W8A8 (`f.acts`): x quantised per row into the lane's FP8 scratch, then cuBLASLt's
     ///   FP8 GEMM with both scale vectors, or of the codes alone and the scales after it
     ///   ([`fp8::w8a8`]); `epi` Store or Add.
@@ -325,9 +359,14 @@ impl Engine {
         epi: Epilogue,
     ) -> Result<()> {
         if !f.acts {
+            let per = if self.fp8_wide {
+                skinny::MAX_ROWS_FP8
+            } else {
+                skinny::MAX_ROWS
+            };
             let mut r0 = 0;
             while r0 < x.rows {
-                let n = (x.rows - r0).min(skinny::MAX_ROWS);
+                let n = (x.rows - r0).min(per);
                 let xs = Mat {
                     view: x.view.tail(r0 * x.ld)?,
                     rows: n,
@@ -342,7 +381,7 @@ impl Engine {
                     return Err(Error::Cuda(format!(
                         "fp8: the few-row FP8 kernel does not take x [{}, {}] ({:?}, ld {}) times \
                          weights [{}, {}] (ld {}) into {:?}: it needs bf16 inputs, K a multiple \
-                         of 32, N a multiple of 8 and 16-byte aligned rows",
+                         of 16, N a multiple of 8 and 16-byte aligned rows",
                         x.rows, x.cols, x.view.dtype, x.ld, w.rows, w.cols, w.ld, y.view.dtype
                     )));
                 }
