@@ -9,7 +9,10 @@
 # With env SETTING=libero (or pi0) the checkpoint is `turbopi bench --setting`'s model instead
 # of PRESET's (what `turbopi bench` times), and CKPT_DTYPE=bf16 writes its weights in bf16
 # (default f32). The graph reads the TURBOPI_* variables of the
-# environment (TURBOPI_BACKEND=cuda, TURBOPI_SPIN_US, ...).
+# environment (TURBOPI_BACKEND=cuda, TURBOPI_SPIN_US, ...). With env LOAD_CLIENTS (e.g.
+# "1 2 4 8"), the same server then takes tools/openpi/load.py with each number of concurrent
+# clients for LOAD_SECONDS (default 8) seconds: its table of requests/s, round trips and
+# batch sizes.
 #
 # Writes the checkpoint (with a small tokenizer and LIBERO norm stats) to
 # target/serve/checkpoint, installs openpi-client 0.1.2 into target/python/openpi-client when
@@ -48,3 +51,9 @@ for _ in $(seq 120); do
 done
 echo "bench_serve: $graph, $preset ($(nproc) CPU cores), port $port"
 PYTHONPATH=$openpi_client python3 tools/openpi/bench.py --port "$port" --requests "$requests"
+for n in ${LOAD_CLIENTS:-}; do
+  [[ "$n" =~ ^[1-9][0-9]*$ ]] || { echo "bench_serve: LOAD_CLIENTS has \"$n\", not a client count" >&2; exit 2; }
+  echo "load.py: $n clients, ${LOAD_SECONDS:-8} s"
+  PYTHONPATH=$openpi_client python3 tools/openpi/load.py --port "$port" --clients "$n" \
+    --seconds "${LOAD_SECONDS:-8}"
+done

@@ -10,8 +10,9 @@
 #
 # The model is `turbopi bench --setting libero`'s (full-size pi0.5, action horizon 10, random
 # bf16 weights), so that the policy's own time compares with `turbopi bench` (env SETTING,
-# CKPT_DTYPE and TURBOPI_BACKEND override it, as tools/bench_serve.sh reads them). Logs and
-# tables go to $GPU_SERVE_OUT (default .gpu/serve-out).
+# CKPT_DTYPE and TURBOPI_BACKEND override it, as tools/bench_serve.sh reads them; so do
+# LOAD_CLIENTS and LOAD_SECONDS, e.g. LOAD_CLIENTS="1 2 4 8" for load.py's table after each
+# one-client run). Logs and tables go to $GPU_SERVE_OUT (default .gpu/serve-out).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 requests=${1:-300}
@@ -44,7 +45,8 @@ for r in $(seq "$rounds"); do
     for s in "${spins[@]}"; do
         echo "== round $r, SPIN_US=$s"
         TURBOPI_SPIN_US=$s tools/bench_serve.sh graphs/serve_in_process.yml "$requests" \
-            2>&1 | tee "$out/in_process_spin${s}_round$r.txt" | grep -E "round_trip|policy|added|dataflow|server"
+            2>&1 | tee "$out/in_process_spin${s}_round$r.txt" |
+            grep -E "round_trip|policy|added|dataflow|server|load.py|clients|^ *[0-9]+ "
     done
 done
 echo "== the client's floor: echo_server.py, bench.py --requests $requests"
