@@ -2005,6 +2005,39 @@ fn cpu_product_bf16(
     )
 }
 
+/// The GeGLU epilogue's output `one` ([m, ldo], the first mlp columns written) against the two
+/// launches' `two` ([m, mlp]): the same bits, every value written, the padding columns still
+/// NaN. Returns `one`'s values, dense.
+fn geglu_one_equals_two(
+    g: &Gpu,
+    name: &str,
+    (one, two): (&DeviceBuffer, &DeviceBuffer),
+    (m, mlp, ldo): (usize, usize, usize),
+) -> Vec<f32> {
+    let (two, one) = (
+        g.download(two.view()).unwrap(),
+        g.download(one.view()).unwrap(),
+    );
+    let dense: Vec<f32> = (0..m)
+        .flat_map(|r| one[r * ldo..r * ldo + mlp].to_vec())
+        .collect();
+    for r in 0..m {
+        for c in mlp..ldo {
+            assert!(
+                one[r * ldo + c].is_nan(),
+                "{name}: padding [{r}, {c}] written"
+            );
+        }
+    }
+    assert!(dense.iter().all(|v| !v.is_nan()), "{name}: NaN written");
+    assert_eq!(
+        bits(&dense),
+        bits(&two),
+        "{name}: differs from the two launches"
+    );
+    dense
+}
+
 #[test]
 fn skinny_geglu_equals_product_then_gelu_gate() {
     // GeGLU in the few-row product's epilogue: the same bits as the product (bf16 out) and
@@ -2039,27 +2072,7 @@ fn skinny_geglu_equals_product_then_gelu_gate() {
             skinny::geglu(&g.kernels, &g.lane, xm, wm, om).unwrap(),
             "{name}: queued"
         );
-        let (two, one) = (
-            g.download(two.view()).unwrap(),
-            g.download(one.view()).unwrap(),
-        );
-        let dense: Vec<f32> = (0..m)
-            .flat_map(|r| one[r * ldo..r * ldo + mlp].to_vec())
-            .collect();
-        for r in 0..m {
-            for c in mlp..ldo {
-                assert!(
-                    one[r * ldo + c].is_nan(),
-                    "{name}: padding [{r}, {c}] written"
-                );
-            }
-        }
-        assert!(dense.iter().all(|v| !v.is_nan()), "{name}: NaN written");
-        assert_eq!(
-            bits(&dense),
-            bits(&two),
-            "{name}: differs from the two launches"
-        );
+        let dense = geglu_one_equals_two(&g, &name, (&one, &two), (m, mlp, ldo));
         let gu = cpu_product_bf16(&x, &w, (m, 2 * mlp, k, ldx));
         let want: Vec<f32> = (0..m * mlp)
             .map(|i| {
@@ -2753,27 +2766,7 @@ fn skinny_fp8_geglu_equals_product_then_gelu_gate() {
             skinny::geglu_fp8(&g.kernels, &g.lane, xm, (wm, sb.view()), om).unwrap(),
             "{name}: queued"
         );
-        let (two, one) = (
-            g.download(two.view()).unwrap(),
-            g.download(one.view()).unwrap(),
-        );
-        let dense: Vec<f32> = (0..m)
-            .flat_map(|r| one[r * ldo..r * ldo + mlp].to_vec())
-            .collect();
-        for r in 0..m {
-            for c in mlp..ldo {
-                assert!(
-                    one[r * ldo + c].is_nan(),
-                    "{name}: padding [{r}, {c}] written"
-                );
-            }
-        }
-        assert!(dense.iter().all(|v| !v.is_nan()), "{name}: NaN written");
-        assert_eq!(
-            bits(&dense),
-            bits(&two),
-            "{name}: differs from the two launches"
-        );
+        let dense = geglu_one_equals_two(&g, &name, (&one, &two), (m, mlp, ldo));
         let gu = cpu_product_bf16(&x, &twin.weight, (m, n, k, ldx));
         let want: Vec<f32> = (0..m * mlp)
             .map(|i| {

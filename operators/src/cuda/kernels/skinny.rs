@@ -175,6 +175,23 @@ fn launch_product(
     launch_chunked(f, lane, name, xw, blocks, split, own)
 }
 
+/// The plain products' arguments after the weights (and scales): y, its row stride and type,
+/// the gate and add flag of [`Epilogue::args`], the rows and columns.
+fn output_args(
+    a: Args,
+    y: &Mat,
+    (add, gate): (i32, Option<View>),
+    (rows, cols): (usize, usize),
+) -> Result<Args> {
+    Ok(a.ptr(y.view)
+        .i64(y.ld as i64)
+        .i32(i32::from(y.view.dtype == DType::F32))
+        .opt(gate)
+        .i32(add)
+        .i32(int(rows, "rows")?)
+        .i32(int(cols, "columns")?))
+}
+
 /// y (x.rows × w.rows) from x [rows, K] and the Linear weight w [N, K] (see [`Epilogue`]), on
 /// `lane`. Ok(false), with nothing queued, when [`fits`] says no.
 pub fn linear(k: &Kernels, lane: &Lane, x: Mat, w: Mat, y: Mat, epi: Epilogue) -> Result<bool> {
@@ -192,15 +209,18 @@ pub fn linear(k: &Kernels, lane: &Lane, x: Mat, w: Mat, y: Mat, epi: Epilogue) -
     let (add, gate) = epi.args(w.rows, "skinny gemm gate")?;
     let blocks = (w.rows / 8).div_ceil(TILES);
     launch_product(f, lane, "skinny_gemm", (&x, &w), blocks, |a| {
-        Ok(a.ptr(y.view)
-            .i64(y.ld as i64)
-            .i32(i32::from(y.view.dtype == DType::F32))
-            .opt(gate)
-            .i32(add)
-            .i32(int(x.rows, "rows")?)
-            .i32(int(w.rows, "columns")?))
+        output_args(a, &y, (add, gate), (x.rows, w.rows))
     })?;
     Ok(true)
+}
+
+/// What the GeGLU epilogues need of their output: bf16 [x.rows, mlp], mlp a multiple of 4,
+/// and w's rows the gate's and the up's (2·mlp).
+fn geglu_out_fits(x: &Mat, w: &Mat, out: &Mat) -> bool {
+    out.view.dtype == DType::Bf16
+        && out.cols.is_multiple_of(4)
+        && w.rows == 2 * out.cols
+        && out.rows == x.rows
 }
 
 /// out [rows, mlp] = gelu_tanh(gate) · up of the gate|up product x·wᵀ (w [2·mlp, K]: the gate
@@ -211,12 +231,7 @@ pub fn geglu(k: &Kernels, lane: &Lane, x: Mat, w: Mat, out: Mat) -> Result<bool>
         return Ok(false);
     };
     let mlp = out.cols;
-    let takes = operands_fit(&x, &w)
-        && out.view.dtype == DType::Bf16
-        && mlp.is_multiple_of(4)
-        && w.rows == 2 * mlp
-        && out.rows == x.rows;
-    if !takes {
+    if !(operands_fit(&x, &w) && geglu_out_fits(&x, &w, &out)) {
         return Ok(false);
     }
     need_all(&[
@@ -402,14 +417,7 @@ pub fn linear_fp8(
     let blocks = (w.rows / 8).div_ceil(tiles);
     let split = split_k_fp8(x.cols, x.rows);
     launch_chunked(f, lane, name, (&x, &w), blocks, split, |a| {
-        Ok(a.ptr(scales)
-            .ptr(y.view)
-            .i64(y.ld as i64)
-            .i32(i32::from(y.view.dtype == DType::F32))
-            .opt(gate)
-            .i32(add)
-            .i32(int(x.rows, "rows")?)
-            .i32(int(w.rows, "columns")?))
+        output_args(a.ptr(scales), &y, (add, gate), (x.rows, w.rows))
     })?;
     Ok(true)
 }
@@ -432,10 +440,7 @@ pub fn geglu_fp8(
     let mlp = out.cols;
     let takes = fp8_operands_fit(&x, &w)
         && (1..=MAX_ROWS).contains(&x.rows)
-        && out.view.dtype == DType::Bf16
-        && mlp.is_multiple_of(4)
-        && w.rows == 2 * mlp
-        && out.rows == x.rows;
+        && geglu_out_fits(&x, &w, &out);
     if !takes {
         return Ok(false);
     }
