@@ -7,18 +7,19 @@
 #   tools/gpu_round.sh tests      cuda_ops and cuda_policy (tools/gpu_tests.sh), then the
 #                                 kernel set compiled for sm_87, sm_90, sm_100 and sm_110
 #   tools/gpu_round.sh bench      turbopi bench, libero and pi0: bf16, bf16 with
-#                                 TURBOPI_LT_EPILOGUES=0, fp8, fp8 with the expert alone,
-#                                 fp8 with TURBOPI_FP8_FOLD=0;
-#                                 two interleaved rounds; then
-#                                 TURBOPI_PROFILE=1 for libero in bf16 and fp8
+#                                 TURBOPI_LT_EPILOGUES=0, fp8 (its default stages), fp8
+#                                 with TURBOPI_FP8_STAGES=all (and with TURBOPI_FP8_FOLD=0
+#                                 too), fp8 with TURBOPI_SKINNY_GEGLU=0 (libero) or
+#                                 TURBOPI_SKINNY_FP8_WIDE=0 (pi0); two interleaved rounds;
+#                                 then TURBOPI_PROFILE=1 for libero in bf16 and fp8
 #   tools/gpu_round.sh overlap    turbopi bench --setting libero (one-at-a-time and pipelined
 #                                 lines) with TURBOPI_OVERLAP_SMS 0, 100 and 66, two rounds
 #   tools/gpu_round.sh attention  turbopi bench --setting libero with the prefix's attention
 #                                 as gemm, flash, flash:1, flash:4, flash:8 and the vision
 #                                 tower's as flash and chunks, two rounds
-#   tools/gpu_round.sh accuracy   turbopi accuracy --backend cuda --dtype fp8 --against bf16:
-#                                 full-size libero and pi0 (20 observations each), and every
-#                                 golden model
+#   tools/gpu_round.sh accuracy   turbopi accuracy --backend cuda --dtype fp8 --against bf16
+#                                 (fp8's default stages): full-size libero and pi0 (20
+#                                 observations each), and every golden model
 #   tools/gpu_round.sh serve      tools/gpu_serve.sh 300 2 0 3000
 #
 # Everything printed is also written to $GPU_ROUND_OUT (default .gpu/round-out)/<part>.txt.
@@ -50,8 +51,14 @@ bench() {
             bench_one "$setting" bf16 TURBOPI_LT_EPILOGUES=1
             bench_one "$setting" "bf16, TURBOPI_LT_EPILOGUES=0" TURBOPI_LT_EPILOGUES=0
             bench_one "$setting" fp8 TURBOPI_LT_EPILOGUES=1
-            bench_one "$setting" "fp8, TURBOPI_FP8_STAGES=expert" TURBOPI_FP8_STAGES=expert
-            bench_one "$setting" "fp8, TURBOPI_FP8_FOLD=0" TURBOPI_FP8_FOLD=0
+            bench_one "$setting" "fp8, TURBOPI_FP8_STAGES=all" TURBOPI_FP8_STAGES=all
+            bench_one "$setting" "fp8, TURBOPI_FP8_STAGES=all TURBOPI_FP8_FOLD=0" \
+                TURBOPI_FP8_STAGES=all TURBOPI_FP8_FOLD=0
+            if [ "$setting" = pi0 ]; then
+                bench_one "$setting" "fp8, TURBOPI_SKINNY_FP8_WIDE=0" TURBOPI_SKINNY_FP8_WIDE=0
+            else
+                bench_one "$setting" "fp8, TURBOPI_SKINNY_GEGLU=0" TURBOPI_SKINNY_GEGLU=0
+            fi
         done
     done
     for dtype in bf16 fp8; do
