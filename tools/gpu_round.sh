@@ -21,6 +21,10 @@
 #                                 (fp8's default stages): full-size libero and pi0 (20
 #                                 observations each), and every golden model
 #   tools/gpu_round.sh serve      tools/gpu_serve.sh 300 2 0 3000
+#   tools/gpu_round.sh kernels    each kernel's own GPU time (Nsight Compute replays them
+#                                 one by one: no overlap, no early start) over about one
+#                                 steady-state frame of turbopi bench --setting libero, in
+#                                 bf16 and fp8: tools/ncu_table.py's table per kernel name
 #
 # Everything printed is also written to $GPU_ROUND_OUT (default .gpu/round-out)/<part>.txt.
 set -uo pipefail
@@ -106,8 +110,24 @@ serve() {
     tools/gpu_serve.sh 300 2 0 3000
 }
 
+kernels() {
+    local ncu
+    ncu=$(command -v ncu || ls /usr/local/cuda/bin/ncu 2>/dev/null) ||
+        { echo "gpu_round: no ncu (Nsight Compute) on this machine" >&2; return 2; }
+    for dtype in bf16 fp8; do
+        # 10 warm-up and 5 timed frames of about 2,150 launches each (after the random
+        # weights' few hundred): skip into the warm-up's second half, then take one frame's
+        # worth. Which kernel the window starts at does not change the per-name totals.
+        echo "== ncu, libero, $dtype: 2,150 launches after the first 12,000"
+        "$ncu" --metrics gpu__time_duration.sum --csv --launch-skip 12000 --launch-count 2150 \
+            "$tp" bench --setting libero --backend cuda --steps 10 --iters 5 --dtype "$dtype" \
+            >"$out/ncu_libero_$dtype.csv" 2>"$out/ncu_libero_$dtype.log"
+        python3 tools/ncu_table.py "$out/ncu_libero_$dtype.csv"
+    done
+}
+
 case "$part" in
-    tests | bench | overlap | attention | accuracy | serve)
+    tests | bench | overlap | attention | accuracy | serve | kernels)
         if command -v nvidia-smi >/dev/null; then
             nvidia-smi --query-gpu=name,driver_version,clocks.max.sm --format=csv,noheader
         fi
@@ -115,7 +135,7 @@ case "$part" in
         exit "${PIPESTATUS[0]}"
         ;;
     *)
-        echo "usage: tools/gpu_round.sh tests|bench|overlap|attention|accuracy|serve" >&2
+        echo "usage: tools/gpu_round.sh tests|bench|overlap|attention|accuracy|serve|kernels" >&2
         exit 2
         ;;
 esac
