@@ -2,7 +2,8 @@
 # On a GPU machine without a Rust toolchain or internet: what serving adds over the policy,
 # one client (tools/bench_serve.sh: openpi-client's round trip − `policy_timing.infer_ms`),
 # with the policy in the server's process on the CUDA backend, for each SPIN_US given, in
-# turn, ROUNDS times; then the client's floor (tools/openpi/echo_server.py). Run from the
+# turn, ROUNDS times; then the client's floor (tools/openpi/echo_server.py, answering at once
+# and after a policy-long hold: ECHO_HOLD_MS, default 16). Run from the
 # repository root after tools/gpu_build.sh --wheels on the build machine (and, if packed,
 # `tar xJf .gpu/pack.tar.xz -C .gpu`).
 #
@@ -49,11 +50,19 @@ for r in $(seq "$rounds"); do
             grep -E "round_trip|policy|added|dataflow|server|load.py|clients|^ *[0-9]+ "
     done
 done
-echo "== the client's floor: echo_server.py, bench.py --requests $requests"
-port=$(python3 -c "import socket; s=socket.socket(); s.bind(('127.0.0.1', 0)); print(s.getsockname()[1])")
-PYTHONPATH=$openpi_client python3 tools/openpi/echo_server.py --port "$port" --horizon 10 &
-echo_pid=$!
-trap 'kill $echo_pid 2>/dev/null || true' EXIT
-sleep 2
-PYTHONPATH=$openpi_client python3 tools/openpi/bench.py --port "$port" --requests "$requests" |
-    tee "$out/echo.txt"
+# The echo answers at once, then after a hold as long as the policy's (ECHO_HOLD_MS, default
+# 16: full-size pi0.5 on an H100), so that its threads and the client idle between requests
+# as they do against the real policy.
+for hold in 0 "${ECHO_HOLD_MS:-16}"; do
+    echo "== the client's floor: echo_server.py --hold-ms $hold, bench.py --requests $requests"
+    port=$(python3 -c "import socket; s=socket.socket(); s.bind(('127.0.0.1', 0)); print(s.getsockname()[1])")
+    PYTHONPATH=$openpi_client python3 tools/openpi/echo_server.py --port "$port" --horizon 10 \
+        --hold-ms "$hold" &
+    echo_pid=$!
+    trap 'kill $echo_pid 2>/dev/null || true' EXIT
+    sleep 2
+    PYTHONPATH=$openpi_client python3 tools/openpi/bench.py --port "$port" --requests "$requests" |
+        tee "$out/echo_hold$hold.txt"
+    kill $echo_pid 2>/dev/null || true
+    wait $echo_pid 2>/dev/null || true
+done

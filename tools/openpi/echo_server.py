@@ -8,7 +8,13 @@ as openpi's own server, that decodes each request and answers with zero actions
 the Python client and the socket cost by themselves (its "added" column, the policy's time
 being 0), the part of a served round trip that no server can remove.
 
-Usage: echo_server.py --port P [--horizon 10] [--dims 7]
+With --hold-ms H it holds each answer for H ms (a sleep, reported as the policy's time) as a
+policy on a GPU would: the client and the server's threads then sit idle for that long
+before each answer, as they do against a real policy, so that bench.py's "added" (round trip
+minus the hold) includes what waking them costs on that host (deeper CPU sleep states after
+longer idles), not only the socket's cost.
+
+Usage: echo_server.py --port P [--horizon 10] [--dims 7] [--hold-ms 0]
 """
 
 from __future__ import annotations
@@ -27,7 +33,10 @@ def main() -> None:
     ap.add_argument("--port", type=int, required=True)
     ap.add_argument("--horizon", type=int, default=10)
     ap.add_argument("--dims", type=int, default=7)
+    ap.add_argument("--hold-ms", type=float, default=0.0, help="hold each answer this long")
     args = ap.parse_args()
+    if not 0.0 <= args.hold_ms <= 1000.0:
+        ap.error(f"--hold-ms {args.hold_ms}: expected 0 to 1000")
     packer = msgpack_numpy.Packer()
     actions = np.zeros((args.horizon, args.dims), dtype=np.float64)
 
@@ -39,10 +48,15 @@ def main() -> None:
             if not isinstance(obs, dict):
                 ws.close(1011, "expected a map")
                 return
+            held = 0.0
+            if args.hold_ms > 0:
+                h0 = time.perf_counter()
+                time.sleep(args.hold_ms / 1e3)
+                held = (time.perf_counter() - h0) * 1e3
             ms = (time.perf_counter() - t0) * 1e3
             reply = {
                 "actions": actions,
-                "policy_timing": {"infer_ms": 0.0},
+                "policy_timing": {"infer_ms": held},
                 "server_timing": {"infer_ms": ms},
             }
             ws.send(packer.pack(reply))
