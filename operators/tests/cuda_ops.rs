@@ -2005,15 +2005,37 @@ fn cpu_product_bf16(
     )
 }
 
-/// The GeGLU epilogue's output `one` ([m, ldo], the first mlp columns written) against the two
-/// launches' `two` ([m, mlp]): the same bits, every value written, the padding columns still
-/// NaN. Returns `one`'s values, dense.
-fn geglu_one_equals_two(
+/// A GeGLU epilogue against the two launches it replaces and the CPU twin: `product` stores
+/// the gate|up product of x [m, K] (row stride ldx) into a bf16 [m, 2·mlp] and `fused` the
+/// epilogue's output into a bf16 [m, mlp] with padded rows (row stride mlp + pado); each
+/// answers whether it queued. The fused output equals `product` then gelu_gate bit for bit,
+/// writes every value and leaves the padding NaN, and is within bf16's tolerance of the CPU
+/// twin (`x` against the weights `w` the GPU multiplies by, [2·mlp, K], the product rounded
+/// to bf16, then GeGLU).
+fn check_geglu_epilogue(
     g: &Gpu,
     name: &str,
-    (one, two): (&DeviceBuffer, &DeviceBuffer),
-    (m, mlp, ldo): (usize, usize, usize),
-) -> Vec<f32> {
+    (m, mlp, k, ldx, pado): (usize, usize, usize, usize, usize),
+    (x, w): (&[f32], &[f32]),
+    product: impl FnOnce(Mat) -> bool,
+    fused: impl FnOnce(Mat) -> bool,
+) {
+    let n = 2 * mlp;
+    // Two launches: the product into gu, then gelu_gate.
+    let gub = nan(g, DType::Bf16, m * n);
+    assert!(
+        product(Mat::new(gub.view(), m, n)),
+        "{name}: product queued"
+    );
+    let two = nan(g, DType::Bf16, m * mlp);
+    gelu_gate(&g.kernels, &g.lane, (gub.view(), two.view()), m, mlp, None).unwrap();
+    // One launch, into an output with padded rows.
+    let ldo = mlp + pado;
+    let one = nan(g, DType::Bf16, m * ldo);
+    assert!(
+        fused(Mat::new(one.view(), m, mlp).ld(ldo)),
+        "{name}: queued"
+    );
     let (two, one) = (
         g.download(two.view()).unwrap(),
         g.download(one.view()).unwrap(),
@@ -2035,7 +2057,41 @@ fn geglu_one_equals_two(
         bits(&two),
         "{name}: differs from the two launches"
     );
-    dense
+    let gu = cpu_product_bf16(x, w, (m, n, k, ldx));
+    let want: Vec<f32> = (0..m * mlp)
+        .map(|i| {
+            let (r, c) = (i / mlp, i % mlp);
+            cpu::gelu_tanh(gu[r * n + c]) * gu[r * n + mlp + c]
+        })
+        .collect();
+    check(name, &dense, &rounded(DType::Bf16, &want), tol(DType::Bf16));
+}
+
+/// Shapes no GeGLU epilogue takes (mlp not a multiple of 4, 17 rows, an f32 output), on x
+/// [17+, 64] and weights [64+, 64]: `fused` answers Ok(false) and writes nothing.
+fn check_geglu_refusals(
+    g: &Gpu,
+    (xb, wb): (&DeviceBuffer, &DeviceBuffer),
+    fused: impl Fn(Mat, Mat, Mat) -> operators::Result<bool>,
+) {
+    let ob = nan(g, DType::Bf16, 17 * 64);
+    for (m, mlp, ydt) in [
+        (10, 6, DType::Bf16),
+        (17, 32, DType::Bf16),
+        (10, 32, DType::F32),
+    ] {
+        let xm = Mat::new(xb.view(), m, 64);
+        let wm = Mat::new(wb.view(), 2 * mlp, 64);
+        let out = View {
+            dtype: ydt,
+            ..ob.view()
+        };
+        assert!(
+            !fused(xm, wm, Mat::new(out, m, mlp)).unwrap(),
+            "geglu [{m}, {mlp}] -> {ydt:?} is not the kernel's"
+        );
+    }
+    assert!(g.download(ob.view()).unwrap().iter().all(|v| v.is_nan()));
 }
 
 #[test]
@@ -2058,56 +2114,20 @@ fn skinny_geglu_equals_product_then_gelu_gate() {
         let (xb, x, wb, w) = skinny_operands(&g, (m, 2 * mlp, k, ldx), 1300 + 10 * i as u64);
         let xm = Mat::new(xb.view(), m, k).ld(ldx);
         let wm = Mat::new(wb.view(), 2 * mlp, k);
-        // Two launches: the product into gu, then gelu_gate.
-        let gub = nan(&g, DType::Bf16, m * 2 * mlp);
-        let gum = Mat::new(gub.view(), m, 2 * mlp);
-        assert!(skinny::linear(&g.kernels, &g.lane, xm, wm, gum, Epilogue::Store).unwrap());
-        let two = nan(&g, DType::Bf16, m * mlp);
-        gelu_gate(&g.kernels, &g.lane, (gub.view(), two.view()), m, mlp, None).unwrap();
-        // One launch, into an output with padded rows.
-        let ldo = mlp + pado;
-        let one = nan(&g, DType::Bf16, m * ldo);
-        let om = Mat::new(one.view(), m, mlp).ld(ldo);
-        assert!(
-            skinny::geglu(&g.kernels, &g.lane, xm, wm, om).unwrap(),
-            "{name}: queued"
-        );
-        let dense = geglu_one_equals_two(&g, &name, (&one, &two), (m, mlp, ldo));
-        let gu = cpu_product_bf16(&x, &w, (m, 2 * mlp, k, ldx));
-        let want: Vec<f32> = (0..m * mlp)
-            .map(|i| {
-                let (r, c) = (i / mlp, i % mlp);
-                cpu::gelu_tanh(gu[r * 2 * mlp + c]) * gu[r * 2 * mlp + mlp + c]
-            })
-            .collect();
-        check(
+        check_geglu_epilogue(
+            &g,
             &name,
-            &dense,
-            &rounded(DType::Bf16, &want),
-            tol(DType::Bf16),
+            (m, mlp, k, ldx, pado),
+            (&x, &w),
+            |gu| skinny::linear(&g.kernels, &g.lane, xm, wm, gu, Epilogue::Store).unwrap(),
+            |out| skinny::geglu(&g.kernels, &g.lane, xm, wm, out).unwrap(),
         );
     }
     // Shapes it does not take: nothing queued, Ok(false).
     let (xb, _, wb, _) = skinny_operands(&g, (10, 64, 64, 64), 1390);
-    let ob = nan(&g, DType::Bf16, 17 * 64);
-    for (m, mlp, ydt) in [
-        (10, 6, DType::Bf16),
-        (17, 32, DType::Bf16),
-        (10, 32, DType::F32),
-    ] {
-        let xm = Mat::new(xb.view(), m, 64);
-        let wm = Mat::new(wb.view(), 2 * mlp, 64);
-        let out = View {
-            dtype: ydt,
-            ..ob.view()
-        };
-        let om = Mat::new(out, m, mlp);
-        assert!(
-            !skinny::geglu(&g.kernels, &g.lane, xm, wm, om).unwrap(),
-            "geglu [{m}, {mlp}] -> {ydt:?} is not the kernel's"
-        );
-    }
-    assert!(g.download(ob.view()).unwrap().iter().all(|v| v.is_nan()));
+    check_geglu_refusals(&g, (&xb, &wb), |x, w, out| {
+        skinny::geglu(&g.kernels, &g.lane, x, w, out)
+    });
 }
 
 #[test]
@@ -2749,60 +2769,26 @@ fn skinny_fp8_geglu_equals_product_then_gelu_gate() {
         let (sb, _) = up(&g, DType::F32, &scales);
         let xm = Mat::new(xb.view(), m, k).ld(ldx);
         let wm = Mat::new(wb.view(), n, k);
-        // Two launches: the product into gu (bf16), then gelu_gate.
-        let gub = nan(&g, DType::Bf16, m * n);
-        let gum = Mat::new(gub.view(), m, n);
-        assert!(
-            skinny::linear_fp8(&g.kernels, &g.lane, xm, wm, sb.view(), gum, Epilogue::Store)
-                .unwrap()
-        );
-        let two = nan(&g, DType::Bf16, m * mlp);
-        gelu_gate(&g.kernels, &g.lane, (gub.view(), two.view()), m, mlp, None).unwrap();
-        // One launch, into an output with padded rows.
-        let ldo = mlp + pado;
-        let one = nan(&g, DType::Bf16, m * ldo);
-        let om = Mat::new(one.view(), m, mlp).ld(ldo);
-        assert!(
-            skinny::geglu_fp8(&g.kernels, &g.lane, xm, (wm, sb.view()), om).unwrap(),
-            "{name}: queued"
-        );
-        let dense = geglu_one_equals_two(&g, &name, (&one, &two), (m, mlp, ldo));
-        let gu = cpu_product_bf16(&x, &twin.weight, (m, n, k, ldx));
-        let want: Vec<f32> = (0..m * mlp)
-            .map(|i| {
-                let (r, c) = (i / mlp, i % mlp);
-                cpu::gelu_tanh(gu[r * n + c]) * gu[r * n + mlp + c]
-            })
-            .collect();
-        check(
+        check_geglu_epilogue(
+            &g,
             &name,
-            &dense,
-            &rounded(DType::Bf16, &want),
-            tol(DType::Bf16),
+            (m, mlp, k, ldx, pado),
+            (&x, &twin.weight),
+            |gu| {
+                skinny::linear_fp8(&g.kernels, &g.lane, xm, wm, sb.view(), gu, Epilogue::Store)
+                    .unwrap()
+            },
+            |out| skinny::geglu_fp8(&g.kernels, &g.lane, xm, (wm, sb.view()), out).unwrap(),
         );
     }
     // Shapes it does not take: nothing queued, Ok(false); short scales: an error.
     let (xb, _, _, _) = skinny_operands(&g, (17, 8, 64, 64), 2190);
     let wb = up_codes(&g, &[0x38u8; 64 * 64], 64, 64);
     let (sb, _) = up(&g, DType::F32, &[1.0; 64]);
-    let ob = nan(&g, DType::Bf16, 17 * 64);
-    for (m, mlp, ydt) in [
-        (10, 6, DType::Bf16),
-        (17, 32, DType::Bf16),
-        (10, 32, DType::F32),
-    ] {
-        let xm = Mat::new(xb.view(), m, 64);
-        let wm = Mat::new(wb.view(), 2 * mlp, 64);
-        let out = View {
-            dtype: ydt,
-            ..ob.view()
-        };
-        let om = Mat::new(out, m, mlp);
-        assert!(
-            !skinny::geglu_fp8(&g.kernels, &g.lane, xm, (wm, sb.view()), om).unwrap(),
-            "fp8 geglu [{m}, {mlp}] -> {ydt:?} is not the kernel's"
-        );
-    }
+    check_geglu_refusals(&g, (&xb, &wb), |x, w, out| {
+        skinny::geglu_fp8(&g.kernels, &g.lane, x, (w, sb.view()), out)
+    });
+    let ob = nan(&g, DType::Bf16, 10 * 32);
     let short = sb.view().at(0, 16).unwrap();
     let e = skinny::geglu_fp8(
         &g.kernels,

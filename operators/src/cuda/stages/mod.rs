@@ -99,36 +99,37 @@ impl Engine {
         }
         let kernels = Kernels::load(&dev, act_type(precision))?;
         let gemm = Gemm::new(&dev)?;
-        let mut fp8_note = None;
         let w8a8 = if fp8.vision || fp8.prefix {
             w8a8_offered(&dev, &kernels, &gemm)?
         } else {
             None
         };
-        if (fp8.vision || fp8.prefix) && w8a8.is_none() {
-            // The vision tower's and the prefix's W8A8 products need cuBLASLt's FP8 GEMM;
-            // without it those stages keep bf16.
-            let why = format!("cuBLASLt has no FP8 GEMM on sm_{}{}", dev.cc.0, dev.cc.1);
-            if asked.is_some() {
-                return Err(Error::Input(format!(
-                    "TURBOPI_FP8_STAGES asks for {} in FP8, but {why} ({}): the vision tower's \
-                     and the prefix's W8A8 products need it; use TURBOPI_FP8_STAGES=expert, or \
-                     leave it unset",
-                    fp8.names(),
-                    dev.name
-                )));
+        // Why the vision tower and the prefix keep bf16, if they do.
+        let fp8_note = match w8a8 {
+            // Their W8A8 products need cuBLASLt's FP8 GEMM.
+            None if fp8.vision || fp8.prefix => {
+                let why = format!("cuBLASLt has no FP8 GEMM on sm_{}{}", dev.cc.0, dev.cc.1);
+                if asked.is_some() {
+                    return Err(Error::Input(format!(
+                        "TURBOPI_FP8_STAGES asks for {} in FP8, but {why} ({}): the vision \
+                         tower's and the prefix's W8A8 products need it; use \
+                         TURBOPI_FP8_STAGES=expert, or leave it unset",
+                        fp8.names(),
+                        dev.name
+                    )));
+                }
+                Some(why)
             }
-            fp8.vision = false;
-            fp8.prefix = false;
-            fp8_note = Some(why);
-        } else if matches!(w8a8, Some(fp8::W8a8::Rescaled(_))) && asked.is_none() {
-            fp8.vision = false;
-            fp8.prefix = false;
-            fp8_note = Some(format!(
+            Some(fp8::W8a8::Rescaled(_)) if asked.is_none() => Some(format!(
                 "cuBLASLt applies no per-row scales to FP8 products on sm_{}{}, and W8A8 with \
                  them applied after it runs slower than bf16; TURBOPI_FP8_STAGES=all runs it",
                 dev.cc.0, dev.cc.1
-            ));
+            )),
+            _ => None,
+        };
+        if fp8_note.is_some() {
+            fp8.vision = false;
+            fp8.prefix = false;
         }
         let skinny = settings::flag("TURBOPI_SKINNY_GEMM", true)?;
         let skinny_geglu = skinny && settings::flag("TURBOPI_SKINNY_GEGLU", true)?;
